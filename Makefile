@@ -1,0 +1,50 @@
+# The two entry points of the README: `make demo` and `make test`.
+# Setup is idempotent: the venv is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup dataset test demo bench lint clean
+
+setup: $(STAMP) dataset
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+# The Fashion-MNIST package is optional for the foundation; as root we install it,
+# otherwise we say how and carry on.
+dataset:
+	@if [ -f $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	    || echo "WARNING: could not install dataset-fashion-mnist; runs that need it will say so"; \
+	else \
+	  echo "Fashion-MNIST is not installed; to install it run: sudo apt-get install -y dataset-fashion-mnist"; \
+	fi
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/clicooper log demo $(DEMO_DIR)/log --messages 2000
+	$(VENV)/bin/clicooper log show $(DEMO_DIR)/log
+	$(VENV)/bin/clicooper log verify $(DEMO_DIR)/log
+
+bench: setup
+	$(PY) -m tools.bench_log
+
+lint: setup
+	$(VENV)/bin/ruff check clicooper_bus services tools tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,42 @@
+"""The message kinds a run may carry, and what each one's body must be.
+
+A kind not listed here is rejected by the verifier (`UnknownKind`). Later capabilities add kinds
+by extending `KINDS`; the wire format does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+BodyType = Literal["tensor", "msgpack", "bytes"]
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """What a kind's body is (`tensor` needs dtype and shape in the header) and a size cap."""
+
+    name: str
+    body: BodyType
+    max_body: int | None = None  # None: the verifier's `Limits.max_body`
+    doc: str = ""
+
+
+SMALL = 1 << 20  # 1 MiB: ample for control documents
+
+KINDS: dict[str, KindSpec] = {
+    k.name: k
+    for k in (
+        KindSpec("roster", "msgpack", SMALL, "the owner's signed roster of the run"),
+        KindSpec("hello", "msgpack", SMALL, "a participant announces itself"),
+        KindSpec("fwd", "tensor", None, "activations sent forward to the next stage"),
+        KindSpec("bwd", "tensor", None, "gradients sent back to the previous stage"),
+        KindSpec("labels", "tensor", SMALL * 8, "obfuscated labels, owner to the last stage"),
+        KindSpec("eval_fwd", "tensor", None, "evaluation activations (no gradients flow back)"),
+        KindSpec("eval_out", "tensor", None, "evaluation outputs returned to the owner"),
+        KindSpec("checkpoint", "bytes", SMALL, "a signed tlog checkpoint note from the notary"),
+        KindSpec("segment", "bytes", None, "a trainer's final weights, sealed to the owner"),
+        KindSpec("end", "msgpack", SMALL, "the owner ends the run"),
+        KindSpec("ack", "msgpack", SMALL, "a participant confirms it read the end of the run"),
+    )
+}
