@@ -46,6 +46,7 @@ FsyncPolicy = Literal["always", "checkpoint", "never"]
 FSYNC_POLICIES = ("always", "checkpoint", "never")
 
 META_EXTENSION = "clicooper-meta"
+PREV_EXTENSION = "clicooper-prev"
 MAX_LEAF = DEFAULT_LIMITS.max_header + SIG_LEN
 MAX_BODY_RECORD = 32 + (1 << 31)
 MAX_NOTE_RECORD = 1 << 16
@@ -66,6 +67,13 @@ def meta_digest(log_json: bytes, roster: bytes) -> bytes:
 
 def meta_line(digest: bytes) -> str:
     return f"{META_EXTENSION} {base64.b64encode(digest).decode()}"
+
+
+def prev_line(previous_note: str | None) -> str:
+    """Chains each checkpoint to the one before it, so that removing or reordering stored
+    checkpoints is caught. The first checkpoint chains to 32 zero bytes."""
+    digest = hashlib.sha256(previous_note.encode()).digest() if previous_note else bytes(32)
+    return f"{PREV_EXTENSION} {base64.b64encode(digest).decode()}"
 
 
 def _write_once(path: Path, data: bytes) -> None:
@@ -128,15 +136,17 @@ class ProvenanceLog:
         self.bodies = RecordFile(directory / "bodies.dat", MAX_BODY_RECORD, writable=writable)
         self.notes = RecordFile(directory / "checkpoints.dat", MAX_NOTE_RECORD, writable=writable)
         for rf in (self.leaves, self.bodies, self.notes):
-            if rf.tail is not None:
-                log.warning("torn tail", file=str(rf.path), offset=rf.tail.offset,
-                            reason=rf.tail.reason, action="cut" if writable else "ignored")
+            if rf.kept is not None:  # read-only opens report tails through `torn` instead
+                log.warning("torn tail cut", file=str(rf.path), offset=rf.tail.offset,
+                            reason=rf.tail.reason, kept=str(rf.kept))
         self.tree = MerkleTree()
         for i in range(len(self.leaves)):
             self.tree.append(self.leaves.read(i))
         self._body_index = {self.bodies.read(i)[:32]: i for i in range(len(self.bodies))}
-        self._expected = self._replay_retention() if writable else None
-        self._check_checkpoint_coverage()
+        self._expected = None
+        if writable:  # refuse to extend a broken log; readers leave the diagnosis to verify
+            self._check_checkpoint_coverage()
+            self._expected = self._replay_retention()
 
     @property
     def meta_digest(self) -> bytes:
@@ -262,7 +272,8 @@ class ProvenanceLog:
                 rf.sync()
         if len(self.notes) and self.checkpoint_at(len(self.notes) - 1).size == self.size:
             return self.latest_note() or ""  # nothing new to sign
-        cp = Checkpoint(self.origin, self.size, self.tree.root(), (meta_line(self.meta_digest),))
+        cp = Checkpoint(self.origin, self.size, self.tree.root(),
+                        (meta_line(self.meta_digest), prev_line(self.latest_note())))
         note = cp.sign(self.signer)
         self.notes.append(note.encode())
         if self.fsync != "never":

@@ -13,18 +13,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from clicooper_bus.checkpoint import open_checkpoint
+from clicooper_bus.checkpoint import Checkpoint, open_checkpoint
 from clicooper_bus.errors import (
     ClicooperError,
     LogCorrupted,
     RejectedMessage,
 )
 from clicooper_bus.identity import PublicIdentity
-from clicooper_bus.log import ExpectedBodies, ProvenanceLog, meta_line
+from clicooper_bus.log import ExpectedBodies, ProvenanceLog, meta_line, prev_line
 from clicooper_bus.merkle import verify_consistency
 from clicooper_bus.roster import Roster
 from clicooper_bus.verifier import Verifier
@@ -70,12 +70,17 @@ Progress = Callable[[str, int, int], None]
 
 
 def verify_log(directory: str | os.PathLike[str], *, owner: PublicIdentity | None = None,
-               progress: Progress | None = None) -> VerifyResult:
-    """Verify the log in `directory`; never raises for a bad log, returns the verdict."""
+               witnessed: Sequence[str] = (), progress: Progress | None = None) -> VerifyResult:
+    """Verify the log in `directory`; never raises for a bad log, returns the verdict.
+
+    `witnessed` are signed checkpoint notes obtained elsewhere (a participant keeps the last
+    one it saw): the log must contain the tree each one signs. Only such a witness can show
+    that the log's tail, latest checkpoint included, was not cut off.
+    """
     result = VerifyResult(log=str(directory))
     try:
         with ProvenanceLog.open(directory) as plog:
-            _verify(plog, result, owner, progress or (lambda *_: None))
+            _verify(plog, result, owner, witnessed, progress or (lambda *_: None))
         result.ok = True
     except _Fail as exc:
         result.failure = exc.failure
@@ -88,7 +93,7 @@ def verify_log(directory: str | os.PathLike[str], *, owner: PublicIdentity | Non
 
 
 def _verify(plog: ProvenanceLog, r: VerifyResult, owner: PublicIdentity | None,
-            progress: Progress) -> None:
+            witnessed: Sequence[str], progress: Progress) -> None:
     r.run_id, r.origin, r.tree_size = plog.run_id, plog.origin, plog.size
     if plog.torn:
         raise _Fail(Failure(f"torn tail: {'; '.join(plog.torn)}; if the writer crashed, run "
@@ -105,8 +110,8 @@ def _verify(plog: ProvenanceLog, r: VerifyResult, owner: PublicIdentity | None,
         r.warnings.append("owner key not pinned (--owner-key): the roster is only checked to be "
                           "self-consistent")
     retained = _verify_leaves(plog, r, roster, progress)
+    _verify_checkpoints(plog, r, roster, witnessed)
     _verify_bodies(plog, r, retained, progress)
-    _verify_checkpoints(plog, r, roster)
 
 
 def _verify_leaves(plog: ProvenanceLog, r: VerifyResult, roster: Roster,
@@ -152,35 +157,25 @@ def _verify_bodies(plog: ProvenanceLog, r: VerifyResult, want: list[bytes],
     r.body_records = n
 
 
-def _verify_checkpoints(plog: ProvenanceLog, r: VerifyResult, roster: Roster) -> None:
+def _verify_checkpoints(plog: ProvenanceLog, r: VerifyResult, roster: Roster,
+                        witnessed: Sequence[str]) -> None:
     n = plog.checkpoint_count
-    if n == 0:
-        r.warnings.append("the log has no signed checkpoint: nothing protects it against "
-                          "truncation or a rewrite with the same keys")
-        r.uncovered = plog.size
-        r.root = plog.tree.root().hex()
-        return
-    if roster.notary is None:
+    r.root = plog.tree.root().hex()
+    if (n or witnessed) and roster.notary is None:
         raise _Fail(Failure("the log has checkpoints but the roster names no notary to have "
                             "signed them", "checkpoints.dat", 0))
-    key = roster.notary.identity
-    r.notary = key.vkey
-    want_meta = meta_line(plog.meta_digest)
-    prev = None
+    r.notary = roster.notary.identity.vkey if roster.notary else ""
+    prev, prev_note = None, None
     for i in range(n):
-        try:
-            cp = open_checkpoint(plog.note(i), key, plog.origin)
-        except ClicooperError as exc:
-            raise _Fail(Failure(f"checkpoint: {exc}", "checkpoints.dat", i)) from None
-        if want_meta not in cp.extensions:
+        note = plog.note(i)
+        cp = _check_one(plog, roster, note, f"checkpoint {i}", "checkpoints.dat", i)
+        if meta_line(plog.meta_digest) not in cp.extensions:
             raise _Fail(Failure("checkpoint does not commit to this log's log.json and roster "
                                 "(one of them was changed)", "checkpoints.dat", i))
-        if cp.size > plog.size:
-            raise _Fail(Failure(f"checkpoint signs {cp.size} entries, the log holds {plog.size}",
-                                "checkpoints.dat", i))
-        if cp.root != plog.tree.root(cp.size):
-            raise _Fail(Failure(f"the leaves do not hash to the signed root at size {cp.size}",
-                                "checkpoints.dat", i))
+        if prev_line(prev_note) not in cp.extensions:
+            raise _Fail(Failure("checkpoint does not chain to the stored checkpoint before it "
+                                "(a checkpoint was removed, added or moved)", "checkpoints.dat",
+                                i))
         if prev is not None:
             if cp.size <= prev.size:
                 raise _Fail(Failure(f"checkpoint size {cp.size} does not grow past the previous "
@@ -191,10 +186,33 @@ def _verify_checkpoints(plog: ProvenanceLog, r: VerifyResult, roster: Roster) ->
             except ClicooperError as exc:
                 raise _Fail(Failure(f"not consistent with checkpoint {i - 1}: {exc}",
                                     "checkpoints.dat", i)) from None
-        prev = cp
+        prev, prev_note = cp, note
+    for j, note in enumerate(witnessed):
+        _check_one(plog, roster, note, f"witnessed checkpoint {j}", "", None)
     r.checkpoints = n
-    r.uncovered = plog.size - prev.size
-    r.root = plog.tree.root().hex()
-    if r.uncovered:
+    r.uncovered = plog.size - (prev.size if prev else 0)
+    if n == 0:
+        r.warnings.append("the log has no signed checkpoint: nothing protects it against "
+                          "truncation or a rewrite with the same keys")
+    elif r.uncovered:
         r.warnings.append(f"{r.uncovered} entries after the latest checkpoint are not covered "
                           f"by a signature")
+    if not witnessed:
+        r.warnings.append("no witnessed checkpoint given (--checkpoint): a log cut back to an "
+                          "earlier checkpoint would still verify")
+
+
+def _check_one(plog: ProvenanceLog, roster: Roster, note: str, what: str, file: str,
+               index: int | None) -> Checkpoint:
+    """A signed checkpoint of this log whose tree the log contains."""
+    try:
+        cp = open_checkpoint(note, roster.notary.identity, plog.origin)
+    except ClicooperError as exc:
+        raise _Fail(Failure(f"{what}: {exc}", file, index)) from None
+    if cp.size > plog.size:
+        raise _Fail(Failure(f"{what} signs {cp.size} entries, the log holds {plog.size}: "
+                            f"entries were removed", file, index))
+    if cp.root != plog.tree.root(cp.size):
+        raise _Fail(Failure(f"{what}: the leaves do not hash to its signed root at size "
+                            f"{cp.size}", file, index))
+    return cp

@@ -6,7 +6,10 @@ OS may lose on power failure is bounded by the caller's fsync policy.
 
 Scanning tells a torn tail (the last record incomplete, or complete but failing its checksum
 with nothing after it, or a tail of zero bytes) from corruption (a bad record with more data
-after it). Only a torn tail may be cut back, and nothing before it is ever rewritten.
+after it). A damaged length prefix in the middle of a file can look like an incomplete last
+record, so a tail only counts as torn when no whole record starts anywhere inside it. Only a
+torn tail may be cut back; the bytes cut are kept in `torn/` beside the file, and nothing
+before them is ever rewritten.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def scan(path: Path, max_len: int) -> Scan:
                 tail = Tail(off, f"record length {length} is outside 1..{max_len}", zeros)
                 break
             if end > size:
-                tail = Tail(off, f"record of {length} bytes runs past the end of the file", True)
+                tail = Tail(off, f"record of {length} bytes runs past the end of the file",
+                            not _record_inside(buf, off + 1, size, max_len))
                 break
             if zlib.crc32(buf[start:end]) != crc:
                 tail = Tail(off, "record checksum mismatch", end == size)
@@ -69,6 +73,26 @@ def scan(path: Path, max_len: int) -> Scan:
             lengths.append(length)
             off = end
         return Scan(offsets, lengths, off, tail)
+
+
+def _record_inside(buf: mmap.mmap, start: int, size: int, max_len: int) -> bool:
+    """Whether a whole, checksummed record starts at any offset in buf[start:size]."""
+    for p in range(start, size - PREFIX.size):
+        length, crc = PREFIX.unpack_from(buf, p)
+        if 0 < length <= min(max_len, size - p - PREFIX.size) \
+                and zlib.crc32(buf[p + PREFIX.size:p + PREFIX.size + length]) == crc:
+            return True
+    return False
+
+
+def _keep_cut_bytes(path: Path, offset: int) -> Path:
+    """Copy the bytes about to be cut to torn/NAME.OFFSET, so a cut never destroys anything."""
+    keep = path.parent / "torn" / f"{path.name}.{offset}"
+    keep.parent.mkdir(exist_ok=True)
+    with open(path, "rb") as src:
+        src.seek(offset)
+        keep.write_bytes(src.read())
+    return keep
 
 
 class RecordFile:
@@ -89,8 +113,10 @@ class RecordFile:
         self.offsets, self.lengths, self.end = result.offsets, result.lengths, result.end
         self._rfd = os.open(path, os.O_RDONLY)
         self._wfd = -1
+        self.kept: Path | None = None
         if writable:
             if self.tail is not None:
+                self.kept = _keep_cut_bytes(path, self.end)
                 os.truncate(path, self.end)
             self._wfd = os.open(path, os.O_WRONLY | os.O_APPEND)
 
@@ -121,6 +147,7 @@ class RecordFile:
         if count >= len(self.offsets):
             return
         self.end = self.offsets[count] - PREFIX.size
+        self.kept = _keep_cut_bytes(self.path, self.end)
         os.truncate(self.path, self.end)
         del self.offsets[count:]
         del self.lengths[count:]

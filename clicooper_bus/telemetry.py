@@ -23,7 +23,8 @@ def configure(role: str, *, run_id: str | None = None, stage: str | None = None,
             structlog.processors.JSONRenderer(sort_keys=True),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # resolve sys.stderr at each use, so a replaced stream (tests, daemons) is followed
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
     context = {"role": role}

@@ -53,7 +53,8 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 def cmd_log_verify(args: argparse.Namespace) -> int:
     owner = load_public(args.owner_key) if args.owner_key else None
-    result = verify_log(args.dir, owner=owner, progress=_progress)
+    witnessed = [Path(f).read_text() for f in args.checkpoint]
+    result = verify_log(args.dir, owner=owner, witnessed=witnessed, progress=_progress)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     if args.json:
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dir")
     c.add_argument("--json", action="store_true", help="machine-readable result")
     c.add_argument("--owner-key", help="pin the roster's owner to this public key file")
+    c.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                   help="a signed checkpoint seen elsewhere; the log must contain its tree "
+                        "(repeatable)")
     c.set_defaults(func=cmd_log_verify)
     c = logp.add_parser("show", help="human summary")
     c.add_argument("dir")

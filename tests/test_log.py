@@ -1,0 +1,243 @@
+"""The provenance log: append, reopen, retention, torn tails, crashes, locking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from clicooper_bus.errors import LogCorrupted, LogError
+from clicooper_bus.identity import load_identity
+from clicooper_bus.log import ProvenanceLog
+from clicooper_bus.logverify import verify_log
+from clicooper_bus.merkle import verify_consistency, verify_inclusion
+from clicooper_bus.records import PREFIX
+from clicooper_bus.roster import Roster
+from clicooper_bus.verifier import Verifier
+from clicooper_bus.wire import parse_header, split_leaf
+from tests.conftest import make_log
+
+
+def _append_more(log_dir, n: int) -> None:
+    """Reopen the log and append `n` more owner messages, continuing the owner's chain."""
+    from clicooper_bus.wire import Sender
+
+    keys = log_dir.parent / "keys"
+    owner, notary = load_identity(keys / "owner.key"), load_identity(keys / "notary.key")
+    with ProvenanceLog.open(log_dir, writable=True, signer=notary) as plog:
+        roster = Roster.open(plog.roster_bytes)
+        last = None
+        for i in range(plog.size):
+            h = parse_header(split_leaf(plog.leaf(i))[0])
+            if h.sender == owner.key_id:
+                last = h
+        sender = Sender(owner, plog.run_id, seq=last.seq, prev=last.digest)
+        v = Verifier(roster, plog.run_id)
+        v._state[owner.key_id] = (last.seq, last.digest)
+        for j in range(n):
+            env = sender.seal_array("fwd", "trainer-1", np.full((4, 8), j, np.float32), epoch=99)
+            plog.append_envelope(v.verify_frames(env.frames()))
+        plog.sign_checkpoint()
+
+
+def test_demo_log_verifies(small_log):
+    r = verify_log(small_log)
+    assert r.ok, r.failure
+    assert r.entries == 200 and r.checkpoints == 4 and r.uncovered == 0
+    assert sum(r.per_sender.values()) == 200
+    assert r.per_sender["owner"] == 81 and r.per_kind["roster"] == 1
+
+
+def test_reopen_continues_the_same_tree(small_log):
+    with ProvenanceLog.open(small_log) as plog:
+        old_size, old_root = plog.size, plog.tree.root()
+    _append_more(small_log, 30)
+    with ProvenanceLog.open(small_log) as plog:
+        assert plog.size == old_size + 30
+        assert plog.tree.root(old_size) == old_root
+        verify_consistency(old_size, plog.size, old_root, plog.tree.root(),
+                           plog.tree.consistency_proof(old_size))
+        i = old_size + 5
+        verify_inclusion(i, plog.size, plog.leaf_hash(i), plog.tree.inclusion_proof(i),
+                         plog.tree.root())
+    r = verify_log(small_log)
+    assert r.ok, r.failure
+    assert r.entries == 230 and r.checkpoints == 5
+
+
+# 200 messages, all in epoch 0: the roster, then 40 steps of owner fwd + labels, trainer-1 fwd,
+# trainer-2 bwd, trainer-1 bwd (the last step cut after 4): 80 fwd from two senders, 5 streams.
+@pytest.mark.parametrize("spec,bodies", [("all", 200), ("none", 0), ("sample:3", 1 + 5 * 3),
+                                         ("fwd=sample:2,*=none", 2 * 2),
+                                         ("fwd=none,*=all", 200 - 80)])
+def test_retention_policies(tmp_path, spec, bodies):
+    log_dir = make_log(tmp_path, retention=spec)
+    with ProvenanceLog.open(log_dir) as plog:
+        assert plog.body_records() == bodies
+    r = verify_log(log_dir)
+    assert r.ok, r.failure
+
+
+def test_sample_counts_per_kind_sender_epoch(tmp_path):
+    log_dir = make_log(tmp_path, messages=600, retention="sample:2")
+    kept = {}
+    with ProvenanceLog.open(log_dir) as plog:
+        for i in range(plog.size):
+            h = parse_header(split_leaf(plog.leaf(i))[0])
+            key = (h.kind, h.sender, h.epoch)
+            kept[key] = kept.get(key, 0) + plog.has_body(h.body_sha256)
+    # 120 steps -> epochs 0, 1, 2: every (kind, sender, epoch) stream keeps exactly 2
+    assert len(kept) == 1 + 5 * 3
+    assert [v for k, v in kept.items() if k[0] == "roster"] == [1]
+    assert all(v == 2 for k, v in kept.items() if k[0] != "roster")
+
+
+def test_torn_write_at_every_byte_of_the_last_record(tmp_path):
+    log_dir = make_log(tmp_path, messages=40, checkpoint_every=0)  # final checkpoint only
+    leaves = log_dir / "leaves.dat"
+    # the final checkpoint covers every leaf; drop it so cutting the last leaf is legitimate
+    (log_dir / "checkpoints.dat").write_bytes(b"")
+    pristine = {p.name: p.read_bytes() for p in log_dir.iterdir() if p.is_file()}
+    data = pristine["leaves.dat"]
+    with ProvenanceLog.open(log_dir) as plog:
+        last_start = plog.leaves.offsets[-1] - PREFIX.size
+        size = plog.size
+    for cut in range(last_start + 1, len(data)):
+        for name, content in pristine.items():
+            (log_dir / name).write_bytes(content)
+        with open(leaves, "r+b") as f:
+            f.truncate(cut)
+        r = verify_log(log_dir)
+        assert not r.ok and "torn tail" in r.failure.reason, (cut, r.failure)
+        with ProvenanceLog.open(log_dir, writable=True) as plog:
+            assert plog.size == size - 1
+        assert leaves.stat().st_size == last_start
+        r = verify_log(log_dir)
+        assert r.ok, (cut, r.failure)
+    _append_more(log_dir, 3)
+    r = verify_log(log_dir)
+    assert r.ok and r.entries == size - 1 + 3, r.failure
+
+
+def test_torn_body_and_checkpoint_records_are_cut(small_log):
+    for name in ("bodies.dat", "checkpoints.dat"):
+        p = small_log / name
+        p.write_bytes(p.read_bytes() + b"\x00\x00\x01\x00partial")
+    assert not verify_log(small_log).ok
+    with ProvenanceLog.open(small_log, writable=True) as plog:
+        assert plog.torn
+    assert verify_log(small_log).ok
+
+
+def test_zero_filled_tail_is_torn(small_log):
+    p = small_log / "leaves.dat"
+    p.write_bytes(p.read_bytes() + bytes(4096))
+    ProvenanceLog.open(small_log, writable=True).close()
+    assert verify_log(small_log).ok
+
+
+def test_garbage_in_the_middle_is_never_cut(small_log):
+    p = small_log / "leaves.dat"
+    data = bytearray(p.read_bytes())
+    data[500] ^= 0x10
+    p.write_bytes(bytes(data))
+    with pytest.raises(LogCorrupted, match="will not be repaired"):
+        ProvenanceLog.open(small_log, writable=True)
+    assert p.read_bytes() == bytes(data)  # nothing was rewritten
+
+
+@pytest.mark.parametrize("name", ["leaves.dat", "bodies.dat"])
+def test_damaged_length_in_the_middle_is_not_a_torn_tail(small_log, name):
+    """A length prefix whose flipped high bit makes a middle record run past the end of the
+    file looks like a torn write; it must be reported as corruption and nothing cut."""
+    p = small_log / name
+    with ProvenanceLog.open(small_log) as plog:
+        rf = plog.leaves if name == "leaves.dat" else plog.bodies
+        start = rf.offsets[len(rf) // 2] - PREFIX.size
+    data = bytearray(p.read_bytes())
+    data[start] ^= 0x40
+    p.write_bytes(bytes(data))
+    with pytest.raises(LogCorrupted, match="will not be repaired"):
+        ProvenanceLog.open(small_log, writable=True)
+    assert p.read_bytes() == bytes(data)
+
+
+def test_cut_bytes_are_kept(small_log):
+    p = small_log / "leaves.dat"
+    p.write_bytes(p.read_bytes() + b"\x00\x00\x00\x09torn")
+    ProvenanceLog.open(small_log, writable=True).close()
+    kept = list((small_log / "torn").iterdir())
+    assert len(kept) == 1 and kept[0].read_bytes() == b"\x00\x00\x00\x09torn"
+
+
+def test_cutting_below_a_checkpoint_is_refused(small_log):
+    p = small_log / "leaves.dat"
+    with ProvenanceLog.open(small_log) as plog:
+        cut = plog.leaves.offsets[150] - PREFIX.size
+    with open(p, "r+b") as f:
+        f.truncate(cut + 3)  # torn inside record 150, below the checkpoint at 200
+    with pytest.raises(LogCorrupted, match="covered by a signed checkpoint"):
+        ProvenanceLog.open(small_log, writable=True)
+
+
+def test_orphan_body_from_a_crash_is_cut(small_log):
+    # a crash between writing a body and its leaf leaves an orphan body at the end
+    with ProvenanceLog.open(small_log, writable=True) as plog:
+        import hashlib
+        body = b"orphan body"
+        plog.bodies.append(hashlib.sha256(body).digest() + body)
+    assert not verify_log(small_log).ok
+    _append_more(small_log, 2)
+    r = verify_log(small_log)
+    assert r.ok, r.failure
+
+
+def test_a_second_writer_is_refused(small_log):
+    with ProvenanceLog.open(small_log, writable=True):
+        with pytest.raises(LogError, match="another process"):
+            ProvenanceLog.open(small_log, writable=True)
+        with ProvenanceLog.open(small_log) as reader:  # readers are fine
+            assert reader.size == 200
+
+
+def test_create_refuses_an_existing_log(small_log, ids, roster):
+    with pytest.raises(LogError, match="already holds a log"):
+        ProvenanceLog.create(small_log, roster_bytes=b"", run_id="run-1")
+    with pytest.raises(LogError, match="not a provenance log"):
+        ProvenanceLog.open(small_log.parent / "nothing")
+
+
+def test_killed_writer_loses_nothing_it_appended(tmp_path):
+    """SIGKILL a writer mid-stream: everything it appended is there and verifies after repair."""
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from tools.log_demo import write_demo
+        import clicooper_bus.log as L
+        orig = L.ProvenanceLog.append
+        count = 0
+        def append(self, *a, **k):
+            global count
+            i = orig(self, *a, **k)
+            count += 1
+            if count == 333:
+                print(i, flush=True)
+                sys.stdin.read()  # wait here to be killed
+            return i
+        L.ProvenanceLog.append = append
+        write_demo(Path({str(tmp_path / 'log')!r}), messages=1000, keys_dir=Path({str(tmp_path / 'keys')!r}),
+                   shape=(4, 8), checkpoint_every=100, fsync="never")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    last = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = verify_log(tmp_path / "log")
+    assert r.ok, r.failure
+    assert r.entries == last + 1 == 333 and r.checkpoints == 3 and r.uncovered == 33
