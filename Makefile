@@ -38,7 +38,7 @@ demo: setup
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/clicooper log demo $(DEMO_DIR)/log --messages 2000
 	$(VENV)/bin/clicooper log show $(DEMO_DIR)/log
-	$(VENV)/bin/clicooper log verify $(DEMO_DIR)/log
+	$(VENV)/bin/clicooper log verify $(DEMO_DIR)/log --owner-key $(DEMO_DIR)/keys/owner.pub
 
 bench: setup
 	$(PY) -m tools.bench_log

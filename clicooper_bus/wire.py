@@ -132,7 +132,7 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
     if "v" in doc and doc["v"] != VERSION:
         raise UnknownVersion(f"version {doc['v']!r}, this verifier speaks {VERSION}",
                              sender=sender, field="v")
-    for key, typ in _REQUIRED.items():
+    for key in _REQUIRED:
         if key not in doc:
             raise MalformedMessage("missing", sender=sender, field=key)
     for key, value in doc.items():

@@ -169,7 +169,7 @@ def test_oversize_frames(owner, roster):
     frames[0] = b"x" * 300
     _reject(v, frames, OversizeFrame, "topic")
     big = codec.pack({"v": 1, "pad": b"x" * 5000})
-    _reject(v, ["run/run-1/hello/all".encode(), big, bytes(64), b""], OversizeFrame, "header")
+    _reject(v, [b"run/run-1/hello/all", big, bytes(64), b""], OversizeFrame, "header")
     # per-kind cap: a 'hello' document is at most 1 MiB whatever the global limit
     v2 = Verifier(roster, "run-1")
     _reject(v2, Sender(owner.identity, "run-1").seal("hello", "all", b"x" * (2 << 20)).frames(),
