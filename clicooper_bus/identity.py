@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nacl.exceptions
+import nacl.public
 import nacl.signing
 
 from clicooper_bus.errors import KeyFileError
@@ -81,6 +82,11 @@ class PublicIdentity:
             raise KeyFileError(f"verifier key for '{name}' has key id {kid}, expected {ident.key_id}")
         return ident
 
+    def seal(self, plaintext: bytes) -> bytes:
+        """Encrypt to this key (its X25519 form) so that only its holder can read it."""
+        pk = nacl.signing.VerifyKey(self.public_key).to_curve25519_public_key()
+        return nacl.public.SealedBox(pk).encrypt(plaintext)
+
     def verify(self, message: bytes, signature: bytes) -> bool:
         """True if `signature` is this key's Ed25519 signature of `message`."""
         try:
@@ -114,6 +120,14 @@ class Identity:
 
     def sign(self, message: bytes) -> bytes:
         return self._signing.sign(message).signature
+
+    def unseal(self, ciphertext: bytes) -> bytes:
+        """Decrypt what `PublicIdentity.seal` encrypted to this key; raises on tampering."""
+        try:
+            return nacl.public.SealedBox(self._signing.to_curve25519_private_key()).decrypt(
+                ciphertext)
+        except nacl.exceptions.CryptoError:
+            raise KeyFileError(f"sealed box is not for '{self.name}' or was altered") from None
 
     def skey(self) -> str:
         seed = bytes(self._signing)

@@ -34,9 +34,11 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("labels", "tensor", SMALL * 8, "obfuscated labels, owner to the last stage"),
         KindSpec("eval_fwd", "tensor", None, "evaluation activations (no gradients flow back)"),
         KindSpec("eval_out", "tensor", None, "evaluation outputs returned to the owner"),
-        KindSpec("checkpoint", "bytes", SMALL, "a signed tlog checkpoint note from the notary"),
-        KindSpec("segment", "bytes", None, "a trainer's final weights, sealed to the owner"),
-        KindSpec("end", "msgpack", SMALL, "the owner ends the run"),
-        KindSpec("ack", "msgpack", SMALL, "a participant confirms it read the end of the run"),
+        KindSpec("checkpoint", "msgpack", SMALL, "a signed tlog checkpoint note from the notary"),
+        KindSpec("segment", "msgpack", None, "a trainer's final weights, sealed to the owner"),
+        KindSpec("metrics", "msgpack", SMALL, "the last stage's loss for a step, to the owner"),
+        KindSpec("beat", "msgpack", SMALL, "liveness, about once a second from everyone"),
+        KindSpec("end", "msgpack", SMALL, "the owner ends training: trainers deliver segments"),
+        KindSpec("ack", "msgpack", SMALL, "the owner has every segment: the notary closes the log"),
     )
 }

@@ -41,16 +41,28 @@ from clicooper_bus.wire import (
 
 
 class Verifier:
-    """Verifies the messages of one run from the keys of its roster."""
+    """Verifies the messages of one run from the keys of its roster.
+
+    `partial=True` is for a receiver that subscribes to only some of each sender's messages
+    (a trainer sees the owner's labels but not its activations for other stages): it still
+    refuses a replayed or regressing `seq`, but cannot check gaps or the `prev` chain, which
+    the notary, seeing everything, and `log verify` do.
+    """
 
     def __init__(self, keys: Roster | Mapping[str, PublicIdentity], run_id: str, *,
-                 limits: Limits = DEFAULT_LIMITS, kinds: Mapping[str, KindSpec] = KINDS):
+                 limits: Limits = DEFAULT_LIMITS, kinds: Mapping[str, KindSpec] = KINDS,
+                 partial: bool = False):
+        self.partial = partial
         self.keys = dict(keys.keys() if isinstance(keys, Roster) else keys)
         self.run_id = run_id
         self.limits = limits
         self.kinds = kinds
         self._state: dict[str, tuple[int, bytes]] = {}
         self.rejected: Counter[str] = Counter()
+
+    def use_roster(self, roster: Roster) -> None:
+        """Trust the keys of `roster` from now on, keeping every sender's state."""
+        self.keys = dict(roster.keys())
 
     def last_seq(self, sender: str) -> int:
         return self._state.get(sender, (0, ZERO_HASH))[0]
@@ -106,6 +118,8 @@ class Verifier:
         if h.seq <= last_seq:
             raise ReplayedSeq(f"seq {h.seq} is not after the last accepted seq {last_seq}",
                               sender=h.sender, field="seq")
+        if self.partial:
+            return
         if h.seq != last_seq + 1:
             raise SeqGap(f"seq {h.seq} skips {h.seq - last_seq - 1} message(s) after {last_seq}",
                          sender=h.sender, field="seq")

@@ -166,6 +166,28 @@ def cmd_log_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_ensure(args: argparse.Namespace) -> int:
+    from tools.run import ensure_keys
+
+    made = ensure_keys(Path(args.dir), args.names)
+    print(f"keys in {args.dir}: created {', '.join(made) if made else 'none'}; "
+          f"kept {', '.join(n for n in args.names if n not in made) or 'none'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tools.run import run
+
+    return run(args.config, quick=args.quick, out=args.out, run_id=args.run_id)
+
+
+def cmd_config_defaults(args: argparse.Namespace) -> int:
+    from clicooper_bus.config import load_config
+
+    sys.stdout.write(load_config(None).to_toml())
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("show", help="print a public key file's name, key id and verifier key")
     k.add_argument("file")
     k.set_defaults(func=cmd_keys_show)
+
+    k = keys.add_parser("ensure", help="create the named identities that do not exist yet")
+    k.add_argument("names", nargs="+")
+    k.add_argument("--dir", required=True)
+    k.set_defaults(func=cmd_keys_ensure)
+
+    r = sub.add_parser("run", help="run broker, notary, owner and trainers on this machine")
+    r.add_argument("--config", help="run config (TOML); see `clicooper config defaults`")
+    r.add_argument("--quick", action="store_true",
+                   help="a small subset in one epoch (under a minute on 2 cores)")
+    r.add_argument("--out", help="output directory (default: the config's run.out_dir)")
+    r.add_argument("--run-id", help="run id (default: the config's run.id)")
+    r.set_defaults(func=cmd_run)
+    cfgp = sub.add_parser("config", help="run configuration").add_subparsers(dest="cmd",
+                                                                            required=True)
+    c = cfgp.add_parser("defaults", help="print a complete config with every key documented")
+    c.set_defaults(func=cmd_config_defaults)
 
     logp = sub.add_parser("log", help="provenance log tools").add_subparsers(dest="cmd",
                                                                              required=True)

@@ -1,0 +1,186 @@
+"""The run configuration: a TOML file, every key documented here with its default.
+
+An unknown section or key, a value of the wrong type or out of range is an error naming the
+file, the section and the key. `clicooper config defaults` prints a complete, commented file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from clicooper_bus.errors import ConfigError
+
+
+def _doc(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class RunSection:
+    id: str = _doc("demo", "run id: names the bus topics and the directory <out_dir>/<id>/")
+    seed: int = _doc(0, "seed of initialisation and batch order", min=0)
+    epochs: int = _doc(5, "training epochs over the training set", min=1)
+    batch_size: int = _doc(128, "samples per step", min=1)
+    lr: float = _doc(1e-3, "Adam learning rate of every segment", min=0.0)
+    max_steps: int = _doc(0, "stop after this many steps in all (0: no limit)", min=0)
+    eval_every: int = _doc(1, "evaluate on the test set every N epochs (0: only at the end)",
+                           min=0)
+    threads: int = _doc(2, "torch threads per process", min=1)
+    out_dir: str = _doc("runs", "where <id>/ (log, model, summary) is written")
+
+
+@dataclass
+class DataSection:
+    name: str = _doc("fashion-mnist", "fashion-mnist, mnist-5k, synthetic or npz",
+                     choices=("fashion-mnist", "mnist-5k", "synthetic", "npz"))
+    path: str = _doc("", "IDX directory for fashion-mnist (default: the Debian package's), "
+                         ".npz file for npz")
+    train_limit: int = _doc(0, "use only the first N training samples (0: all)", min=0)
+    test_limit: int = _doc(0, "use only the first N test samples (0: all)", min=0)
+
+
+@dataclass
+class ModelSection:
+    name: str = _doc("small-cnn", "small-cnn or vgg-small", choices=("small-cnn", "vgg-small"))
+    cuts: list = _doc([], "first layer index of each trainer's stage (empty: the head ends at "
+                          "the model's default cut, the rest is split evenly)")
+
+
+@dataclass
+class ParticipantsSection:
+    keys: str = _doc("runs/keys", "directory holding NAME.pub of every participant (and "
+                                  "NAME.key of the ones started on this machine)")
+    owner: str = _doc("owner", "the owner's key name")
+    notary: str = _doc("notary", "the notary's key name")
+    trainers: list = _doc(["trainer-1", "trainer-2", "trainer-3"],
+                          "trainer key names, in stage order (1 to 8)")
+
+
+@dataclass
+class BusSection:
+    pub: str = _doc("tcp://127.0.0.1:5555", "broker address publishers connect to (its XSUB)")
+    sub: str = _doc("tcp://127.0.0.1:5556", "broker address subscribers connect to (its XPUB)")
+    timeout_s: float = _doc(5.0, "a peer or the broker silent this long is reported and the "
+                                 "process exits non-zero", min=0.5)
+    beat_s: float = _doc(1.0, "interval of liveness beats", min=0.05)
+    join_timeout_s: float = _doc(120.0, "how long the owner waits for everyone to join", min=1.0)
+    hwm: int = _doc(16, "ZeroMQ high-water mark, in messages", min=1)
+
+
+@dataclass
+class LogSection:
+    retention: str = _doc("fwd=sample:4,bwd=sample:4,eval_fwd=sample:2,eval_out=sample:2,*=all",
+                          "which bodies the log keeps: all, none, sample:N, or kind=policy,...")
+    checkpoint_every: int = _doc(1000, "sign a checkpoint every N entries", min=1)
+    checkpoint_seconds: float = _doc(10.0, "... and at least every T seconds", min=0.1)
+    fsync: str = _doc("checkpoint", "always, checkpoint or never",
+                      choices=("always", "checkpoint", "never"))
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    participants: ParticipantsSection = field(default_factory=ParticipantsSection)
+    bus: BusSection = field(default_factory=BusSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.id
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON of the whole configuration: goes in the roster."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def to_toml(self) -> str:
+        return render_toml(self)
+
+
+def _check(where: str, f: Any, value: Any) -> Any:
+    typ = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float,
+                                                    "list": list}[f.type]
+    if typ is float and type(value) is int:
+        value = float(value)
+    if type(value) is not typ:
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {type(value).__name__} "
+                          f"{value!r}")
+    meta = f.metadata
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{where}: must be at least {meta['min']}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(meta['choices'])}")
+    return value
+
+
+def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None
+                ) -> RunConfig:
+    """Read a TOML config (None: all defaults), then apply `overrides` the same way."""
+    raw: dict[str, Any] = {}
+    name = str(path) if path else "defaults"
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    cfg = RunConfig()
+    for source, doc in ((name, raw), ("overrides", overrides or {})):
+        for section, values in doc.items():
+            sect_field = next((f for f in fields(cfg) if f.name == section), None)
+            if sect_field is None or not isinstance(values, dict):
+                raise ConfigError(f"{source}: unknown section [{section}]; sections are "
+                                  f"{', '.join(f.name for f in fields(cfg))}")
+            obj = getattr(cfg, section)
+            known = {f.name: f for f in fields(obj)}
+            for key, value in values.items():
+                if key not in known:
+                    raise ConfigError(f"{source}: unknown key [{section}] {key}; keys are "
+                                      f"{', '.join(known)}")
+                setattr(obj, key, _check(f"{source}: [{section}] {key}", known[key], value))
+    _cross_checks(cfg, name)
+    return cfg
+
+
+def _cross_checks(cfg: RunConfig, name: str) -> None:
+    from clicooper_bus.identity import check_name
+
+    try:
+        check_name(cfg.run.id, "run id")
+        for n in [cfg.participants.owner, cfg.participants.notary, *cfg.participants.trainers]:
+            check_name(n, "participant name")
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    t = cfg.participants.trainers
+    if not 1 <= len(t) <= 8 or len(set(t)) != len(t):
+        raise ConfigError(f"{name}: [participants] trainers must name 1 to 8 distinct trainers")
+    if any(type(c) is not int for c in cfg.model.cuts):
+        raise ConfigError(f"{name}: [model] cuts must be integers")
+    if cfg.model.cuts and len(cfg.model.cuts) != len(t):
+        raise ConfigError(f"{name}: [model] cuts needs one index per trainer ({len(t)})")
+    from clicooper_bus.retention import Retention
+
+    Retention.parse(cfg.log.retention)
+
+
+def _toml_value(v: Any) -> str:
+    return json.dumps(v)  # strings, numbers and lists of them are valid TOML in JSON syntax
+
+
+def render_toml(cfg: RunConfig) -> str:
+    out = ["# CliCooper bus run configuration; every key shown with its value and meaning.\n"]
+    for sect in fields(cfg):
+        out.append(f"\n[{sect.name}]\n")
+        obj = getattr(cfg, sect.name)
+        for f in fields(obj):
+            out.append(f"# {f.metadata['doc']}\n{f.name} = {_toml_value(getattr(obj, f.name))}\n")
+    return "".join(out)

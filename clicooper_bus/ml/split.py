@@ -1,0 +1,63 @@
+"""The arithmetic of one segment in a split-learning chain, shared by the in-process reference
+and the processes on the bus, so that both compute exactly the same thing.
+
+Per training step a segment sees: `forward(x)` (keeps what backward needs), then either
+`backward(grad_out)` (head and middle stages) or `loss_backward(labels)` (the last stage).
+Both return the gradient with respect to the segment's input (None for the head, whose input is
+data) and take one optimiser step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepResult:
+    grad_in: torch.Tensor | None
+    loss: float = float("nan")
+    correct: int = 0
+
+
+class SegmentTrainer:
+    def __init__(self, module: nn.Module, *, lr: float = 1e-3, is_head: bool = False):
+        self.module = module
+        self.is_head = is_head
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=lr) if params else None
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Training forward; the returned activation is detached (it crosses the network)."""
+        self.module.train()
+        if not self.is_head:
+            x = x.detach().requires_grad_(True)
+        out = self.module(x)
+        self._pending[step] = (x, out)
+        return out.detach()
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return None if self.is_head else x.grad.detach()
+
+    def backward(self, grad_out: torch.Tensor, step: int) -> torch.Tensor | None:
+        x, out = self._pending.pop(step)
+        out.backward(grad_out)
+        return self._finish(x)
+
+    def loss_backward(self, labels: torch.Tensor, step: int) -> StepResult:
+        x, logits = self._pending.pop(step)
+        loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        correct = int((logits.detach().argmax(1) == labels).sum())
+        return StepResult(self._finish(x), float(loss.detach()), correct)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        self.module.eval()
+        return self.module(x)

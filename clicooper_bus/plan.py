@@ -1,0 +1,42 @@
+"""The training plan the owner publishes inside its signed roster, so that a trainer needs no
+config file of its own: model, input shape, classes, cuts, seed, learning rate.
+
+Trainers rebuild the model spec from it and check its digest against the roster's, so the owner
+cannot be misunderstood and a trainer cannot silently train something else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from clicooper_bus.errors import RosterError
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    input_shape: tuple[int, int, int]
+    classes: int
+    cuts: tuple[int, ...]
+    seed: int
+    lr: float
+    batch_size: int
+
+    def to_meta(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_meta(cls, text: str) -> Plan:
+        try:
+            d = json.loads(text)
+            return cls(str(d["model"]), tuple(int(v) for v in d["input_shape"]),
+                       int(d["classes"]), tuple(int(c) for c in d["cuts"]), int(d["seed"]),
+                       float(d["lr"]), int(d["batch_size"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RosterError(f"roster plan is malformed: {exc}") from None
+
+    def spec(self):
+        from clicooper_bus.ml.models import model_spec
+
+        return model_spec(self.model, self.input_shape, self.classes)

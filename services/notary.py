@@ -1,0 +1,145 @@
+"""The notary process: appends every message of the run to the provenance log and signs
+checkpoints.
+
+It trusts only the owner's key until the owner's signed roster arrives (the first message of a
+run), then the roster's keys. Every message is verified in full (the notary sees every sender's
+whole chain) before it is appended. Checkpoints are signed every N entries or T seconds,
+published on the bus, and once more, marked final, when the owner acknowledges the end of the
+run. It exits once every participant has signalled it read what it needed (`done`), after
+signing a closing checkpoint over everything it logged.
+
+    python -m services.notary --config FILE
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from clicooper_bus.bus import Bus, BusError
+from clicooper_bus.config import RunConfig
+from clicooper_bus.errors import RosterError
+from clicooper_bus.log import ProvenanceLog
+from clicooper_bus.roster import Roster
+from clicooper_bus.verifier import Verifier
+from clicooper_bus.wire import Envelope
+from services.common import (
+    EXIT_FAIL,
+    EXIT_OK,
+    base_parser,
+    identity,
+    load,
+    open_bus,
+    public,
+    run_main,
+)
+
+
+class Notary:
+    def __init__(self, cfg: RunConfig, log):
+        self.cfg, self.log = cfg, log
+        self.ident = identity(cfg, cfg.participants.notary)
+        self.owner_key = public(cfg, cfg.participants.owner)
+        verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id)
+        self.bus: Bus = open_bus(cfg, self.ident, verifier)
+        self.plog: ProvenanceLog | None = None
+        self.roster: Roster | None = None
+        self.last_cp_size, self.last_cp_time = 0, time.monotonic()
+        self.final_sent = False
+
+    def run(self) -> int:
+        bus = self.bus
+        bus.subscribe(f"run/{self.cfg.run.id}/")
+        bus.announce()
+        self.log.info("notary waiting for the roster", run_id=self.cfg.run.id)
+        deadline = time.monotonic() + self.cfg.bus.join_timeout_s
+        try:
+            while self.roster is None:
+                env = bus.recv(1.0)
+                if env is not None:
+                    self._first(env)
+                elif time.monotonic() > deadline:
+                    raise BusError("no roster from the owner within the join timeout")
+            return self._serve()
+        finally:
+            if self.plog is not None:
+                self._checkpoint(publish=False)
+                self.plog.close()
+            bus.close()
+
+    def _first(self, env: Envelope) -> None:
+        if env.header.kind != "roster":
+            self.log.warning("message before the roster ignored", kind=env.header.kind)
+            return
+        try:
+            roster = Roster.open(bytes(env.body), owner=self.owner_key)
+        except RosterError as exc:
+            self.log.error("roster refused", error=str(exc))
+            return
+        run_dir = self.cfg.run_dir
+        self.plog = ProvenanceLog.create(run_dir / "log", roster_bytes=bytes(env.body),
+                                         run_id=self.cfg.run.id, retention=self.cfg.log.retention,
+                                         fsync=self.cfg.log.fsync, signer=self.ident)
+        self.roster = roster
+        self.bus.verifier.use_roster(roster)
+        self.plog.append_envelope(env)
+        self.bus.beating = True
+        self.log.info("log created", path=str(run_dir / "log"), members=len(roster.members))
+
+    def _serve(self) -> int:
+        bus, roster = self.bus, self.roster
+        others = [m for m in roster.members if m.role != "notary"]
+        done_wait_until = None
+        while True:
+            env = bus.recv(0.2)
+            if env is not None:
+                self.plog.append_envelope(env)
+                if env.header.kind == "ack" and env.header.sender == roster.owner.key_id:
+                    self._checkpoint(final=True)
+            now = time.monotonic()
+            if self.plog.size - self.last_cp_size >= self.cfg.log.checkpoint_every or (
+                    now - self.last_cp_time >= self.cfg.log.checkpoint_seconds):
+                self._checkpoint()
+            if self.final_sent:
+                done = {f"run/{self.cfg.run.id}/done/{m.name}" for m in others}
+                if done <= bus.seen_subscriptions:
+                    break
+                done_wait_until = done_wait_until or now + self.cfg.bus.join_timeout_s
+                if now > done_wait_until:
+                    self.log.warning("not everyone confirmed the end; closing anyway")
+                    break
+            elif env is None:
+                silent = bus.silent_peers(m.key_id for m in others)
+                if silent:
+                    names = [roster.by_key_id(k).name for k in silent]
+                    self.log.error("peers silent", peers=names, timeout_s=bus.timeout_s)
+                    print(f"notary: error: no message from {', '.join(names)} for "
+                          f"{bus.timeout_s:.0f} s: the broker or they are gone; the log is "
+                          f"kept up to here", file=sys.stderr)
+                    return EXIT_FAIL
+        # read whatever is still in flight, then tell everyone we are closing
+        while (env := bus.recv(0.3)) is not None:
+            self.plog.append_envelope(env)
+        bus.subscribe(f"run/{self.cfg.run.id}/closed/notary")
+        time.sleep(0.3)
+        self.log.info("notary done", entries=self.plog.size)
+        return EXIT_OK
+
+    def _checkpoint(self, *, final: bool = False, publish: bool = True) -> None:
+        self.last_cp_time = time.monotonic()
+        if self.plog.size == self.last_cp_size and not final:
+            return
+        note = self.plog.sign_checkpoint()
+        self.last_cp_size = self.plog.size
+        if publish:
+            self.bus.send_doc("checkpoint", "all", {"note": note, "final": final})
+            self.final_sent = self.final_sent or final
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return run_main("notary", lambda log: Notary(load(args), log).run(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

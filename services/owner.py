@@ -1,0 +1,294 @@
+"""The owner process: holds the data, the labels and the head; drives the run.
+
+It publishes the signed roster (with the training plan), waits until every trainer has joined,
+then per step: head forward, activation to stage 1, labels to the last stage, gradient back from
+stage 1, head step. After each epoch it evaluates on the test set through the same chain. At the
+end it collects every trainer's sealed segment, assembles and saves the model (safetensors),
+acknowledges, waits for the notary's final checkpoint and writes `summary.json`.
+
+    python -m services.owner --config FILE
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+
+from clicooper_bus.bus import Bus, BusError
+from clicooper_bus.checkpoint import open_checkpoint
+from clicooper_bus.config import RunConfig
+from clicooper_bus.errors import ClicooperError, ConfigError
+from clicooper_bus.log import default_origin
+from clicooper_bus.ml.data import batch_order, load_dataset, to_float
+from clicooper_bus.ml.models import (
+    build_segments,
+    check_cuts,
+    default_cuts,
+    model_spec,
+    state_dict_with_prefix,
+)
+from clicooper_bus.ml.split import SegmentTrainer
+from clicooper_bus.plan import Plan
+from clicooper_bus.roster import Roster
+from clicooper_bus.verifier import Verifier
+from clicooper_bus.wire import Envelope
+from services.common import (
+    EXIT_OK,
+    base_parser,
+    identity,
+    load,
+    open_bus,
+    public,
+    run_main,
+    set_threads,
+)
+
+EVAL_WINDOW = 8  # evaluation batches in flight (no gradients flow back, so they pipeline)
+
+
+class Owner:
+    def __init__(self, cfg: RunConfig, log):
+        self.cfg, self.log = cfg, log
+        p = cfg.participants
+        self.ident = identity(cfg, p.owner)
+        self.trainer_keys = [public(cfg, n) for n in p.trainers]
+        self.notary_key = public(cfg, p.notary)
+        data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed)
+        self.data = data.limit(cfg.data.train_limit or None, cfg.data.test_limit or None)
+        self.spec = model_spec(cfg.model.name, self.data.input_shape, self.data.classes)
+        k = len(p.trainers)
+        self.cuts = check_cuts(self.spec, tuple(cfg.model.cuts), k) if cfg.model.cuts \
+            else default_cuts(self.spec, k)
+        self.segments = build_segments(self.spec, self.cuts, cfg.run.seed)
+        self.head = SegmentTrainer(self.segments[0], lr=cfg.run.lr, is_head=True)
+        self.plan = Plan(self.spec.name, self.data.input_shape, self.data.classes, self.cuts,
+                         cfg.run.seed, cfg.run.lr, cfg.run.batch_size)
+        self.roster = Roster.build(
+            cfg.run.id, owner=self.ident.public, trainers=self.trainer_keys, notary=self.notary_key,
+            meta={"plan": self.plan.to_meta(), "model_spec": self.spec.digest(self.cuts),
+                  "config": cfg.digest(), "dataset": self.data.name, "model": self.spec.name})
+        self.run_dir = cfg.run_dir
+        for existing in ("summary.json", "log"):
+            if (self.run_dir / existing).exists():
+                raise ConfigError(f"{self.run_dir / existing} exists: a run with id "
+                                  f"'{cfg.run.id}' was already made here; choose another run id "
+                                  f"or remove {self.run_dir}")
+        self.bus: Bus = open_bus(cfg, self.ident, Verifier(self.roster, cfg.run.id, partial=True))
+        self.stages = list(self.roster.stages)
+        self.kid = {m.name: m.key_id for m in self.roster.members}
+        self.names = {v: k for k, v in self.kid.items()}
+        self.metrics: dict[int, dict] = {}
+        self.stash: list[Envelope] = []
+        self.final_note: str | None = None
+
+    # --- bus helpers -------------------------------------------------------------------------
+
+    def _wait(self, what: str, match) -> Envelope:
+        """The first message `match` accepts; others are handled or stashed meanwhile."""
+        for i, env in enumerate(self.stash):
+            if match(env):
+                return self.stash.pop(i)
+        bus = self.bus
+        while True:
+            env = bus.recv(bus.timeout_s)
+            if env is None:
+                silent = bus.silent_peers(self.kid[n] for n in self.stages + [self.cfg.participants.notary])
+                if silent:
+                    raise BusError(f"no message from {', '.join(self.names[k] for k in silent)} "
+                                   f"for {bus.timeout_s:.0f} s while waiting for {what}: the "
+                                   f"broker ({self.cfg.bus.sub}) or they are gone")
+                continue
+            kind = env.header.kind
+            if kind == "metrics":
+                self.metrics[env.header.step] = env.document()
+            elif kind == "checkpoint":
+                self._note_checkpoint(env)
+            if match(env):
+                return env
+            if kind in ("bwd", "eval_out", "segment", "hello"):
+                self.stash.append(env)
+
+    def _note_checkpoint(self, env: Envelope) -> None:
+        if env.header.sender != self.kid[self.cfg.participants.notary]:
+            return
+        doc = env.document()
+        open_checkpoint(doc["note"], self.notary_key, default_origin(self.cfg.run.id))
+        if doc.get("final"):
+            self.final_note = doc["note"]
+
+    def _from(self, name: str, kind: str, step: int | None = None):
+        kid = self.kid[name]
+        return lambda e: (e.header.kind == kind and e.header.sender == kid
+                          and (step is None or e.header.step == step))
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            t0 = time.perf_counter()
+            self._join()
+            per_epoch, step = [], 0
+            for epoch in range(self.cfg.run.epochs):
+                row, step = self._train_epoch(epoch, step)
+                last = epoch == self.cfg.run.epochs - 1
+                every = self.cfg.run.eval_every
+                if last or (every and (epoch + 1) % every == 0):
+                    row["accuracy"] = self._evaluate(epoch)
+                per_epoch.append(row)
+                self.log.info("epoch done", **row)
+                print(f"epoch {epoch + 1}/{self.cfg.run.epochs}: loss {row['loss']:.4f}, "
+                      f"train accuracy {row['train_accuracy']:.4f}, test accuracy "
+                      f"{row.get('accuracy', float('nan')):.4f}, {row['wall_s']:.1f} s", flush=True)
+                if self.cfg.run.max_steps and step >= self.cfg.run.max_steps:
+                    break
+            sent = self._collect_segments()
+            self._finish(per_epoch, step, sent, time.perf_counter() - t0)
+            return EXIT_OK
+        finally:
+            self.bus.close()
+
+    def _join(self) -> None:
+        bus, run = self.bus, self.cfg.run.id
+        for kind in ("bwd", "eval_out", "metrics", "segment"):
+            bus.subscribe(bus.topic(kind, self.cfg.participants.owner))
+        for kind in ("hello", "checkpoint", "beat"):
+            bus.subscribe(f"run/{run}/{kind}/")
+        bus.announce()
+        everyone = self.stages + [self.cfg.participants.notary]
+        print(f"owner: waiting for {', '.join(everyone)} to join run '{run}'", flush=True)
+        bus.wait_for_subscribers("hello", everyone, self.cfg.bus.join_timeout_s)
+        bus.send_bytes("roster", "all", self.roster.sign(self.ident))
+        bus.beating = True
+        deadline = time.monotonic() + self.cfg.bus.join_timeout_s
+        ready: set[str] = set()
+        while ready != set(self.stages):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BusError(f"trainers {sorted(set(self.stages) - ready)} did not confirm the "
+                               f"roster in time")
+            env = bus.recv(min(left, 1.0))
+            if env is not None and env.header.kind == "hello":
+                name = self.names.get(env.header.sender)
+                doc = env.document()
+                if doc.get("model_spec") != self.roster.meta["model_spec"]:
+                    raise ClicooperError(f"{name} built a different model ({doc})")
+                ready.add(name)
+            elif env is not None and env.header.kind == "checkpoint":
+                self._note_checkpoint(env)
+        self.log.info("everyone joined", trainers=self.stages)
+        print(f"owner: {len(self.stages)} trainers joined; training {self.spec.name} on "
+              f"{len(self.data.x_train)} {self.data.name} images", flush=True)
+
+    def _train_epoch(self, epoch: int, step: int) -> tuple[dict, int]:
+        cfg, bus, first, last = self.cfg, self.bus, self.stages[0], self.stages[-1]
+        batches = batch_order(len(self.data.x_train), cfg.run.batch_size, cfg.run.seed, epoch)
+        t0, seen, report = time.perf_counter(), 0, max(1, len(batches) // 10)
+        steps_before = step
+        for b, idx in enumerate(batches):
+            if cfg.run.max_steps and step >= cfg.run.max_steps:
+                break
+            meta = {"step": step, "batch": b, "epoch": epoch}
+            act = self.head.forward(to_float(self.data.x_train[idx]), step)
+            bus.send_array("fwd", first, act, **meta)
+            bus.send_array("labels", last, self.data.y_train[idx], **meta)
+            env = self._wait(f"gradients of step {step} from {first}", self._from(first, "bwd", step))
+            self.head.backward(env.tensor(), step)
+            seen += len(idx)
+            step += 1
+            if (b + 1) % report == 0:
+                m = self.metrics.get(step - 1, {})
+                print(f"  epoch {epoch + 1} step {b + 1}/{len(batches)} loss "
+                      f"{m.get('loss', float('nan')):.4f} "
+                      f"{seen / (time.perf_counter() - t0):,.0f} samples/s", flush=True)
+        # the last metrics may still be on the way
+        while any(s not in self.metrics for s in range(steps_before, step)):
+            self._wait("training metrics", lambda e: e.header.kind == "metrics")
+        ms = [self.metrics[s] for s in range(steps_before, step)]
+        n = max(1, seen)
+        sizes = [len(i) for i in batches[:step - steps_before]]
+        return {"epoch": epoch, "loss": sum(m["loss"] * k for m, k in zip(ms, sizes, strict=True)) / n,
+                "train_accuracy": sum(m["correct"] for m in ms) / n, "steps": step - steps_before,
+                "wall_s": time.perf_counter() - t0}, step
+
+    def _evaluate(self, epoch: int) -> float:
+        x, y, bs = self.data.x_test, self.data.y_test, self.cfg.run.batch_size
+        batches = [(i, slice(i * bs, (i + 1) * bs)) for i in range((len(x) + bs - 1) // bs)]
+        first, last = self.stages[0], self.stages[-1]
+        correct, sent, done = 0, 0, 0
+        while done < len(batches):
+            while sent < len(batches) and sent - done < EVAL_WINDOW:
+                i, sl = batches[sent]
+                self.bus.send_array("eval_fwd", first, self.head.evaluate(to_float(x[sl])),
+                                    step=i, batch=i, epoch=epoch)
+                sent += 1
+            env = self._wait("evaluation outputs", self._from(last, "eval_out"))
+            i, sl = batches[env.header.step]
+            correct += int((env.array().argmax(1) == y[sl]).sum())
+            done += 1
+        return correct / max(1, len(x))
+
+    def _collect_segments(self) -> dict[str, int]:
+        self.bus.send_doc("end", "all", {"reason": "training complete"})
+        sent: dict[str, int] = dict(self.bus.sent)
+        for i, name in enumerate(self.stages, start=1):
+            env = self._wait(f"the segment of {name}", self._from(name, "segment"))
+            doc = env.document()
+            weights = st_load(self.ident.unseal(doc["sealed"]))
+            self.segments[i].load_state_dict(weights, strict=True)
+            for k, v in doc.get("sent", {}).items():
+                sent[k] = sent.get(k, 0) + int(v)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_file(state_dict_with_prefix(self.segments), self.run_dir / "model.safetensors",
+                  metadata={"run_id": self.cfg.run.id, "model": self.spec.name,
+                            "model_spec": self.roster.meta["model_spec"],
+                            "cuts": json.dumps(list(self.cuts))})
+        return sent
+
+    def _finish(self, per_epoch: list[dict], steps: int, sent: dict[str, int], wall: float) -> None:
+        bus = self.bus
+        accuracy = per_epoch[-1].get("accuracy", float("nan"))
+        sent = {k: v for k, v in sent.items() if k != "beat"}
+        sent["segment"] = sent.get("segment", 0)
+        bus.send_doc("ack", "all", {"segments": self.stages})
+        sent["ack"] = sent.get("ack", 0) + 1
+        self._wait("the notary's final checkpoint",
+                   lambda e: e.header.kind == "checkpoint" and self.final_note is not None)
+        cp = open_checkpoint(self.final_note, self.notary_key, default_origin(self.cfg.run.id))
+        (self.run_dir / "checkpoint.txt").write_text(self.final_note)
+        summary = {
+            "run_id": self.cfg.run.id, "dataset": self.data.name, "model": self.spec.name,
+            "stages": self.stages, "cuts": list(self.cuts), "epochs": len(per_epoch),
+            "steps": steps, "test_accuracy": accuracy, "per_epoch": per_epoch,
+            "messages": dict(sorted(sent.items())), "wall_s": wall,
+            "final_checkpoint": {"size": cp.size, "root": cp.root.hex()},
+            "model_file": "model.safetensors",
+        }
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(self.run_dir / "summary.json")
+        print(f"owner: test accuracy {accuracy:.4f}; wrote {self.run_dir}/summary.json and "
+              f"model.safetensors; log tree size {cp.size}", flush=True)
+        bus.mark_done()
+        closed = f"run/{self.cfg.run.id}/closed/notary"
+        deadline = time.monotonic() + bus.timeout_s * 2
+        while closed not in bus.seen_subscriptions and time.monotonic() < deadline:
+            bus.recv(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+
+    def body(log) -> int:
+        cfg = load(args)
+        set_threads(cfg.run.threads)
+        return Owner(cfg, log).run()
+
+    return run_main("owner", body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

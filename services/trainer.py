@@ -1,0 +1,209 @@
+"""A trainer process: trains one stage of the split model for the owner.
+
+It trusts only the owner key it was given until the owner's signed roster names it, builds its
+segment from the roster's plan (checking the model digest), then serves: activations forward,
+gradients back, evaluation batches, and at the end its weights, sealed so that only the owner
+can read them. Messages from anyone but its neighbours in the roster's stage order are refused.
+
+    python -m services.trainer --config FILE --name trainer-1
+    python -m services.trainer --name edge-7 --keys DIR --owner-key owner.pub \\
+        --run-id demo --pub tcp://HOST:5555 --sub tcp://HOST:5556      (an edge device)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import structlog
+import torch
+from safetensors.torch import save as st_save
+
+from clicooper_bus.bus import Bus, BusError
+from clicooper_bus.config import load_config
+from clicooper_bus.errors import RosterError
+from clicooper_bus.identity import PublicIdentity, load_public
+from clicooper_bus.ml.models import build_segments
+from clicooper_bus.ml.split import SegmentTrainer
+from clicooper_bus.plan import Plan
+from clicooper_bus.roster import Roster
+from clicooper_bus.verifier import Verifier
+from clicooper_bus.wire import Envelope
+from services.common import (
+    EXIT_OK,
+    base_parser,
+    identity,
+    open_bus,
+    public,
+    run_main,
+    set_threads,
+)
+
+
+class Trainer:
+    def __init__(self, cfg, name: str, log, owner_key: PublicIdentity | None = None):
+        self.cfg, self.name, self.log = cfg, name, log
+        self.ident = identity(cfg, name)
+        self.owner_key = owner_key or public(cfg, cfg.participants.owner)
+        verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id, partial=True)
+        self.bus: Bus = open_bus(cfg, self.ident, verifier)
+        self.labels: dict[int, torch.Tensor] = {}
+        self.waiting_logits: set[int] = set()
+
+    def run(self) -> int:
+        bus, run = self.bus, self.cfg.run.id
+        for kind in ("roster", "end", "ack", "checkpoint", "beat"):
+            bus.subscribe(f"run/{run}/{kind}/")
+        for kind in ("fwd", "bwd", "labels", "eval_fwd"):
+            bus.subscribe(bus.topic(kind, self.name))
+        bus.announce()
+        try:
+            self._join()
+            self._serve()
+            return self._finish()
+        finally:
+            bus.close()
+
+    def _join(self) -> None:
+        deadline = time.monotonic() + self.cfg.bus.join_timeout_s
+        while True:
+            env = self.bus.recv(1.0)
+            if env is not None and env.header.kind == "roster":
+                try:
+                    roster = Roster.open(bytes(env.body), owner=self.owner_key)
+                except RosterError as exc:
+                    self.log.error("roster refused", error=str(exc))
+                    continue
+                if self.name not in roster.stages:
+                    self.log.warning("roster does not list us", stages=list(roster.stages))
+                    continue
+                break
+            if time.monotonic() > deadline:
+                raise BusError(f"no roster naming '{self.name}' from the owner within "
+                               f"{self.cfg.bus.join_timeout_s:.0f} s")
+        self.roster = roster
+        self.bus.verifier.use_roster(roster)
+        plan = Plan.from_meta(roster.meta["plan"])
+        spec = plan.spec()
+        if spec.digest(plan.cuts) != roster.meta.get("model_spec"):
+            raise RosterError("the roster's model digest does not match its plan")
+        self.index = roster.stages.index(self.name)
+        self.last = self.index == len(roster.stages) - 1
+        names = roster.stages
+        self.prev = roster.owner.name if self.index == 0 else names[self.index - 1]
+        self.next = None if self.last else names[self.index + 1]
+        self.segment = build_segments(spec, plan.cuts, plan.seed)[self.index + 1]
+        self.seg = SegmentTrainer(self.segment, lr=plan.lr)
+        self.kid = {m.name: m.key_id for m in roster.members}
+        self.bus.beating = True
+        self.bus.send_doc("hello", "all", {"ready": True, "stage": self.index + 1,
+                                           "model_spec": roster.meta["model_spec"]})
+        self.log.info("joined", stage=self.index + 1, prev=self.prev, next=self.next)
+
+    def _from(self, env: Envelope, *names: str | None) -> bool:
+        ok = env.header.sender in {self.kid[n] for n in names if n}
+        if not ok:
+            self.log.warning("message from an unexpected sender refused", kind=env.header.kind,
+                             sender=env.header.sender)
+        return ok
+
+    def _serve(self) -> None:
+        bus, owner = self.bus, self.roster.owner.name
+        while True:
+            env = bus.recv(bus.timeout_s)
+            if env is None:
+                self._check_alive()
+                continue
+            h, kind = env.header, env.header.kind
+            if kind == "fwd" and self._from(env, self.prev):
+                out = self.seg.forward(env.tensor(), h.step)
+                if self.last:
+                    self.waiting_logits.add(h.step)
+                    self._maybe_loss(h.step, h)
+                else:
+                    bus.send_array("fwd", self.next, out, step=h.step, batch=h.batch,
+                                   epoch=h.epoch)
+            elif kind == "labels" and self.last and self._from(env, owner):
+                self.labels[h.step] = env.tensor()
+                self._maybe_loss(h.step, h)
+            elif kind == "bwd" and self._from(env, self.next):
+                grad = self.seg.backward(env.tensor(), h.step)
+                bus.send_array("bwd", self.prev, grad, step=h.step, batch=h.batch, epoch=h.epoch)
+            elif kind == "eval_fwd" and self._from(env, self.prev):
+                out = self.seg.evaluate(env.tensor())
+                bus.send_array("eval_out" if self.last else "eval_fwd",
+                               owner if self.last else self.next, out, step=h.step,
+                               batch=h.batch, epoch=h.epoch)
+            elif kind == "end" and self._from(env, owner):
+                return
+
+    def _maybe_loss(self, step: int, h) -> None:
+        if step not in self.waiting_logits or step not in self.labels:
+            return
+        self.waiting_logits.discard(step)
+        r = self.seg.loss_backward(self.labels.pop(step).long(), step)
+        self.bus.send_array("bwd", self.prev, r.grad_in, step=step, batch=h.batch, epoch=h.epoch)
+        self.bus.send_doc("metrics", self.roster.owner.name,
+                          {"loss": r.loss, "correct": r.correct}, step=step, batch=h.batch,
+                          epoch=h.epoch)
+
+    def _check_alive(self) -> None:
+        watch = [self.kid[n] for n in (self.roster.owner.name, self.prev, self.next) if n]
+        silent = self.bus.silent_peers(watch)
+        if silent:
+            names = [self.roster.by_key_id(k).name for k in silent]
+            raise BusError(f"no message from {', '.join(names)} for {self.bus.timeout_s:.0f} s: "
+                           f"the broker or they are gone")
+
+    def _finish(self) -> int:
+        bus = self.bus
+        weights = st_save({k: v.detach().contiguous() for k, v in self.segment.state_dict().items()},
+                          metadata={"run_id": self.cfg.run.id, "stage": str(self.index + 1)})
+        sealed = self.roster.owner.identity.seal(weights)
+        bus.send_doc("segment", self.roster.owner.name,
+                     {"stage": self.index + 1, "sealed": sealed, "sent": dict(bus.sent)})
+        self.log.info("segment delivered", bytes=len(weights))
+        deadline = time.monotonic() + self.cfg.bus.join_timeout_s
+        while time.monotonic() < deadline:  # until the notary's final checkpoint
+            env = bus.recv(1.0)
+            if env is not None and env.header.kind == "checkpoint" and env.document().get("final"):
+                break
+        bus.mark_done()
+        closed = f"run/{self.cfg.run.id}/closed/notary"
+        deadline = time.monotonic() + self.cfg.bus.timeout_s * 2
+        while closed not in bus.seen_subscriptions and time.monotonic() < deadline:
+            bus.recv(0.2)
+        return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--name", required=True, help="this trainer's key name")
+    p.add_argument("--keys", help="key directory (NAME.key, owner's .pub)")
+    p.add_argument("--owner-key", help="the owner's public key file")
+    p.add_argument("--run-id")
+    p.add_argument("--pub", help="broker address for publishing")
+    p.add_argument("--sub", help="broker address for subscribing")
+    args = p.parse_args(argv)
+
+    def body(log) -> int:
+        over: dict = {"run": {}, "bus": {}, "participants": {}}
+        if args.run_id:
+            over["run"]["id"] = args.run_id
+        if args.pub:
+            over["bus"]["pub"] = args.pub
+        if args.sub:
+            over["bus"]["sub"] = args.sub
+        if args.keys:
+            over["participants"]["keys"] = args.keys
+        cfg = load_config(args.config, over)
+        structlog.contextvars.bind_contextvars(run_id=cfg.run.id, stage=args.name)
+        set_threads(cfg.run.threads)
+        owner_key = load_public(args.owner_key) if args.owner_key else None
+        return Trainer(cfg, args.name, log, owner_key).run()
+
+    return run_main("trainer", body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
