@@ -1,7 +1,8 @@
 """C2SP tlog-checkpoint bodies: origin line, tree size in decimal, base64 root hash.
 
 A checkpoint is published as a signed note (`note.py`) by the log's key. Extension lines after
-the root are allowed by the format and kept, but this project writes none.
+the root are allowed by the format; the provenance log writes two (`clicooper-meta`,
+`clicooper-prev`, see `log.py`).
 """
 
 from __future__ import annotations

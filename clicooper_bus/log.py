@@ -33,13 +33,21 @@ from typing import Literal
 import structlog
 
 from clicooper_bus.checkpoint import Checkpoint, parse_checkpoint
-from clicooper_bus.errors import LogCorrupted, LogError, NoteError
+from clicooper_bus.errors import ConfigError, LogCorrupted, LogError, NoteError
 from clicooper_bus.identity import Identity, check_name
 from clicooper_bus.merkle import MerkleTree
 from clicooper_bus.note import parse_note
 from clicooper_bus.records import RecordFile
 from clicooper_bus.retention import Retention, RetentionTracker
-from clicooper_bus.wire import DEFAULT_LIMITS, SIG_LEN, Envelope, Header, parse_header, split_leaf
+from clicooper_bus.wire import (
+    DEFAULT_LIMITS,
+    SIG_LEN,
+    Envelope,
+    Header,
+    Limits,
+    parse_header,
+    split_leaf,
+)
 
 FORMAT = "clicooper-log/1"
 FsyncPolicy = Literal["always", "checkpoint", "never"]
@@ -47,8 +55,6 @@ FSYNC_POLICIES = ("always", "checkpoint", "never")
 
 META_EXTENSION = "clicooper-meta"
 PREV_EXTENSION = "clicooper-prev"
-MAX_LEAF = DEFAULT_LIMITS.max_header + SIG_LEN
-MAX_BODY_RECORD = 32 + (1 << 31)
 MAX_NOTE_RECORD = 1 << 16
 
 log = structlog.get_logger("clicooper.log")
@@ -91,15 +97,17 @@ class ExpectedBodies:
     def __init__(self, retention: Retention):
         self.tracker = RetentionTracker(retention)
         self.shas: list[bytes] = []
+        self.first_needed: list[int] = []  # leaf index that first needed each of `shas`
         self._seen: set[bytes] = set()
 
-    def add(self, header: Header) -> bool:
+    def add(self, header: Header, index: int = -1) -> bool:
         """Record one header in log order; True if its body must be in the store."""
         if not self.tracker.keep(header) or header.body_len == 0:
             return False
         if header.body_sha256 not in self._seen:
             self._seen.add(header.body_sha256)
             self.shas.append(header.body_sha256)
+            self.first_needed.append(index)
         return True
 
 
@@ -115,38 +123,65 @@ class ProvenanceLog:
         self.fsync: FsyncPolicy = fsync
         self.signer = signer
         self._lock_fd = -1
-        try:
-            self.meta_bytes = (directory / "log.json").read_bytes()
-            meta = json.loads(self.meta_bytes)
-            if meta.get("format") != FORMAT:
-                raise LogError(f"{directory}/log.json is format {meta.get('format')!r}, "
-                               f"this program reads {FORMAT!r}")
-            self.origin: str = meta["origin"]
-            self.run_id: str = meta["run_id"]
-            self.retention = Retention.parse(meta["retention"])
-            self.roster_bytes = (directory / "roster.msgpack").read_bytes()
-        except FileNotFoundError as exc:
-            raise LogError(f"{directory} is not a provenance log ({exc.filename} is missing)") \
-                from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise LogCorrupted(f"{directory}/log.json is unreadable: {exc}") from None
+        self._read_meta()
         if writable:
             self._lock()
-        self.leaves = RecordFile(directory / "leaves.dat", MAX_LEAF, writable=writable)
-        self.bodies = RecordFile(directory / "bodies.dat", MAX_BODY_RECORD, writable=writable)
+        self.limits = Limits(max_header=self._meta["limits"]["max_header"],
+                             max_body=self._meta["limits"]["max_body"])
+        self.leaves = RecordFile(directory / "leaves.dat", self.limits.max_header + SIG_LEN,
+                                 writable=writable)
+        self.bodies = RecordFile(directory / "bodies.dat", 32 + self.limits.max_body,
+                                 writable=writable)
         self.notes = RecordFile(directory / "checkpoints.dat", MAX_NOTE_RECORD, writable=writable)
-        for rf in (self.leaves, self.bodies, self.notes):
-            if rf.kept is not None:  # read-only opens report tails through `torn` instead
-                log.warning("torn tail cut", file=str(rf.path), offset=rf.tail.offset,
-                            reason=rf.tail.reason, kept=str(rf.kept))
+        # torn tails found on open (in read-only mode left in place, else cut below)
+        self.torn = [f"{rf.path.name}: {rf.tail.reason} at byte {rf.tail.offset}"
+                     for rf in (self.leaves, self.bodies, self.notes) if rf.tail is not None]
+        self._build_tree()
+        self._body_index = {self.bodies.read(i, 32): i for i in range(len(self.bodies))}
+        self._expected: ExpectedBodies | None = None
+        self._broken: BaseException | None = None
+        if writable:  # refuse to extend a broken log; readers leave the diagnosis to verify
+            self._check_checkpoint_coverage()  # on the whole records, before any cut
+            for rf in (self.leaves, self.bodies, self.notes):
+                if rf.tail is not None:
+                    tail = rf.tail
+                    rf.cut_tail()
+                    log.warning("torn tail cut", file=str(rf.path), offset=tail.offset,
+                                reason=tail.reason, kept=str(rf.kept))
+            self._expected = self._replay_retention()
+
+    def _read_meta(self) -> None:
+        d = self.dir
+        try:
+            self.meta_bytes = (d / "log.json").read_bytes()
+            self.roster_bytes = (d / "roster.msgpack").read_bytes()
+        except FileNotFoundError as exc:
+            raise LogError(f"{d} is not a provenance log ({exc.filename} is missing)") from None
+        except OSError as exc:
+            raise LogCorrupted(f"{d}: cannot read {exc.filename}: {exc.strerror}") from None
+        try:
+            meta = json.loads(self.meta_bytes)
+            if type(meta) is not dict or meta.get("format") != FORMAT:
+                raise ValueError(f"format is not {FORMAT!r}")
+            for key, typ in (("origin", str), ("run_id", str), ("retention", str),
+                             ("limits", dict)):
+                if type(meta.get(key)) is not typ:
+                    raise ValueError(f"{key} is missing or not a {typ.__name__}")
+            if not all(type(meta["limits"].get(k)) is int and meta["limits"][k] > 0
+                       for k in ("max_header", "max_body")):
+                raise ValueError("limits need positive max_header and max_body")
+            self.retention = Retention.parse(meta["retention"])
+        except (ValueError, ConfigError) as exc:
+            raise LogCorrupted(f"{d}/log.json is unreadable: {exc}",
+                               path=str(d / "log.json")) from None
+        self._meta = meta
+        self.origin: str = meta["origin"]
+        self.run_id: str = meta["run_id"]
+
+    def _build_tree(self) -> None:
         self.tree = MerkleTree()
         for i in range(len(self.leaves)):
             self.tree.append(self.leaves.read(i))
-        self._body_index = {self.bodies.read(i)[:32]: i for i in range(len(self.bodies))}
-        self._expected = None
-        if writable:  # refuse to extend a broken log; readers leave the diagnosis to verify
-            self._check_checkpoint_coverage()
-            self._expected = self._replay_retention()
 
     @property
     def meta_digest(self) -> bytes:
@@ -157,8 +192,8 @@ class ProvenanceLog:
     @classmethod
     def create(cls, directory: str | os.PathLike[str], *, roster_bytes: bytes, run_id: str,
                origin: str | None = None, retention: str = "all",
-               fsync: FsyncPolicy = "checkpoint", signer: Identity | None = None
-               ) -> ProvenanceLog:
+               fsync: FsyncPolicy = "checkpoint", signer: Identity | None = None,
+               limits: Limits = DEFAULT_LIMITS) -> ProvenanceLog:
         """Create a new, empty log in `directory` (which must not hold a log already)."""
         d = Path(directory)
         check_name(run_id, "run id")
@@ -170,7 +205,8 @@ class ProvenanceLog:
             (d / name).touch()
         _write_once(d / "roster.msgpack", roster_bytes)
         meta = {"format": FORMAT, "origin": origin or default_origin(run_id), "run_id": run_id,
-                "retention": retention}
+                "retention": retention,
+                "limits": {"max_header": limits.max_header, "max_body": limits.max_body}}
         _write_once(d / "log.json", (json.dumps(meta, indent=2) + "\n").encode())
         dfd = os.open(d, os.O_RDONLY)
         try:
@@ -196,23 +232,36 @@ class ProvenanceLog:
             raise LogError(f"log {self.dir} is open for appending by another process") from None
 
     def _replay_retention(self) -> ExpectedBodies:
-        """Rebuild the retention state and check the body store against the leaves.
+        """Rebuild the retention state and reconcile the body store with the leaves.
 
         Bodies are written before their leaves, so bodies past the last one a leaf references
-        are orphans of a crash between the two writes: they are cut, like a torn tail.
+        are orphans of a crash between the two writes: they are cut, like a torn tail. After a
+        power loss without fsync the opposite can happen, leaves whose bodies never reached the
+        disk: such leaves are cut too, unless a signed checkpoint covers them.
         """
         expected = ExpectedBodies(self.retention)
         for i in range(self.size):
-            expected.add(parse_header(split_leaf(self.leaf(i))[0]))
-        want = expected.shas
-        have = [self.bodies.read(i)[:32] for i in range(min(len(want), len(self.bodies)))]
-        if have != want:
-            raise LogCorrupted(f"{self.bodies.path.name} does not hold the retained bodies of "
-                               f"the leaves in order; verify the log to find where",
-                               path=str(self.bodies.path))
-        if len(self.bodies) > len(want):
-            log.warning("orphan bodies cut", file=str(self.bodies.path),
-                        count=len(self.bodies) - len(want))
+            expected.add(parse_header(split_leaf(self.leaf(i))[0]), i)
+        want, n_have = expected.shas, len(self.bodies)
+        for i in range(min(len(want), n_have)):
+            if self.bodies.read(i, 32) != want[i]:
+                raise LogCorrupted(f"{self.bodies.path.name} record {i} is not the body the "
+                                   f"leaves retain there; verify the log to find where",
+                                   path=str(self.bodies.path), index=i)
+        if len(want) > n_have:
+            first = expected.first_needed[n_have]
+            covered = self.checkpoint_at(len(self.notes) - 1).size if len(self.notes) else 0
+            if first < covered:
+                raise LogCorrupted(f"the body of entry {first}, covered by a signed checkpoint, "
+                                   f"is missing from {self.bodies.path.name}",
+                                   path=str(self.bodies.path), index=n_have)
+            log.warning("entries whose bodies were lost are cut", file=str(self.leaves.path),
+                        first=first, count=self.size - first)
+            self.leaves.truncate(first)
+            self._build_tree()
+            return self._replay_retention()
+        if n_have > len(want):
+            log.warning("orphan bodies cut", file=str(self.bodies.path), count=n_have - len(want))
             self.bodies.truncate(len(want))
             self._body_index = {sha: i for i, sha in enumerate(want)}
         return expected
@@ -246,18 +295,26 @@ class ProvenanceLog:
         """
         if not self.writable or self._expected is None:
             raise LogError(f"log {self.dir} was opened read-only")
-        if self._expected.add(header) and header.body_sha256 not in self._body_index:
-            if len(body) != header.body_len:
-                raise ValueError("body does not match its header: verify messages before logging")
-            self._body_index[header.body_sha256] = self.bodies.append(
-                header.body_sha256 + bytes(body))
+        if self._broken is not None:
+            raise LogError(f"an earlier append to {self.dir} failed ({self._broken!r}); reopen "
+                           f"the log to continue from what is on disk")
+        if len(body) != header.body_len:
+            raise ValueError("body does not match its header: verify messages before logging")
+        try:
+            if self._expected.add(header, self.size) and \
+                    header.body_sha256 not in self._body_index:
+                self._body_index[header.body_sha256] = self.bodies.append(
+                    header.body_sha256 + bytes(body))
+                if self.fsync == "always":
+                    self.bodies.sync()
+            leaf = header.raw + signature
+            index = self.leaves.append(leaf)
+            self.tree.append(leaf)
             if self.fsync == "always":
-                self.bodies.sync()
-        leaf = header.raw + signature
-        index = self.leaves.append(leaf)
-        self.tree.append(leaf)
-        if self.fsync == "always":
-            self.leaves.sync()
+                self.leaves.sync()
+        except BaseException as exc:
+            self._broken = exc  # in-memory state may be ahead of the disk: stop here
+            raise
         return index
 
     def append_envelope(self, env: Envelope) -> int:
@@ -286,12 +343,6 @@ class ProvenanceLog:
     def size(self) -> int:
         return self.tree.size
 
-    @property
-    def torn(self) -> list[str]:
-        """Descriptions of torn tails found (and, in read-only mode, left in place)."""
-        return [f"{rf.path.name}: {rf.tail.reason} at byte {rf.tail.offset}"
-                for rf in (self.leaves, self.bodies, self.notes) if rf.tail is not None]
-
     def leaf(self, index: int) -> bytes:
         return self.leaves.read(index)
 
@@ -303,7 +354,7 @@ class ProvenanceLog:
         i = self._body_index.get(sha256)
         if i is None:
             return None
-        data = self.bodies.read(i)[32:]
+        data = memoryview(self.bodies.read(i))[32:]
         if hashlib.sha256(data).digest() != sha256:
             raise LogCorrupted(f"body {sha256.hex()} in bodies.dat does not match its hash",
                                path=str(self.bodies.path), index=i)

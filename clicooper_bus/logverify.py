@@ -89,6 +89,10 @@ def verify_log(directory: str | os.PathLike[str], *, owner: PublicIdentity | Non
                                  exc.index if exc.index >= 0 else None)
     except ClicooperError as exc:
         result.failure = Failure(str(exc))
+    except OSError as exc:
+        result.failure = Failure(f"cannot read the log: {exc}", os.path.basename(exc.filename or ""))
+    except Exception as exc:  # a verdict, never a traceback, whatever the files hold
+        result.failure = Failure(f"unreadable log ({type(exc).__name__}: {exc})")
     return result
 
 
@@ -96,8 +100,13 @@ def _verify(plog: ProvenanceLog, r: VerifyResult, owner: PublicIdentity | None,
             witnessed: Sequence[str], progress: Progress) -> None:
     r.run_id, r.origin, r.tree_size = plog.run_id, plog.origin, plog.size
     if plog.torn:
-        raise _Fail(Failure(f"torn tail: {'; '.join(plog.torn)}; if the writer crashed, run "
-                            f"`clicooper log repair {plog.dir}` to cut it back", "leaves.dat"))
+        covered = plog.checkpoint_at(plog.checkpoint_count - 1).size \
+            if plog.checkpoint_count and not plog.notes.tail else 0
+        advice = (f"a signed checkpoint covers {covered} entries, more than the whole records: "
+                  f"this is damage, not an interrupted write" if covered > plog.size else
+                  f"if the writer crashed, run `clicooper log repair {plog.dir}` to cut it back")
+        raise _Fail(Failure(f"torn tail: {'; '.join(plog.torn)}; {advice}",
+                            plog.torn[0].split(":", 1)[0]))
     try:
         roster = Roster.open(plog.roster_bytes, owner=owner)
     except ClicooperError as exc:
@@ -117,7 +126,7 @@ def _verify(plog: ProvenanceLog, r: VerifyResult, owner: PublicIdentity | None,
 def _verify_leaves(plog: ProvenanceLog, r: VerifyResult, roster: Roster,
                    progress: Progress) -> list[bytes]:
     """Check every leaf; returns the hashes of the bodies they retain, in store order."""
-    verifier = Verifier(roster, plog.run_id)
+    verifier = Verifier(roster, plog.run_id, limits=plog.limits)
     expected = ExpectedBodies(plog.retention)
     senders, kinds = Counter(), Counter()
     names = {m.key_id: m.name for m in roster.members}

@@ -1,15 +1,16 @@
 """Append-only files of length-prefixed, checksummed records.
 
-A record is `u32 length || u32 crc32(payload) || payload` (big-endian). Records are written
-with one `writev` each, so a crashed process leaves at most one torn record at the end; what the
-OS may lose on power failure is bounded by the caller's fsync policy.
+A record is `magic(4) || u32 length || u32 crc32(payload) || u32 crc32(the 12 bytes before) ||
+payload` (big-endian). Records are written with one `write` each, so a crashed process leaves at
+most one torn record at the end, and a failed write is cut back at once; what the OS may lose on
+power failure is bounded by the caller's fsync policy.
 
 Scanning tells a torn tail (the last record incomplete, or complete but failing its checksum
 with nothing after it, or a tail of zero bytes) from corruption (a bad record with more data
-after it). A damaged length prefix in the middle of a file can look like an incomplete last
-record, so a tail only counts as torn when no whole record starts anywhere inside it. Only a
-torn tail may be cut back; the bytes cut are kept in `torn/` beside the file, and nothing
-before them is ever rewritten.
+after it). A damaged length in the middle of a file can look like an incomplete last record,
+so a tail only counts as torn when no whole record starts anywhere inside it; the magic and the
+prefix checksum make that search run at C speed. Only a torn tail may be cut back; the bytes cut
+are kept in `torn/` beside the file, and nothing before them is ever rewritten.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from pathlib import Path
 
 from clicooper_bus.errors import LogCorrupted
 
-PREFIX = struct.Struct(">II")
+MAGIC = b"\xc1\xc0\x0b\x01"
+PREFIX = struct.Struct(">4sIII")  # magic, payload length, crc32(payload), crc32(the 12 before)
+
+
+def frame(payload: bytes | memoryview) -> bytes:
+    """The record for `payload`: its 16-byte prefix followed by the payload."""
+    head = struct.pack(">4sII", MAGIC, len(payload), zlib.crc32(payload))
+    return head + struct.pack(">I", zlib.crc32(head)) + bytes(payload)
 
 
 @dataclass(frozen=True)
@@ -38,10 +46,43 @@ class Tail:
 
 @dataclass
 class Scan:
-    offsets: array  # payload offset of each whole record (the prefix sits 8 bytes before)
+    offsets: array  # payload offset of each whole record (the prefix sits before it)
     lengths: array
     end: int  # end of the last whole record
     tail: Tail | None
+
+
+def _prefix_problem(buf: mmap.mmap, off: int, size: int, max_len: int) -> tuple[str, int]:
+    """('', length) for a sound prefix whose payload fits in the file, else (reason, length)."""
+    if size - off < PREFIX.size:
+        return "incomplete record prefix", 0
+    magic, length, _, head_crc = PREFIX.unpack_from(buf, off)
+    if magic != MAGIC or zlib.crc32(buf[off:off + 12]) != head_crc:
+        return "record prefix damaged", 0
+    if not 0 < length <= max_len:
+        return f"record length {length} is outside 1..{max_len}", length
+    if off + PREFIX.size + length > size:
+        return f"record of {length} bytes runs past the end of the file", length
+    return "", length
+
+
+def _whole_record_at(buf: mmap.mmap, off: int, size: int, max_len: int) -> bool:
+    problem, length = _prefix_problem(buf, off, size, max_len)
+    if problem:
+        return False
+    start = off + PREFIX.size
+    return zlib.crc32(buf[start:start + length]) == PREFIX.unpack_from(buf, off)[2]
+
+
+def _record_inside(buf: mmap.mmap, start: int, size: int, max_len: int) -> bool:
+    """Whether a whole record starts anywhere in buf[start:size]: candidates are found by
+    their magic at C speed and rejected by the prefix checksum in O(1)."""
+    p = buf.find(MAGIC, start)
+    while p != -1:
+        if _whole_record_at(buf, p, size, max_len):
+            return True
+        p = buf.find(MAGIC, p + 1)
+    return False
 
 
 def scan(path: Path, max_len: int) -> Scan:
@@ -53,50 +94,42 @@ def scan(path: Path, max_len: int) -> Scan:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         off, tail = 0, None
         while off < size:
-            if size - off < PREFIX.size:
-                tail = Tail(off, "incomplete record prefix", True)
-                break
-            length, crc = PREFIX.unpack_from(buf, off)
-            start, end = off + PREFIX.size, off + PREFIX.size + length
-            if length == 0 or length > max_len:
-                zeros = not any(buf[off:size])
-                tail = Tail(off, f"record length {length} is outside 1..{max_len}", zeros)
-                break
-            if end > size:
-                tail = Tail(off, f"record of {length} bytes runs past the end of the file",
-                            not _record_inside(buf, off + 1, size, max_len))
-                break
-            if zlib.crc32(buf[start:end]) != crc:
-                tail = Tail(off, "record checksum mismatch", end == size)
+            problem, length = _prefix_problem(buf, off, size, max_len)
+            start = off + PREFIX.size
+            if not problem and zlib.crc32(buf[start:start + length]) != \
+                    PREFIX.unpack_from(buf, off)[2]:
+                problem = "record checksum mismatch"
+            if problem:
+                # torn only if nothing whole follows: a damaged prefix mid-file is corruption
+                tail = Tail(off, problem, not _record_inside(buf, off + 1, size, max_len))
                 break
             offsets.append(start)
             lengths.append(length)
-            off = end
+            off = start + length
         return Scan(offsets, lengths, off, tail)
 
 
-def _record_inside(buf: mmap.mmap, start: int, size: int, max_len: int) -> bool:
-    """Whether a whole, checksummed record starts at any offset in buf[start:size]."""
-    for p in range(start, size - PREFIX.size):
-        length, crc = PREFIX.unpack_from(buf, p)
-        if 0 < length <= min(max_len, size - p - PREFIX.size) \
-                and zlib.crc32(buf[p + PREFIX.size:p + PREFIX.size + length]) == crc:
-            return True
-    return False
-
-
 def _keep_cut_bytes(path: Path, offset: int) -> Path:
-    """Copy the bytes about to be cut to torn/NAME.OFFSET, so a cut never destroys anything."""
-    keep = path.parent / "torn" / f"{path.name}.{offset}"
-    keep.parent.mkdir(exist_ok=True)
-    with open(path, "rb") as src:
+    """Copy the bytes about to be cut to torn/NAME.OFFSET[.n], durably, so a cut never destroys
+    anything."""
+    keep_dir = path.parent / "torn"
+    keep_dir.mkdir(exist_ok=True)
+    keep, n = keep_dir / f"{path.name}.{offset}", 0
+    while keep.exists():
+        n += 1
+        keep = keep_dir / f"{path.name}.{offset}.{n}"
+    with open(path, "rb") as src, open(keep, "wb") as dst:
         src.seek(offset)
-        keep.write_bytes(src.read())
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
     return keep
 
 
 class RecordFile:
-    """One append-only record file: scan on open, cut back a torn tail, append, read."""
+    """One append-only record file: scan on open, append, read; the owner of the file decides
+    whether a torn tail may be cut (`cut_tail`), after its own checks."""
 
     def __init__(self, path: Path, max_len: int, *, writable: bool):
         self.path = path
@@ -112,34 +145,46 @@ class RecordFile:
                 path=str(path), offset=self.tail.offset, index=len(result.offsets))
         self.offsets, self.lengths, self.end = result.offsets, result.lengths, result.end
         self._rfd = os.open(path, os.O_RDONLY)
-        self._wfd = -1
+        self._wfd = os.open(path, os.O_WRONLY | os.O_APPEND) if writable else -1
         self.kept: Path | None = None
-        if writable:
-            if self.tail is not None:
-                self.kept = _keep_cut_bytes(path, self.end)
-                os.truncate(path, self.end)
-            self._wfd = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    def cut_tail(self) -> None:
+        """Cut a torn tail back to the last whole record, keeping the bytes in torn/."""
+        if self.tail is not None and self.writable:
+            self._cut(self.end)
+            self.tail = None
+
+    def _cut(self, end: int) -> None:
+        self.kept = _keep_cut_bytes(self.path, end)
+        os.truncate(self.path, end)
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def read(self, index: int) -> bytes:
-        return os.pread(self._rfd, self.lengths[index], self.offsets[index])
+    def read(self, index: int, limit: int | None = None) -> bytes:
+        """Payload `index`, or only its first `limit` bytes."""
+        n = self.lengths[index] if limit is None else min(limit, self.lengths[index])
+        return os.pread(self._rfd, n, self.offsets[index])
 
     def append(self, payload: bytes | memoryview) -> int:
-        """Append one record; returns its index."""
+        """Append one record; returns its index. A failed write is cut back at once, so the
+        file never holds a partial record that later appends would bury."""
+        if self.tail is not None:
+            raise LogCorrupted(f"{self.path.name} has a torn tail; cut it before appending")
         length = len(payload)
         if not 0 < length <= self.max_len:
             raise ValueError(f"record of {length} bytes is outside 1..{self.max_len}")
-        parts = [PREFIX.pack(length, zlib.crc32(payload)), payload]
-        total = PREFIX.size + length
-        written = os.writev(self._wfd, parts)
-        while written < total:  # short writes are rare on files, but possible
-            rest = (parts[0] + bytes(parts[1]))[written:]
-            written += os.write(self._wfd, rest)
+        data = frame(payload)
+        try:
+            written = 0
+            while written < len(data):  # short writes are rare on files, but possible
+                written += os.write(self._wfd, data[written:])
+        except BaseException:
+            os.truncate(self.path, self.end)
+            raise
         self.offsets.append(self.end + PREFIX.size)
         self.lengths.append(length)
-        self.end += total
+        self.end += len(data)
         return len(self.offsets) - 1
 
     def truncate(self, count: int) -> None:
@@ -147,8 +192,7 @@ class RecordFile:
         if count >= len(self.offsets):
             return
         self.end = self.offsets[count] - PREFIX.size
-        self.kept = _keep_cut_bytes(self.path, self.end)
-        os.truncate(self.path, self.end)
+        self._cut(self.end)
         del self.offsets[count:]
         del self.lengths[count:]
 

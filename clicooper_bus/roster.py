@@ -119,11 +119,20 @@ class Roster:
             if type(doc) is not dict or set(doc) != {"run_id", "created_ns", "members", "stages",
                                                       "meta"}:
                 raise RosterError("roster document has the wrong fields")
-            members = tuple(Member(m["role"], PublicIdentity.from_vkey(m["key"]))
-                            for m in doc["members"])
-            return cls(doc["run_id"], members, tuple(doc["stages"]), int(doc["created_ns"]),
+            if type(doc["members"]) is not list or type(doc["stages"]) is not list or \
+                    type(doc["meta"]) is not dict or type(doc["created_ns"]) is not int:
+                raise RosterError("roster fields have the wrong types")
+            members = []
+            for m in doc["members"]:
+                if type(m) is not dict or type(m.get("role")) is not str \
+                        or type(m.get("key")) is not str:
+                    raise RosterError("a roster member is not {role: str, key: str}")
+                members.append(Member(m["role"], PublicIdentity.from_vkey(m["key"])))
+            if not all(type(s) is str for s in doc["stages"]):
+                raise RosterError("roster stages must be names")
+            return cls(doc["run_id"], tuple(members), tuple(doc["stages"]), doc["created_ns"],
                        dict(doc["meta"]))
-        except (KeyError, TypeError, ValueError, KeyFileError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, KeyFileError) as exc:
             raise RosterError(f"malformed roster: {exc}") from None
 
     def sign(self, owner: Identity) -> bytes:

@@ -61,6 +61,7 @@ _REQUIRED = {
 }
 _OPTIONAL = {"dtype": str, "shape": list, "step": int, "batch": int, "epoch": int}
 _INT_MAX = (1 << 63) - 1
+MAX_DIM = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
         raise MalformedMessage(f"header: {exc}", field="header") from None
     if type(doc) is not dict:
         raise MalformedMessage("header is not a map", field="header")
-    sender = doc.get("from") if type(doc.get("from")) is str else None
+    # name the sender in errors only if it is a well-formed key id (no text injection)
+    sender = doc.get("from") if type(doc.get("from")) is str and _KEY_ID_RE.fullmatch(
+        doc["from"]) else None
     if "v" in doc and doc["v"] != VERSION:
         raise UnknownVersion(f"version {doc['v']!r}, this verifier speaks {VERSION}",
                              sender=sender, field="v")
@@ -158,6 +161,9 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
     for key in ("prev", "sha256"):
         if len(doc[key]) != 32:
             raise MalformedMessage("must be 32 bytes", sender=sender, field=key)
+    if doc["len"] > limits.max_body:
+        raise OversizeFrame(f"header declares a {doc['len']}-byte body, limit {limits.max_body}",
+                            sender=sender, field="len")
     shape = None
     if ("dtype" in doc) != ("shape" in doc):
         raise MalformedMessage("dtype and shape come together", sender=sender, field="shape")
@@ -166,10 +172,15 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
             raise BadTensor(f"dtype {doc['dtype']!r} is not in the whitelist {sorted(DTYPES)}",
                             sender=sender, field="dtype")
         dims = doc["shape"]
-        if len(dims) > limits.max_ndim or any(type(d) is not int or d < 0 for d in dims):
-            raise BadTensor(f"shape must be at most {limits.max_ndim} non-negative ints",
+        if len(dims) > limits.max_ndim or any(type(d) is not int or not 0 <= d < MAX_DIM
+                                              for d in dims):
+            raise BadTensor(f"shape must be at most {limits.max_ndim} ints in 0..{MAX_DIM - 1}",
                             sender=sender, field="shape")
         shape = tuple(dims)
+        # even an empty tensor must have a shape numpy and torch can hold
+        if math.prod(max(d, 1) for d in shape) * DTYPES[doc["dtype"]].itemsize > limits.max_body:
+            raise BadTensor(f"shape {list(shape)} is larger than the body limit",
+                            sender=sender, field="shape")
         expected = math.prod(shape) * DTYPES[doc["dtype"]].itemsize  # Python ints: no overflow
         if expected != doc["len"]:
             raise BadTensor(f"shape {list(shape)} of {doc['dtype']} needs {expected} bytes, "
@@ -240,12 +251,13 @@ def parse_frames(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_
     topic_b, header_b, sig, body = frames
     if len(topic_b) > limits.max_topic:
         raise OversizeFrame(f"topic is {len(topic_b)} bytes, limit {limits.max_topic}", field="topic")
-    if len(body) > limits.max_body:
-        raise OversizeFrame(f"body is {len(body)} bytes, limit {limits.max_body}", field="body")
     if len(sig) != SIG_LEN:
         raise MalformedMessage(f"signature is {len(sig)} bytes, expected {SIG_LEN}",
                                field="signature")
-    header = parse_header(bytes(header_b), limits)
+    header = parse_header(bytes(header_b), limits)  # bounded by max_header: cheap, names sender
+    if len(body) > limits.max_body:
+        raise OversizeFrame(f"body is {len(body)} bytes, limit {limits.max_body}",
+                            sender=header.sender, field="body")
     try:
         topic_s = bytes(topic_b).decode()
     except UnicodeDecodeError:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from clicooper_bus.checkpoint import open_checkpoint
 from clicooper_bus.identity import load_public
 from clicooper_bus.log import ProvenanceLog
@@ -121,6 +123,23 @@ def test_errors_are_clear(tmp_path, capsys):
     assert code == 1 and "not a provenance log" in err
     code, _, err = _run(capsys, "log", "demo", str(tmp_path / "d"), "--retention", "some")
     assert code == 1 and "retention" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["keys", "new", "bad name", "--dir", "{tmp}"], "not allowed"),
+    (["keys", "show", "{tmp}/k/owner.key"], "private key"),
+    (["log", "verify", "{log}", "--checkpoint", "/nonexistent"], "nonexistent"),
+    (["log", "demo", "{tmp}/d2", "--shape", "32"], "BATCH,WIDTH"),
+    (["log", "prove", "{log}", "--consistency", "1", "2", "--size", "5"], "--size"),
+])
+def test_bad_input_is_a_clean_error(small_log, tmp_path, capsys, argv, message):
+    from clicooper_bus.identity import Identity, write_identity
+
+    write_identity(Identity.generate("owner"), tmp_path / "k")
+    argv = [a.format(tmp=tmp_path, log=small_log) for a in argv]
+    code, out, err = _run(capsys, *argv)
+    assert code == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "d2").exists()
 
 
 def test_console_script_runs_without_torch(small_log):

@@ -4,14 +4,12 @@ or duplicated record (even one re-framed with a valid checksum), makes `log veri
 from __future__ import annotations
 
 import random
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 
 from clicooper_bus.logverify import verify_log
-from clicooper_bus.records import PREFIX, scan
+from clicooper_bus.records import PREFIX, frame, scan
 from tests.conftest import make_log
 
 FILES = ("log.json", "roster.msgpack", "leaves.dat", "bodies.dat", "checkpoints.dat")
@@ -44,7 +42,8 @@ def _positions(log_dir: Path) -> list[tuple[str, int]]:
         s = scan(log_dir / name, 1 << 40)
         for off, length in zip(s.offsets, s.lengths, strict=True):
             start = off - PREFIX.size
-            for byte in (start, start + 3, start + 4, off, off + length - 1):
+            for byte in (start, start + 3, start + 4, start + 8, start + 12, off,
+                         off + length - 1):
                 out.append((name, byte * 8 + rng.randrange(8)))
     return out
 
@@ -79,7 +78,8 @@ def _records(path: Path) -> list[bytes]:
 
 
 def _write(path: Path, payloads: list[bytes]) -> None:
-    path.write_bytes(b"".join(struct.pack(">II", len(p), zlib.crc32(p)) + p for p in payloads))
+    """Rewrite a record file with valid framing, as an attacker who knows the format would."""
+    path.write_bytes(b"".join(frame(p) for p in payloads))
 
 
 def _mutations(name: str, n: int, rng: random.Random):

@@ -164,7 +164,11 @@ def test_wrong_run_and_topic(ids, roster, owner):
 def test_oversize_frames(owner, roster):
     v = Verifier(roster, "run-1", limits=Limits(max_body=1000))
     _reject(v, owner.seal_array("fwd", "t", np.zeros(1001, np.uint8)).frames(), OversizeFrame,
-            "body")
+            "len")
+    frames = owner.seal("hello", "all", b"").frames()
+    frames[3] = b"x" * 1001  # the body itself, whatever the header says
+    exc = _reject(v, frames, OversizeFrame, "body")
+    assert exc.sender == owner.identity.key_id
     frames = owner.seal("hello", "all", b"").frames()
     frames[0] = b"x" * 300
     _reject(v, frames, OversizeFrame, "topic")
@@ -268,9 +272,19 @@ def test_declared_huge_tensor_is_rejected_without_allocating(ids, verifier):
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20, f"peak allocation {peak} bytes"
-    assert isinstance(info.value, (BodyHashMismatch, OversizeFrame))
-    # and parse_header alone on the 2^32-element declaration allocates nothing either
-    assert parse_header(hdr).shape == (1 << 32,)
+    assert isinstance(info.value, OversizeFrame) and info.value.field == "len"
+    # within the body limit, a 2^32-element declaration is still refused before any buffer
+    hdr = codec.pack(_fields(o, body, kind="fwd", dtype="float32", shape=[1 << 32, 0], len=0))
+    with pytest.raises(BadTensor):
+        parse_header(hdr)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**64 - 1], [0] + [2**62] * 7, [0, 2**31], [0, 2**30, 2**30]])
+def test_empty_tensors_with_absurd_shapes_are_refused(ids, verifier, shape):
+    """An empty body with a shape no array can have would crash whoever reads it."""
+    o = ids["owner"]
+    hdr = codec.pack(_fields(o, b"", kind="fwd", dtype="float32", shape=shape))
+    _reject(verifier, _frames(o, hdr, b"", topic="run/run-1/fwd/all"), BadTensor, "shape")
 
 
 def test_no_pickle_anywhere():

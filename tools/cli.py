@@ -44,6 +44,8 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
+    if Path(args.file).read_text(errors="replace").startswith("PRIVATE+KEY+"):
+        raise ClicooperError(f"{args.file} is a private key: show its .pub file instead")
     pub = load_public(args.file)
     print(json.dumps({"name": pub.name, "key_id": pub.key_id, "vkey": pub.vkey}, indent=2))
     return 0
@@ -86,8 +88,9 @@ def cmd_log_show(args: argparse.Namespace) -> int:
             row = per.setdefault(names.get(h.sender, h.sender), {})
             row[h.kind] = row.get(h.kind, 0) + 1
         print(f"log {plog.dir}\n  run {plog.run_id}, origin {plog.origin}")
+        body_bytes = sum(plog.bodies.lengths) - 32 * plog.body_records()
         print(f"  retention {plog.retention.spec}; {plog.size} entries ({leaf_bytes} bytes of "
-              f"leaves), {plog.body_records()} bodies ({plog.bodies.end} bytes)")
+              f"leaves), {plog.body_records()} bodies ({body_bytes} bytes)")
         print(f"  roster: owner {roster.owner.name}, stages {' -> '.join(roster.stages)}, "
               f"notary {roster.notary.name if roster.notary else '-'}")
         print("  entries per sender and kind:")
@@ -125,6 +128,8 @@ def cmd_log_prove(args: argparse.Namespace) -> int:
     with ProvenanceLog.open(args.dir) as plog:
         tree = plog.tree
         if args.consistency:
+            if args.size is not None:
+                raise ClicooperError("--size applies to --index; --consistency takes N M")
             m, n = args.consistency
             if not 0 < m <= n <= tree.size:
                 raise ClicooperError(f"need 0 < N <= M <= {tree.size} (the log's size)")
@@ -156,7 +161,13 @@ def cmd_log_demo(args: argparse.Namespace) -> int:
     from tools.log_demo import write_demo
 
     keys = Path(args.keys) if args.keys else Path(args.dir).resolve().parent / "keys"
-    shape = tuple(int(x) for x in args.shape.split(","))
+    try:
+        shape = tuple(int(x) for x in args.shape.split(","))
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        raise ClicooperError(f"--shape {args.shape!r} is not BATCH,WIDTH (two positive "
+                             f"integers)") from None
     plog = write_demo(args.dir, messages=args.messages, keys_dir=keys, run_id=args.run_id,
                       seed=args.seed, shape=shape, retention=args.retention,
                       checkpoint_every=args.checkpoint_every)
@@ -273,11 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except ClicooperError as exc:
-        print(f"clicooper: error: {exc}", file=sys.stderr)
-        return 1
     except BrokenPipeError:
         return 0
+    except (ClicooperError, ValueError, OSError) as exc:
+        print(f"clicooper: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
