@@ -17,7 +17,6 @@ import zmq
 
 from clicooper_bus.errors import ConfigError
 
-
 SUBSCRIPTION_HWM = 100_000
 
 
