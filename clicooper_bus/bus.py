@@ -89,6 +89,7 @@ class Bus:
         self.beating = False  # only once the roster is known: an unknown sender's first
         # message would be refused and leave its chain with a hole
         self.sent: dict[str, int] = {}
+        self.stalls = 0  # sends the bus pushed back on (a slow reader somewhere)
         self.started = time.monotonic()
 
     # --- topics ----------------------------------------------------------------------------
@@ -141,6 +142,7 @@ class Bus:
                 self.pub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                 break
             except zmq.Again:
+                self.stalls += 1
                 now = time.monotonic()
                 deadline = deadline or now + max(30.0, self.timeout_s * 6)
                 if now > deadline:
@@ -205,13 +207,24 @@ class Bus:
             self._pump(int(min(left, self.beat_s) * 1000) + 1)
         return self.inbox.popleft()
 
+    def start_beating(self) -> None:
+        """Beat from now on, and count peers' silence from now (call once the roster is known:
+        before it, a beat would be refused as from an unknown key and leave a hole in our
+        chain, and peers are still starting)."""
+        self.beating = True
+        self.started = time.monotonic()
+        self.last_seen.clear()
+        self.beat(force=True)
+
     def silent_peers(self, key_ids: Iterable[str]) -> list[str]:
-        """Key ids not heard from within the timeout (counting from when we started)."""
+        """Key ids not heard from within the timeout (counting from `start_beating`)."""
         now = time.monotonic()
         return [k for k in key_ids
                 if now - self.last_seen.get(k, self.started) > self.timeout_s]
 
     def close(self) -> None:
+        log.info("bus closed", sent=sum(self.sent.values()), stalls=self.stalls,
+                 rejected=dict(self.verifier.rejected))
         self.pub.close()
         self.sub.close()
         self.ctx.term()

@@ -32,7 +32,10 @@ class RunSection:
     max_steps: int = _doc(0, "stop after this many steps in all (0: no limit)", min=0)
     eval_every: int = _doc(1, "evaluate on the test set every N epochs (0: only at the end)",
                            min=0)
-    threads: int = _doc(2, "torch threads per process", min=1)
+    threads: int = _doc(2, "torch threads of the owner (which computes the head)", min=1)
+    trainer_threads: int = _doc(1, "torch threads of each trainer started from this config "
+                                   "(idle torch threads spin and take CPU from the others)",
+                                min=1)
     out_dir: str = _doc("runs", "where <id>/ (log, model, summary) is written")
 
 

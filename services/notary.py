@@ -83,7 +83,7 @@ class Notary:
         self.roster = roster
         self.bus.verifier.use_roster(roster)
         self.plog.append_envelope(env)
-        self.bus.beating = True
+        self.bus.start_beating()
         self.log.info("log created", path=str(run_dir / "log"), members=len(roster.members))
 
     def _serve(self) -> int:

@@ -162,7 +162,7 @@ class Owner:
         print(f"owner: waiting for {', '.join(everyone)} to join run '{run}'", flush=True)
         bus.wait_for_subscribers("hello", everyone, self.cfg.bus.join_timeout_s)
         bus.send_bytes("roster", "all", self.roster.sign(self.ident))
-        bus.beating = True
+        bus.start_beating()
         deadline = time.monotonic() + self.cfg.bus.join_timeout_s
         ready: set[str] = set()
         while ready != set(self.stages):
@@ -200,9 +200,9 @@ class Owner:
             seen += len(idx)
             step += 1
             if (b + 1) % report == 0:
-                m = self.metrics.get(step - 1, {})
-                print(f"  epoch {epoch + 1} step {b + 1}/{len(batches)} loss "
-                      f"{m.get('loss', float('nan')):.4f} "
+                latest = max((s for s in self.metrics if s >= steps_before), default=None)
+                loss = self.metrics[latest]["loss"] if latest is not None else float("nan")
+                print(f"  epoch {epoch + 1} step {b + 1}/{len(batches)} loss {loss:.4f} "
                       f"{seen / (time.perf_counter() - t0):,.0f} samples/s", flush=True)
         # the last metrics may still be on the way
         while any(s not in self.metrics for s in range(steps_before, step)):
@@ -239,8 +239,9 @@ class Owner:
             doc = env.document()
             weights = st_load(self.ident.unseal(doc["sealed"]))
             self.segments[i].load_state_dict(weights, strict=True)
-            for k, v in doc.get("sent", {}).items():
+            for k, v in doc.get("sent", {}).items():  # counted before the segment was sent
                 sent[k] = sent.get(k, 0) + int(v)
+            sent["segment"] = sent.get("segment", 0) + 1
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_file(state_dict_with_prefix(self.segments), self.run_dir / "model.safetensors",
                   metadata={"run_id": self.cfg.run.id, "model": self.spec.name,
@@ -252,7 +253,6 @@ class Owner:
         bus = self.bus
         accuracy = per_epoch[-1].get("accuracy", float("nan"))
         sent = {k: v for k, v in sent.items() if k != "beat"}
-        sent["segment"] = sent.get("segment", 0)
         bus.send_doc("ack", "all", {"segments": self.stages})
         sent["ack"] = sent.get("ack", 0) + 1
         self._wait("the notary's final checkpoint",

@@ -95,7 +95,7 @@ class Trainer:
         self.segment = build_segments(spec, plan.cuts, plan.seed)[self.index + 1]
         self.seg = SegmentTrainer(self.segment, lr=plan.lr)
         self.kid = {m.name: m.key_id for m in roster.members}
-        self.bus.beating = True
+        self.bus.start_beating()
         self.bus.send_doc("hello", "all", {"ready": True, "stage": self.index + 1,
                                            "model_spec": roster.meta["model_spec"]})
         self.log.info("joined", stage=self.index + 1, prev=self.prev, next=self.next)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             over["participants"]["keys"] = args.keys
         cfg = load_config(args.config, over)
         structlog.contextvars.bind_contextvars(run_id=cfg.run.id, stage=args.name)
-        set_threads(cfg.run.threads)
+        set_threads(cfg.run.trainer_threads)
         owner_key = load_public(args.owner_key) if args.owner_key else None
         return Trainer(cfg, args.name, log, owner_key).run()
 

@@ -45,12 +45,14 @@ def ensure_keys(directory: Path, names: list[str]) -> list[str]:
     return made
 
 
-def prepare(config: str | None, overrides: dict, out: str | None) -> tuple[RunConfig, Path]:
+def prepare(config: str | None, overrides: dict, out: str | None,
+            free_ports: bool = True) -> tuple[RunConfig, Path]:
     over = {k: dict(v) for k, v in overrides.items()}
     if out:
         over.setdefault("run", {})["out_dir"] = out
-    over.setdefault("bus", {}).update({"pub": f"tcp://127.0.0.1:{free_port()}",
-                                       "sub": f"tcp://127.0.0.1:{free_port()}"})
+    if free_ports:
+        over.setdefault("bus", {}).update({"pub": f"tcp://127.0.0.1:{free_port()}",
+                                           "sub": f"tcp://127.0.0.1:{free_port()}"})
     cfg = load_config(config, over)
     p = cfg.participants
     ensure_keys(Path(p.keys), [p.owner, p.notary, *p.trainers])
@@ -140,11 +142,12 @@ def _report(names: list[str], tel: Path) -> None:
 
 
 def run(config: str | None, *, quick: bool = False, out: str | None = None,
-        run_id: str | None = None, echo: bool = True, timeout_s: float | None = None) -> int:
+        run_id: str | None = None, echo: bool = True, timeout_s: float | None = None,
+        free_ports: bool = True) -> int:
     overrides: dict = {k: dict(v) for k, v in QUICK.items()} if quick else {}
     if run_id:
         overrides.setdefault("run", {})["id"] = run_id
-    cfg, path = prepare(config, overrides, out)
+    cfg, path = prepare(config, overrides, out, free_ports)
     t0 = time.perf_counter()
     code = launch(cfg, path, echo=echo, timeout_s=timeout_s)
     if code != 0:

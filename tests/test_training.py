@@ -1,0 +1,92 @@
+"""The training run over real processes on 127.0.0.1: equivalence with the in-process
+reference, summary and log contents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clicooper_bus.config import load_config
+from clicooper_bus.logverify import verify_log
+from clicooper_bus.ml.data import load_dataset
+from clicooper_bus.ml.models import default_cuts, model_spec, state_dict_with_prefix
+from clicooper_bus.ml.reference import train_reference
+from tests.busrun import write_config
+from tools.run import run
+
+
+def _reference(cfg, steps=None):
+    data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed).limit(
+        cfg.data.train_limit or None, cfg.data.test_limit or None)
+    spec = model_spec(cfg.model.name, data.input_shape, data.classes)
+    cuts = default_cuts(spec, len(cfg.participants.trainers))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.run.threads)
+    try:
+        return train_reference(data, spec, cuts, seed=cfg.run.seed, epochs=cfg.run.epochs,
+                               batch_size=cfg.run.batch_size, lr=cfg.run.lr, max_steps=steps,
+                               evaluate_each_epoch=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("trainers", [1, 3])
+def test_bus_training_matches_the_reference(tmp_path, trainers):
+    """50 steps over the bus give the reference's weights (max abs difference <= 1e-5)."""
+    path = write_config(tmp_path, run_id=f"eq{trainers}", trainers=trainers,
+                        run={"max_steps": 50})
+    assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+    cfg = load_config(path)
+    ref = _reference(cfg, steps=50)
+    got = load_file(cfg.run_dir / "model.safetensors")
+    want = state_dict_with_prefix(ref.segments)
+    assert set(got) == set(want)
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst <= 1e-5, f"max abs weight difference {worst}"
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert summary["steps"] == 50 and summary["stages"] == cfg.participants.trainers
+    assert abs(summary["test_accuracy"] - ref.test_accuracy) <= 0.005
+
+
+def test_summary_and_log_agree(tmp_path):
+    path = write_config(tmp_path, run_id="sum", trainers=2, run={"max_steps": 40})
+    assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+    cfg = load_config(path)
+    s = json.loads((cfg.run_dir / "summary.json").read_text())
+    for key in ("run_id", "dataset", "model", "stages", "epochs", "test_accuracy", "per_epoch",
+                "messages", "wall_s", "final_checkpoint"):
+        assert key in s, key
+    assert 0 <= s["test_accuracy"] <= 1 and s["per_epoch"][0]["wall_s"] > 0
+    r = verify_log(cfg.run_dir / "log", witnessed=[(cfg.run_dir / "checkpoint.txt").read_text()])
+    assert r.ok, r.failure
+    # every activation, gradient and label message the run sent is in the log
+    for kind in ("fwd", "bwd", "labels", "eval_fwd", "eval_out", "metrics", "segment", "roster"):
+        assert r.per_kind.get(kind, 0) == s["messages"].get(kind, 0), kind
+    assert s["messages"]["fwd"] == 40 * 2 and s["messages"]["bwd"] == 40 * 2
+    assert s["final_checkpoint"]["size"] <= r.entries
+
+
+FASHION = load_config(None).data  # the default dataset
+needs_fashion = pytest.mark.skipif(
+    not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="Fashion-MNIST is not installed (sudo apt-get install dataset-fashion-mnist)")
+
+
+@needs_fashion
+def test_quick_run_matches_reference_accuracy(tmp_path):
+    """`clicooper run --quick` (Fashion-MNIST subset, one epoch) reaches the reference's test
+    accuracy within half a point."""
+    from tools.run import QUICK
+
+    path = write_config(tmp_path, run_id="quick", data={"name": "fashion-mnist", **QUICK["data"]},
+                        run={"batch_size": 128, **QUICK["run"]})
+    assert run(str(path), echo=False, timeout_s=300, free_ports=False) == 0
+    cfg = load_config(path)
+    s = json.loads((cfg.run_dir / "summary.json").read_text())
+    ref = _reference(cfg)
+    assert abs(s["test_accuracy"] - ref.test_accuracy) <= 0.005, (s["test_accuracy"],
+                                                                  ref.test_accuracy)
+    assert s["test_accuracy"] > 0.6
