@@ -23,6 +23,7 @@ SUBSCRIPTION_HWM = 100_000
 class Forwarder:
     def __init__(self, pub_addr: str, sub_addr: str, *, hwm: int = 16,
                  max_message: int = 256 << 20, timeout_s: float = 5.0):
+        self._thread: threading.Thread | None = None
         self.ctx = zmq.Context()
         self.xsub = self.ctx.socket(zmq.XSUB)
         self.xpub = self.ctx.socket(zmq.XPUB)
@@ -53,7 +54,6 @@ class Forwarder:
                 raise ConfigError(f"cannot bind broker address {addr}: {exc}") from None
         self.pub_addr = self.xsub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sub_addr = self.xpub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         try:

@@ -148,7 +148,8 @@ class Trainer:
                           epoch=h.epoch)
 
     def _check_alive(self) -> None:
-        watch = [self.kid[n] for n in (self.roster.owner.name, self.prev, self.next) if n]
+        watch = list(dict.fromkeys(self.kid[n] for n in (self.roster.owner.name, self.prev,
+                                                          self.next) if n))
         silent = self.bus.silent_peers(watch)
         if silent:
             names = [self.roster.by_key_id(k).name for k in silent]

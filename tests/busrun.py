@@ -24,6 +24,7 @@ def write_config(tmp: Path, *, run_id: str = "t", trainers: int = 3, **sections)
     for section, values in sections.items():
         over.setdefault(section, {}).update(values)
     cfg = load_config(None, over)
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / f"{run_id}.toml"
     path.write_text(cfg.to_toml())
     return path

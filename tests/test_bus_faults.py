@@ -1,0 +1,183 @@
+"""Faults on a live bus: forged, replayed and foreign messages are rejected while training
+completes; a killed broker makes every process say so and exit non-zero; two runs at once do
+not interfere; a taken port is a clear error."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from clicooper_bus.bus import Bus, BusAddress
+from clicooper_bus.config import load_config
+from clicooper_bus.errors import ConfigError
+from clicooper_bus.forwarder import Forwarder
+from clicooper_bus.identity import Identity, load_identity
+from clicooper_bus.logverify import verify_log
+from clicooper_bus.verifier import Verifier
+from clicooper_bus.wire import Sender
+from tests.busrun import write_config
+from tools.run import _commands, prepare, run
+
+
+def _telemetry(cfg, name: str) -> list[dict]:
+    lines = (cfg.run_dir / "telemetry" / f"{name}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _rogue(cfg, stop: threading.Event, done: dict) -> None:
+    """Joins the broker, captures a real activation, then sends a replay of it, a copy with a
+    broken signature, and a message signed by a key the roster does not list."""
+    stranger = Identity.generate("mallory")
+    bus = Bus(stranger, cfg.run.id, BusAddress(cfg.bus.pub, cfg.bus.sub),
+              Verifier({}, cfg.run.id, partial=True))
+    bus.subscribe(bus.topic("fwd", "trainer-1"))
+    grabbed = None
+    try:
+        while not stop.is_set() and grabbed is None:
+            if bus.sub.poll(100):
+                grabbed = bus.sub.recv_multipart()
+        if grabbed is None:
+            return
+        time.sleep(0.2)  # let the real message be consumed first
+        replay = grabbed
+        forged = list(grabbed)
+        forged[2] = bytes([grabbed[2][0] ^ 1]) + grabbed[2][1:]
+        foreign = Sender(stranger, cfg.run.id).seal("fwd", "trainer-1", b"\0" * 4,
+                                                    dtype="float32", shape=[1], step=0)
+        for frames in (replay, forged, foreign.frames()):
+            bus.pub.send_multipart(frames)
+        done["sent"] = True
+        time.sleep(0.5)
+    finally:
+        bus.close()
+
+
+def test_hostile_messages_are_rejected_while_training_completes(tmp_path):
+    path = write_config(tmp_path, run_id="hostile", trainers=2,
+                        run={"max_steps": 150, "epochs": 3})
+    cfg = load_config(path)
+    stop, done = threading.Event(), {}
+    rogue = threading.Thread(target=_rogue, args=(cfg, stop, done), daemon=True)
+    rogue.start()
+    try:
+        assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+    finally:
+        stop.set()
+        rogue.join(5)
+    assert done.get("sent"), "the rogue never saw the run's traffic"
+    reasons = {e.get("reason") for e in _telemetry(cfg, "trainer-1")
+               if e["event"] == "message rejected"}
+    assert {"replayed_seq", "bad_signature", "unknown_key"} <= reasons, reasons
+    reasons = {e.get("reason") for e in _telemetry(cfg, "notary")
+               if e["event"] == "message rejected"}
+    assert {"replayed_seq", "bad_signature", "unknown_key"} <= reasons, reasons
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert summary["steps"] == 150
+    r = verify_log(cfg.run_dir / "log")
+    assert r.ok and r.per_kind["fwd"] == summary["messages"]["fwd"], r.failure
+
+
+def test_killing_the_broker_stops_everyone_with_an_error(tmp_path):
+    timeout = 2.0
+    path = write_config(tmp_path, run_id="kill", trainers=2,
+                        run={"epochs": 50}, bus={"timeout_s": timeout, "beat_s": 0.2})
+    cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
+    procs = {}
+    tel = cfg.run_dir / "telemetry"
+    tel.mkdir(parents=True)
+    try:
+        for name, cmd in _commands(cfg, cfg_path):
+            procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
+                                           stderr=open(tel / f"{name}.jsonl", "w"))
+        deadline = time.monotonic() + 90
+        while "trainers joined" not in (tel / "owner.out").read_text():
+            assert time.monotonic() < deadline, "the run never started"
+            assert all(p.poll() is None for p in procs.values()), "a process died early"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        procs["broker"].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        codes = {}
+        for name, p in procs.items():
+            if name != "broker":
+                codes[name] = p.wait(timeout=timeout * 3 + 10)
+        elapsed = time.monotonic() - killed
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(c != 0 for c in codes.values()), codes
+    assert elapsed <= timeout * 3 + 5, f"took {elapsed:.1f} s to notice"
+    for name in codes:
+        err = (tel / f"{name}.jsonl").read_text()
+        assert "gone" in err, (name, err[-500:])
+    # the notary kept what it logged: the log verifies up to where the bus died
+    assert verify_log(cfg.run_dir / "log").ok
+
+
+def test_two_runs_at_once_do_not_interfere(tmp_path):
+    paths = [write_config(tmp_path / n, run_id=n, trainers=1, run={"max_steps": 60, "seed": i})
+             for i, n in enumerate(("left", "right"))]
+    codes = {}
+
+    def go(p):
+        codes[p] = run(str(p), echo=False, timeout_s=240, free_ports=False)
+
+    threads = [threading.Thread(target=go, args=(p,)) for p in paths]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert list(codes.values()) == [0, 0]
+    roots = set()
+    for p in paths:
+        cfg = load_config(p)
+        r = verify_log(cfg.run_dir / "log")
+        assert r.ok and r.run_id == cfg.run.id and r.per_kind["fwd"] == 60, r.failure
+        roots.add(r.root)
+    assert len(roots) == 2
+
+
+def test_trainer_refuses_a_roster_from_another_owner(tmp_path):
+    """A trainer given the real owner's key ignores a roster signed by anyone else."""
+    path = write_config(tmp_path, run_id="imp", trainers=1, bus={"join_timeout_s": 4.0})
+    cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
+    fwd = Forwarder(cfg.bus.pub, cfg.bus.sub).start()
+    try:
+        trainer = subprocess.Popen([sys.executable, "-m", "services.trainer", "--config",
+                                    str(cfg_path), "--name", "trainer-1"],
+                                   stderr=subprocess.PIPE, text=True)
+        from clicooper_bus.roster import Roster
+        impostor = Identity.generate("owner")
+        keys = tmp_path / "keys"
+        roster = Roster.build(cfg.run.id, owner=impostor.public,
+                              trainers=[load_identity(keys / "trainer-1.key").public])
+        bus = Bus(impostor, cfg.run.id, BusAddress(cfg.bus.pub, cfg.bus.sub),
+                  Verifier({}, cfg.run.id))
+        bus.wait_for_subscribers("hello", ["trainer-1"], 30)
+        bus.send_bytes("roster", "all", roster.sign(impostor))
+        _, err = trainer.communicate(timeout=30)
+        bus.close()
+    finally:
+        fwd.close()
+    assert trainer.returncode == 1
+    assert "unknown_key" in err or "roster refused" in err
+    assert "no roster naming 'trainer-1'" in err
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path):
+    fwd = Forwarder("tcp://127.0.0.1:0", "tcp://127.0.0.1:0").start()
+    try:
+        with pytest.raises(ConfigError, match="already in use"):
+            Forwarder(fwd.pub_addr, "tcp://127.0.0.1:0")
+        path = write_config(tmp_path, run_id="port", bus={"pub": fwd.pub_addr})
+        proc = subprocess.run([sys.executable, "-m", "services.broker", "--config", str(path)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        fwd.close()
+    assert proc.returncode == 1 and "already in use" in proc.stderr
