@@ -46,7 +46,7 @@ demo: setup
 	$(VENV)/bin/honcho start -f Procfile
 	$(VENV)/bin/clicooper log verify $(DEMO_DIR)/log --owner-key runs/keys/owner.pub \
 	  --checkpoint $(DEMO_DIR)/checkpoint.txt
-	@$(PY) -c 'import json; s = json.load(open("$(DEMO_DIR)/summary.json")); print(f"test accuracy {s[\"test_accuracy\"]:.4f} after {s[\"epochs\"]} epochs, {s[\"wall_s\"]:.0f} s; summary in $(DEMO_DIR)/summary.json")'
+	$(VENV)/bin/clicooper summary $(DEMO_DIR)
 
 # The foundation's log demo: signed random tensors, no training.
 logdemo: setup
@@ -56,6 +56,7 @@ logdemo: setup
 
 bench: setup
 	$(PY) -m tools.bench_log
+	$(PY) -m tools.bench_bus
 
 lint: setup
 	$(VENV)/bin/ruff check clicooper_bus services tools tests

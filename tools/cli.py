@@ -192,6 +192,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.config, quick=args.quick, out=args.out, run_id=args.run_id)
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    path = Path(args.run_dir) / "summary.json"
+    try:
+        s = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ClicooperError(f"{path} does not exist: the run did not finish (see "
+                             f"{Path(args.run_dir) / 'telemetry'} or the processes' output)") from None
+    print(f"run {s['run_id']}: {s['model']} on {s['dataset']}, stages {' -> '.join(s['stages'])}")
+    for row in s["per_epoch"]:
+        acc = f", test accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""
+        print(f"  epoch {row['epoch'] + 1}: loss {row['loss']:.4f}, train accuracy "
+              f"{row['train_accuracy']:.4f}{acc}, {row['wall_s']:.1f} s")
+    msgs = ", ".join(f"{k} {v}" for k, v in s["messages"].items())
+    print(f"test accuracy {s['test_accuracy']:.4f} after {s['epochs']} epoch(s), {s['steps']} "
+          f"steps, {s['wall_s']:.0f} s\nmessages: {msgs}\nfinal checkpoint: size "
+          f"{s['final_checkpoint']['size']}, root {s['final_checkpoint']['root']}")
+    return 0
+
+
 def cmd_config_defaults(args: argparse.Namespace) -> int:
     from clicooper_bus.config import load_config
 
@@ -228,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default: the config's run.out_dir)")
     r.add_argument("--run-id", help="run id (default: the config's run.id)")
     r.set_defaults(func=cmd_run)
+    r = sub.add_parser("summary", help="print a finished run's summary.json readably")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_summary)
     cfgp = sub.add_parser("config", help="run configuration").add_subparsers(dest="cmd",
                                                                             required=True)
     c = cfgp.add_parser("defaults", help="print a complete config with every key documented")
