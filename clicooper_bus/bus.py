@@ -57,7 +57,7 @@ def _heartbeats(sock: zmq.Socket, interval_s: float, timeout_s: float) -> None:
 class Bus:
     def __init__(self, identity: Identity, run_id: str, address: BusAddress, verifier: Verifier,
                  *, name: str | None = None, hwm: int = 16, beat_s: float = 1.0,
-                 timeout_s: float = 5.0, max_message: int = 256 << 20):
+                 timeout_s: float = 5.0, join_timeout_s: float = 120.0):
         self.identity = identity
         self.name = name or identity.name
         self.run_id = run_id
@@ -65,6 +65,7 @@ class Bus:
         self.verifier = verifier
         self.beat_s = beat_s
         self.timeout_s = timeout_s
+        self.join_timeout_s = join_timeout_s
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.XPUB_NODROP, 1)
@@ -217,10 +218,16 @@ class Bus:
         self.beat(force=True)
 
     def silent_peers(self, key_ids: Iterable[str]) -> list[str]:
-        """Key ids not heard from within the timeout (counting from `start_beating`)."""
+        """Key ids silent for longer than the timeout since we last heard them; a peer not
+        heard at all since `start_beating` gets the join timeout (it may still be starting)."""
         now = time.monotonic()
-        return [k for k in key_ids
-                if now - self.last_seen.get(k, self.started) > self.timeout_s]
+        out = []
+        for k in key_ids:
+            seen = self.last_seen.get(k)
+            if (seen is not None and now - seen > self.timeout_s) or (
+                    seen is None and now - self.started > self.join_timeout_s):
+                out.append(k)
+        return out
 
     def close(self) -> None:
         log.info("bus closed", sent=sum(self.sent.values()), stalls=self.stalls,

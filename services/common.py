@@ -62,7 +62,7 @@ def public(cfg: RunConfig, name: str) -> PublicIdentity:
 def open_bus(cfg: RunConfig, ident: Identity, verifier: Verifier) -> Bus:
     b = cfg.bus
     return Bus(ident, cfg.run.id, BusAddress(b.pub, b.sub), verifier, hwm=b.hwm,
-               beat_s=b.beat_s, timeout_s=b.timeout_s)
+               beat_s=b.beat_s, timeout_s=b.timeout_s, join_timeout_s=b.join_timeout_s)
 
 
 def run_main(role: str, body, argv: list[str] | None = None) -> int:
@@ -77,4 +77,8 @@ def run_main(role: str, body, argv: list[str] | None = None) -> int:
     except ClicooperError as exc:
         log.error("failed", error=str(exc), error_type=type(exc).__name__)
         print(f"{role}: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except Exception as exc:  # a bug or a hostile input we did not foresee: say so, exit 1
+        log.exception("crashed", error=str(exc), error_type=type(exc).__name__)
+        print(f"{role}: crashed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAIL

@@ -15,6 +15,8 @@ import json
 import sys
 import time
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
@@ -120,6 +122,15 @@ class Owner:
         if doc.get("final"):
             self.final_note = doc["note"]
 
+    def _tensor(self, env: Envelope, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+        """The body as a tensor, refusing one whose shape or dtype is not what the step needs."""
+        h = env.header
+        if h.shape != shape or h.dtype != dtype:
+            raise ClicooperError(f"{self.names.get(h.sender, h.sender)} sent {h.kind} of "
+                                 f"{h.dtype} {list(h.shape or ())} for step {h.step}, expected "
+                                 f"{dtype} {list(shape)}")
+        return env.tensor()
+
     def _from(self, name: str, kind: str, step: int | None = None):
         kid = self.kid[name]
         return lambda e: (e.header.kind == kind and e.header.sender == kid
@@ -196,7 +207,7 @@ class Owner:
             bus.send_array("fwd", first, act, **meta)
             bus.send_array("labels", last, self.data.y_train[idx], **meta)
             env = self._wait(f"gradients of step {step} from {first}", self._from(first, "bwd", step))
-            self.head.backward(env.tensor(), step)
+            self.head.backward(self._tensor(env, tuple(act.shape), "float32"), step)
             seen += len(idx)
             step += 1
             if (b + 1) % report == 0:
@@ -218,7 +229,7 @@ class Owner:
         x, y, bs = self.data.x_test, self.data.y_test, self.cfg.run.batch_size
         batches = [(i, slice(i * bs, (i + 1) * bs)) for i in range((len(x) + bs - 1) // bs)]
         first, last = self.stages[0], self.stages[-1]
-        correct, sent, done = 0, 0, 0
+        correct, sent, done, seen = 0, 0, 0, set()
         while done < len(batches):
             while sent < len(batches) and sent - done < EVAL_WINDOW:
                 i, sl = batches[sent]
@@ -226,8 +237,14 @@ class Owner:
                                     step=i, batch=i, epoch=epoch)
                 sent += 1
             env = self._wait("evaluation outputs", self._from(last, "eval_out"))
-            i, sl = batches[env.header.step]
-            correct += int((env.array().argmax(1) == y[sl]).sum())
+            i = env.header.step
+            if not (0 <= i < sent) or i in seen:
+                self.log.warning("unexpected evaluation output ignored", step=i, sender=last)
+                continue
+            seen.add(i)
+            sl = batches[i][1]
+            logits = self._tensor(env, (len(y[sl]), self.data.classes), "float32")
+            correct += int((logits.argmax(1).numpy() == y[sl]).sum())
             done += 1
         return correct / max(1, len(x))
 
@@ -237,8 +254,12 @@ class Owner:
         for i, name in enumerate(self.stages, start=1):
             env = self._wait(f"the segment of {name}", self._from(name, "segment"))
             doc = env.document()
-            weights = st_load(self.ident.unseal(doc["sealed"]))
-            self.segments[i].load_state_dict(weights, strict=True)
+            try:
+                weights = st_load(self.ident.unseal(doc["sealed"]))
+                self.segments[i].load_state_dict(weights, strict=True)
+            except (KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+                raise ClicooperError(f"the segment {name} delivered does not fit stage {i}: "
+                                     f"{exc}") from None
             for k, v in doc.get("sent", {}).items():  # counted before the segment was sent
                 sent[k] = sent.get(k, 0) + int(v)
             sent["segment"] = sent.get("segment", 0) + 1

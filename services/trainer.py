@@ -124,9 +124,14 @@ class Trainer:
                     bus.send_array("fwd", self.next, out, step=h.step, batch=h.batch,
                                    epoch=h.epoch)
             elif kind == "labels" and self.last and self._from(env, owner):
+                if h.dtype != "int64" or h.shape is None or len(h.shape) != 1:
+                    raise BusError(f"owner sent labels of {h.dtype} {list(h.shape or ())}")
                 self.labels[h.step] = env.tensor()
                 self._maybe_loss(h.step, h)
             elif kind == "bwd" and self._from(env, self.next):
+                if h.step not in self.seg.pending or h.shape != self.seg.output_shape(h.step):
+                    raise BusError(f"{self.next} sent gradients {list(h.shape or ())} for step "
+                                   f"{h.step}, which has no matching forward here")
                 grad = self.seg.backward(env.tensor(), h.step)
                 bus.send_array("bwd", self.prev, grad, step=h.step, batch=h.batch, epoch=h.epoch)
             elif kind == "eval_fwd" and self._from(env, self.prev):
@@ -141,7 +146,11 @@ class Trainer:
         if step not in self.waiting_logits or step not in self.labels:
             return
         self.waiting_logits.discard(step)
-        r = self.seg.loss_backward(self.labels.pop(step).long(), step)
+        labels = self.labels.pop(step).long()
+        n, classes = self.seg.output_shape(step)
+        if labels.shape[0] != n or labels.min() < 0 or labels.max() >= classes:
+            raise BusError(f"labels of step {step} do not fit its logits [{n}, {classes}]")
+        r = self.seg.loss_backward(labels, step)
         self.bus.send_array("bwd", self.prev, r.grad_in, step=step, batch=h.batch, epoch=h.epoch)
         self.bus.send_doc("metrics", self.roster.owner.name,
                           {"loss": r.loss, "correct": r.correct}, step=step, batch=h.batch,

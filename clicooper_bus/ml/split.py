@@ -45,6 +45,15 @@ class SegmentTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         return None if self.is_head else x.grad.detach()
 
+    @property
+    def pending(self) -> set[int]:
+        """Steps whose forward is waiting for its backward."""
+        return set(self._pending)
+
+    def output_shape(self, step: int) -> tuple[int, ...]:
+        """Shape of the output `forward` produced for `step` (to check what comes back)."""
+        return tuple(self._pending[step][1].shape)
+
     def backward(self, grad_out: torch.Tensor, step: int) -> torch.Tensor | None:
         x, out = self._pending.pop(step)
         out.backward(grad_out)
