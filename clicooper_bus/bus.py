@@ -146,6 +146,11 @@ class Bus:
                 self.stalls += 1
                 now = time.monotonic()
                 deadline = deadline or now + self.timeout_s * 2
+                last_heard = max(self.last_seen.values(), default=self.started)
+                if self.beating and now - last_heard > self.timeout_s:
+                    raise BusError(f"could not send {env.header.kind} and heard nobody for "
+                                   f"{self.timeout_s:.0f} s: the broker or everyone is gone"
+                                   ) from None
                 if now > deadline:
                     raise BusError(f"could not send {env.header.kind} for "
                                    f"{self.timeout_s * 2:.0f} s: the bus pushes back and does "
