@@ -295,3 +295,15 @@ def test_no_pickle_anywhere():
             text = p.read_text()
             assert "import pickle" not in text and "allow_pickle=True" not in text, p
             assert "torch.load(" not in text or "weights_only=True" in text, p
+
+
+@pytest.mark.parametrize("body", [b"\xc1", b"\x91" * 100_000 + b"\x01", b"\xdd\xff\xff\xff\xff",
+                                  b"\x82\xa1a\x01\xa1a\x02", b"\x81\x01\x02", b"\x80\x00",
+                                  b"\xd6\xff\x00\x00\x00\x01"])
+def test_hostile_document_bodies_are_refused(owner, verifier, body):
+    """A validly signed message whose msgpack body is hostile verifies (the hash matches) but
+    cannot be read as a document: `document()` refuses it with a typed error."""
+    env = verifier.verify_frames(owner.seal("hello", "all", body).frames())
+    with pytest.raises(MalformedMessage) as info:
+        env.document()
+    assert info.value.field == "body"
