@@ -118,10 +118,10 @@ def load_npz(path: str | os.PathLike[str] | None) -> Dataset:
     if not path:
         raise ConfigError("dataset npz needs data.path: an .npz file with x (uint8) and y")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(path) as z:  # numpy refuses object arrays by default (tested)
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path} as npz without pickle: {exc}") from None
+        raise ConfigError(f"cannot read {path} as plain npz arrays: {exc}") from None
 
     def images(name: str) -> np.ndarray:
         x = arrays[name]
