@@ -73,7 +73,9 @@ class Bus:
         self.pub.setsockopt(zmq.SNDHWM, hwm)
         self.pub.setsockopt(zmq.RCVHWM, SUBSCRIPTION_HWM)  # subscriptions coming in
         self.pub.setsockopt(zmq.LINGER, 500)  # the end-of-run handshake makes more needless
-        _heartbeats(self.pub, 0.5, max(1.0, timeout_s / 5))
+        # a heartbeat timeout shorter than the liveness timeout would let the broker drop a
+        # subscriber that merely paused, and lose its messages: never below `timeout_s`
+        _heartbeats(self.pub, 0.5, timeout_s)
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, hwm)
         self.sub.setsockopt(zmq.SNDHWM, SUBSCRIPTION_HWM)  # subscriptions going out
@@ -91,6 +93,7 @@ class Bus:
         # message would be refused and leave its chain with a hole
         self.sent: dict[str, int] = {}
         self.stalls = 0  # sends the bus pushed back on (a slow reader somewhere)
+        self.watched: dict[str, str] = {}
         self.started = time.monotonic()
 
     # --- topics ----------------------------------------------------------------------------
@@ -201,16 +204,31 @@ class Bus:
             self.last_seen[env.header.sender] = time.monotonic()
             self.inbox.append(env)
 
+    def watch(self, peers: dict[str, str]) -> None:
+        """Peers (key id -> name) whose silence past the timeout is fatal: every `recv` checks
+        them, so a live peer's beats can never hide a dead one."""
+        self.watched = dict(peers)
+
+    def _check_watched(self) -> None:
+        silent = self.silent_peers(self.watched)
+        if silent:
+            names = ", ".join(self.watched[k] for k in silent)
+            raise BusError(f"no message from {names} for {self.timeout_s:.0f} s: the broker or "
+                           f"they are gone")
+
     def recv(self, timeout_s: float) -> Envelope | None:
-        """The next verified message, or None after `timeout_s`. Beats on the way."""
+        """The next verified message, or None after `timeout_s`. Beats on the way, and raises
+        `BusError` if a watched peer has gone silent."""
         deadline = time.monotonic() + timeout_s
         self.beat()
+        self._check_watched()
         while not self.inbox:
             self.beat()
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             self._pump(int(min(left, self.beat_s) * 1000) + 1)
+            self._check_watched()
         return self.inbox.popleft()
 
     def start_beating(self) -> None:

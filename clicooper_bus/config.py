@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -73,7 +74,12 @@ class BusSection:
     timeout_s: float = _doc(5.0, "a peer or the broker silent this long is reported and the "
                                  "process exits non-zero", min=0.5)
     beat_s: float = _doc(1.0, "interval of liveness beats", min=0.05)
-    join_timeout_s: float = _doc(120.0, "how long the owner waits for everyone to join", min=1.0)
+    join_timeout_s: float = _doc(120.0, "how long to wait for everyone to join (the owner), for "
+                                        "the roster (notary, trainers), for a peer's first "
+                                        "message, and for the end-of-run handshake", min=1.0)
+    step_timeout_s: float = _doc(60.0, "the owner gives up when a step's gradients or an "
+                                       "evaluation batch do not come back in this long while "
+                                       "everyone is alive (a lost message)", min=1.0)
     hwm: int = _doc(16, "ZeroMQ high-water mark, in messages", min=1)
 
 
@@ -117,6 +123,8 @@ def _check(where: str, f: Any, value: Any) -> Any:
         raise ConfigError(f"{where}: expected {typ.__name__}, got {type(value).__name__} "
                           f"{value!r}")
     meta = f.metadata
+    if typ is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{where}: must be at least {meta['min']}, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:

@@ -37,8 +37,9 @@ class Forwarder:
         for sock in (self.xsub, self.xpub):
             sock.setsockopt(zmq.LINGER, 0)
         self.xsub.setsockopt(zmq.MAXMSGSIZE, max_message)
-        # short heartbeat timeout towards subscribers (the sending side), long from publishers
-        for sock, t in ((self.xpub, max(1.0, timeout_s / 5)), (self.xsub, max(2.0, timeout_s * 2))):
+        # heartbeats find a hung peer; their timeout is never below the liveness timeout, or a
+        # subscriber that merely paused would be dropped and lose messages
+        for sock, t in ((self.xpub, timeout_s), (self.xsub, timeout_s * 2)):
             sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(t * 1000))
             sock.setsockopt(zmq.HEARTBEAT_TTL, int(t * 1000))

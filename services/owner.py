@@ -50,6 +50,7 @@ from services.common import (
 )
 
 EVAL_WINDOW = 8  # evaluation batches in flight (no gradients flow back, so they pipeline)
+MAX_STASH = 4 * EVAL_WINDOW  # messages kept for later; more means a peer floods the owner
 
 
 class Owner:
@@ -95,31 +96,47 @@ class Owner:
             if match(env):
                 return self.stash.pop(i)
         bus = self.bus
+        deadline = time.monotonic() + self.cfg.bus.step_timeout_s
         while True:
-            env = bus.recv(bus.timeout_s)
+            env = bus.recv(1.0)
             if env is None:
-                silent = bus.silent_peers(self.kid[n] for n in self.stages + [self.cfg.participants.notary])
-                if silent:
-                    raise BusError(f"no message from {', '.join(self.names[k] for k in silent)} "
-                                   f"for {bus.timeout_s:.0f} s while waiting for {what}: the "
-                                   f"broker ({self.cfg.bus.sub}) or they are gone")
+                if time.monotonic() > deadline:
+                    raise BusError(f"waited {self.cfg.bus.step_timeout_s:.0f} s for {what} while "
+                                   f"everyone is alive: a message was lost or a peer is stuck")
                 continue
-            kind = env.header.kind
-            if kind == "metrics":
-                self.metrics[env.header.step] = env.document()
+            kind, sender = env.header.kind, self.names.get(env.header.sender)
+            if kind == "metrics" and sender == self.stages[-1]:
+                self._note_metrics(env)
             elif kind == "checkpoint":
                 self._note_checkpoint(env)
             if match(env):
                 return env
-            if kind in ("bwd", "eval_out", "segment", "hello"):
+            if kind in self.EXPECTED and sender in self.EXPECTED[kind](self):
+                if len(self.stash) >= MAX_STASH:
+                    raise ClicooperError(f"{sender} sent more {kind} messages than the protocol "
+                                         f"allows in flight")
                 self.stash.append(env)
+
+    # who may send the owner each kind of message it keeps for later
+    EXPECTED = {"bwd": lambda self: {self.stages[0]}, "eval_out": lambda self: {self.stages[-1]},
+                "segment": lambda self: set(self.stages), "hello": lambda self: set(self.stages)}
+
+    def _note_metrics(self, env: Envelope) -> None:
+        doc, step = env.document(), env.header.step
+        if type(doc) is not dict or type(doc.get("loss")) is not float or \
+                type(doc.get("correct")) is not int or step is None or step in self.metrics:
+            raise ClicooperError(f"{self.stages[-1]} sent malformed or repeated metrics for step "
+                                 f"{step}")
+        self.metrics[step] = doc
 
     def _note_checkpoint(self, env: Envelope) -> None:
         if env.header.sender != self.kid[self.cfg.participants.notary]:
             return
         doc = env.document()
+        if type(doc) is not dict or type(doc.get("note")) is not str:
+            raise ClicooperError("the notary sent a malformed checkpoint message")
         open_checkpoint(doc["note"], self.notary_key, default_origin(self.cfg.run.id))
-        if doc.get("final"):
+        if doc.get("final") is True:
             self.final_note = doc["note"]
 
     def _tensor(self, env: Envelope, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
@@ -145,7 +162,8 @@ class Owner:
             per_epoch, step = [], 0
             for epoch in range(self.cfg.run.epochs):
                 row, step = self._train_epoch(epoch, step)
-                last = epoch == self.cfg.run.epochs - 1
+                stop = bool(self.cfg.run.max_steps) and step >= self.cfg.run.max_steps
+                last = stop or epoch == self.cfg.run.epochs - 1  # the run ends: always evaluate
                 every = self.cfg.run.eval_every
                 if last or (every and (epoch + 1) % every == 0):
                     row["accuracy"] = self._evaluate(epoch)
@@ -154,7 +172,7 @@ class Owner:
                 print(f"epoch {epoch + 1}/{self.cfg.run.epochs}: loss {row['loss']:.4f}, "
                       f"train accuracy {row['train_accuracy']:.4f}, test accuracy "
                       f"{row.get('accuracy', float('nan')):.4f}, {row['wall_s']:.1f} s", flush=True)
-                if self.cfg.run.max_steps and step >= self.cfg.run.max_steps:
+                if stop:
                     break
             sent = self._collect_segments()
             self._finish(per_epoch, step, sent, time.perf_counter() - t0)
@@ -174,6 +192,7 @@ class Owner:
         bus.wait_for_subscribers("hello", everyone, self.cfg.bus.join_timeout_s)
         bus.send_bytes("roster", "all", self.roster.sign(self.ident))
         bus.start_beating()
+        bus.watch({self.kid[n]: n for n in everyone})
         deadline = time.monotonic() + self.cfg.bus.join_timeout_s
         ready: set[str] = set()
         while ready != set(self.stages):
@@ -182,10 +201,11 @@ class Owner:
                 raise BusError(f"trainers {sorted(set(self.stages) - ready)} did not confirm the "
                                f"roster in time")
             env = bus.recv(min(left, 1.0))
-            if env is not None and env.header.kind == "hello":
+            if env is not None and env.header.kind == "hello" and \
+                    self.names.get(env.header.sender) in self.stages:
                 name = self.names.get(env.header.sender)
                 doc = env.document()
-                if doc.get("model_spec") != self.roster.meta["model_spec"]:
+                if type(doc) is not dict or doc.get("model_spec") != self.roster.meta["model_spec"]:
                     raise ClicooperError(f"{name} built a different model ({doc})")
                 ready.add(name)
             elif env is not None and env.header.kind == "checkpoint":
@@ -279,6 +299,7 @@ class Owner:
         self._wait("the notary's final checkpoint",
                    lambda e: e.header.kind == "checkpoint" and self.final_note is not None)
         cp = open_checkpoint(self.final_note, self.notary_key, default_origin(self.cfg.run.id))
+        bus.watch({})  # from here on peers leave as they finish
         (self.run_dir / "checkpoint.txt").write_text(self.final_note)
         summary = {
             "run_id": self.cfg.run.id, "dataset": self.data.name, "model": self.spec.name,
@@ -289,7 +310,7 @@ class Owner:
             "model_file": "model.safetensors",
         }
         tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         tmp.replace(self.run_dir / "summary.json")
         print(f"owner: test accuracy {accuracy:.4f}; wrote {self.run_dir}/summary.json and "
               f"model.safetensors; log tree size {cp.size}", flush=True)

@@ -20,9 +20,11 @@ import torch
 from safetensors.torch import save as st_save
 
 from clicooper_bus.bus import Bus, BusError
+from clicooper_bus.checkpoint import open_checkpoint
 from clicooper_bus.config import load_config
-from clicooper_bus.errors import RosterError
+from clicooper_bus.errors import ClicooperError, RosterError
 from clicooper_bus.identity import PublicIdentity, load_public
+from clicooper_bus.log import default_origin
 from clicooper_bus.ml.models import build_segments
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.plan import Plan
@@ -38,6 +40,8 @@ from services.common import (
     run_main,
     set_threads,
 )
+
+MAX_IN_FLIGHT = 8  # steps a stage may hold; the protocol has one in flight
 
 
 class Trainer:
@@ -96,6 +100,8 @@ class Trainer:
         self.seg = SegmentTrainer(self.segment, lr=plan.lr)
         self.kid = {m.name: m.key_id for m in roster.members}
         self.bus.start_beating()
+        self.bus.watch({self.kid[n]: n for n in (roster.owner.name, self.prev, self.next) if n})
+        self.notary_kid = roster.notary.key_id if roster.notary else None
         self.bus.send_doc("hello", "all", {"ready": True, "stage": self.index + 1,
                                            "model_spec": roster.meta["model_spec"]})
         self.log.info("joined", stage=self.index + 1, prev=self.prev, next=self.next)
@@ -112,10 +118,12 @@ class Trainer:
         while True:
             env = bus.recv(bus.timeout_s)
             if env is None:
-                self._check_alive()
                 continue
             h, kind = env.header, env.header.kind
             if kind == "fwd" and self._from(env, self.prev):
+                if len(self.seg.pending) >= MAX_IN_FLIGHT or h.step in self.seg.pending:
+                    raise BusError(f"{self.prev} sent activations for step {h.step} with "
+                                   f"{len(self.seg.pending)} steps already in flight")
                 out = self.seg.forward(env.tensor(), h.step)
                 if self.last:
                     self.waiting_logits.add(h.step)
@@ -124,8 +132,10 @@ class Trainer:
                     bus.send_array("fwd", self.next, out, step=h.step, batch=h.batch,
                                    epoch=h.epoch)
             elif kind == "labels" and self.last and self._from(env, owner):
-                if h.dtype != "int64" or h.shape is None or len(h.shape) != 1:
-                    raise BusError(f"owner sent labels of {h.dtype} {list(h.shape or ())}")
+                if h.dtype != "int64" or h.shape is None or len(h.shape) != 1 or \
+                        len(self.labels) >= MAX_IN_FLIGHT:
+                    raise BusError(f"owner sent labels of {h.dtype} {list(h.shape or ())} with "
+                                   f"{len(self.labels)} steps of labels waiting")
                 self.labels[h.step] = env.tensor()
                 self._maybe_loss(h.step, h)
             elif kind == "bwd" and self._from(env, self.next):
@@ -156,15 +166,6 @@ class Trainer:
                           {"loss": r.loss, "correct": r.correct}, step=step, batch=h.batch,
                           epoch=h.epoch)
 
-    def _check_alive(self) -> None:
-        watch = list(dict.fromkeys(self.kid[n] for n in (self.roster.owner.name, self.prev,
-                                                          self.next) if n))
-        silent = self.bus.silent_peers(watch)
-        if silent:
-            names = [self.roster.by_key_id(k).name for k in silent]
-            raise BusError(f"no message from {', '.join(names)} for {self.bus.timeout_s:.0f} s: "
-                           f"the broker or they are gone")
-
     def _finish(self) -> int:
         bus = self.bus
         weights = st_save({k: v.detach().contiguous() for k, v in self.segment.state_dict().items()},
@@ -174,16 +175,34 @@ class Trainer:
                      {"stage": self.index + 1, "sealed": sealed, "sent": dict(bus.sent)})
         self.log.info("segment delivered", bytes=len(weights))
         deadline = time.monotonic() + self.cfg.bus.join_timeout_s
-        while time.monotonic() < deadline:  # until the notary's final checkpoint
-            env = bus.recv(1.0)
-            if env is not None and env.header.kind == "checkpoint" and env.document().get("final"):
+        while True:  # until the notary's final checkpoint
+            if time.monotonic() > deadline:
+                self.log.warning("no final checkpoint from the notary; leaving anyway")
                 break
+            env = bus.recv(1.0)
+            if env is not None and env.header.kind == "checkpoint" and \
+                    env.header.sender == self.notary_kid and self._is_final(env):
+                break
+        bus.watch({})  # from here on peers leave as they finish
         bus.mark_done()
         closed = f"run/{self.cfg.run.id}/closed/notary"
         deadline = time.monotonic() + self.cfg.bus.timeout_s * 2
         while closed not in bus.seen_subscriptions and time.monotonic() < deadline:
             bus.recv(0.2)
         return EXIT_OK
+
+
+    def _is_final(self, env: Envelope) -> bool:
+        """A final checkpoint note correctly signed by the roster's notary."""
+        doc = env.document()
+        if type(doc) is not dict or doc.get("final") is not True or type(doc.get("note")) is not str:
+            return False
+        try:
+            open_checkpoint(doc["note"], self.roster.notary.identity, default_origin(self.cfg.run.id))
+        except ClicooperError as exc:
+            self.log.warning("bad checkpoint from the notary", error=str(exc))
+            return False
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:

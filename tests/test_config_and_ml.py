@@ -41,6 +41,8 @@ def test_defaults_round_trip_through_toml(tmp_path):
     ("[log]\nretention = 'keep'", "retention"),
     ("[log]\nfsync = 'sometimes'", "[log] fsync"),
     ("not toml [", "not valid TOML"),
+    ("[run]\nlr = nan", "finite"),
+    ("[bus]\ntimeout_s = inf", "finite"),
 ])
 def test_bad_config_names_the_key(tmp_path, toml, message):
     path = tmp_path / "bad.toml"

@@ -90,3 +90,13 @@ def test_quick_run_matches_reference_accuracy(tmp_path):
     assert abs(s["test_accuracy"] - ref.test_accuracy) <= 0.005, (s["test_accuracy"],
                                                                   ref.test_accuracy)
     assert s["test_accuracy"] > 0.6
+
+
+def test_a_run_cut_short_by_max_steps_still_reports_its_accuracy(tmp_path):
+    path = write_config(tmp_path, run_id="short", trainers=1,
+                        run={"epochs": 3, "max_steps": 10, "eval_every": 2})
+    assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+    cfg = load_config(path)
+    text = (cfg.run_dir / "summary.json").read_text()
+    s = json.loads(text)
+    assert "NaN" not in text and 0 <= s["test_accuracy"] <= 1 and s["steps"] == 10
