@@ -72,7 +72,9 @@ class BusSection:
     pub: str = _doc("tcp://127.0.0.1:5555", "broker address publishers connect to (its XSUB)")
     sub: str = _doc("tcp://127.0.0.1:5556", "broker address subscribers connect to (its XPUB)")
     timeout_s: float = _doc(5.0, "a peer or the broker silent this long is reported and the "
-                                 "process exits non-zero", min=0.5)
+                                 "process exits non-zero (keep it above the longest computation "
+                                 "between two messages, e.g. one step on a slow device)",
+                            min=0.5)
     beat_s: float = _doc(1.0, "interval of liveness beats", min=0.05)
     join_timeout_s: float = _doc(120.0, "how long to wait for everyone to join (the owner), for "
                                         "the roster (notary, trainers), for a peer's first "

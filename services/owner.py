@@ -68,6 +68,7 @@ class Owner:
             else default_cuts(self.spec, k)
         self.segments = build_segments(self.spec, self.cuts, cfg.run.seed)
         self.head = SegmentTrainer(self.segments[0], lr=cfg.run.lr, is_head=True)
+        self.head.warm_up((cfg.run.batch_size, *self.data.input_shape))
         self.plan = Plan(self.spec.name, self.data.input_shape, self.data.classes, self.cuts,
                          cfg.run.seed, cfg.run.lr, cfg.run.batch_size)
         self.roster = Roster.build(

@@ -98,6 +98,11 @@ class Trainer:
         self.next = None if self.last else names[self.index + 1]
         self.segment = build_segments(spec, plan.cuts, plan.seed)[self.index + 1]
         self.seg = SegmentTrainer(self.segment, lr=plan.lr)
+        probe = torch.zeros((plan.batch_size, *plan.input_shape))
+        with torch.no_grad():  # this stage's input shape: the earlier stages' output
+            for seg in build_segments(spec, plan.cuts, plan.seed)[:self.index + 1]:
+                probe = seg(probe)
+        self.seg.warm_up(tuple(probe.shape))
         self.kid = {m.name: m.key_id for m in roster.members}
         self.bus.start_beating()
         self.bus.watch({self.kid[n]: n for n in (roster.owner.name, self.prev, self.next) if n})

@@ -66,6 +66,14 @@ class SegmentTrainer:
         correct = int((logits.detach().argmax(1) == labels).sum())
         return StepResult(self._finish(x), float(loss.detach()), correct)
 
+    def warm_up(self, input_shape: tuple[int, ...]) -> None:
+        """Run forward and backward once on zeros, without touching the weights: torch's first
+        call builds kernels and can take seconds, during which a process sends no beats."""
+        x = torch.zeros(input_shape, requires_grad=not self.is_head)
+        out = self.module(x)
+        out.backward(torch.ones_like(out))
+        self.module.zero_grad(set_to_none=True)
+
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         self.module.eval()
