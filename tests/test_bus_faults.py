@@ -125,6 +125,33 @@ def test_a_killed_process_stops_everyone_with_an_error(tmp_path, victim):
         assert verify_log(cfg.run_dir / "log").ok
 
 
+def test_a_misbehaving_roster_member_cannot_derail_the_run(tmp_path):
+    """Trainer 1 (authenticated, listed) sends forged metrics, unexpected outputs and bogus
+    checkpoints: the owner and the other trainer ignore them and the run completes honestly."""
+    path = write_config(tmp_path, run_id="evil", trainers=2, run={"max_steps": 40})
+    cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
+    tel = cfg.run_dir / "telemetry"
+    tel.mkdir(parents=True)
+    procs = {}
+    try:
+        for name, cmd in _commands(cfg, cfg_path):
+            if name == "trainer-1":
+                cmd = [sys.executable, "-m", "tests.evil_trainer", *cmd[3:]]
+            procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
+                                           stderr=open(tel / f"{name}.jsonl", "w"))
+        codes = {n: p.wait(timeout=180) for n, p in procs.items() if n != "broker"}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=10)
+    assert "evil messages sent" in (tel / "trainer-1.jsonl").read_text()
+    assert codes == {n: 0 for n in codes}, codes
+    s = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert s["steps"] == 40 and s["per_epoch"][0]["train_accuracy"] <= 1.0
+    assert verify_log(cfg.run_dir / "log").ok
+
+
 def test_two_runs_at_once_do_not_interfere(tmp_path):
     paths = [write_config(tmp_path / n, run_id=n, trainers=1, run={"max_steps": 60, "seed": i})
              for i, n in enumerate(("left", "right"))]

@@ -1,0 +1,29 @@
+"""A roster-listed trainer that misbehaves once it has joined, then trains honestly: it sends the
+owner forged metrics and unexpected outputs, and everyone a bogus checkpoint. Started by
+tests/test_bus_faults.py in place of a real trainer."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from services import trainer as real
+
+
+class EvilTrainer(real.Trainer):
+    def _join(self) -> None:
+        super()._join()
+        bus, owner = self.bus, self.roster.owner.name
+        bus.send_doc("metrics", owner, {"loss": "x", "correct": -1}, step=10**9)
+        bus.send_doc("metrics", owner, {"loss": 0.0, "correct": 10**6}, step=0)
+        bus.send_doc("checkpoint", "all", ["not", "a", "checkpoint"])
+        bus.send_doc("checkpoint", "all", {"note": "forged\n", "final": True})
+        for i in range(100):
+            bus.send_array("eval_out", owner, np.zeros((4, 10), np.float32), step=i)
+        self.log.info("evil messages sent")
+
+
+if __name__ == "__main__":
+    real.Trainer = EvilTrainer
+    sys.exit(real.main())
