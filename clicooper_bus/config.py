@@ -93,6 +93,8 @@ class LogSection:
     checkpoint_seconds: float = _doc(10.0, "... and at least every T seconds", min=0.1)
     fsync: str = _doc("checkpoint", "always, checkpoint or never",
                       choices=("always", "checkpoint", "never"))
+    notary_nice: int = _doc(10, "the notary lowers its CPU priority by this much (0: not), so "
+                                "that on a shared machine it does not slow training", min=0)
 
 
 @dataclass

@@ -13,6 +13,7 @@ signing a closing checkpoint over everything it logged.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -48,6 +49,10 @@ class Notary:
         self.final_sent = False
 
     def run(self) -> int:
+        if self.cfg.log.notary_nice:
+            # on a shared machine the notary's hashing should not take cores from the chain of
+            # training steps; it catches up while they wait on the network
+            os.nice(self.cfg.log.notary_nice)
         bus = self.bus
         bus.subscribe(f"run/{self.cfg.run.id}/")
         bus.announce()
@@ -144,6 +149,7 @@ class Notary:
 
 def main(argv: list[str] | None = None) -> int:
     args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+
     return run_main("notary", lambda log: Notary(load(args), log).run(), argv)
 
 
