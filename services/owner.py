@@ -87,6 +87,9 @@ class Owner:
         self.names = {v: k for k, v in self.kid.items()}
         self.metrics: dict[int, dict] = {}
         self.stash: list[Envelope] = []
+        # who may send the owner each kind of message it keeps for later
+        self.expected = {"bwd": {self.stages[0]}, "eval_out": {self.stages[-1]},
+                         "segment": set(self.stages), "hello": set(self.stages)}
         self.final_note: str | None = None
 
     # --- bus helpers -------------------------------------------------------------------------
@@ -99,11 +102,11 @@ class Owner:
         bus = self.bus
         deadline = time.monotonic() + self.cfg.bus.step_timeout_s
         while True:
+            if time.monotonic() > deadline:  # checked on every pass: beats keep arriving
+                raise BusError(f"waited {self.cfg.bus.step_timeout_s:.0f} s for {what} while "
+                               f"everyone is alive: a message was lost or a peer is stuck")
             env = bus.recv(1.0)
             if env is None:
-                if time.monotonic() > deadline:
-                    raise BusError(f"waited {self.cfg.bus.step_timeout_s:.0f} s for {what} while "
-                                   f"everyone is alive: a message was lost or a peer is stuck")
                 continue
             kind, sender = env.header.kind, self.names.get(env.header.sender)
             if kind == "metrics" and sender == self.stages[-1]:
@@ -112,15 +115,11 @@ class Owner:
                 self._note_checkpoint(env)
             if match(env):
                 return env
-            if kind in self.EXPECTED and sender in self.EXPECTED[kind](self):
+            if sender in self.expected.get(kind, ()):
                 if len(self.stash) >= MAX_STASH:
                     raise ClicooperError(f"{sender} sent more {kind} messages than the protocol "
                                          f"allows in flight")
                 self.stash.append(env)
-
-    # who may send the owner each kind of message it keeps for later
-    EXPECTED = {"bwd": lambda self: {self.stages[0]}, "eval_out": lambda self: {self.stages[-1]},
-                "segment": lambda self: set(self.stages), "hello": lambda self: set(self.stages)}
 
     def _note_metrics(self, env: Envelope) -> None:
         doc, step = env.document(), env.header.step

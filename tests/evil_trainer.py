@@ -1,9 +1,11 @@
-"""A roster-listed trainer that misbehaves once it has joined, then trains honestly: it sends the
-owner forged metrics and unexpected outputs, and everyone a bogus checkpoint. Started by
+"""A roster-listed trainer that misbehaves once it has joined: by default it sends the owner
+forged metrics and unexpected outputs, and everyone a bogus checkpoint, then trains honestly;
+with EVIL_MODE=swallow it silently loses one step's activations but keeps beating. Started by
 tests/test_bus_faults.py in place of a real trainer."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -14,6 +16,17 @@ from services import trainer as real
 class EvilTrainer(real.Trainer):
     def _join(self) -> None:
         super()._join()
+        if os.environ.get("EVIL_MODE") == "swallow":  # lose step 5's activations, keep beating
+            recv = self.bus.recv
+
+            def lossy_recv(timeout_s):
+                env = recv(timeout_s)
+                if env is not None and env.header.kind == "fwd" and env.header.step == 5:
+                    return None
+                return env
+
+            self.bus.recv = lossy_recv
+            return
         bus, owner = self.bus, self.roster.owner.name
         bus.send_doc("metrics", owner, {"loss": "x", "correct": -1}, step=10**9)
         bus.send_doc("metrics", owner, {"loss": 0.0, "correct": 10**6}, step=0)

@@ -5,6 +5,7 @@ not interfere; a taken port is a clear error."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -150,6 +151,32 @@ def test_a_misbehaving_roster_member_cannot_derail_the_run(tmp_path):
     s = json.loads((cfg.run_dir / "summary.json").read_text())
     assert s["steps"] == 40 and s["per_epoch"][0]["train_accuracy"] <= 1.0
     assert verify_log(cfg.run_dir / "log").ok
+
+
+def test_a_step_that_never_comes_back_times_out(tmp_path):
+    """A trainer that loses a step's activations but keeps beating cannot hang the owner."""
+    path = write_config(tmp_path, run_id="lost", trainers=2, run={"max_steps": 40},
+                        bus={"step_timeout_s": 3.0})
+    cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
+    tel = cfg.run_dir / "telemetry"
+    tel.mkdir(parents=True)
+    procs = {}
+    try:
+        for name, cmd in _commands(cfg, cfg_path):
+            env = None
+            if name == "trainer-1":
+                cmd = [sys.executable, "-m", "tests.evil_trainer", *cmd[3:]]
+                env = dict(os.environ, EVIL_MODE="swallow")
+            procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
+                                           stderr=open(tel / f"{name}.jsonl", "w"), env=env)
+        code = procs["owner"].wait(timeout=120)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=10)
+    assert code == 1
+    assert "waited 3 s for gradients of step 5" in (tel / "owner.jsonl").read_text()
 
 
 def test_two_runs_at_once_do_not_interfere(tmp_path):
