@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from clicooper_bus.config import load_config
-from tools.run import free_port
+from tools.run import _commands, free_port, prepare
 
 
 def write_config(tmp: Path, *, run_id: str = "t", trainers: int = 3, **sections) -> Path:
@@ -28,3 +32,28 @@ def write_config(tmp: Path, *, run_id: str = "t", trainers: int = 3, **sections)
     path = tmp / f"{run_id}.toml"
     path.write_text(cfg.to_toml())
     return path
+
+
+@contextmanager
+def processes(path: Path, evil: str | None = None):
+    """Start every process of the run configured at `path` (trainer-1 replaced by
+    tests/evil_trainer.py in mode `evil`, if given); yields (config, telemetry dir, processes)
+    and kills whatever is still running on the way out."""
+    cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
+    tel = cfg.run_dir / "telemetry"
+    tel.mkdir(parents=True)
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, cmd in _commands(cfg, cfg_path):
+            env = None
+            if name == "trainer-1" and evil is not None:
+                cmd = [sys.executable, "-m", "tests.evil_trainer", *cmd[3:]]
+                env = dict(os.environ, EVIL_MODE=evil)
+            procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
+                                           stderr=open(tel / f"{name}.jsonl", "w"), env=env)
+        yield cfg, tel, procs
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()

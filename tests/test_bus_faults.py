@@ -5,7 +5,6 @@ not interfere; a taken port is a clear error."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,8 +21,8 @@ from clicooper_bus.identity import Identity, load_identity
 from clicooper_bus.logverify import verify_log
 from clicooper_bus.verifier import Verifier
 from clicooper_bus.wire import Sender
-from tests.busrun import write_config
-from tools.run import _commands, prepare, run
+from tests.busrun import processes, write_config
+from tools.run import prepare, run
 
 
 def _telemetry(cfg, name: str) -> list[dict]:
@@ -91,14 +90,7 @@ def test_a_killed_process_stops_everyone_with_an_error(tmp_path, victim):
     timeout = 3.0
     path = write_config(tmp_path, run_id="kill", trainers=3,
                         run={"epochs": 50}, bus={"timeout_s": timeout, "beat_s": 0.2})
-    cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
-    procs = {}
-    tel = cfg.run_dir / "telemetry"
-    tel.mkdir(parents=True)
-    try:
-        for name, cmd in _commands(cfg, cfg_path):
-            procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
-                                           stderr=open(tel / f"{name}.jsonl", "w"))
+    with processes(path) as (cfg, tel, procs):
         deadline = time.monotonic() + 90
         while "trainers joined" not in (tel / "owner.out").read_text():
             assert time.monotonic() < deadline, "the run never started"
@@ -112,11 +104,6 @@ def test_a_killed_process_stops_everyone_with_an_error(tmp_path, victim):
             if name not in ("broker", victim):
                 codes[name] = p.wait(timeout=timeout * 3 + 10)
         elapsed = time.monotonic() - killed
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     assert all(c != 0 for c in codes.values()), codes
     assert elapsed <= timeout * 3 + 5, f"took {elapsed:.1f} s to notice"
     for name in codes:
@@ -130,22 +117,8 @@ def test_a_misbehaving_roster_member_cannot_derail_the_run(tmp_path):
     """Trainer 1 (authenticated, listed) sends forged metrics, unexpected outputs and bogus
     checkpoints: the owner and the other trainer ignore them and the run completes honestly."""
     path = write_config(tmp_path, run_id="evil", trainers=2, run={"max_steps": 40})
-    cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
-    tel = cfg.run_dir / "telemetry"
-    tel.mkdir(parents=True)
-    procs = {}
-    try:
-        for name, cmd in _commands(cfg, cfg_path):
-            if name == "trainer-1":
-                cmd = [sys.executable, "-m", "tests.evil_trainer", *cmd[3:]]
-            procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
-                                           stderr=open(tel / f"{name}.jsonl", "w"))
+    with processes(path, evil="noise") as (cfg, tel, procs):
         codes = {n: p.wait(timeout=180) for n, p in procs.items() if n != "broker"}
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                p.wait(timeout=10)
     assert "evil messages sent" in (tel / "trainer-1.jsonl").read_text()
     assert codes == {n: 0 for n in codes}, codes
     s = json.loads((cfg.run_dir / "summary.json").read_text())
@@ -157,24 +130,8 @@ def test_a_step_that_never_comes_back_times_out(tmp_path):
     """A trainer that loses a step's activations but keeps beating cannot hang the owner."""
     path = write_config(tmp_path, run_id="lost", trainers=2, run={"max_steps": 40},
                         bus={"step_timeout_s": 3.0})
-    cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
-    tel = cfg.run_dir / "telemetry"
-    tel.mkdir(parents=True)
-    procs = {}
-    try:
-        for name, cmd in _commands(cfg, cfg_path):
-            env = None
-            if name == "trainer-1":
-                cmd = [sys.executable, "-m", "tests.evil_trainer", *cmd[3:]]
-                env = dict(os.environ, EVIL_MODE="swallow")
-            procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
-                                           stderr=open(tel / f"{name}.jsonl", "w"), env=env)
+    with processes(path, evil="swallow") as (cfg, tel, procs):
         code = procs["owner"].wait(timeout=120)
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                p.wait(timeout=10)
     assert code == 1
     assert "waited 3 s for gradients of step 5" in (tel / "owner.jsonl").read_text()
 
