@@ -113,6 +113,27 @@ class Bus:
         """Tell whoever waits on it (the notary) that we read everything we needed."""
         self.subscribe(self.topic("done", self.name))
 
+    def linger(self, topic: str, peer: tuple[str, str]) -> bool:
+        """After our part of the run: stay on the bus (beating) until `topic` is subscribed,
+        for as long as `peer` (key id, name) is alive. The notary keeps a run open while an
+        auditor finishes, and a Procfile stops everyone when the first process exits.
+        Returns whether `topic` came."""
+        self.watch({peer[0]: peer[1]})
+        try:
+            while topic not in self.seen_subscriptions:
+                self.recv(0.5)
+            return True
+        except BusError as exc:
+            log.warning("left without the closing signal", waited_for=topic, error=str(exc))
+            return False
+        finally:
+            self.watch({})
+
+    def observers(self) -> set[str]:
+        """Names of silent observers (auditors) that announced themselves on this run."""
+        prefix = f"run/{self.run_id}/watching/"
+        return {t[len(prefix):] for t in self.seen_subscriptions if t.startswith(prefix)}
+
     def _drain_subscriptions(self) -> None:
         while True:
             try:

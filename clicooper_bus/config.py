@@ -83,12 +83,18 @@ class BusSection:
                                        "evaluation batch do not come back in this long while "
                                        "everyone is alive (a lost message)", min=1.0)
     hwm: int = _doc(16, "ZeroMQ high-water mark, in messages", min=1)
+    audit_timeout_s: float = _doc(600.0, "how long the notary keeps a finished run open for an "
+                                          "auditor following it (`services.auditor --follow`) "
+                                          "to finish its audit", min=1.0)
 
 
 @dataclass
 class LogSection:
-    retention: str = _doc("fwd=sample:4,bwd=sample:4,eval_fwd=sample:2,eval_out=sample:2,*=all",
-                          "which bodies the log keeps: all, none, sample:N, or kind=policy,...")
+    retention: str = _doc("fwd=sample:16,bwd=sample:4,eval_fwd=sample:2,eval_out=sample:2,*=all",
+                          "which bodies the log keeps: all, none, sample:N, or kind=policy,... "
+                          "(sample:N keeps the first N per kind, sender and epoch; the auditor "
+                          "attacks the retained activations: at batch 128, fwd=sample:16 keeps "
+                          "2,048 per epoch)")
     checkpoint_every: int = _doc(1000, "sign a checkpoint every N entries", min=1)
     checkpoint_seconds: float = _doc(10.0, "... and at least every T seconds", min=0.1)
     fsync: str = _doc("checkpoint", "always, checkpoint or never",

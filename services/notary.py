@@ -5,8 +5,9 @@ It trusts only the owner's key until the owner's signed roster arrives (the firs
 run), then the roster's keys. Every message is verified in full (the notary sees every sender's
 whole chain) before it is appended. Checkpoints are signed every N entries or T seconds,
 published on the bus, and once more, marked final, when the owner acknowledges the end of the
-run. It exits once every participant has signalled it read what it needed (`done`), after
-signing a closing checkpoint over everything it logged.
+run. Once every participant has signalled it read what it needed (`done`) it closes the log
+with a published closing checkpoint over everything it logged; an auditor following the run
+audits exactly that log, and the notary stays (logging nothing more) until it is done.
 
     python -m services.notary --config FILE
 """
@@ -126,22 +127,48 @@ class Notary:
                 if now > done_wait_until:
                     self.log.warning("not everyone confirmed the end; closing anyway")
                     break
-        # read whatever is still in flight, then tell everyone we are closing
+        # read whatever is still in flight, close the log with a published checkpoint over
+        # everything (an auditor audits exactly that), then tell everyone we are closing
         while (env := bus.recv(0.3)) is not None:
             self.plog.append_envelope(env)
+        self._checkpoint(closing=True)
+        self._wait_for_observers()
         bus.subscribe(f"run/{self.cfg.run.id}/closed/notary")
         time.sleep(0.3)
         self.log.info("notary done", entries=self.plog.size)
         return EXIT_OK
 
-    def _checkpoint(self, *, final: bool = False, publish: bool = True) -> None:
+    def _wait_for_observers(self) -> None:
+        """Keep the run open (logging, beating) while an auditor that follows it audits."""
+        bus = self.bus
+        deadline = time.monotonic() + self.cfg.bus.audit_timeout_s
+        waiting = {n for n in bus.observers()
+                   if f"run/{self.cfg.run.id}/done/{n}" not in bus.seen_subscriptions}
+        if waiting:
+            print(f"notary: keeping the run open for {', '.join(sorted(waiting))} (up to "
+                  f"{self.cfg.bus.audit_timeout_s:.0f} s)", flush=True)
+        while waiting:
+            if time.monotonic() > deadline:
+                self.log.warning("observers did not finish in time", observers=sorted(waiting))
+                return
+            bus.recv(0.5)  # beats on; the log is closed, nothing more is appended
+            waiting = {n for n in waiting
+                       if f"run/{self.cfg.run.id}/done/{n}" not in bus.seen_subscriptions}
+
+    def _checkpoint(self, *, final: bool = False, closing: bool = False,
+                    publish: bool = True) -> None:
+        """Sign (and publish) a checkpoint. `final`: the owner acknowledged the end of
+        training; `closing`: the log is closed, nothing is appended after it."""
         self.last_cp_time = time.monotonic()
-        if self.plog.size == self.last_cp_size and not final:
+        if self.plog.size == self.last_cp_size and not (final or closing):
             return
         note = self.plog.sign_checkpoint()
         self.last_cp_size = self.plog.size
         if publish:
-            self.bus.send_doc("checkpoint", "all", {"note": note, "final": final})
+            doc = {"note": note, "final": final}
+            if closing:
+                doc["closed"] = True
+            self.bus.send_doc("checkpoint", "all", doc)
             if final:  # participants leave after this: their silence is no longer news
                 self.final_sent = True
                 self.bus.watch({})

@@ -81,6 +81,10 @@ class Owner:
                 raise ConfigError(f"{self.run_dir / existing} exists: a run with id "
                                   f"'{cfg.run.id}' was already made here; choose another run id "
                                   f"or remove {self.run_dir}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # what the auditor loads the run's data from; the roster commits to its digest
+        (self.run_dir / "config.toml.tmp").write_text(cfg.to_toml())
+        (self.run_dir / "config.toml.tmp").replace(self.run_dir / "config.toml")
         self.bus: Bus = open_bus(cfg, self.ident, Verifier(self.roster, cfg.run.id, partial=True))
         self.stages = list(self.roster.stages)
         self.kid = {m.name: m.key_id for m in self.roster.members}
@@ -315,10 +319,8 @@ class Owner:
         print(f"owner: test accuracy {accuracy:.4f}; wrote {self.run_dir}/summary.json and "
               f"model.safetensors; log tree size {cp.size}", flush=True)
         bus.mark_done()
-        closed = f"run/{self.cfg.run.id}/closed/notary"
-        deadline = time.monotonic() + bus.timeout_s * 2
-        while closed not in bus.seen_subscriptions and time.monotonic() < deadline:
-            bus.recv(0.2)
+        notary = self.cfg.participants.notary
+        bus.linger(f"run/{self.cfg.run.id}/closed/notary", (self.kid[notary], notary))
 
 
 def main(argv: list[str] | None = None) -> int:

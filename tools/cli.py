@@ -189,7 +189,7 @@ def cmd_keys_ensure(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from tools.run import run
 
-    return run(args.config, quick=args.quick, out=args.out, run_id=args.run_id)
+    return run(args.config, quick=args.quick, out=args.out, run_id=args.run_id, audit=args.audit)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -209,6 +209,30 @@ def cmd_summary(args: argparse.Namespace) -> int:
           f"steps, {s['wall_s']:.0f} s\nmessages: {msgs}\nfinal checkpoint: size "
           f"{s['final_checkpoint']['size']}, root {s['final_checkpoint']['root']}")
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from clicooper_bus.audit.report import audit_and_write, compare, print_audit
+
+    if args.compare:
+        out = compare([Path(d) for d in args.compare], Path(args.out or "audit-compare"))
+        print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")
+        return 0
+    if not args.run_dir:
+        raise ClicooperError("name a run directory (clicooper audit RUN_DIR) or --compare RUN...")
+    owner = load_public(args.owner_key) if args.owner_key else None
+    witnessed = [Path(f).read_text() for f in args.checkpoint]
+    from clicooper_bus.ml.attacks import select
+
+    attacked, where, doc = audit_and_write(Path(args.run_dir), force=args.force, owner=owner,
+                                           witnessed=witnessed or None,
+                                           out=Path(args.out) if args.out else None,
+                                           attacks=select(args.attacks))
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print_audit(attacked, where, doc)
+    return 0 if attacked else 1
 
 
 def cmd_config_defaults(args: argparse.Namespace) -> int:
@@ -246,10 +270,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a small subset in one epoch (under a minute on 2 cores)")
     r.add_argument("--out", help="output directory (default: the config's run.out_dir)")
     r.add_argument("--run-id", help="run id (default: the config's run.id)")
+    r.add_argument("--audit", action="store_true",
+                   help="an auditor follows the run and writes RUN_DIR/audit/ at its end")
     r.set_defaults(func=cmd_run)
     r = sub.add_parser("summary", help="print a finished run's summary.json readably")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_summary)
+    a = sub.add_parser("audit", help="verify a finished run's log, attack it, write the report "
+                                     "to RUN_DIR/audit/")
+    a.add_argument("run_dir", nargs="?", help="the run directory (holding log/, config.toml, "
+                                              "model.safetensors)")
+    a.add_argument("--force", action="store_true",
+                   help="attack even a log that does not verify (the report says so first)")
+    a.add_argument("--owner-key", help="pin the roster's owner to this public key file")
+    a.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                   help="a checkpoint note seen elsewhere that the log must contain (default: "
+                        "RUN_DIR/checkpoint.txt, the final one the owner saw)")
+    a.add_argument("--out", help="report directory (default RUN_DIR/audit; with --compare "
+                                 "./audit-compare)")
+    a.add_argument("--json", action="store_true", help="print report.json instead of a summary")
+    a.add_argument("--attacks", help="comma-separated attack names (default: the whole suite)")
+    a.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                   help="side-by-side table and figure of runs already audited")
+    a.set_defaults(func=cmd_audit)
     cfgp = sub.add_parser("config", help="run configuration").add_subparsers(dest="cmd",
                                                                             required=True)
     c = cfgp.add_parser("defaults", help="print a complete config with every key documented")

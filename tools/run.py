@@ -5,7 +5,8 @@ effective config to `<out>/<id>/config.toml`, starts broker, notary, owner and t
 separate processes (telemetry of each in `<out>/<id>/telemetry/<name>.jsonl`, the owner's
 progress on the console), and waits. If any process fails, the others are stopped and the
 failing one's last lines are shown. On success it verifies the log against the owner's key and
-the final checkpoint the owner saw, and prints the summary.
+the final checkpoint the owner saw, and prints the summary. With `--audit` an auditor follows
+the run (`services.auditor --follow`) and its report ends up in `<out>/<id>/audit/`.
 """
 
 from __future__ import annotations
@@ -66,24 +67,29 @@ def prepare(config: str | None, overrides: dict, out: str | None,
     return cfg, path
 
 
-def _commands(cfg: RunConfig, config_path: Path) -> list[tuple[str, list[str]]]:
+def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False
+              ) -> list[tuple[str, list[str]]]:
+    """The processes of a run; `audit` adds a following auditor (a string: its --attacks)."""
     py, c = sys.executable, ["--config", str(config_path)]
-    cmds = [("broker", [py, "-m", "services.broker", *c]),
-            ("notary", [py, "-m", "services.notary", *c]),
-            ("owner", [py, "-m", "services.owner", *c])]
+    cmds = [("broker", [py, "-m", "services.broker", *c])]
+    if audit:  # first, so that it is watching before the run can end
+        names = ["--attacks", audit] if isinstance(audit, str) else []
+        cmds.append(("auditor", [py, "-m", "services.auditor", "--follow", *c, *names]))
+    cmds += [("notary", [py, "-m", "services.notary", *c]),
+             ("owner", [py, "-m", "services.owner", *c])]
     cmds += [(t, [py, "-m", "services.trainer", *c, "--name", t]) for t in cfg.participants.trainers]
     return cmds
 
 
 def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
-           timeout_s: float | None = None) -> int:
+           timeout_s: float | None = None, audit: bool | str = False) -> int:
     """Run every process; returns 0 if all succeeded."""
     tel = cfg.run_dir / "telemetry"
     tel.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen] = {}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
-        for name, cmd in _commands(cfg, config_path):
+        for name, cmd in _commands(cfg, config_path, audit):
             procs[name] = subprocess.Popen(
                 cmd, stdout=subprocess.PIPE if name == "owner" else open(tel / f"{name}.out", "w"),
                 stderr=open(tel / f"{name}.jsonl", "w"), env=env, text=True,
@@ -143,13 +149,13 @@ def _report(names: list[str], tel: Path) -> None:
 
 def run(config: str | None, *, quick: bool = False, out: str | None = None,
         run_id: str | None = None, echo: bool = True, timeout_s: float | None = None,
-        free_ports: bool = True) -> int:
+        free_ports: bool = True, audit: bool | str = False) -> int:
     overrides: dict = {k: dict(v) for k, v in QUICK.items()} if quick else {}
     if run_id:
         overrides.setdefault("run", {})["id"] = run_id
     cfg, path = prepare(config, overrides, out, free_ports)
     t0 = time.perf_counter()
-    code = launch(cfg, path, echo=echo, timeout_s=timeout_s)
+    code = launch(cfg, path, echo=echo, timeout_s=timeout_s, audit=audit)
     if code != 0:
         return code
     owner_key = Path(cfg.participants.keys) / f"{cfg.participants.owner}.pub"
@@ -163,6 +169,11 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
     if result.ok:
         print(f"log verified: {result.entries} entries, {result.checkpoints} checkpoints "
               f"({cfg.run_dir / 'log'})")
+        if audit:
+            from clicooper_bus.audit.report import print_audit
+
+            report = json.loads((cfg.run_dir / "audit" / "report.json").read_text())
+            print_audit(not report.get("refused"), cfg.run_dir / "audit", report)
         return 0
     print(f"log verification FAILED: {result.failure}", file=sys.stderr)
     return 1

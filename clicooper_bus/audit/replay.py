@@ -1,0 +1,74 @@
+"""Replay a verified provenance log into the streams each party of the run saw.
+
+The auditor attacks what the log retained: the activations the owner released to the first
+stage (`fwd`, training; `eval_fwd`, evaluation) and the labels it sent to the last stage, each
+with the epoch, batch and step from its signed header. Which samples a batch held is not in the
+log (it would leak them); the auditor recomputes it from the run's seed, as the owner drew it,
+to score attacks against the truth.
+
+Run only on a log that `verify_log` accepted: this module reads, it does not re-check.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clicooper_bus.log import ProvenanceLog
+from clicooper_bus.plan import Plan
+from clicooper_bus.roster import Roster
+from clicooper_bus.wire import DTYPES, parse_header, split_leaf
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One retained message body: a batch the owner sent, with its header's coordinates."""
+
+    kind: str
+    epoch: int
+    batch: int
+    step: int
+    array: np.ndarray
+
+
+@dataclass
+class Replay:
+    roster: Roster
+    plan: Plan
+    released: list[Batch] = field(default_factory=list)  # fwd, owner -> stage 1
+    eval_released: list[Batch] = field(default_factory=list)  # eval_fwd, owner -> stage 1
+    labels: list[Batch] = field(default_factory=list)  # labels, owner -> last stage
+    headers: dict[str, int] = field(default_factory=dict)  # per kind, every header in the log
+    bodies: dict[str, int] = field(default_factory=dict)  # per kind, retained bodies
+
+    @property
+    def epochs(self) -> list[int]:
+        return sorted({b.epoch for b in self.released})
+
+
+_STREAMS = {"fwd": "released", "eval_fwd": "eval_released", "labels": "labels"}
+
+
+def replay(directory: str | os.PathLike[str]) -> Replay:
+    """Read every leaf in log order; keep the owner's releases whose bodies were retained."""
+    with ProvenanceLog.open(directory) as plog:
+        roster = Roster.open(plog.roster_bytes)
+        plan = Plan.from_meta(roster.meta["plan"])
+        out = Replay(roster, plan)
+        owner = roster.owner.key_id
+        for i in range(plog.size):
+            raw, _sig = split_leaf(plog.leaf(i))
+            h = parse_header(raw, plog.limits)
+            out.headers[h.kind] = out.headers.get(h.kind, 0) + 1
+            if h.sender != owner or h.kind not in _STREAMS:
+                continue
+            body = plog.body(h.body_sha256)
+            if body is None:
+                continue
+            out.bodies[h.kind] = out.bodies.get(h.kind, 0) + 1
+            arr = np.frombuffer(bytes(body), dtype=DTYPES[h.dtype]).reshape(h.shape)
+            getattr(out, _STREAMS[h.kind]).append(
+                Batch(h.kind, int(h.epoch), int(h.batch), int(h.step), arr))
+    return out

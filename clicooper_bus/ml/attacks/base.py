@@ -1,0 +1,111 @@
+"""What an attack is: a threat model, and a `run` that sees only what that model allows.
+
+The auditor assembles everything it knows about a run (`Knowledge`) and hands each attack a
+`View` cut down to the fields its `ThreatModel` declares. Reading any other field raises
+`ThreatModelViolation`, so an attack cannot quietly use what its party would not have (the
+training labels, the owner's head, the evaluation images). Attacks return predictions; the
+auditor, which holds the ground truth, scores them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from clicooper_bus.errors import ClicooperError
+
+# Everything a party may be handed, and what it is. The truth (which samples were released,
+# their labels and images, the evaluation half of the test split) is never among them.
+FIELDS: dict[str, str] = {
+    "plan": "the training plan of the signed roster (model, cuts, classes, input shape): "
+            "public to every member",
+    "released": "training activations the owner released to the first stage (attack targets)",
+    "released_labels": "the labels the last stage received for those same steps "
+                       "(obfuscated when the owner obfuscates them)",
+    "eval_pairs": "evaluation activations of public auxiliary images, matched by position in "
+                  "the test split (the owner evaluates through the chain)",
+    "stages": "every trainer's final stage weights",
+    "release": "the owner's final head weights and release mechanism (head, then any privacy "
+               "transform), as a function of images",
+    "aux_images": "public auxiliary images (by default the first half of the test split)",
+    "aux_labels": "labels of the auxiliary images (all, or the first n where declared)",
+}
+
+
+class ThreatModelViolation(ClicooperError):
+    """An attack read a field its threat model does not declare."""
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    party: str  # who attacks, e.g. "trainer-1 (first stage)"
+    sees: frozenset[str]  # names from FIELDS
+    aux: str  # auxiliary knowledge, in words
+    aux_labels: int | None = 0  # labelled aux samples: 0 none, n the first n, None all
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sees) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"threat model names unknown fields {sorted(unknown)}")
+        if (self.aux_labels != 0) != ("aux_labels" in self.sees):
+            raise ValueError("aux_labels must be declared in `sees` exactly when labelled "
+                             "aux samples are given")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"party": self.party, "sees": sorted(self.sees), "aux": self.aux,
+                "aux_labels": "all" if self.aux_labels is None else self.aux_labels}
+
+
+class View:
+    """The fields of `Knowledge` a threat model allows; any other field raises."""
+
+    def __init__(self, threat: ThreatModel, values: dict[str, Any]):
+        self._threat = threat
+        self._values = {k: values.get(k) for k in threat.sees}
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(self._values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._values:
+            return self._values[name]
+        raise ThreatModelViolation(f"the attack read {name!r}, which its threat model "
+                                   f"({self._threat.party}) does not declare")
+
+
+@dataclass
+class Knowledge:
+    """Everything the auditor can hand out, built from the replayed log and the run's files."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def view(self, threat: ThreatModel) -> View:
+        vals = dict(self.values)
+        labels = vals.get("aux_labels")
+        if threat.aux_labels and labels is not None:
+            vals["aux_labels"] = labels[:threat.aux_labels]
+        return View(threat, vals)
+
+
+T = TypeVar("T")
+Track = Callable[[Iterable[T], str, int], Iterator[T]]
+
+
+def no_progress(it: Iterable[T], desc: str, total: int) -> Iterator[T]:
+    return iter(it)
+
+
+class Attack:
+    """A plug-in: `name`, `family` (clustering, inversion or extraction), `threat`, `run`."""
+
+    name: str = ""
+    family: str = ""
+    title: str = ""
+    threat: ThreatModel
+
+    def run(self, view: View, track: Track = no_progress) -> Any:
+        raise NotImplementedError
