@@ -37,9 +37,9 @@ dataset:
 test: setup
 	$(PY) -m pytest
 
-# The main job: five processes from the Procfile (broker, notary, owner, three trainers) train
-# the small CNN on Fashion-MNIST; then the log is verified against the owner's key and the
-# final checkpoint the owner saw.
+# The main job: the processes of the Procfile (broker, notary, owner, three trainers, and an
+# auditor following the run) train the small CNN on Fashion-MNIST and audit it; then the log is
+# verified against the owner's key and the final checkpoint the owner saw.
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/clicooper keys ensure --dir runs/keys owner notary trainer-1 trainer-2 trainer-3
@@ -47,6 +47,8 @@ demo: setup
 	$(VENV)/bin/clicooper log verify $(DEMO_DIR)/log --owner-key runs/keys/owner.pub \
 	  --checkpoint $(DEMO_DIR)/checkpoint.txt
 	$(VENV)/bin/clicooper summary $(DEMO_DIR)
+	@test -f $(DEMO_DIR)/audit/report.json || { echo "no audit report in $(DEMO_DIR)/audit"; exit 1; }
+	@echo "audit report: $(DEMO_DIR)/audit/report.md (figures beside it)"
 
 # The foundation's log demo: signed random tensors, no training.
 logdemo: setup

@@ -201,7 +201,10 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     audit = Audit(run_dir, result, forced=not result.ok)
     if not result.ok and not force:
         raise AuditRefused(result)
-    replayed = replay(run_dir / "log")
+    try:
+        replayed = replay(run_dir / "log")
+    except (ClicooperError, ValueError) as exc:
+        raise ClicooperError(f"the log cannot be read even with --force: {exc}") from None
     cfg = run_config(run_dir, replayed)
     audit.config = cfg
     summary_path = run_dir / "summary.json"
