@@ -64,6 +64,19 @@ def track(it: Iterable[T], desc: str, total: int) -> Iterator[T]:
                   flush=True)
 
 
+def _verify_progress():
+    """A `verify_log` progress callback: one line per quarter of each pass."""
+    shown: set[tuple[str, int]] = set()
+
+    def show(stage: str, done: int, total: int) -> None:
+        quarter = 4 * done // max(1, total)
+        if (stage, quarter) not in shown:
+            shown.add((stage, quarter))
+            print(f"  verifying {stage}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return show
+
+
 @dataclass
 class Truth:
     """What only the auditor knows: indices, images and labels behind the released batches."""
@@ -197,7 +210,7 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
         witnessed = [cp.read_text()]
     print(f"auditor: verifying {run_dir / 'log'}", file=sys.stderr, flush=True)
     result = verify_log(run_dir / "log", owner=owner, witnessed=witnessed,
-                        progress=lambda *_: None)
+                        progress=_verify_progress())
     audit = Audit(run_dir, result, forced=not result.ok)
     if not result.ok and not force:
         raise AuditRefused(result)
