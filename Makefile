@@ -48,6 +48,7 @@ demo: setup
 	  --checkpoint $(DEMO_DIR)/checkpoint.txt
 	$(VENV)/bin/clicooper summary $(DEMO_DIR)
 	@test -f $(DEMO_DIR)/audit/report.json || { echo "no audit report in $(DEMO_DIR)/audit"; exit 1; }
+	@! grep -q '"refused": true' $(DEMO_DIR)/audit/report.json || { echo "the auditor refused the log: see $(DEMO_DIR)/audit/report.md"; exit 1; }
 	@echo "audit report: $(DEMO_DIR)/audit/report.md (figures beside it)"
 
 # The foundation's log demo: signed random tensors, no training.

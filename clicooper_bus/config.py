@@ -65,6 +65,9 @@ class ParticipantsSection:
     notary: str = _doc("notary", "the notary's key name")
     trainers: list = _doc(["trainer-1", "trainer-2", "trainer-3"],
                           "trainer key names, in stage order (1 to 8)")
+    observers: list = _doc([], "auditors following the run (`services.auditor --follow --name "
+                               "NAME`): the owner starts only once they watch, and the notary "
+                               "keeps the finished run open until they are done")
 
 
 @dataclass
@@ -177,7 +180,8 @@ def _cross_checks(cfg: RunConfig, name: str) -> None:
 
     try:
         check_name(cfg.run.id, "run id")
-        for n in [cfg.participants.owner, cfg.participants.notary, *cfg.participants.trainers]:
+        for n in [cfg.participants.owner, cfg.participants.notary, *cfg.participants.trainers,
+                  *cfg.participants.observers]:
             check_name(n, "participant name")
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None

@@ -22,12 +22,11 @@ import zmq
 
 from clicooper_bus.audit.report import audit_and_write, print_audit
 from clicooper_bus.checkpoint import open_checkpoint
-from clicooper_bus.codec import unpack
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.log import default_origin
 from clicooper_bus.ml.attacks import select
-from clicooper_bus.wire import parse_frames
+from clicooper_bus.verifier import Verifier
 from services.common import EXIT_FAIL, EXIT_OK, load, public, run_main
 
 
@@ -38,6 +37,7 @@ class Follower:
         self.cfg, self.name, self.log = cfg, name, log
         self.notary = public(cfg, cfg.participants.notary)
         self.origin = default_origin(cfg.run.id)
+        self.verifier = Verifier({self.notary.key_id: self.notary}, cfg.run.id, partial=True)
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -61,14 +61,18 @@ class Follower:
                         f"running or has died; audit it offline once it has ended: "
                         f"clicooper audit {self.cfg.run_dir}")
                 continue
-            env = parse_frames(self.sub.recv_multipart(copy=True))
-            if env.header.kind != "checkpoint":
+            frames = self.sub.recv_multipart(copy=True)
+            try:  # only the notary's signed, in-order messages count (no replayed "closed")
+                env = self.verifier.verify_frames(frames)
+                doc = env.document()
+                note = doc.get("note") if type(doc) is dict else None
+                if env.header.kind != "checkpoint" or type(note) is not str:
+                    continue
+                cp = open_checkpoint(note, self.notary, self.origin)
+            except ClicooperError as exc:
+                self.log.warning("message refused", error=str(exc))
+                print(f"auditor: refused a message on the checkpoint topic: {exc}", flush=True)
                 continue
-            doc = unpack(env.body)
-            note = doc.get("note") if type(doc) is dict else None
-            if type(note) is not str:
-                continue
-            cp = open_checkpoint(note, self.notary, self.origin)  # raises on a bad signature
             last, seen = time.monotonic(), seen + 1
             self.log.info("checkpoint witnessed", size=cp.size, final=doc.get("final") is True,
                           closed=doc.get("closed") is True)

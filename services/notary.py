@@ -129,7 +129,9 @@ class Notary:
                     break
         # read whatever is still in flight, close the log with a published checkpoint over
         # everything (an auditor audits exactly that), then tell everyone we are closing
-        while (env := bus.recv(0.3)) is not None:
+        # (for at most 2 s: participants beat while they wait for us, so quiet may never come)
+        drain_until = time.monotonic() + 2.0
+        while time.monotonic() < drain_until and (env := bus.recv(0.3)) is not None:
             self.plog.append_envelope(env)
         self._checkpoint(closing=True)
         self._wait_for_observers()

@@ -11,6 +11,7 @@ acknowledges, waits for the notary's final checkpoint and writes `summary.json`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -194,6 +195,9 @@ class Owner:
         everyone = self.stages + [self.cfg.participants.notary]
         print(f"owner: waiting for {', '.join(everyone)} to join run '{run}'", flush=True)
         bus.wait_for_subscribers("hello", everyone, self.cfg.bus.join_timeout_s)
+        if self.cfg.participants.observers:  # so that the notary knows to wait for them
+            bus.wait_for_subscribers("watching", self.cfg.participants.observers,
+                                     self.cfg.bus.join_timeout_s)
         bus.send_bytes("roster", "all", self.roster.sign(self.ident))
         bus.start_beating()
         bus.watch({self.kid[n]: n for n in everyone})
@@ -298,7 +302,9 @@ class Owner:
         bus = self.bus
         accuracy = per_epoch[-1].get("accuracy", float("nan"))
         sent = {k: v for k, v in sent.items() if k != "beat"}
-        bus.send_doc("ack", "all", {"segments": self.stages})
+        # the model's digest goes into the log, so an auditor can tell it is this run's model
+        model_sha = hashlib.sha256((self.run_dir / "model.safetensors").read_bytes()).hexdigest()
+        bus.send_doc("ack", "all", {"segments": self.stages, "model_sha256": model_sha})
         sent["ack"] = sent.get("ack", 0) + 1
         self._wait("the notary's final checkpoint",
                    lambda e: e.header.kind == "checkpoint" and self.final_note is not None)
@@ -311,7 +317,7 @@ class Owner:
             "steps": steps, "test_accuracy": accuracy, "per_epoch": per_epoch,
             "messages": dict(sorted(sent.items())), "wall_s": wall,
             "final_checkpoint": {"size": cp.size, "root": cp.root.hex()},
-            "model_file": "model.safetensors",
+            "model_file": "model.safetensors", "model_sha256": model_sha,
         }
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")

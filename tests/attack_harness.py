@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clicooper_bus.audit.auditor import Audit, Truth, score_attack
+from clicooper_bus.audit.auditor import Audit, Release, Truth, score_attack
 from clicooper_bus.logverify import VerifyResult
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.data import Dataset, to_float
@@ -29,10 +29,7 @@ def build(data: Dataset, plan: Plan, segments, *, released: int = 2000, seed: in
     half = len(data.x_test) // 2
     aux = to_float(data.x_test[:half])
 
-    @torch.no_grad()
-    def release(x: torch.Tensor) -> torch.Tensor:
-        return head(x)
-
+    release = Release(head)
     acts = release(to_float(data.x_train[idx])).numpy()
     got = (data.y_train if received is None else received)[idx]
     pairs = (aux[:eval_pairs], release(aux[:eval_pairs]).numpy()) if eval_pairs else None
@@ -52,6 +49,7 @@ def build(data: Dataset, plan: Plan, segments, *, released: int = 2000, seed: in
     owner = float((out.argmax(1).numpy() == truth.eval_labels).mean())
     audit = Audit(Path("."), VerifyResult(log="in-process", ok=True))
     audit.settings["owner_accuracy_eval_half"] = owner
+    audit.classes = plan.classes
     return k, truth, audit
 
 

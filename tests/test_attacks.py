@@ -148,6 +148,24 @@ def test_declared_views_only(syn):
     assert len(aux) == 1000  # the first half of a 2,000-image test split, never the second
 
 
+def test_views_are_private_copies(syn):
+    """An attack cannot reach past its fields through a view's arrays, nor change what the
+    auditor scores against or what the next attack gets."""
+    knowledge, truth, _ = syn
+    view = knowledge.view(ExtractionAttack(10).threat)
+    assert view.aux_labels.base is None and not view.aux_labels.flags.writeable
+    assert not view.released.flags.writeable
+    view.aux_images.zero_()
+    assert float(knowledge.values["aux_images"].abs().sum()) > 0
+    assert float(abs(truth.aux).sum()) > 0
+    stage = view.stages[0]
+    for p in stage.parameters():
+        p.data.zero_()
+    assert any(float(p.detach().abs().sum()) > 0 for p in knowledge.values["stages"][0].parameters())
+    release = knowledge.view(WhiteBoxDecoder().threat).release
+    assert release is not knowledge.values["release"]
+
+
 def test_an_attack_reading_beyond_its_threat_model_fails(syn):
     knowledge, _, _ = syn
 

@@ -22,8 +22,10 @@ QUICK_ATTACKS = "clustering,class-mean"
 def audited(tmp_path_factory) -> Path:
     """A synthetic run with an auditor following it (two cheap attacks)."""
     tmp = tmp_path_factory.mktemp("audit")
-    cfg = write_config(tmp, run_id="aud", trainers=2, run={"epochs": 1},
-                       data={"name": "synthetic"})
+    # two epochs: the attacked releases (the first 16 batches of the last epoch) then come from
+    # a head close to the final one the white-box attackers are given
+    cfg = write_config(tmp, run_id="aud", trainers=2, run={"epochs": 2},
+                       data={"name": "synthetic"})  # the launcher adds the auditor as observer
     assert run(str(cfg), echo=False, free_ports=False, timeout_s=240,
                audit=QUICK_ATTACKS) == 0
     return tmp / "runs" / "aud"
@@ -34,12 +36,18 @@ def test_follow_mode_writes_the_report(audited):
     doc = json.loads((report / "report.json").read_text())
     assert doc["forced"] is False and doc["integrity"]["ok"] is True
     assert [a["name"] for a in doc["attacks"]] == ["clustering", "class-mean"]
-    # it audited the closed log: nothing was appended after the checkpoint it witnessed
-    assert doc["integrity"]["entries"] == doc["integrity"]["tree_size"]
+    # it audited the closed log: the latest checkpoint covers every entry, and nothing was
+    # appended after the audit
+    assert doc["integrity"]["uncovered"] == 0
     from clicooper_bus.log import ProvenanceLog
 
     with ProvenanceLog.open(audited / "log") as plog:
         assert plog.size == doc["integrity"]["entries"]
+        assert plog.checkpoint_at(plog.checkpoint_count - 1).size == plog.size
+    # the replay put the right images behind the released activations: a classifier on them
+    # reaches the true class-mean line (a misaligned replay would fall far below it)
+    cm = next(a for a in doc["attacks"] if a["name"] == "class-mean")
+    assert abs(cm["ssim"] - cm["floors"]["class_mean"]) < 0.05, cm
     md = (report / "report.md").read_text()
     assert md.splitlines()[0].startswith("Integrity: the log verified")
     assert "| Label inference by clustering" in md and "chance" in md
@@ -129,6 +137,39 @@ def test_a_config_that_is_not_the_runs_is_refused(audited, tmp_path):
     cfg = run_dir / "config.toml"
     cfg.write_text(cfg.read_text().replace("train_limit = 0", "train_limit = 100"))
     with pytest.raises(Exception, match="not the configuration the roster commits to"):
+        audit_run(run_dir, attacks=[])
+
+
+def test_replay_aligns_releases_with_their_samples(audited):
+    """The labels the last stage received for each released batch are the true labels of the
+    samples the auditor recomputes for it: batch order, epoch and step line up."""
+    from clicooper_bus.audit.auditor import gather, load_model, run_config
+    from clicooper_bus.audit.replay import replay
+    from clicooper_bus.ml.data import load_dataset
+
+    r = replay(audited / "log")
+    cfg = run_config(audited, r)
+    data = load_dataset(cfg.data.name, None, cfg.run.seed)
+    knowledge, truth, info = gather(r, data, load_model(audited, r.plan, r.ack), cfg)
+    # fwd=sample:16 at batch 32, both epochs (the latest first), fewer than the 2,000 wanted
+    assert info["released_samples"] == len(truth.labels) == 2 * 16 * 32
+    assert info["released_epochs"] == [0, 1]
+    assert (knowledge.values["released_labels"] == truth.labels).all()
+    aux = knowledge.view(attack_threat("aux_labels")).aux_labels
+    assert aux.base is None and not aux.flags.writeable  # no way back to the test split
+
+
+def attack_threat(*fields):
+    from clicooper_bus.ml.attacks.base import ThreatModel
+
+    return ThreatModel("test", frozenset(fields), "", aux_labels=None)
+
+
+def test_a_replaced_model_is_refused(audited, tmp_path):
+    run_dir = _copy(audited, tmp_path / "aud")
+    model = run_dir / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-1] + b" ")
+    with pytest.raises(Exception, match="not the model the owner acknowledged"):
         audit_run(run_dir, attacks=[])
 
 

@@ -153,6 +153,9 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
     overrides: dict = {k: dict(v) for k, v in QUICK.items()} if quick else {}
     if run_id:
         overrides.setdefault("run", {})["id"] = run_id
+    if audit:
+        observers = load_config(config).participants.observers
+        overrides.setdefault("participants", {})["observers"] = sorted({*observers, "auditor"})
     cfg, path = prepare(config, overrides, out, free_ports)
     t0 = time.perf_counter()
     code = launch(cfg, path, echo=echo, timeout_s=timeout_s, audit=audit)

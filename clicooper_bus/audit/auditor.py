@@ -9,6 +9,7 @@ batch held, their images and labels, the evaluation half of the test split); att
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -77,6 +78,19 @@ def _verify_progress():
     return show
 
 
+class Release(torch.nn.Module):
+    """The owner's release path as a white-box attacker knows it: the head, then the privacy
+    transform (none is configured yet). A module, so each view gets its own copy."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
 @dataclass
 class Truth:
     """What only the auditor knows: indices, images and labels behind the released batches."""
@@ -101,6 +115,7 @@ class Audit:
     results: list[dict[str, Any]] = field(default_factory=list)
     references: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)  # name -> arrays for the report
+    classes: int = 0
     wall_s: float = 0.0
 
 
@@ -117,19 +132,33 @@ def run_config(run_dir: Path, replayed: Replay) -> RunConfig:
     return cfg
 
 
-def load_model(run_dir: Path, plan) -> list[torch.nn.Sequential]:
-    from safetensors.torch import load_file
+def load_model(run_dir: Path, plan, ack: dict | None) -> list[torch.nn.Sequential]:
+    """The delivered model, checked against the digest the owner acknowledged in the log."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
 
     path = run_dir / "model.safetensors"
     if not path.exists():
         raise ClicooperError(f"{path} is missing: the run did not finish delivering its model")
-    weights = load_file(path)
+    data = path.read_bytes()
+    logged = (ack or {}).get("model_sha256")
+    if logged is None:
+        raise ClicooperError("the log holds no owner acknowledgement with the model's digest: "
+                             "the run did not end normally, so its model cannot be tied to it")
+    if hashlib.sha256(data).hexdigest() != logged:
+        raise ClicooperError(f"{path} is not the model the owner acknowledged in the log "
+                             f"(sha256 {hashlib.sha256(data).hexdigest()[:16]}..., log "
+                             f"{str(logged)[:16]}...): it was replaced after the run")
     segments = build_segments(plan.spec(), plan.cuts, plan.seed)
-    for i, seg in enumerate(segments):
-        prefix = f"seg{i}."
-        seg.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
-                             if k.startswith(prefix)}, strict=True)
-        seg.eval()
+    try:
+        weights = st_load(data)
+        for i, seg in enumerate(segments):
+            prefix = f"seg{i}."
+            seg.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                 if k.startswith(prefix)}, strict=True)
+            seg.eval()
+    except (SafetensorError, RuntimeError, KeyError) as exc:
+        raise ClicooperError(f"{path} does not fit the run's model plan: {exc}") from None
     return segments
 
 
@@ -156,7 +185,11 @@ def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig
     labels_by_step = {b.step: b.array for b in replayed.labels}
     index, acts, received = [], [], []
     for b in chosen:
-        idx = batch_order(len(data.x_train), plan.batch_size, plan.seed, b.epoch)[b.batch]
+        order = batch_order(len(data.x_train), plan.batch_size, plan.seed, b.epoch)
+        if not 0 <= b.batch < len(order):
+            raise ClicooperError(f"released batch {b.batch} of epoch {b.epoch} does not exist in "
+                                 f"a {len(order)}-batch epoch of this run's data")
+        idx = order[b.batch]
         if len(idx) != len(b.array):
             raise ClicooperError(f"released batch {b.batch} of epoch {b.epoch} holds "
                                  f"{len(b.array)} samples, the run's batch order says {len(idx)}: "
@@ -169,15 +202,11 @@ def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig
     aux = to_float(data.x_test[:half])
     head, stages = segments[0], segments[1:]
 
-    @torch.no_grad()
-    def release(x: torch.Tensor) -> torch.Tensor:
-        return head(x)  # no privacy transform is configured on the release path yet
-
     pairs = _eval_pairs(replayed, aux, plan.batch_size)
     knowledge = Knowledge({
         "plan": plan, "released": np.concatenate(acts).astype(np.float32),
         "released_labels": np.concatenate(received).astype(np.int64), "eval_pairs": pairs,
-        "stages": stages, "release": release, "aux_images": aux, "aux_labels": data.y_test[:half]})
+        "stages": stages, "release": Release(head), "aux_images": aux, "aux_labels": data.y_test[:half]})
     truth = Truth(index, data.x_train[index].astype(np.float32) / 255.0, data.y_train[index],
                   to_float(data.x_test[half:]), data.y_test[half:], aux.numpy(), data.y_test[:half])
     epochs = sorted({b.epoch for b in chosen})
@@ -211,6 +240,8 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     print(f"auditor: verifying {run_dir / 'log'}", file=sys.stderr, flush=True)
     result = verify_log(run_dir / "log", owner=owner, witnessed=witnessed,
                         progress=_verify_progress())
+    print(f"auditor: log {'verified' if result.ok else 'did NOT verify'}: {result.entries} "
+          f"entries, {result.checkpoints} checkpoints", file=sys.stderr, flush=True)
     audit = Audit(run_dir, result, forced=not result.ok)
     if not result.ok and not force:
         raise AuditRefused(result)
@@ -220,11 +251,12 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
         raise ClicooperError(f"the log cannot be read even with --force: {exc}") from None
     cfg = run_config(run_dir, replayed)
     audit.config = cfg
+    audit.classes = replayed.plan.classes
     summary_path = run_dir / "summary.json"
     audit.summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed).limit(
         cfg.data.train_limit or None, cfg.data.test_limit or None)
-    segments = load_model(run_dir, replayed.plan)
+    segments = load_model(run_dir, replayed.plan, replayed.ack)
     knowledge, truth, info = gather(replayed, data, segments, cfg)
     owner_acc = scoring.accuracy(_predict(assemble(segments), truth.eval_images), truth.eval_labels)
     audit.settings = {
@@ -237,7 +269,7 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
         a0 = time.perf_counter()
         out = attack.run(knowledge.view(attack.threat), progress)
         row = {"name": attack.name, "family": attack.family, "title": attack.title,
-               "threat_model": attack.threat.to_json(), **score_attack(attack, out, truth, audit)}
+               "threat_model": attack.threat.to_json(), **score_attack(attack, out, truth, audit, progress)}
         row["wall_s"] = round(time.perf_counter() - a0, 1)
         audit.results.append(row)
     audit.wall_s = time.perf_counter() - t0
@@ -249,7 +281,8 @@ def _predict(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         return torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]).numpy()
 
 
-def score_attack(attack: Attack, out: Any, truth: Truth, audit: Audit) -> dict[str, Any]:
+def score_attack(attack: Attack, out: Any, truth: Truth, audit: Audit,
+                 progress=track) -> dict[str, Any]:
     refs = audit.references
     if attack.family == "clustering":
         truth_labels = truth.labels[:len(next(iter(out.values())))]
@@ -258,8 +291,8 @@ def score_attack(attack: Attack, out: Any, truth: Truth, audit: Audit) -> dict[s
         if "raw_pixels" not in refs:
             from clicooper_bus.ml.attacks.clustering import cluster_variants
 
-            raw = cluster_variants(truth.images[:len(truth_labels)], int(truth_labels.max()) + 1,
-                                   track=track, desc="clustering raw pixels (reference)")
+            raw = cluster_variants(truth.images[:len(truth_labels)], audit.classes,
+                                   track=progress, desc="clustering raw pixels (reference)")
             rv = {v: scoring.clustering_scores(p, truth_labels) for v, p in raw.items()}
             rbest = max(rv, key=lambda v: rv[v]["ari"])
             refs["raw_pixels"] = {"variant": rbest, **rv[rbest]}
@@ -268,24 +301,33 @@ def score_attack(attack: Attack, out: Any, truth: Truth, audit: Audit) -> dict[s
     if attack.family == "inversion":
         recon = np.asarray(out, np.float32)
         originals = truth.images[:len(recon)]
-        if "inversion_floors" not in refs:
-            refs["inversion_floors"] = scoring.inversion_floors(
+        floors_by_n = refs.setdefault("inversion_floors", {})
+        if str(len(recon)) not in floors_by_n:  # floors over exactly the samples scored
+            floors_by_n[str(len(recon))] = scoring.inversion_floors(
                 originals, truth.labels[:len(recon)], truth.aux, truth.aux_labels)
         audit.figures.setdefault("originals", originals[:10])
         audit.figures[attack.name] = recon[:10]
-        floors = refs["inversion_floors"]
+        floors = floors_by_n[str(len(recon))]
         s = scoring.mean_ssim(recon, originals)
-        return {"samples": len(recon), "ssim": s, "floors": floors,
-                "above_mean_image": s - floors["mean_image"]}
+        row = {"samples": len(recon), "ssim": s, "floors": floors,
+               "above_mean_image": s - floors["mean_image"]}
+        if len(recon) < INVERT_SAMPLES:
+            row["warning"] = (f"only {len(recon)} released activations were retained; the "
+                              f"SSIM of fewer than {INVERT_SAMPLES} samples is noisy (keep more "
+                              f"with [log] retention fwd=sample:N)")
+        return row
     if attack.family == "extraction":
         assert isinstance(out, Surrogate)
         pred = out.predict(truth.eval_images)
         acc = (scoring.accuracy(pred, truth.eval_labels) if out.named
                else scoring.hungarian_accuracy(pred, truth.eval_labels))
+        # unnamed groups are matched to classes after the fact, which lifts chance too
+        chance = (scoring.chance_accuracy(truth.eval_labels) if out.named
+                  else scoring.matched_chance(pred, truth.eval_labels))
         return {"samples": len(truth.eval_labels), "accuracy": acc,
                 "mapping": "soft vote of labelled samples" if out.named
                 else "best consistent mapping (Hungarian, scored by the auditor)",
-                "chance": scoring.chance_accuracy(truth.eval_labels),
+                "chance": chance,
                 "owner_accuracy": audit.settings["owner_accuracy_eval_half"], "how": out.how}
     raise ClicooperError(f"attack {attack.name} has unknown family {attack.family!r}")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clicooper_bus.codec import unpack
 from clicooper_bus.log import ProvenanceLog
 from clicooper_bus.plan import Plan
 from clicooper_bus.roster import Roster
@@ -40,6 +41,8 @@ class Replay:
     released: list[Batch] = field(default_factory=list)  # fwd, owner -> stage 1
     eval_released: list[Batch] = field(default_factory=list)  # eval_fwd, owner -> stage 1
     labels: list[Batch] = field(default_factory=list)  # labels, owner -> last stage
+    ack: dict | None = None  # the owner's end-of-run acknowledgement (holds the model digest)
+    skipped: int = 0  # releases whose header lacks epoch, batch or step (only in a forged log)
     headers: dict[str, int] = field(default_factory=dict)  # per kind, every header in the log
     bodies: dict[str, int] = field(default_factory=dict)  # per kind, retained bodies
 
@@ -62,10 +65,17 @@ def replay(directory: str | os.PathLike[str]) -> Replay:
             raw, _sig = split_leaf(plog.leaf(i))
             h = parse_header(raw, plog.limits)
             out.headers[h.kind] = out.headers.get(h.kind, 0) + 1
-            if h.sender != owner or h.kind not in _STREAMS:
+            if h.sender != owner or h.kind not in (*_STREAMS, "ack"):
                 continue
             body = plog.body(h.body_sha256)
             if body is None:
+                continue
+            if h.kind == "ack":
+                doc = unpack(body)
+                out.ack = doc if type(doc) is dict else None
+                continue
+            if h.epoch is None or h.batch is None or h.step is None or h.dtype is None:
+                out.skipped += 1
                 continue
             out.bodies[h.kind] = out.bodies.get(h.kind, 0) + 1
             arr = np.frombuffer(bytes(body), dtype=DTYPES[h.dtype]).reshape(h.shape)

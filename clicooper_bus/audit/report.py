@@ -171,6 +171,7 @@ def write_report(audit: Audit, out: Path | None = None) -> Path:
     per file, so a crash never leaves half a report under the final name."""
     out = Path(out) if out else audit.run_dir / "audit"
     out.mkdir(parents=True, exist_ok=True)
+    _remove_figures(out)  # an earlier audit's figures must not sit beside this report
     doc = to_json(audit)
     _atomic(out / "report.json", json.dumps(doc, indent=2, default=_plain) + "\n")
     _atomic(out / "report.md", to_markdown(doc))
@@ -192,10 +193,16 @@ def refusal_markdown(audit: Audit) -> str:
 def write_refusal(audit: Audit, out: Path | None = None) -> Path:
     out = Path(out) if out else audit.run_dir / "audit"
     out.mkdir(parents=True, exist_ok=True)
+    _remove_figures(out)
     doc = {"refused": True, "run_id": audit.run_dir.name, "integrity": audit.integrity.to_json()}
     _atomic(out / "report.json", json.dumps(doc, indent=2, default=_plain) + "\n")
     _atomic(out / "report.md", refusal_markdown(audit))
     return out
+
+
+def _remove_figures(out: Path) -> None:
+    for name in ("reconstructions.png", "scores.png"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _plain(o: Any) -> Any:

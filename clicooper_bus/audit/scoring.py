@@ -40,9 +40,15 @@ def success_rate(pred: np.ndarray, truth: np.ndarray) -> float:
     return found / max(1, len(classes))
 
 
-def clustering_scores(pred: np.ndarray, truth: np.ndarray, seed: int = 0) -> dict[str, float]:
+def matched_chance(pred: np.ndarray, truth: np.ndarray, seed: int = 0) -> float:
+    """What Hungarian matching gives predictions that carry no information: the same group
+    sizes, assigned at random (shuffled), matched to the classes."""
     rng = np.random.default_rng(seed)
-    chance = float(np.mean([hungarian_accuracy(rng.permutation(pred), truth) for _ in range(5)]))
+    return float(np.mean([hungarian_accuracy(rng.permutation(pred), truth) for _ in range(5)]))
+
+
+def clustering_scores(pred: np.ndarray, truth: np.ndarray, seed: int = 0) -> dict[str, float]:
+    chance = matched_chance(pred, truth, seed)
     return {"ari": float(adjusted_rand_score(truth, pred)),
             "nmi": float(normalized_mutual_info_score(truth, pred)),
             "ami": float(adjusted_mutual_info_score(truth, pred)),

@@ -84,11 +84,36 @@ class Knowledge:
     values: dict[str, Any] = field(default_factory=dict)
 
     def view(self, threat: ThreatModel) -> View:
-        vals = dict(self.values)
-        labels = vals.get("aux_labels")
-        if threat.aux_labels and labels is not None:
-            vals["aux_labels"] = labels[:threat.aux_labels]
+        """A view holding private copies of the declared fields only: numpy arrays copied and
+        read-only (a slice would keep the whole array, e.g. the evaluation half, reachable
+        through `.base`), tensors cloned, modules deep-copied, so that no attack can read past
+        its fields or change what the auditor scores against or hands the next attack."""
+        vals = {}
+        for name in threat.sees:
+            value = self.values.get(name)
+            if name == "aux_labels" and threat.aux_labels and value is not None:
+                value = value[:threat.aux_labels]
+            vals[name] = _private(value)
         return View(threat, vals)
+
+
+def _private(value: Any) -> Any:
+    import copy
+
+    import numpy as np
+    import torch
+
+    if isinstance(value, np.ndarray):
+        out = np.array(value, copy=True)
+        out.setflags(write=False)
+        return out
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple | list):
+        return type(value)(_private(v) for v in value)
+    if isinstance(value, torch.nn.Module):
+        return copy.deepcopy(value)
+    return value  # the plan (frozen) and the release function (see Knowledge.release)
 
 
 T = TypeVar("T")

@@ -53,7 +53,7 @@ def group_pseudo_classes(tail: nn.Module, released: np.ndarray, received: np.nda
     """Group the tail's outputs into `classes` groups: pseudo-classes of one true class share a
     softmax profile (the model cannot tell them apart), so cluster the profiles."""
     with torch.no_grad():
-        p = apply(tail, torch.as_tensor(np.asarray(released, np.float32))).softmax(1).numpy()
+        p = apply(tail, torch.tensor(np.asarray(released, np.float32))).softmax(1).numpy()
     outputs = p.shape[1]
     if outputs <= classes:
         return np.arange(outputs)
@@ -66,7 +66,7 @@ def fit_head(view: View, seed: int, track: Track) -> tuple[nn.Module, str]:
     pairs = view.eval_pairs
     if pairs is not None and len(pairs[0]) >= 64:
         x, a = pairs
-        a = torch.as_tensor(np.asarray(a, np.float32))
+        a = torch.tensor(np.asarray(a, np.float32))
         torch.manual_seed(seed)
         sim = head_clone(view.plan, seed=seed + 3).train()
         opt = torch.optim.Adam(sim.parameters(), lr=2e-3)

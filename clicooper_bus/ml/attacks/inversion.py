@@ -24,7 +24,7 @@ from clicooper_bus.ml.attacks.nets import (
 
 
 def _targets(view: View, n: int) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(view.released[:n], dtype=np.float32))
+    return torch.tensor(np.asarray(view.released[:n], dtype=np.float32))
 
 
 class WhiteBoxDecoder(Attack):
@@ -105,7 +105,7 @@ class SDARInversion(Attack):
 
     def run(self, view: View, track: Track = no_progress) -> np.ndarray:
         sim, dec = train_simulator(view, epochs=self.epochs, adv=self.adv, seed=self.seed,
-                                   track=track, labels=torch.as_tensor(view.aux_labels),
+                                   track=track, labels=torch.tensor(view.aux_labels),
                                    decoder=True, desc="SDAR: simulator and decoder epochs")
         return apply(dec, _targets(view, self.targets)).numpy()
 
@@ -118,7 +118,7 @@ def train_simulator(view: View, *, epochs: int, adv: float, seed: int, track: Tr
     gen = seeded(seed)
     torch.manual_seed(seed)
     aux = view.aux_images
-    real = torch.as_tensor(np.asarray(view.released, dtype=np.float32))
+    real = torch.tensor(np.asarray(view.released, dtype=np.float32))
     tail = nn.Sequential(*[layer for s in view.stages for layer in s]).eval()
     for p in tail.parameters():
         p.requires_grad_(False)
@@ -179,7 +179,7 @@ class ClassMeanAttack(Attack):
         self.targets, self.epochs, self.seed = targets, epochs, seed
 
     def run(self, view: View, track: Track = no_progress) -> np.ndarray:
-        aux, y = view.aux_images, torch.as_tensor(view.aux_labels)
+        aux, y = view.aux_images, torch.tensor(view.aux_labels)
         k = view.plan.classes
         torch.manual_seed(self.seed)
         acts = torch.cat([view.release(aux[i:i + 512]) for i in range(0, len(aux), 512)])
