@@ -14,11 +14,19 @@ signals `run/<id>/done/<name>`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import zmq
+from services import USER_OMP_POLICY
+
+if not USER_OMP_POLICY:
+    # the audit runs once the run is idle: spinning OpenMP threads take no core from anyone
+    # then, and made the audit's training loops about 25 % faster than passive waiting
+    os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
+
+import zmq  # noqa: E402  (after the OpenMP policy, before torch is imported)
 
 from clicooper_bus.audit.report import audit_and_write, print_audit
 from clicooper_bus.checkpoint import open_checkpoint
