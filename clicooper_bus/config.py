@@ -107,6 +107,19 @@ class LogSection:
 
 
 @dataclass
+class WatermarkSection:
+    enabled: bool = _doc(True, "each trainer embeds a chained watermark in its stage every "
+                               "round and the notary certifies it (stages without weights "
+                               "carry none)")
+    bits: int = _doc(64, "watermark bits T per stage and round", min=8)
+    strength: float = _doc(0.1, "lambda of the watermark regulariser "
+                                "lambda * BCE(sigmoid(X w), b)", min=0.0)
+    threshold: float = _doc(0.2, "a stage verifies with at most this fraction of its bits "
+                                 "wrong (at T = 64, 0.2: a mark-free stage passes with "
+                                 "probability 2.3e-7)", min=0.0)
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -114,6 +127,7 @@ class RunConfig:
     participants: ParticipantsSection = field(default_factory=ParticipantsSection)
     bus: BusSection = field(default_factory=BusSection)
     log: LogSection = field(default_factory=LogSection)
+    watermark: WatermarkSection = field(default_factory=WatermarkSection)
 
     @property
     def run_dir(self) -> Path:
@@ -129,7 +143,7 @@ class RunConfig:
 
 def _check(where: str, f: Any, value: Any) -> Any:
     typ = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float,
-                                                    "list": list}[f.type]
+                                                    "list": list, "bool": bool}[f.type]
     if typ is float and type(value) is int:
         value = float(value)
     if type(value) is not typ:

@@ -40,5 +40,11 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("beat", "msgpack", SMALL, "liveness, about once a second from everyone"),
         KindSpec("end", "msgpack", SMALL, "the owner ends training: trainers deliver segments"),
         KindSpec("ack", "msgpack", SMALL, "the owner has every segment: the notary closes the log"),
+        KindSpec("round", "msgpack", SMALL, "the owner starts or ends a watermark round"),
+        KindSpec("wm_commit", "msgpack", SMALL, "a trainer commits to its watermark key of a "
+                                                "stage and round, before the round"),
+        KindSpec("wm_claim", "msgpack", SMALL, "a trainer claims a round: its weights' hash "
+                                               "and the bits they carry"),
+        KindSpec("wm_cert", "msgpack", SMALL, "the notary's certificate of a claim"),
     )
 }

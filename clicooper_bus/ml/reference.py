@@ -42,13 +42,19 @@ def evaluate(trainers: list[SegmentTrainer], x: np.ndarray, y: np.ndarray,
 def train_reference(data: Dataset, spec: ModelSpec, cuts: tuple[int, ...], *, seed: int,
                     epochs: int, batch_size: int, lr: float, max_steps: int | None = None,
                     evaluate_each_epoch: bool = True,
-                    progress: Callable[[dict], None] | None = None) -> ReferenceResult:
+                    progress: Callable[[dict], None] | None = None,
+                    regularizers: Callable[[int, list], dict] | None = None) -> ReferenceResult:
+    """`regularizers(epoch, segments)` may return {segment index: loss function} for an
+    epoch (the watermark of each stage in each round)."""
     segments = build_segments(spec, cuts, seed)
     trainers = [SegmentTrainer(s, lr=lr, is_head=(i == 0)) for i, s in enumerate(segments)]
     result = ReferenceResult(segments)
     step = 0
     for epoch in range(epochs):
         t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        if regularizers is not None:
+            for i, fn in regularizers(epoch, segments).items():
+                trainers[i].regularizer = fn
         for idx in batch_order(len(data.x_train), batch_size, seed, epoch):
             if max_steps is not None and step >= max_steps:
                 break

@@ -9,6 +9,7 @@ data) and take one optimiser step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ class SegmentTrainer:
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=lr) if params else None
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # a loss on the segment's own weights added at every step (a watermark), or None
+        self.regularizer: Callable[[], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Training forward; the returned activation is detached (it crosses the network)."""
@@ -40,6 +43,8 @@ class SegmentTrainer:
         return out.detach()
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.regularizer is not None:  # e.g. a watermark: its gradient joins the step's
+            self.regularizer().backward()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

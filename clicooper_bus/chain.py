@@ -1,0 +1,128 @@
+"""The watermark chain of a run: what a commitment and a claim say, and the rules that link
+each stage-round to the ones before it. The notary applies them as messages arrive, `clicooper
+model verify` applies them to a bundle of certificates; both use `check_commit`.
+
+Link of stage k, round t: `prev_link` is stage k-1's commitment in round t (the digest of the
+signed roster for k = 1); `prev_round` is the digest (SHA-256 of the logged leaf) of stage k's
+claim in round t-1 (zeros in round 0); `log_root` is the root of the log at `log_size`, a tree
+the notary had when the trainer committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from clicooper_bus import watermark as wm
+
+
+def roster_digest(roster_bytes: bytes) -> bytes:
+    return hashlib.sha256(roster_bytes).digest()
+
+
+def weights_digest(module) -> bytes:
+    """SHA-256 over the safetensors bytes of a stage's weights (no metadata), the same
+    whether the trainer holds the stage or it is cut out of the assembled model."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous() for k, v in sorted(module.state_dict().items())}
+    return hashlib.sha256(save(state)).digest() if state else hashlib.sha256(b"").digest()
+
+
+@dataclass(frozen=True)
+class Commit:
+    stage: int
+    round: int
+    commitment: bytes
+    prev_link: bytes
+    prev_round: bytes
+    log_size: int
+    log_root: bytes
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"stage": self.stage, "round": self.round, "commitment": self.commitment,
+                "prev_link": self.prev_link, "prev_round": self.prev_round,
+                "log_size": self.log_size, "log_root": self.log_root}
+
+    @classmethod
+    def from_doc(cls, d: Any) -> Commit:
+        try:
+            c = cls(int(d["stage"]), int(d["round"]), bytes(d["commitment"]),
+                    bytes(d["prev_link"]), bytes(d["prev_round"]), int(d["log_size"]),
+                    bytes(d["log_root"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed watermark commitment: {exc}") from None
+        if any(len(b) != 32 for b in (c.commitment, c.prev_link, c.prev_round, c.log_root)):
+            raise ValueError("malformed watermark commitment: digests must be 32 bytes")
+        return c
+
+    def link(self, run_id: str, trainer_key: bytes) -> wm.Link:
+        return wm.Link(run_id, self.stage, self.round, trainer_key, self.prev_link,
+                       self.prev_round, self.log_root)
+
+
+@dataclass(frozen=True)
+class Claim:
+    stage: int
+    round: int
+    commitment: bytes
+    weights_sha256: bytes
+    bits: bytes  # packed extracted bits (empty for a stage without weights)
+    nbits: int
+    bit_errors: int
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"stage": self.stage, "round": self.round, "commitment": self.commitment,
+                "weights_sha256": self.weights_sha256, "bits": self.bits, "nbits": self.nbits,
+                "bit_errors": self.bit_errors}
+
+    @classmethod
+    def from_doc(cls, d: Any) -> Claim:
+        try:
+            c = cls(int(d["stage"]), int(d["round"]), bytes(d["commitment"]),
+                    bytes(d["weights_sha256"]), bytes(d["bits"]), int(d["nbits"]),
+                    int(d["bit_errors"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed watermark claim: {exc}") from None
+        if len(c.commitment) != 32 or len(c.weights_sha256) != 32:
+            raise ValueError("malformed watermark claim: digests must be 32 bytes")
+        return c
+
+
+def make_claim(commit: Commit, key: bytes, module, nbits: int) -> Claim:
+    """What a trainer claims at the end of a round: its weights and the bits they carry."""
+    if wm.carrier(module) is None:
+        return Claim(commit.stage, commit.round, commit.commitment, weights_digest(module),
+                     b"", 0, 0)
+    got = wm.extract(key, module, nbits)
+    errors = int((got != wm.bits(key, nbits)).sum())
+    return Claim(commit.stage, commit.round, commit.commitment, weights_digest(module),
+                 np.packbits(got).tobytes(), nbits, errors)
+
+
+def check_commit(c: Commit, *, run_id: str, trainer_key: bytes, roster: bytes,
+                 prev_commitment: bytes | None, prev_claim: bytes | None,
+                 root_at: Any) -> str | None:
+    """Why this commitment breaks the chain, or None if it holds. `prev_commitment`: stage
+    k-1's commitment in this round (None if there is none); `prev_claim`: the digest of this
+    stage's claim in the previous round; `root_at(size)`: the log's root at a size, or None."""
+    want_link = roster_digest(roster) if c.stage == 1 else prev_commitment
+    if want_link is None:
+        return f"stage {c.stage - 1} has no commitment for round {c.round} before it"
+    if c.prev_link != want_link:
+        return (f"prev_link is not {'the roster digest' if c.stage == 1 else f'stage {c.stage - 1}'}"
+                f"{'' if c.stage == 1 else chr(39) + 's commitment'} of round {c.round}")
+    want_round = wm.ZERO if c.round == 0 else prev_claim
+    if want_round is None:
+        return f"stage {c.stage} has no claim for round {c.round - 1} (a skipped round)"
+    if c.prev_round != want_round:
+        return f"prev_round is not stage {c.stage}'s claim of round {c.round - 1}"
+    root = root_at(c.log_size)
+    if root is None or root != c.log_root:
+        return f"log_root is not the log's root at size {c.log_size}"
+    if wm.commitment(c.link(run_id, trainer_key).key()) != c.commitment:
+        return "the commitment is not to the key its own inputs derive"
+    return None
