@@ -19,9 +19,11 @@ import sys
 import time
 
 from clicooper_bus.bus import Bus, BusError
+from clicooper_bus.certificate import Certificate, issue
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import RosterError
 from clicooper_bus.log import ProvenanceLog
+from clicooper_bus.registry import WatermarkRegistry
 from clicooper_bus.roster import Roster
 from clicooper_bus.verifier import Verifier
 from clicooper_bus.wire import Envelope
@@ -89,6 +91,9 @@ class Notary:
         self.roster = roster
         self.bus.verifier.use_roster(roster)
         self.plog.append_envelope(env)
+        plog = self.plog
+        self.registry = WatermarkRegistry(
+            roster, bytes(env.body), root_at=lambda n: plog.tree.root(n) if n <= plog.size else None)
         self.bus.start_beating()
         self.bus.watch({m.key_id: m.name for m in roster.members if m.role != "notary"})
         self.log.info("log created", path=str(run_dir / "log"), members=len(roster.members))
@@ -112,7 +117,8 @@ class Notary:
                 self.log.error("chain gap", rejected=dict(bus.verifier.rejected))
                 return EXIT_FAIL
             if env is not None:
-                self.plog.append_envelope(env)
+                index = self.plog.append_envelope(env)
+                self._register(env, index)
                 if env.header.kind == "ack" and env.header.sender == roster.owner.key_id:
                     self._checkpoint(final=True)
             now = time.monotonic()
@@ -140,6 +146,26 @@ class Notary:
         self.log.info("notary done", entries=self.plog.size)
         return EXIT_OK
 
+    def _register(self, env: Envelope, index: int) -> None:
+        """Watermark commitments and claims: a claim that holds is certified at once."""
+        refused = len(self.registry.refused)
+        todo = self.registry.observe(env, index)
+        for reason in self.registry.refused[refused:]:
+            self.log.warning("watermark message refused", reason=reason)
+            print(f"notary: refused a watermark message: {reason}", flush=True)
+        if todo is None:
+            return
+        self._checkpoint(force=True)  # a signed tree that holds the claim
+        note = self.plog.latest_note()
+        size = self.plog.size
+        cert = Certificate(self.roster.run_id, todo.stage, todo.round, todo.commit, todo.claim,
+                           todo.round_start, note,
+                           tuple(self.plog.tree.inclusion_proof(todo.commit.index, size)),
+                           tuple(self.plog.tree.inclusion_proof(todo.claim.index, size)))
+        self.bus.send_doc("wm_cert", "all", {"stage": todo.stage, "round": todo.round,
+                                             "certificate": issue(self.ident, cert)})
+        self.log.info("watermark certified", stage=todo.stage, round=todo.round)
+
     def _wait_for_observers(self) -> None:
         """Keep the run open (logging, beating) while an auditor that follows it audits."""
         bus = self.bus
@@ -158,11 +184,12 @@ class Notary:
                        if f"run/{self.cfg.run.id}/done/{n}" not in bus.seen_subscriptions}
 
     def _checkpoint(self, *, final: bool = False, closing: bool = False,
-                    publish: bool = True) -> None:
+                    publish: bool = True, force: bool = False) -> None:
         """Sign (and publish) a checkpoint. `final`: the owner acknowledged the end of
-        training; `closing`: the log is closed, nothing is appended after it."""
+        training; `closing`: the log is closed, nothing is appended after it; `force`: sign
+        one even if nothing was appended since the last."""
         self.last_cp_time = time.monotonic()
-        if self.plog.size == self.last_cp_size and not (final or closing):
+        if self.plog.size == self.last_cp_size and not (final or closing or force):
             return
         note = self.plog.sign_checkpoint()
         self.last_cp_size = self.plog.size

@@ -22,6 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
 from clicooper_bus.bus import Bus, BusError
+from clicooper_bus.certificate import open_certificate
 from clicooper_bus.checkpoint import open_checkpoint
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError, ConfigError
@@ -75,7 +76,8 @@ class Owner:
         self.roster = Roster.build(
             cfg.run.id, owner=self.ident.public, trainers=self.trainer_keys, notary=self.notary_key,
             meta={"plan": self.plan.to_meta(), "model_spec": self.spec.digest(self.cuts),
-                  "config": cfg.digest(), "dataset": self.data.name, "model": self.spec.name})
+                  "config": cfg.digest(), "dataset": self.data.name, "model": self.spec.name,
+                  **self._watermark_meta(cfg)})
         self.run_dir = cfg.run_dir
         for existing in ("summary.json", "log"):
             if (self.run_dir / existing).exists():
@@ -96,6 +98,19 @@ class Owner:
         self.expected = {"bwd": {self.stages[0]}, "eval_out": {self.stages[-1]},
                          "segment": set(self.stages), "hello": set(self.stages)}
         self.final_note: str | None = None
+        self.wm_on = cfg.watermark.enabled
+        self.wm_commits: dict[tuple[int, int], dict] = {}
+        self.wm_claims: dict[tuple[int, int], dict] = {}
+        self.certs: dict[tuple[int, int], bytes] = {}
+        self.rounds = 0
+
+    @staticmethod
+    def _watermark_meta(cfg: RunConfig) -> dict[str, str]:
+        w = cfg.watermark
+        if not w.enabled:
+            return {}
+        return {"watermark": json.dumps({"bits": w.bits, "strength": w.strength,
+                                         "threshold": w.threshold}, sort_keys=True)}
 
     # --- bus helpers -------------------------------------------------------------------------
 
@@ -118,6 +133,8 @@ class Owner:
                 self._note_metrics(env)
             elif kind == "checkpoint":
                 self._note_checkpoint(env)
+            elif kind in ("wm_commit", "wm_claim", "wm_cert"):
+                self._note_watermark(env, sender)
             if match(env):
                 return env
             if sender in self.expected.get(kind, ()):
@@ -144,6 +161,30 @@ class Owner:
         if doc.get("final") is True:
             self.final_note = doc["note"]
 
+    def _note_watermark(self, env: Envelope, sender: str | None) -> None:
+        doc = env.document()
+        if type(doc) is not dict:
+            raise ClicooperError(f"{sender} sent a malformed {env.header.kind} message")
+        kind = env.header.kind
+        if kind == "wm_cert" and sender == self.cfg.participants.notary:
+            try:
+                cert, _ = open_certificate(doc["certificate"], self.notary_key,
+                                           default_origin(self.cfg.run.id))
+            except (KeyError, TypeError, ClicooperError) as exc:
+                raise ClicooperError(f"the notary sent a certificate that does not verify: "
+                                     f"{exc}") from None
+            self.certs[(cert.stage, cert.round)] = bytes(doc["certificate"])
+        elif kind in ("wm_commit", "wm_claim") and sender in self.stages:
+            stage = self.stages.index(sender) + 1
+            key = (stage, doc.get("round"))
+            (self.wm_commits if kind == "wm_commit" else self.wm_claims)[key] = doc
+
+    def _wait_all(self, what: str, table: dict, round_: int) -> None:
+        """Until every stage's message of `round_` is in `table`."""
+        want = {(k, round_) for k in range(1, len(self.stages) + 1)}
+        while not want <= set(table):
+            self._wait(what, lambda e: want <= set(table))
+
     def _tensor(self, env: Envelope, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
         """The body as a tensor, refusing one whose shape or dtype is not what the step needs."""
         h = env.header
@@ -166,7 +207,15 @@ class Owner:
             self._join()
             per_epoch, step = [], 0
             for epoch in range(self.cfg.run.epochs):
+                if self.wm_on:  # every trainer commits to its round key before the round
+                    self.bus.send_doc("round", "all", {"round": epoch, "phase": "start"})
+                    self._wait_all(f"watermark commitments of round {epoch}", self.wm_commits,
+                                   epoch)
                 row, step = self._train_epoch(epoch, step)
+                if self.wm_on:  # ... and claims it once its last step is done
+                    self.bus.send_doc("round", "all", {"round": epoch, "phase": "end"})
+                    self._wait_all(f"watermark claims of round {epoch}", self.wm_claims, epoch)
+                    self.rounds = epoch + 1
                 stop = bool(self.cfg.run.max_steps) and step >= self.cfg.run.max_steps
                 last = stop or epoch == self.cfg.run.epochs - 1  # the run ends: always evaluate
                 every = self.cfg.run.eval_every
@@ -189,7 +238,7 @@ class Owner:
         bus, run = self.bus, self.cfg.run.id
         for kind in ("bwd", "eval_out", "metrics", "segment"):
             bus.subscribe(bus.topic(kind, self.cfg.participants.owner))
-        for kind in ("hello", "checkpoint", "beat"):
+        for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert"):
             bus.subscribe(f"run/{run}/{kind}/")
         bus.announce()
         everyone = self.stages + [self.cfg.participants.notary]
@@ -198,7 +247,8 @@ class Owner:
         if self.cfg.participants.observers:  # so that the notary knows to wait for them
             bus.wait_for_subscribers("watching", self.cfg.participants.observers,
                                      self.cfg.bus.join_timeout_s)
-        bus.send_bytes("roster", "all", self.roster.sign(self.ident))
+        self.roster_bytes = self.roster.sign(self.ident)
+        bus.send_bytes("roster", "all", self.roster_bytes)
         bus.start_beating()
         bus.watch({self.kid[n]: n for n in everyone})
         deadline = time.monotonic() + self.cfg.bus.join_timeout_s
@@ -311,6 +361,8 @@ class Owner:
         cp = open_checkpoint(self.final_note, self.notary_key, default_origin(self.cfg.run.id))
         bus.watch({})  # from here on peers leave as they finish
         (self.run_dir / "checkpoint.txt").write_text(self.final_note)
+        if self.wm_on:
+            self._write_provenance(model_sha)
         summary = {
             "run_id": self.cfg.run.id, "dataset": self.data.name, "model": self.spec.name,
             "stages": self.stages, "cuts": list(self.cuts), "epochs": len(per_epoch),
@@ -327,6 +379,26 @@ class Owner:
         bus.mark_done()
         notary = self.cfg.participants.notary
         bus.linger(f"run/{self.cfg.run.id}/closed/notary", (self.kid[notary], notary))
+
+
+    def _write_provenance(self, model_sha: str) -> None:
+        """runs/<id>/provenance/: what `clicooper model verify` needs beside the model."""
+        want = {(k, t) for k in range(1, len(self.stages) + 1) for t in range(self.rounds)}
+        while not want <= set(self.certs):
+            self._wait("the notary's watermark certificates", lambda e: want <= set(self.certs))
+        out = self.run_dir / "provenance"
+        (out / "certificates").mkdir(parents=True, exist_ok=True)
+        (out / "roster.msgpack").write_bytes(self.roster_bytes)
+        for (k, t), raw in sorted(self.certs.items()):
+            (out / "certificates" / f"stage-{k}-round-{t}.cert").write_bytes(raw)
+        (out / "checkpoint.txt").write_text(self.final_note)
+        w = self.cfg.watermark
+        manifest = {"format": "clicooper-provenance/1", "run_id": self.cfg.run.id,
+                    "stages": self.stages, "rounds": self.rounds, "bits": w.bits,
+                    "threshold": w.threshold, "model_sha256": model_sha,
+                    "owner": self.ident.public.vkey, "notary": self.notary_key.vkey}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"owner: wrote {out} ({len(self.certs)} certificates)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from clicooper_bus.config import load_config
 from clicooper_bus.errors import ClicooperError, RosterError
 from clicooper_bus.identity import PublicIdentity, load_public
 from clicooper_bus.log import default_origin
+from clicooper_bus.marker import Marker
 from clicooper_bus.ml.models import build_segments
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.plan import Plan
@@ -56,7 +57,7 @@ class Trainer:
 
     def run(self) -> int:
         bus, run = self.bus, self.cfg.run.id
-        for kind in ("roster", "end", "ack", "checkpoint", "beat"):
+        for kind in ("roster", "end", "ack", "checkpoint", "beat", "round", "wm_commit"):
             bus.subscribe(f"run/{run}/{kind}/")
         for kind in ("fwd", "bwd", "labels", "eval_fwd"):
             bus.subscribe(bus.topic(kind, self.name))
@@ -81,6 +82,7 @@ class Trainer:
                 if self.name not in roster.stages:
                     self.log.warning("roster does not list us", stages=list(roster.stages))
                     continue
+                self._roster_bytes = bytes(env.body)
                 break
             if time.monotonic() > deadline:
                 raise BusError(f"no roster naming '{self.name}' from the owner within "
@@ -107,6 +109,10 @@ class Trainer:
         self.bus.start_beating()
         self.bus.watch({self.kid[n]: n for n in (roster.owner.name, self.prev, self.next) if n})
         self.notary_kid = roster.notary.key_id if roster.notary else None
+        self.marker = Marker.from_roster(roster, bytes(self._roster_bytes), self.index + 1,
+                                         self.ident.public.public_key, self.segment)
+        if self.marker is not None:
+            self.seg.regularizer = self.marker.regularizer
         self.bus.send_doc("hello", "all", {"ready": True, "stage": self.index + 1,
                                            "model_spec": roster.meta["model_spec"]})
         self.log.info("joined", stage=self.index + 1, prev=self.prev, next=self.next)
@@ -156,6 +162,36 @@ class Trainer:
                                batch=h.batch, epoch=h.epoch)
             elif kind == "end" and self._from(env, owner):
                 return
+            elif kind in ("round", "wm_commit", "checkpoint"):
+                self._watermark(env)
+
+    def _watermark(self, env: Envelope) -> None:
+        """Rounds, the previous stage's commitments and the notary's checkpoints drive this
+        stage's watermark: commit before a round, claim after it."""
+        if self.marker is None:
+            return
+        h, doc = env.header, env.document()
+        if type(doc) is not dict:
+            raise BusError(f"malformed {h.kind} message")
+        if h.kind == "checkpoint" and h.sender == self.notary_kid and type(doc.get("note")) is str:
+            cp = open_checkpoint(doc["note"], self.roster.notary.identity,
+                                 default_origin(self.cfg.run.id))
+            self.marker.saw_checkpoint(cp.size, cp.root)
+        elif h.kind == "wm_commit" and self.index > 0 and h.sender == self.kid[self.prev]:
+            self.marker.saw_previous_commit(doc)
+        elif h.kind == "round" and h.sender == self.kid[self.roster.owner.name]:
+            if doc.get("phase") == "start":
+                self.marker.start(int(doc["round"]))
+            elif doc.get("phase") == "end":
+                claim = self.marker.claim(int(doc["round"]))
+                sent = self.bus.send_doc("wm_claim", "all", claim.to_doc())
+                self.marker.claimed(sent.leaf)
+                self.log.info("watermark claimed", round=claim.round,
+                              bit_errors=claim.bit_errors, bits=claim.nbits)
+        commit = self.marker.ready_commit()
+        if commit is not None:
+            self.bus.send_doc("wm_commit", "all", commit.to_doc())
+            self.log.info("watermark committed", round=commit.round)
 
     def _maybe_loss(self, step: int, h) -> None:
         if step not in self.waiting_logits or step not in self.labels:

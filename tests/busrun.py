@@ -24,6 +24,8 @@ def write_config(tmp: Path, *, run_id: str = "t", trainers: int = 3, **sections)
         "bus": {"pub": f"tcp://127.0.0.1:{free_port()}", "sub": f"tcp://127.0.0.1:{free_port()}",
                 "timeout_s": 5.0, "join_timeout_s": 60.0},
         "log": {"checkpoint_every": 200},
+        # off unless a test asks: a mark makes the bus differ from the in-process reference
+        "watermark": {"enabled": False},
     }
     for section, values in sections.items():
         over.setdefault(section, {}).update(values)

@@ -1,0 +1,96 @@
+"""A trainer's side of the watermark chain, as a small state machine the process feeds.
+
+Before round t (the owner's `round start`) it commits: once it knows the previous stage's
+commitment of round t (stage 1 links to the roster), it derives the key from the chain and the
+latest checkpoint it saw, starts embedding that key's mark, and hands back the commitment to
+publish. After round t (`round end`) it claims: its weights' hash and the bits they carry.
+The owner's roster says whether watermarks are on, and with how many bits and what strength.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from clicooper_bus import watermark as wm
+from clicooper_bus.chain import Claim, Commit, make_claim, roster_digest
+from clicooper_bus.roster import Roster
+
+EMPTY_ROOT = hashlib.sha256(b"").digest()  # RFC 6962 root of the empty tree
+
+
+def settings(roster: Roster) -> dict | None:
+    """The roster's watermark settings ({bits, strength, threshold}), or None when off."""
+    raw = roster.meta.get("watermark")
+    if not raw:
+        return None
+    doc = json.loads(raw)
+    return {"bits": int(doc["bits"]), "strength": float(doc["strength"]),
+            "threshold": float(doc["threshold"])}
+
+
+class Marker:
+    def __init__(self, run_id: str, roster_bytes: bytes, stage: int, trainer_key: bytes,
+                 module: torch.nn.Module, *, bits: int, strength: float):
+        self.run_id, self.roster_bytes, self.stage = run_id, roster_bytes, stage
+        self.trainer_key, self.module = trainer_key, module
+        self.nbits, self.strength = bits, strength
+        self.checkpoint = (0, EMPTY_ROOT)
+        self.prev_commits: dict[int, bytes] = {}  # round -> the previous stage's commitment
+        self.last_claim: bytes | None = None  # digest of our claim of the previous round
+        self.pending: int | None = None
+        self.current: tuple[Commit, bytes] | None = None
+        self.mark: wm.Watermark | None = None
+
+    @classmethod
+    def from_roster(cls, roster: Roster, roster_bytes: bytes, stage: int, trainer_key: bytes,
+                    module: torch.nn.Module) -> Marker | None:
+        s = settings(roster)
+        if s is None:
+            return None
+        return cls(roster.run_id, roster_bytes, stage, trainer_key, module, bits=s["bits"],
+                   strength=s["strength"])
+
+    def saw_checkpoint(self, size: int, root: bytes) -> None:
+        if size >= self.checkpoint[0]:
+            self.checkpoint = (size, root)
+
+    def saw_previous_commit(self, doc: dict) -> None:
+        c = Commit.from_doc(doc)
+        if c.stage == self.stage - 1:
+            self.prev_commits[c.round] = c.commitment
+
+    def start(self, round_: int) -> None:
+        self.pending = round_
+
+    def ready_commit(self) -> Commit | None:
+        """The commitment to publish, once everything it links to is known."""
+        t = self.pending
+        if t is None or (self.stage > 1 and t not in self.prev_commits):
+            return None
+        prev_link = roster_digest(self.roster_bytes) if self.stage == 1 else self.prev_commits[t]
+        prev_round = wm.ZERO if t == 0 else (self.last_claim or wm.ZERO)
+        size, root = self.checkpoint
+        link = wm.Link(self.run_id, self.stage, t, self.trainer_key, prev_link, prev_round, root)
+        key = link.key()
+        commit = Commit(self.stage, t, wm.commitment(key), prev_link, prev_round, size, root)
+        self.current, self.pending = (commit, key), None
+        if wm.carrier(self.module) is not None:  # a stage without weights carries no mark
+            self.mark = wm.Watermark(key, self.module, t=self.nbits, strength=self.strength)
+        return commit
+
+    def regularizer(self) -> torch.Tensor:
+        if self.mark is None:
+            return torch.zeros((), requires_grad=True)
+        return self.mark.loss()
+
+    def claim(self, round_: int) -> Claim:
+        if self.current is None or self.current[0].round != round_:
+            raise ValueError(f"round {round_} ends, but this stage committed to no key for it")
+        commit, key = self.current
+        return make_claim(commit, key, self.module, self.nbits)
+
+    def claimed(self, leaf: bytes) -> None:
+        self.last_claim = hashlib.sha256(leaf).digest()
