@@ -64,6 +64,7 @@ class Certificate:
     checkpoint_note: str
     commit_proof: tuple[bytes, ...]
     claim_proof: tuple[bytes, ...]
+    issued_ns: int = 0  # the notary's clock when it certified (what a dispute compares)
     raw: bytes = b""  # the signed document, as issued
 
     def to_doc(self) -> dict[str, Any]:
@@ -73,7 +74,8 @@ class Certificate:
                 "claim": {"leaf": self.claim.leaf, "body": self.claim.body,
                           "index": self.claim.index},
                 "round_start": self.round_start, "checkpoint": self.checkpoint_note,
-                "commit_proof": list(self.commit_proof), "claim_proof": list(self.claim_proof)}
+                "commit_proof": list(self.commit_proof), "claim_proof": list(self.claim_proof),
+                "issued_ns": self.issued_ns}
 
 
 def issue(notary: Identity, cert: Certificate) -> bytes:
@@ -101,7 +103,8 @@ def open_certificate(data: bytes, notary: PublicIdentity, origin: str) -> tuple[
         cert = Certificate(str(d["run_id"]), int(d["stage"]), int(d["round"]),
                            _logged(d["commit"], "commit"), _logged(d["claim"], "claim"),
                            int(d["round_start"]), str(d["checkpoint"]),
-                           tuple(d["commit_proof"]), tuple(d["claim_proof"]), raw=data)
+                           tuple(d["commit_proof"]), tuple(d["claim_proof"]),
+                           int(d["issued_ns"]), raw=data)
     except (KeyError, TypeError, ValueError) as exc:
         raise CertificateError(f"certificate is malformed: {exc}") from None
     try:

@@ -161,7 +161,8 @@ class Notary:
         cert = Certificate(self.roster.run_id, todo.stage, todo.round, todo.commit, todo.claim,
                            todo.round_start, note,
                            tuple(self.plog.tree.inclusion_proof(todo.commit.index, size)),
-                           tuple(self.plog.tree.inclusion_proof(todo.claim.index, size)))
+                           tuple(self.plog.tree.inclusion_proof(todo.claim.index, size)),
+                           time.time_ns())
         self.bus.send_doc("wm_cert", "all", {"stage": todo.stage, "round": todo.round,
                                              "certificate": issue(self.ident, cert)})
         self.log.info("watermark certified", stage=todo.stage, round=todo.round)

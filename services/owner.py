@@ -103,6 +103,7 @@ class Owner:
         self.wm_claims: dict[tuple[int, int], dict] = {}
         self.certs: dict[tuple[int, int], bytes] = {}
         self.rounds = 0
+        self.checkpoints: list[str] = []
 
     @staticmethod
     def _watermark_meta(cfg: RunConfig) -> dict[str, str]:
@@ -158,6 +159,7 @@ class Owner:
         if type(doc) is not dict or type(doc.get("note")) is not str:
             raise ClicooperError("the notary sent a malformed checkpoint message")
         open_checkpoint(doc["note"], self.notary_key, default_origin(self.cfg.run.id))
+        self.checkpoints.append(doc["note"])  # trainers key their marks to these roots
         if doc.get("final") is True:
             self.final_note = doc["note"]
 
@@ -392,6 +394,7 @@ class Owner:
         for (k, t), raw in sorted(self.certs.items()):
             (out / "certificates" / f"stage-{k}-round-{t}.cert").write_bytes(raw)
         (out / "checkpoint.txt").write_text(self.final_note)
+        (out / "checkpoints.json").write_text(json.dumps(self.checkpoints, indent=1) + "\n")
         w = self.cfg.watermark
         manifest = {"format": "clicooper-provenance/1", "run_id": self.cfg.run.id,
                     "stages": self.stages, "rounds": self.rounds, "bits": w.bits,

@@ -235,6 +235,54 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if attacked else 1
 
 
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    from clicooper_bus.provenance import verify_model
+
+    owner = load_public(args.owner_key) if args.owner_key else None
+    v = verify_model(args.model, args.bundle, log_dir=args.log, owner=owner)
+    if args.json:
+        print(json.dumps(v.to_json(), indent=2))
+        return 0 if v.ok else 1
+    _print_verdict(v)
+    return 0 if v.ok else 1
+
+
+def _print_verdict(v) -> None:
+    if v.stages:
+        print(f"{'stage':>5}  {'trainer':<14} {'rounds':>6}  {'bit errors':>10}  {'BER':>6}  "
+              f"weights")
+        for s in v.stages:
+            ber = "no weights" if s.bit_errors is None else f"{s.bit_errors}/{s.bits}"
+            rate = "" if s.bit_error_rate is None else f"{s.bit_error_rate:.1%}"
+            print(f"{s.stage:>5}  {s.trainer:<14} {s.rounds:>6}  {ber:>10}  {rate:>6}  "
+                  f"{'as claimed' if s.weights_as_claimed else 'changed since the claim'}")
+    if v.ok:
+        print(f"OK: run {v.run_id}: {v.certificates} certificates, every chain link, signature "
+              f"and inclusion proof holds{'; checked against the log' if v.log_checked else ''}; "
+              f"bit error threshold {v.threshold:.0%}")
+    else:
+        f = v.failure
+        where = "" if f["stage"] is None else f"stage {f['stage']}" + (
+            "" if f["round"] is None else f", round {f['round']}")
+        print(f"FAILED{': ' + where if where else ''}: {f['reason']}")
+
+
+def cmd_model_dispute(args: argparse.Namespace) -> int:
+    from clicooper_bus.provenance import dispute
+
+    if len(args.bundle) < 2:
+        raise ClicooperError("a dispute needs at least two --bundle")
+    winner, verdicts, reason = dispute(args.model, args.bundle)
+    for i, v in enumerate(verdicts):
+        state = "verifies" if v.ok else f"fails: {v.failure['reason']}"
+        print(f"bundle {i + 1} ({args.bundle[i]}, run {v.run_id or '?'}): {state}")
+    if winner is None:
+        print(f"undecided: {reason}")
+        return 1
+    print(f"the model belongs to bundle {winner + 1} ({args.bundle[winner]}): {reason}")
+    return 0
+
+
 def cmd_config_defaults(args: argparse.Namespace) -> int:
     from clicooper_bus.config import load_config
 
@@ -293,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                    help="side-by-side table and figure of runs already audited")
     a.set_defaults(func=cmd_audit)
+    mp = sub.add_parser("model", help="a delivered model's provenance").add_subparsers(
+        dest="cmd", required=True)
+    m = mp.add_parser("verify", help="check a model against its provenance bundle")
+    m.add_argument("model", help="model.safetensors")
+    m.add_argument("--bundle", required=True, help="the run's provenance/ directory")
+    m.add_argument("--log", help="the run's log directory: also check every index and root")
+    m.add_argument("--owner-key", help="pin the roster's owner to this public key file")
+    m.add_argument("--json", action="store_true", help="machine-readable verdict")
+    m.set_defaults(func=cmd_model_verify)
+    m = mp.add_parser("dispute", help="decide between competing bundles claiming one model")
+    m.add_argument("model")
+    m.add_argument("--bundle", action="append", default=[], required=True)
+    m.set_defaults(func=cmd_model_dispute)
     cfgp = sub.add_parser("config", help="run configuration").add_subparsers(dest="cmd",
                                                                             required=True)
     c = cfgp.add_parser("defaults", help="print a complete config with every key documented")

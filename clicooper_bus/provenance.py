@@ -1,0 +1,311 @@
+"""Verifying a delivered model against its provenance bundle, and settling disputes.
+
+A bundle (`runs/<id>/provenance/`) holds the owner's signed roster, the notary's certificate
+of every stage and round, every checkpoint the run published and the final one, and a
+manifest. `verify_model` recomputes every key of the chain from the bundle (and the log, if
+given), checks every signature and inclusion proof and the order commitment < round start <
+claim, extracts each stage's bits for its last round from the model and checks the bit error
+rate against the threshold. The first failure is reported with its stage, round and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clicooper_bus import watermark as wm
+from clicooper_bus.certificate import Certificate, CertificateError, open_certificate
+from clicooper_bus.chain import Claim, Commit, check_commit, weights_digest
+from clicooper_bus.checkpoint import open_checkpoint
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.identity import PublicIdentity
+from clicooper_bus.log import default_origin
+from clicooper_bus.plan import Plan
+from clicooper_bus.roster import Roster
+from clicooper_bus.wire import signed_bytes, split_leaf
+
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+
+
+class VerifyFailed(ClicooperError):
+    def __init__(self, reason: str, stage: int | None = None, round_: int | None = None):
+        where = "" if stage is None else f"stage {stage}" + ("" if round_ is None else f", round {round_}")
+        super().__init__(f"{where}: {reason}" if where else reason)
+        self.reason, self.stage, self.round = reason, stage, round_
+
+
+@dataclass
+class StageResult:
+    stage: int
+    trainer: str
+    rounds: int
+    last_round: int
+    bits: int
+    bit_errors: int | None  # None: a stage without weights carries no mark
+    bit_error_rate: float | None
+    weights_as_claimed: bool  # the delivered stage is byte for byte the one last claimed
+    certified_ns: int  # when the notary certified the last round's claim
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    run_id: str = ""
+    model: str = ""
+    threshold: float = 0.0
+    stages: list[StageResult] = field(default_factory=list)
+    certificates: int = 0
+    log_checked: bool = False
+    failure: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Bundle:
+    dir: Path
+    manifest: dict[str, Any]
+    roster_bytes: bytes
+    roster: Roster
+    certificates: list[bytes]
+    checkpoints: list[str]
+    final_note: str
+
+
+def load_bundle(directory: str | os.PathLike[str], owner: PublicIdentity | None = None) -> Bundle:
+    d = Path(directory)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+        roster_bytes = (d / "roster.msgpack").read_bytes()
+        certs = [p.read_bytes() for p in sorted((d / "certificates").glob("*.cert"))]
+        checkpoints = json.loads((d / "checkpoints.json").read_text())
+        final = (d / "checkpoint.txt").read_text()
+    except (OSError, ValueError) as exc:
+        raise VerifyFailed(f"the bundle {d} is incomplete or unreadable: {exc}") from None
+    try:
+        roster = Roster.open(roster_bytes, owner=owner)
+    except ClicooperError as exc:
+        raise VerifyFailed(f"the bundle's roster does not verify: {exc}") from None
+    return Bundle(d, manifest, roster_bytes, roster, certs, list(checkpoints), final)
+
+
+def load_model(path: str | os.PathLike[str], plan: Plan):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from clicooper_bus.ml.models import build_segments
+
+    segments = build_segments(plan.spec(), plan.cuts, plan.seed)
+    try:
+        weights = load_file(str(path))
+        for i, seg in enumerate(segments):
+            prefix = f"seg{i}."
+            seg.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                 if k.startswith(prefix)}, strict=True)
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        raise VerifyFailed(f"{path} is not a model of this run's plan: {exc}") from None
+    return segments
+
+
+def _leaf_check(logged, kind: str, roster: Roster, stage: int, round_: int) -> None:
+    h = logged.header
+    trainer = roster.by_name(roster.stages[stage - 1])
+    if h.kind != kind or h.run != roster.run_id:
+        raise VerifyFailed(f"the certified {kind} is a {h.kind} of run {h.run!r}", stage, round_)
+    if h.sender != trainer.key_id:
+        raise VerifyFailed(f"the {kind} was not sent by {trainer.name}, the trainer of stage "
+                           f"{stage} in the roster", stage, round_)
+    header, sig = split_leaf(logged.leaf)
+    if not trainer.identity.verify(signed_bytes(header), sig):
+        raise VerifyFailed(f"the {kind}'s signature does not verify", stage, round_)
+
+
+def _open_all(bundle: Bundle) -> dict[tuple[int, int], Certificate]:
+    roster, notary = bundle.roster, bundle.roster.notary
+    if notary is None:
+        raise VerifyFailed("the roster names no notary")
+    origin = default_origin(roster.run_id)
+    certs: dict[tuple[int, int], Certificate] = {}
+    for i, raw in enumerate(bundle.certificates):
+        try:
+            cert, _ = open_certificate(raw, notary.identity, origin)
+        except ClicooperError as exc:
+            raise VerifyFailed(f"certificate {i + 1} of {len(bundle.certificates)} does not "
+                               f"verify: {exc}") from None
+        if cert.run_id != roster.run_id:
+            raise VerifyFailed(f"a certificate of run {cert.run_id!r} in the bundle of run "
+                               f"{roster.run_id!r}", cert.stage, cert.round)
+        if not 1 <= cert.stage <= len(roster.stages):
+            raise VerifyFailed("a certificate for a stage the roster does not have", cert.stage)
+        if (cert.stage, cert.round) in certs:
+            raise VerifyFailed("two certificates for the same stage and round", cert.stage,
+                               cert.round)
+        _leaf_check(cert.commit, "wm_commit", roster, cert.stage, cert.round)
+        _leaf_check(cert.claim, "wm_claim", roster, cert.stage, cert.round)
+        if not cert.commit.index < cert.round_start < cert.claim.index:
+            raise VerifyFailed(f"the commitment (index {cert.commit.index}) was not logged before "
+                               f"the round began (index {cert.round_start}) and the claim "
+                               f"(index {cert.claim.index}) after it", cert.stage, cert.round)
+        certs[(cert.stage, cert.round)] = cert
+    return certs
+
+
+def _roots(bundle: Bundle, plog) -> Any:
+    """root_at(size) from the log when given, else from the run's published checkpoints."""
+    if plog is not None:
+        return lambda n: plog.tree.root(n) if n <= plog.size else None
+    notary, origin = bundle.roster.notary.identity, default_origin(bundle.roster.run_id)
+    roots = {0: EMPTY_ROOT}
+    for note in bundle.checkpoints:
+        try:
+            cp = open_checkpoint(note, notary, origin)
+        except ClicooperError as exc:
+            raise VerifyFailed(f"a checkpoint in the bundle does not verify: {exc}") from None
+        roots[cp.size] = cp.root
+    return roots.get
+
+
+def verify_model(model: str | os.PathLike[str], bundle_dir: str | os.PathLike[str], *,
+                 log_dir: str | os.PathLike[str] | None = None,
+                 owner: PublicIdentity | None = None) -> Verdict:
+    """Never raises for a bad model or bundle: the verdict names the first failure."""
+    verdict = Verdict(ok=False, model=str(model))
+    try:
+        _verify(verdict, model, bundle_dir, log_dir, owner)
+        verdict.ok = True
+    except VerifyFailed as exc:
+        verdict.failure = {"stage": exc.stage, "round": exc.round, "reason": exc.reason}
+    except (CertificateError, ClicooperError) as exc:
+        verdict.failure = {"stage": None, "round": None, "reason": str(exc)}
+    return verdict
+
+
+def _verify(v: Verdict, model, bundle_dir, log_dir, owner) -> None:
+    bundle = load_bundle(bundle_dir, owner)
+    roster = bundle.roster
+    v.run_id = roster.run_id
+    v.threshold = float(bundle.manifest.get("threshold", wm.DEFAULT_THRESHOLD))
+    nbits = int(bundle.manifest.get("bits", wm.DEFAULT_BITS))
+    plan = Plan.from_meta(roster.meta["plan"])
+    segments = load_model(model, plan)
+    certs = _open_all(bundle)
+    v.certificates = len(certs)
+    if log_dir is None:
+        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, None))
+        return
+    from clicooper_bus.log import ProvenanceLog
+
+    with ProvenanceLog.open(log_dir) as plog:
+        if plog.roster_bytes != bundle.roster_bytes:
+            raise VerifyFailed("the log's roster is not the bundle's")
+        _check_against_log(certs, plog)
+        v.log_checked = True
+        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, plog))
+
+
+def _check_chain(v: Verdict, bundle: Bundle, certs, segments, nbits: int, root_at) -> None:
+    roster = bundle.roster
+    stages = len(roster.stages)
+    rounds = 1 + max((t for (_, t) in certs), default=-1)
+    if rounds == 0:
+        raise VerifyFailed("the bundle holds no certificate")
+    for t in range(rounds):
+        for k in range(1, stages + 1):
+            if (k, t) not in certs:
+                missing = "a skipped round" if any((k, u) in certs for u in range(t + 1, rounds)) \
+                    else "a missing stage"
+                raise VerifyFailed(f"no certificate ({missing})", k, t)
+            cert = certs[(k, t)]
+            commit = Commit.from_doc(cert.commit.document())
+            claim = Claim.from_doc(cert.claim.document())
+            if (commit.stage, commit.round, claim.stage, claim.round) != (k, t, k, t):
+                raise VerifyFailed("the certified messages name another stage or round", k, t)
+            if claim.commitment != commit.commitment:
+                raise VerifyFailed("the claim names another commitment", k, t)
+            trainer = roster.by_name(roster.stages[k - 1]).identity.public_key
+            prev = certs.get((k - 1, t))
+            before = certs.get((k, t - 1))
+            why = check_commit(commit, run_id=roster.run_id, trainer_key=trainer,
+                               roster=bundle.roster_bytes,
+                               prev_commitment=Commit.from_doc(prev.commit.document()).commitment
+                               if prev else None,
+                               prev_claim=before.claim.digest if before else None,
+                               root_at=root_at)
+            if why:
+                raise VerifyFailed(f"broken chain: {why}", k, t)
+            if k > 1 and not certs[(k - 1, t)].commit.index < cert.commit.index:
+                raise VerifyFailed(f"stage {k} committed before stage {k - 1} (reordered "
+                                   f"stages)", k, t)
+    last = rounds - 1
+    for k in range(1, stages + 1):
+        cert = certs[(k, last)]
+        commit = Commit.from_doc(cert.commit.document())
+        claim = Claim.from_doc(cert.claim.document())
+        trainer = roster.by_name(roster.stages[k - 1])
+        key = commit.link(roster.run_id, trainer.identity.public_key).key()
+        seg = segments[k]
+        row = StageResult(k, trainer.name, rounds, last, nbits, None, None,
+                          weights_digest(seg) == claim.weights_sha256, cert.issued_ns)
+        if wm.carrier(seg) is not None:
+            got = wm.extract(key, seg, nbits)
+            row.bit_errors = int((got != wm.bits(key, nbits)).sum())
+            row.bit_error_rate = row.bit_errors / nbits
+        v.stages.append(row)
+        if row.bit_error_rate is not None and row.bit_error_rate > v.threshold:
+            raise VerifyFailed(f"wrong bits: {row.bit_errors} of {nbits} differ from the mark of "
+                               f"its last round (threshold {v.threshold:.0%}): this stage is not "
+                               f"the one {trainer.name} trained", k, last)
+
+
+def _check_against_log(certs: dict[tuple[int, int], Certificate], plog) -> None:
+    """With the log: every certified message is the log's entry at its index, every
+    certificate's checkpoint is a tree the log has, and each round began where it says."""
+    from clicooper_bus.wire import parse_header
+
+    roster = Roster.open(plog.roster_bytes)
+    owner, origin = roster.owner.key_id, default_origin(roster.run_id)
+    first_fwd: dict[int, int] = {}
+    for (k, t), cert in sorted(certs.items()):
+        for what, logged in (("commitment", cert.commit), ("claim", cert.claim)):
+            if logged.index >= plog.size or plog.leaf(logged.index) != logged.leaf:
+                raise VerifyFailed(f"the certified {what} is not the log's entry {logged.index}",
+                                   k, t)
+        cp = open_checkpoint(cert.checkpoint_note, roster.notary.identity, origin)
+        if cp.size > plog.size or plog.tree.root(cp.size) != cp.root:
+            raise VerifyFailed("the certificate's checkpoint is not a tree of this log", k, t)
+        if t not in first_fwd:
+            first_fwd[t] = next((i for i in range(plog.size)
+                                 if (h := parse_header(split_leaf(plog.leaf(i))[0])).kind == "fwd"
+                                 and h.sender == owner and h.epoch == t), -1)
+        if first_fwd[t] != cert.round_start:
+            raise VerifyFailed(f"round {t} began at log index {first_fwd[t]}, not "
+                               f"{cert.round_start} as certified", k, t)
+
+
+def dispute(model: str | os.PathLike[str], bundles: list[str | os.PathLike[str]]
+            ) -> tuple[int | None, list[Verdict], str]:
+    """Which bundle the model belongs to: those whose chain and marks verify, then the one
+    whose mark the notary certified first. Returns (index of the winner or None, verdicts,
+    reason). A watermark alone cannot order two marks (a second one written over the first
+    leaves both readable); the notaries' certification order can."""
+    verdicts = [verify_model(model, b) for b in bundles]
+    holding = [i for i, v in enumerate(verdicts) if v.ok]
+    if not holding:
+        return None, verdicts, "no bundle verifies against this model"
+    if len(holding) == 1:
+        i = holding[0]
+        others = "; ".join(f"bundle {j + 1} fails: {verdicts[j].failure['reason']}"
+                           for j in range(len(bundles)) if j != i)
+        return i, verdicts, f"only bundle {i + 1} verifies ({others})"
+    first = {i: min(s.certified_ns for s in verdicts[i].stages) for i in holding}
+    earliest = min(holding, key=lambda i: first[i])
+    return earliest, verdicts, (
+        f"every listed bundle's marks are in the model; bundle {earliest + 1} (run "
+        f"{verdicts[earliest].run_id!r}) was certified first, "
+        f"{(sorted(first.values())[1] - first[earliest]) / 1e9:.0f} s before the next: a later "
+        f"mark was written over a model that already carried it")
