@@ -72,7 +72,7 @@ class Bundle:
     manifest: dict[str, Any]
     roster_bytes: bytes
     roster: Roster
-    certificates: list[bytes]
+    certificates: list[tuple[str, bytes]]  # (file name, signed document)
     checkpoints: list[str]
     final_note: str
 
@@ -82,7 +82,7 @@ def load_bundle(directory: str | os.PathLike[str], owner: PublicIdentity | None 
     try:
         manifest = json.loads((d / "manifest.json").read_text())
         roster_bytes = (d / "roster.msgpack").read_bytes()
-        certs = [p.read_bytes() for p in sorted((d / "certificates").glob("*.cert"))]
+        certs = [(p.name, p.read_bytes()) for p in sorted((d / "certificates").glob("*.cert"))]
         checkpoints = json.loads((d / "checkpoints.json").read_text())
         final = (d / "checkpoint.txt").read_text()
     except (OSError, ValueError) as exc:
@@ -131,12 +131,11 @@ def _open_all(bundle: Bundle) -> dict[tuple[int, int], Certificate]:
         raise VerifyFailed("the roster names no notary")
     origin = default_origin(roster.run_id)
     certs: dict[tuple[int, int], Certificate] = {}
-    for i, raw in enumerate(bundle.certificates):
+    for name, raw in bundle.certificates:
         try:
             cert, _ = open_certificate(raw, notary.identity, origin)
         except ClicooperError as exc:
-            raise VerifyFailed(f"certificate {i + 1} of {len(bundle.certificates)} does not "
-                               f"verify: {exc}") from None
+            raise VerifyFailed(f"certificate {name} does not verify: {exc}") from None
         if cert.run_id != roster.run_id:
             raise VerifyFailed(f"a certificate of run {cert.run_id!r} in the bundle of run "
                                f"{roster.run_id!r}", cert.stage, cert.round)

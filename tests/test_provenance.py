@@ -1,0 +1,284 @@
+"""Chained watermarks end to end: two real runs with marks, then `clicooper model verify` and
+`dispute` against intact, swapped, skipped, reordered, foreign, late and bit-flipped evidence,
+and null models that must never verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from clicooper_bus import watermark as wm
+from clicooper_bus.certificate import CertificateError, issue, open_certificate
+from clicooper_bus.chain import Commit
+from clicooper_bus.identity import load_identity
+from clicooper_bus.log import default_origin
+from clicooper_bus.ml.data import synthetic
+from clicooper_bus.ml.models import state_dict_with_prefix
+from clicooper_bus.ml.reference import train_reference
+from clicooper_bus.plan import Plan
+from clicooper_bus.provenance import dispute, load_bundle, verify_model
+from clicooper_bus.roster import Roster
+from tests.busrun import write_config
+from tools import cli
+from tools.run import run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Two marked runs with the same keys and plan (synthetic data, two trainers, 2 epochs)."""
+    tmp = tmp_path_factory.mktemp("wm")
+    out = {}
+    for rid in ("wa", "wb"):
+        cfg = write_config(tmp, run_id=rid, trainers=2, run={"epochs": 2},
+                           watermark={"enabled": True})
+        assert run(str(cfg), echo=False, free_ports=False, timeout_s=240) == 0
+        out[rid] = tmp / "runs" / rid
+    out["keys"] = tmp / "keys"
+    return out
+
+
+def _verify(model: Path, bundle: Path, **kw):
+    return verify_model(model, bundle, **kw)
+
+
+def test_the_run_verifies_with_zero_bit_errors(runs, capsys):
+    a = runs["wa"]
+    for log in (None, a / "log"):
+        v = _verify(a / "model.safetensors", a / "provenance", log_dir=log)
+        assert v.ok, v.failure
+        assert [s.bit_errors for s in v.stages] == [0, 0] and v.certificates == 4
+        assert all(s.weights_as_claimed for s in v.stages)
+    assert cli.main(["model", "verify", str(a / "model.safetensors"), "--bundle",
+                     str(a / "provenance"), "--log", str(a / "log")]) == 0
+    assert "OK: run wa: 4 certificates" in capsys.readouterr().out
+    assert cli.main(["model", "verify", str(a / "model.safetensors"), "--bundle",
+                     str(a / "provenance"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def _failure(v) -> tuple:
+    assert not v.ok
+    return v.failure["stage"], v.failure["round"], v.failure["reason"]
+
+
+def test_a_stage_swapped_for_another_runs_fails(runs, tmp_path):
+    wa, wb = load_file(runs["wa"] / "model.safetensors"), load_file(runs["wb"] / "model.safetensors")
+    mixed = {k: (wb[k] if k.startswith("seg2.") else v) for k, v in wa.items()}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    stage, round_, reason = _failure(_verify(tmp_path / "mixed.safetensors",
+                                             runs["wa"] / "provenance"))
+    assert (stage, round_) == (2, 1) and "wrong bits" in reason
+
+
+def _bundle_copy(runs, tmp_path) -> Path:
+    return Path(shutil.copytree(runs["wa"] / "provenance", tmp_path / "bundle"))
+
+
+def test_a_skipped_round_fails(runs, tmp_path):
+    b = _bundle_copy(runs, tmp_path)
+    (b / "certificates" / "stage-1-round-0.cert").unlink()
+    stage, round_, reason = _failure(_verify(runs["wa"] / "model.safetensors", b))
+    assert (stage, round_) == (1, 0) and "skipped round" in reason
+
+
+def test_reordered_stages_fail(runs, tmp_path):
+    """The owner re-signs a roster with the two trainers swapped: the certified messages were
+    signed by the other trainer."""
+    b = _bundle_copy(runs, tmp_path)
+    roster = Roster.open((b / "roster.msgpack").read_bytes())
+    owner = load_identity(runs["keys"] / "owner.key")
+    members = {m.name: m.identity for m in roster.members}
+    swapped = Roster.build(roster.run_id, owner=owner.public,
+                           trainers=[members["trainer-2"], members["trainer-1"]],
+                           notary=roster.notary.identity, meta=dict(roster.meta))
+    (b / "roster.msgpack").write_bytes(swapped.sign(owner))
+    stage, _, reason = _failure(_verify(runs["wa"] / "model.safetensors", b))
+    assert stage is not None and "was not sent by" in reason
+
+
+def test_a_certificate_from_another_run_fails(runs, tmp_path):
+    b = _bundle_copy(runs, tmp_path)
+    shutil.copy(runs["wb"] / "provenance" / "certificates" / "stage-1-round-1.cert",
+                b / "certificates" / "stage-1-round-1.cert")
+    _, _, reason = _failure(_verify(runs["wa"] / "model.safetensors", b))
+    assert "stage-1-round-1.cert" in reason and "run/wb" in reason  # another run's log
+
+
+def test_a_commitment_logged_after_the_round_began_fails(runs, tmp_path):
+    """Even signed by the notary's own key, a certificate whose commitment comes after the
+    round's first activation does not verify."""
+    b = _bundle_copy(runs, tmp_path)
+    path = b / "certificates" / "stage-2-round-1.cert"
+    notary = load_identity(runs["keys"] / "notary.key")
+    cert, _ = open_certificate(path.read_bytes(), notary.public, default_origin("wa"))
+    from dataclasses import replace
+
+    late = replace(cert, round_start=cert.commit.index - 1)
+    path.write_bytes(issue(notary, late))
+    stage, round_, reason = _failure(_verify(runs["wa"] / "model.safetensors", b))
+    assert (stage, round_) == (2, 1) and "before the round began" in reason
+
+
+def test_every_single_bit_flip_of_a_certificate_fails(runs):
+    raw = (runs["wa"] / "provenance" / "certificates" / "stage-1-round-0.cert").read_bytes()
+    bundle = load_bundle(runs["wa"] / "provenance")
+    notary, origin = bundle.roster.notary.identity, default_origin("wa")
+    open_certificate(raw, notary, origin)  # intact: holds
+    for i in range(len(raw)):
+        for bit in (0, 3, 7):  # three bits of every byte
+            flipped = bytearray(raw)
+            flipped[i] ^= 1 << bit
+            with pytest.raises(Exception) as info:
+                open_certificate(bytes(flipped), notary, origin)
+            assert isinstance(info.value, CertificateError | ValueError), info.value
+
+
+def test_chain_rules_name_each_broken_link(runs):
+    """The rule the notary applies on arrival and verify applies to a bundle: each link of a
+    real commitment, changed alone, is named as the reason."""
+    from dataclasses import replace
+
+    from clicooper_bus.chain import check_commit
+
+    bundle = load_bundle(runs["wa"] / "provenance")
+    notary, origin = bundle.roster.notary.identity, default_origin("wa")
+    certs = {n: open_certificate(raw, notary, origin)[0] for n, raw in bundle.certificates}
+    c21 = Commit.from_doc(certs["stage-2-round-1.cert"].commit.document())
+    prev = Commit.from_doc(certs["stage-1-round-1.cert"].commit.document()).commitment
+    prev_claim = certs["stage-2-round-0.cert"].claim.digest
+    trainer = bundle.roster.by_name("trainer-2").identity.public_key
+    roots = {}
+    for note in bundle.checkpoints:
+        from clicooper_bus.checkpoint import open_checkpoint
+
+        cp = open_checkpoint(note, notary, origin)
+        roots[cp.size] = cp.root
+    kw = dict(run_id="wa", trainer_key=trainer, roster=bundle.roster_bytes,
+              prev_commitment=prev, prev_claim=prev_claim, root_at=roots.get)
+    assert check_commit(c21, **kw) is None
+    assert "prev_link" in check_commit(replace(c21, prev_link=bytes(32)), **kw)
+    assert "prev_round" in check_commit(replace(c21, prev_round=bytes(32)), **kw)
+    assert "log_root" in check_commit(replace(c21, log_root=bytes(32)), **kw)
+    assert "not to the key" in check_commit(replace(c21, commitment=bytes(32)), **kw)
+    assert "skipped round" in check_commit(c21, **dict(kw, prev_claim=None))
+    assert "no commitment" in check_commit(c21, **dict(kw, prev_commitment=None))
+    assert "not to the key" in check_commit(c21, **dict(kw, trainer_key=bytes(32)))
+
+
+def _plan(bundle: Path) -> Plan:
+    return Plan.from_meta(Roster.open((bundle / "roster.msgpack").read_bytes()).meta["plan"])
+
+
+def test_null_models_never_verify(runs, tmp_path):
+    """Twenty models trained the same way from other seeds, without the run's marks."""
+    plan = _plan(runs["wa"] / "provenance")
+    data = synthetic(seed=0)
+    bers = []
+    for seed in range(1, 21):
+        r = train_reference(data, plan.spec(), plan.cuts, seed=seed, epochs=1,
+                            batch_size=plan.batch_size, lr=plan.lr, max_steps=30,
+                            evaluate_each_epoch=False)
+        path = tmp_path / f"null{seed}.safetensors"
+        save_file(state_dict_with_prefix(r.segments), path)
+        v = _verify(path, runs["wa"] / "provenance")
+        assert not v.ok and "wrong bits" in v.failure["reason"]
+        bers.append(v.stages[-1].bit_error_rate)
+    assert min(bers) > wm.DEFAULT_THRESHOLD
+
+
+def test_dispute_gives_an_overwritten_model_to_the_first_owner(runs, tmp_path, capsys):
+    """B writes its own last-round marks over A's model: both marks read, both bundles verify
+    the chain; the dispute goes to A, certified first."""
+    a, b = runs["wa"], runs["wb"]
+    plan = _plan(a / "provenance")
+    from clicooper_bus.provenance import load_model
+
+    segments = load_model(a / "model.safetensors", plan)
+    bundle_b = load_bundle(b / "provenance")
+    notary = bundle_b.roster.notary.identity
+    for k in (1, 2):
+        cert, _ = open_certificate((b / "provenance" / "certificates" /
+                                    f"stage-{k}-round-1.cert").read_bytes(), notary,
+                                   default_origin("wb"))
+        trainer = bundle_b.roster.by_name(bundle_b.roster.stages[k - 1]).identity.public_key
+        key = Commit.from_doc(cert.commit.document()).link("wb", trainer).key()
+        mark = wm.Watermark(key, segments[k], strength=1.0)
+        opt = torch.optim.Adam(segments[k].parameters(), lr=1e-3)
+        for _ in range(300):
+            opt.zero_grad()
+            mark.loss().backward()
+            opt.step()
+    save_file(state_dict_with_prefix(segments), tmp_path / "overwritten.safetensors")
+    model = tmp_path / "overwritten.safetensors"
+    assert _verify(model, a / "provenance").ok and _verify(model, b / "provenance").ok
+    winner, verdicts, reason = dispute(model, [b / "provenance", a / "provenance"])
+    assert winner == 1 and "certified first" in reason
+    assert cli.main(["model", "dispute", str(model), "--bundle", str(b / "provenance"),
+                     "--bundle", str(a / "provenance")]) == 0
+    assert "belongs to bundle 2" in capsys.readouterr().out
+    # the untouched model of A: B's bundle does not verify at all
+    winner, _, reason = dispute(a / "model.safetensors", [b / "provenance", a / "provenance"])
+    assert winner == 1 and "only bundle 2 verifies" in reason
+
+
+def test_a_corrupt_model_is_a_clear_failure(runs, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a model")
+    assert cli.main(["model", "verify", str(bad), "--bundle",
+                     str(runs["wa"] / "provenance")]) == 1
+    assert "not a model of this run's plan" in capsys.readouterr().out
+
+
+def _log_envelopes(log_dir: Path):
+    """(envelope, index) for every entry of a log, bodies where retained."""
+    from clicooper_bus.log import ProvenanceLog
+    from clicooper_bus.wire import Envelope, parse_header, split_leaf
+
+    with ProvenanceLog.open(log_dir) as plog:
+        roster_bytes = plog.roster_bytes
+        out = []
+        for i in range(plog.size):
+            raw, sig = split_leaf(plog.leaf(i))
+            h = parse_header(raw)
+            body = plog.body(h.body_sha256)
+            out.append((Envelope(h.topic, h, sig, bytes(body) if body is not None else b""), i))
+        roots = [plog.tree.root(n) for n in range(plog.size + 1)]
+    return roster_bytes, out, roots
+
+
+def test_the_notary_register_certifies_the_run_and_refuses_broken_links(runs):
+    from clicooper_bus.registry import WatermarkRegistry
+
+    roster_bytes, entries, roots = _log_envelopes(runs["wa"] / "log")
+    roster = Roster.open(roster_bytes)
+
+    def replay(seq):
+        reg = WatermarkRegistry(roster, roster_bytes,
+                                root_at=lambda n: roots[n] if n < len(roots) else None)
+        done = [c for env, i in seq if (c := reg.observe(env, i)) is not None]
+        return reg, done
+
+    reg, done = replay(entries[1:])
+    assert sorted((c.stage, c.round) for c in done) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert reg.refused == []
+    # without stage 1's commitment of round 1, stage 2's is refused, and so are both claims
+    s1r1 = next(i for env, i in entries if env.header.kind == "wm_commit"
+                and env.document()["stage"] == 1 and env.document()["round"] == 1)
+    reg, done = replay([e for e in entries[1:] if e[1] != s1r1])
+    assert (2, 1) not in {(c.stage, c.round) for c in done}
+    assert any("stage 1 has no commitment for round 1" in r for r in reg.refused)
+    # a commitment that arrives after its round's first activation is refused
+    s2r1 = next(e for e in entries if e[0].header.kind == "wm_commit"
+                and e[0].document()["stage"] == 2 and e[0].document()["round"] == 1)
+    late = [e for e in entries[1:] if e[1] != s2r1[1]]
+    start = next(k for k, (env, _) in enumerate(late) if env.header.kind == "fwd"
+                 and env.header.epoch == 1 and env.header.sender == roster.owner.key_id)
+    late.insert(start + 1, s2r1)
+    reg, done = replay(late)
+    assert (2, 1) not in {(c.stage, c.round) for c in done}
+    assert any("had already begun" in r for r in reg.refused)
