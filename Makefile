@@ -37,16 +37,18 @@ dataset:
 test: setup
 	$(PY) -m pytest
 
-# The main job: the processes of the Procfile (broker, notary, owner, three trainers, and an
+# The main job: the processes of the Procfile (broker, notary, owner, two trainers, and an
 # auditor following the run) train the small CNN on Fashion-MNIST and audit it; then the log is
 # verified against the owner's key and the final checkpoint the owner saw.
 demo: setup
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/clicooper keys ensure --dir runs/keys owner notary trainer-1 trainer-2 trainer-3
+	$(VENV)/bin/clicooper keys ensure --dir runs/keys owner notary trainer-1 trainer-2
 	$(VENV)/bin/honcho start -f Procfile
 	$(VENV)/bin/clicooper log verify $(DEMO_DIR)/log --owner-key runs/keys/owner.pub \
 	  --checkpoint $(DEMO_DIR)/checkpoint.txt
 	$(VENV)/bin/clicooper summary $(DEMO_DIR)
+	$(VENV)/bin/clicooper model verify $(DEMO_DIR)/model.safetensors --bundle $(DEMO_DIR)/provenance \
+	  --log $(DEMO_DIR)/log --owner-key runs/keys/owner.pub
 	@test -f $(DEMO_DIR)/audit/report.json || { echo "no audit report in $(DEMO_DIR)/audit"; exit 1; }
 	@! grep -q '"refused": true' $(DEMO_DIR)/audit/report.json || { echo "the auditor refused the log: see $(DEMO_DIR)/audit/report.md"; exit 1; }
 	@echo "audit report: $(DEMO_DIR)/audit/report.md (figures beside it)"

@@ -63,8 +63,10 @@ class ParticipantsSection:
                                   "NAME.key of the ones started on this machine)")
     owner: str = _doc("owner", "the owner's key name")
     notary: str = _doc("notary", "the notary's key name")
-    trainers: list = _doc(["trainer-1", "trainer-2", "trainer-3"],
-                          "trainer key names, in stage order (1 to 8)")
+    trainers: list = _doc(["trainer-1", "trainer-2"],
+                          "trainer key names, in stage order (1 to 8; a stage cut without "
+                          "weights (the small CNN's second when cut for three trainers) carries "
+                          "no watermark)")
     observers: list = _doc([], "auditors following the run (`services.auditor --follow --name "
                                "NAME`): the owner starts only once they watch, and the notary "
                                "keeps the finished run open until they are done")

@@ -282,3 +282,15 @@ def test_the_notary_register_certifies_the_run_and_refuses_broken_links(runs):
     reg, done = replay(late)
     assert (2, 1) not in {(c.stage, c.round) for c in done}
     assert any("had already begun" in r for r in reg.refused)
+
+
+def test_a_stage_without_weights_keeps_the_chain(tmp_path):
+    """Three trainers cut the small CNN's tail into fc1 | ReLU | fc2: the ReLU stage commits and
+    claims (no bits) so that the chain runs through it, and the model verifies."""
+    cfg = write_config(tmp_path, run_id="w3", trainers=3, run={"epochs": 1},
+                       watermark={"enabled": True})
+    assert run(str(cfg), echo=False, free_ports=False, timeout_s=240) == 0
+    d = tmp_path / "runs" / "w3"
+    v = verify_model(d / "model.safetensors", d / "provenance", log_dir=d / "log")
+    assert v.ok, v.failure
+    assert [s.bit_errors for s in v.stages] == [0, None, 0] and v.certificates == 3
