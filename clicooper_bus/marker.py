@@ -81,10 +81,10 @@ class Marker:
             self.mark = wm.Watermark(key, self.module, t=self.nbits, strength=self.strength)
         return commit
 
-    def regularizer(self) -> torch.Tensor:
-        if self.mark is None:
-            return torch.zeros((), requires_grad=True)
-        return self.mark.loss()
+    def regularizer(self) -> None:
+        """Before every optimiser step: the current round's mark adds its gradient."""
+        if self.mark is not None:
+            self.mark.add_grad()
 
     def claim(self, round_: int) -> Claim:
         if self.current is None or self.current[0].round != round_:

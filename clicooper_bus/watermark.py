@@ -127,6 +127,29 @@ class Watermark:
         logits = self.x @ carrier_vector(self.layer)
         return self.strength * torch.nn.functional.binary_cross_entropy_with_logits(logits, self.b)
 
+    def add_grad(self) -> None:
+        """Add the gradient of `loss()` to the carrier's `.grad`, in closed form: what a training
+        step does every step. Autograd's extra backward pass for this small term cost about
+        2 ms a step on a one-thread trainer, on the chain's critical path (+9 % on an epoch
+        over the bus); this costs a few hundred microseconds.
+        d/dW of lambda * mean BCE(X v, b) = lambda / T * X^T (sigmoid(X v) - b), reshaped to W,
+        divided by the outputs when v is W averaged over them."""
+        import torch
+
+        w = self.layer.weight
+        with torch.no_grad():
+            v = carrier_vector(self.layer)
+            g = self.x.T @ (torch.sigmoid(self.x @ v) - self.b)
+            g.mul_(self.strength / len(self.b))
+            if v.numel() == w.numel():
+                g = g.view_as(w)
+            else:
+                g = (g / w.shape[0]).view(w.shape[1:]).expand_as(w)
+            if w.grad is None:
+                w.grad = g.clone()
+            else:
+                w.grad.add_(g)
+
 
 def extract(key: bytes, module, t: int = DEFAULT_BITS) -> np.ndarray:
     """The bits a stage's weights carry for `key`."""

@@ -116,3 +116,18 @@ def test_carrier_is_whole_when_small_and_averaged_when_large():
     big = nn.Sequential(nn.Linear(1568, 128))
     assert wm.carrier_vector(wm.carrier(big)).numel() == 1568
 
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(392, 64), nn.Linear(20, 10), nn.Conv2d(3, 8, 5)])
+def test_closed_form_gradient_equals_autograd(layer, monkeypatch):
+    """What training adds each step (`add_grad`) is exactly the gradient of `loss()`, for a
+    carrier read whole and one averaged over its outputs."""
+    monkeypatch.setattr(wm, "FLATTEN_MAX", 1000)  # the 392 x 64 layer is then averaged
+    stage = nn.Sequential(layer)
+    mark = wm.Watermark(link().key(), stage, strength=0.3)
+    layer.weight.grad = None
+    mark.loss().backward()
+    expected = layer.weight.grad.clone()
+    layer.weight.grad = torch.ones_like(layer.weight)  # it adds to what is there
+    mark.add_grad()
+    assert torch.allclose(layer.weight.grad - 1, expected, atol=1e-7, rtol=1e-5)

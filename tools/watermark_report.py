@@ -95,6 +95,31 @@ def prune(segments, fraction: float) -> list:
     return segs
 
 
+def bus_epochs(cfg, pairs: int = 3) -> tuple[list[float], list[float]]:
+    """Wall times of one-epoch runs over the bus (join to delivered model), watermarks off and
+    on, `pairs` times in alternating order: single bus runs on a shared machine vary by 15 %."""
+    import json
+    import tempfile
+
+    from tools.run import run
+
+    out: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(pairs):
+        for on in ((False, True) if i % 2 == 0 else (True, False)):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "c.toml"
+                c = copy.deepcopy(cfg)
+                c.run.id, c.run.out_dir, c.run.epochs, c.run.eval_every = "wm-bench", tmp, 1, 0
+                c.watermark.enabled = on
+                c.participants.observers = []
+                path.write_text(c.to_toml())
+                if run(str(path), echo=False) != 0:
+                    raise SystemExit("the bus benchmark run failed")
+                s = json.loads((Path(tmp) / "wm-bench" / "summary.json").read_text())
+                out[on].append(s["wall_s"])  # the whole run: the round protocol included
+    return out[False], out[True]
+
+
 def fmt(b: dict[int, float]) -> str:
     return ", ".join(f"stage {k}: {v:.1%}" for k, v in sorted(b.items()))
 
@@ -106,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nulls", type=int, default=20)
     p.add_argument("--null-steps", type=int, default=150,
                    help="training steps of each null model")
+    p.add_argument("--bus", action="store_true",
+                   help="also time one epoch over the bus with and without watermarks")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     cfg = load_config(run_dir / "config.toml")
@@ -154,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{rows[-1][0]}: {rows[-1][1]}; accuracy {rows[-1][2]:.4f}")
         if broke is None and max(bb.values()) > threshold:
             broke = frac
+    for frac in (0.5, 0.8):  # an attacker who wants a usable model fine-tunes after pruning
+        segs = fine_tune(prune(segments, frac), data, plan, 1)
+        rows.append((f"pruned {frac:.0%}, then fine-tuned 1 epoch", fmt(bers(segs, keys, nbits)),
+                     accuracy(segs, data)))
+        say(f"{rows[-1][0]}: {rows[-1][1]}; accuracy {rows[-1][2]:.4f}")
     rival = {k: wm.Watermark(wm.Link("rival", k, 0, bytes(32), bytes(32), bytes(32),
                                      bytes(32)).key(), segments[k], t=nbits, strength=0.1)
              for k in keys if wm.carrier(segments[k]) is not None}
@@ -167,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     # overhead of the regulariser on an epoch (in process, same seed, 2 threads)
     def epoch_time(marked: bool) -> float:
         def regs(epoch, segs):
-            return {k: wm.Watermark(key, segs[k], t=nbits, strength=0.1).loss
+            return {k: wm.Watermark(key, segs[k], t=nbits, strength=0.1).add_grad
                     for k, key in keys.items() if wm.carrier(segs[k]) is not None}
 
         t = time.perf_counter()
@@ -178,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
     plain, marked = epoch_time(False), epoch_time(True)
     say(f"epoch: {plain:.1f} s unmarked, {marked:.1f} s marked")
+    bus = bus_epochs(cfg) if args.bus else None
+    if bus:
+        say(f"over the bus: {bus[0]} s unmarked, {bus[1]} s marked")
 
     lines += [
         "# Watermarks: detection, false positives and robustness", "",
@@ -214,7 +249,16 @@ def main(argv: list[str] | None = None) -> int:
               f"One epoch in process (same seed, the regulariser of every stage on): "
               f"{plain:.1f} s unmarked, {marked:.1f} s marked "
               f"({(marked - plain) / plain:+.1%}; target under 5 %). Over the bus a round adds "
-              f"two owner messages and, per stage, a commitment, a claim and a certificate.", ""]
+              f"two owner messages and, per stage, a commitment, a claim and a certificate."
+              + (f" One-epoch runs over the bus (`--bus`: the run's config, one epoch, from "
+                 f"join to delivered model, {len(bus[0])} of each in alternating order): "
+                 f"unmarked {', '.join(f'{x:.1f}' for x in bus[0])} s (mean "
+                 f"{np.mean(bus[0]):.1f}), marked {', '.join(f'{x:.1f}' for x in bus[1])} s "
+                 f"(mean {np.mean(bus[1]):.1f}): "
+                 f"{(np.mean(bus[1]) - np.mean(bus[0])) / np.mean(bus[0]):+.1%} on the mean, "
+                 f"against a spread of "
+                 f"{(max(bus[0]) - min(bus[0])) / np.mean(bus[0]):.0%} between unmarked repeats."
+                 if bus else ""), ""]
     Path(args.out).write_text("\n".join(lines))
     say(f"wrote {args.out}")
     return 0

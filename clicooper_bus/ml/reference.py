@@ -44,8 +44,8 @@ def train_reference(data: Dataset, spec: ModelSpec, cuts: tuple[int, ...], *, se
                     evaluate_each_epoch: bool = True,
                     progress: Callable[[dict], None] | None = None,
                     regularizers: Callable[[int, list], dict] | None = None) -> ReferenceResult:
-    """`regularizers(epoch, segments)` may return {segment index: loss function} for an
-    epoch (the watermark of each stage in each round)."""
+    """`regularizers(epoch, segments)` may return {segment index: function adding a gradient
+    to the segment's weights before each step} for an epoch (each stage's watermark)."""
     segments = build_segments(spec, cuts, seed)
     trainers = [SegmentTrainer(s, lr=lr, is_head=(i == 0)) for i, s in enumerate(segments)]
     result = ReferenceResult(segments)

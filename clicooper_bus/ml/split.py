@@ -30,8 +30,9 @@ class SegmentTrainer:
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=lr) if params else None
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # a loss on the segment's own weights added at every step (a watermark), or None
-        self.regularizer: Callable[[], torch.Tensor] | None = None
+        # adds the gradient of a loss on the segment's own weights to their .grad before every
+        # step (a watermark), or None
+        self.regularizer: Callable[[], None] | None = None
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Training forward; the returned activation is detached (it crosses the network)."""
@@ -44,7 +45,7 @@ class SegmentTrainer:
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.regularizer is not None:  # e.g. a watermark: its gradient joins the step's
-            self.regularizer().backward()
+            self.regularizer()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
