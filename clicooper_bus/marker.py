@@ -16,19 +16,24 @@ import torch
 
 from clicooper_bus import watermark as wm
 from clicooper_bus.chain import Claim, Commit, make_claim, roster_digest
+from clicooper_bus.errors import RosterError
 from clicooper_bus.roster import Roster
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()  # RFC 6962 root of the empty tree
 
 
 def settings(roster: Roster) -> dict | None:
-    """The roster's watermark settings ({bits, strength, threshold}), or None when off."""
+    """The roster's watermark settings ({bits, strength, threshold, rounds}), or None when
+    off. The owner signed them: verification takes its threshold and round count from here."""
     raw = roster.meta.get("watermark")
     if not raw:
         return None
-    doc = json.loads(raw)
-    return {"bits": int(doc["bits"]), "strength": float(doc["strength"]),
-            "threshold": float(doc["threshold"])}
+    try:
+        doc = json.loads(raw)
+        return {"bits": int(doc["bits"]), "strength": float(doc["strength"]),
+                "threshold": float(doc["threshold"]), "rounds": int(doc["rounds"])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RosterError(f"the roster's watermark settings are malformed: {exc}") from None
 
 
 class Marker:

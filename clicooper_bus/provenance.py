@@ -188,14 +188,18 @@ def _verify(v: Verdict, model, bundle_dir, log_dir, owner) -> None:
     bundle = load_bundle(bundle_dir, owner)
     roster = bundle.roster
     v.run_id = roster.run_id
-    v.threshold = float(bundle.manifest.get("threshold", wm.DEFAULT_THRESHOLD))
-    nbits = int(bundle.manifest.get("bits", wm.DEFAULT_BITS))
+    from clicooper_bus.marker import settings
+
+    marks = settings(roster)  # signed by the owner; the manifest is only a convenience
+    if marks is None:
+        raise VerifyFailed("the roster says this run had no watermarks")
+    v.threshold, nbits = marks["threshold"], marks["bits"]
     plan = Plan.from_meta(roster.meta["plan"])
     segments = load_model(model, plan)
     certs = _open_all(bundle)
     v.certificates = len(certs)
     if log_dir is None:
-        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, None))
+        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, None), marks["rounds"])
         return
     from clicooper_bus.log import ProvenanceLog
 
@@ -204,15 +208,22 @@ def _verify(v: Verdict, model, bundle_dir, log_dir, owner) -> None:
             raise VerifyFailed("the log's roster is not the bundle's")
         _check_against_log(certs, plog)
         v.log_checked = True
-        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, plog))
+        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, plog), marks["rounds"])
 
 
-def _check_chain(v: Verdict, bundle: Bundle, certs, segments, nbits: int, root_at) -> None:
+def _check_chain(v: Verdict, bundle: Bundle, certs, segments, nbits: int, root_at,
+                 planned: int) -> None:
     roster = bundle.roster
     stages = len(roster.stages)
     rounds = 1 + max((t for (_, t) in certs), default=-1)
     if rounds == 0:
         raise VerifyFailed("the bundle holds no certificate")
+    if rounds != planned:
+        raise VerifyFailed(f"the bundle certifies rounds 0 to {rounds - 1}, the roster planned "
+                           f"{planned}: the last rounds are missing (an older mark would be "
+                           f"checked)" if rounds < planned else
+                           f"the bundle certifies {rounds} rounds, the roster planned {planned}",
+                           None, rounds if rounds < planned else None)
     for t in range(rounds):
         for k in range(1, stages + 1):
             if (k, t) not in certs:

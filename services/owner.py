@@ -77,7 +77,7 @@ class Owner:
             cfg.run.id, owner=self.ident.public, trainers=self.trainer_keys, notary=self.notary_key,
             meta={"plan": self.plan.to_meta(), "model_spec": self.spec.digest(self.cuts),
                   "config": cfg.digest(), "dataset": self.data.name, "model": self.spec.name,
-                  **self._watermark_meta(cfg)})
+                  **self._watermark_meta(cfg, len(self.data.x_train))})
         self.run_dir = cfg.run_dir
         for existing in ("summary.json", "log"):
             if (self.run_dir / existing).exists():
@@ -106,12 +106,19 @@ class Owner:
         self.checkpoints: list[str] = []
 
     @staticmethod
-    def _watermark_meta(cfg: RunConfig) -> dict[str, str]:
+    def _watermark_meta(cfg: RunConfig, n_train: int) -> dict[str, str]:
+        """The watermark settings the owner signs into the roster, with the number of rounds
+        the run will have, so that a bundle missing its last rounds cannot pass for whole."""
         w = cfg.watermark
         if not w.enabled:
             return {}
+        rounds = cfg.run.epochs
+        if cfg.run.max_steps:
+            per_epoch = -(-n_train // cfg.run.batch_size)
+            rounds = min(rounds, -(-cfg.run.max_steps // per_epoch))
         return {"watermark": json.dumps({"bits": w.bits, "strength": w.strength,
-                                         "threshold": w.threshold}, sort_keys=True)}
+                                         "threshold": w.threshold, "rounds": rounds},
+                                        sort_keys=True)}
 
     # --- bus helpers -------------------------------------------------------------------------
 

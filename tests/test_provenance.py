@@ -294,3 +294,24 @@ def test_a_stage_without_weights_keeps_the_chain(tmp_path):
     v = verify_model(d / "model.safetensors", d / "provenance", log_dir=d / "log")
     assert v.ok, v.failure
     assert [s.bit_errors for s in v.stages] == [0, None, 0] and v.certificates == 3
+
+
+def test_dropping_the_last_rounds_fails(runs, tmp_path):
+    """Without the last round, an older (still readable) mark would be checked: the roster
+    the owner signed says how many rounds the run had."""
+    b = _bundle_copy(runs, tmp_path)
+    for k in (1, 2):
+        (b / "certificates" / f"stage-{k}-round-1.cert").unlink()
+    _, _, reason = _failure(_verify(runs["wa"] / "model.safetensors", b))
+    assert "last rounds are missing" in reason
+
+
+def test_the_unsigned_manifest_cannot_loosen_the_threshold(runs, tmp_path):
+    wa, wb = load_file(runs["wa"] / "model.safetensors"), load_file(runs["wb"] / "model.safetensors")
+    save_file({k: (wb[k] if k.startswith("seg2.") else v) for k, v in wa.items()},
+              tmp_path / "mixed.safetensors")
+    b = _bundle_copy(runs, tmp_path)
+    manifest = json.loads((b / "manifest.json").read_text())
+    (b / "manifest.json").write_text(json.dumps(dict(manifest, threshold=1.0, bits=8)))
+    v = _verify(tmp_path / "mixed.safetensors", b)
+    assert not v.ok and "wrong bits" in v.failure["reason"] and v.threshold == 0.2
