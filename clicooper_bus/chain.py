@@ -19,6 +19,14 @@ import numpy as np
 from clicooper_bus import watermark as wm
 
 
+def _field(d: Any, name: str, typ: type) -> Any:
+    """A document field of exactly this type (bytes(5) would make five zero bytes; True is an
+    int to Python)."""
+    if type(d) is not dict or type(d.get(name)) is not typ:
+        raise ValueError(f"field {name!r} is missing or not {typ.__name__}")
+    return d[name]
+
+
 def roster_digest(roster_bytes: bytes) -> bytes:
     return hashlib.sha256(roster_bytes).digest()
 
@@ -50,11 +58,15 @@ class Commit:
     @classmethod
     def from_doc(cls, d: Any) -> Commit:
         try:
-            c = cls(int(d["stage"]), int(d["round"]), bytes(d["commitment"]),
-                    bytes(d["prev_link"]), bytes(d["prev_round"]), int(d["log_size"]),
-                    bytes(d["log_root"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            c = cls(_field(d, "stage", int), _field(d, "round", int),
+                    _field(d, "commitment", bytes), _field(d, "prev_link", bytes),
+                    _field(d, "prev_round", bytes), _field(d, "log_size", int),
+                    _field(d, "log_root", bytes))
+        except ValueError as exc:
             raise ValueError(f"malformed watermark commitment: {exc}") from None
+        if c.stage < 1 or c.round < 0 or c.log_size < 0:
+            raise ValueError("malformed watermark commitment: stage, round or log size out of "
+                             "range")
         if any(len(b) != 32 for b in (c.commitment, c.prev_link, c.prev_round, c.log_root)):
             raise ValueError("malformed watermark commitment: digests must be 32 bytes")
         return c
@@ -82,10 +94,11 @@ class Claim:
     @classmethod
     def from_doc(cls, d: Any) -> Claim:
         try:
-            c = cls(int(d["stage"]), int(d["round"]), bytes(d["commitment"]),
-                    bytes(d["weights_sha256"]), bytes(d["bits"]), int(d["nbits"]),
-                    int(d["bit_errors"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            c = cls(_field(d, "stage", int), _field(d, "round", int),
+                    _field(d, "commitment", bytes), _field(d, "weights_sha256", bytes),
+                    _field(d, "bits", bytes), _field(d, "nbits", int),
+                    _field(d, "bit_errors", int))
+        except ValueError as exc:
             raise ValueError(f"malformed watermark claim: {exc}") from None
         if len(c.commitment) != 32 or len(c.weights_sha256) != 32:
             raise ValueError("malformed watermark claim: digests must be 32 bytes")

@@ -85,6 +85,9 @@ def load_bundle(directory: str | os.PathLike[str], owner: PublicIdentity | None 
         certs = [(p.name, p.read_bytes()) for p in sorted((d / "certificates").glob("*.cert"))]
         checkpoints = json.loads((d / "checkpoints.json").read_text())
         final = (d / "checkpoint.txt").read_text()
+        if type(manifest) is not dict or type(checkpoints) is not list or \
+                not all(type(c) is str for c in checkpoints):
+            raise ValueError("manifest.json must be a map and checkpoints.json a list of notes")
     except (OSError, ValueError) as exc:
         raise VerifyFailed(f"the bundle {d} is incomplete or unreadable: {exc}") from None
     try:
@@ -171,11 +174,18 @@ def _roots(bundle: Bundle, plog) -> Any:
 
 def verify_model(model: str | os.PathLike[str], bundle_dir: str | os.PathLike[str], *,
                  log_dir: str | os.PathLike[str] | None = None,
-                 owner: PublicIdentity | None = None) -> Verdict:
-    """Never raises for a bad model or bundle: the verdict names the first failure."""
+                 owner: PublicIdentity | None = None, exact: bool = False) -> Verdict:
+    """Never raises for a bad model or bundle: the verdict names the first failure. The
+    marks' keys are public (they are derived from the log), so anyone holding a bundle can
+    write its marks into any model: the marks show a model descends from the run, `exact`
+    also requires every stage to be byte for byte the weights the last claims certify."""
     verdict = Verdict(ok=False, model=str(model))
     try:
         _verify(verdict, model, bundle_dir, log_dir, owner)
+        changed = [s.stage for s in verdict.stages if not s.weights_as_claimed]
+        if exact and changed:
+            raise VerifyFailed(f"not the weights its last claim certifies (stages "
+                               f"{', '.join(map(str, changed))} differ)", changed[0])
         verdict.ok = True
     except VerifyFailed as exc:
         verdict.failure = {"stage": exc.stage, "round": exc.round, "reason": exc.reason}
@@ -190,7 +200,11 @@ def _verify(v: Verdict, model, bundle_dir, log_dir, owner) -> None:
     v.run_id = roster.run_id
     from clicooper_bus.marker import settings
 
-    marks = settings(roster)  # signed by the owner; the manifest is only a convenience
+    try:
+        marks = settings(roster)  # signed by the owner; the manifest is only a convenience
+    except ClicooperError as exc:
+        raise VerifyFailed(f"{exc} (a bundle from an older version: re-run to get one "
+                           f"verify can check)") from None
     if marks is None:
         raise VerifyFailed("the roster says this run had no watermarks")
     v.threshold, nbits = marks["threshold"], marks["bits"]
@@ -297,12 +311,35 @@ def _check_against_log(certs: dict[tuple[int, int], Certificate], plog) -> None:
                                f"{cert.round_start} as certified", k, t)
 
 
+def _delivered(bundle_dir: Path) -> tuple[Path, Verdict]:
+    """The run's own delivered model (beside its bundle), checked to be exactly what its last
+    certified claims name."""
+    model = Path(bundle_dir).parent / "model.safetensors"
+    v = verify_model(model, bundle_dir)
+    if v.ok and not all(s.weights_as_claimed for s in v.stages):
+        v.ok = False
+        v.failure = {"stage": None, "round": None,
+                     "reason": f"{model} is not the model this run's last claims certify"}
+    return model, v
+
+
+def _distance(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    if set(wa) != set(wb):
+        return float("inf")
+    return float(sum(((wa[k].float() - wb[k].float()) ** 2).sum() for k in wa if k.startswith(
+        tuple(f"seg{i}." for i in range(1, 9))))) ** 0.5
+
+
 def dispute(model: str | os.PathLike[str], bundles: list[str | os.PathLike[str]]
             ) -> tuple[int | None, list[Verdict], str]:
-    """Which bundle the model belongs to: those whose chain and marks verify, then the one
-    whose mark the notary certified first. Returns (index of the winner or None, verdicts,
-    reason). A watermark alone cannot order two marks (a second one written over the first
-    leaves both readable); the notaries' certification order can."""
+    """Which run a model comes from. Anyone can write a bundle's marks (its keys are public),
+    and a second mark leaves the first readable, so neither marks nor clocks decide. Each run's
+    own delivered model (beside its bundle, certified by its last claims) does: a run whose own
+    model already carries another listed run's marks derives from it; among the runs that
+    derive from no other, the model goes to the one whose delivered model it is closest to."""
     verdicts = [verify_model(model, b) for b in bundles]
     holding = [i for i, v in enumerate(verdicts) if v.ok]
     if not holding:
@@ -312,10 +349,23 @@ def dispute(model: str | os.PathLike[str], bundles: list[str | os.PathLike[str]]
         others = "; ".join(f"bundle {j + 1} fails: {verdicts[j].failure['reason']}"
                            for j in range(len(bundles)) if j != i)
         return i, verdicts, f"only bundle {i + 1} verifies ({others})"
-    first = {i: min(s.certified_ns for s in verdicts[i].stages) for i in holding}
-    earliest = min(holding, key=lambda i: first[i])
-    return earliest, verdicts, (
-        f"every listed bundle's marks are in the model; bundle {earliest + 1} (run "
-        f"{verdicts[earliest].run_id!r}) was certified first, "
-        f"{(sorted(first.values())[1] - first[earliest]) / 1e9:.0f} s before the next: a later "
-        f"mark was written over a model that already carried it")
+    own = {i: _delivered(Path(bundles[i])) for i in holding}
+    bad = [i for i in holding if not own[i][1].ok]
+    if bad:
+        return None, verdicts, "; ".join(f"bundle {i + 1}: {own[i][1].failure['reason']}"
+                                         for i in bad) + ": cannot decide without each run's model"
+    derived = {i: [j for j in holding if j != i and verify_model(own[i][0], bundles[j]).ok]
+               for i in holding}
+    original = [i for i in holding if not derived[i]]
+    if not original:
+        return None, verdicts, "every run's model carries another's marks: undecided"
+    dist = {i: _distance(Path(model), own[i][0]) for i in original}
+    winner = min(original, key=dist.get)
+    why = [f"run {verdicts[i].run_id!r}'s own model already carries the marks of "
+           f"{', '.join(repr(verdicts[j].run_id) for j in derived[i])}: it derives from them"
+           for i in holding if derived[i]]
+    why.append(f"the model is closest to run {verdicts[winner].run_id!r}'s delivered model "
+               f"(distance {dist[winner]:.3g}" + "".join(
+                   f", {verdicts[i].run_id!r} {dist[i]:.3g}" for i in original if i != winner)
+               + ")")
+    return winner, verdicts, "; ".join(why)

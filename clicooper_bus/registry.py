@@ -60,7 +60,8 @@ class WatermarkRegistry:
                 self._commit(env, logged)
                 return None
             return self._claim(env, logged)
-        except (ClicooperError, ValueError) as exc:
+        except (ClicooperError, ValueError, TypeError, OverflowError) as exc:
+            # whatever a member sends, the notary refuses it and goes on
             self.refused.append(f"{h.kind} at index {index}: {exc}")
             return None
 

@@ -184,8 +184,10 @@ class Owner:
                                      f"{exc}") from None
             self.certs[(cert.stage, cert.round)] = bytes(doc["certificate"])
         elif kind in ("wm_commit", "wm_claim") and sender in self.stages:
+            if type(doc.get("round")) is not int:
+                raise ClicooperError(f"{sender} sent a {kind} without a round number")
             stage = self.stages.index(sender) + 1
-            key = (stage, doc.get("round"))
+            key = (stage, doc["round"])
             (self.wm_commits if kind == "wm_commit" else self.wm_claims)[key] = doc
 
     def _wait_all(self, what: str, table: dict, round_: int) -> None:

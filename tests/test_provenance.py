@@ -191,39 +191,61 @@ def test_null_models_never_verify(runs, tmp_path):
     assert min(bers) > wm.DEFAULT_THRESHOLD
 
 
-def test_dispute_gives_an_overwritten_model_to_the_first_owner(runs, tmp_path, capsys):
-    """B writes its own last-round marks over A's model: both marks read, both bundles verify
-    the chain; the dispute goes to A, certified first."""
-    a, b = runs["wa"], runs["wb"]
-    plan = _plan(a / "provenance")
+def _write_marks(model: Path, marks_from: Path, run_id: str, out: Path) -> Path:
+    """`model` with the last-round marks of the run whose bundle is `marks_from` written into
+    it (300 Adam steps on the regulariser alone): anyone can, the keys are public."""
     from clicooper_bus.provenance import load_model
 
-    segments = load_model(a / "model.safetensors", plan)
-    bundle_b = load_bundle(b / "provenance")
-    notary = bundle_b.roster.notary.identity
+    plan = _plan(marks_from)
+    segments = load_model(model, plan)
+    bundle = load_bundle(marks_from)
+    notary = bundle.roster.notary.identity
     for k in (1, 2):
-        cert, _ = open_certificate((b / "provenance" / "certificates" /
+        cert, _ = open_certificate((marks_from / "certificates" /
                                     f"stage-{k}-round-1.cert").read_bytes(), notary,
-                                   default_origin("wb"))
-        trainer = bundle_b.roster.by_name(bundle_b.roster.stages[k - 1]).identity.public_key
-        key = Commit.from_doc(cert.commit.document()).link("wb", trainer).key()
+                                   default_origin(run_id))
+        trainer = bundle.roster.by_name(bundle.roster.stages[k - 1]).identity.public_key
+        key = Commit.from_doc(cert.commit.document()).link(run_id, trainer).key()
         mark = wm.Watermark(key, segments[k], strength=1.0)
         opt = torch.optim.Adam(segments[k].parameters(), lr=1e-3)
         for _ in range(300):
             opt.zero_grad()
             mark.loss().backward()
             opt.step()
-    save_file(state_dict_with_prefix(segments), tmp_path / "overwritten.safetensors")
-    model = tmp_path / "overwritten.safetensors"
-    assert _verify(model, a / "provenance").ok and _verify(model, b / "provenance").ok
-    winner, verdicts, reason = dispute(model, [b / "provenance", a / "provenance"])
-    assert winner == 1 and "certified first" in reason
-    assert cli.main(["model", "dispute", str(model), "--bundle", str(b / "provenance"),
+    save_file(state_dict_with_prefix(segments), out)
+    return out
+
+
+def test_dispute_gives_an_overwritten_model_to_its_run(runs, tmp_path, capsys):
+    """Marks alone cannot decide (both read after an overwrite) and neither can clocks: A's
+    model with B's marks written over it goes to A, and B's model with A's marks goes to B,
+    by which run's own certified model it is."""
+    a, b = runs["wa"], runs["wb"]
+    stolen = _write_marks(a / "model.safetensors", b / "provenance", "wb", tmp_path / "s1")
+    assert _verify(stolen, a / "provenance").ok and _verify(stolen, b / "provenance").ok
+    winner, _, reason = dispute(stolen, [b / "provenance", a / "provenance"])
+    assert winner == 1 and "closest to run 'wa'" in reason, reason
+    framed = _write_marks(b / "model.safetensors", a / "provenance", "wa", tmp_path / "s2")
+    assert _verify(framed, a / "provenance").ok  # a's marks, though a never trained it
+    winner, _, reason = dispute(framed, [a / "provenance", b / "provenance"])
+    assert winner == 1 and "closest to run 'wb'" in reason, reason
+    assert cli.main(["model", "dispute", str(stolen), "--bundle", str(b / "provenance"),
                      "--bundle", str(a / "provenance")]) == 0
     assert "belongs to bundle 2" in capsys.readouterr().out
     # the untouched model of A: B's bundle does not verify at all
     winner, _, reason = dispute(a / "model.safetensors", [b / "provenance", a / "provenance"])
     assert winner == 1 and "only bundle 2 verifies" in reason
+
+
+def test_exact_requires_the_certified_weights(runs, tmp_path, capsys):
+    forged = _write_marks(runs["wb"] / "model.safetensors", runs["wa"] / "provenance", "wa",
+                          tmp_path / "forged")
+    args = ["model", "verify", str(forged), "--bundle", str(runs["wa"] / "provenance")]
+    assert cli.main(args) == 0  # the marks are there: anyone can write them
+    out = capsys.readouterr().out
+    assert "changed since the claim" in out
+    assert cli.main(args + ["--exact"]) == 1
+    assert "not the weights" in capsys.readouterr().out
 
 
 def test_a_corrupt_model_is_a_clear_failure(runs, tmp_path, capsys):

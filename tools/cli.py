@@ -239,7 +239,7 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     from clicooper_bus.provenance import verify_model
 
     owner = load_public(args.owner_key) if args.owner_key else None
-    v = verify_model(args.model, args.bundle, log_dir=args.log, owner=owner)
+    v = verify_model(args.model, args.bundle, log_dir=args.log, owner=owner, exact=args.exact)
     if args.json:
         print(json.dumps(v.to_json(), indent=2))
         return 0 if v.ok else 1
@@ -349,10 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log", help="the run's log directory: also check every index and root")
     m.add_argument("--owner-key", help="pin the roster's owner to this public key file")
     m.add_argument("--json", action="store_true", help="machine-readable verdict")
+    m.add_argument("--exact", action="store_true",
+                   help="also require the weights the last claims certify, byte for byte (the "
+                        "marks alone can be written by anyone holding the bundle)")
     m.set_defaults(func=cmd_model_verify)
     m = mp.add_parser("dispute", help="decide between competing bundles claiming one model")
     m.add_argument("model")
-    m.add_argument("--bundle", action="append", default=[], required=True)
+    m.add_argument("--bundle", action="append", default=[], required=True,
+                   help="a run's provenance/ directory, its delivered model.safetensors beside it")
     m.set_defaults(func=cmd_model_dispute)
     cfgp = sub.add_parser("config", help="run configuration").add_subparsers(dest="cmd",
                                                                             required=True)

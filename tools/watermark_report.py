@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     bundle_dir = run_dir / "provenance"
     b = load_bundle(bundle_dir)
     plan = Plan.from_meta(b.roster.meta["plan"])
-    nbits, threshold = int(b.manifest["bits"]), float(b.manifest["threshold"])
+    from clicooper_bus.marker import settings
+
+    marks = settings(b.roster)  # the owner signed these; the manifest is a convenience
+    nbits, threshold = marks["bits"], marks["threshold"]
     data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed).limit(
         cfg.data.train_limit or None, cfg.data.test_limit or None)
     segments = load_model(run_dir / "model.safetensors", plan)
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Watermarks: detection, false positives and robustness", "",
         f"Produced by `python -m tools.watermark_report {args.run_dir}` on run "
         f"`{b.roster.run_id}` ({plan.model}, {cfg.data.name}, {len(b.roster.stages)} trainers, "
-        f"{b.manifest['rounds']} rounds, T = {nbits} bits, threshold {threshold:.0%} bit "
+        f"{marks['rounds']} rounds, T = {nbits} bits, threshold {threshold:.0%} bit "
         f"errors), {time.strftime('%Y-%m-%d')}. Every stage's mark is the one of its last "
         f"round, read with the key recomputed from its certificate.", "",
         "## Detection", "",
