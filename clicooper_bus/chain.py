@@ -11,7 +11,7 @@ the notary had when the trainer committed.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -19,12 +19,26 @@ import numpy as np
 from clicooper_bus import watermark as wm
 
 
-def _field(d: Any, name: str, typ: type) -> Any:
-    """A document field of exactly this type (bytes(5) would make five zero bytes; True is an
-    int to Python)."""
-    if type(d) is not dict or type(d.get(name)) is not typ:
-        raise ValueError(f"field {name!r} is missing or not {typ.__name__}")
-    return d[name]
+class _Document:
+    """A msgpack map with exactly typed fields, one per dataclass field (bytes(5) would make
+    five zero bytes; True is an int to Python)."""
+
+    WHAT = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def _parse(cls, d: Any):
+        types = {"int": int, "bytes": bytes}
+        values = {}
+        for f in fields(cls):
+            typ = types[f.type] if isinstance(f.type, str) else f.type
+            if type(d) is not dict or type(d.get(f.name)) is not typ:
+                raise ValueError(f"malformed {cls.WHAT}: field {f.name!r} is missing or not "
+                                 f"{typ.__name__}")
+            values[f.name] = d[f.name]
+        return cls(**values)
 
 
 def roster_digest(roster_bytes: bytes) -> bytes:
@@ -41,7 +55,8 @@ def weights_digest(module) -> bytes:
 
 
 @dataclass(frozen=True)
-class Commit:
+class Commit(_Document):
+    WHAT = "watermark commitment"
     stage: int
     round: int
     commitment: bytes
@@ -50,20 +65,9 @@ class Commit:
     log_size: int
     log_root: bytes
 
-    def to_doc(self) -> dict[str, Any]:
-        return {"stage": self.stage, "round": self.round, "commitment": self.commitment,
-                "prev_link": self.prev_link, "prev_round": self.prev_round,
-                "log_size": self.log_size, "log_root": self.log_root}
-
     @classmethod
     def from_doc(cls, d: Any) -> Commit:
-        try:
-            c = cls(_field(d, "stage", int), _field(d, "round", int),
-                    _field(d, "commitment", bytes), _field(d, "prev_link", bytes),
-                    _field(d, "prev_round", bytes), _field(d, "log_size", int),
-                    _field(d, "log_root", bytes))
-        except ValueError as exc:
-            raise ValueError(f"malformed watermark commitment: {exc}") from None
+        c = cls._parse(d)
         if c.stage < 1 or c.round < 0 or c.log_size < 0:
             raise ValueError("malformed watermark commitment: stage, round or log size out of "
                              "range")
@@ -77,7 +81,8 @@ class Commit:
 
 
 @dataclass(frozen=True)
-class Claim:
+class Claim(_Document):
+    WHAT = "watermark claim"
     stage: int
     round: int
     commitment: bytes
@@ -86,20 +91,9 @@ class Claim:
     nbits: int
     bit_errors: int
 
-    def to_doc(self) -> dict[str, Any]:
-        return {"stage": self.stage, "round": self.round, "commitment": self.commitment,
-                "weights_sha256": self.weights_sha256, "bits": self.bits, "nbits": self.nbits,
-                "bit_errors": self.bit_errors}
-
     @classmethod
     def from_doc(cls, d: Any) -> Claim:
-        try:
-            c = cls(_field(d, "stage", int), _field(d, "round", int),
-                    _field(d, "commitment", bytes), _field(d, "weights_sha256", bytes),
-                    _field(d, "bits", bytes), _field(d, "nbits", int),
-                    _field(d, "bit_errors", int))
-        except ValueError as exc:
-            raise ValueError(f"malformed watermark claim: {exc}") from None
+        c = cls._parse(d)
         if len(c.commitment) != 32 or len(c.weights_sha256) != 32:
             raise ValueError("malformed watermark claim: digests must be 32 bytes")
         return c

@@ -17,9 +17,8 @@ import torch
 from clicooper_bus import watermark as wm
 from clicooper_bus.chain import Claim, Commit, make_claim, roster_digest
 from clicooper_bus.errors import RosterError
+from clicooper_bus.merkle import EMPTY_ROOT  # before any checkpoint: the empty tree's root
 from clicooper_bus.roster import Roster
-
-EMPTY_ROOT = hashlib.sha256(b"").digest()  # RFC 6962 root of the empty tree
 
 
 def settings(roster: Roster) -> dict | None:

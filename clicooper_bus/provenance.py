@@ -10,7 +10,6 @@ rate against the threshold. The first failure is reported with its stage, round 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -24,11 +23,10 @@ from clicooper_bus.checkpoint import open_checkpoint
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.identity import PublicIdentity
 from clicooper_bus.log import default_origin
+from clicooper_bus.merkle import EMPTY_ROOT
 from clicooper_bus.plan import Plan
 from clicooper_bus.roster import Roster
 from clicooper_bus.wire import signed_bytes, split_leaf
-
-EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 
 class VerifyFailed(ClicooperError):
@@ -101,18 +99,12 @@ def load_model(path: str | os.PathLike[str], plan: Plan):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from clicooper_bus.ml.models import build_segments
+    from clicooper_bus.ml.models import segments_from_state_dict
 
-    segments = build_segments(plan.spec(), plan.cuts, plan.seed)
     try:
-        weights = load_file(str(path))
-        for i, seg in enumerate(segments):
-            prefix = f"seg{i}."
-            seg.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
-                                 if k.startswith(prefix)}, strict=True)
+        return segments_from_state_dict(plan.spec(), plan.cuts, plan.seed, load_file(str(path)))
     except (OSError, SafetensorError, RuntimeError) as exc:
         raise VerifyFailed(f"{path} is not a model of this run's plan: {exc}") from None
-    return segments
 
 
 def _leaf_check(logged, kind: str, roster: Roster, stage: int, round_: int) -> None:
@@ -268,10 +260,9 @@ def _check_chain(v: Verdict, bundle: Bundle, certs, segments, nbits: int, root_a
     last = rounds - 1
     for k in range(1, stages + 1):
         cert = certs[(k, last)]
-        commit = Commit.from_doc(cert.commit.document())
         claim = Claim.from_doc(cert.claim.document())
         trainer = roster.by_name(roster.stages[k - 1])
-        key = commit.link(roster.run_id, trainer.identity.public_key).key()
+        key = certified_key(roster, cert)
         seg = segments[k]
         row = StageResult(k, trainer.name, rounds, last, nbits, None, None,
                           weights_digest(seg) == claim.weights_sha256, cert.issued_ns)
@@ -286,6 +277,12 @@ def _check_chain(v: Verdict, bundle: Bundle, certs, segments, nbits: int, root_a
                                f"the one {trainer.name} trained", k, last)
 
 
+def certified_key(roster: Roster, cert: Certificate) -> bytes:
+    """The mark key a certificate's commitment derives (every input is in the commitment)."""
+    trainer = roster.by_name(roster.stages[cert.stage - 1]).identity.public_key
+    return Commit.from_doc(cert.commit.document()).link(roster.run_id, trainer).key()
+
+
 def _check_against_log(certs: dict[tuple[int, int], Certificate], plog) -> None:
     """With the log: every certified message is the log's entry at its index, every
     certificate's checkpoint is a tree the log has, and each round began where it says."""
@@ -293,7 +290,11 @@ def _check_against_log(certs: dict[tuple[int, int], Certificate], plog) -> None:
 
     roster = Roster.open(plog.roster_bytes)
     owner, origin = roster.owner.key_id, default_origin(roster.run_id)
-    first_fwd: dict[int, int] = {}
+    first_fwd: dict[int, int] = {}  # epoch -> index of the owner's first activation in it
+    for i in range(plog.size):
+        h = parse_header(split_leaf(plog.leaf(i))[0])
+        if h.kind == "fwd" and h.sender == owner and h.epoch is not None:
+            first_fwd.setdefault(h.epoch, i)
     for (k, t), cert in sorted(certs.items()):
         for what, logged in (("commitment", cert.commit), ("claim", cert.claim)):
             if logged.index >= plog.size or plog.leaf(logged.index) != logged.leaf:
@@ -302,12 +303,8 @@ def _check_against_log(certs: dict[tuple[int, int], Certificate], plog) -> None:
         cp = open_checkpoint(cert.checkpoint_note, roster.notary.identity, origin)
         if cp.size > plog.size or plog.tree.root(cp.size) != cp.root:
             raise VerifyFailed("the certificate's checkpoint is not a tree of this log", k, t)
-        if t not in first_fwd:
-            first_fwd[t] = next((i for i in range(plog.size)
-                                 if (h := parse_header(split_leaf(plog.leaf(i))[0])).kind == "fwd"
-                                 and h.sender == owner and h.epoch == t), -1)
-        if first_fwd[t] != cert.round_start:
-            raise VerifyFailed(f"round {t} began at log index {first_fwd[t]}, not "
+        if first_fwd.get(t, -1) != cert.round_start:
+            raise VerifyFailed(f"round {t} began at log index {first_fwd.get(t, -1)}, not "
                                f"{cert.round_start} as certified", k, t)
 
 

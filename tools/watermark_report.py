@@ -24,7 +24,6 @@ from torch import nn
 
 from clicooper_bus import watermark as wm
 from clicooper_bus.certificate import open_certificate
-from clicooper_bus.chain import Commit
 from clicooper_bus.config import load_config
 from clicooper_bus.log import default_origin
 from clicooper_bus.ml.data import batch_order, load_dataset, to_float
@@ -32,7 +31,7 @@ from clicooper_bus.ml.models import assemble
 from clicooper_bus.ml.reference import evaluate, train_reference
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.plan import Plan
-from clicooper_bus.provenance import load_bundle, load_model, verify_model
+from clicooper_bus.provenance import certified_key, load_bundle, load_model, verify_model
 
 
 def last_keys(bundle_dir: Path) -> dict[int, bytes]:
@@ -41,13 +40,7 @@ def last_keys(bundle_dir: Path) -> dict[int, bytes]:
     notary, origin = b.roster.notary.identity, default_origin(b.roster.run_id)
     certs = [open_certificate(raw, notary, origin)[0] for _, raw in b.certificates]
     last = max(c.round for c in certs)
-    keys = {}
-    for c in certs:
-        if c.round == last:
-            trainer = b.roster.by_name(b.roster.stages[c.stage - 1]).identity.public_key
-            keys[c.stage] = Commit.from_doc(c.commit.document()).link(b.roster.run_id,
-                                                                      trainer).key()
-    return keys
+    return {c.stage: certified_key(b.roster, c) for c in certs if c.round == last}
 
 
 def bers(segments, keys: dict[int, bytes], nbits: int) -> dict[int, float]:

@@ -31,7 +31,7 @@ from clicooper_bus.ml.attacks import default_attacks
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.attacks.extraction import Surrogate
 from clicooper_bus.ml.data import Dataset, batch_order, load_dataset, to_float
-from clicooper_bus.ml.models import assemble, build_segments
+from clicooper_bus.ml.models import assemble, segments_from_state_dict
 
 T = TypeVar("T")
 CLUSTER_SAMPLES = 2000  # activations clustered
@@ -149,17 +149,10 @@ def load_model(run_dir: Path, plan, ack: dict | None) -> list[torch.nn.Sequentia
         raise ClicooperError(f"{path} is not the model the owner acknowledged in the log "
                              f"(sha256 {hashlib.sha256(data).hexdigest()[:16]}..., log "
                              f"{str(logged)[:16]}...): it was replaced after the run")
-    segments = build_segments(plan.spec(), plan.cuts, plan.seed)
     try:
-        weights = st_load(data)
-        for i, seg in enumerate(segments):
-            prefix = f"seg{i}."
-            seg.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
-                                 if k.startswith(prefix)}, strict=True)
-            seg.eval()
+        return segments_from_state_dict(plan.spec(), plan.cuts, plan.seed, st_load(data))
     except (SafetensorError, RuntimeError, KeyError) as exc:
         raise ClicooperError(f"{path} does not fit the run's model plan: {exc}") from None
-    return segments
 
 
 def _latest_first(batches: list[Batch], limit: int) -> list[Batch]:

@@ -126,3 +126,16 @@ def state_dict_with_prefix(segments: list[nn.Sequential]) -> dict[str, torch.Ten
     """Tensors of the assembled model keyed `seg<i>.<name>`, for safetensors files."""
     return {f"seg{i}.{k}": v.detach().contiguous() for i, seg in enumerate(segments)
             for k, v in seg.state_dict().items()}
+
+
+def segments_from_state_dict(spec: ModelSpec, cuts: tuple[int, ...], seed: int,
+                             weights: dict[str, torch.Tensor]) -> list[nn.Sequential]:
+    """The inverse of `state_dict_with_prefix`: segments built from the plan, loaded strictly
+    (a missing or extra tensor, or a wrong shape, raises RuntimeError), in eval mode."""
+    segments = build_segments(spec, cuts, seed)
+    for i, seg in enumerate(segments):
+        prefix = f"seg{i}."
+        seg.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                             if k.startswith(prefix)}, strict=True)
+        seg.eval()
+    return segments
