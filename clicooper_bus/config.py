@@ -122,6 +122,45 @@ class WatermarkSection:
 
 
 @dataclass
+class PrivacySection:
+    name: str = _doc("", "what reports call this configuration (e.g. undefended, paper, "
+                         "defended); empty: derived from the settings")
+    mechanism: str = _doc("none", "activation protection on every release: none, gaussian "
+                                  "(L2 clip, then Gaussian noise) or laplace (L1 clip, then "
+                                  "Laplace noise)", choices=("none", "gaussian", "laplace"))
+    clip: float = _doc(1.0, "per-sample clipping norm C of each released activation (L2 for "
+                            "gaussian, L1 for laplace)", min=1e-9)
+    noise_multiplier: float = _doc(0.0, "noise per coordinate as a multiple of clip (Gaussian "
+                                        "standard deviation or Laplace scale); 0: calibrated "
+                                        "from epsilon", min=0.0)
+    epsilon: float = _doc(0.0, "target epsilon for the whole run (each training sample over all "
+                               "its releases); 0: use noise_multiplier", min=0.0)
+    delta: float = _doc(1e-5, "delta of the (epsilon, delta) guarantee", min=1e-300)
+    release: str = _doc("per-step", "per-step: fresh noise on every release, head trained end "
+                                    "to end; once: the head stays at its initial weights and "
+                                    "each sample's noisy activation is the same every epoch "
+                                    "(released once)", choices=("per-step", "once"))
+    label_gamma: int = _doc(1, "secret label obfuscation: pseudo-classes per class (1: off); the "
+                               "last stage learns gamma x classes pseudo-classes keyed by the "
+                               "owner's secret, the owner decodes", min=1)
+    owner_tail: bool = _doc(False, "U-shaped split: the owner keeps the model's last layer and "
+                                   "the loss; trainers get neither labels nor pseudo-labels")
+    nopeek: float = _doc(0.0, "NoPeek: weight alpha of the distance-correlation penalty between "
+                              "images and released activations in the head's training (0: off)",
+                         min=0.0)
+    evaluate: str = _doc("chain", "chain: evaluate each epoch through the trainers (they see "
+                                  "evaluation activations); owner: evaluate once, at the end, "
+                                  "on the delivered model (nothing of the test set is released)",
+                         choices=("chain", "owner"))
+
+    @property
+    def on(self) -> bool:
+        """Whether any defence is configured (then the owner needs its secret)."""
+        return self.mechanism != "none" or self.label_gamma > 1 or self.owner_tail \
+            or self.nopeek > 0 or self.evaluate == "owner" or self.release == "once"
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -130,6 +169,7 @@ class RunConfig:
     bus: BusSection = field(default_factory=BusSection)
     log: LogSection = field(default_factory=LogSection)
     watermark: WatermarkSection = field(default_factory=WatermarkSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     @property
     def run_dir(self) -> Path:
@@ -208,12 +248,30 @@ def _cross_checks(cfg: RunConfig, name: str) -> None:
         raise ConfigError(f"{name}: [model] cuts must be integers")
     if cfg.model.cuts and len(cfg.model.cuts) != len(t):
         raise ConfigError(f"{name}: [model] cuts needs one index per trainer ({len(t)})")
+    _privacy_checks(cfg.privacy, name)
     from clicooper_bus.retention import Retention
 
     try:
         Retention.parse(cfg.log.retention)
     except ConfigError as exc:
         raise ConfigError(f"{name}: [log] retention: {exc}") from None
+
+
+def _privacy_checks(p: PrivacySection, name: str) -> None:
+    where = f"{name}: [privacy]"
+    if p.mechanism == "none" and (p.epsilon or p.noise_multiplier):
+        raise ConfigError(f"{where} epsilon and noise_multiplier need a mechanism (gaussian or "
+                          f"laplace)")
+    if p.mechanism != "none" and bool(p.epsilon) == bool(p.noise_multiplier):
+        raise ConfigError(f"{where} mechanism {p.mechanism} needs exactly one of epsilon (a "
+                          f"target) or noise_multiplier (a noise level)")
+    if p.delta >= 1:
+        raise ConfigError(f"{where} delta must be below 1, got {p.delta}")
+    if p.owner_tail and p.label_gamma > 1:
+        raise ConfigError(f"{where} label_gamma has no effect with owner_tail (no label leaves "
+                          f"the owner): set label_gamma = 1")
+    if p.release == "once" and p.nopeek:
+        raise ConfigError(f"{where} nopeek trains the head, which release = once keeps fixed")
 
 
 def _toml_value(v: Any) -> str:

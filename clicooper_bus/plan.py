@@ -1,5 +1,6 @@
 """The training plan the owner publishes inside its signed roster, so that a trainer needs no
-config file of its own: model, input shape, classes, cuts, seed, learning rate.
+config file of its own: model, input shape, classes, cuts, seed, learning rate, and with the
+privacy defences the number of (pseudo-)outputs and where the owner's tail starts.
 
 Trainers rebuild the model spec from it and check its digest against the roster's, so the owner
 cannot be misunderstood and a trainer cannot silently train something else.
@@ -22,6 +23,17 @@ class Plan:
     seed: int
     lr: float
     batch_size: int
+    outputs: int = 0  # the model's output units: classes x label_gamma (0: classes)
+    tail: int = 0  # first layer of the owner's tail (owner_tail), 0: the last stage has the loss
+
+    @property
+    def n_outputs(self) -> int:
+        return self.outputs or self.classes
+
+    @property
+    def segment_cuts(self) -> tuple[int, ...]:
+        """Cuts of every segment after the head: the trainers' stages, then the owner's tail."""
+        return (*self.cuts, self.tail) if self.tail else self.cuts
 
     def to_meta(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -32,11 +44,12 @@ class Plan:
             d = json.loads(text)
             return cls(str(d["model"]), tuple(int(v) for v in d["input_shape"]),
                        int(d["classes"]), tuple(int(c) for c in d["cuts"]), int(d["seed"]),
-                       float(d["lr"]), int(d["batch_size"]))
+                       float(d["lr"]), int(d["batch_size"]), int(d.get("outputs", 0)),
+                       int(d.get("tail", 0)))
         except (ValueError, KeyError, TypeError) as exc:
             raise RosterError(f"roster plan is malformed: {exc}") from None
 
     def spec(self):
         from clicooper_bus.ml.models import model_spec
 
-        return model_spec(self.model, self.input_shape, self.classes)
+        return model_spec(self.model, self.input_shape, self.n_outputs)

@@ -102,7 +102,7 @@ def load_model(path: str | os.PathLike[str], plan: Plan):
     from clicooper_bus.ml.models import segments_from_state_dict
 
     try:
-        return segments_from_state_dict(plan.spec(), plan.cuts, plan.seed, load_file(str(path)))
+        return segments_from_state_dict(plan.spec(), plan.segment_cuts, plan.seed, load_file(str(path)))
     except (OSError, SafetensorError, RuntimeError) as exc:
         raise VerifyFailed(f"{path} is not a model of this run's plan: {exc}") from None
 

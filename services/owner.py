@@ -11,11 +11,13 @@ acknowledges, waits for the notary's final checkpoint and writes `summary.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
 import time
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -34,9 +36,14 @@ from clicooper_bus.ml.models import (
     default_cuts,
     model_spec,
     state_dict_with_prefix,
+    tail_start,
 )
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.plan import Plan
+from clicooper_bus.privacy import defences as privacy
+from clicooper_bus.privacy.nopeek import distance_correlation
+from clicooper_bus.privacy.release import inference_model
+from clicooper_bus.privacy.secret import load_or_create
 from clicooper_bus.roster import Roster
 from clicooper_bus.verifier import Verifier
 from clicooper_bus.wire import Envelope
@@ -64,18 +71,27 @@ class Owner:
         self.notary_key = public(cfg, p.notary)
         data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed)
         self.data = data.limit(cfg.data.train_limit or None, cfg.data.test_limit or None)
-        self.spec = model_spec(cfg.model.name, self.data.input_shape, self.data.classes)
-        k = len(p.trainers)
-        self.cuts = check_cuts(self.spec, tuple(cfg.model.cuts), k) if cfg.model.cuts \
-            else default_cuts(self.spec, k)
-        self.segments = build_segments(self.spec, self.cuts, cfg.run.seed)
+        pv = cfg.privacy
+        # the secret keys the noise and the pseudo-labels; it never leaves the key directory
+        secret = load_or_create(p.keys, p.owner) if pv.on else None
+        classes = self.data.classes
+        self.spec = model_spec(cfg.model.name, self.data.input_shape, classes * pv.label_gamma)
+        k, tail = len(p.trainers), tail_start(self.spec) if pv.owner_tail else 0
+        self.cuts = check_cuts(self.spec, tuple(cfg.model.cuts), k, tail) if cfg.model.cuts \
+            else default_cuts(self.spec, k, tail)
+        self.plan = Plan(self.spec.name, self.data.input_shape, classes, self.cuts,
+                         cfg.run.seed, cfg.run.lr, cfg.run.batch_size,
+                         outputs=classes * pv.label_gamma if pv.label_gamma > 1 else 0, tail=tail)
+        self.segments = build_segments(self.spec, self.plan.segment_cuts, cfg.run.seed)
         self.head = SegmentTrainer(self.segments[0], lr=cfg.run.lr, is_head=True)
         self.head.warm_up((cfg.run.batch_size, *self.data.input_shape))
-        self.plan = Plan(self.spec.name, self.data.input_shape, self.data.classes, self.cuts,
-                         cfg.run.seed, cfg.run.lr, cfg.run.batch_size)
+        self.defences = privacy.Defences.build(pv, secret, classes, cfg.run.epochs)
+        if pv.nopeek:
+            self.head.penalty = lambda x, a: pv.nopeek * distance_correlation(x, a)
+        self.tail = SegmentTrainer(self.segments[-1], lr=cfg.run.lr) if tail else None
         self.roster = Roster.build(
             cfg.run.id, owner=self.ident.public, trainers=self.trainer_keys, notary=self.notary_key,
-            meta={"plan": self.plan.to_meta(), "model_spec": self.spec.digest(self.cuts),
+            meta={"plan": self.plan.to_meta(), "model_spec": self.spec.digest(self.plan.segment_cuts),
                   "config": cfg.digest(), "dataset": self.data.name, "model": self.spec.name,
                   **self._watermark_meta(cfg, len(self.data.x_train))})
         self.run_dir = cfg.run_dir
@@ -97,6 +113,8 @@ class Owner:
         # who may send the owner each kind of message it keeps for later
         self.expected = {"bwd": {self.stages[0]}, "eval_out": {self.stages[-1]},
                          "segment": set(self.stages), "hello": set(self.stages)}
+        if self.tail is not None:  # the last stage's outputs come back to the owner's tail
+            self.expected.update({"fwd": {self.stages[-1]}, "eval_fwd": {self.stages[-1]}})
         self.final_note: str | None = None
         self.wm_on = cfg.watermark.enabled
         self.wm_commits: dict[tuple[int, int], dict] = {}
@@ -104,6 +122,7 @@ class Owner:
         self.certs: dict[tuple[int, int], bytes] = {}
         self.rounds = 0
         self.checkpoints: list[str] = []
+        self.evaluations = 0
 
     @staticmethod
     def _watermark_meta(cfg: RunConfig, n_train: int) -> dict[str, str]:
@@ -230,8 +249,10 @@ class Owner:
                 stop = bool(self.cfg.run.max_steps) and step >= self.cfg.run.max_steps
                 last = stop or epoch == self.cfg.run.epochs - 1  # the run ends: always evaluate
                 every = self.cfg.run.eval_every
-                if last or (every and (epoch + 1) % every == 0):
+                on_chain = self.cfg.privacy.evaluate == "chain"
+                if on_chain and (last or (every and (epoch + 1) % every == 0)):
                     row["accuracy"] = self._evaluate(epoch)
+                    self.evaluations += 1
                 per_epoch.append(row)
                 self.log.info("epoch done", **row)
                 print(f"epoch {epoch + 1}/{self.cfg.run.epochs}: loss {row['loss']:.4f}, "
@@ -240,6 +261,10 @@ class Owner:
                 if stop:
                     break
             sent = self._collect_segments()
+            if self.cfg.privacy.evaluate == "owner":  # on the delivered model, nothing released
+                per_epoch[-1]["accuracy"] = self._evaluate_locally()
+                print(f"owner: test accuracy of the delivered model {per_epoch[-1]['accuracy']:.4f}",
+                      flush=True)
             self._finish(per_epoch, step, sent, time.perf_counter() - t0)
             return EXIT_OK
         finally:
@@ -247,7 +272,7 @@ class Owner:
 
     def _join(self) -> None:
         bus, run = self.bus, self.cfg.run.id
-        for kind in ("bwd", "eval_out", "metrics", "segment"):
+        for kind in ("bwd", "eval_out", "metrics", "segment", "fwd", "eval_fwd"):
             bus.subscribe(bus.topic(kind, self.cfg.participants.owner))
         for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert"):
             bus.subscribe(f"run/{run}/{kind}/")
@@ -292,11 +317,16 @@ class Owner:
             if cfg.run.max_steps and step >= cfg.run.max_steps:
                 break
             meta = {"step": step, "batch": b, "epoch": epoch}
-            act = self.head.forward(to_float(self.data.x_train[idx]), step)
+            act = self._release(self.data.x_train[idx], idx, step)
             bus.send_array("fwd", first, act, **meta)
-            bus.send_array("labels", last, self.data.y_train[idx], **meta)
+            if self.tail is not None:
+                self._tail_step(idx, step, meta)
+            else:
+                bus.send_array("labels", last, self._labels(idx), **meta)
             env = self._wait(f"gradients of step {step} from {first}", self._from(first, "bwd", step))
-            self.head.backward(self._tensor(env, tuple(act.shape), "float32"), step)
+            grad = self._tensor(env, tuple(act.shape), "float32")
+            if not self.defences.head_fixed:
+                self.head.backward(grad, step)
             seen += len(idx)
             step += 1
             if (b + 1) % report == 0:
@@ -314,6 +344,50 @@ class Owner:
                 "train_accuracy": sum(m["correct"] for m in ms) / n, "steps": step - steps_before,
                 "wall_s": time.perf_counter() - t0}, step
 
+    def _release(self, images, idx, step: int) -> torch.Tensor:
+        """The head's activation of one training batch, through the privacy filter."""
+        d, x = self.defences, to_float(images)
+        flt = d.filter
+        if d.head_fixed:  # `once`: the fixed head and per-sample noise give the same release
+            out = self.head.evaluate(x)
+            return flt(out, ids=idx, split="train") if flt is not None else out
+        post = (lambda a: flt(a, ids=idx, split="train", step=step)) if flt is not None else None
+        return self.head.forward(x, step, post=post)
+
+    def _labels(self, idx):
+        y = self.data.y_train[idx]
+        codec = self.defences.codec
+        return codec.encode(idx, y) if codec is not None else y
+
+    def _tail_step(self, idx, step: int, meta: dict) -> None:
+        """Owner tail: the last stage's output comes back; the owner computes the loss and sends
+        the gradient back down the chain."""
+        last = self.stages[-1]
+        env = self._wait(f"the output of step {step} from {last}", self._from(last, "fwd", step))
+        h = env.header
+        if h.dtype != "float32" or not h.shape or h.shape[0] != len(idx):
+            raise ClicooperError(f"{last} sent an output of {h.dtype} {list(h.shape or ())} for "
+                                 f"step {step}, expected float32 [{len(idx)}, ...]")
+        self.tail.forward(env.tensor(), step)
+        r = self.tail.loss_backward(torch.from_numpy(self.data.y_train[idx]).long(), step)
+        self.bus.send_array("bwd", last, r.grad_in, **meta)
+        self.metrics[step] = {"loss": r.loss, "correct": r.correct}
+
+    def _decode(self, logits: torch.Tensor) -> torch.Tensor:
+        codec = self.defences.codec
+        return codec.decode(logits) if codec is not None else logits
+
+    def _evaluate_locally(self) -> float:
+        flt = self.defences.filter
+        model = inference_model(self.segments, flt.spec if flt is not None else None)
+        x, y, bs = self.data.x_test, self.data.y_test, self.cfg.run.batch_size
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(x), bs):
+                pred = self._decode(model(to_float(x[i:i + bs]))).argmax(1).numpy()
+                correct += int((pred == y[i:i + bs]).sum())
+        return correct / max(1, len(x))
+
     def _evaluate(self, epoch: int) -> float:
         x, y, bs = self.data.x_test, self.data.y_test, self.cfg.run.batch_size
         batches = [(i, slice(i * bs, (i + 1) * bs)) for i in range((len(x) + bs - 1) // bs)]
@@ -322,18 +396,29 @@ class Owner:
         while done < len(batches):
             while sent < len(batches) and sent - done < EVAL_WINDOW:
                 i, sl = batches[sent]
-                self.bus.send_array("eval_fwd", first, self.head.evaluate(to_float(x[sl])),
-                                    step=i, batch=i, epoch=epoch)
+                act, flt = self.head.evaluate(to_float(x[sl])), self.defences.filter
+                if flt is not None:
+                    ids = np.arange(sl.start, min(sl.stop, len(x)))
+                    act = flt(act, ids=ids, split="test", step=epoch * len(batches) + i)
+                self.bus.send_array("eval_fwd", first, act, step=i, batch=i, epoch=epoch)
                 sent += 1
-            env = self._wait("evaluation outputs", self._from(last, "eval_out"))
+            env = self._wait("evaluation outputs", self._from(
+                last, "eval_fwd" if self.tail is not None else "eval_out"))
             i = env.header.step
             if not (0 <= i < sent) or i in seen:
                 self.log.warning("unexpected evaluation output ignored", step=i, sender=last)
                 continue
             seen.add(i)
             sl = batches[i][1]
-            logits = self._tensor(env, (len(y[sl]), self.data.classes), "float32")
-            correct += int((logits.argmax(1).numpy() == y[sl]).sum())
+            if self.tail is not None:
+                h = env.header
+                if h.dtype != "float32" or not h.shape or h.shape[0] != len(y[sl]):
+                    raise ClicooperError(f"{last} sent an evaluation output of {h.dtype} "
+                                         f"{list(h.shape or ())} for batch {i}")
+                logits = self.tail.evaluate(env.tensor())
+            else:
+                logits = self._tensor(env, (len(y[sl]), self.plan.n_outputs), "float32")
+            correct += int((self._decode(logits).argmax(1).numpy() == y[sl]).sum())
             done += 1
         return correct / max(1, len(x))
 
@@ -353,10 +438,13 @@ class Owner:
                 sent[k] = sent.get(k, 0) + int(v)
             sent["segment"] = sent.get("segment", 0) + 1
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_file(state_dict_with_prefix(self.segments), self.run_dir / "model.safetensors",
+        tensors = state_dict_with_prefix(self.segments)
+        if self.defences.codec is not None:  # which pseudo-class is which class: the owner's
+            tensors["decode.groups"] = torch.from_numpy(self.defences.codec.groups)
+        save_file(tensors, self.run_dir / "model.safetensors",
                   metadata={"run_id": self.cfg.run.id, "model": self.spec.name,
                             "model_spec": self.roster.meta["model_spec"],
-                            "cuts": json.dumps(list(self.cuts))})
+                            "cuts": json.dumps(list(self.plan.segment_cuts))})
         return sent
 
     def _finish(self, per_epoch: list[dict], steps: int, sent: dict[str, int], wall: float) -> None:
@@ -381,6 +469,11 @@ class Owner:
             "messages": dict(sorted(sent.items())), "wall_s": wall,
             "final_checkpoint": {"size": cp.size, "root": cp.root.hex()},
             "model_file": "model.safetensors", "model_sha256": model_sha,
+            "privacy": {"configuration": privacy.describe(self.cfg.privacy),
+                        "settings": dataclasses.asdict(self.cfg.privacy),
+                        "spent": privacy.spent(self.cfg.privacy, self.cfg.run.epochs,
+                                               len(per_epoch),
+                                               self.evaluations)},
         }
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")

@@ -91,23 +91,27 @@ class Trainer:
         self.bus.verifier.use_roster(roster)
         plan = Plan.from_meta(roster.meta["plan"])
         spec = plan.spec()
-        if spec.digest(plan.cuts) != roster.meta.get("model_spec"):
+        if spec.digest(plan.segment_cuts) != roster.meta.get("model_spec"):
             raise RosterError("the roster's model digest does not match its plan")
         self.index = roster.stages.index(self.name)
-        self.last = self.index == len(roster.stages) - 1
         names = roster.stages
+        final = self.index == len(names) - 1
+        # with an owner tail (U-shaped split) the final stage sends its output to the owner,
+        # which holds the last layer and the loss: no stage ever gets labels
+        self.last = final and not plan.tail
         self.prev = roster.owner.name if self.index == 0 else names[self.index - 1]
-        self.next = None if self.last else names[self.index + 1]
-        self.segment = build_segments(spec, plan.cuts, plan.seed)[self.index + 1]
+        self.next = roster.owner.name if final and plan.tail else \
+            None if final else names[self.index + 1]
+        self.segment = build_segments(spec, plan.segment_cuts, plan.seed)[self.index + 1]
         self.seg = SegmentTrainer(self.segment, lr=plan.lr)
         probe = torch.zeros((plan.batch_size, *plan.input_shape))
         with torch.no_grad():  # this stage's input shape: the earlier stages' output
-            for seg in build_segments(spec, plan.cuts, plan.seed)[:self.index + 1]:
+            for seg in build_segments(spec, plan.segment_cuts, plan.seed)[:self.index + 1]:
                 probe = seg(probe)
         self.seg.warm_up(tuple(probe.shape))
         self.kid = {m.name: m.key_id for m in roster.members}
         self.bus.start_beating()
-        self.bus.watch({self.kid[n]: n for n in (roster.owner.name, self.prev, self.next) if n})
+        self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
         self.notary_kid = roster.notary.key_id if roster.notary else None
         self.marker = Marker.from_roster(roster, bytes(self._roster_bytes), self.index + 1,
                                          self.ident.public.public_key, self.segment)

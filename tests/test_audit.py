@@ -150,7 +150,7 @@ def test_replay_aligns_releases_with_their_samples(audited):
     r = replay(audited / "log")
     cfg = run_config(audited, r)
     data = load_dataset(cfg.data.name, None, cfg.run.seed)
-    knowledge, truth, info = gather(r, data, load_model(audited, r.plan, r.ack), cfg)
+    knowledge, truth, info = gather(r, data, load_model(audited, r.plan, r.ack)[0], cfg, None)
     # fwd=sample:16 at batch 32, both epochs (the latest first), fewer than the 2,000 wanted
     assert info["released_samples"] == len(truth.labels) == 2 * 16 * 32
     assert info["released_epochs"] == [0, 1]

@@ -9,6 +9,7 @@ batch held, their images and labels, the evaluation half of the test split); att
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -31,7 +32,9 @@ from clicooper_bus.ml.attacks import default_attacks
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.attacks.extraction import Surrogate
 from clicooper_bus.ml.data import Dataset, batch_order, load_dataset, to_float
-from clicooper_bus.ml.models import assemble, segments_from_state_dict
+from clicooper_bus.ml.models import segments_from_state_dict
+from clicooper_bus.privacy import defences
+from clicooper_bus.privacy.release import ActivationFilter, FilterSpec, inference_model
 
 T = TypeVar("T")
 CLUSTER_SAMPLES = 2000  # activations clustered
@@ -80,15 +83,18 @@ def _verify_progress():
 
 class Release(torch.nn.Module):
     """The owner's release path as a white-box attacker knows it: the head, then the privacy
-    transform (none is configured yet). A module, so each view gets its own copy."""
+    filter (clip and noise, fresh: the attacker lacks the owner's secret). A module, so each
+    view gets its own copy."""
 
-    def __init__(self, head: torch.nn.Module):
+    def __init__(self, head: torch.nn.Module, spec: FilterSpec | None = None):
         super().__init__()
         self.head = head
+        self.filter = ActivationFilter(spec) if spec is not None else None
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
+        a = self.head(x)
+        return self.filter(a) if self.filter is not None else a
 
 
 @dataclass
@@ -132,8 +138,10 @@ def run_config(run_dir: Path, replayed: Replay) -> RunConfig:
     return cfg
 
 
-def load_model(run_dir: Path, plan, ack: dict | None) -> list[torch.nn.Sequential]:
-    """The delivered model, checked against the digest the owner acknowledged in the log."""
+def load_model(run_dir: Path, plan, ack: dict | None
+               ) -> tuple[list[torch.nn.Sequential], np.ndarray | None]:
+    """The delivered model, checked against the digest the owner acknowledged in the log, and
+    the owner's pseudo-class decoding (output -> class) when labels were obfuscated."""
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
@@ -150,7 +158,10 @@ def load_model(run_dir: Path, plan, ack: dict | None) -> list[torch.nn.Sequentia
                              f"(sha256 {hashlib.sha256(data).hexdigest()[:16]}..., log "
                              f"{str(logged)[:16]}...): it was replaced after the run")
     try:
-        return segments_from_state_dict(plan.spec(), plan.cuts, plan.seed, st_load(data))
+        tensors = st_load(data)
+        groups = tensors.get("decode.groups")
+        return (segments_from_state_dict(plan.spec(), plan.segment_cuts, plan.seed, tensors),
+                None if groups is None else groups.numpy())
     except (SafetensorError, RuntimeError, KeyError) as exc:
         raise ClicooperError(f"{path} does not fit the run's model plan: {exc}") from None
 
@@ -168,7 +179,7 @@ def _latest_first(batches: list[Batch], limit: int) -> list[Batch]:
     return chosen
 
 
-def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig
+def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig, spec: FilterSpec | None
            ) -> tuple[Knowledge, Truth, dict[str, Any]]:
     plan = replayed.plan
     if not replayed.released:
@@ -193,13 +204,14 @@ def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig
     index = np.concatenate(index)
     half = len(data.x_test) // 2
     aux = to_float(data.x_test[:half])
-    head, stages = segments[0], segments[1:]
+    head, stages = segments[0], segments[1:1 + len(plan.cuts)]  # not the owner's tail
 
     pairs = _eval_pairs(replayed, aux, plan.batch_size)
     knowledge = Knowledge({
         "plan": plan, "released": np.concatenate(acts).astype(np.float32),
         "released_labels": np.concatenate(received).astype(np.int64), "eval_pairs": pairs,
-        "stages": stages, "release": Release(head), "aux_images": aux, "aux_labels": data.y_test[:half]})
+        "stages": stages, "release": Release(head, spec), "aux_images": aux,
+        "aux_labels": data.y_test[:half]})
     truth = Truth(index, data.x_train[index].astype(np.float32) / 255.0, data.y_train[index],
                   to_float(data.x_test[half:]), data.y_test[half:], aux.numpy(), data.y_test[:half])
     epochs = sorted({b.epoch for b in chosen})
@@ -244,19 +256,33 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
         raise ClicooperError(f"the log cannot be read even with --force: {exc}") from None
     cfg = run_config(run_dir, replayed)
     audit.config = cfg
-    audit.classes = replayed.plan.classes
+    audit.classes = replayed.plan.classes  # true classes (the model may output pseudo-classes)
     summary_path = run_dir / "summary.json"
     audit.summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed).limit(
         cfg.data.train_limit or None, cfg.data.test_limit or None)
-    segments = load_model(run_dir, replayed.plan, replayed.ack)
-    knowledge, truth, info = gather(replayed, data, segments, cfg)
-    owner_acc = scoring.accuracy(_predict(assemble(segments), truth.eval_images), truth.eval_labels)
+    pv = cfg.privacy
+    spec = defences.filter_spec(pv, cfg.run.epochs)
+    segments, groups = load_model(run_dir, replayed.plan, replayed.ack)
+    knowledge, truth, info = gather(replayed, data, segments, cfg, spec)
+    owner = inference_model(segments, spec)
+    owner_acc = scoring.accuracy(_predict(owner, truth.eval_images, groups), truth.eval_labels)
+    epochs = audit.summary.get("epochs") or cfg.run.epochs
+    evaluations = sum(1 for r in audit.summary.get("per_epoch", []) if "accuracy" in r) \
+        if pv.evaluate == "chain" else 0
     audit.settings = {
+        "configuration": defences.describe(pv),
         "dataset": cfg.data.name, "model": replayed.plan.model, "cuts": list(replayed.plan.cuts),
+        "owner_tail": replayed.plan.tail or None,
         "epochs": audit.summary.get("epochs"), "test_accuracy": audit.summary.get("test_accuracy"),
-        "owner_accuracy_eval_half": owner_acc, "privacy": "none (no defence on the release path)",
-        "label_obfuscation": "none", "retention": cfg.log.retention, **info}
+        "owner_accuracy_eval_half": owner_acc, "privacy": _privacy_text(pv, spec),
+        # recomputed from the verified config, not copied from the owner's summary
+        "epsilon": defences.spent(pv, cfg.run.epochs, epochs, evaluations),
+        "label_obfuscation": f"{pv.label_gamma} secret pseudo-classes per class, permuted"
+        if pv.label_gamma > 1 else ("none: no label leaves the owner (owner tail)"
+                                    if pv.owner_tail else "none"),
+        "privacy_settings": dataclasses.asdict(pv),
+        "retention": cfg.log.retention, **info}
     for attack in attacks if attacks is not None else default_attacks():
         print(f"auditor: attack {attack.name}: {attack.title}", file=sys.stderr, flush=True)
         a0 = time.perf_counter()
@@ -269,9 +295,35 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     return audit
 
 
-def _predict(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+def _predict(model: torch.nn.Module, x: torch.Tensor, groups: np.ndarray | None = None
+             ) -> np.ndarray:
+    """Class predictions; pseudo-class outputs are decoded by summing each class's."""
+    out = []
     with torch.no_grad():
-        return torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]).numpy()
+        for i in range(0, len(x), 512):
+            p = model(x[i:i + 512]).softmax(1)
+            if groups is not None:
+                k = int(groups.max()) + 1
+                p = torch.zeros(len(p), k).index_add_(1, torch.as_tensor(groups), p)
+            out.append(p.argmax(1))
+    return torch.cat(out).numpy()
+
+
+def _privacy_text(pv, spec: FilterSpec | None) -> str:
+    parts = []
+    if spec is None:
+        parts.append("no activation protection")
+    else:
+        norm = "L2" if spec.mechanism == "gaussian" else "L1"
+        parts.append(f"{norm} clip {spec.clip:g}, {spec.mechanism} noise {spec.noise:.4g} per "
+                     f"coordinate ({spec.noise / spec.clip:.4g} x clip), release {spec.mode}")
+    if pv.release == "once" and spec is None:
+        parts.append("head fixed at its initial weights")
+    if pv.nopeek:
+        parts.append(f"NoPeek alpha {pv.nopeek:g}")
+    if pv.evaluate == "owner":
+        parts.append("evaluation on the owner only")
+    return "; ".join(parts)
 
 
 def score_attack(attack: Attack, out: Any, truth: Truth, audit: Audit,

@@ -65,9 +65,15 @@ def model_spec(name: str, input_shape: tuple[int, int, int], classes: int) -> Mo
     return MODELS[name](c, h, w, classes)
 
 
-def default_cuts(spec: ModelSpec, stages: int) -> tuple[int, ...]:
-    """Cut after the head, then split the remaining layers into `stages` near-equal runs."""
-    rest = len(spec.layers) - spec.head_end
+def tail_start(spec: ModelSpec) -> int:
+    """Where an owner's tail (U-shaped split) starts: the model's last layer."""
+    return len(spec.layers) - 1
+
+
+def default_cuts(spec: ModelSpec, stages: int, tail: int = 0) -> tuple[int, ...]:
+    """Cut after the head, then split the remaining layers (up to the owner's tail, if any)
+    into `stages` near-equal runs."""
+    rest = (tail or len(spec.layers)) - spec.head_end
     if not 1 <= stages <= rest:
         raise ConfigError(f"model {spec.name!r} can be cut into 1 to {rest} stages after its "
                           f"head, not {stages}")
@@ -79,13 +85,16 @@ def default_cuts(spec: ModelSpec, stages: int) -> tuple[int, ...]:
     return (spec.head_end, *cuts)
 
 
-def check_cuts(spec: ModelSpec, cuts: tuple[int, ...], stages: int) -> tuple[int, ...]:
-    """Cuts are the first layer index of each stage: strictly increasing, inside the model."""
+def check_cuts(spec: ModelSpec, cuts: tuple[int, ...], stages: int,
+               tail: int = 0) -> tuple[int, ...]:
+    """Cuts are the first layer index of each stage: strictly increasing, inside the model
+    (before the owner's tail, if any)."""
     cuts = tuple(cuts)
+    end = tail or len(spec.layers)
     if len(cuts) != stages or list(cuts) != sorted(set(cuts)) or not (
-            0 < cuts[0] and cuts[-1] < len(spec.layers)):
+            0 < cuts[0] and cuts[-1] < end):
         raise ConfigError(f"cuts {list(cuts)} must be {stages} strictly increasing layer indices "
-                          f"in 1..{len(spec.layers) - 1} (one per stage)")
+                          f"in 1..{end - 1} (one per stage)")
     return cuts
 
 

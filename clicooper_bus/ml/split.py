@@ -30,17 +30,26 @@ class SegmentTrainer:
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=lr) if params else None
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._raw: dict[int, torch.Tensor] = {}
         # adds the gradient of a loss on the segment's own weights to their .grad before every
         # step (a watermark), or None
         self.regularizer: Callable[[], None] | None = None
+        # a loss on (input, output before `post`) added to the step's (NoPeek), or None
+        self.penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """Training forward; the returned activation is detached (it crosses the network)."""
+    def forward(self, x: torch.Tensor, step: int,
+                post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Training forward; the returned activation is detached (it crosses the network).
+        `post` transforms the output on its way out (the owner's privacy filter); gradients
+        flow back through it."""
         self.module.train()
         if not self.is_head:
             x = x.detach().requires_grad_(True)
-        out = self.module(x)
+        raw = self.module(x)
+        out = post(raw) if post is not None else raw
         self._pending[step] = (x, out)
+        if self.penalty is not None:
+            self._raw[step] = raw
         return out.detach()
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -62,7 +71,11 @@ class SegmentTrainer:
 
     def backward(self, grad_out: torch.Tensor, step: int) -> torch.Tensor | None:
         x, out = self._pending.pop(step)
-        out.backward(grad_out)
+        raw = self._raw.pop(step, None)
+        if self.penalty is not None and raw is not None:
+            ((out * grad_out).sum() + self.penalty(x, raw)).backward()
+        else:
+            out.backward(grad_out)
         return self._finish(x)
 
     def loss_backward(self, labels: torch.Tensor, step: int) -> StepResult:

@@ -113,6 +113,8 @@ class ExtractionAttack(Attack):
     def run(self, view: View, track: Track = no_progress) -> Surrogate:
         head, how = fit_head(view, self.seed, track)
         tail = nn.Sequential(*[layer for s in view.stages for layer in s]).eval()
+        if view.plan.tail:  # the owner kept the last layer: the trainers must grow their own
+            return self._own_tail(view, head, tail, how)
         groups = group_pseudo_classes(tail, view.released, np.asarray(view.released_labels),
                                       view.plan.classes, self.seed)
         model = nn.Sequential(head, tail).eval()
@@ -125,3 +127,40 @@ class ExtractionAttack(Attack):
                 votes[:, c] = q[y == c].sum(0)
             s.names = name_groups(votes)
         return s
+
+    def _own_tail(self, view: View, head: nn.Module, stages: nn.Module, how: str) -> Surrogate:
+        """Owner tail (U-shaped split): the colluders hold features, not logits. With labelled
+        aux samples they fit a linear classifier on their features; without, they cluster the
+        features of the released activations and use the clusters as unnamed groups."""
+        classes, features = view.plan.classes, nn.Sequential(head, stages).eval()
+        if self.labelled:
+            x, y = view.aux_images[:self.labelled], torch.as_tensor(np.asarray(view.aux_labels))
+            f = apply(features, x)
+            torch.manual_seed(self.seed)
+            lin = nn.Linear(f.shape[1], classes)
+            opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=1e-3)
+            for _ in range(300):
+                loss = nn.functional.cross_entropy(lin(f), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            return Surrogate(nn.Sequential(features, lin).eval(), np.arange(classes),
+                             np.arange(classes), how + f"; linear tail fitted on {self.labelled} "
+                             f"labelled aux samples (the owner kept the last layer)")
+        f = apply(stages, torch.tensor(np.asarray(view.released, np.float32))).numpy()
+        km = KMeans(n_clusters=classes, n_init=5, random_state=self.seed).fit(f)
+        centroids = torch.tensor(km.cluster_centers_, dtype=torch.float32)
+        return Surrogate(nn.Sequential(features, _Nearest(centroids)).eval(), np.arange(classes),
+                         None, how + "; k-means groups of the stages' features of the released "
+                         "activations (the owner kept the last layer)")
+
+
+class _Nearest(nn.Module):
+    """Logits that prefer the nearest centroid."""
+
+    def __init__(self, centroids: torch.Tensor):
+        super().__init__()
+        self.register_buffer("centroids", centroids)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return -torch.cdist(f, self.centroids)
