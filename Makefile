@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup dataset test demo logdemo bench lint clean
+.PHONY: setup dataset test demo logdemo bench paper-table sweep lint clean
 
 setup: $(STAMP) dataset
 
@@ -62,6 +62,16 @@ logdemo: setup
 bench: setup
 	$(PY) -m tools.bench_log
 	$(PY) -m tools.bench_bus
+	$(PY) -m tools.bench_privacy
+
+# Privacy: the paper table (undefended, the paper's configuration, ours; docs/RESULTS.md) and
+# the frontier of defences and levels (docs/PRIVACY.md). Each trains over the bus and audits;
+# finished runs are reused, so an interrupted target resumes.
+paper-table: setup
+	$(VENV)/bin/clicooper sweep configs/paper-table.toml
+
+sweep: setup
+	$(VENV)/bin/clicooper sweep configs/sweep.toml
 
 lint: setup
 	$(VENV)/bin/ruff check clicooper_bus services tools tests

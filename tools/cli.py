@@ -283,6 +283,13 @@ def cmd_model_dispute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tools.sweep import sweep
+
+    return sweep(args.grid, only=args.only.split(",") if args.only else None, fresh=args.fresh,
+                 doc=args.doc)
+
+
 def cmd_config_defaults(args: argparse.Namespace) -> int:
     from clicooper_bus.config import load_config
 
@@ -358,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bundle", action="append", default=[], required=True,
                    help="a run's provenance/ directory, its delivered model.safetensors beside it")
     m.set_defaults(func=cmd_model_dispute)
+    sw = sub.add_parser("sweep", help="run and audit a grid of privacy configurations; write "
+                                      "the frontier (docs/PRIVACY.md) or the paper table")
+    sw.add_argument("grid", help="grid file (TOML), e.g. configs/sweep.toml")
+    sw.add_argument("--only", help="comma-separated run names to run (default: all)")
+    sw.add_argument("--fresh", action="store_true", help="rerun runs that already have a report")
+    sw.add_argument("--doc", help="write this document instead of the grid's")
+    sw.set_defaults(func=cmd_sweep)
+
     cfgp = sub.add_parser("config", help="run configuration").add_subparsers(dest="cmd",
                                                                             required=True)
     c = cfgp.add_parser("defaults", help="print a complete config with every key documented")

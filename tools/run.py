@@ -149,12 +149,17 @@ def _report(names: list[str], tel: Path) -> None:
 
 def run(config: str | None, *, quick: bool = False, out: str | None = None,
         run_id: str | None = None, echo: bool = True, timeout_s: float | None = None,
-        free_ports: bool = True, audit: bool | str = False) -> int:
-    overrides: dict = {k: dict(v) for k, v in QUICK.items()} if quick else {}
+        free_ports: bool = True, audit: bool | str = False,
+        overrides: dict | None = None) -> int:
+    """`overrides` ({section: {key: value}}) apply on top of the config file."""
+    base = {k: dict(v) for k, v in (overrides or {}).items()}
+    for k, v in (QUICK.items() if quick else ()):
+        base.setdefault(k, {}).update(v)
+    overrides = base
     if run_id:
         overrides.setdefault("run", {})["id"] = run_id
     if audit:
-        observers = load_config(config).participants.observers
+        observers = load_config(config, overrides).participants.observers
         overrides.setdefault("participants", {})["observers"] = sorted({*observers, "auditor"})
     cfg, path = prepare(config, overrides, out, free_ports)
     t0 = time.perf_counter()

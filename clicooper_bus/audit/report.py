@@ -50,6 +50,26 @@ def headline(row: dict[str, Any]) -> tuple[str, str, str]:
             f"{row['accuracy'] - row['owner_accuracy']:+.3f} against the owner")
 
 
+def epsilon_text(e: dict[str, Any] | None) -> str:
+    """The privacy spent, as the auditor recomputed it, with what it holds for."""
+    if not e or e.get("epsilon") is None and e.get("mechanism") in (None, "none"):
+        return "epsilon: none (the releases carry no noise: no differential privacy)"
+    eps = e.get("epsilon")
+    text = (f"epsilon {'infinite' if eps is None else format(eps, '.4g')} at delta "
+            f"{e['delta']:g} per training sample over {e['releases']} release(s), "
+            f"{e['mechanism']} noise {e['noise']:.4g} per coordinate, clip {e['clip']:g}, "
+            f"sensitivity {e['sensitivity']:g}; {e['method']}")
+    if e.get("rdp_epsilon") is not None:
+        text += f" (opacus RDP bound: {e['rdp_epsilon']:.4g})"
+    text += f". Adjacency: {e['adjacency']}"
+    t = e.get("test_set")
+    if t:
+        eps_t = t.get("epsilon")
+        text += (f". Test set (evaluated through the chain, {t['releases']} release(s)): epsilon "
+                 f"{'infinite' if eps_t is None else format(eps_t, '.4g')}")
+    return text
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     integ, s = doc["integrity"], doc["settings"]
     lines = []
@@ -68,7 +88,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
               f"- {s.get('model')} on {s.get('dataset')}, cuts {s.get('cuts')}, "
               f"{s.get('epochs')} epochs; test accuracy {s.get('test_accuracy')}, "
               f"on the evaluation half {s.get('owner_accuracy_eval_half', float('nan')):.4f}",
+              f"- configuration: **{s.get('configuration', 'undefended')}**",
               f"- privacy: {s.get('privacy')}; label obfuscation: {s.get('label_obfuscation')}",
+              f"- {epsilon_text(s.get('epsilon'))}",
               f"- attacked: {s.get('released_samples')} released activations of epoch(s) "
               f"{s.get('released_epochs')} (retention `{s.get('retention')}`); aux data "
               f"{s.get('aux_samples')} public images (first half of the test split); "

@@ -43,9 +43,13 @@ def train_reference(data: Dataset, spec: ModelSpec, cuts: tuple[int, ...], *, se
                     epochs: int, batch_size: int, lr: float, max_steps: int | None = None,
                     evaluate_each_epoch: bool = True,
                     progress: Callable[[dict], None] | None = None,
-                    regularizers: Callable[[int, list], dict] | None = None) -> ReferenceResult:
+                    regularizers: Callable[[int, list], dict] | None = None,
+                    release: Callable[[torch.Tensor, np.ndarray, int], torch.Tensor] | None = None
+                    ) -> ReferenceResult:
     """`regularizers(epoch, segments)` may return {segment index: function adding a gradient
-    to the segment's weights before each step} for an epoch (each stage's watermark)."""
+    to the segment's weights before each step} for an epoch (each stage's watermark).
+    `release(activation, sample ids, step)` transforms the head's output on its way to stage 1
+    (the owner's privacy filter), as the owner does on the bus."""
     segments = build_segments(spec, cuts, seed)
     trainers = [SegmentTrainer(s, lr=lr, is_head=(i == 0)) for i, s in enumerate(segments)]
     result = ReferenceResult(segments)
@@ -59,7 +63,9 @@ def train_reference(data: Dataset, spec: ModelSpec, cuts: tuple[int, ...], *, se
             if max_steps is not None and step >= max_steps:
                 break
             h = to_float(data.x_train[idx])
-            for t in trainers[:-1]:
+            post = (lambda a, idx=idx, step=step: release(a, idx, step)) if release else None
+            h = trainers[0].forward(h, step, post=post)
+            for t in trainers[1:-1]:
                 h = t.forward(h, step)
             trainers[-1].forward(h, step)
             r = trainers[-1].loss_backward(torch.from_numpy(data.y_train[idx]), step)

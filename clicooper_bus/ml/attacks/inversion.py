@@ -127,7 +127,8 @@ def train_simulator(view: View, *, epochs: int, adv: float, seed: int, track: Tr
     from clicooper_bus.ml.attacks.nets import Decoder
 
     dec = Decoder(tuple(real.shape[1:]), tuple(aux.shape[1:])) if decoder else None
-    opt_s = torch.optim.Adam(sim.parameters(), lr=1e-3)
+    readout = _readout(view, tail, real)
+    opt_s = torch.optim.Adam([*sim.parameters(), *readout.parameters()], lr=1e-3)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4)
     opt_dec = torch.optim.Adam(dec.parameters(), lr=1e-3) if dec is not None else None
     bce = nn.functional.binary_cross_entropy_with_logits
@@ -141,7 +142,7 @@ def train_simulator(view: View, *, epochs: int, adv: float, seed: int, track: Tr
             opt_d.zero_grad()
             d_loss.backward()
             opt_d.step()
-            logits = tail(s)
+            logits = readout(tail(s))
             if labels is not None:
                 task = nn.functional.cross_entropy(logits, labels[idx])
             else:  # information maximisation: confident per sample, balanced over the batch
@@ -160,6 +161,17 @@ def train_simulator(view: View, *, epochs: int, adv: float, seed: int, track: Tr
                 opt_dec.step()
     sim.eval()
     return sim, (dec.eval() if dec is not None else None)
+
+
+def _readout(view: View, tail: nn.Module, real: torch.Tensor) -> nn.Module:
+    """From the stages' outputs to class scores. When the stages end in the classes, nothing;
+    when they end in secret pseudo-classes or in features (the owner kept the last layer), a
+    linear map the attackers learn with the simulator (it learns the grouping, or a tail)."""
+    with torch.no_grad():
+        out_dim = tail(real[:2]).shape[1]
+    if out_dim == view.plan.classes and not view.plan.tail:
+        return nn.Identity()
+    return nn.Linear(out_dim, view.plan.classes)
 
 
 class ClassMeanAttack(Attack):
