@@ -70,6 +70,13 @@ privacy = {{ mechanism = "gaussian", noise_multiplier = 0.3, owner_tail = true, 
     capsys.readouterr()
     assert sweep(str(grid), only=["tail-noise"]) == 0
     assert "reusing" in capsys.readouterr().out
+    # a grid with a run not yet measured leaves the document alone and says why
+    more = grid.read_text() + '[[run]]\nname = "later"\nprivacy = { label_gamma = 2 }\n'
+    grid.write_text(more)
+    before = (tmp_path / "PRIVACY.md").read_text()
+    assert sweep(str(grid), only=["undefended"]) == 0
+    assert "have not been measured" in capsys.readouterr().out
+    assert (tmp_path / "PRIVACY.md").read_text() == before
 
 
 def _row(**kw):

@@ -8,6 +8,7 @@ A grid is a TOML file:
     doc = "docs/PRIVACY.md"              # what to write
     kind = "frontier"                    # or "results" (the paper table)
     attacks = ""                         # optional: only these attacks (default: all)
+    notes = '''...'''                    # optional: findings, printed under the tables
     [all.run]                            # sections applied to every run (before its own)
     epochs = 3
     [[run]]
@@ -59,6 +60,7 @@ class Grid:
     kind: str
     runs: list[Entry]
     attacks: str = ""  # comma-separated attack names; empty: the auditor's whole suite
+    notes: str = ""  # findings written by hand about these runs, placed under the tables
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -69,7 +71,7 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"grid file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"grid file {path} is not valid TOML: {exc}") from None
-    unknown = set(raw) - {"base", "out", "doc", "kind", "attacks", "all", "run"}
+    unknown = set(raw) - {"base", "out", "doc", "kind", "attacks", "notes", "all", "run"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; a grid has base, out, doc, "
                           f"kind, attacks, [all] and [[run]] tables")
@@ -107,7 +109,7 @@ def load_grid(path: str | Path) -> Grid:
     if not runs:
         raise ConfigError(f"{path}: the grid has no [[run]] tables")
     return Grid(path, root / raw.get("out", "runs/sweep"), root / raw.get("doc", "docs/PRIVACY.md"),
-                kind, runs, attacks)
+                kind, runs, attacks, str(raw.get("notes", "")).strip())
 
 
 def _overrides(entry: Entry, out: Path) -> dict[str, dict[str, Any]]:
@@ -313,6 +315,8 @@ def write_frontier(grid: Grid, rows: list[dict[str, Any]], command: str) -> None
             lines.append(f"| `{r['name']}` | " + " | ".join(
                 f"{'met' if ok else 'MISSED'}: {v}" for _, v, ok in judge(r, base)) + " |")
         lines.append("")
+    if grid.notes:
+        lines += ["## Findings", "", grid.notes, ""]
     grid.doc.parent.mkdir(parents=True, exist_ok=True)
     grid.doc.write_text("\n".join(lines))
 
@@ -373,6 +377,8 @@ def write_results(grid: Grid, rows: list[dict[str, Any]], command: str) -> None:
         *verdict,
         "",
     ]
+    if grid.notes:
+        lines += ["## Findings", "", grid.notes, ""]
     grid.doc.parent.mkdir(parents=True, exist_ok=True)
     grid.doc.write_text("\n".join(lines))
 
@@ -394,17 +400,28 @@ def sweep(grid_path: str, *, only: list[str] | None = None, fresh: bool = False,
         raise ConfigError(f"--only names runs the grid does not have: "
                           f"{sorted(set(only) - {e.name for e in grid.runs})}")
     t0 = time.perf_counter()
-    rows = []
     for i, entry in enumerate(entries, 1):
         print(f"sweep: [{i}/{len(entries)}] {entry.name} ({time.perf_counter() - t0:.0f} s so "
               f"far)", flush=True)
-        rows.append(row(run_entry(entry, grid.out, fresh, grid.attacks)))
+        run_entry(entry, grid.out, fresh, grid.attacks)
         # written after every run: an interrupted sweep keeps what it measured
-        (grid.out / "sweep.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+        done = [row(grid.out / e.name) for e in grid.runs if _finished(grid.out / e.name)]
+        (grid.out / "sweep.json").write_text(json.dumps(done, indent=1, default=str) + "\n")
+    # the document covers every run of the grid that has been measured, not only this call's
+    missing = [e.name for e in grid.runs if not _finished(grid.out / e.name)]
+    if missing:
+        print(f"sweep: not writing {grid.doc}: runs {', '.join(missing)} have not been measured "
+              f"yet (run them, e.g. without --only)", flush=True)
+        return 0
+    rows = [row(grid.out / e.name) for e in grid.runs]
     command = f"clicooper sweep {_rel(Path(grid_path).resolve())}"
     (write_results if grid.kind == "results" else write_frontier)(grid, rows, command)
     print(f"sweep: wrote {grid.doc} from {len(rows)} runs in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "audit" / "report.json").exists()
 
 
 if __name__ == "__main__":
