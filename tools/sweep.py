@@ -155,6 +155,7 @@ def row(run_dir: Path) -> dict[str, Any]:
     cl = by.get("clustering", {})
     out = {
         "name": run_dir.name, "configuration": st.get("configuration"),
+        "defence": _defence(st.get("privacy_settings") or {}),
         "privacy": st.get("privacy"), "labels": st.get("label_obfuscation"),
         "epochs": summary["epochs"], "accuracy": summary["test_accuracy"],
         "ari": cl.get("ari"), "ari_variant": cl.get("strongest"),
@@ -178,6 +179,15 @@ def row(run_dir: Path) -> dict[str, Any]:
         out["ssim_over_class_mean"] = max(detail.values()) - floors.get("class_mean", 0.0) \
             if detail else None
     return out
+
+
+def _defence(settings: dict[str, Any]) -> str:
+    """The defences of a run in words, from its verified settings (not its name)."""
+    from clicooper_bus.config import PrivacySection
+    from clicooper_bus.privacy.defences import describe
+
+    known = {k: v for k, v in settings.items() if k in PrivacySection.__dataclass_fields__}
+    return describe(PrivacySection(**{**known, "name": ""}))
 
 
 def judge(r: dict[str, Any], baseline: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
@@ -224,14 +234,14 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     inv = sorted({n for r in rows for n in r["ssim"]})
-    head = (["configuration", "accuracy", "ARI (strongest)", "success"]
+    head = (["run", "defences", "epochs", "accuracy", "ARI (strongest)", "success"]
             + [f"SSIM {n}" for n in inv]
             + ["best SSIM - mean image", "best non-class-mean SSIM - class mean",
                "extraction 0 / 10 / 50 labels", "epsilon"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         ex = r["extraction"]
-        cells = [f"`{r['name']}`: {r['configuration']}", _f(r["accuracy"], ".4f"),
+        cells = [f"`{r['name']}`", r["defence"], str(r["epochs"]), _f(r["accuracy"], ".4f"),
                  f"{_f(r['ari'])} ({r['ari_variant']})", f"{r['success'] * 100:.0f} %"]
         cells += [_f(r["ssim"].get(n)) for n in inv]
         cells += [_f(r.get("ssim_over_mean_image"), "+.3f"), _f(r.get("ssim_over_class_mean"), "+.3f"),
@@ -257,10 +267,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    panels = [("ari", "clustering ARI (strongest variant)"),
-              ("ssim_over_class_mean", "best inversion SSIM - class-mean line"),
-              ("extraction-50", "extraction accuracy, 50 labels")]
-    for ax, (key, label) in zip(axes, panels, strict=True):
+    chance = next((r["extraction_chance"] for r in rows if r.get("extraction_chance")), 0.1)
+    panels = [("ari", "clustering ARI (strongest variant)", TARGETS["ari"]),
+              ("ssim_over_class_mean", "best inversion SSIM - class-mean line",
+               TARGETS["ssim_over_class_mean"]),
+              ("extraction-50", "extraction accuracy, 50 labels",
+               chance + TARGETS["extraction_50_over_chance"])]
+    for ax, (key, label, target) in zip(axes, panels, strict=True):
         for r in rows:
             y = r["extraction"].get(key) if key.startswith("extraction") else r.get(key)
             if y is None:
@@ -268,11 +281,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.scatter(y, r["accuracy"], s=40)
             ax.annotate(r["name"], (y, r["accuracy"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
+        ax.axvline(target, color="grey", linestyle="--", linewidth=1)
+        ax.text(target, ax.get_ylim()[0], " target", color="grey", fontsize=7, va="bottom")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-    fig.suptitle("Accuracy against what the auditor's strongest attacks recover (lower left is "
-                 "better for the attacker's target, higher for accuracy)", fontsize=10)
+    fig.suptitle("Accuracy against what the auditor's strongest attacks recover (upper left is "
+                 "best: accurate, and left of the dashed target line)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -354,8 +369,8 @@ def write_results(grid: Grid, rows: list[dict[str, Any]], command: str) -> None:
         f"| extraction accuracy, 0 / 10 / 50 labels | {PAPER['extraction']} | {ex(u)} | {ex(p)} | "
         f"{ex(d)} |",
         f"| epsilon (delta) | - | {_eps(u)} | {_eps(p)} | {_eps(d)} |",
-        f"| configuration | - | {u['configuration']} | {p['configuration']} | "
-        f"{d['configuration']} |",
+        f"| defences | - | {u['defence']} | {p['defence']} | {d['defence']} |",
+        f"| epochs | - | {u['epochs']} | {p['epochs']} | {d['epochs']} |",
     ]
     verdict = ["| target | measured | |", "| --- | --- | --- |"] + [
         f"| {t} | {v} | {'met' if ok else '**missed**'} |" for t, v, ok in judge(d, u)]
