@@ -256,8 +256,9 @@ class Owner:
                 per_epoch.append(row)
                 self.log.info("epoch done", **row)
                 print(f"epoch {epoch + 1}/{self.cfg.run.epochs}: loss {row['loss']:.4f}, "
-                      f"train accuracy {row['train_accuracy']:.4f}, test accuracy "
-                      f"{row.get('accuracy', float('nan')):.4f}, {row['wall_s']:.1f} s", flush=True)
+                      f"train accuracy{' (on pseudo-labels)' if self.defences.codec else ''} "
+                      f"{row['train_accuracy']:.4f}, "
+                      f"{self._accuracy_text(row)}, {row['wall_s']:.1f} s", flush=True)
                 if stop:
                     break
             sent = self._collect_segments()
@@ -343,6 +344,13 @@ class Owner:
         return {"epoch": epoch, "loss": sum(m["loss"] * k for m, k in zip(ms, sizes, strict=True)) / n,
                 "train_accuracy": sum(m["correct"] for m in ms) / n, "steps": step - steps_before,
                 "wall_s": time.perf_counter() - t0}, step
+
+    def _accuracy_text(self, row: dict) -> str:
+        if "accuracy" in row:
+            return f"test accuracy {row['accuracy']:.4f}"
+        if self.cfg.privacy.evaluate == "owner":
+            return "test accuracy at the end, on the owner"
+        return "not evaluated this epoch"
 
     def _release(self, images, idx, step: int) -> torch.Tensor:
         """The head's activation of one training batch, through the privacy filter."""
@@ -462,6 +470,9 @@ class Owner:
         (self.run_dir / "checkpoint.txt").write_text(self.final_note)
         if self.wm_on:
             self._write_provenance(model_sha)
+        if self.defences.codec is not None:  # the last stage only knows the pseudo-labels
+            for row in per_epoch:
+                row["train_accuracy_on"] = "pseudo-labels"
         summary = {
             "run_id": self.cfg.run.id, "dataset": self.data.name, "model": self.spec.name,
             "stages": self.stages, "cuts": list(self.cuts), "epochs": len(per_epoch),
