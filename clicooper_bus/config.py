@@ -131,8 +131,9 @@ class PrivacySection:
     clip: float = _doc(1.0, "per-sample clipping norm C of each released activation (L2 for "
                             "gaussian, L1 for laplace)", min=1e-9)
     noise_multiplier: float = _doc(0.0, "noise per coordinate as a multiple of clip (Gaussian "
-                                        "standard deviation or Laplace scale); 0: calibrated "
-                                        "from epsilon", min=0.0)
+                                        "standard deviation or Laplace scale; the sensitivity "
+                                        "is 2 x clip, so noise/sensitivity is half of this); "
+                                        "0: calibrated from epsilon", min=0.0)
     epsilon: float = _doc(0.0, "target epsilon for the whole run (each training sample over all "
                                "its releases); 0: use noise_multiplier", min=0.0)
     delta: float = _doc(1e-5, "delta of the (epsilon, delta) guarantee", min=1e-300)
@@ -144,7 +145,8 @@ class PrivacySection:
                                "last stage learns gamma x classes pseudo-classes keyed by the "
                                "owner's secret, the owner decodes", min=1)
     owner_tail: bool = _doc(False, "U-shaped split: the owner keeps the model's last layer and "
-                                   "the loss; trainers get neither labels nor pseudo-labels")
+                                   "the loss; no label or pseudo-label is sent (the gradient "
+                                   "the owner sends back still depends on the labels)")
     nopeek: float = _doc(0.0, "NoPeek: weight alpha of the distance-correlation penalty between "
                               "images and released activations in the head's training (0: off)",
                          min=0.0)

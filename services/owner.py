@@ -43,7 +43,7 @@ from clicooper_bus.plan import Plan
 from clicooper_bus.privacy import defences as privacy
 from clicooper_bus.privacy.nopeek import distance_correlation
 from clicooper_bus.privacy.release import inference_model
-from clicooper_bus.privacy.secret import load_or_create
+from clicooper_bus.privacy.secret import load_or_create, run_key
 from clicooper_bus.roster import Roster
 from clicooper_bus.verifier import Verifier
 from clicooper_bus.wire import Envelope
@@ -72,8 +72,9 @@ class Owner:
         data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed)
         self.data = data.limit(cfg.data.train_limit or None, cfg.data.test_limit or None)
         pv = cfg.privacy
-        # the secret keys the noise and the pseudo-labels; it never leaves the key directory
-        secret = load_or_create(p.keys, p.owner) if pv.on else None
+        # the secret, through a fresh key of this run, keys the noise and the pseudo-labels;
+        # it never leaves the key directory
+        secret = run_key(load_or_create(p.keys, p.owner), cfg.run.id) if pv.on else None
         classes = self.data.classes
         self.spec = model_spec(cfg.model.name, self.data.input_shape, classes * pv.label_gamma)
         k, tail = len(p.trainers), tail_start(self.spec) if pv.owner_tail else 0
@@ -447,13 +448,25 @@ class Owner:
             sent["segment"] = sent.get("segment", 0) + 1
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tensors = state_dict_with_prefix(self.segments)
-        if self.defences.codec is not None:  # which pseudo-class is which class: the owner's
-            tensors["decode.groups"] = torch.from_numpy(self.defences.codec.groups)
+        if self.defences.codec is not None:
+            self._write_groups(self.defences.codec.groups)
         save_file(tensors, self.run_dir / "model.safetensors",
                   metadata={"run_id": self.cfg.run.id, "model": self.spec.name,
                             "model_spec": self.roster.meta["model_spec"],
                             "cuts": json.dumps(list(self.plan.segment_cuts))})
         return sent
+
+    def _write_groups(self, groups) -> None:
+        """Which pseudo-class is which class, for the owner (and its auditor) only: not in the
+        model file, which may be handed on, since with the log's pseudo-labels it would decode
+        every retained label."""
+        import os
+
+        path = self.run_dir / "label_groups.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"groups": [int(g) for g in groups],
+                       "note": "output (pseudo-class) -> true class; owner-only"}, f)
 
     def _finish(self, per_epoch: list[dict], steps: int, sent: dict[str, int], wall: float) -> None:
         bus = self.bus

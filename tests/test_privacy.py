@@ -18,7 +18,7 @@ from clicooper_bus.privacy import defences
 from clicooper_bus.privacy.labels import LabelCodec
 from clicooper_bus.privacy.nopeek import distance_correlation
 from clicooper_bus.privacy.release import ActivationFilter, FilterSpec, inference_model
-from clicooper_bus.privacy.secret import load_or_create, secret_path
+from clicooper_bus.privacy.secret import load_or_create, run_key, secret_path
 
 SECRET = bytes(range(32))
 
@@ -254,3 +254,15 @@ def test_nopeek_penalty_reaches_the_head():
         t.backward(torch.ones_like(out) * 0.01, 0)
         grads.append(head[1].weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_every_run_has_its_own_key():
+    """Two runs (same secret, same run id, same seed) never share noise or pseudo-labels, so a
+    trainer in both cannot subtract one's noise from the other's releases."""
+    k1, k2 = run_key(SECRET, "demo"), run_key(SECRET, "demo")
+    assert k1 != k2 and SECRET not in (k1, k2)
+    spec = FilterSpec("gaussian", 1.0, 0.3)
+    a = torch.zeros(4, 16)
+    assert not torch.equal(ActivationFilter(spec, k1)(a, step=0), ActivationFilter(spec, k2)(a, step=0))
+    ids, y = np.arange(100), np.arange(100) % 10
+    assert not np.array_equal(LabelCodec(k1, 10, 4).encode(ids, y), LabelCodec(k2, 10, 4).encode(ids, y))

@@ -82,7 +82,11 @@ def test_the_log_holds_neither_the_secret_nor_the_labels(obfuscated):
 
 
 def test_pseudo_labels_decode_to_the_truth_with_the_owners_grouping(obfuscated):
-    groups = load_file(str(obfuscated / "model.safetensors"))["decode.groups"].numpy()
+    # the grouping is the owner's alone: not in the model file, which may be handed on
+    assert not any(k.startswith("decode") for k in load_file(str(obfuscated / "model.safetensors")))
+    path = obfuscated / "label_groups.json"
+    assert (path.stat().st_mode & 0o077) == 0
+    groups = np.asarray(json.loads(path.read_text())["groups"])
     assert sorted(np.bincount(groups).tolist()) == [3] * 10
     data = load_dataset("synthetic", None, 0)
     r = replay(obfuscated / "log")
@@ -106,6 +110,7 @@ def test_summary_and_report_state_the_epsilon_spent(obfuscated):
     expected = accountant.spent("gaussian", NOISE, 1.0, 2, 1e-5).epsilon
     assert spent["epsilon"] == pytest.approx(expected) and spent["releases"] == 2
     assert spent["sensitivity"] == 2.0 and "replace-one" in spent["adjacency"]
+    assert "NOT a differential-privacy guarantee for the run" in spent["scope"]  # per-step
     report = json.loads((obfuscated / "audit" / "report.json").read_text())
     s = report["settings"]
     assert s["epsilon"]["epsilon"] == pytest.approx(expected)  # recomputed, not copied
@@ -129,6 +134,7 @@ def test_owner_tail_keeps_every_label_home(tail):
     summary = json.loads((tail / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.8
     assert summary["privacy"]["spent"]["releases"] == 1
+    assert summary["privacy"]["spent"]["scope"].startswith("the whole run")  # once: head fixed
     assert "test_set" not in summary["privacy"]["spent"]
 
 

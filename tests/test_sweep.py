@@ -67,6 +67,8 @@ privacy = {{ mechanism = "gaussian", noise_multiplier = 0.3, owner_tail = true, 
         assert f"`{r['name']}`" in doc
         assert f"{r['accuracy']:.4f}" in doc
     assert "MISSED" in doc or "met" in doc  # the targets table, judged on measured values
+    made = json.loads((tmp_path / "runs/sweep/tail-noise/sweep-entry.json").read_text())
+    assert made["attacks"] == ATTACKS and made["overrides"]["privacy"]["owner_tail"] is True
     capsys.readouterr()
     assert sweep(str(grid), only=["tail-noise"]) == 0
     assert "reusing" in capsys.readouterr().out
@@ -82,7 +84,8 @@ privacy = {{ mechanism = "gaussian", noise_multiplier = 0.3, owner_tail = true, 
 def _row(**kw):
     r = {"accuracy": 0.88, "ari": 0.01, "ari_variant": "plain", "success": 0.0,
          "ssim_over_class_mean": 0.0, "extraction": {"extraction-50": 0.15},
-         "extraction_chance": 0.1, "epsilon": 50.0, "delta": 1e-5, "adjacency": "replace-one: x"}
+         "extraction_chance": 0.1, "epsilon": 50.0, "delta": 1e-5, "adjacency": "replace-one: x",
+         "epsilon_covers": "the run"}
     r.update(kw)
     return r
 

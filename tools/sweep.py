@@ -95,6 +95,12 @@ def load_grid(path: str | Path) -> Grid:
             raise ConfigError(f"{path}: [[run]] number {i + 1} needs a name")
         if name in names:
             raise ConfigError(f"{path}: run name {name!r} appears twice")
+        from clicooper_bus.identity import check_name
+
+        try:  # it becomes a directory name and a run id
+            check_name(name, "run name")
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         names.add(name)
         bad = set(r) - {"name", "config", *SECTIONS}
         if bad:
@@ -126,9 +132,18 @@ def run_entry(entry: Entry, out: Path, fresh: bool = False, attacks: str = "") -
 
     run_dir = out / entry.name
     report = run_dir / "audit" / "report.json"
+    made_with = _made_with(entry, attacks)
+    recorded = run_dir / "sweep-entry.json"
     if report.exists() and not fresh:
-        print(f"sweep: {entry.name}: reusing {run_dir}", flush=True)
-        return run_dir
+        if not recorded.exists():
+            print(f"sweep: {entry.name}: reusing {run_dir} (it does not record the settings it "
+                  f"was made with; --fresh reruns it)", flush=True)
+            return run_dir
+        if json.loads(recorded.read_text()) == made_with:
+            print(f"sweep: {entry.name}: reusing {run_dir}", flush=True)
+            return run_dir
+        print(f"sweep: {entry.name}: the grid changed since {run_dir} was made: rerunning",
+              flush=True)
     if run_dir.exists():
         print(f"sweep: {entry.name}: removing the unfinished {run_dir}", flush=True)
         shutil.rmtree(run_dir)
@@ -137,8 +152,18 @@ def run_entry(entry: Entry, out: Path, fresh: bool = False, attacks: str = "") -
     code = run(str(entry.config), audit=attacks or True, overrides=_overrides(entry, out))
     if code != 0 or not report.exists():
         raise ClicooperError(f"run {entry.name} failed (exit {code}); see {run_dir}/telemetry")
+    recorded.write_text(json.dumps(made_with, indent=1, sort_keys=True) + "\n")
     print(f"sweep: {entry.name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return run_dir
+
+
+def _made_with(entry: Entry, attacks: str) -> dict[str, Any]:
+    """What a run of this entry depends on: its config file's bytes, overrides and attacks."""
+    import hashlib
+
+    return {"config": str(entry.config),
+            "config_sha256": hashlib.sha256(entry.config.read_bytes()).hexdigest(),
+            "overrides": entry.overrides, "attacks": attacks}
 
 
 def row(run_dir: Path) -> dict[str, Any]:
@@ -167,6 +192,8 @@ def row(run_dir: Path) -> dict[str, Any]:
                                                       "extraction-50") if n in by},
         "extraction_chance": (by.get("extraction-50") or {}).get("chance"),
         "epsilon": eps.get("epsilon"), "delta": eps.get("delta"),
+        "epsilon_covers": "the run" if (st.get("privacy_settings") or {}).get("release") == "once"
+        else "own releases only (head trained without DP)",
         "adjacency": eps.get("adjacency"), "sensitivity": eps.get("sensitivity"),
         "wall_s": summary["wall_s"], "audit_s": report.get("wall_s"),
     }
@@ -199,10 +226,11 @@ def judge(r: dict[str, Any], baseline: dict[str, Any] | None) -> list[tuple[str,
         checks.append((f"accuracy within {t['accuracy_drop'] * 100:.0f} points of undefended",
                        f"{r['accuracy']:.4f} vs {baseline['accuracy']:.4f} ({-drop * 100:+.1f} "
                        f"points)", drop <= t["accuracy_drop"]))
-    checks.append((f"clustering ARI <= {t['ari']}", f"{r['ari']:.3f} ({r['ari_variant']})",
-                   r["ari"] <= t["ari"]))
-    checks.append(("clustering success rate 0 %", f"{r['success'] * 100:.0f} %",
-                   r["success"] <= t["success"]))
+    if r.get("ari") is not None:
+        checks.append((f"clustering ARI <= {t['ari']}", f"{r['ari']:.3f} ({r['ari_variant']})",
+                       r["ari"] <= t["ari"]))
+        checks.append(("clustering success rate 0 %", f"{r['success'] * 100:.0f} %",
+                       r["success"] <= t["success"]))
     if r.get("ssim_over_class_mean") is not None:
         checks.append((f"no inversion more than {t['ssim_over_class_mean']} SSIM above the "
                        f"class-mean line", f"{r['ssim_over_class_mean']:+.3f}",
@@ -213,9 +241,10 @@ def judge(r: dict[str, Any], baseline: dict[str, Any] | None) -> list[tuple[str,
                        f" points", f"{r['extraction']['extraction-50']:.3f} (chance "
                        f"{r['extraction_chance']:.3f}, {over * 100:+.1f} points)",
                        over <= t["extraction_50_over_chance"]))
+    covers = f"; covers {r['epsilon_covers']}" if r.get("epsilon") is not None else ""
     checks.append(("epsilon reported with its adjacency",
-                   _eps(r) + (f" ({r['adjacency'].split(':')[0]})" if r.get("adjacency") else ""),
-                   r.get("epsilon") is not None))
+                   _eps(r) + (f" ({r['adjacency'].split(':')[0]}{covers})" if r.get("adjacency")
+                              else ""), r.get("epsilon") is not None))
     return checks
 
 
@@ -242,7 +271,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         ex = r["extraction"]
         cells = [f"`{r['name']}`", r["defence"], str(r["epochs"]), _f(r["accuracy"], ".4f"),
-                 f"{_f(r['ari'])} ({r['ari_variant']})", f"{r['success'] * 100:.0f} %"]
+                 f"{_f(r['ari'])} ({r['ari_variant']})",
+                 "-" if r["success"] is None else f"{r['success'] * 100:.0f} %"]
         cells += [_f(r["ssim"].get(n)) for n in inv]
         cells += [_f(r.get("ssim_over_mean_image"), "+.3f"), _f(r.get("ssim_over_class_mean"), "+.3f"),
                   " / ".join(_f(ex.get(k)) for k in ("extraction-unlabelled", "extraction-10",
@@ -310,8 +340,11 @@ def write_frontier(grid: Grid, rows: list[dict[str, Any]], command: str) -> None
         "reconstructions; the class-mean attacker scores what class information alone gives, so "
         "an attack above the class-mean line recovers detail beyond the class. Extraction is the "
         "colluding trainers' surrogate on the evaluation half of the test set. Epsilon is per "
-        "training sample over the whole run (analytic Gaussian, exact composition; replace-one "
-        "adjacency, sensitivity 2 x clip).",
+        "training sample (replace-one adjacency, sensitivity 2 x clip in the clip's norm; "
+        "Gaussian: analytic, exact composition; Laplace: the smaller of pure composition and "
+        "RDP). It bounds the whole run only with `once` (the head is fixed); with `per-step` the "
+        "head trains on raw images without DP and the epsilon covers each sample's own releases "
+        "only, so it is not a differential-privacy guarantee for the run.",
         "",
         *_table(rows),
         "",
@@ -321,14 +354,17 @@ def write_frontier(grid: Grid, rows: list[dict[str, Any]], command: str) -> None
         "",
     ]
     if base is not None:
+        targets = [c[0] for c in judge(base, base)]
         lines += ["## Against the `defended` targets", "",
-                  "| configuration | " + " | ".join(c[0] for c in judge(rows[0], base)) + " |",
-                  "|" + " --- |" * (1 + len(judge(rows[0], base)))]
+                  "| configuration | " + " | ".join(targets) + " |",
+                  "|" + " --- |" * (1 + len(targets))]
         for r in rows:
             if r is base:
                 continue
+            got = {t: (v, ok) for t, v, ok in judge(r, base)}
             lines.append(f"| `{r['name']}` | " + " | ".join(
-                f"{'met' if ok else 'MISSED'}: {v}" for _, v, ok in judge(r, base)) + " |")
+                f"{'met' if got[t][1] else 'MISSED'}: {got[t][0]}" if t in got else "not measured"
+                for t in targets) + " |")
         lines.append("")
     if grid.notes:
         lines += ["## Findings", "", grid.notes, ""]
@@ -345,7 +381,7 @@ def write_results(grid: Grid, rows: list[dict[str, Any]], command: str) -> None:
     u, p, d = by["undefended"], by["paper"], by["defended"]
 
     def inv(r: dict[str, Any]) -> str:
-        return f"{r['ssim_max']:.3f} ({r['ssim_max_attack']})"
+        return f"{r['ssim_max']:.3f} ({r['ssim_max_attack']})" if "ssim_max" in r else "-"
 
     def ex(r: dict[str, Any]) -> str:
         e = r["extraction"]
@@ -359,16 +395,17 @@ def write_results(grid: Grid, rows: list[dict[str, Any]], command: str) -> None:
         f"| test accuracy | {PAPER['accuracy']} | {u['accuracy']:.4f} | {p['accuracy']:.4f} | "
         f"{d['accuracy']:.4f} |",
         f"| clustering: success rate (ARI, strongest variant) | {PAPER['clustering_success']:.0%} | "
-        f"{u['success']:.0%} ({u['ari']:.3f}) | {p['success']:.0%} ({p['ari']:.3f}) | "
-        f"{d['success']:.0%} ({d['ari']:.3f}) |",
+        f"{_cl(u)} | {_cl(p)} | {_cl(d)} |",
         f"| inversion: best SSIM over all attacks (attack) | {PAPER['ssim_undefended']} -> "
         f"{PAPER['ssim_defended']} | {inv(u)} | {inv(p)} | {inv(d)} |",
         f"| inversion: best non-class-mean SSIM - class-mean line | - | "
-        f"{u['ssim_over_class_mean']:+.3f} | {p['ssim_over_class_mean']:+.3f} | "
-        f"{d['ssim_over_class_mean']:+.3f} |",
+        f"{_f(u.get('ssim_over_class_mean'), '+.3f')} | {_f(p.get('ssim_over_class_mean'), '+.3f')} | "
+        f"{_f(d.get('ssim_over_class_mean'), '+.3f')} |",
         f"| extraction accuracy, 0 / 10 / 50 labels | {PAPER['extraction']} | {ex(u)} | {ex(p)} | "
         f"{ex(d)} |",
         f"| epsilon (delta) | - | {_eps(u)} | {_eps(p)} | {_eps(d)} |",
+        f"| epsilon covers | - | - | {p['epsilon_covers'] if p.get('epsilon') else '-'} | "
+        f"{d['epsilon_covers'] if d.get('epsilon') else '-'} |",
         f"| defences | - | {u['defence']} | {p['defence']} | {d['defence']} |",
         f"| epochs | - | {u['epochs']} | {p['epochs']} | {d['epochs']} |",
     ]
@@ -396,6 +433,10 @@ def write_results(grid: Grid, rows: list[dict[str, Any]], command: str) -> None:
         lines += ["## Findings", "", grid.notes, ""]
     grid.doc.parent.mkdir(parents=True, exist_ok=True)
     grid.doc.write_text("\n".join(lines))
+
+
+def _cl(r: dict[str, Any]) -> str:
+    return "-" if r.get("ari") is None else f"{r['success']:.0%} ({r['ari']:.3f})"
 
 
 def _rel(p: Path) -> str:

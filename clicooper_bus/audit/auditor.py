@@ -157,11 +157,21 @@ def load_model(run_dir: Path, plan, ack: dict | None
         raise ClicooperError(f"{path} is not the model the owner acknowledged in the log "
                              f"(sha256 {hashlib.sha256(data).hexdigest()[:16]}..., log "
                              f"{str(logged)[:16]}...): it was replaced after the run")
+    groups = None
+    if plan.n_outputs != plan.classes:  # pseudo-classes: the owner's decoding, owner-only file
+        gpath = run_dir / "label_groups.json"
+        try:
+            groups = np.asarray(json.loads(gpath.read_text())["groups"], np.int64)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ClicooperError(f"{gpath} is missing or unreadable ({exc}): the owner writes it "
+                                 f"when it obfuscates labels; without it the model's "
+                                 f"pseudo-classes cannot be decoded") from None
+        if groups.shape != (plan.n_outputs,) or groups.min() < 0 or groups.max() >= plan.classes:
+            raise ClicooperError(f"{gpath} does not map the model's {plan.n_outputs} outputs to "
+                                 f"{plan.classes} classes")
     try:
-        tensors = st_load(data)
-        groups = tensors.get("decode.groups")
-        return (segments_from_state_dict(plan.spec(), plan.segment_cuts, plan.seed, tensors),
-                None if groups is None else groups.numpy())
+        return (segments_from_state_dict(plan.spec(), plan.segment_cuts, plan.seed, st_load(data)),
+                groups)
     except (SafetensorError, RuntimeError, KeyError) as exc:
         raise ClicooperError(f"{path} does not fit the run's model plan: {exc}") from None
 
@@ -267,9 +277,9 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     knowledge, truth, info = gather(replayed, data, segments, cfg, spec)
     owner = inference_model(segments, spec)
     owner_acc = scoring.accuracy(_predict(owner, truth.eval_images, groups), truth.eval_labels)
-    epochs = audit.summary.get("epochs") or cfg.run.epochs
-    evaluations = sum(1 for r in audit.summary.get("per_epoch", []) if "accuracy" in r) \
-        if pv.evaluate == "chain" else 0
+    # counted in the verified log, not taken from the owner's summary
+    epochs = len(replayed.owner_epochs.get("fwd", ())) or cfg.run.epochs
+    evaluations = len(replayed.owner_epochs.get("eval_fwd", ()))
     audit.settings = {
         "configuration": defences.describe(pv),
         "dataset": cfg.data.name, "model": replayed.plan.model, "cuts": list(replayed.plan.cuts),

@@ -44,6 +44,8 @@ class Replay:
     ack: dict | None = None  # the owner's end-of-run acknowledgement (holds the model digest)
     skipped: int = 0  # releases whose header lacks epoch, batch or step (only in a forged log)
     headers: dict[str, int] = field(default_factory=dict)  # per kind, every header in the log
+    # the owner's own messages: which epochs it released training and evaluation batches in
+    owner_epochs: dict[str, set[int]] = field(default_factory=dict)
     bodies: dict[str, int] = field(default_factory=dict)  # per kind, retained bodies
 
     @property
@@ -67,6 +69,8 @@ def replay(directory: str | os.PathLike[str]) -> Replay:
             out.headers[h.kind] = out.headers.get(h.kind, 0) + 1
             if h.sender != owner or h.kind not in (*_STREAMS, "ack"):
                 continue
+            if h.epoch is not None:
+                out.owner_epochs.setdefault(h.kind, set()).add(int(h.epoch))
             body = plog.body(h.body_sha256)
             if body is None:
                 continue

@@ -62,6 +62,8 @@ def epsilon_text(e: dict[str, Any] | None) -> str:
     if e.get("rdp_epsilon") is not None:
         text += f" (opacus RDP bound: {e['rdp_epsilon']:.4g})"
     text += f". Adjacency: {e['adjacency']}"
+    if e.get("scope"):
+        text += f". Covers: {e['scope']}"
     t = e.get("test_set")
     if t:
         eps_t = t.get("epsilon")

@@ -127,9 +127,10 @@ class Spent:
     sensitivity: float  # of one release under the stated adjacency
     method: str
     rdp_epsilon: float | None = None  # opacus's RDP bound, a looser cross-check
-    adjacency: str = ("replace-one: two datasets differing in one training sample (its image "
-                      "and label); each release is that one sample's activation, so the "
-                      "sensitivity is the clipped norm's diameter, 2 x clip")
+    adjacency: str = ("replace-one: two datasets differing in one training sample's image; "
+                      "each release is that one sample's activation, so the sensitivity is the "
+                      "clipped norm's diameter, 2 x clip. Labels are treated as public: they "
+                      "travel as (pseudo-)labels or shape the owner tail's gradients, unnoised")
 
     def to_json(self) -> dict:
         d = asdict(self)

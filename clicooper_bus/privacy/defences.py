@@ -68,11 +68,24 @@ def spent(p: PrivacySection, planned_epochs: int, epochs: int,
     train = accountant.spent(p.mechanism, noise, p.clip, releases_per_sample(p, epochs),
                              p.delta).to_json()
     out: dict[str, Any] = {**train, "target_epsilon": p.epsilon or None,
-                           "noise_multiplier": noise / p.clip}
+                           "noise_multiplier": noise / p.clip, "scope": scope(p)}
     if evaluations and p.evaluate == "chain":
         n = 1 if p.release == "once" else evaluations
         out["test_set"] = accountant.spent(p.mechanism, noise, p.clip, n, p.delta).to_json()
     return out
+
+
+def scope(p: PrivacySection) -> str:
+    """What the epsilon covers. With `once` the head is fixed, so a sample's only influence on
+    what leaves the owner is its own release: the epsilon bounds the run. With `per-step` the
+    head trains on raw images without DP, so a sample also shapes later releases of other
+    samples through the head's weights: the epsilon bounds its own releases only."""
+    if p.release == "once":
+        return ("the whole run: the head is fixed, so each sample reaches the trainers only "
+                "through its own release")
+    return ("each sample's own activation releases only, NOT a differential-privacy guarantee "
+            "for the run: the head trains on raw images without DP, so a sample also shapes "
+            "later releases of other samples through the head's weights")
 
 
 @dataclass

@@ -56,6 +56,16 @@ def load(path: Path) -> bytes:
     return raw
 
 
+def run_key(secret: bytes, run_id: str) -> bytes:
+    """The key of one run: the secret with the run id and a fresh random nonce, held in the
+    owner's memory only. No two runs share noise or pseudo-label assignments, so a trainer
+    taking part in two runs (a sweep, a rerun with the same seed) cannot subtract one run's
+    noise from the other's releases or line up their pseudo-labels."""
+    nonce = secrets.token_bytes(16)
+    return hmac.new(secret, b"clicooper/run/" + run_id.encode() + b"/" + nonce,
+                    hashlib.sha256).digest()
+
+
 def prf(secret: bytes, label: bytes, *parts: int) -> bytes:
     """HMAC-SHA256 of a domain label and integers: the one keyed PRF the defences use."""
     msg = b"clicooper/" + label + b"".join(p.to_bytes(8, "big", signed=True) for p in parts)
