@@ -145,7 +145,8 @@ def run_entry(entry: Entry, out: Path, fresh: bool = False, attacks: str = "") -
         print(f"sweep: {entry.name}: the grid changed since {run_dir} was made: rerunning",
               flush=True)
     if run_dir.exists():
-        print(f"sweep: {entry.name}: removing the unfinished {run_dir}", flush=True)
+        what = "an older run in" if report.exists() else "the unfinished"
+        print(f"sweep: {entry.name}: removing {what} {run_dir}", flush=True)
         shutil.rmtree(run_dir)
     print(f"sweep: {entry.name}: running {entry.config} with {entry.overrides}", flush=True)
     t0 = time.perf_counter()
