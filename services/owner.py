@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 
@@ -460,8 +461,6 @@ class Owner:
         """Which pseudo-class is which class, for the owner (and its auditor) only: not in the
         model file, which may be handed on, since with the log's pseudo-labels it would decode
         every retained label."""
-        import os
-
         path = self.run_dir / "label_groups.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

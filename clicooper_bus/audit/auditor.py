@@ -34,6 +34,7 @@ from clicooper_bus.ml.attacks.extraction import Surrogate
 from clicooper_bus.ml.data import Dataset, batch_order, load_dataset, to_float
 from clicooper_bus.ml.models import segments_from_state_dict
 from clicooper_bus.privacy import defences
+from clicooper_bus.privacy.labels import group_sum
 from clicooper_bus.privacy.release import ActivationFilter, FilterSpec, inference_model
 
 T = TypeVar("T")
@@ -312,10 +313,7 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, groups: np.ndarray | None 
     with torch.no_grad():
         for i in range(0, len(x), 512):
             p = model(x[i:i + 512]).softmax(1)
-            if groups is not None:
-                k = int(groups.max()) + 1
-                p = torch.zeros(len(p), k).index_add_(1, torch.as_tensor(groups), p)
-            out.append(p.argmax(1))
+            out.append((group_sum(p, groups) if groups is not None else p).argmax(1))
     return torch.cat(out).numpy()
 
 

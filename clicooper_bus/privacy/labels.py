@@ -16,6 +16,13 @@ import torch
 from clicooper_bus.privacy.secret import prf_int
 
 
+def group_sum(p: torch.Tensor, groups: np.ndarray) -> torch.Tensor:
+    """Probabilities of groups: the sum of each group's member outputs (`groups[o]` is the group
+    of output o). How the owner decodes pseudo-classes, and how an attacker scores its guess."""
+    k = int(groups.max()) + 1
+    return torch.zeros(len(p), k, dtype=p.dtype).index_add_(1, torch.as_tensor(groups), p)
+
+
 class LabelCodec:
     def __init__(self, secret: bytes, classes: int, gamma: int):
         if gamma < 1 or classes < 2:
@@ -38,6 +45,4 @@ class LabelCodec:
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities: the sum of each class's pseudo-class probabilities."""
-        p = logits.softmax(1)
-        out = torch.zeros(len(p), self.classes, dtype=p.dtype)
-        return out.index_add_(1, torch.as_tensor(self.groups), p)
+        return group_sum(logits.softmax(1), self.groups)

@@ -22,6 +22,7 @@ from torch import nn
 from clicooper_bus.ml.attacks.base import Attack, ThreatModel, Track, View, no_progress
 from clicooper_bus.ml.attacks.inversion import train_simulator
 from clicooper_bus.ml.attacks.nets import apply, batches, head_clone, seeded
+from clicooper_bus.privacy.labels import group_sum
 
 
 @dataclass
@@ -39,9 +40,7 @@ class Surrogate:
 
     @torch.no_grad()
     def group_probs(self, x: torch.Tensor) -> torch.Tensor:
-        p = apply(self.model, x).softmax(1)
-        k = int(self.groups.max()) + 1
-        return torch.zeros(len(p), k).index_add_(1, torch.as_tensor(self.groups), p)
+        return group_sum(apply(self.model, x).softmax(1), self.groups)
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         g = self.group_probs(x).argmax(1).numpy()
