@@ -226,6 +226,15 @@ class Owner:
                                  f"{dtype} {list(shape)}")
         return env.tensor()
 
+    def _batch_of(self, env: Envelope, n: int) -> torch.Tensor:
+        """The last stage's output for the owner's tail: float32, one row per sample."""
+        h = env.header
+        if h.dtype != "float32" or not h.shape or h.shape[0] != n:
+            raise ClicooperError(f"{self.names.get(h.sender, h.sender)} sent {h.kind} of "
+                                 f"{h.dtype} {list(h.shape or ())} for step {h.step}, expected "
+                                 f"float32 [{n}, ...]")
+        return env.tensor()
+
     def _from(self, name: str, kind: str, step: int | None = None):
         kid = self.kid[name]
         return lambda e: (e.header.kind == kind and e.header.sender == kid
@@ -374,11 +383,7 @@ class Owner:
         the gradient back down the chain."""
         last = self.stages[-1]
         env = self._wait(f"the output of step {step} from {last}", self._from(last, "fwd", step))
-        h = env.header
-        if h.dtype != "float32" or not h.shape or h.shape[0] != len(idx):
-            raise ClicooperError(f"{last} sent an output of {h.dtype} {list(h.shape or ())} for "
-                                 f"step {step}, expected float32 [{len(idx)}, ...]")
-        self.tail.forward(env.tensor(), step)
+        self.tail.forward(self._batch_of(env, len(idx)), step)
         r = self.tail.loss_backward(torch.from_numpy(self.data.y_train[idx]).long(), step)
         self.bus.send_array("bwd", last, r.grad_in, **meta)
         self.metrics[step] = {"loss": r.loss, "correct": r.correct}
@@ -421,11 +426,7 @@ class Owner:
             seen.add(i)
             sl = batches[i][1]
             if self.tail is not None:
-                h = env.header
-                if h.dtype != "float32" or not h.shape or h.shape[0] != len(y[sl]):
-                    raise ClicooperError(f"{last} sent an evaluation output of {h.dtype} "
-                                         f"{list(h.shape or ())} for batch {i}")
-                logits = self.tail.evaluate(env.tensor())
+                logits = self.tail.evaluate(self._batch_of(env, len(y[sl])))
             else:
                 logits = self._tensor(env, (len(y[sl]), self.plan.n_outputs), "float32")
             correct += int((self._decode(logits).argmax(1).numpy() == y[sl]).sum())
