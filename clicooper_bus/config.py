@@ -16,6 +16,8 @@ from typing import Any
 
 from clicooper_bus.errors import ConfigError
 
+MAX_IN_FLIGHT = 8  # training batches in flight at most: what a trainer accepts to hold
+
 
 def _doc(default: Any, doc: str, **kw: Any) -> Any:
     if isinstance(default, list):
@@ -37,6 +39,12 @@ class RunSection:
     trainer_threads: int = _doc(1, "torch threads of each trainer started from this config "
                                    "(idle torch threads spin and take CPU from the others)",
                                 min=1)
+    in_flight: int = _doc(1, "training batches the owner keeps in flight. 1: synchronous split "
+                             "learning, the same weights as the in-process reference. N > 1 "
+                             "pipelines (faster over a network): the head's forward of batch s "
+                             "uses head weights updated through batch s-N, so its gradients "
+                             "arrive up to N-1 steps late; the trainers' stages stay exact",
+                          min=1, max=MAX_IN_FLIGHT)
     out_dir: str = _doc("runs", "where <id>/ (log, model, summary) is written")
 
 
@@ -198,6 +206,8 @@ def _check(where: str, f: Any, value: Any) -> Any:
         raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{where}: must be at least {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where}: must be at most {meta['max']}, got {value!r}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(meta['choices'])}")
     return value

@@ -1,6 +1,8 @@
 """The training plan the owner publishes inside its signed roster, so that a trainer needs no
-config file of its own: model, input shape, classes, cuts, seed, learning rate, and with the
-privacy defences the number of (pseudo-)outputs and where the owner's tail starts.
+config file of its own: model, input shape, classes, cuts, seed, learning rate, how many
+training batches may be in flight, and with the privacy defences the number of
+(pseudo-)outputs and where the owner's tail starts. Being signed, it is also the evidence of how
+the run was trained.
 
 Trainers rebuild the model spec from it and check its digest against the roster's, so the owner
 cannot be misunderstood and a trainer cannot silently train something else.
@@ -25,6 +27,7 @@ class Plan:
     batch_size: int
     outputs: int = 0  # the model's output units: classes x label_gamma (0: classes)
     tail: int = 0  # first layer of the owner's tail (owner_tail), 0: the last stage has the loss
+    in_flight: int = 1  # training batches the owner keeps in flight ([run] in_flight)
 
     @property
     def n_outputs(self) -> int:
@@ -45,7 +48,7 @@ class Plan:
             return cls(str(d["model"]), tuple(int(v) for v in d["input_shape"]),
                        int(d["classes"]), tuple(int(c) for c in d["cuts"]), int(d["seed"]),
                        float(d["lr"]), int(d["batch_size"]), int(d.get("outputs", 0)),
-                       int(d.get("tail", 0)))
+                       int(d.get("tail", 0)), int(d.get("in_flight", 1)))
         except (ValueError, KeyError, TypeError) as exc:
             raise RosterError(f"roster plan is malformed: {exc}") from None
 

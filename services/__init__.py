@@ -6,7 +6,8 @@ import os
 
 # Idle OpenMP threads spin by default and take cores from the other processes of a run; with
 # six processes on two cores, passive waiting made an epoch about 8 % faster (measured with
-# tools/bench_bus.py). Set OMP_WAIT_POLICY yourself to override. It must be set before torch
-# is imported, hence here.
+# tools/bench_bus.py). A pipelined owner (`in_flight` > 1) takes OpenMP's default back, and the
+# auditor spins (see each). Set OMP_WAIT_POLICY yourself to override. It must be set before
+# torch is imported, hence here.
 USER_OMP_POLICY = "OMP_WAIT_POLICY" in os.environ  # the auditor decides for itself otherwise
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -33,6 +33,19 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, _raise_terminated)
 
 
+def configured_in_flight(argv: list[str]) -> int:
+    """`[run] in_flight` of the config named by `--config` in `argv`, read before the process
+    imports torch (its OpenMP settings depend on it); 1 if there is none or it does not load:
+    the real load reports the error."""
+    p = argparse.ArgumentParser(add_help=False)  # --help is the real parser's to answer
+    p.add_argument("--config")
+    args, _ = p.parse_known_args(argv[1:])
+    try:
+        return load_config(args.config).run.in_flight
+    except ClicooperError:
+        return 1
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", help="run config (TOML); defaults for every key not given")

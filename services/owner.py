@@ -17,9 +17,19 @@ import json
 import os
 import sys
 import time
+from collections import deque
 
-import numpy as np
-import torch
+from services import USER_OMP_POLICY
+from services.common import configured_in_flight
+
+if not USER_OMP_POLICY and configured_in_flight(sys.argv) > 1:
+    # pipelined, the head computes almost without pause: OpenMP's own short spin between
+    # operations beat passive waiting by about 4 % an epoch (tools/bench_bus.py). A synchronous
+    # owner waits for every step's gradients, and passive waiting leaves the cores to the chain.
+    del os.environ["OMP_WAIT_POLICY"]
+
+import numpy as np  # noqa: E402  (after the OpenMP policy, before torch is imported)
+import torch  # noqa: E402
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
@@ -83,9 +93,11 @@ class Owner:
             else default_cuts(self.spec, k, tail)
         self.plan = Plan(self.spec.name, self.data.input_shape, classes, self.cuts,
                          cfg.run.seed, cfg.run.lr, cfg.run.batch_size,
-                         outputs=classes * pv.label_gamma if pv.label_gamma > 1 else 0, tail=tail)
+                         outputs=classes * pv.label_gamma if pv.label_gamma > 1 else 0, tail=tail,
+                         in_flight=cfg.run.in_flight)
         self.segments = build_segments(self.spec, self.plan.segment_cuts, cfg.run.seed)
-        self.head = SegmentTrainer(self.segments[0], lr=cfg.run.lr, is_head=True)
+        self.head = SegmentTrainer(self.segments[0], lr=cfg.run.lr, is_head=True,
+                                   stash=cfg.run.in_flight > 1)
         self.head.warm_up((cfg.run.batch_size, *self.data.input_shape))
         self.defences = privacy.Defences.build(pv, secret, classes, cfg.run.epochs)
         if pv.nopeek:
@@ -317,28 +329,29 @@ class Owner:
             elif env is not None and env.header.kind == "checkpoint":
                 self._note_checkpoint(env)
         self.log.info("everyone joined", trainers=self.stages)
+        n = self.cfg.run.in_flight
+        piped = f", pipelined: {n} batches in flight (the head's gradients up to {n - 1} " \
+                f"step{'s' if n > 2 else ''} late)" if n > 1 else ""
         print(f"owner: {len(self.stages)} trainers joined; training {self.spec.name} on "
-              f"{len(self.data.x_train)} {self.data.name} images", flush=True)
+              f"{len(self.data.x_train)} {self.data.name} images{piped}", flush=True)
 
     def _train_epoch(self, epoch: int, step: int) -> tuple[dict, int]:
         cfg, bus, first, last = self.cfg, self.bus, self.stages[0], self.stages[-1]
         batches = batch_order(len(self.data.x_train), cfg.run.batch_size, cfg.run.seed, epoch)
         t0, seen, report = time.perf_counter(), 0, max(1, len(batches) // 10)
         steps_before = step
+        window: deque[tuple[int, np.ndarray, dict, tuple[int, ...]]] = deque()
         for b, idx in enumerate(batches):
             if cfg.run.max_steps and step >= cfg.run.max_steps:
                 break
+            if len(window) == cfg.run.in_flight:  # pipelined: the oldest batch must finish
+                self._complete(*window.popleft())
             meta = {"step": step, "batch": b, "epoch": epoch}
             act = self._release(self.data.x_train[idx], idx, step)
             bus.send_array("fwd", first, act, **meta)
-            if self.tail is not None:
-                self._tail_step(idx, step, meta)
-            else:
+            if self.tail is None:
                 bus.send_array("labels", last, self._labels(idx), **meta)
-            env = self._wait(f"gradients of step {step} from {first}", self._from(first, "bwd", step))
-            grad = self._tensor(env, tuple(act.shape), "float32")
-            if not self.defences.head_fixed:
-                self.head.backward(grad, step)
+            window.append((step, idx, meta, tuple(act.shape)))
             seen += len(idx)
             step += 1
             if (b + 1) % report == 0:
@@ -346,6 +359,8 @@ class Owner:
                 loss = self.metrics[latest]["loss"] if latest is not None else float("nan")
                 print(f"  epoch {epoch + 1} step {b + 1}/{len(batches)} loss {loss:.4f} "
                       f"{seen / (time.perf_counter() - t0):,.0f} samples/s", flush=True)
+        while window:  # an epoch ends with nothing in flight
+            self._complete(*window.popleft())
         # the last metrics may still be on the way
         while any(s not in self.metrics for s in range(steps_before, step)):
             self._wait("training metrics", lambda e: e.header.kind == "metrics")
@@ -355,6 +370,17 @@ class Owner:
         return {"epoch": epoch, "loss": sum(m["loss"] * k for m, k in zip(ms, sizes, strict=True)) / n,
                 "train_accuracy": sum(m["correct"] for m in ms) / n, "steps": step - steps_before,
                 "wall_s": time.perf_counter() - t0}, step
+
+    def _complete(self, step: int, idx: np.ndarray, meta: dict, shape: tuple[int, ...]) -> None:
+        """The rest of a training step once its forward is out: the owner's tail (if it keeps
+        one), then the gradients from the first stage into the head."""
+        first = self.stages[0]
+        if self.tail is not None:
+            self._tail_step(idx, step, meta)
+        env = self._wait(f"gradients of step {step} from {first}", self._from(first, "bwd", step))
+        grad = self._tensor(env, shape, "float32")
+        if not self.defences.head_fixed:
+            self.head.backward(grad, step)
 
     def _accuracy_text(self, row: dict) -> str:
         if "accuracy" in row:
@@ -489,8 +515,8 @@ class Owner:
         summary = {
             "run_id": self.cfg.run.id, "dataset": self.data.name, "model": self.spec.name,
             "stages": self.stages, "cuts": list(self.cuts), "epochs": len(per_epoch),
-            "steps": steps, "test_accuracy": accuracy, "per_epoch": per_epoch,
-            "messages": dict(sorted(sent.items())), "wall_s": wall,
+            "steps": steps, "in_flight": self.cfg.run.in_flight, "test_accuracy": accuracy,
+            "per_epoch": per_epoch, "messages": dict(sorted(sent.items())), "wall_s": wall,
             "final_checkpoint": {"size": cp.size, "root": cp.root.hex()},
             "model_file": "model.safetensors", "model_sha256": model_sha,
             "privacy": {"configuration": privacy.describe(self.cfg.privacy),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 
 import structlog
 import torch
@@ -21,7 +22,7 @@ from safetensors.torch import save as st_save
 
 from clicooper_bus.bus import Bus, BusError
 from clicooper_bus.checkpoint import open_checkpoint
-from clicooper_bus.config import load_config
+from clicooper_bus.config import MAX_IN_FLIGHT, load_config
 from clicooper_bus.errors import ClicooperError, RosterError
 from clicooper_bus.identity import PublicIdentity, load_public
 from clicooper_bus.log import default_origin
@@ -42,8 +43,6 @@ from services.common import (
     set_threads,
 )
 
-MAX_IN_FLIGHT = 8  # steps a stage may hold; the protocol has one in flight
-
 
 class Trainer:
     def __init__(self, cfg, name: str, log, owner_key: PublicIdentity | None = None):
@@ -54,6 +53,7 @@ class Trainer:
         self.bus: Bus = open_bus(cfg, self.ident, verifier)
         self.labels: dict[int, torch.Tensor] = {}
         self.waiting_logits: set[int] = set()
+        self.queued: deque[Envelope] = deque()  # activations waiting for the previous step
 
     def run(self) -> int:
         bus, run = self.bus, self.cfg.run.id
@@ -89,7 +89,10 @@ class Trainer:
                                f"{self.cfg.bus.join_timeout_s:.0f} s")
         self.roster = roster
         self.bus.verifier.use_roster(roster)
-        plan = Plan.from_meta(roster.meta["plan"])
+        self.plan = plan = Plan.from_meta(roster.meta["plan"])
+        if not 1 <= plan.in_flight <= MAX_IN_FLIGHT:
+            raise RosterError(f"the roster's plan asks for {plan.in_flight} batches in flight; "
+                              f"a trainer holds 1 to {MAX_IN_FLIGHT}")
         spec = plan.spec()
         if spec.digest(plan.segment_cuts) != roster.meta.get("model_spec"):
             raise RosterError("the roster's model digest does not match its plan")
@@ -136,29 +139,29 @@ class Trainer:
                 continue
             h, kind = env.header, env.header.kind
             if kind == "fwd" and self._from(env, self.prev):
-                if len(self.seg.pending) >= MAX_IN_FLIGHT or h.step in self.seg.pending:
+                if len(self.queued) >= self.plan.in_flight or h.step in self.seg.pending or \
+                        any(q.header.step == h.step for q in self.queued):
                     raise BusError(f"{self.prev} sent activations for step {h.step} with "
-                                   f"{len(self.seg.pending)} steps already in flight")
-                out = self.seg.forward(env.tensor(), h.step)
-                if self.last:
-                    self.waiting_logits.add(h.step)
-                    self._maybe_loss(h.step, h)
-                else:
-                    bus.send_array("fwd", self.next, out, step=h.step, batch=h.batch,
-                                   epoch=h.epoch)
+                                   f"{len(self.queued)} steps queued (the roster allows "
+                                   f"{self.plan.in_flight} in flight)")
+                self.queued.append(env)
+                self._advance()
             elif kind == "labels" and self.last and self._from(env, owner):
                 if h.dtype != "int64" or h.shape is None or len(h.shape) != 1 or \
-                        len(self.labels) >= MAX_IN_FLIGHT:
+                        len(self.labels) >= self.plan.in_flight + 1:
                     raise BusError(f"owner sent labels of {h.dtype} {list(h.shape or ())} with "
                                    f"{len(self.labels)} steps of labels waiting")
                 self.labels[h.step] = env.tensor()
                 self._maybe_loss(h.step, h)
+                self._advance()  # a batch may have been queued behind this step's loss
             elif kind == "bwd" and self._from(env, self.next):
                 if h.step not in self.seg.pending or h.shape != self.seg.output_shape(h.step):
                     raise BusError(f"{self.next} sent gradients {list(h.shape or ())} for step "
                                    f"{h.step}, which has no matching forward here")
-                grad = self.seg.backward(env.tensor(), h.step)
+                grad = self.seg.backward(env.tensor(), h.step, update=False)
                 bus.send_array("bwd", self.prev, grad, step=h.step, batch=h.batch, epoch=h.epoch)
+                self.seg.update()  # off the critical path: the gradient is already on its way
+                self._advance()
             elif kind == "eval_fwd" and self._from(env, self.prev):
                 out = self.seg.evaluate(env.tensor())
                 bus.send_array("eval_out" if self.last else "eval_fwd",
@@ -202,6 +205,21 @@ class Trainer:
             self.bus.send_doc("wm_commit", "all", commit.to_doc())
             self.log.info("watermark committed", round=commit.round)
 
+    def _advance(self) -> None:
+        """Forward the next queued batch once the previous step's backward is done: a stage
+        trains strictly in step order, so pipelining (several batches in flight from the owner)
+        never changes what the stages compute, only when the owner's head learns of it."""
+        while self.queued and not self.seg.pending:
+            env = self.queued.popleft()
+            h = env.header
+            out = self.seg.forward(env.tensor(), h.step)
+            if self.last:
+                self.waiting_logits.add(h.step)
+                self._maybe_loss(h.step, h)
+            else:
+                self.bus.send_array("fwd", self.next, out, step=h.step, batch=h.batch,
+                                    epoch=h.epoch)
+
     def _maybe_loss(self, step: int, h) -> None:
         if step not in self.waiting_logits or step not in self.labels:
             return
@@ -210,8 +228,9 @@ class Trainer:
         n, classes = self.seg.output_shape(step)
         if labels.shape[0] != n or labels.min() < 0 or labels.max() >= classes:
             raise BusError(f"labels of step {step} do not fit its logits [{n}, {classes}]")
-        r = self.seg.loss_backward(labels, step)
+        r = self.seg.loss_backward(labels, step, update=False)
         self.bus.send_array("bwd", self.prev, r.grad_in, step=step, batch=h.batch, epoch=h.epoch)
+        self.seg.update()
         self.bus.send_doc("metrics", self.roster.owner.name,
                           {"loss": r.loss, "correct": r.correct}, step=step, batch=h.batch,
                           epoch=h.epoch)

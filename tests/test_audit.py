@@ -51,6 +51,7 @@ def test_follow_mode_writes_the_report(audited):
     md = (report / "report.md").read_text()
     assert md.splitlines()[0].startswith("Integrity: the log verified")
     assert "| Label inference by clustering" in md and "chance" in md
+    assert "synchronous (one batch in flight)" in md  # the roster's training schedule
     assert (report / "reconstructions.png").stat().st_size > 1000
     assert (report / "scores.png").stat().st_size > 1000
     out = (audited / "telemetry" / "auditor.out").read_text()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +19,7 @@ from clicooper_bus.ml.models import (
     default_cuts,
     model_spec,
 )
+from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.plan import Plan
 
 
@@ -30,6 +34,8 @@ def test_defaults_round_trip_through_toml(tmp_path):
 
 @pytest.mark.parametrize("toml,message", [
     ("[run]\nepochs = 0", "[run] epochs: must be at least 1"),
+    ("[run]\nin_flight = 9", "[run] in_flight: must be at most 8"),
+    ("[run]\nin_flight = 0", "[run] in_flight: must be at least 1"),
     ("[run]\nepoch = 3", "unknown key [run] epoch"),
     ("[runs]\nepochs = 3", "unknown section [runs]"),
     ("[data]\nname = 'cifar'", "[data] name: 'cifar' is not one of"),
@@ -107,6 +113,34 @@ def test_plan_round_trip_and_digest():
     plan = Plan("small-cnn", (1, 28, 28), 10, (6, 8, 9), 0, 1e-3, 128)
     assert Plan.from_meta(plan.to_meta()) == plan
     assert plan.spec().digest(plan.cuts) == spec.digest((6, 8, 9)) != spec.digest((6, 8))
+    piped = Plan("small-cnn", (1, 28, 28), 10, (6,), 0, 1e-3, 128, in_flight=3)
+    assert Plan.from_meta(piped.to_meta()).in_flight == 3
+    old = json.loads(plan.to_meta())
+    del old["in_flight"]  # a roster from before pipelining: one batch in flight
+    assert Plan.from_meta(json.dumps(old)).in_flight == 1
+
+
+def test_stashed_weights_give_each_step_the_gradient_of_its_own_forward():
+    """Pipelined head: step 1's forward ran before step 0's update; its gradient must be the
+    one at the weights that forward used, applied to the current weights."""
+    spec = model_spec("small-cnn", (1, 28, 28), 10)
+    head = build_segments(spec, default_cuts(spec, 1), 0)[0]
+    at_start = copy.deepcopy(head)
+    seg = SegmentTrainer(head, lr=1e-2, is_head=True, stash=True)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(4, 1, 28, 28, generator=g) for _ in range(2)]
+    out0, out1 = seg.forward(xs[0], 0), seg.forward(xs[1], 1)
+    grads = [torch.randn(out0.shape, generator=g) for _ in range(2)]
+    seg.backward(grads[0], 0)  # the live weights move
+    moved = [p.detach().clone() for p in head.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(moved, at_start.parameters(), strict=True))
+    seg.backward(grads[1], 1, update=False)
+    at_start(xs[1]).backward(grads[1])  # the gradient at the weights step 1's forward used
+    for live, ref in zip(head.parameters(), at_start.parameters(), strict=True):
+        assert torch.allclose(live.grad, ref.grad, atol=1e-6)
+    assert torch.allclose(out1, at_start(xs[1]).detach(), atol=1e-6)
+    seg.update()
+    assert all(not torch.equal(a, p) for a, p in zip(moved, head.parameters(), strict=True))
 
 
 def test_synthetic_labels_are_a_function_of_the_image():

@@ -18,7 +18,7 @@ from tests.busrun import write_config
 from tools.run import run
 
 
-def _reference(cfg, steps=None):
+def _reference(cfg, steps=None, in_flight=1):
     data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed).limit(
         cfg.data.train_limit or None, cfg.data.test_limit or None)
     spec = model_spec(cfg.model.name, data.input_shape, data.classes)
@@ -28,24 +28,34 @@ def _reference(cfg, steps=None):
     try:
         return train_reference(data, spec, cuts, seed=cfg.run.seed, epochs=cfg.run.epochs,
                                batch_size=cfg.run.batch_size, lr=cfg.run.lr, max_steps=steps,
-                               evaluate_each_epoch=False)
+                               evaluate_each_epoch=False, in_flight=in_flight)
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("trainers", [1, 3])
-def test_bus_training_matches_the_reference(tmp_path, trainers):
-    """50 steps over the bus give the reference's weights (max abs difference <= 1e-5)."""
-    path = write_config(tmp_path, run_id=f"eq{trainers}", trainers=trainers,
-                        run={"max_steps": 50})
+def _worst_difference(got: dict, segments) -> float:
+    want = state_dict_with_prefix(segments)
+    assert set(got) == set(want)
+    return max(float((got[k] - want[k]).abs().max()) for k in want)
+
+
+@pytest.mark.parametrize("trainers,in_flight", [(1, 1), (3, 1), (3, 3)])
+def test_bus_training_matches_the_reference(tmp_path, trainers, in_flight):
+    """50 steps over the bus give the reference's weights (max abs difference <= 1e-5), also
+    pipelined: the reference follows the pipelined owner's schedule."""
+    path = write_config(tmp_path, run_id=f"eq{trainers}-{in_flight}", trainers=trainers,
+                        run={"max_steps": 50, "in_flight": in_flight})
     assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
     cfg = load_config(path)
-    ref = _reference(cfg, steps=50)
+    ref = _reference(cfg, steps=50, in_flight=in_flight)
     got = load_file(cfg.run_dir / "model.safetensors")
-    want = state_dict_with_prefix(ref.segments)
-    assert set(got) == set(want)
-    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    worst = _worst_difference(got, ref.segments)
     assert worst <= 1e-5, f"max abs weight difference {worst}"
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert summary["in_flight"] == in_flight
+    if in_flight > 1:  # pipelining is a different schedule, not the synchronous one
+        sync = _reference(cfg, steps=50)
+        assert _worst_difference(got, sync.segments) > 1e-4
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
     assert summary["steps"] == 50 and summary["stages"] == cfg.participants.trainers
     assert abs(summary["test_accuracy"] - ref.test_accuracy) <= 0.005

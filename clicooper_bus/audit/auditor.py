@@ -285,6 +285,7 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
         "configuration": defences.describe(pv),
         "dataset": cfg.data.name, "model": replayed.plan.model, "cuts": list(replayed.plan.cuts),
         "owner_tail": replayed.plan.tail or None,
+        "in_flight": replayed.plan.in_flight,  # from the signed roster's plan
         "epochs": audit.summary.get("epochs"), "test_accuracy": audit.summary.get("test_accuracy"),
         "owner_accuracy_eval_half": owner_acc, "privacy": _privacy_text(pv, spec),
         # recomputed from the verified config, not copied from the owner's summary

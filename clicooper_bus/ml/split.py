@@ -4,7 +4,14 @@ and the processes on the bus, so that both compute exactly the same thing.
 Per training step a segment sees: `forward(x)` (keeps what backward needs), then either
 `backward(grad_out)` (head and middle stages) or `loss_backward(labels)` (the last stage).
 Both return the gradient with respect to the segment's input (None for the head, whose input is
-data) and take one optimiser step.
+data) and take one optimiser step; with `update=False` the step waits for `update()`, so that a
+trainer can send its gradient on before spending time on its optimiser.
+
+A pipelined owner (several batches in flight) runs the head's forward of a new batch before the
+gradients of the earlier ones are back. `stash=True` keeps, per step, a copy of the weights the
+forward used (PipeDream's weight stashing): the gradient is computed at those weights and
+applied to the current ones, instead of torch refusing a backward through weights changed in
+place since.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 
 @dataclass
@@ -24,9 +32,12 @@ class StepResult:
 
 
 class SegmentTrainer:
-    def __init__(self, module: nn.Module, *, lr: float = 1e-3, is_head: bool = False):
+    def __init__(self, module: nn.Module, *, lr: float = 1e-3, is_head: bool = False,
+                 stash: bool = False):
         self.module = module
         self.is_head = is_head
+        self.stash = stash
+        self._weights: dict[int, dict[str, torch.Tensor]] = {}  # stashed, per step
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=lr) if params else None
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -45,20 +56,37 @@ class SegmentTrainer:
         self.module.train()
         if not self.is_head:
             x = x.detach().requires_grad_(True)
-        raw = self.module(x)
+        if self.stash:
+            weights = {n: p.detach().clone().requires_grad_(p.requires_grad)
+                       for n, p in self.module.named_parameters()}
+            self._weights[step] = weights
+            raw = functional_call(self.module, weights, (x,))
+        else:
+            raw = self.module(x)
         out = post(raw) if post is not None else raw
         self._pending[step] = (x, out)
         if self.penalty is not None:
             self._raw[step] = raw
         return out.detach()
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _finish(self, x: torch.Tensor, step: int, update: bool) -> torch.Tensor | None:
+        weights = self._weights.pop(step, None)
+        if weights is not None:  # the gradient at the stashed weights goes to the live ones
+            for n, p in self.module.named_parameters():
+                g = weights[n].grad
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        if update:
+            self.update()
+        return None if self.is_head else x.grad.detach()
+
+    def update(self) -> None:
+        """The optimiser step of the last backward (after a `backward(..., update=False)`)."""
         if self.regularizer is not None:  # e.g. a watermark: its gradient joins the step's
             self.regularizer()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return None if self.is_head else x.grad.detach()
 
     @property
     def pending(self) -> set[int]:
@@ -69,21 +97,23 @@ class SegmentTrainer:
         """Shape of the output `forward` produced for `step` (to check what comes back)."""
         return tuple(self._pending[step][1].shape)
 
-    def backward(self, grad_out: torch.Tensor, step: int) -> torch.Tensor | None:
+    def backward(self, grad_out: torch.Tensor, step: int, *,
+                 update: bool = True) -> torch.Tensor | None:
         x, out = self._pending.pop(step)
         raw = self._raw.pop(step, None)
         if self.penalty is not None and raw is not None:
             ((out * grad_out).sum() + self.penalty(x, raw)).backward()
         else:
             out.backward(grad_out)
-        return self._finish(x)
+        return self._finish(x, step, update)
 
-    def loss_backward(self, labels: torch.Tensor, step: int) -> StepResult:
+    def loss_backward(self, labels: torch.Tensor, step: int, *,
+                      update: bool = True) -> StepResult:
         x, logits = self._pending.pop(step)
         loss = nn.functional.cross_entropy(logits, labels)
         loss.backward()
         correct = int((logits.detach().argmax(1) == labels).sum())
-        return StepResult(self._finish(x), float(loss.detach()), correct)
+        return StepResult(self._finish(x, step, update), float(loss.detach()), correct)
 
     def warm_up(self, input_shape: tuple[int, ...]) -> None:
         """Run forward and backward once on zeros, without touching the weights: torch's first
