@@ -15,6 +15,8 @@ def test_bench_bus_throughput_paths_deliver():
     """The three throughput paths deliver every message (a lost one would read as NaN)."""
     from tools.bench_bus import bus_throughput, raw_throughput
 
-    rates = [raw_throughput(30, via_broker=False), raw_throughput(30, via_broker=True),
-             bus_throughput(30)]
+    (raw, raw_cpu), (brk, brk_cpu) = (raw_throughput(30, via_broker=False),
+                                      raw_throughput(30, via_broker=True))
+    rates = [raw, brk, bus_throughput(30)]
     assert all(r > 0 for r in rates), rates
+    assert raw_cpu > 0 and brk_cpu > 0  # every process reported the CPU it spent
