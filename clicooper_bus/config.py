@@ -43,7 +43,8 @@ class RunSection:
                              "learning, the same weights as the in-process reference. N > 1 "
                              "pipelines (faster over a network): the head's forward of batch s "
                              "uses head weights updated through batch s-N, so its gradients "
-                             "arrive up to N-1 steps late; the trainers' stages stay exact",
+                             "arrive up to N-1 steps late; the trainers' stages still train "
+                             "in step order (on what the lagging head sends them)",
                           min=1, max=MAX_IN_FLIGHT)
     out_dir: str = _doc("runs", "where <id>/ (log, model, summary) is written")
 

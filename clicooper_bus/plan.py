@@ -56,3 +56,14 @@ class Plan:
         from clicooper_bus.ml.models import model_spec
 
         return model_spec(self.model, self.input_shape, self.n_outputs)
+
+
+def schedule(in_flight: int, head_fixed: bool = False) -> str:
+    """How a run was trained, in words (the owner's summary and the audit report)."""
+    if in_flight <= 1:
+        return "synchronous (one batch in flight)"
+    if head_fixed:
+        return (f"pipelined ({in_flight} batches in flight; the head is fixed, so the weights "
+                f"are those of a synchronous run)")
+    return (f"pipelined ({in_flight} batches in flight: the head's gradients arrive up to "
+            f"{in_flight - 1} step(s) late)")

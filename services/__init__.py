@@ -9,5 +9,10 @@ import os
 # tools/bench_bus.py). A pipelined owner (`in_flight` > 1) takes OpenMP's default back, and the
 # auditor spins (see each). Set OMP_WAIT_POLICY yourself to override. It must be set before
 # torch is imported, hence here.
-USER_OMP_POLICY = "OMP_WAIT_POLICY" in os.environ  # the auditor decides for itself otherwise
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The default is marked, so that a process started by one that imported this (a test, `clicooper
+# run`) does not take the inherited default for a user's choice.
+_MARK = "CLICOOPER_OMP_DEFAULT"
+USER_OMP_POLICY = "OMP_WAIT_POLICY" in os.environ and \
+    os.environ["OMP_WAIT_POLICY"] != os.environ.get(_MARK)  # else each process decides
+if not USER_OMP_POLICY:
+    os.environ["OMP_WAIT_POLICY"] = os.environ[_MARK] = "PASSIVE"

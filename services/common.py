@@ -42,7 +42,7 @@ def configured_in_flight(argv: list[str]) -> int:
     args, _ = p.parse_known_args(argv[1:])
     try:
         return load_config(args.config).run.in_flight
-    except ClicooperError:
+    except (ClicooperError, OSError, ValueError):  # reported properly once logging is set up
         return 1
 
 

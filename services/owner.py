@@ -2,9 +2,11 @@
 
 It publishes the signed roster (with the training plan), waits until every trainer has joined,
 then per step: head forward, activation to stage 1, labels to the last stage, gradient back from
-stage 1, head step. After each epoch it evaluates on the test set through the same chain. At the
-end it collects every trainer's sealed segment, assembles and saves the model (safetensors),
-acknowledges, waits for the notary's final checkpoint and writes `summary.json`.
+stage 1, head step (pipelined, `[run] in_flight` > 1: up to N steps' forwards out before the
+oldest one's gradient is taken in). After each epoch it evaluates on the test set through the
+same chain. At the end it collects every trainer's sealed segment, assembles and saves the
+model (safetensors), acknowledges, waits for the notary's final checkpoint and writes
+`summary.json`.
 
     python -m services.owner --config FILE
 """
@@ -26,10 +28,10 @@ if not USER_OMP_POLICY and configured_in_flight(sys.argv) > 1:
     # pipelined, the head computes almost without pause: OpenMP's own short spin between
     # operations beat passive waiting by about 4 % an epoch (tools/bench_bus.py). A synchronous
     # owner waits for every step's gradients, and passive waiting leaves the cores to the chain.
-    del os.environ["OMP_WAIT_POLICY"]
+    os.environ.pop("OMP_WAIT_POLICY", None)
 
-import numpy as np  # noqa: E402  (after the OpenMP policy, before torch is imported)
-import torch  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402  (after the OpenMP policy)
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
@@ -50,7 +52,7 @@ from clicooper_bus.ml.models import (
     tail_start,
 )
 from clicooper_bus.ml.split import SegmentTrainer
-from clicooper_bus.plan import Plan
+from clicooper_bus.plan import Plan, schedule
 from clicooper_bus.privacy import defences as privacy
 from clicooper_bus.privacy.nopeek import distance_correlation
 from clicooper_bus.privacy.release import inference_model
@@ -96,10 +98,10 @@ class Owner:
                          outputs=classes * pv.label_gamma if pv.label_gamma > 1 else 0, tail=tail,
                          in_flight=cfg.run.in_flight)
         self.segments = build_segments(self.spec, self.plan.segment_cuts, cfg.run.seed)
-        self.head = SegmentTrainer(self.segments[0], lr=cfg.run.lr, is_head=True,
-                                   stash=cfg.run.in_flight > 1)
-        self.head.warm_up((cfg.run.batch_size, *self.data.input_shape))
         self.defences = privacy.Defences.build(pv, secret, classes, cfg.run.epochs)
+        self.head = SegmentTrainer(self.segments[0], lr=cfg.run.lr, is_head=True,
+                                   stash=cfg.run.in_flight > 1 and not self.defences.head_fixed)
+        self.head.warm_up((cfg.run.batch_size, *self.data.input_shape))
         if pv.nopeek:
             self.head.penalty = lambda x, a: pv.nopeek * distance_correlation(x, a)
         self.tail = SegmentTrainer(self.segments[-1], lr=cfg.run.lr) if tail else None
@@ -325,13 +327,17 @@ class Owner:
                 doc = env.document()
                 if type(doc) is not dict or doc.get("model_spec") != self.roster.meta["model_spec"]:
                     raise ClicooperError(f"{name} built a different model ({doc})")
+                if doc.get("in_flight", 1) != self.cfg.run.in_flight:
+                    raise ClicooperError(
+                        f"{name} follows a schedule of {doc.get('in_flight', 1)} batch(es) in "
+                        f"flight, the roster asks for {self.cfg.run.in_flight}: a trainer "
+                        f"older than pipelining? Update it, or set [run] in_flight = 1")
                 ready.add(name)
             elif env is not None and env.header.kind == "checkpoint":
                 self._note_checkpoint(env)
         self.log.info("everyone joined", trainers=self.stages)
-        n = self.cfg.run.in_flight
-        piped = f", pipelined: {n} batches in flight (the head's gradients up to {n - 1} " \
-                f"step{'s' if n > 2 else ''} late)" if n > 1 else ""
+        piped = f", {schedule(self.cfg.run.in_flight, self.defences.head_fixed)}" \
+            if self.cfg.run.in_flight > 1 else ""
         print(f"owner: {len(self.stages)} trainers joined; training {self.spec.name} on "
               f"{len(self.data.x_train)} {self.data.name} images{piped}", flush=True)
 
@@ -515,7 +521,9 @@ class Owner:
         summary = {
             "run_id": self.cfg.run.id, "dataset": self.data.name, "model": self.spec.name,
             "stages": self.stages, "cuts": list(self.cuts), "epochs": len(per_epoch),
-            "steps": steps, "in_flight": self.cfg.run.in_flight, "test_accuracy": accuracy,
+            "steps": steps, "in_flight": self.cfg.run.in_flight,
+            "schedule": schedule(self.cfg.run.in_flight, self.defences.head_fixed),
+            "test_accuracy": accuracy,
             "per_epoch": per_epoch, "messages": dict(sorted(sent.items())), "wall_s": wall,
             "final_checkpoint": {"size": cp.size, "root": cp.root.hex()},
             "model_file": "model.safetensors", "model_sha256": model_sha,

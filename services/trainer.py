@@ -121,7 +121,8 @@ class Trainer:
         if self.marker is not None:
             self.seg.regularizer = self.marker.regularizer
         self.bus.send_doc("hello", "all", {"ready": True, "stage": self.index + 1,
-                                           "model_spec": roster.meta["model_spec"]})
+                                           "model_spec": roster.meta["model_spec"],
+                                           "in_flight": plan.in_flight})
         self.log.info("joined", stage=self.index + 1, prev=self.prev, next=self.next)
 
     def _from(self, env: Envelope, *names: str | None) -> bool:
@@ -139,16 +140,17 @@ class Trainer:
                 continue
             h, kind = env.header, env.header.kind
             if kind == "fwd" and self._from(env, self.prev):
-                if len(self.queued) >= self.plan.in_flight or h.step in self.seg.pending or \
+                held = len(self.queued) + len(self.seg.pending)  # the owner has them all out
+                if held >= self.plan.in_flight or h.step in self.seg.pending or \
                         any(q.header.step == h.step for q in self.queued):
                     raise BusError(f"{self.prev} sent activations for step {h.step} with "
-                                   f"{len(self.queued)} steps queued (the roster allows "
+                                   f"{held} steps held here (the roster allows "
                                    f"{self.plan.in_flight} in flight)")
                 self.queued.append(env)
                 self._advance()
             elif kind == "labels" and self.last and self._from(env, owner):
                 if h.dtype != "int64" or h.shape is None or len(h.shape) != 1 or \
-                        len(self.labels) >= self.plan.in_flight + 1:
+                        len(self.labels) >= self.plan.in_flight:
                     raise BusError(f"owner sent labels of {h.dtype} {list(h.shape or ())} with "
                                    f"{len(self.labels)} steps of labels waiting")
                 self.labels[h.step] = env.tensor()

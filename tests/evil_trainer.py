@@ -1,6 +1,7 @@
 """A roster-listed trainer that misbehaves once it has joined: by default it sends the owner
 forged metrics and unexpected outputs, and everyone a bogus checkpoint, then trains honestly;
-with EVIL_MODE=swallow it silently loses one step's activations but keeps beating. Started by
+with EVIL_MODE=swallow it silently loses one step's activations but keeps beating; with
+EVIL_MODE=old it says hello as a trainer from before pipelining did (no schedule). Started by
 tests/test_bus_faults.py in place of a real trainer."""
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from services import trainer as real
 
 class EvilTrainer(real.Trainer):
     def _join(self) -> None:
+        if os.environ.get("EVIL_MODE") == "old":
+            send_doc = self.bus.send_doc
+
+            def old_hello(kind, to, doc, **meta):
+                if kind == "hello":
+                    doc = {k: v for k, v in doc.items() if k != "in_flight"}
+                return send_doc(kind, to, doc, **meta)
+
+            self.bus.send_doc = old_hello
         super()._join()
         if os.environ.get("EVIL_MODE") == "swallow":  # lose step 5's activations, keep beating
             recv = self.bus.recv

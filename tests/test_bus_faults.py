@@ -136,6 +136,17 @@ def test_a_step_that_never_comes_back_times_out(tmp_path):
     assert "waited 3 s for gradients of step 5" in (tel / "owner.jsonl").read_text()
 
 
+def test_a_trainer_that_cannot_pipeline_is_refused(tmp_path):
+    """A trainer from before pipelining would join a pipelined run and fail mid-run; the
+    owner refuses it at the start, saying why."""
+    path = write_config(tmp_path, run_id="old", trainers=2, run={"max_steps": 20, "in_flight": 2})
+    with processes(path, evil="old") as (cfg, tel, procs):
+        code = procs["owner"].wait(timeout=120)
+    assert code == 1
+    err = (tel / "owner.jsonl").read_text()
+    assert "trainer-1 follows a schedule of 1 batch(es) in flight, the roster asks for 2" in err
+
+
 def test_two_runs_at_once_do_not_interfere(tmp_path):
     paths = [write_config(tmp_path / n, run_id=n, trainers=1, run={"max_steps": 60, "seed": i})
              for i, n in enumerate(("left", "right"))]

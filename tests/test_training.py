@@ -53,10 +53,10 @@ def test_bus_training_matches_the_reference(tmp_path, trainers, in_flight):
     assert worst <= 1e-5, f"max abs weight difference {worst}"
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
     assert summary["in_flight"] == in_flight
+    assert summary["schedule"].startswith("pipelined" if in_flight > 1 else "synchronous")
     if in_flight > 1:  # pipelining is a different schedule, not the synchronous one
         sync = _reference(cfg, steps=50)
         assert _worst_difference(got, sync.segments) > 1e-4
-    summary = json.loads((cfg.run_dir / "summary.json").read_text())
     assert summary["steps"] == 50 and summary["stages"] == cfg.participants.trainers
     assert abs(summary["test_accuracy"] - ref.test_accuracy) <= 0.005
 
@@ -110,3 +110,24 @@ def test_a_run_cut_short_by_max_steps_still_reports_its_accuracy(tmp_path):
     text = (cfg.run_dir / "summary.json").read_text()
     s = json.loads(text)
     assert "NaN" not in text and 0 <= s["test_accuracy"] <= 1 and s["steps"] == 10
+
+
+def test_pipelined_run_with_owner_tail_and_watermarks(tmp_path):
+    """Pipelining beside the other features that touch the step: the owner's tail (the last
+    stage's output comes back to the owner, whose tail steps in order), per-step noise, and the
+    stages' watermarks (rounds start and end with nothing in flight)."""
+    steps = 30
+    path = write_config(tmp_path, run_id="pipe", trainers=2,
+                        run={"max_steps": steps, "in_flight": 3},
+                        privacy={"mechanism": "gaussian", "noise_multiplier": 0.1,
+                                 "owner_tail": True},
+                        watermark={"enabled": True})
+    assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0  # log verified
+    cfg = load_config(path)
+    s = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert s["steps"] == steps and s["schedule"].startswith("pipelined (3 batches")
+    # owner -> trainer-1 -> trainer-2 -> owner, gradients back the same way, no labels sent
+    r = verify_log(cfg.run_dir / "log")
+    assert r.per_kind["fwd"] == r.per_kind["bwd"] == 3 * steps == s["messages"]["fwd"]
+    assert "labels" not in r.per_kind
+    assert list((cfg.run_dir / "provenance" / "certificates").glob("*.cert"))

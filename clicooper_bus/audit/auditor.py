@@ -33,6 +33,7 @@ from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.attacks.extraction import Surrogate
 from clicooper_bus.ml.data import Dataset, batch_order, load_dataset, to_float
 from clicooper_bus.ml.models import segments_from_state_dict
+from clicooper_bus.plan import schedule
 from clicooper_bus.privacy import defences
 from clicooper_bus.privacy.labels import group_sum
 from clicooper_bus.privacy.release import ActivationFilter, FilterSpec, inference_model
@@ -285,7 +286,8 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
         "configuration": defences.describe(pv),
         "dataset": cfg.data.name, "model": replayed.plan.model, "cuts": list(replayed.plan.cuts),
         "owner_tail": replayed.plan.tail or None,
-        "in_flight": replayed.plan.in_flight,  # from the signed roster's plan
+        # from the signed roster's plan and the verified config
+        "schedule": schedule(replayed.plan.in_flight, pv.release == "once"),
         "epochs": audit.summary.get("epochs"), "test_accuracy": audit.summary.get("test_accuracy"),
         "owner_accuracy_eval_half": owner_acc, "privacy": _privacy_text(pv, spec),
         # recomputed from the verified config, not copied from the owner's summary

@@ -14,13 +14,6 @@ import numpy as np
 from clicooper_bus.audit.auditor import Audit
 
 
-def _schedule(in_flight: int | None) -> str:
-    if not in_flight or in_flight == 1:
-        return "synchronous (one batch in flight)"
-    return f"pipelined ({in_flight} batches in flight: the head's gradients up to " \
-           f"{in_flight - 1} step(s) late)"
-
-
 def to_json(audit: Audit) -> dict[str, Any]:
     integ = audit.integrity.to_json()
     return {
@@ -95,7 +88,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     lines += ["", f"# Audit of run `{doc['run_id']}`", "",
               f"Generated {doc['generated']} in {doc['wall_s']} s.", "", "## Run", "",
               f"- {s.get('model')} on {s.get('dataset')}, cuts {s.get('cuts')}, "
-              f"{s.get('epochs')} epochs, {_schedule(s.get('in_flight'))}; test accuracy "
+              f"{s.get('epochs')} epochs, {s.get('schedule')}; test accuracy "
               f"{s.get('test_accuracy')}, "
               f"on the evaluation half {s.get('owner_accuracy_eval_half', float('nan')):.4f}",
               f"- configuration: **{s.get('configuration', 'undefended')}**",
