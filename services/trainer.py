@@ -209,8 +209,8 @@ class Trainer:
 
     def _advance(self) -> None:
         """Forward the next queued batch once the previous step's backward is done: a stage
-        trains strictly in step order, so pipelining (several batches in flight from the owner)
-        never changes what the stages compute, only when the owner's head learns of it."""
+        trains strictly in step order whatever the owner has in flight, so pipelining changes
+        what a stage computes only through the (lagging) head's activations it is sent."""
         while self.queued and not self.seg.pending:
             env = self.queued.popleft()
             h = env.header
