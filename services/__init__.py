@@ -9,8 +9,8 @@ import os
 # tools/bench_bus.py). A pipelined owner (`in_flight` > 1) takes OpenMP's default back, and the
 # auditor spins (see each). Set OMP_WAIT_POLICY yourself to override. It must be set before
 # torch is imported, hence here.
-# The default is marked, so that a process started by one that imported this (a test, `clicooper
-# run`) does not take the inherited default for a user's choice.
+# The default is marked, so that a process started by one that imported this (a test process,
+# say) does not take the inherited default for a user's choice.
 _MARK = "CLICOOPER_OMP_DEFAULT"
 USER_OMP_POLICY = "OMP_WAIT_POLICY" in os.environ and \
     os.environ["OMP_WAIT_POLICY"] != os.environ.get(_MARK)  # else each process decides

@@ -16,7 +16,7 @@ place since.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, KeysView
 from dataclasses import dataclass
 
 import torch
@@ -89,9 +89,10 @@ class SegmentTrainer:
             self.optimizer.zero_grad(set_to_none=True)
 
     @property
-    def pending(self) -> set[int]:
-        """Steps whose forward is waiting for its backward."""
-        return set(self._pending)
+    def pending(self) -> KeysView[int]:
+        """Steps whose forward is waiting for its backward (a live view: read on every
+        message a trainer handles, so not copied)."""
+        return self._pending.keys()
 
     def output_shape(self, step: int) -> tuple[int, ...]:
         """Shape of the output `forward` produced for `step` (to check what comes back)."""
