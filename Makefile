@@ -60,9 +60,9 @@ logdemo: setup
 	$(VENV)/bin/clicooper log verify runs/logdemo/log --owner-key runs/logdemo/keys/owner.pub
 
 bench: setup
-	$(PY) -m tools.bench_log
-	$(PY) -m tools.bench_bus
-	$(PY) -m tools.bench_privacy
+	$(PY) -m clicooper_bus.tools.bench_log
+	$(PY) -m clicooper_bus.tools.bench_bus
+	$(PY) -m clicooper_bus.tools.bench_privacy
 
 # Privacy: the paper table (undefended, the paper's configuration, ours; docs/RESULTS.md) and
 # the frontier of defences and levels (docs/PRIVACY.md). Each trains over the bus and audits;
@@ -74,7 +74,7 @@ sweep: setup
 	$(VENV)/bin/clicooper sweep configs/sweep.toml
 
 lint: setup
-	$(VENV)/bin/ruff check clicooper_bus services tools tests
+	$(VENV)/bin/ruff check clicooper_bus tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

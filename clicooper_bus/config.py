@@ -76,7 +76,7 @@ class ParticipantsSection:
                           "trainer key names, in stage order (1 to 8; a stage cut without "
                           "weights (the small CNN's second when cut for three trainers) carries "
                           "no watermark)")
-    observers: list = _doc([], "auditors following the run (`services.auditor --follow --name "
+    observers: list = _doc([], "auditors following the run (`clicooper_bus.services.auditor --follow --name "
                                "NAME`): the owner starts only once they watch, and the notary "
                                "keeps the finished run open until they are done")
 
@@ -98,7 +98,7 @@ class BusSection:
                                        "everyone is alive (a lost message)", min=1.0)
     hwm: int = _doc(16, "ZeroMQ high-water mark, in messages", min=1)
     audit_timeout_s: float = _doc(600.0, "how long the notary keeps a finished run open for an "
-                                          "auditor following it (`services.auditor --follow`) "
+                                          "auditor following it (`clicooper_bus.services.auditor --follow`) "
                                           "to finish its audit", min=1.0)
 
 
@@ -245,7 +245,7 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
 
 
 def _cross_checks(cfg: RunConfig, name: str) -> None:
-    from clicooper_bus.identity import check_name
+    from clicooper_bus.net.identity import check_name
 
     try:
         check_name(cfg.run.id, "run id")
@@ -262,7 +262,7 @@ def _cross_checks(cfg: RunConfig, name: str) -> None:
     if cfg.model.cuts and len(cfg.model.cuts) != len(t):
         raise ConfigError(f"{name}: [model] cuts needs one index per trainer ({len(t)})")
     _privacy_checks(cfg.privacy, name)
-    from clicooper_bus.retention import Retention
+    from clicooper_bus.tlog.retention import Retention
 
     try:
         Retention.parse(cfg.log.retention)

@@ -4,8 +4,9 @@ training batches may be in flight, and with the privacy defences the number of
 (pseudo-)outputs and where the owner's tail starts. Being signed, it is also the evidence of how
 the run was trained.
 
-Trainers rebuild the model spec from it and check its digest against the roster's, so the owner
-cannot be misunderstood and a trainer cannot silently train something else.
+Trainers rebuild the model spec from it (`clicooper_bus.ml.models.plan_spec`) and check its
+digest against the roster's, so the owner cannot be misunderstood and a trainer cannot
+silently train something else.
 """
 
 from __future__ import annotations
@@ -51,11 +52,6 @@ class Plan:
                        int(d.get("tail", 0)), int(d.get("in_flight", 1)))
         except (ValueError, KeyError, TypeError) as exc:
             raise RosterError(f"roster plan is malformed: {exc}") from None
-
-    def spec(self):
-        from clicooper_bus.ml.models import model_spec
-
-        return model_spec(self.model, self.input_shape, self.n_outputs)
 
 
 def schedule(in_flight: int, head_fixed: bool = False) -> str:

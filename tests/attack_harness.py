@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from clicooper_bus.audit.auditor import Audit, Release, Truth, score_attack
-from clicooper_bus.logverify import VerifyResult
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.data import Dataset, to_float
 from clicooper_bus.ml.models import assemble
 from clicooper_bus.plan import Plan
+from clicooper_bus.tlog.logverify import VerifyResult
 
 
 def build(data: Dataset, plan: Plan, segments, *, released: int = 2000, seed: int = 0,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from clicooper_bus.identity import Identity
-from clicooper_bus.roster import Roster
-from tools.log_demo import write_demo
+from clicooper_bus.net.identity import Identity
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.tools.log_demo import write_demo
 
 settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")

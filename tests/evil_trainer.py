@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from services import trainer as real
+from clicooper_bus.services import trainer as real
 
 
 class EvilTrainer(real.Trainer):

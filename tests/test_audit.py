@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from clicooper_bus.audit.auditor import audit_run
+from clicooper_bus.tools import cli
+from clicooper_bus.tools.run import run
 from tests.busrun import write_config
-from tools import cli
-from tools.run import run
 
 QUICK_ATTACKS = "clustering,class-mean"
 
@@ -39,7 +39,7 @@ def test_follow_mode_writes_the_report(audited):
     # it audited the closed log: the latest checkpoint covers every entry, and nothing was
     # appended after the audit
     assert doc["integrity"]["uncovered"] == 0
-    from clicooper_bus.log import ProvenanceLog
+    from clicooper_bus.tlog.log import ProvenanceLog
 
     with ProvenanceLog.open(audited / "log") as plog:
         assert plog.size == doc["integrity"]["entries"]
@@ -86,7 +86,7 @@ def test_one_flipped_bit_refuses_the_attack(audited, tmp_path, capsys):
 def _forge_signature(log: Path, index: int) -> None:
     """Flip a bit of one entry's signature and re-frame the file with valid checksums, as
     someone who knows the format would: the files read, the signature does not verify."""
-    from clicooper_bus.records import frame, scan
+    from clicooper_bus.tlog.records import frame, scan
 
     path = log / "leaves.dat"
     s, data = scan(path, 1 << 40), path.read_bytes()

@@ -13,10 +13,10 @@ from clicooper_bus.ml.data import FASHION_DIR, Dataset, load_fashion
 from clicooper_bus.ml.models import default_cuts, model_spec
 from clicooper_bus.ml.reference import train_reference
 from clicooper_bus.plan import Plan
+from clicooper_bus.tools.run import run
 from tests import attack_harness
 from tests.busrun import write_config
 from tests.test_attacks import expand
-from tools.run import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),

@@ -1,6 +1,6 @@
 """The benchmark scripts keep running (their numbers are recorded in docs/BENCHMARKS.md)."""
 
-from tools.bench_log import main as bench_log
+from clicooper_bus.tools.bench_log import main as bench_log
 
 
 def test_bench_log_quick_prints_every_section(capsys, tmp_path):
@@ -13,7 +13,7 @@ def test_bench_log_quick_prints_every_section(capsys, tmp_path):
 
 def test_bench_bus_throughput_paths_deliver():
     """The three throughput paths deliver every message (a lost one would read as NaN)."""
-    from tools.bench_bus import bus_throughput, raw_throughput
+    from clicooper_bus.tools.bench_bus import bus_throughput, raw_throughput
 
     (raw, raw_cpu), (brk, brk_cpu) = (raw_throughput(30, via_broker=False),
                                       raw_throughput(30, via_broker=True))

@@ -13,16 +13,16 @@ import time
 
 import pytest
 
-from clicooper_bus.bus import Bus, BusAddress
 from clicooper_bus.config import load_config
 from clicooper_bus.errors import ConfigError
-from clicooper_bus.forwarder import Forwarder
-from clicooper_bus.identity import Identity, load_identity
-from clicooper_bus.logverify import verify_log
-from clicooper_bus.verifier import Verifier
-from clicooper_bus.wire import Sender
+from clicooper_bus.net.bus import Bus, BusAddress
+from clicooper_bus.net.forwarder import Forwarder
+from clicooper_bus.net.identity import Identity, load_identity
+from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.net.wire import Sender
+from clicooper_bus.tlog.logverify import verify_log
+from clicooper_bus.tools.run import prepare, run
 from tests.busrun import processes, write_config
-from tools.run import prepare, run
 
 
 def _telemetry(cfg, name: str) -> list[dict]:
@@ -174,10 +174,10 @@ def test_trainer_refuses_a_roster_from_another_owner(tmp_path):
     cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
     fwd = Forwarder(cfg.bus.pub, cfg.bus.sub).start()
     try:
-        trainer = subprocess.Popen([sys.executable, "-m", "services.trainer", "--config",
+        trainer = subprocess.Popen([sys.executable, "-m", "clicooper_bus.services.trainer", "--config",
                                     str(cfg_path), "--name", "trainer-1"],
                                    stderr=subprocess.PIPE, text=True)
-        from clicooper_bus.roster import Roster
+        from clicooper_bus.net.roster import Roster
         impostor = Identity.generate("owner")
         keys = tmp_path / "keys"
         roster = Roster.build(cfg.run.id, owner=impostor.public,
@@ -201,7 +201,7 @@ def test_a_taken_port_is_a_clear_error(tmp_path):
         with pytest.raises(ConfigError, match="already in use"):
             Forwarder(fwd.pub_addr, "tcp://127.0.0.1:0")
         path = write_config(tmp_path, run_id="port", bus={"pub": fwd.pub_addr})
-        proc = subprocess.run([sys.executable, "-m", "services.broker", "--config", str(path)],
+        proc = subprocess.run([sys.executable, "-m", "clicooper_bus.services.broker", "--config", str(path)],
                               capture_output=True, text=True, timeout=60)
     finally:
         fwd.close()

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from clicooper_bus.checkpoint import open_checkpoint
-from clicooper_bus.identity import load_public
-from clicooper_bus.log import ProvenanceLog
-from clicooper_bus.merkle import leaf_hash, verify_consistency, verify_inclusion
-from tools.cli import main
+from clicooper_bus.net.identity import load_public
+from clicooper_bus.tlog.checkpoint import open_checkpoint
+from clicooper_bus.tlog.log import ProvenanceLog
+from clicooper_bus.tlog.merkle import leaf_hash, verify_consistency, verify_inclusion
+from clicooper_bus.tools.cli import main
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -133,7 +133,7 @@ def test_errors_are_clear(tmp_path, capsys):
     (["log", "prove", "{log}", "--consistency", "1", "2", "--size", "5"], "--size"),
 ])
 def test_bad_input_is_a_clean_error(small_log, tmp_path, capsys, argv, message):
-    from clicooper_bus.identity import Identity, write_identity
+    from clicooper_bus.net.identity import Identity, write_identity
 
     write_identity(Identity.generate("owner"), tmp_path / "k")
     argv = [a.format(tmp=tmp_path, log=small_log) for a in argv]
@@ -144,7 +144,8 @@ def test_bad_input_is_a_clean_error(small_log, tmp_path, capsys, argv, message):
 
 def test_console_script_runs_without_torch(small_log):
     """The installed entry point works, and log tools never pay for importing torch."""
-    code = ("import sys; from tools.cli import main; rc = main(['log', 'verify', sys.argv[1]]); "
+    code = ("import sys; from clicooper_bus.tools.cli import main; "
+            "rc = main(['log', 'verify', sys.argv[1]]); "
             "print('torch' in sys.modules); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(small_log)], capture_output=True,
                           text=True, timeout=60)

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from clicooper_bus.errors import KeyFileError, RosterError
-from clicooper_bus.identity import (
+from clicooper_bus.net.identity import (
     Identity,
     PublicIdentity,
     key_id,
@@ -17,8 +17,8 @@ from clicooper_bus.identity import (
     load_public,
     write_identity,
 )
-from clicooper_bus.roster import Roster
-from tools.cli import main
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.tools.cli import main
 
 GO_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"
 
@@ -97,7 +97,7 @@ def test_roster_signed_by_non_owner_is_refused(ids, roster):
     with pytest.raises(RosterError, match="not this roster's owner"):
         roster.sign(ids["trainer-1"])
     # forge: a container whose signature was made by another key
-    from clicooper_bus import signed_doc
+    from clicooper_bus.net import signed_doc
     forged = signed_doc.seal(ids["trainer-1"], "clicooper/roster/v1", roster.to_doc())
     with pytest.raises(RosterError, match="not signed by its owner"):
         Roster.open(forged)
@@ -121,7 +121,7 @@ def test_roster_rules(ids):
         Roster.build("r", owner=o, trainers=[t, t])
     with pytest.raises(RosterError, match="run id"):
         Roster.build("bad run", owner=o, trainers=[t])
-    from clicooper_bus.roster import Member
+    from clicooper_bus.net.roster import Member
     with pytest.raises(RosterError, match="exactly one owner"):
         Roster("r", (Member("trainer", t),), ("trainer-1",))
     with pytest.raises(RosterError, match="every trainer"):

@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 
 from clicooper_bus.errors import LogCorrupted, LogError
-from clicooper_bus.identity import load_identity
-from clicooper_bus.log import ProvenanceLog
-from clicooper_bus.logverify import verify_log
-from clicooper_bus.merkle import verify_consistency, verify_inclusion
-from clicooper_bus.records import PREFIX
-from clicooper_bus.roster import Roster
-from clicooper_bus.verifier import Verifier
-from clicooper_bus.wire import parse_header, split_leaf
+from clicooper_bus.net.identity import load_identity
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.net.wire import parse_header, split_leaf
+from clicooper_bus.tlog.log import ProvenanceLog
+from clicooper_bus.tlog.logverify import verify_log
+from clicooper_bus.tlog.merkle import verify_consistency, verify_inclusion
+from clicooper_bus.tlog.records import PREFIX
 from tests.conftest import make_log
 
 
 def _append_more(log_dir, n: int) -> None:
     """Reopen the log and append `n` more owner messages, continuing the owner's chain."""
-    from clicooper_bus.wire import Sender
+    from clicooper_bus.net.wire import Sender
 
     keys = log_dir.parent / "keys"
     owner, notary = load_identity(keys / "owner.key"), load_identity(keys / "notary.key")
@@ -217,8 +217,8 @@ def test_killed_writer_loses_nothing_it_appended(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from tools.log_demo import write_demo
-        import clicooper_bus.log as L
+        from clicooper_bus.tools.log_demo import write_demo
+        import clicooper_bus.tlog.log as L
         orig = L.ProvenanceLog.append
         count = 0
         def append(self, *a, **k):
@@ -296,7 +296,7 @@ def test_lost_body_covered_by_a_checkpoint_is_refused(small_log):
 def test_failed_write_is_cut_back_and_stops_the_writer(small_log, monkeypatch):
     import errno
 
-    import clicooper_bus.records as records
+    import clicooper_bus.tlog.records as records
 
     keys = small_log.parent / "keys"
     plog = ProvenanceLog.open(small_log, writable=True, signer=load_identity(keys / "notary.key"))
@@ -341,7 +341,7 @@ def test_verify_gives_a_verdict_on_crafted_files(small_log, ids, case):
     import json
     import shutil
 
-    from clicooper_bus import signed_doc
+    from clicooper_bus.net import signed_doc
 
     meta = json.loads((small_log / "log.json").read_text())
     if case == "roster_key_int":

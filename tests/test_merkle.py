@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clicooper_bus.errors import ProofError
-from clicooper_bus.merkle import (
+from clicooper_bus.tlog.merkle import (
     EMPTY_ROOT,
     MerkleTree,
     leaf_hash,

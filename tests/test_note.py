@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from clicooper_bus.checkpoint import Checkpoint, open_checkpoint, parse_checkpoint
 from clicooper_bus.errors import NoteError
-from clicooper_bus.identity import Identity, PublicIdentity
-from clicooper_bus.note import open_note, sign_note
+from clicooper_bus.net.identity import Identity, PublicIdentity
+from clicooper_bus.tlog.checkpoint import Checkpoint, open_checkpoint, parse_checkpoint
+from clicooper_bus.tlog.note import open_note, sign_note
 
 GO_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"
 GO_TEXT = ("If you think cryptography is the answer to your problem,\n"

@@ -13,12 +13,12 @@ import torch
 
 from clicooper_bus.config import load_config
 from clicooper_bus.errors import ConfigError, KeyFileError
-from clicooper_bus.privacy import accountant as acc
-from clicooper_bus.privacy import defences
-from clicooper_bus.privacy.labels import LabelCodec
-from clicooper_bus.privacy.nopeek import distance_correlation
-from clicooper_bus.privacy.release import ActivationFilter, FilterSpec, inference_model
-from clicooper_bus.privacy.secret import load_or_create, run_key, secret_path
+from clicooper_bus.ml.privacy import accountant as acc
+from clicooper_bus.ml.privacy import defences
+from clicooper_bus.ml.privacy.labels import LabelCodec
+from clicooper_bus.ml.privacy.nopeek import distance_correlation
+from clicooper_bus.ml.privacy.release import ActivationFilter, FilterSpec, inference_model
+from clicooper_bus.ml.privacy.secret import load_or_create, run_key, secret_path
 
 SECRET = bytes(range(32))
 

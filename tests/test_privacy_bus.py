@@ -14,14 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from clicooper_bus.audit.replay import replay
-from clicooper_bus.log import ProvenanceLog
 from clicooper_bus.ml.data import batch_order, load_dataset
-from clicooper_bus.ml.models import build_segments
-from clicooper_bus.privacy import accountant
-from clicooper_bus.privacy.secret import secret_path
-from clicooper_bus.wire import parse_header, split_leaf
+from clicooper_bus.ml.models import build_segments, plan_spec
+from clicooper_bus.ml.privacy import accountant
+from clicooper_bus.ml.privacy.secret import secret_path
+from clicooper_bus.net.wire import parse_header, split_leaf
+from clicooper_bus.tlog.log import ProvenanceLog
+from clicooper_bus.tools.run import run
 from tests.busrun import write_config
-from tools.run import run
 
 NOISE = 0.05
 
@@ -139,13 +139,13 @@ def test_owner_tail_keeps_every_label_home(tail):
 
 
 def test_once_keeps_the_head_and_each_release(tail):
+    from clicooper_bus.net.roster import Roster
     from clicooper_bus.plan import Plan
-    from clicooper_bus.roster import Roster
 
     r = replay(tail / "log")
     plan: Plan = r.plan
     assert plan.tail and plan.segment_cuts == (*plan.cuts, plan.tail)
-    head0 = build_segments(plan.spec(), plan.segment_cuts, plan.seed)[0].state_dict()
+    head0 = build_segments(plan_spec(plan), plan.segment_cuts, plan.seed)[0].state_dict()
     weights = load_file(str(tail / "model.safetensors"))
     for k, v in head0.items():
         assert torch.equal(weights[f"seg0.{k}"], v)  # the head never moved

@@ -12,20 +12,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clicooper_bus import watermark as wm
-from clicooper_bus.certificate import CertificateError, issue, open_certificate
-from clicooper_bus.chain import Commit
-from clicooper_bus.identity import load_identity
-from clicooper_bus.log import default_origin
+from clicooper_bus.chain import key as wk
+from clicooper_bus.chain.certificate import CertificateError, issue, open_certificate
+from clicooper_bus.chain.documents import Commit
 from clicooper_bus.ml.data import synthetic
-from clicooper_bus.ml.models import state_dict_with_prefix
+from clicooper_bus.ml.models import plan_spec, state_dict_with_prefix
 from clicooper_bus.ml.reference import train_reference
+from clicooper_bus.ml.watermark import mark as wm
+from clicooper_bus.ml.watermark.verify import dispute, load_bundle, verify_model
+from clicooper_bus.net.identity import load_identity
+from clicooper_bus.net.roster import Roster
 from clicooper_bus.plan import Plan
-from clicooper_bus.provenance import dispute, load_bundle, verify_model
-from clicooper_bus.roster import Roster
+from clicooper_bus.tlog.log import default_origin
+from clicooper_bus.tools import cli
+from clicooper_bus.tools.run import run
 from tests.busrun import write_config
-from tools import cli
-from tools.run import run
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,7 @@ def test_chain_rules_name_each_broken_link(runs):
     real commitment, changed alone, is named as the reason."""
     from dataclasses import replace
 
-    from clicooper_bus.chain import check_commit
+    from clicooper_bus.chain.documents import check_commit
 
     bundle = load_bundle(runs["wa"] / "provenance")
     notary, origin = bundle.roster.notary.identity, default_origin("wa")
@@ -154,7 +155,7 @@ def test_chain_rules_name_each_broken_link(runs):
     trainer = bundle.roster.by_name("trainer-2").identity.public_key
     roots = {}
     for note in bundle.checkpoints:
-        from clicooper_bus.checkpoint import open_checkpoint
+        from clicooper_bus.tlog.checkpoint import open_checkpoint
 
         cp = open_checkpoint(note, notary, origin)
         roots[cp.size] = cp.root
@@ -180,7 +181,7 @@ def test_null_models_never_verify(runs, tmp_path):
     data = synthetic(seed=0)
     bers = []
     for seed in range(1, 21):
-        r = train_reference(data, plan.spec(), plan.cuts, seed=seed, epochs=1,
+        r = train_reference(data, plan_spec(plan), plan.cuts, seed=seed, epochs=1,
                             batch_size=plan.batch_size, lr=plan.lr, max_steps=30,
                             evaluate_each_epoch=False)
         path = tmp_path / f"null{seed}.safetensors"
@@ -188,13 +189,13 @@ def test_null_models_never_verify(runs, tmp_path):
         v = _verify(path, runs["wa"] / "provenance")
         assert not v.ok and "wrong bits" in v.failure["reason"]
         bers.append(v.stages[-1].bit_error_rate)
-    assert min(bers) > wm.DEFAULT_THRESHOLD
+    assert min(bers) > wk.DEFAULT_THRESHOLD
 
 
 def _write_marks(model: Path, marks_from: Path, run_id: str, out: Path) -> Path:
     """`model` with the last-round marks of the run whose bundle is `marks_from` written into
     it (300 Adam steps on the regulariser alone): anyone can, the keys are public."""
-    from clicooper_bus.provenance import load_model
+    from clicooper_bus.ml.watermark.verify import load_model
 
     plan = _plan(marks_from)
     segments = load_model(model, plan)
@@ -258,8 +259,8 @@ def test_a_corrupt_model_is_a_clear_failure(runs, tmp_path, capsys):
 
 def _log_envelopes(log_dir: Path):
     """(envelope, index) for every entry of a log, bodies where retained."""
-    from clicooper_bus.log import ProvenanceLog
-    from clicooper_bus.wire import Envelope, parse_header, split_leaf
+    from clicooper_bus.net.wire import Envelope, parse_header, split_leaf
+    from clicooper_bus.tlog.log import ProvenanceLog
 
     with ProvenanceLog.open(log_dir) as plog:
         roster_bytes = plog.roster_bytes
@@ -274,7 +275,7 @@ def _log_envelopes(log_dir: Path):
 
 
 def test_the_notary_register_certifies_the_run_and_refuses_broken_links(runs):
-    from clicooper_bus.registry import WatermarkRegistry
+    from clicooper_bus.chain.registry import WatermarkRegistry
 
     roster_bytes, entries, roots = _log_envelopes(runs["wa"] / "log")
     roster = Roster.open(roster_bytes)

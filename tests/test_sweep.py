@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from clicooper_bus.errors import ConfigError
+from clicooper_bus.tools.sweep import judge, load_grid, sweep
 from tests.busrun import write_config
-from tools.sweep import judge, load_grid, sweep
 
 ATTACKS = "clustering,whitebox-decoder,class-mean,extraction-50"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from clicooper_bus.logverify import verify_log
-from clicooper_bus.records import PREFIX, frame, scan
+from clicooper_bus.tlog.logverify import verify_log
+from clicooper_bus.tlog.records import PREFIX, frame, scan
 from tests.conftest import make_log
 
 FILES = ("log.json", "roster.msgpack", "leaves.dat", "bodies.dat", "checkpoints.dat")

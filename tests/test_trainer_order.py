@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clicooper_bus.bus import BusError
 from clicooper_bus.ml.split import SegmentTrainer
+from clicooper_bus.net.bus import BusError
 from clicooper_bus.plan import Plan
-from services.trainer import Trainer
+from clicooper_bus.services.trainer import Trainer
 
 OWNER, PREV = "0wner000", "prev0000"
 
@@ -40,7 +40,7 @@ def _message(kind: str, sender: str, step: int, body: torch.Tensor | None = None
     header = SimpleNamespace(kind=kind, sender=sender, step=step, batch=step, epoch=0,
                              dtype="int64" if kind == "labels" else "float32",
                              shape=tuple(body.shape))
-    return SimpleNamespace(header=header, tensor=lambda: body.clone())
+    return SimpleNamespace(header=header, array=lambda: body.clone().numpy())
 
 
 def _last_stage(messages, in_flight: int) -> tuple[Trainer, ScriptedBus]:

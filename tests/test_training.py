@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from clicooper_bus.config import load_config
-from clicooper_bus.logverify import verify_log
 from clicooper_bus.ml.data import load_dataset
 from clicooper_bus.ml.models import default_cuts, model_spec, state_dict_with_prefix
 from clicooper_bus.ml.reference import train_reference
+from clicooper_bus.tlog.logverify import verify_log
+from clicooper_bus.tools.run import run
 from tests.busrun import write_config
-from tools.run import run
 
 
 def _reference(cfg, steps=None, in_flight=1):
@@ -89,7 +89,7 @@ needs_fashion = pytest.mark.skipif(
 def test_quick_run_matches_reference_accuracy(tmp_path):
     """`clicooper run --quick` (Fashion-MNIST subset, one epoch) reaches the reference's test
     accuracy within half a point."""
-    from tools.run import QUICK
+    from clicooper_bus.tools.run import QUICK
 
     path = write_config(tmp_path, run_id="quick", data={"name": "fashion-mnist", **QUICK["data"]},
                         run={"batch_size": 128, **QUICK["run"]})

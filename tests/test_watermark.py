@@ -10,14 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from clicooper_bus import watermark as wm
+from clicooper_bus.chain import key as wk
+from clicooper_bus.ml.watermark import mark as wm
 
 
-def link(**kw) -> wm.Link:
+def link(**kw) -> wk.Link:
     base = dict(run_id="demo", stage=1, round=0, trainer_key=bytes(range(32)),
-                prev_link=b"\x01" * 32, prev_round=wm.ZERO, log_root=b"\x02" * 32)
+                prev_link=b"\x01" * 32, prev_round=wk.ZERO, log_root=b"\x02" * 32)
     base.update(kw)
-    return wm.Link(**base)
+    return wk.Link(**base)
 
 
 def test_key_is_fixed_by_its_format():
@@ -34,7 +35,7 @@ def test_key_is_fixed_by_its_format():
         + field((0).to_bytes(4, "big")) + field(lk.trainer_key) + field(lk.prev_link)
         + field(lk.prev_round) + field(lk.log_root)).digest()
     assert lk.key() == expected
-    assert wm.commitment(lk.key()) == hashlib.sha256(
+    assert wk.commitment(lk.key()) == hashlib.sha256(
         field(b"clicooper-watermark-commit/1") + field(lk.key())).digest()
 
 
@@ -63,18 +64,18 @@ def test_bad_links_are_refused(field, value):
 
 def test_bits_and_projection_are_deterministic():
     key = link().key()
-    b = wm.bits(key)
+    b = wk.bits(key)
     assert b.shape == (64,) and set(np.unique(b)) <= {0, 1} and 16 < b.sum() < 48
-    x = wm.projection(key, 300)
+    x = wk.projection(key, 300)
     assert x.shape == (64, 300) and x.dtype == np.float32
     assert -1 <= x.min() < -0.9 and 0.9 < x.max() < 1
-    assert (wm.projection(key, 300) == x).all() and (wm.bits(key, 128)[:64] == b).all()
-    assert not (wm.projection(link(round=1).key(), 300) == x).all()
+    assert (wk.projection(key, 300) == x).all() and (wk.bits(key, 128)[:64] == b).all()
+    assert not (wk.projection(link(round=1).key(), 300) == x).all()
 
 
 def test_false_positive_bound():
-    assert wm.false_positive_probability(64, 0.2) < 1e-6
-    assert wm.false_positive_probability(64, 0.5) > 0.5
+    assert wk.false_positive_probability(64, 0.2) < 1e-6
+    assert wk.false_positive_probability(64, 0.5) > 0.5
 
 
 def _stage(seed: int) -> nn.Sequential:
@@ -100,7 +101,7 @@ def test_embedding_reaches_zero_bit_errors_and_extraction_reads_it():
 def test_unmarked_models_never_verify():
     key = link().key()
     rates = [wm.bit_error_rate(key, _stage(seed)) for seed in range(40)]
-    assert min(rates) > wm.DEFAULT_THRESHOLD
+    assert min(rates) > wk.DEFAULT_THRESHOLD
     assert 0.4 < float(np.mean(rates)) < 0.6
 
 

@@ -26,17 +26,17 @@ from clicooper_bus.audit import scoring
 from clicooper_bus.audit.replay import Batch, Replay, replay
 from clicooper_bus.config import RunConfig, load_config
 from clicooper_bus.errors import ClicooperError
-from clicooper_bus.identity import PublicIdentity
-from clicooper_bus.logverify import VerifyResult, verify_log
 from clicooper_bus.ml.attacks import default_attacks
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.attacks.extraction import Surrogate
 from clicooper_bus.ml.data import Dataset, batch_order, load_dataset, to_float
-from clicooper_bus.ml.models import segments_from_state_dict
+from clicooper_bus.ml.models import plan_spec, segments_from_state_dict
+from clicooper_bus.ml.privacy import defences
+from clicooper_bus.ml.privacy.labels import group_sum
+from clicooper_bus.ml.privacy.release import ActivationFilter, FilterSpec, inference_model
+from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.plan import schedule
-from clicooper_bus.privacy import defences
-from clicooper_bus.privacy.labels import group_sum
-from clicooper_bus.privacy.release import ActivationFilter, FilterSpec, inference_model
+from clicooper_bus.tlog.logverify import VerifyResult, verify_log
 
 T = TypeVar("T")
 CLUSTER_SAMPLES = 2000  # activations clustered
@@ -172,7 +172,7 @@ def load_model(run_dir: Path, plan, ack: dict | None
             raise ClicooperError(f"{gpath} does not map the model's {plan.n_outputs} outputs to "
                                  f"{plan.classes} classes")
     try:
-        return (segments_from_state_dict(plan.spec(), plan.segment_cuts, plan.seed, st_load(data)),
+        return (segments_from_state_dict(plan_spec(plan), plan.segment_cuts, plan.seed, st_load(data)),
                 groups)
     except (SafetensorError, RuntimeError, KeyError) as exc:
         raise ClicooperError(f"{path} does not fit the run's model plan: {exc}") from None

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clicooper_bus.codec import unpack
-from clicooper_bus.log import ProvenanceLog
+from clicooper_bus.net.codec import unpack
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.wire import DTYPES, parse_header, split_leaf
 from clicooper_bus.plan import Plan
-from clicooper_bus.roster import Roster
-from clicooper_bus.wire import DTYPES, parse_header, split_leaf
+from clicooper_bus.tlog.log import ProvenanceLog
 
 
 @dataclass(frozen=True)

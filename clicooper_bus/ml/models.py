@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from clicooper_bus.errors import ConfigError
+from clicooper_bus.plan import Plan
 
 Layer = tuple  # ("conv2d", in, out, kernel, padding) | ("relu",) | ("maxpool", k) | ...
 
@@ -148,3 +149,8 @@ def segments_from_state_dict(spec: ModelSpec, cuts: tuple[int, ...], seed: int,
                              if k.startswith(prefix)}, strict=True)
         seg.eval()
     return segments
+
+
+def plan_spec(plan: Plan) -> ModelSpec:
+    """The model spec a signed plan describes (what every trainer builds its stage from)."""
+    return model_spec(plan.model, plan.input_shape, plan.n_outputs)

@@ -22,7 +22,7 @@ from torch import nn
 from clicooper_bus.ml.attacks.base import Attack, ThreatModel, Track, View, no_progress
 from clicooper_bus.ml.attacks.inversion import train_simulator
 from clicooper_bus.ml.attacks.nets import apply, batches, head_clone, seeded
-from clicooper_bus.privacy.labels import group_sum
+from clicooper_bus.ml.privacy.labels import group_sum
 
 
 @dataclass

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clicooper_bus.ml.models import build_segments
+from clicooper_bus.ml.models import build_segments, plan_spec
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -17,7 +17,7 @@ def seeded(seed: int) -> torch.Generator:
 def head_clone(plan, seed: int) -> nn.Sequential:
     """The head's architecture with weights from `seed`, unrelated to the owner's: the plan
     says what the head is, not what it learned."""
-    return build_segments(plan.spec(), plan.cuts, seed)[0]
+    return build_segments(plan_spec(plan), plan.cuts, seed)[0]
 
 
 class Decoder(nn.Module):

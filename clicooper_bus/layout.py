@@ -1,0 +1,137 @@
+"""The run directory: one place that knows every path in `<out_dir>/<run id>/`, and the one
+atomic writer every artefact goes through.
+
+    <run>/
+      config.toml          the run's config, as the owner loaded it (the roster commits to it)
+      log/                 the provenance log (the notary's; `clicooper_bus.tlog.log`)
+      checkpoint.txt       the notary's final checkpoint, as the owner saw it
+      model.safetensors    the assembled model
+      label_groups.json    pseudo-class -> true class (owner-only: mode 0600)
+      summary.json         the owner's summary of the run
+      provenance/          the watermark bundle `clicooper model verify` reads
+        manifest.json  roster.msgpack  checkpoint.txt  checkpoints.json
+        certificates/stage-K-round-T.cert
+      audit/               the auditor's report.json, report.md and figures
+      telemetry/           each process's structlog JSON lines (`clicooper run`)
+      sweep-entry.json     what `clicooper sweep` ran here
+
+In the spirit of Tessera's layout module: paths are computed here and nowhere else, so a
+change of layout is one change. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
+    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one,
+    never a part: write a temporary file beside it, fsync it, rename it over `path`, fsync the
+    directory (POSIX rename(2) is atomic within one file system). `mode` applies from creation
+    (0o600 for owner-only files), so the content is never readable more widely.
+    Raises OSError as the file system does."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        os.fchmod(fd, mode)  # an older .tmp left by a crash keeps its mode otherwise
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class ProvenanceLayout:
+    """`<run>/provenance/`: the bundle a delivered model is verified against."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def roster(self) -> Path:
+        return self.root / "roster.msgpack"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.txt"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints.json"
+
+    @property
+    def certificates(self) -> Path:
+        return self.root / "certificates"
+
+    def certificate(self, stage: int, round_: int) -> Path:
+        return self.certificates / f"stage-{stage}-round-{round_}.cert"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of one run directory. `RunLayout(cfg.run_dir)` or `RunLayout("runs/demo")`."""
+
+    root: Path
+
+    def __init__(self, root: Path | str):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.txt"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def label_groups(self) -> Path:
+        return self.root / "label_groups.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def provenance(self) -> ProvenanceLayout:
+        return ProvenanceLayout(self.root / "provenance")
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def telemetry(self) -> Path:
+        return self.root / "telemetry"
+
+    @property
+    def sweep_entry(self) -> Path:
+        return self.root / "sweep-entry.json"
+
+    def made(self) -> list[Path]:
+        """The artefacts that mark a directory as holding a run already (its id is taken)."""
+        return [p for p in (self.summary, self.log) if p.exists()]

@@ -1,0 +1,139 @@
+"""The auditor process: audits a run, live (`--follow`) or finished (a run directory).
+
+`--follow` joins the run's broker as a silent observer: it needs no key and sends nothing. It
+announces itself with a subscription (`run/<id>/watching/<name>`), so the notary keeps the run
+open until it is done; it witnesses every checkpoint the notary publishes (checking the
+notary's signature on each note) and, once the closing one arrives (the notary appends nothing
+after it), audits the log against that witnessed checkpoint, writes `<run_dir>/audit/`, and
+signals `run/<id>/done/<name>`.
+
+    python -m clicooper_bus.services.auditor --follow --config FILE [--force]
+    python -m clicooper_bus.services.auditor RUN_DIR [--force]        (the same as `clicooper audit RUN_DIR`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from clicooper_bus.services import USER_OMP_POLICY
+
+if not USER_OMP_POLICY:
+    # the audit runs once the run is idle: spinning OpenMP threads take no core from anyone
+    # then, and made the audit's training loops about 25 % faster than passive waiting
+    os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
+
+import zmq  # noqa: E402  (after the OpenMP policy, before torch is imported)
+
+from clicooper_bus.audit.report import audit_and_write, print_audit
+from clicooper_bus.config import RunConfig
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.ml.attacks import select
+from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.services.common import EXIT_FAIL, EXIT_OK, load, public, run_main
+from clicooper_bus.tlog.checkpoint import open_checkpoint
+from clicooper_bus.tlog.log import default_origin
+
+
+class Follower:
+    """Witnesses a live run's checkpoints until the notary closes the log."""
+
+    def __init__(self, cfg: RunConfig, name: str, log):
+        self.cfg, self.name, self.log = cfg, name, log
+        self.notary = public(cfg, cfg.participants.notary)
+        self.origin = default_origin(cfg.run.id)
+        self.verifier = Verifier({self.notary.key_id: self.notary}, cfg.run.id, partial=True)
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.connect(cfg.bus.sub)
+        self.topic = f"run/{cfg.run.id}/checkpoint/"
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, self.topic)
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, f"run/{cfg.run.id}/watching/{name}")
+
+    def closing_checkpoint(self) -> str:
+        """Block until the notary's closing checkpoint (the log is closed: nothing is appended
+        after it); every earlier one is checked on the way.
+        A run that publishes no checkpoint for the join timeout is taken for dead."""
+        quiet = self.cfg.bus.join_timeout_s + self.cfg.log.checkpoint_seconds
+        last, seen = time.monotonic(), 0
+        print(f"auditor: following run '{self.cfg.run.id}' on {self.cfg.bus.sub}", flush=True)
+        while True:
+            if not self.sub.poll(1000):
+                if time.monotonic() - last > quiet:
+                    raise ClicooperError(
+                        f"no checkpoint from the notary for {quiet:.0f} s: the run is not "
+                        f"running or has died; audit it offline once it has ended: "
+                        f"clicooper audit {self.cfg.run_dir}")
+                continue
+            frames = self.sub.recv_multipart(copy=True)
+            try:  # only the notary's signed, in-order messages count (no replayed "closed")
+                env = self.verifier.verify_frames(frames)
+                doc = env.document()
+                note = doc.get("note") if type(doc) is dict else None
+                if env.header.kind != "checkpoint" or type(note) is not str:
+                    continue
+                cp = open_checkpoint(note, self.notary, self.origin)
+            except ClicooperError as exc:
+                self.log.warning("message refused", error=str(exc))
+                print(f"auditor: refused a message on the checkpoint topic: {exc}", flush=True)
+                continue
+            last, seen = time.monotonic(), seen + 1
+            self.log.info("checkpoint witnessed", size=cp.size, final=doc.get("final") is True,
+                          closed=doc.get("closed") is True)
+            if doc.get("closed") is True:
+                print(f"auditor: the notary closed the log (tree size {cp.size}, {seen} "
+                      f"checkpoints witnessed); auditing", flush=True)
+                self.sub.setsockopt_string(zmq.UNSUBSCRIBE, self.topic)
+                return note
+
+    def done(self) -> None:
+        """Tell the notary we are finished, give the subscription time to travel, leave."""
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, f"run/{self.cfg.run.id}/done/{self.name}")
+        time.sleep(0.5)
+        self.sub.close()
+        self.ctx.term()
+
+
+def _report(attacked: bool, where: Path, doc: dict) -> int:
+    print_audit(attacked, where, doc)
+    return EXIT_OK if attacked else EXIT_FAIL
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", nargs="?", help="audit this finished run (offline)")
+    p.add_argument("--follow", action="store_true", help="follow the live run of --config")
+    p.add_argument("--config", help="run config (TOML) of the run to follow")
+    p.add_argument("--name", default="auditor", help="this observer's name on the bus")
+    p.add_argument("--force", action="store_true",
+                   help="attack even a log that does not verify (the report says so first)")
+    p.add_argument("--attacks", help="comma-separated attack names (default: the whole suite)")
+    args = p.parse_args(argv)
+    if args.follow == bool(args.run_dir) or (args.follow and not args.config):
+        p.error("give either RUN_DIR, or --follow with --config")
+
+    def body(log) -> int:
+        attacks = select(args.attacks)  # a bad name fails now, not after the run
+        if not args.follow:
+            return _report(*audit_and_write(Path(args.run_dir), force=args.force,
+                                            attacks=attacks))
+        cfg = load(args)
+        follower = Follower(cfg, args.name, log)
+        try:
+            note = follower.closing_checkpoint()
+            owner = public(cfg, cfg.participants.owner)
+            result = audit_and_write(cfg.run_dir, force=args.force, owner=owner,
+                                     witnessed=[note], attacks=attacks)
+        finally:
+            follower.done()
+        return _report(*result)
+
+    return run_main("auditor", body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

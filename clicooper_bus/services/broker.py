@@ -1,0 +1,41 @@
+"""The broker process: the run's one well-known address. Holds nothing secret; forwards topics.
+
+    python -m clicooper_bus.services.broker --config FILE        (addresses from [bus])
+    python -m clicooper_bus.services.broker --pub tcp://0.0.0.0:5555 --sub tcp://0.0.0.0:5556
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from clicooper_bus.net.forwarder import Forwarder
+from clicooper_bus.services.common import EXIT_OK, Terminated, base_parser, load, run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--pub", help="address publishers connect to (default: config [bus] pub)")
+    p.add_argument("--sub", help="address subscribers connect to (default: config [bus] sub)")
+    args = p.parse_args(argv)
+
+    def body(log) -> int:
+        cfg = load(args)
+        fwd = Forwarder(args.pub or cfg.bus.pub, args.sub or cfg.bus.sub, hwm=cfg.bus.hwm,
+                        timeout_s=cfg.bus.timeout_s).start()
+        log.info("broker listening", pub=fwd.pub_addr, sub=fwd.sub_addr)
+        print(f"broker: publishers connect to {fwd.pub_addr}, subscribers to {fwd.sub_addr}",
+              flush=True)
+        try:
+            threading.Event().wait()  # until SIGTERM / SIGINT
+        except Terminated:
+            log.info("broker stopping")
+        finally:
+            fwd.close()
+        return EXIT_OK
+
+    return run_main("broker", body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

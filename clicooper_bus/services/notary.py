@@ -1,0 +1,214 @@
+"""The notary process: appends every message of the run to the provenance log and signs
+checkpoints.
+
+It trusts only the owner's key until the owner's signed roster arrives (the first message of a
+run), then the roster's keys. Every message is verified in full (the notary sees every sender's
+whole chain) before it is appended. Checkpoints are signed every N entries or T seconds,
+published on the bus, and once more, marked final, when the owner acknowledges the end of the
+run. Once every participant has signalled it read what it needed (`done`) it closes the log
+with a published closing checkpoint over everything it logged; an auditor following the run
+audits exactly that log, and the notary stays (logging nothing more) until it is done.
+
+    python -m clicooper_bus.services.notary --config FILE
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from clicooper_bus.chain.certificate import Certificate, issue
+from clicooper_bus.chain.registry import WatermarkRegistry
+from clicooper_bus.config import RunConfig
+from clicooper_bus.errors import RosterError
+from clicooper_bus.net.bus import Bus, BusError
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.net.wire import Envelope
+from clicooper_bus.services.common import (
+    EXIT_FAIL,
+    EXIT_OK,
+    base_parser,
+    identity,
+    load,
+    open_bus,
+    public,
+    run_main,
+)
+from clicooper_bus.tlog.log import ProvenanceLog
+
+
+class Notary:
+    def __init__(self, cfg: RunConfig, log):
+        self.cfg, self.log = cfg, log
+        self.ident = identity(cfg, cfg.participants.notary)
+        self.owner_key = public(cfg, cfg.participants.owner)
+        verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id)
+        self.bus: Bus = open_bus(cfg, self.ident, verifier)
+        self.plog: ProvenanceLog | None = None
+        self.roster: Roster | None = None
+        self.last_cp_size, self.last_cp_time = 0, time.monotonic()
+        self.final_sent = False
+
+    def run(self) -> int:
+        if self.cfg.log.notary_nice:
+            # on a shared machine the notary's hashing should not take cores from the chain of
+            # training steps; it catches up while they wait on the network
+            os.nice(self.cfg.log.notary_nice)
+        bus = self.bus
+        bus.subscribe(f"run/{self.cfg.run.id}/")
+        bus.announce()
+        self.log.info("notary waiting for the roster", run_id=self.cfg.run.id)
+        deadline = time.monotonic() + self.cfg.bus.join_timeout_s
+        try:
+            while self.roster is None:
+                env = bus.recv(1.0)
+                if env is not None:
+                    self._first(env)
+                elif time.monotonic() > deadline:
+                    raise BusError("no roster from the owner within the join timeout")
+            return self._serve()
+        finally:
+            if self.plog is not None:
+                self._checkpoint(publish=False)
+                self.plog.close()
+            bus.close()
+
+    def _first(self, env: Envelope) -> None:
+        if env.header.kind != "roster":
+            self.log.warning("message before the roster ignored", kind=env.header.kind)
+            return
+        try:
+            roster = Roster.open(bytes(env.body), owner=self.owner_key)
+        except RosterError as exc:
+            self.log.error("roster refused", error=str(exc))
+            return
+        run_dir = self.cfg.run_dir
+        self.plog = ProvenanceLog.create(run_dir / "log", roster_bytes=bytes(env.body),
+                                         run_id=self.cfg.run.id, retention=self.cfg.log.retention,
+                                         fsync=self.cfg.log.fsync, signer=self.ident)
+        self.roster = roster
+        self.bus.verifier.use_roster(roster)
+        self.plog.append_envelope(env)
+        plog = self.plog
+        self.registry = WatermarkRegistry(
+            roster, bytes(env.body), root_at=lambda n: plog.tree.root(n) if n <= plog.size else None)
+        self.bus.start_beating()
+        self.bus.watch({m.key_id: m.name for m in roster.members if m.role != "notary"})
+        self.log.info("log created", path=str(run_dir / "log"), members=len(roster.members))
+
+    def _serve(self) -> int:
+        bus, roster = self.bus, self.roster
+        others = [m for m in roster.members if m.role != "notary"]
+        done_wait_until = None
+        while True:
+            try:
+                env = bus.recv(0.2)
+            except BusError as exc:
+                self.log.error("peers silent", error=str(exc))
+                print(f"notary: error: {exc}; the log is kept up to here", file=sys.stderr)
+                return EXIT_FAIL
+            if bus.verifier.rejected.get("seq_gap") or bus.verifier.rejected.get("broken_chain"):
+                # only a genuinely signed message can show a gap: one was lost on its way here
+                print("notary: error: a sender's chain has a gap: messages were lost before "
+                      "reaching the log, so it cannot be complete; stopping the run",
+                      file=sys.stderr)
+                self.log.error("chain gap", rejected=dict(bus.verifier.rejected))
+                return EXIT_FAIL
+            if env is not None:
+                index = self.plog.append_envelope(env)
+                self._register(env, index)
+                if env.header.kind == "ack" and env.header.sender == roster.owner.key_id:
+                    self._checkpoint(final=True)
+            now = time.monotonic()
+            if self.plog.size - self.last_cp_size >= self.cfg.log.checkpoint_every or (
+                    now - self.last_cp_time >= self.cfg.log.checkpoint_seconds):
+                self._checkpoint()
+            if self.final_sent:
+                done = {f"run/{self.cfg.run.id}/done/{m.name}" for m in others}
+                if done <= bus.seen_subscriptions:
+                    break
+                done_wait_until = done_wait_until or now + self.cfg.bus.join_timeout_s
+                if now > done_wait_until:
+                    self.log.warning("not everyone confirmed the end; closing anyway")
+                    break
+        # read whatever is still in flight, close the log with a published checkpoint over
+        # everything (an auditor audits exactly that), then tell everyone we are closing
+        # (for at most 2 s: participants beat while they wait for us, so quiet may never come)
+        drain_until = time.monotonic() + 2.0
+        while time.monotonic() < drain_until and (env := bus.recv(0.3)) is not None:
+            self.plog.append_envelope(env)
+        self._checkpoint(closing=True)
+        self._wait_for_observers()
+        bus.subscribe(f"run/{self.cfg.run.id}/closed/notary")
+        time.sleep(0.3)
+        self.log.info("notary done", entries=self.plog.size)
+        return EXIT_OK
+
+    def _register(self, env: Envelope, index: int) -> None:
+        """Watermark commitments and claims: a claim that holds is certified at once."""
+        refused = len(self.registry.refused)
+        todo = self.registry.observe(env, index)
+        for reason in self.registry.refused[refused:]:
+            self.log.warning("watermark message refused", reason=reason)
+            print(f"notary: refused a watermark message: {reason}", flush=True)
+        if todo is None:
+            return
+        self._checkpoint(force=True)  # a signed tree that holds the claim
+        note = self.plog.latest_note()
+        size = self.plog.size
+        cert = Certificate(self.roster.run_id, todo.stage, todo.round, todo.commit, todo.claim,
+                           todo.round_start, note,
+                           tuple(self.plog.tree.inclusion_proof(todo.commit.index, size)),
+                           tuple(self.plog.tree.inclusion_proof(todo.claim.index, size)),
+                           time.time_ns())
+        self.bus.send_doc("wm_cert", "all", {"stage": todo.stage, "round": todo.round,
+                                             "certificate": issue(self.ident, cert)})
+        self.log.info("watermark certified", stage=todo.stage, round=todo.round)
+
+    def _wait_for_observers(self) -> None:
+        """Keep the run open (logging, beating) while an auditor that follows it audits."""
+        bus = self.bus
+        deadline = time.monotonic() + self.cfg.bus.audit_timeout_s
+        waiting = {n for n in bus.observers()
+                   if f"run/{self.cfg.run.id}/done/{n}" not in bus.seen_subscriptions}
+        if waiting:
+            print(f"notary: keeping the run open for {', '.join(sorted(waiting))} (up to "
+                  f"{self.cfg.bus.audit_timeout_s:.0f} s)", flush=True)
+        while waiting:
+            if time.monotonic() > deadline:
+                self.log.warning("observers did not finish in time", observers=sorted(waiting))
+                return
+            bus.recv(0.5)  # beats on; the log is closed, nothing more is appended
+            waiting = {n for n in waiting
+                       if f"run/{self.cfg.run.id}/done/{n}" not in bus.seen_subscriptions}
+
+    def _checkpoint(self, *, final: bool = False, closing: bool = False,
+                    publish: bool = True, force: bool = False) -> None:
+        """Sign (and publish) a checkpoint. `final`: the owner acknowledged the end of
+        training; `closing`: the log is closed, nothing is appended after it; `force`: sign
+        one even if nothing was appended since the last."""
+        self.last_cp_time = time.monotonic()
+        if self.plog.size == self.last_cp_size and not (final or closing or force):
+            return
+        note = self.plog.sign_checkpoint()
+        self.last_cp_size = self.plog.size
+        if publish:
+            doc = {"note": note, "final": final}
+            if closing:
+                doc["closed"] = True
+            self.bus.send_doc("checkpoint", "all", doc)
+            if final:  # participants leave after this: their silence is no longer news
+                self.final_sent = True
+                self.bus.watch({})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+
+    return run_main("notary", lambda log: Notary(load(args), log).run(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""The `clicooper` command: one entry point, subcommands per tool.
+
+Exit status: 0 success; 1 a verification failed or the input was bad (the message says which
+and why); 2 a usage error (argparse). torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+
+from clicooper_bus import telemetry
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.net.identity import Identity, load_public, write_identity
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.wire import parse_header, split_leaf
+from clicooper_bus.tlog.log import ProvenanceLog
+from clicooper_bus.tlog.logverify import verify_log
+from clicooper_bus.tlog.merkle import verify_consistency, verify_inclusion
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _progress(stage: str, done: int, total: int) -> None:
+    if sys.stderr.isatty() and total:
+        print(f"\r{stage}: {done}/{total} ({100 * done // total}%)", end="", file=sys.stderr,
+              flush=True)
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    ident = Identity.generate(args.name)
+    write_identity(ident, args.dir, force=args.force)
+    print(f"wrote {Path(args.dir) / (args.name + '.key')} (mode 0600) and "
+          f"{Path(args.dir) / (args.name + '.pub')}")
+    print(f"key id {ident.key_id}; verifier key {ident.public.vkey}")
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    if Path(args.file).read_text(errors="replace").startswith("PRIVATE+KEY+"):
+        raise ClicooperError(f"{args.file} is a private key: show its .pub file instead")
+    pub = load_public(args.file)
+    print(json.dumps({"name": pub.name, "key_id": pub.key_id, "vkey": pub.vkey}, indent=2))
+    return 0
+
+
+# --- log ----------------------------------------------------------------------------------
+
+def cmd_log_verify(args: argparse.Namespace) -> int:
+    owner = load_public(args.owner_key) if args.owner_key else None
+    witnessed = [Path(f).read_text() for f in args.checkpoint]
+    result = verify_log(args.dir, owner=owner, witnessed=witnessed, progress=_progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    elif result.ok:
+        print(f"OK: {result.entries} entries, {result.body_records} bodies "
+              f"({result.body_bytes} bytes), {result.checkpoints} checkpoints verified; "
+              f"run {result.run_id}; root {result.root}")
+        for w in result.warnings:
+            print(f"warning: {w}")
+    else:
+        f = result.failure
+        where = f.file + (f" entry {f.index}" if f.index is not None and f.file == "leaves.dat"
+                          else f" record {f.index}" if f.index is not None else "")
+        print(f"FAILED at {where or 'log'}: {f.reason}")
+    return 0 if result.ok else 1
+
+
+def cmd_log_show(args: argparse.Namespace) -> int:
+    with ProvenanceLog.open(args.dir) as plog:
+        roster = Roster.open(plog.roster_bytes)
+        names = {m.key_id: f"{m.name} ({m.role})" for m in roster.members}
+        per: dict[str, dict[str, int]] = {}
+        leaf_bytes = 0
+        for i in range(plog.size):
+            leaf = plog.leaf(i)
+            leaf_bytes += len(leaf)
+            h = parse_header(split_leaf(leaf)[0])
+            row = per.setdefault(names.get(h.sender, h.sender), {})
+            row[h.kind] = row.get(h.kind, 0) + 1
+        print(f"log {plog.dir}\n  run {plog.run_id}, origin {plog.origin}")
+        body_bytes = sum(plog.bodies.lengths) - 32 * plog.body_records()
+        print(f"  retention {plog.retention.spec}; {plog.size} entries ({leaf_bytes} bytes of "
+              f"leaves), {plog.body_records()} bodies ({body_bytes} bytes)")
+        print(f"  roster: owner {roster.owner.name}, stages {' -> '.join(roster.stages)}, "
+              f"notary {roster.notary.name if roster.notary else '-'}")
+        print("  entries per sender and kind:")
+        for sender, kinds in sorted(per.items()):
+            detail = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+            print(f"    {sender}: {sum(kinds.values())} ({detail})")
+        n = plog.checkpoint_count
+        print(f"  checkpoints: {n}")
+        for i in range(max(0, n - 3), n):
+            cp = plog.checkpoint_at(i)
+            print(f"    #{i}: size {cp.size}, root {cp.root.hex()}")
+        for t in plog.torn:
+            print(f"  TORN TAIL: {t} (run `clicooper log repair {plog.dir}`)")
+    return 0
+
+
+def cmd_log_export(args: argparse.Namespace) -> int:
+    with ProvenanceLog.open(args.dir) as plog:
+        out = sys.stdout
+        for i in range(plog.size):
+            out.write(_b64(plog.leaf(i)) + "\n")
+    return 0
+
+
+def cmd_log_checkpoint(args: argparse.Namespace) -> int:
+    with ProvenanceLog.open(args.dir) as plog:
+        note = plog.latest_note()
+        if note is None:
+            raise ClicooperError(f"log {args.dir} has no checkpoint yet")
+        sys.stdout.write(note)
+    return 0
+
+
+def cmd_log_prove(args: argparse.Namespace) -> int:
+    with ProvenanceLog.open(args.dir) as plog:
+        tree = plog.tree
+        if args.consistency:
+            if args.size is not None:
+                raise ClicooperError("--size applies to --index; --consistency takes N M")
+            m, n = args.consistency
+            if not 0 < m <= n <= tree.size:
+                raise ClicooperError(f"need 0 < N <= M <= {tree.size} (the log's size)")
+            proof = tree.consistency_proof(m, n)
+            doc = {"size1": m, "size2": n, "root1": _b64(tree.root(m)),
+                   "root2": _b64(tree.root(n)), "proof": [_b64(p) for p in proof]}
+            verify_consistency(m, n, tree.root(m), tree.root(n), proof)  # never print a bad one
+        else:
+            size = tree.size if args.size is None else args.size
+            if not 0 <= args.index < size <= tree.size:
+                raise ClicooperError(f"need 0 <= index < size <= {tree.size} (the log's size)")
+            proof = tree.inclusion_proof(args.index, size)
+            lh = tree.leaf_hash_at(args.index)
+            verify_inclusion(args.index, size, lh, proof, tree.root(size))
+            doc = {"leafIdx": args.index, "treeSize": size, "leafHash": _b64(lh),
+                   "proof": [_b64(p) for p in proof], "root": _b64(tree.root(size))}
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_log_repair(args: argparse.Namespace) -> int:
+    with ProvenanceLog.open(args.dir, writable=True) as plog:
+        print(f"log {args.dir}: {plog.size} entries; "
+              + ("cut back: " + "; ".join(plog.torn) if plog.torn else "nothing to repair"))
+    return 0
+
+
+def cmd_log_demo(args: argparse.Namespace) -> int:
+    from clicooper_bus.tools.log_demo import write_demo
+
+    keys = Path(args.keys) if args.keys else Path(args.dir).resolve().parent / "keys"
+    try:
+        shape = tuple(int(x) for x in args.shape.split(","))
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        raise ClicooperError(f"--shape {args.shape!r} is not BATCH,WIDTH (two positive "
+                             f"integers)") from None
+    plog = write_demo(args.dir, messages=args.messages, keys_dir=keys, run_id=args.run_id,
+                      seed=args.seed, shape=shape, retention=args.retention,
+                      checkpoint_every=args.checkpoint_every)
+    with plog:
+        print(f"wrote {plog.size} signed messages and {plog.checkpoint_count} checkpoints to "
+              f"{args.dir} (keys in {keys}); owner key: {keys / 'owner.pub'}")
+    return 0
+
+
+def cmd_keys_ensure(args: argparse.Namespace) -> int:
+    from clicooper_bus.tools.run import ensure_keys
+
+    made = ensure_keys(Path(args.dir), args.names)
+    print(f"keys in {args.dir}: created {', '.join(made) if made else 'none'}; "
+          f"kept {', '.join(n for n in args.names if n not in made) or 'none'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from clicooper_bus.tools.run import run
+
+    return run(args.config, quick=args.quick, out=args.out, run_id=args.run_id, audit=args.audit)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    path = Path(args.run_dir) / "summary.json"
+    try:
+        s = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ClicooperError(f"{path} does not exist: the run did not finish (see "
+                             f"{Path(args.run_dir) / 'telemetry'} or the processes' output)") from None
+    print(f"run {s['run_id']}: {s['model']} on {s['dataset']}, stages {' -> '.join(s['stages'])}")
+    for row in s["per_epoch"]:
+        acc = f", test accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""
+        print(f"  epoch {row['epoch'] + 1}: loss {row['loss']:.4f}, train accuracy "
+              f"{row['train_accuracy']:.4f}{acc}, {row['wall_s']:.1f} s")
+    msgs = ", ".join(f"{k} {v}" for k, v in s["messages"].items())
+    print(f"test accuracy {s['test_accuracy']:.4f} after {s['epochs']} epoch(s), {s['steps']} "
+          f"steps, {s['wall_s']:.0f} s\nmessages: {msgs}\nfinal checkpoint: size "
+          f"{s['final_checkpoint']['size']}, root {s['final_checkpoint']['root']}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from clicooper_bus.audit.report import audit_and_write, compare, print_audit
+
+    if args.compare:
+        out = compare([Path(d) for d in args.compare], Path(args.out or "audit-compare"))
+        print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}")
+        return 0
+    if not args.run_dir:
+        raise ClicooperError("name a run directory (clicooper audit RUN_DIR) or --compare RUN...")
+    owner = load_public(args.owner_key) if args.owner_key else None
+    witnessed = [Path(f).read_text() for f in args.checkpoint]
+    from clicooper_bus.ml.attacks import select
+
+    attacked, where, doc = audit_and_write(Path(args.run_dir), force=args.force, owner=owner,
+                                           witnessed=witnessed or None,
+                                           out=Path(args.out) if args.out else None,
+                                           attacks=select(args.attacks))
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print_audit(attacked, where, doc)
+    return 0 if attacked else 1
+
+
+def cmd_model_verify(args: argparse.Namespace) -> int:
+    from clicooper_bus.ml.watermark.verify import verify_model
+
+    owner = load_public(args.owner_key) if args.owner_key else None
+    v = verify_model(args.model, args.bundle, log_dir=args.log, owner=owner, exact=args.exact)
+    if args.json:
+        print(json.dumps(v.to_json(), indent=2))
+        return 0 if v.ok else 1
+    _print_verdict(v)
+    return 0 if v.ok else 1
+
+
+def _print_verdict(v) -> None:
+    if v.stages:
+        print(f"{'stage':>5}  {'trainer':<14} {'rounds':>6}  {'bit errors':>10}  {'BER':>6}  "
+              f"weights")
+        for s in v.stages:
+            ber = "no weights" if s.bit_errors is None else f"{s.bit_errors}/{s.bits}"
+            rate = "" if s.bit_error_rate is None else f"{s.bit_error_rate:.1%}"
+            print(f"{s.stage:>5}  {s.trainer:<14} {s.rounds:>6}  {ber:>10}  {rate:>6}  "
+                  f"{'as claimed' if s.weights_as_claimed else 'changed since the claim'}")
+    if v.ok:
+        print(f"OK: run {v.run_id}: {v.certificates} certificates, every chain link, signature "
+              f"and inclusion proof holds{'; checked against the log' if v.log_checked else ''}; "
+              f"bit error threshold {v.threshold:.0%}")
+    else:
+        f = v.failure
+        where = "" if f["stage"] is None else f"stage {f['stage']}" + (
+            "" if f["round"] is None else f", round {f['round']}")
+        print(f"FAILED{': ' + where if where else ''}: {f['reason']}")
+
+
+def cmd_model_dispute(args: argparse.Namespace) -> int:
+    from clicooper_bus.ml.watermark.verify import dispute
+
+    if len(args.bundle) < 2:
+        raise ClicooperError("a dispute needs at least two --bundle")
+    winner, verdicts, reason = dispute(args.model, args.bundle)
+    for i, v in enumerate(verdicts):
+        state = "verifies" if v.ok else f"fails: {v.failure['reason']}"
+        print(f"bundle {i + 1} ({args.bundle[i]}, run {v.run_id or '?'}): {state}")
+    if winner is None:
+        print(f"undecided: {reason}")
+        return 1
+    print(f"the model belongs to bundle {winner + 1} ({args.bundle[winner]}): {reason}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from clicooper_bus.tools.sweep import sweep
+
+    return sweep(args.grid, only=args.only.split(",") if args.only else None, fresh=args.fresh,
+                 doc=args.doc)
+
+
+def cmd_config_defaults(args: argparse.Namespace) -> int:
+    from clicooper_bus.config import load_config
+
+    sys.stdout.write(load_config(None).to_toml())
+    return 0
+
+
+# --- wiring -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clicooper", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="group", required=True)
+
+    keys = sub.add_parser("keys", help="Ed25519 identities").add_subparsers(dest="cmd",
+                                                                            required=True)
+    k = keys.add_parser("new", help="write NAME.key (0600) and NAME.pub in DIR")
+    k.add_argument("name")
+    k.add_argument("--dir", required=True)
+    k.add_argument("--force", action="store_true", help="overwrite an existing identity")
+    k.set_defaults(func=cmd_keys_new)
+    k = keys.add_parser("show", help="print a public key file's name, key id and verifier key")
+    k.add_argument("file")
+    k.set_defaults(func=cmd_keys_show)
+
+    k = keys.add_parser("ensure", help="create the named identities that do not exist yet")
+    k.add_argument("names", nargs="+")
+    k.add_argument("--dir", required=True)
+    k.set_defaults(func=cmd_keys_ensure)
+
+    r = sub.add_parser("run", help="run broker, notary, owner and trainers on this machine")
+    r.add_argument("--config", help="run config (TOML); see `clicooper config defaults`")
+    r.add_argument("--quick", action="store_true",
+                   help="a small subset in one epoch (under a minute on 2 cores)")
+    r.add_argument("--out", help="output directory (default: the config's run.out_dir)")
+    r.add_argument("--run-id", help="run id (default: the config's run.id)")
+    r.add_argument("--audit", action="store_true",
+                   help="an auditor follows the run and writes RUN_DIR/audit/ at its end")
+    r.set_defaults(func=cmd_run)
+    r = sub.add_parser("summary", help="print a finished run's summary.json readably")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_summary)
+    a = sub.add_parser("audit", help="verify a finished run's log, attack it, write the report "
+                                     "to RUN_DIR/audit/")
+    a.add_argument("run_dir", nargs="?", help="the run directory (holding log/, config.toml, "
+                                              "model.safetensors)")
+    a.add_argument("--force", action="store_true",
+                   help="attack even a log that does not verify (the report says so first)")
+    a.add_argument("--owner-key", help="pin the roster's owner to this public key file")
+    a.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                   help="a checkpoint note seen elsewhere that the log must contain (default: "
+                        "RUN_DIR/checkpoint.txt, the final one the owner saw)")
+    a.add_argument("--out", help="report directory (default RUN_DIR/audit; with --compare "
+                                 "./audit-compare)")
+    a.add_argument("--json", action="store_true", help="print report.json instead of a summary")
+    a.add_argument("--attacks", help="comma-separated attack names (default: the whole suite)")
+    a.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                   help="side-by-side table and figure of runs already audited")
+    a.set_defaults(func=cmd_audit)
+    mp = sub.add_parser("model", help="a delivered model's provenance").add_subparsers(
+        dest="cmd", required=True)
+    m = mp.add_parser("verify", help="check a model against its provenance bundle")
+    m.add_argument("model", help="model.safetensors")
+    m.add_argument("--bundle", required=True, help="the run's provenance/ directory")
+    m.add_argument("--log", help="the run's log directory: also check every index and root")
+    m.add_argument("--owner-key", help="pin the roster's owner to this public key file")
+    m.add_argument("--json", action="store_true", help="machine-readable verdict")
+    m.add_argument("--exact", action="store_true",
+                   help="also require the weights the last claims certify, byte for byte (the "
+                        "marks alone can be written by anyone holding the bundle)")
+    m.set_defaults(func=cmd_model_verify)
+    m = mp.add_parser("dispute", help="decide between competing bundles claiming one model")
+    m.add_argument("model")
+    m.add_argument("--bundle", action="append", default=[], required=True,
+                   help="a run's provenance/ directory, its delivered model.safetensors beside it")
+    m.set_defaults(func=cmd_model_dispute)
+    sw = sub.add_parser("sweep", help="run and audit a grid of privacy configurations; write "
+                                      "the frontier (docs/PRIVACY.md) or the paper table")
+    sw.add_argument("grid", help="grid file (TOML), e.g. configs/sweep.toml")
+    sw.add_argument("--only", help="comma-separated run names to run (default: all)")
+    sw.add_argument("--fresh", action="store_true", help="rerun runs that already have a report")
+    sw.add_argument("--doc", help="write this document instead of the grid's")
+    sw.set_defaults(func=cmd_sweep)
+
+    cfgp = sub.add_parser("config", help="run configuration").add_subparsers(dest="cmd",
+                                                                            required=True)
+    c = cfgp.add_parser("defaults", help="print a complete config with every key documented")
+    c.set_defaults(func=cmd_config_defaults)
+
+    logp = sub.add_parser("log", help="provenance log tools").add_subparsers(dest="cmd",
+                                                                             required=True)
+    c = logp.add_parser("verify", help="verify every record, signature, chain, body, checkpoint")
+    c.add_argument("dir")
+    c.add_argument("--json", action="store_true", help="machine-readable result")
+    c.add_argument("--owner-key", help="pin the roster's owner to this public key file")
+    c.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                   help="a signed checkpoint seen elsewhere; the log must contain its tree "
+                        "(repeatable)")
+    c.set_defaults(func=cmd_log_verify)
+    c = logp.add_parser("show", help="human summary")
+    c.add_argument("dir")
+    c.set_defaults(func=cmd_log_show)
+    c = logp.add_parser("export", help="export leaves, base64, one per line, in log order")
+    c.add_argument("dir")
+    c.add_argument("--leaves", action="store_true", required=True)
+    c.set_defaults(func=cmd_log_export)
+    c = logp.add_parser("checkpoint", help="print the latest signed checkpoint note")
+    c.add_argument("dir")
+    c.set_defaults(func=cmd_log_checkpoint)
+    c = logp.add_parser("prove", help="inclusion (--index) or consistency (--consistency) proof")
+    c.add_argument("dir")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--index", type=int)
+    g.add_argument("--consistency", type=int, nargs=2, metavar=("N", "M"))
+    c.add_argument("--size", type=int, help="tree size for --index (default: the whole log)")
+    c.set_defaults(func=cmd_log_prove)
+    c = logp.add_parser("repair", help="cut a torn tail back to the last whole record")
+    c.add_argument("dir")
+    c.set_defaults(func=cmd_log_repair)
+    c = logp.add_parser("demo", help="write a demo log of signed random-tensor messages")
+    c.add_argument("dir")
+    c.add_argument("--messages", type=int, default=1000)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--run-id", default="demo")
+    c.add_argument("--keys", help="key directory (default: keys/ beside DIR)")
+    c.add_argument("--shape", default="32,64", help="activation shape BATCH,WIDTH")
+    c.add_argument("--retention", default="all", help="all, none, sample:N or kind=policy,...")
+    c.add_argument("--checkpoint-every", type=int, default=100)
+    c.set_defaults(func=cmd_log_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    telemetry.configure("cli")
+    if getattr(args, "messages", 1) < 1:
+        print("clicooper: error: --messages must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        return 0
+    except (ClicooperError, ValueError, OSError) as exc:
+        print(f"clicooper: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

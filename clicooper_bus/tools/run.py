@@ -1,0 +1,188 @@
+"""`clicooper run`: start a whole run on this machine and wait for it.
+
+Makes the missing keys, picks two free ports for the broker (so runs never collide), writes the
+effective config to `<out>/<id>/config.toml`, starts broker, notary, owner and trainers as
+separate processes (telemetry of each in `<out>/<id>/telemetry/<name>.jsonl`, the owner's
+progress on the console), and waits. If any process fails, the others are stopped and the
+failing one's last lines are shown. On success it verifies the log against the owner's key and
+the final checkpoint the owner saw, and prints the summary. With `--audit` an auditor follows
+the run (`clicooper_bus.services.auditor --follow`) and its report ends up in `<out>/<id>/audit/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from clicooper_bus.config import RunConfig, load_config
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.net.identity import Identity, key_paths, write_identity
+from clicooper_bus.tlog.logverify import verify_log
+
+QUICK = {"run": {"epochs": 1}, "data": {"train_limit": 6000, "test_limit": 2000}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_keys(directory: Path, names: list[str]) -> list[str]:
+    """Create the identities that do not exist yet; returns the names created."""
+    made = []
+    for name in names:
+        priv, pub = key_paths(directory, name)
+        if not pub.exists():
+            write_identity(Identity.generate(name), directory)
+            made.append(name)
+    return made
+
+
+def prepare(config: str | None, overrides: dict, out: str | None,
+            free_ports: bool = True) -> tuple[RunConfig, Path]:
+    over = {k: dict(v) for k, v in overrides.items()}
+    if out:
+        over.setdefault("run", {})["out_dir"] = out
+    if free_ports:
+        over.setdefault("bus", {}).update({"pub": f"tcp://127.0.0.1:{free_port()}",
+                                           "sub": f"tcp://127.0.0.1:{free_port()}"})
+    cfg = load_config(config, over)
+    p = cfg.participants
+    ensure_keys(Path(p.keys), [p.owner, p.notary, *p.trainers])
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ClicooperError(f"{run_dir} already exists and is not empty: choose another run id "
+                             f"(--run-id) or output directory (--out), or remove it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.toml"
+    path.write_text(cfg.to_toml())
+    return cfg, path
+
+
+def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False
+              ) -> list[tuple[str, list[str]]]:
+    """The processes of a run; `audit` adds a following auditor (a string: its --attacks)."""
+    py, c = sys.executable, ["--config", str(config_path)]
+    cmds = [("broker", [py, "-m", "clicooper_bus.services.broker", *c])]
+    if audit:  # first, so that it is watching before the run can end
+        names = ["--attacks", audit] if isinstance(audit, str) else []
+        cmds.append(("auditor", [py, "-m", "clicooper_bus.services.auditor", "--follow", *c, *names]))
+    cmds += [("notary", [py, "-m", "clicooper_bus.services.notary", *c]),
+             ("owner", [py, "-m", "clicooper_bus.services.owner", *c])]
+    cmds += [(t, [py, "-m", "clicooper_bus.services.trainer", *c, "--name", t])
+             for t in cfg.participants.trainers]
+    return cmds
+
+
+def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
+           timeout_s: float | None = None, audit: bool | str = False) -> int:
+    """Run every process; returns 0 if all succeeded."""
+    tel = cfg.run_dir / "telemetry"
+    tel.mkdir(parents=True, exist_ok=True)
+    procs: dict[str, subprocess.Popen] = {}
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        for name, cmd in _commands(cfg, config_path, audit):
+            procs[name] = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE if name == "owner" else open(tel / f"{name}.out", "w"),
+                stderr=open(tel / f"{name}.jsonl", "w"), env=env, text=True,
+                start_new_session=True)
+            if name == "broker":
+                time.sleep(0.3)
+                if procs[name].poll() is not None:
+                    break
+        owner_out = open(tel / "owner.out", "w")
+
+        def pump():
+            for line in procs["owner"].stdout:
+                owner_out.write(line)
+                owner_out.flush()
+                if echo:
+                    print(line, end="", flush=True)
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        workers = [n for n in procs if n != "broker"]
+        while True:
+            codes = {n: procs[n].poll() for n in procs}
+            failed = [n for n, c in codes.items() if c not in (None, 0)]
+            if failed or procs["broker"].poll() is not None and codes["broker"] != 0:
+                _report(failed or ["broker"], tel)
+                return 1
+            if all(codes[n] == 0 for n in workers):
+                return 0
+            if deadline and time.monotonic() > deadline:
+                print(f"clicooper run: timed out after {timeout_s:.0f} s", file=sys.stderr)
+                _report([n for n in workers if codes[n] is None], tel)
+                return 1
+            time.sleep(0.2)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _report(names: list[str], tel: Path) -> None:
+    for name in names:
+        print(f"clicooper run: process '{name}' failed; last lines of {tel / (name + '.jsonl')}:",
+              file=sys.stderr)
+        try:
+            lines = (tel / f"{name}.jsonl").read_text().splitlines()[-8:]
+        except OSError:
+            lines = []
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+
+
+def run(config: str | None, *, quick: bool = False, out: str | None = None,
+        run_id: str | None = None, echo: bool = True, timeout_s: float | None = None,
+        free_ports: bool = True, audit: bool | str = False,
+        overrides: dict | None = None) -> int:
+    """`overrides` ({section: {key: value}}) apply on top of the config file."""
+    base = {k: dict(v) for k, v in (overrides or {}).items()}
+    for k, v in (QUICK.items() if quick else ()):
+        base.setdefault(k, {}).update(v)
+    overrides = base
+    if run_id:
+        overrides.setdefault("run", {})["id"] = run_id
+    if audit:
+        observers = load_config(config, overrides).participants.observers
+        overrides.setdefault("participants", {})["observers"] = sorted({*observers, "auditor"})
+    cfg, path = prepare(config, overrides, out, free_ports)
+    t0 = time.perf_counter()
+    code = launch(cfg, path, echo=echo, timeout_s=timeout_s, audit=audit)
+    if code != 0:
+        return code
+    owner_key = Path(cfg.participants.keys) / f"{cfg.participants.owner}.pub"
+    from clicooper_bus.net.identity import load_public
+
+    result = verify_log(cfg.run_dir / "log", owner=load_public(owner_key),
+                        witnessed=[(cfg.run_dir / "checkpoint.txt").read_text()])
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    print(f"run {cfg.run.id}: test accuracy {summary['test_accuracy']:.4f} after "
+          f"{summary['epochs']} epoch(s); {time.perf_counter() - t0:.1f} s")
+    if result.ok:
+        print(f"log verified: {result.entries} entries, {result.checkpoints} checkpoints "
+              f"({cfg.run_dir / 'log'})")
+        if audit:
+            from clicooper_bus.audit.report import print_audit
+
+            report = json.loads((cfg.run_dir / "audit" / "report.json").read_text())
+            print_audit(not report.get("refused"), cfg.run_dir / "audit", report)
+        return 0
+    print(f"log verification FAILED: {result.failure}", file=sys.stderr)
+    return 1
