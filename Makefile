@@ -34,7 +34,9 @@ dataset:
 	  echo "Fashion-MNIST is not installed; to install it run: sudo apt-get install -y dataset-fashion-mnist"; \
 	fi
 
-test: setup
+# The README's test command (and CI's): the linters first (ruff, and the layer contracts of
+# pyproject.toml), then every test. pytest exits 5 when it collects no test: make fails then.
+test: lint
 	$(PY) -m pytest
 
 # The main job: the processes of the Procfile (broker, notary, owner, two trainers, and an
@@ -75,6 +77,7 @@ sweep: setup
 
 lint: setup
 	$(VENV)/bin/ruff check clicooper_bus tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

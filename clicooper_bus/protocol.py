@@ -1,1 +1,250 @@
-"""placeholder replaced below"""
+"""The protocol page: every topic of a run, and every control message as a typed document.
+
+Topics (`Topics`) are `run/<run id>/<kind>/<to>`; subscribers filter by prefix. Besides the
+message topics, four are only ever *subscribed to*, never published on: they are signals a
+participant gives by subscribing (the broker forwards subscriptions to every publisher):
+
+| signal                 | who subscribes        | meaning                                             |
+| ---------------------- | --------------------- | --------------------------------------------------- |
+| `hello/<name>`         | every participant     | its subscriptions are live (the last it makes)      |
+| `watching/<name>`      | an auditor following  | keep the run open until it is done                  |
+| `done/<name>`          | every participant     | it read all it needs of the run                     |
+| `closed/<name>`        | the notary            | it closed the log; lingering peers may leave        |
+
+Control messages (the msgpack bodies of the kinds below; tensors are `fwd`, `bwd`, `labels`,
+`eval_fwd`, `eval_out`, documents of the watermark chain are `clicooper_bus.chain.documents`):
+
+| kind         | from → to            | document                                            |
+| ------------ | -------------------- | --------------------------------------------------- |
+| `hello`      | trainer → all        | `Hello`: it built the roster's model and schedule   |
+| `metrics`    | last stage → owner   | `Metrics`: a training step's loss and correct count |
+| `round`      | owner → all          | `Round`: a watermark round starts or ends           |
+| `end`        | owner → all          | `End`: training is over, deliver segments           |
+| `segment`    | trainer → owner      | `Segment`: its weights, sealed to the owner         |
+| `ack`        | owner → all          | `Ack`: every segment arrived; the model's digest    |
+| `checkpoint` | notary → all         | `CheckpointMessage`: a signed tlog checkpoint note  |
+| `wm_cert`    | notary → all         | `WatermarkCertificate`: a certified claim           |
+| `beat`       | everyone → all       | `Beat`: liveness, an empty map                      |
+
+Each document is parsed strictly from the *verified* body: it must be a map with exactly the
+documented fields, each of its exact type (msgpack's True is not an int here, nor 1 a float); an
+unknown or missing field is refused with `ProtocolError`, naming the sender, the kind and the
+field. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal, TypeVar
+
+from clicooper_bus.errors import ClicooperError
+
+
+class ProtocolError(ClicooperError):
+    """A verified message whose document breaks the protocol: names the sender and field."""
+
+    def __init__(self, message: str, *, sender: str | None, kind: str, field_: str | None = None):
+        who = sender or "an unknown sender"
+        super().__init__(f"{who} sent a malformed {kind} message: {message}")
+        self.sender, self.kind, self.field = sender, kind, field_
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of one run. `Topics("demo").to("fwd", "trainer-1")` is
+    `run/demo/fwd/trainer-1`."""
+
+    run_id: str
+
+    @property
+    def all(self) -> str:
+        """The prefix of every topic of the run (what the notary subscribes to)."""
+        return f"run/{self.run_id}/"
+
+    def kind(self, kind: str) -> str:
+        """The prefix of every message of `kind`, whoever it is addressed to."""
+        return f"run/{self.run_id}/{kind}/"
+
+    def to(self, kind: str, to: str) -> str:
+        """The topic of a `kind` message addressed to `to` (a name, or `all`)."""
+        return f"run/{self.run_id}/{kind}/{to}"
+
+    # the signals: subscribed to, never published on
+    def hello(self, name: str) -> str:
+        return self.to("hello", name)
+
+    def watching(self, name: str) -> str:
+        return self.to("watching", name)
+
+    def done(self, name: str) -> str:
+        return self.to("done", name)
+
+    def closed(self, name: str) -> str:
+        return self.to("closed", name)
+
+
+M = TypeVar("M", bound="Control")
+
+
+class Control:
+    """A control document: a frozen dataclass whose fields are the map's keys."""
+
+    KIND: ClassVar[str] = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls: type[M], doc: Any, *, sender: str | None = None) -> M:
+        """The document `doc` (a decoded msgpack body) as this type.
+        Raises ProtocolError naming `sender`, the kind and the field that is wrong."""
+        if type(doc) is not dict:
+            raise ProtocolError(f"the body is a {type(doc).__name__}, not a map",
+                                sender=sender, kind=cls.KIND)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in doc if k not in known)
+        if unknown:
+            raise ProtocolError(f"unknown field {unknown[0]!r}", sender=sender, kind=cls.KIND,
+                                field_=unknown[0])
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in fields(cls):
+            if f.name not in doc:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ProtocolError(f"field {f.name!r} is missing", sender=sender,
+                                        kind=cls.KIND, field_=f.name)
+                continue
+            if not _fits(doc[f.name], hints[f.name]):
+                raise ProtocolError(f"field {f.name!r} is not {_name(hints[f.name])}",
+                                    sender=sender, kind=cls.KIND, field_=f.name)
+            values[f.name] = doc[f.name]
+        return cls(**values)._checked(sender)
+
+    def _checked(self: M, sender: str | None) -> M:
+        """Range checks beyond the types; subclasses raise ProtocolError."""
+        return self
+
+    def _refuse(self, message: str, field_: str, sender: str | None) -> ProtocolError:
+        return ProtocolError(message, sender=sender, kind=self.KIND, field_=field_)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a decoded msgpack value is exactly of the annotated type."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(hint))
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return type(value) is list and all(_fits(v, item) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(hint)
+        return type(value) is dict and all(_fits(a, k) and _fits(b, v) for a, b in value.items())
+    return type(value) is hint
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+@dataclass(frozen=True)
+class Hello(Control):
+    """A trainer built the roster's model (`model_spec`, its digest) and follows its schedule
+    (`in_flight`; a trainer from before pipelining sent none, and means 1)."""
+
+    KIND: ClassVar[str] = "hello"
+    ready: bool
+    stage: int
+    model_spec: str
+    in_flight: int = 1
+
+
+@dataclass(frozen=True)
+class Metrics(Control):
+    """The last stage's result for one training step (the step is in the header)."""
+
+    KIND: ClassVar[str] = "metrics"
+    loss: float
+    correct: int
+
+    def _checked(self, sender: str | None) -> Metrics:
+        if self.correct < 0:
+            raise self._refuse("correct is negative", "correct", sender)
+        return self
+
+
+@dataclass(frozen=True)
+class Round(Control):
+    """A watermark round (an epoch) starts or ends."""
+
+    KIND: ClassVar[str] = "round"
+    round: int
+    phase: Literal["start", "end"]
+
+    def _checked(self, sender: str | None) -> Round:
+        if self.round < 0:
+            raise self._refuse("round is negative", "round", sender)
+        return self
+
+
+@dataclass(frozen=True)
+class End(Control):
+    KIND: ClassVar[str] = "end"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Segment(Control):
+    """A trainer's final weights (safetensors bytes sealed to the owner's key) and how many
+    messages of each kind it sent before this one."""
+
+    KIND: ClassVar[str] = "segment"
+    stage: int
+    sealed: bytes
+    sent: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ack(Control):
+    """Every segment arrived; `model_sha256` (hex) puts the assembled model's digest in the log."""
+
+    KIND: ClassVar[str] = "ack"
+    segments: list[str]
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class CheckpointMessage(Control):
+    """A C2SP checkpoint note signed by the notary. `final`: the owner acknowledged the end of
+    training; `closed`: the log is closed, nothing is appended after it."""
+
+    KIND: ClassVar[str] = "checkpoint"
+    note: str
+    final: bool = False
+    closed: bool = False
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = {"note": self.note, "final": self.final}
+        return {**doc, "closed": True} if self.closed else doc  # as notaries always sent it
+
+
+@dataclass(frozen=True)
+class WatermarkCertificate(Control):
+    """The notary's certificate (`clicooper_bus.chain.certificate`) of a stage's round."""
+
+    KIND: ClassVar[str] = "wm_cert"
+    stage: int
+    round: int
+    certificate: bytes
+
+
+@dataclass(frozen=True)
+class Beat(Control):
+    KIND: ClassVar[str] = "beat"
+
+
+CONTROL: dict[str, type[Control]] = {c.KIND: c for c in (
+    Hello, Metrics, Round, End, Segment, Ack, CheckpointMessage, WatermarkCertificate, Beat)}

@@ -11,7 +11,8 @@ import sys
 
 import numpy as np
 
-from clicooper_bus.services import trainer as real
+from clicooper_bus.services.trainer import stage as real
+from clicooper_bus.services.trainer.__main__ import main
 
 
 class EvilTrainer(real.Trainer):
@@ -49,4 +50,4 @@ class EvilTrainer(real.Trainer):
 
 if __name__ == "__main__":
     real.Trainer = EvilTrainer
-    sys.exit(real.main())
+    sys.exit(main())

@@ -36,7 +36,7 @@ def _rogue(cfg, stop: threading.Event, done: dict) -> None:
     stranger = Identity.generate("mallory")
     bus = Bus(stranger, cfg.run.id, BusAddress(cfg.bus.pub, cfg.bus.sub),
               Verifier({}, cfg.run.id, partial=True))
-    bus.subscribe(bus.topic("fwd", "trainer-1"))
+    bus.subscribe(bus.topics.to("fwd", "trainer-1"))
     grabbed = None
     try:
         while not stop.is_set() and grabbed is None:

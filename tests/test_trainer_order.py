@@ -11,7 +11,8 @@ import torch
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.bus import BusError
 from clicooper_bus.plan import Plan
-from clicooper_bus.services.trainer import Trainer
+from clicooper_bus.services.dispatch import Dispatcher
+from clicooper_bus.services.trainer.stage import Trainer
 
 OWNER, PREV = "0wner000", "prev0000"
 
@@ -40,7 +41,8 @@ def _message(kind: str, sender: str, step: int, body: torch.Tensor | None = None
     header = SimpleNamespace(kind=kind, sender=sender, step=step, batch=step, epoch=0,
                              dtype="int64" if kind == "labels" else "float32",
                              shape=tuple(body.shape))
-    return SimpleNamespace(header=header, array=lambda: body.clone().numpy())
+    return SimpleNamespace(header=header, array=lambda: body.clone().numpy(),
+                           document=lambda: {"reason": "training complete"})
 
 
 def _last_stage(messages, in_flight: int) -> tuple[Trainer, ScriptedBus]:
@@ -55,8 +57,11 @@ def _last_stage(messages, in_flight: int) -> tuple[Trainer, ScriptedBus]:
     t.kid = {"owner": OWNER, "prev": PREV}
     t.prev, t.next, t.last = "prev", None, True
     t.labels, t.waiting_logits, t.queued = {}, set(), __import__("collections").deque()
-    t.marker = None
+    t.marker, t.notary_kid, t.ended = None, None, False
+    t.roster.stages = ["prev", "last"]
     t.log = SimpleNamespace(warning=lambda *a, **k: None)
+    t.loop = Dispatcher(t.bus, {}, t.log)
+    t._routes()
     return t, t.bus
 
 

@@ -32,6 +32,7 @@ from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM
 from clicooper_bus.net.identity import Identity
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope, Sender
+from clicooper_bus.protocol import Topics
 
 log = structlog.get_logger("clicooper.bus")
 
@@ -61,6 +62,7 @@ class Bus:
         self.identity = identity
         self.name = name or identity.name
         self.run_id = run_id
+        self.topics = Topics(run_id)
         self.sender = Sender(identity, run_id)
         self.verifier = verifier
         self.beat_s = beat_s
@@ -98,20 +100,17 @@ class Bus:
 
     # --- topics ----------------------------------------------------------------------------
 
-    def topic(self, kind: str, to: str = "") -> str:
-        return f"run/{self.run_id}/{kind}/{to}"
-
     def subscribe(self, *prefixes: str) -> None:
         for p in prefixes:
             self.sub.setsockopt_string(zmq.SUBSCRIBE, p)
 
     def announce(self) -> None:
         """Subscribe to our hello topic, last: once others see it, our subscriptions are live."""
-        self.subscribe(self.topic("hello", self.name))
+        self.subscribe(self.topics.hello(self.name))
 
     def mark_done(self) -> None:
         """Tell whoever waits on it (the notary) that we read everything we needed."""
-        self.subscribe(self.topic("done", self.name))
+        self.subscribe(self.topics.done(self.name))
 
     def linger(self, topic: str, peer: tuple[str, str]) -> bool:
         """After our part of the run: stay on the bus (beating) until `topic` is subscribed,
@@ -131,7 +130,7 @@ class Bus:
 
     def observers(self) -> set[str]:
         """Names of silent observers (auditors) that announced themselves on this run."""
-        prefix = f"run/{self.run_id}/watching/"
+        prefix = self.topics.kind("watching")
         return {t[len(prefix):] for t in self.seen_subscriptions if t.startswith(prefix)}
 
     def _drain_subscriptions(self) -> None:
@@ -145,7 +144,7 @@ class Bus:
 
     def wait_for_subscribers(self, kind: str, names: Iterable[str], timeout_s: float) -> None:
         """Block until every name has subscribed to `run/<id>/<kind>/<name>`."""
-        want = {self.topic(kind, n) for n in names}
+        want = {self.topics.to(kind, n) for n in names}
         deadline = time.monotonic() + timeout_s
         while not want <= self.seen_subscriptions:
             if time.monotonic() > deadline:

@@ -31,6 +31,7 @@ from clicooper_bus.errors import (
 )
 from clicooper_bus.net import codec
 from clicooper_bus.net.identity import Identity, check_name
+from clicooper_bus.protocol import Topics
 
 VERSION = 1
 DOMAIN = b"clicooper/v1\n"
@@ -107,11 +108,7 @@ class Header:
 
     @property
     def topic(self) -> str:
-        return topic(self.run, self.kind, self.to)
-
-
-def topic(run: str, kind: str, to: str) -> str:
-    return f"run/{run}/{kind}/{to}"
+        return Topics(self.run).to(self.kind, self.to)
 
 
 def signed_bytes(header_raw: bytes) -> bytes:

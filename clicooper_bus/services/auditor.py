@@ -14,26 +14,18 @@ signals `run/<id>/done/<name>`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from clicooper_bus.services import USER_OMP_POLICY
+import zmq
 
-if not USER_OMP_POLICY:
-    # the audit runs once the run is idle: spinning OpenMP threads take no core from anyone
-    # then, and made the audit's training loops about 25 % faster than passive waiting
-    os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
-
-import zmq  # noqa: E402  (after the OpenMP policy, before torch is imported)
-
-from clicooper_bus.audit.report import audit_and_write, print_audit
+from clicooper_bus import __version__
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError
-from clicooper_bus.ml.attacks import select
 from clicooper_bus.net.verifier import Verifier
-from clicooper_bus.services.common import EXIT_FAIL, EXIT_OK, load, public, run_main
+from clicooper_bus.protocol import CheckpointMessage, Topics
+from clicooper_bus.services.common import EXIT_FAIL, EXIT_OK, load, openmp_policy, public, run_main
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 from clicooper_bus.tlog.log import default_origin
 
@@ -50,9 +42,9 @@ class Follower:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.connect(cfg.bus.sub)
-        self.topic = f"run/{cfg.run.id}/checkpoint/"
-        self.sub.setsockopt_string(zmq.SUBSCRIBE, self.topic)
-        self.sub.setsockopt_string(zmq.SUBSCRIBE, f"run/{cfg.run.id}/watching/{name}")
+        self.topics = Topics(cfg.run.id)
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, self.topics.kind("checkpoint"))
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, self.topics.watching(name))
 
     def closing_checkpoint(self) -> str:
         """Block until the notary's closing checkpoint (the log is closed: nothing is appended
@@ -72,39 +64,40 @@ class Follower:
             frames = self.sub.recv_multipart(copy=True)
             try:  # only the notary's signed, in-order messages count (no replayed "closed")
                 env = self.verifier.verify_frames(frames)
-                doc = env.document()
-                note = doc.get("note") if type(doc) is dict else None
-                if env.header.kind != "checkpoint" or type(note) is not str:
+                if env.header.kind != "checkpoint":
                     continue
-                cp = open_checkpoint(note, self.notary, self.origin)
+                msg = CheckpointMessage.parse(env.document(), sender=self.cfg.participants.notary)
+                cp = open_checkpoint(msg.note, self.notary, self.origin)
             except ClicooperError as exc:
                 self.log.warning("message refused", error=str(exc))
                 print(f"auditor: refused a message on the checkpoint topic: {exc}", flush=True)
                 continue
             last, seen = time.monotonic(), seen + 1
-            self.log.info("checkpoint witnessed", size=cp.size, final=doc.get("final") is True,
-                          closed=doc.get("closed") is True)
-            if doc.get("closed") is True:
+            self.log.info("checkpoint witnessed", size=cp.size, final=msg.final, closed=msg.closed)
+            if msg.closed:
                 print(f"auditor: the notary closed the log (tree size {cp.size}, {seen} "
                       f"checkpoints witnessed); auditing", flush=True)
-                self.sub.setsockopt_string(zmq.UNSUBSCRIBE, self.topic)
-                return note
+                self.sub.setsockopt_string(zmq.UNSUBSCRIBE, self.topics.kind("checkpoint"))
+                return msg.note
 
     def done(self) -> None:
         """Tell the notary we are finished, give the subscription time to travel, leave."""
-        self.sub.setsockopt_string(zmq.SUBSCRIBE, f"run/{self.cfg.run.id}/done/{self.name}")
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, self.topics.done(self.name))
         time.sleep(0.5)
         self.sub.close()
         self.ctx.term()
 
 
 def _report(attacked: bool, where: Path, doc: dict) -> int:
+    from clicooper_bus.audit.report import print_audit
+
     print_audit(attacked, where, doc)
     return EXIT_OK if attacked else EXIT_FAIL
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("run_dir", nargs="?", help="audit this finished run (offline)")
     p.add_argument("--follow", action="store_true", help="follow the live run of --config")
     p.add_argument("--config", help="run config (TOML) of the run to follow")
@@ -115,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.follow == bool(args.run_dir) or (args.follow and not args.config):
         p.error("give either RUN_DIR, or --follow with --config")
+    # the audit runs once the run is idle: spinning OpenMP threads take no core from anyone
+    # then, and made the audit's training loops about 25 % faster than passive waiting
+    openmp_policy("ACTIVE")
 
     def body(log) -> int:
+        from clicooper_bus.audit.report import audit_and_write  # imports torch
+        from clicooper_bus.ml.attacks import select
+
         attacks = select(args.attacks)  # a bad name fails now, not after the run
         if not args.follow:
             return _report(*audit_and_write(Path(args.run_dir), force=args.force,

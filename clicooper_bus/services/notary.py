@@ -22,10 +22,12 @@ from clicooper_bus.chain.certificate import Certificate, issue
 from clicooper_bus.chain.registry import WatermarkRegistry
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import RosterError
+from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.bus import Bus, BusError
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
+from clicooper_bus.protocol import CheckpointMessage, WatermarkCertificate
 from clicooper_bus.services.common import (
     EXIT_FAIL,
     EXIT_OK,
@@ -57,7 +59,7 @@ class Notary:
             # training steps; it catches up while they wait on the network
             os.nice(self.cfg.log.notary_nice)
         bus = self.bus
-        bus.subscribe(f"run/{self.cfg.run.id}/")
+        bus.subscribe(bus.topics.all)
         bus.announce()
         self.log.info("notary waiting for the roster", run_id=self.cfg.run.id)
         deadline = time.monotonic() + self.cfg.bus.join_timeout_s
@@ -84,8 +86,8 @@ class Notary:
         except RosterError as exc:
             self.log.error("roster refused", error=str(exc))
             return
-        run_dir = self.cfg.run_dir
-        self.plog = ProvenanceLog.create(run_dir / "log", roster_bytes=bytes(env.body),
+        path = RunLayout(self.cfg.run_dir).log
+        self.plog = ProvenanceLog.create(path, roster_bytes=bytes(env.body),
                                          run_id=self.cfg.run.id, retention=self.cfg.log.retention,
                                          fsync=self.cfg.log.fsync, signer=self.ident)
         self.roster = roster
@@ -96,7 +98,7 @@ class Notary:
             roster, bytes(env.body), root_at=lambda n: plog.tree.root(n) if n <= plog.size else None)
         self.bus.start_beating()
         self.bus.watch({m.key_id: m.name for m in roster.members if m.role != "notary"})
-        self.log.info("log created", path=str(run_dir / "log"), members=len(roster.members))
+        self.log.info("log created", path=str(path), members=len(roster.members))
 
     def _serve(self) -> int:
         bus, roster = self.bus, self.roster
@@ -126,7 +128,7 @@ class Notary:
                     now - self.last_cp_time >= self.cfg.log.checkpoint_seconds):
                 self._checkpoint()
             if self.final_sent:
-                done = {f"run/{self.cfg.run.id}/done/{m.name}" for m in others}
+                done = {bus.topics.done(m.name) for m in others}
                 if done <= bus.seen_subscriptions:
                     break
                 done_wait_until = done_wait_until or now + self.cfg.bus.join_timeout_s
@@ -141,7 +143,7 @@ class Notary:
             self.plog.append_envelope(env)
         self._checkpoint(closing=True)
         self._wait_for_observers()
-        bus.subscribe(f"run/{self.cfg.run.id}/closed/notary")
+        bus.subscribe(bus.topics.closed(self.cfg.participants.notary))
         time.sleep(0.3)
         self.log.info("notary done", entries=self.plog.size)
         return EXIT_OK
@@ -163,16 +165,15 @@ class Notary:
                            tuple(self.plog.tree.inclusion_proof(todo.commit.index, size)),
                            tuple(self.plog.tree.inclusion_proof(todo.claim.index, size)),
                            time.time_ns())
-        self.bus.send_doc("wm_cert", "all", {"stage": todo.stage, "round": todo.round,
-                                             "certificate": issue(self.ident, cert)})
+        self.bus.send_doc("wm_cert", "all", WatermarkCertificate(
+            todo.stage, todo.round, issue(self.ident, cert)).to_doc())
         self.log.info("watermark certified", stage=todo.stage, round=todo.round)
 
     def _wait_for_observers(self) -> None:
         """Keep the run open (logging, beating) while an auditor that follows it audits."""
         bus = self.bus
         deadline = time.monotonic() + self.cfg.bus.audit_timeout_s
-        waiting = {n for n in bus.observers()
-                   if f"run/{self.cfg.run.id}/done/{n}" not in bus.seen_subscriptions}
+        waiting = {n for n in bus.observers() if bus.topics.done(n) not in bus.seen_subscriptions}
         if waiting:
             print(f"notary: keeping the run open for {', '.join(sorted(waiting))} (up to "
                   f"{self.cfg.bus.audit_timeout_s:.0f} s)", flush=True)
@@ -181,8 +182,7 @@ class Notary:
                 self.log.warning("observers did not finish in time", observers=sorted(waiting))
                 return
             bus.recv(0.5)  # beats on; the log is closed, nothing more is appended
-            waiting = {n for n in waiting
-                       if f"run/{self.cfg.run.id}/done/{n}" not in bus.seen_subscriptions}
+            waiting = {n for n in waiting if bus.topics.done(n) not in bus.seen_subscriptions}
 
     def _checkpoint(self, *, final: bool = False, closing: bool = False,
                     publish: bool = True, force: bool = False) -> None:
@@ -195,10 +195,7 @@ class Notary:
         note = self.plog.sign_checkpoint()
         self.last_cp_size = self.plog.size
         if publish:
-            doc = {"note": note, "final": final}
-            if closing:
-                doc["closed"] = True
-            self.bus.send_doc("checkpoint", "all", doc)
+            self.bus.send_doc("checkpoint", "all", CheckpointMessage(note, final, closing).to_doc())
             if final:  # participants leave after this: their silence is no longer news
                 self.final_sent = True
                 self.bus.watch({})

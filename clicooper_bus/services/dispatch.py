@@ -1,0 +1,102 @@
+"""One receive loop for a process: every verified message is dispatched by kind through an
+explicit handler table, and waiting is only ever "receive and dispatch until a condition on
+the process's state holds". No wait handles messages of its own, so what a message does never
+depends on who happens to be waiting when it arrives.
+
+A route names the kind, the senders allowed to send it (key ids) and the handler. A message of
+a kind with no route is ignored (every participant sees others' traffic on shared topics); one
+from a sender the route does not allow is refused with a logged reason. Data messages a process
+waits for by step (gradients, outputs, segments) go to a bounded `Mailbox` by their handler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.net.bus import Bus, BusError
+from clicooper_bus.net.wire import Envelope
+
+Handler = Callable[[Envelope], None]
+
+
+@dataclass(frozen=True)
+class Route:
+    senders: frozenset[str]  # key ids allowed to send this kind
+    handle: Handler
+
+
+class Dispatcher:
+    """The receive loop of one process over its `Bus`. `names` maps key ids to roster names
+    (for errors and logs)."""
+
+    def __init__(self, bus: Bus, names: dict[str, str], log=None):
+        self.bus, self.names = bus, names
+        self.log = log or structlog.get_logger("clicooper.dispatch")
+        self.routes: dict[str, Route] = {}
+
+    def route(self, kind: str, senders: Iterable[str], handle: Handler) -> None:
+        """Handle `kind` from these key ids with `handle` (replacing an earlier route)."""
+        self.routes[kind] = Route(frozenset(senders), handle)
+
+    def dispatch(self, env: Envelope) -> None:
+        route = self.routes.get(env.header.kind)
+        if route is None:
+            return
+        if env.header.sender not in route.senders:
+            self.log.warning("message from an unexpected sender refused", kind=env.header.kind,
+                             sender=self.names.get(env.header.sender, env.header.sender))
+            return
+        route.handle(env)
+
+    def pump(self, timeout_s: float) -> bool:
+        """Receive and dispatch at most one message; False if none came within `timeout_s`."""
+        env = self.bus.recv(timeout_s)
+        if env is None:
+            return False
+        self.dispatch(env)
+        return True
+
+    def until(self, ready: Callable[[], bool], *, timeout_s: float,
+              timed_out: Callable[[], str] | None) -> bool:
+        """Dispatch until `ready()` holds, and return True. After `timeout_s` (checked on every
+        pass: beats keep arriving) raises BusError with `timed_out()`'s text, or returns False
+        when `timed_out` is None. A silent watched peer raises BusError from the bus first."""
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            left = deadline - time.monotonic()
+            if left < 0:
+                if timed_out is None:
+                    return False
+                raise BusError(timed_out())
+            self.pump(min(1.0, left) or 0.01)
+        return True
+
+
+class Mailbox:
+    """Messages kept until the process takes them, by (kind, sender) in arrival order. At most
+    `limit` at once: more means a peer sends more than the protocol allows in flight."""
+
+    def __init__(self, names: dict[str, str], limit: int):
+        self.names, self.limit = names, limit
+        self.held: list[Envelope] = []
+
+    def put(self, env: Envelope) -> None:
+        """Keep `env`. Raises ClicooperError naming the sender when the mailbox is full."""
+        if len(self.held) >= self.limit:
+            h = env.header
+            raise ClicooperError(f"{self.names.get(h.sender, h.sender)} sent more {h.kind} "
+                                 f"messages than the protocol allows in flight")
+        self.held.append(env)
+
+    def take(self, kind: str, sender: str, step: int | None = None) -> Envelope | None:
+        """The oldest kept message of `kind` from key id `sender` (and of `step`, if given)."""
+        for i, env in enumerate(self.held):
+            h = env.header
+            if h.kind == kind and h.sender == sender and (step is None or h.step == step):
+                return self.held.pop(i)
+        return None

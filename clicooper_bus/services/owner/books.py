@@ -1,0 +1,89 @@
+"""The owner's books: what the control traffic of a run tells it, kept by the handlers of its
+receive loop. Trainers' hellos, the last stage's metrics, the notary's checkpoints, and the
+watermark chain's commitments, claims and certificates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from clicooper_bus.chain.certificate import open_certificate
+from clicooper_bus.chain.documents import Claim, Commit
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.net.identity import PublicIdentity
+from clicooper_bus.net.wire import Envelope
+from clicooper_bus.protocol import CheckpointMessage, Hello, Metrics, WatermarkCertificate
+from clicooper_bus.tlog.checkpoint import open_checkpoint
+
+
+@dataclass
+class Books:
+    stages: list[str]  # trainer names in stage order
+    names: dict[str, str]  # key id -> name
+    notary_key: PublicIdentity
+    origin: str  # the checkpoint origin of the run
+    model_spec: str  # the roster's model digest every trainer must have built
+    in_flight: int  # the roster's schedule every trainer must follow
+    ready: set[str] = field(default_factory=set)
+    metrics: dict[int, Metrics] = field(default_factory=dict)
+    checkpoints: list[str] = field(default_factory=list)
+    final_note: str | None = None
+    commits: dict[tuple[int, int], Commit] = field(default_factory=dict)
+    claims: dict[tuple[int, int], Claim] = field(default_factory=dict)
+    certs: dict[tuple[int, int], bytes] = field(default_factory=dict)
+
+    def _stage(self, env: Envelope) -> int:
+        return self.stages.index(self.names[env.header.sender]) + 1
+
+    def on_hello(self, env: Envelope) -> None:
+        """A trainer built the roster's model and follows its schedule, or the run stops."""
+        name = self.names[env.header.sender]
+        hello = Hello.parse(env.document(), sender=name)
+        if hello.model_spec != self.model_spec:
+            raise ClicooperError(f"{name} built a different model ({hello.to_doc()})")
+        if hello.in_flight != self.in_flight:
+            raise ClicooperError(
+                f"{name} follows a schedule of {hello.in_flight} batch(es) in flight, the "
+                f"roster asks for {self.in_flight}: a trainer older than pipelining? Update "
+                f"it, or set [run] in_flight = 1")
+        self.ready.add(name)
+
+    def on_metrics(self, env: Envelope) -> None:
+        name, step = self.names[env.header.sender], env.header.step
+        if step is None or step in self.metrics:
+            raise ClicooperError(f"{name} sent malformed or repeated metrics for step {step}")
+        self.metrics[step] = Metrics.parse(env.document(), sender=name)
+
+    def on_checkpoint(self, env: Envelope) -> None:
+        msg = CheckpointMessage.parse(env.document(), sender=self.names[env.header.sender])
+        open_checkpoint(msg.note, self.notary_key, self.origin)
+        self.checkpoints.append(msg.note)  # trainers key their marks to these roots
+        if msg.final:
+            self.final_note = msg.note
+
+    def on_commit(self, env: Envelope) -> None:
+        c = self._document(env, Commit)
+        self.commits[(self._stage(env), c.round)] = c
+
+    def on_claim(self, env: Envelope) -> None:
+        c = self._document(env, Claim)
+        self.claims[(self._stage(env), c.round)] = c
+
+    def on_certificate(self, env: Envelope) -> None:
+        msg = WatermarkCertificate.parse(env.document(), sender=self.names[env.header.sender])
+        try:
+            cert, _ = open_certificate(msg.certificate, self.notary_key, self.origin)
+        except ClicooperError as exc:
+            raise ClicooperError(f"the notary sent a certificate that does not verify: "
+                                 f"{exc}") from None
+        self.certs[(cert.stage, cert.round)] = bytes(msg.certificate)
+
+    def _document(self, env: Envelope, cls):
+        try:
+            return cls.from_doc(env.document())
+        except ValueError as exc:
+            raise ClicooperError(f"{self.names[env.header.sender]} sent a malformed "
+                                 f"{env.header.kind} message: {exc}") from None
+
+    def have(self, table: dict, round_: int) -> bool:
+        """Whether every stage's entry of `round_` is in `table` (commits or claims)."""
+        return {(k, round_) for k in range(1, len(self.stages) + 1)} <= set(table)

@@ -1,0 +1,240 @@
+"""The owner's process: joins the run and drives it, in the order of the protocol.
+
+It publishes the signed roster (with the training plan), waits until every trainer has
+confirmed it, then trains epoch by epoch (a watermark round around each when marks are on),
+evaluates, ends training, collects every trainer's sealed segment, assembles the model,
+acknowledges, waits for the notary's final checkpoint and writes the run's artefacts.
+Every message goes through one receive loop (`Dispatcher`) and its handler table (`_routes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+
+from clicooper_bus.config import RunConfig
+from clicooper_bus.errors import ClicooperError, ConfigError
+from clicooper_bus.layout import RunLayout, write_atomic
+from clicooper_bus.ml.privacy import defences as privacy
+from clicooper_bus.net.bus import Bus
+from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.plan import schedule
+from clicooper_bus.protocol import Ack, End, Round, Segment
+from clicooper_bus.services.common import EXIT_OK, identity, open_bus, public
+from clicooper_bus.services.dispatch import Dispatcher, Mailbox
+from clicooper_bus.services.owner import artefacts
+from clicooper_bus.services.owner.books import Books
+from clicooper_bus.services.owner.setup import build
+from clicooper_bus.services.owner.training import EVAL_WINDOW, Training
+from clicooper_bus.tlog.checkpoint import open_checkpoint
+from clicooper_bus.tlog.log import default_origin
+
+MAX_HELD = 4 * EVAL_WINDOW  # data messages kept for later; more means a peer floods the owner
+
+
+class Owner:
+    def __init__(self, cfg: RunConfig, log):
+        self.cfg, self.log = cfg, log
+        p = cfg.participants
+        self.ident = identity(cfg, p.owner)
+        self.notary_key = public(cfg, p.notary)
+        self.setup = build(cfg, self.ident, [public(cfg, n) for n in p.trainers], self.notary_key)
+        self.layout = RunLayout(cfg.run_dir)
+        if self.layout.made():
+            raise ConfigError(f"{self.layout.made()[0]} exists: a run with id '{cfg.run.id}' was "
+                              f"already made here; choose another run id or remove "
+                              f"{self.layout.root}")
+        artefacts.write_config(self.layout, cfg)
+        roster = self.setup.roster
+        self.bus: Bus = open_bus(cfg, self.ident, Verifier(roster, cfg.run.id, partial=True))
+        self.stages = list(roster.stages)
+        self.kid = {m.name: m.key_id for m in roster.members}
+        names = {v: k for k, v in self.kid.items()}
+        self.books = Books(self.stages, names, self.notary_key, default_origin(cfg.run.id),
+                           roster.meta["model_spec"], cfg.run.in_flight)
+        self.loop = Dispatcher(self.bus, names, log)
+        self.mailbox = Mailbox(names, MAX_HELD)
+        self._routes()
+        self.training = Training(cfg, self.bus, self.loop, self.mailbox, self.books, self.setup,
+                                 self.kid)
+        self.rounds = 0
+        self.evaluations = 0
+
+    def _routes(self) -> None:
+        """The handler table: who may send the owner each kind, and what it does with it."""
+        k, b, keep = self.kid, self.books, self.mailbox.put
+        stages = {k[n] for n in self.stages}
+        first, last, notary = k[self.stages[0]], k[self.stages[-1]], k[self.cfg.participants.notary]
+        route = self.loop.route
+        route("hello", stages, b.on_hello)
+        route("metrics", {last}, b.on_metrics)
+        route("checkpoint", {notary}, b.on_checkpoint)
+        route("wm_commit", stages, b.on_commit)
+        route("wm_claim", stages, b.on_claim)
+        route("wm_cert", {notary}, b.on_certificate)
+        route("bwd", {first}, keep)
+        route("eval_out", {last}, keep)
+        route("segment", stages, keep)
+        if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
+            route("fwd", {last}, keep)
+            route("eval_fwd", {last}, keep)
+
+    def until(self, what: str, ready, timeout_s: float | None = None) -> None:
+        timeout = timeout_s or self.cfg.bus.step_timeout_s
+        self.loop.until(ready, timeout_s=timeout, timed_out=lambda: (
+            f"waited {timeout:.0f} s for {what} while everyone is alive: a message was lost or a "
+            f"peer is stuck"))
+
+    # --- the run -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            t0 = time.perf_counter()
+            self._join()
+            per_epoch, step = self._train()
+            sent = self._collect_segments()
+            if self.cfg.privacy.evaluate == "owner":  # on the delivered model, nothing released
+                per_epoch[-1]["accuracy"] = self.training.evaluate_locally()
+                print(f"owner: test accuracy of the delivered model {per_epoch[-1]['accuracy']:.4f}",
+                      flush=True)
+            self._finish(per_epoch, step, sent, time.perf_counter() - t0)
+            return EXIT_OK
+        finally:
+            self.bus.close()
+
+    def _join(self) -> None:
+        bus, cfg, topics = self.bus, self.cfg, self.bus.topics
+        owner = cfg.participants.owner
+        for kind in ("bwd", "eval_out", "metrics", "segment", "fwd", "eval_fwd"):
+            bus.subscribe(topics.to(kind, owner))
+        for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert"):
+            bus.subscribe(topics.kind(kind))
+        bus.announce()
+        everyone = self.stages + [cfg.participants.notary]
+        print(f"owner: waiting for {', '.join(everyone)} to join run '{cfg.run.id}'", flush=True)
+        bus.wait_for_subscribers("hello", everyone, cfg.bus.join_timeout_s)
+        if cfg.participants.observers:  # so that the notary knows to wait for them
+            bus.wait_for_subscribers("watching", cfg.participants.observers, cfg.bus.join_timeout_s)
+        self.roster_bytes = self.setup.roster.sign(self.ident)
+        bus.send_bytes("roster", "all", self.roster_bytes)
+        bus.start_beating()
+        bus.watch({self.kid[n]: n for n in everyone})
+        self.loop.until(lambda: self.books.ready == set(self.stages),
+                        timeout_s=cfg.bus.join_timeout_s, timed_out=lambda: (
+                            f"trainers {sorted(set(self.stages) - self.books.ready)} did not "
+                            f"confirm the roster in time"))
+        self.log.info("everyone joined", trainers=self.stages)
+        piped = f", {schedule(cfg.run.in_flight, self.setup.defences.head_fixed)}" \
+            if cfg.run.in_flight > 1 else ""
+        print(f"owner: {len(self.stages)} trainers joined; training {self.setup.spec.name} on "
+              f"{len(self.setup.data.x_train)} {self.setup.data.name} images{piped}", flush=True)
+
+    def _train(self) -> tuple[list[dict], int]:
+        cfg, wm_on, per_epoch, step = self.cfg, self.cfg.watermark.enabled, [], 0
+        for epoch in range(cfg.run.epochs):
+            if wm_on:  # every trainer commits to its round key before the round
+                self.bus.send_doc("round", "all", Round(epoch, "start").to_doc())
+                self.until(f"watermark commitments of round {epoch}",
+                           lambda e=epoch: self.books.have(self.books.commits, e))
+            row, step = self.training.epoch(epoch, step)
+            if wm_on:  # ... and claims it once its last step is done
+                self.bus.send_doc("round", "all", Round(epoch, "end").to_doc())
+                self.until(f"watermark claims of round {epoch}",
+                           lambda e=epoch: self.books.have(self.books.claims, e))
+                self.rounds = epoch + 1
+            stop = bool(cfg.run.max_steps) and step >= cfg.run.max_steps
+            last = stop or epoch == cfg.run.epochs - 1  # the run ends: always evaluate
+            every = cfg.run.eval_every
+            if cfg.privacy.evaluate == "chain" and (last or (every and (epoch + 1) % every == 0)):
+                row["accuracy"] = self.training.evaluate(epoch)
+                self.evaluations += 1
+            per_epoch.append(row)
+            self.log.info("epoch done", **row)
+            print(f"epoch {epoch + 1}/{cfg.run.epochs}: loss {row['loss']:.4f}, "
+                  f"train accuracy{' (on pseudo-labels)' if self.setup.defences.codec else ''} "
+                  f"{row['train_accuracy']:.4f}, {self._accuracy_text(row)}, "
+                  f"{row['wall_s']:.1f} s", flush=True)
+            if stop:
+                break
+        return per_epoch, step
+
+    def _accuracy_text(self, row: dict) -> str:
+        if "accuracy" in row:
+            return f"test accuracy {row['accuracy']:.4f}"
+        if self.cfg.privacy.evaluate == "owner":
+            return "test accuracy at the end, on the owner"
+        return "not evaluated this epoch"
+
+    def _collect_segments(self) -> dict[str, int]:
+        """End training, load every trainer's sealed segment, save the assembled model.
+        Returns the messages sent, by kind, by everyone (as each trainer counted its own)."""
+        self.bus.send_doc("end", "all", End("training complete").to_doc())
+        sent: dict[str, int] = dict(self.bus.sent)
+        for i, name in enumerate(self.stages, start=1):
+            env = self.training.receive(f"the segment of {name}", "segment", name)
+            seg = Segment.parse(env.document(), sender=name)
+            try:
+                self.setup.segments[i].load_state_dict(st_load(self.ident.unseal(seg.sealed)),
+                                                     strict=True)
+            except (RuntimeError, SafetensorError, ClicooperError) as exc:
+                raise ClicooperError(f"the segment {name} delivered does not fit stage {i}: "
+                                     f"{exc}") from None
+            for k, v in seg.sent.items():  # counted before the segment was sent
+                sent[k] = sent.get(k, 0) + v
+            sent["segment"] = sent.get("segment", 0) + 1
+        if self.setup.defences.codec is not None:
+            artefacts.write_label_groups(self.layout, self.setup.defences.codec.groups)
+        self.model_sha = artefacts.write_model(self.layout, self.setup, self.cfg.run.id)
+        return sent
+
+    def _finish(self, per_epoch: list[dict], steps: int, sent: dict[str, int], wall: float) -> None:
+        bus, books = self.bus, self.books
+        sent = {k: v for k, v in sent.items() if k != "beat"}
+        # the model's digest goes into the log, so an auditor can tell it is this run's model
+        bus.send_doc("ack", "all", Ack(self.stages, self.model_sha).to_doc())
+        sent["ack"] = sent.get("ack", 0) + 1
+        self.until("the notary's final checkpoint", lambda: books.final_note is not None)
+        cp = open_checkpoint(books.final_note, self.notary_key, default_origin(self.cfg.run.id))
+        bus.watch({})  # from here on peers leave as they finish
+        write_atomic(self.layout.checkpoint, books.final_note)
+        if self.cfg.watermark.enabled:
+            self._write_provenance()
+        artefacts.write_summary(self.layout, self._summary(per_epoch, steps, sent, wall, cp))
+        print(f"owner: test accuracy {per_epoch[-1].get('accuracy', float('nan')):.4f}; wrote "
+              f"{self.layout.summary} and model.safetensors; log tree size {cp.size}", flush=True)
+        bus.mark_done()
+        notary = self.cfg.participants.notary
+        bus.linger(bus.topics.closed(notary), (self.kid[notary], notary))
+
+    def _write_provenance(self) -> None:
+        want = {(k, t) for k in range(1, len(self.stages) + 1) for t in range(self.rounds)}
+        self.until("the notary's watermark certificates", lambda: want <= set(self.books.certs))
+        artefacts.write_provenance(
+            self.layout, cfg=self.cfg, stages=self.stages, rounds=self.rounds,
+            roster_bytes=self.roster_bytes, certs=self.books.certs, final_note=self.books.final_note,
+            checkpoints=self.books.checkpoints, model_sha=self.model_sha, owner=self.ident.public,
+            notary=self.notary_key)
+
+    def _summary(self, per_epoch: list[dict], steps: int, sent: dict[str, int], wall: float,
+                 cp) -> dict:
+        cfg, setup = self.cfg, self.setup
+        if setup.defences.codec is not None:  # the last stage only knows the pseudo-labels
+            for row in per_epoch:
+                row["train_accuracy_on"] = "pseudo-labels"
+        return {
+            "run_id": cfg.run.id, "dataset": setup.data.name, "model": setup.spec.name,
+            "stages": self.stages, "cuts": list(setup.cuts), "epochs": len(per_epoch),
+            "steps": steps, "in_flight": cfg.run.in_flight,
+            "schedule": schedule(cfg.run.in_flight, setup.defences.head_fixed),
+            "test_accuracy": per_epoch[-1].get("accuracy", float("nan")),
+            "per_epoch": per_epoch, "messages": dict(sorted(sent.items())), "wall_s": wall,
+            "final_checkpoint": {"size": cp.size, "root": cp.root.hex()},
+            "model_file": self.layout.model.name, "model_sha256": self.model_sha,
+            "privacy": {"configuration": privacy.describe(cfg.privacy),
+                        "settings": dataclasses.asdict(cfg.privacy),
+                        "spent": privacy.spent(cfg.privacy, cfg.run.epochs, len(per_epoch),
+                                               self.evaluations)},
+        }

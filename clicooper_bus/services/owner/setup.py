@@ -1,0 +1,87 @@
+"""What the owner builds from its config before it joins the bus: the data, the split model,
+the defences, the training plan and the roster that signs them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from clicooper_bus.config import RunConfig
+from clicooper_bus.ml.data import Dataset, load_dataset
+from clicooper_bus.ml.models import (
+    ModelSpec,
+    build_segments,
+    check_cuts,
+    default_cuts,
+    model_spec,
+    tail_start,
+)
+from clicooper_bus.ml.privacy import defences as privacy
+from clicooper_bus.ml.privacy.nopeek import distance_correlation
+from clicooper_bus.ml.privacy.secret import load_or_create, run_key
+from clicooper_bus.ml.split import SegmentTrainer
+from clicooper_bus.net.identity import Identity, PublicIdentity
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.plan import Plan
+
+
+@dataclass
+class OwnerSetup:
+    data: Dataset
+    spec: ModelSpec
+    cuts: tuple[int, ...]
+    plan: Plan
+    segments: list  # head, the trainers' stages, and the owner's tail if it keeps one
+    defences: privacy.Defences
+    head: SegmentTrainer
+    tail: SegmentTrainer | None
+    roster: Roster
+
+
+def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
+          notary_key: PublicIdentity) -> OwnerSetup:
+    """Load the data and build everything the run needs. Raises ConfigError for a bad model,
+    cut or dataset, and KeyFileError for an unreadable owner secret."""
+    p, pv = cfg.participants, cfg.privacy
+    data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed)
+    data = data.limit(cfg.data.train_limit or None, cfg.data.test_limit or None)
+    # the secret, through a fresh key of this run, keys the noise and the pseudo-labels;
+    # it never leaves the key directory
+    secret = run_key(load_or_create(p.keys, p.owner), cfg.run.id) if pv.on else None
+    classes = data.classes
+    spec = model_spec(cfg.model.name, data.input_shape, classes * pv.label_gamma)
+    k, tail_at = len(p.trainers), tail_start(spec) if pv.owner_tail else 0
+    cuts = check_cuts(spec, tuple(cfg.model.cuts), k, tail_at) if cfg.model.cuts \
+        else default_cuts(spec, k, tail_at)
+    plan = Plan(spec.name, data.input_shape, classes, cuts, cfg.run.seed, cfg.run.lr,
+                cfg.run.batch_size, outputs=classes * pv.label_gamma if pv.label_gamma > 1 else 0,
+                tail=tail_at, in_flight=cfg.run.in_flight)
+    segments = build_segments(spec, plan.segment_cuts, cfg.run.seed)
+    defences = privacy.Defences.build(pv, secret, classes, cfg.run.epochs)
+    head = SegmentTrainer(segments[0], lr=cfg.run.lr, is_head=True,
+                          stash=cfg.run.in_flight > 1 and not defences.head_fixed)
+    head.warm_up((cfg.run.batch_size, *data.input_shape))
+    if pv.nopeek:
+        head.penalty = lambda x, a: pv.nopeek * distance_correlation(x, a)
+    tail = SegmentTrainer(segments[-1], lr=cfg.run.lr) if tail_at else None
+    roster = Roster.build(
+        cfg.run.id, owner=ident.public, trainers=trainer_keys, notary=notary_key,
+        meta={"plan": plan.to_meta(), "model_spec": spec.digest(plan.segment_cuts),
+              "config": cfg.digest(), "dataset": data.name, "model": spec.name,
+              **watermark_meta(cfg, len(data.x_train))})
+    return OwnerSetup(data, spec, cuts, plan, segments, defences, head, tail, roster)
+
+
+def watermark_meta(cfg: RunConfig, n_train: int) -> dict[str, str]:
+    """The watermark settings the owner signs into the roster, with the number of rounds the
+    run will have, so that a bundle missing its last rounds cannot pass for whole."""
+    w = cfg.watermark
+    if not w.enabled:
+        return {}
+    rounds = cfg.run.epochs
+    if cfg.run.max_steps:
+        per_epoch = -(-n_train // cfg.run.batch_size)
+        rounds = min(rounds, -(-cfg.run.max_steps // per_epoch))
+    return {"watermark": json.dumps({"bits": w.bits, "strength": w.strength,
+                                     "threshold": w.threshold, "rounds": rounds},
+                                    sort_keys=True)}

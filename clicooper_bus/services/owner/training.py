@@ -1,0 +1,211 @@
+"""The owner's part of training: epochs of steps with up to `in_flight` batches out, releases
+through the defences, the owner's tail if it keeps one, and evaluation (through the chain, or
+locally on the delivered model)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clicooper_bus.config import RunConfig
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.ml.data import batch_order, to_float
+from clicooper_bus.ml.privacy.release import inference_model
+from clicooper_bus.ml.tensors import tensor
+from clicooper_bus.net.bus import Bus
+from clicooper_bus.net.wire import Envelope
+from clicooper_bus.protocol import Metrics
+from clicooper_bus.services.dispatch import Dispatcher, Mailbox
+from clicooper_bus.services.owner.books import Books
+from clicooper_bus.services.owner.setup import OwnerSetup
+
+EVAL_WINDOW = 8  # evaluation batches in flight (no gradients flow back, so they pipeline)
+
+
+@dataclass
+class InFlight:
+    """A training step whose forward is out."""
+
+    step: int
+    idx: np.ndarray  # the batch's sample indices
+    meta: dict  # step, batch, epoch: the header fields of its messages
+    shape: tuple[int, ...]  # of the released activations
+
+
+class Training:
+    def __init__(self, cfg: RunConfig, bus: Bus, loop: Dispatcher, mailbox: Mailbox,
+                 books: Books, setup: OwnerSetup, kid: dict[str, str]):
+        self.cfg, self.bus, self.loop, self.mailbox = cfg, bus, loop, mailbox
+        self.books, self.setup, self.kid = books, setup, kid
+        self.first, self.last = books.stages[0], books.stages[-1]
+
+    # --- receiving what a step waits for -------------------------------------------------------
+
+    def receive(self, what: str, kind: str, name: str, step: int | None = None) -> Envelope:
+        """The next `kind` message from `name` (of `step`, if given), dispatching meanwhile.
+        Raises BusError after `[bus] step_timeout_s` with everyone alive."""
+        got: list[Envelope] = []
+
+        def arrived() -> bool:
+            env = self.mailbox.take(kind, self.kid[name], step)
+            if env is not None:
+                got.append(env)
+            return bool(got)
+
+        timeout = self.cfg.bus.step_timeout_s
+        self.loop.until(arrived, timeout_s=timeout, timed_out=lambda: (
+            f"waited {timeout:.0f} s for {what} while everyone is alive: a message was lost "
+            f"or a peer is stuck"))
+        return got[0]
+
+    def _checked(self, env: Envelope, shape: tuple[int, ...] | None, n: int | None = None
+                 ) -> torch.Tensor:
+        """The body as float32 of exactly `shape` (or `n` rows of any width), else refused."""
+        h = env.header
+        ok = h.dtype == "float32" and (h.shape == shape if shape is not None
+                                       else bool(h.shape) and h.shape[0] == n)
+        if not ok:
+            want = list(shape) if shape is not None else f"[{n}, ...]"
+            raise ClicooperError(f"{self.books.names.get(h.sender, h.sender)} sent {h.kind} of "
+                                 f"{h.dtype} {list(h.shape or ())} for step {h.step}, expected "
+                                 f"float32 {want}")
+        return tensor(env)
+
+    # --- training ------------------------------------------------------------------------------
+
+    def epoch(self, epoch: int, step: int) -> tuple[dict, int]:
+        """One epoch from global step `step`: its summary row and the next step."""
+        cfg, data = self.cfg, self.setup.data
+        batches = batch_order(len(data.x_train), cfg.run.batch_size, cfg.run.seed, epoch)
+        t0, seen, report = time.perf_counter(), 0, max(1, len(batches) // 10)
+        first_step = step
+        window: deque[InFlight] = deque()
+        for b, idx in enumerate(batches):
+            if cfg.run.max_steps and step >= cfg.run.max_steps:
+                break
+            if len(window) == cfg.run.in_flight:  # pipelined: the oldest batch must finish
+                self._complete(window.popleft())
+            window.append(self._send(idx, {"step": step, "batch": b, "epoch": epoch}))
+            seen += len(idx)
+            step += 1
+            if (b + 1) % report == 0:
+                self._progress(epoch, b + 1, len(batches), first_step, seen / (time.perf_counter() - t0))
+        while window:  # an epoch ends with nothing in flight
+            self._complete(window.popleft())
+        steps = range(first_step, step)
+        self.loop.until(lambda: all(s in self.books.metrics for s in steps),
+                        timeout_s=cfg.bus.step_timeout_s, timed_out=lambda: (
+                            f"waited {cfg.bus.step_timeout_s:.0f} s for training metrics while "
+                            f"everyone is alive: a message was lost or a peer is stuck"))
+        ms = [self.books.metrics[s] for s in steps]
+        sizes = [len(i) for i in batches[:len(steps)]]
+        n = max(1, seen)
+        return {"epoch": epoch, "loss": sum(m.loss * k for m, k in zip(ms, sizes, strict=True)) / n,
+                "train_accuracy": sum(m.correct for m in ms) / n, "steps": len(steps),
+                "wall_s": time.perf_counter() - t0}, step
+
+    def _progress(self, epoch: int, done: int, total: int, first_step: int, rate: float) -> None:
+        latest = max((s for s in self.books.metrics if s >= first_step), default=None)
+        loss = self.books.metrics[latest].loss if latest is not None else float("nan")
+        print(f"  epoch {epoch + 1} step {done}/{total} loss {loss:.4f} {rate:,.0f} samples/s",
+              flush=True)
+
+    def _send(self, idx: np.ndarray, meta: dict) -> InFlight:
+        """A step's forward: the released activations to stage 1, labels to the last stage."""
+        act = self._release(self.setup.data.x_train[idx], idx, meta["step"])
+        self.bus.send_array("fwd", self.first, act, **meta)
+        if self.setup.tail is None:
+            self.bus.send_array("labels", self.last, self._labels(idx), **meta)
+        return InFlight(meta["step"], idx, meta, tuple(act.shape))
+
+    def _complete(self, s: InFlight) -> None:
+        """The rest of a training step once its forward is out: the owner's tail (if it keeps
+        one), then the gradients from the first stage into the head."""
+        if self.setup.tail is not None:
+            self._tail_step(s)
+        env = self.receive(f"gradients of step {s.step} from {self.first}", "bwd", self.first,
+                           s.step)
+        grad = self._checked(env, s.shape)
+        if not self.setup.defences.head_fixed:
+            self.setup.head.backward(grad, s.step)
+
+    def _release(self, images, idx, step: int) -> torch.Tensor:
+        """The head's activation of one training batch, through the privacy filter."""
+        d, x, head = self.setup.defences, to_float(images), self.setup.head
+        flt = d.filter
+        if d.head_fixed:  # `once`: the fixed head and per-sample noise give the same release
+            out = head.evaluate(x)
+            return flt(out, ids=idx, split="train") if flt is not None else out
+        post = (lambda a: flt(a, ids=idx, split="train", step=step)) if flt is not None else None
+        return head.forward(x, step, post=post)
+
+    def _labels(self, idx):
+        y = self.setup.data.y_train[idx]
+        codec = self.setup.defences.codec
+        return codec.encode(idx, y) if codec is not None else y
+
+    def _tail_step(self, s: InFlight) -> None:
+        """Owner tail: the last stage's output comes back; the owner computes the loss and sends
+        the gradient back down the chain."""
+        env = self.receive(f"the output of step {s.step} from {self.last}", "fwd", self.last,
+                           s.step)
+        tail = self.setup.tail
+        tail.forward(self._checked(env, None, len(s.idx)), s.step)
+        r = tail.loss_backward(torch.from_numpy(self.setup.data.y_train[s.idx]).long(), s.step)
+        self.bus.send_array("bwd", self.last, r.grad_in, **s.meta)
+        self.books.metrics[s.step] = Metrics(r.loss, r.correct)
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def _decode(self, logits: torch.Tensor) -> torch.Tensor:
+        codec = self.setup.defences.codec
+        return codec.decode(logits) if codec is not None else logits
+
+    def evaluate_locally(self) -> float:
+        """Test accuracy of the delivered model on the owner: nothing is released."""
+        flt = self.setup.defences.filter
+        model = inference_model(self.setup.segments, flt.spec if flt is not None else None)
+        x, y, bs = self.setup.data.x_test, self.setup.data.y_test, self.cfg.run.batch_size
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(x), bs):
+                pred = self._decode(model(to_float(x[i:i + bs]))).argmax(1).numpy()
+                correct += int((pred == y[i:i + bs]).sum())
+        return correct / max(1, len(x))
+
+    def evaluate(self, epoch: int) -> float:
+        """Test accuracy through the chain, `EVAL_WINDOW` batches in flight."""
+        x, y, bs = self.setup.data.x_test, self.setup.data.y_test, self.cfg.run.batch_size
+        batches = [slice(i * bs, (i + 1) * bs) for i in range((len(x) + bs - 1) // bs)]
+        kind = "eval_fwd" if self.setup.tail is not None else "eval_out"
+        correct, sent, done, seen = 0, 0, 0, set()
+        while done < len(batches):
+            while sent < len(batches) and sent - done < EVAL_WINDOW:
+                self._send_eval(x, batches[sent], sent, epoch * len(batches) + sent, epoch)
+                sent += 1
+            env = self.receive("evaluation outputs", kind, self.last)
+            i = env.header.step
+            if not (0 <= i < sent) or i in seen:
+                self.loop.log.warning("unexpected evaluation output ignored", step=i,
+                                      sender=self.last)
+                continue
+            seen.add(i)
+            n = len(y[batches[i]])
+            if self.setup.tail is not None:
+                logits = self.setup.tail.evaluate(self._checked(env, None, n))
+            else:
+                logits = self._checked(env, (n, self.setup.plan.n_outputs))
+            correct += int((self._decode(logits).argmax(1).numpy() == y[batches[i]]).sum())
+            done += 1
+        return correct / max(1, len(x))
+
+    def _send_eval(self, x, sl: slice, i: int, noise_step: int, epoch: int) -> None:
+        act, flt = self.setup.head.evaluate(to_float(x[sl])), self.setup.defences.filter
+        if flt is not None:
+            ids = np.arange(sl.start, min(sl.stop, len(x)))
+            act = flt(act, ids=ids, split="test", step=noise_step)
+        self.bus.send_array("eval_fwd", self.first, act, step=i, batch=i, epoch=epoch)

@@ -1,0 +1,294 @@
+"""A trainer's stage: joins on the owner's signed roster and serves it.
+
+It trusts only the owner key it was given until the owner's signed roster names it, builds its
+segment from the roster's plan (checking the model digest), then serves: activations forward,
+gradients back, evaluation batches, and at the end its weights, sealed so that only the owner
+can read them. Every message goes through one receive loop (`Dispatcher`) and its handler
+table (`_routes`): messages from anyone but its neighbours in the roster's stage order are
+refused.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from safetensors.torch import save as st_save
+
+from clicooper_bus.config import MAX_IN_FLIGHT
+from clicooper_bus.errors import ClicooperError, RosterError
+from clicooper_bus.ml.models import build_segments, plan_spec
+from clicooper_bus.ml.split import SegmentTrainer
+from clicooper_bus.ml.tensors import tensor
+from clicooper_bus.ml.watermark.marker import Marker
+from clicooper_bus.net.bus import Bus, BusError
+from clicooper_bus.net.identity import PublicIdentity
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.net.wire import Envelope
+from clicooper_bus.plan import Plan
+from clicooper_bus.protocol import CheckpointMessage, End, Hello, Metrics, Round, Segment
+from clicooper_bus.services.common import EXIT_OK, identity, open_bus, public
+from clicooper_bus.services.dispatch import Dispatcher
+from clicooper_bus.tlog.checkpoint import open_checkpoint
+from clicooper_bus.tlog.log import default_origin
+
+FOREVER = float("inf")
+
+
+class Trainer:
+    def __init__(self, cfg, name: str, log, owner_key: PublicIdentity | None = None):
+        self.cfg, self.name, self.log = cfg, name, log
+        self.ident = identity(cfg, name)
+        self.owner_key = owner_key or public(cfg, cfg.participants.owner)
+        verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id, partial=True)
+        self.bus: Bus = open_bus(cfg, self.ident, verifier)
+        self.loop = Dispatcher(self.bus, {self.owner_key.key_id: self.owner_key.name}, log)
+        self.roster: Roster | None = None
+        self.labels: dict[int, torch.Tensor] = {}
+        self.waiting_logits: set[int] = set()
+        self.queued: deque[Envelope] = deque()  # activations waiting for the previous step
+        self.ended = False  # the owner ended training
+        self.final_seen = False  # the notary's final checkpoint arrived
+
+    def run(self) -> int:
+        bus, topics = self.bus, self.bus.topics
+        for kind in ("roster", "end", "ack", "checkpoint", "beat", "round", "wm_commit"):
+            bus.subscribe(topics.kind(kind))
+        for kind in ("fwd", "bwd", "labels", "eval_fwd"):
+            bus.subscribe(topics.to(kind, self.name))
+        bus.announce()
+        try:
+            self._join()
+            self._serve()
+            return self._finish()
+        finally:
+            bus.close()
+
+    # --- joining -------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        """Wait for a roster signed by the owner that names us, build our stage, say hello."""
+        self.loop.route("roster", {self.owner_key.key_id}, self._on_roster)
+        timeout = self.cfg.bus.join_timeout_s
+        self.loop.until(lambda: self.roster is not None, timeout_s=timeout, timed_out=lambda: (
+            f"no roster naming '{self.name}' from the owner within {timeout:.0f} s"))
+        roster = self.roster
+        self.bus.verifier.use_roster(roster)
+        self.plan = plan = Plan.from_meta(roster.meta["plan"])
+        if not 1 <= plan.in_flight <= MAX_IN_FLIGHT:
+            raise RosterError(f"the roster's plan asks for {plan.in_flight} batches in flight; "
+                              f"a trainer holds 1 to {MAX_IN_FLIGHT}")
+        spec = plan_spec(plan)
+        if spec.digest(plan.segment_cuts) != roster.meta.get("model_spec"):
+            raise RosterError("the roster's model digest does not match its plan")
+        self._place(roster)
+        segments = build_segments(spec, plan.segment_cuts, plan.seed)
+        self.segment = segments[self.index + 1]
+        self.seg = SegmentTrainer(self.segment, lr=plan.lr)
+        probe = torch.zeros((plan.batch_size, *plan.input_shape))
+        with torch.no_grad():  # this stage's input shape: the earlier stages' output
+            for seg in build_segments(spec, plan.segment_cuts, plan.seed)[:self.index + 1]:
+                probe = seg(probe)
+        self.seg.warm_up(tuple(probe.shape))
+        self.bus.start_beating()
+        self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
+        self.marker = Marker.from_roster(roster, self.roster_bytes, self.index + 1,
+                                         self.ident.public.public_key, self.segment)
+        if self.marker is not None:
+            self.seg.regularizer = self.marker.regularizer
+        self._routes()
+        self.bus.send_doc("hello", "all", Hello(True, self.index + 1, roster.meta["model_spec"],
+                                                plan.in_flight).to_doc())
+        self.log.info("joined", stage=self.index + 1, prev=self.prev, next=self.next)
+
+    def _on_roster(self, env: Envelope) -> None:
+        if self.roster is not None:
+            return
+        try:
+            roster = Roster.open(bytes(env.body), owner=self.owner_key)
+        except RosterError as exc:
+            self.log.error("roster refused", error=str(exc))
+            return
+        if self.name not in roster.stages:
+            self.log.warning("roster does not list us", stages=list(roster.stages))
+            return
+        self.roster, self.roster_bytes = roster, bytes(env.body)
+
+    def _place(self, roster: Roster) -> None:
+        """Our neighbours in the stage order. With an owner tail (U-shaped split) the final
+        stage sends its output to the owner, which holds the last layer and the loss: no stage
+        ever gets labels."""
+        names = roster.stages
+        self.index = names.index(self.name)
+        final = self.index == len(names) - 1
+        self.last = final and not self.plan.tail
+        self.prev = roster.owner.name if self.index == 0 else names[self.index - 1]
+        self.next = roster.owner.name if final and self.plan.tail else \
+            None if final else names[self.index + 1]
+        self.kid = {m.name: m.key_id for m in roster.members}
+        self.notary_kid = roster.notary.key_id if roster.notary else None
+        self.loop.names = {v: k for k, v in self.kid.items()}
+
+    # --- serving -------------------------------------------------------------------------------
+
+    def _routes(self) -> None:
+        """The handler table: who may send this stage each kind, and what it does with it."""
+        k, owner = self.kid, self.kid[self.roster.owner.name]
+        route = self.loop.route
+        route("fwd", {k[self.prev]}, self._on_fwd)
+        route("eval_fwd", {k[self.prev]}, self._on_eval)
+        if self.next:
+            route("bwd", {k[self.next]}, self._on_bwd)
+        if self.last:
+            route("labels", {owner}, self._on_labels)
+        route("end", {owner}, self._on_end)
+        if self.notary_kid is not None:
+            route("checkpoint", {self.notary_kid}, self._on_checkpoint)
+        if self.marker is not None:
+            route("round", {owner}, self._on_round)
+            # every stage's commitments pass by; only the previous stage's link to ours
+            route("wm_commit", {k[n] for n in self.roster.stages}, self._on_commit)
+
+    def _serve(self) -> None:
+        """Until the owner ends training (a silent neighbour raises BusError from the bus)."""
+        self.loop.until(lambda: self.ended, timeout_s=FOREVER, timed_out=None)
+
+    def _on_fwd(self, env: Envelope) -> None:
+        h = env.header
+        held = len(self.queued) + len(self.seg.pending)  # the owner has them all out
+        if held >= self.plan.in_flight or h.step in self.seg.pending or \
+                any(q.header.step == h.step for q in self.queued):
+            raise BusError(f"{self.prev} sent activations for step {h.step} with {held} steps "
+                           f"held here (the roster allows {self.plan.in_flight} in flight)")
+        self.queued.append(env)
+        self._advance()
+
+    def _on_labels(self, env: Envelope) -> None:
+        h = env.header
+        if h.dtype != "int64" or h.shape is None or len(h.shape) != 1 or \
+                len(self.labels) >= self.plan.in_flight:
+            raise BusError(f"owner sent labels of {h.dtype} {list(h.shape or ())} with "
+                           f"{len(self.labels)} steps of labels waiting")
+        self.labels[h.step] = tensor(env)
+        self._maybe_loss(h.step, h)
+        self._advance()  # a batch may have been queued behind this step's loss
+
+    def _on_bwd(self, env: Envelope) -> None:
+        h = env.header
+        if h.step not in self.seg.pending or h.shape != self.seg.output_shape(h.step):
+            raise BusError(f"{self.next} sent gradients {list(h.shape or ())} for step "
+                           f"{h.step}, which has no matching forward here")
+        grad = self.seg.backward(tensor(env), h.step, update=False)
+        self.bus.send_array("bwd", self.prev, grad, step=h.step, batch=h.batch, epoch=h.epoch)
+        self.seg.update()  # off the critical path: the gradient is already on its way
+        self._advance()
+
+    def _on_eval(self, env: Envelope) -> None:
+        h = env.header
+        out = self.seg.evaluate(tensor(env))
+        owner = self.roster.owner.name
+        self.bus.send_array("eval_out" if self.last else "eval_fwd",
+                            owner if self.last else self.next, out, step=h.step, batch=h.batch,
+                            epoch=h.epoch)
+
+    def _on_end(self, env: Envelope) -> None:
+        End.parse(env.document(), sender=self.roster.owner.name)
+        self.ended = True
+
+    def _advance(self) -> None:
+        """Forward the next queued batch once the previous step's backward is done: a stage
+        trains strictly in step order whatever the owner has in flight, so pipelining changes
+        what a stage computes only through the (lagging) head's activations it is sent."""
+        while self.queued and not self.seg.pending:
+            env = self.queued.popleft()
+            h = env.header
+            out = self.seg.forward(tensor(env), h.step)
+            if self.last:
+                self.waiting_logits.add(h.step)
+                self._maybe_loss(h.step, h)
+            else:
+                self.bus.send_array("fwd", self.next, out, step=h.step, batch=h.batch,
+                                    epoch=h.epoch)
+
+    def _maybe_loss(self, step: int, h) -> None:
+        if step not in self.waiting_logits or step not in self.labels:
+            return
+        self.waiting_logits.discard(step)
+        labels = self.labels.pop(step).long()
+        n, classes = self.seg.output_shape(step)
+        if labels.shape[0] != n or labels.min() < 0 or labels.max() >= classes:
+            raise BusError(f"labels of step {step} do not fit its logits [{n}, {classes}]")
+        r = self.seg.loss_backward(labels, step, update=False)
+        self.bus.send_array("bwd", self.prev, r.grad_in, step=step, batch=h.batch, epoch=h.epoch)
+        self.seg.update()
+        self.bus.send_doc("metrics", self.roster.owner.name, Metrics(r.loss, r.correct).to_doc(),
+                          step=step, batch=h.batch, epoch=h.epoch)
+
+    # --- the watermark chain -------------------------------------------------------------------
+
+    def _on_checkpoint(self, env: Envelope) -> None:
+        """A checkpoint the notary signed: our marks key to its root; the final one lets us go.
+        One that does not verify is refused, with a warning."""
+        try:
+            msg = CheckpointMessage.parse(env.document(), sender=self.roster.notary.name)
+            cp = open_checkpoint(msg.note, self.roster.notary.identity,
+                                 default_origin(self.cfg.run.id))
+        except ClicooperError as exc:
+            self.log.warning("bad checkpoint from the notary", error=str(exc))
+            return
+        if self.marker is not None:
+            self.marker.saw_checkpoint(cp.size, cp.root)
+            self._commit()
+        self.final_seen = self.final_seen or msg.final
+
+    def _on_commit(self, env: Envelope) -> None:
+        if self.index == 0 or env.header.sender != self.kid[self.prev]:
+            return
+        try:
+            self.marker.saw_previous_commit(env.document())
+        except ValueError as exc:
+            raise ClicooperError(f"{self.prev} sent a malformed wm_commit message: {exc}") from None
+        self._commit()
+
+    def _on_round(self, env: Envelope) -> None:
+        """Commit before a round, claim after it."""
+        r = Round.parse(env.document(), sender=self.roster.owner.name)
+        if r.phase == "start":
+            self.marker.start(r.round)
+        else:
+            claim = self.marker.claim(r.round)
+            sent = self.bus.send_doc("wm_claim", "all", claim.to_doc())
+            self.marker.claimed(sent.leaf)
+            self.log.info("watermark claimed", round=claim.round, bit_errors=claim.bit_errors,
+                          bits=claim.nbits)
+        self._commit()
+
+    def _commit(self) -> None:
+        """Publish our commitment as soon as everything it links to is known."""
+        commit = self.marker.ready_commit()
+        if commit is not None:
+            self.bus.send_doc("wm_commit", "all", commit.to_doc())
+            self.log.info("watermark committed", round=commit.round)
+
+    # --- the end -------------------------------------------------------------------------------
+
+    def _finish(self) -> int:
+        """Deliver our weights sealed to the owner; stay until the notary's final checkpoint
+        (or the join timeout), then leave once the notary closes."""
+        bus = self.bus
+        weights = st_save({k: v.detach().contiguous() for k, v in self.segment.state_dict().items()},
+                          metadata={"run_id": self.cfg.run.id, "stage": str(self.index + 1)})
+        sealed = self.roster.owner.identity.seal(weights)
+        bus.send_doc("segment", self.roster.owner.name,
+                     Segment(self.index + 1, sealed, dict(bus.sent)).to_doc())
+        self.log.info("segment delivered", bytes=len(weights))
+        if not self.loop.until(lambda: self.final_seen, timeout_s=self.cfg.bus.join_timeout_s,
+                               timed_out=None):
+            self.log.warning("no final checkpoint from the notary; leaving anyway")
+        bus.watch({})  # from here on peers leave as they finish
+        bus.mark_done()
+        if self.notary_kid is not None:
+            bus.linger(bus.topics.closed(self.roster.notary.name),
+                       (self.notary_kid, self.roster.notary.name))
+        return EXIT_OK
