@@ -30,22 +30,23 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
     """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one,
     never a part: write a temporary file beside it, fsync it, rename it over `path`, fsync the
     directory (POSIX rename(2) is atomic within one file system). `mode` applies from creation
-    (0o600 for owner-only files), so the content is never readable more widely.
-    Raises OSError as the file system does."""
+    (0o600 for owner-only files), so the content is never readable more widely. A failure
+    leaves `path` as it was and removes the temporary file (a symbolic link in its place is
+    refused, not followed). Raises OSError as the file system does."""
     path = Path(path)
     raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), mode)
     try:
-        os.fchmod(fd, mode)  # an older .tmp left by a crash keeps its mode otherwise
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # closes fd, whatever happens next
+            os.fchmod(f.fileno(), mode)  # an older .tmp left by a crash keeps its mode otherwise
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -123,6 +124,11 @@ class RunLayout:
     @property
     def audit(self) -> Path:
         return self.root / "audit"
+
+    @property
+    def audit_report(self) -> Path:
+        """`audit/report.json`: the auditor's report (or refusal) for machines."""
+        return self.audit / "report.json"
 
     @property
     def telemetry(self) -> Path:

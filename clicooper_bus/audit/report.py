@@ -11,7 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from clicooper_bus.audit import families
 from clicooper_bus.audit.auditor import Audit
+from clicooper_bus.layout import RunLayout, write_atomic
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"  # in the report directory (RUN_DIR/audit)
+FIGURES = ("reconstructions.png", "scores.png")
 
 
 def to_json(audit: Audit) -> dict[str, Any]:
@@ -29,25 +34,9 @@ def to_json(audit: Audit) -> dict[str, Any]:
 
 
 def headline(row: dict[str, Any]) -> tuple[str, str, str]:
-    """(score, the line it must beat, verdict-free margin) of one attack, as text."""
-    if row["family"] == "clustering":
-        raw = row["reference_raw_pixels"]
-        return (f"ARI {row['ari']:.3f}, AMI {row['ami']:.3f}, matched accuracy "
-                f"{row['matched_accuracy']:.3f}, success {row['success_rate']:.0%} "
-                f"(strongest: {row['strongest']})",
-                f"chance ARI 0, matched accuracy {row['matched_accuracy_chance']:.3f}; raw pixels "
-                f"ARI {raw['ari']:.3f}",
-                f"{row['matched_accuracy'] - row['matched_accuracy_chance']:+.3f} accuracy over chance")
-    if row["family"] == "inversion":
-        f = row["floors"]
-        return (f"SSIM {row['ssim']:.3f}",
-                f"mean image {f['mean_image']:.3f}, black {f['black']:.3f}, true class mean "
-                f"{f['class_mean']:.3f}",
-                f"{row['ssim'] - f['mean_image']:+.3f} over the mean image, "
-                f"{row['ssim'] - f['class_mean']:+.3f} over the class mean")
-    return (f"accuracy {row['accuracy']:.3f} ({row['mapping']})",
-            f"chance {row['chance']:.3f}; owner {row['owner_accuracy']:.3f}",
-            f"{row['accuracy'] - row['owner_accuracy']:+.3f} against the owner")
+    """(score, the line it must beat, verdict-free margin) of one attack, as text: its
+    family's headline. Raises UnknownFamily (a ClicooperError) for an unregistered family."""
+    return families.family(row["family"]).headline(row)
 
 
 def epsilon_text(e: dict[str, Any] | None) -> str:
@@ -115,13 +104,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
         t = row["threat_model"]
         lines.append(f"- **{row['name']}** ({row['wall_s']} s): {t['party']}; sees "
                      f"{', '.join(t['sees'])}; aux: {t['aux']}")
-    clus = [r for r in doc["attacks"] if r["family"] == "clustering"]
-    if clus:
-        lines += ["", "### Clustering variants (ARI)", "", "| variant | ARI | AMI | matched "
-                  "accuracy | success |", "| --- | --- | --- | --- | --- |"]
-        for v, m in clus[0]["variants"].items():
-            lines.append(f"| {v} | {m['ari']:.3f} | {m['ami']:.3f} | {m['matched_accuracy']:.3f} "
-                         f"| {m['success_rate']:.0%} |")
+    for fam in families.families():
+        rows = families.rows_of(doc["attacks"], fam.name)
+        if rows and fam.details is not None:
+            lines += fam.details(rows)
     lines += ["", "Figures: `reconstructions.png` (originals above each attack's "
               "reconstructions), `scores.png`.", ""]
     return "\n".join(lines)
@@ -158,34 +144,12 @@ def _scores_figure(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    inv = [r for r in doc["attacks"] if r["family"] == "inversion"]
-    clus = [r for r in doc["attacks"] if r["family"] == "clustering"]
-    ext = [r for r in doc["attacks"] if r["family"] == "extraction"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    if inv:
-        f = inv[0]["floors"]
-        axes[0].bar([r["name"] for r in inv], [r["ssim"] for r in inv], color="tab:red")
-        for name, y, style in (("mean image", f["mean_image"], ":"), ("black", f["black"], "--"),
-                               ("class mean", f["class_mean"], "-.")):
-            axes[0].axhline(y, ls=style, color="k", lw=1, label=name)
-        axes[0].set_title("inversion: SSIM")
-        axes[0].legend(fontsize=7)
-        axes[0].tick_params(axis="x", labelrotation=30, labelsize=7)
-    if clus:
-        v = clus[0]["variants"]
-        axes[1].bar(list(v), [m["ari"] for m in v.values()], color="tab:blue")
-        axes[1].axhline(clus[0]["reference_raw_pixels"]["ari"], ls="--", color="k", lw=1,
-                        label="raw pixels")
-        axes[1].set_title("clustering: ARI per variant")
-        axes[1].legend(fontsize=7)
-        axes[1].tick_params(axis="x", labelrotation=30, labelsize=7)
-    if ext:
-        axes[2].bar([r["name"] for r in ext], [r["accuracy"] for r in ext], color="tab:green")
-        axes[2].axhline(ext[0]["chance"], ls=":", color="k", lw=1, label="chance")
-        axes[2].axhline(ext[0]["owner_accuracy"], ls="--", color="k", lw=1, label="owner")
-        axes[2].set_title("extraction: accuracy")
-        axes[2].legend(fontsize=7)
-        axes[2].tick_params(axis="x", labelrotation=30, labelsize=7)
+    fams = sorted(families.families(), key=lambda f: f.panel)
+    fig, axes = plt.subplots(1, len(fams), figsize=(13, 3.6))
+    for ax, fam in zip(axes, fams, strict=True):  # left empty when none of its attacks ran
+        rows = families.rows_of(doc["attacks"], fam.name)
+        if rows:
+            fam.plot(ax, rows)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -194,15 +158,15 @@ def _scores_figure(doc: dict[str, Any], path: Path) -> None:
 def write_report(audit: Audit, out: Path | None = None) -> Path:
     """Write report.json, report.md and figures to `out` (default RUN_DIR/audit); atomically
     per file, so a crash never leaves half a report under the final name."""
-    out = Path(out) if out else audit.run_dir / "audit"
+    out = Path(out) if out else RunLayout(audit.run_dir).audit
     out.mkdir(parents=True, exist_ok=True)
     _remove_figures(out)  # an earlier audit's figures must not sit beside this report
     doc = to_json(audit)
-    _atomic(out / "report.json", json.dumps(doc, indent=2, default=_plain) + "\n")
-    _atomic(out / "report.md", to_markdown(doc))
+    write_atomic(out / REPORT_JSON, json.dumps(doc, indent=2, default=_plain) + "\n")
+    write_atomic(out / REPORT_MD, to_markdown(doc))
     if audit.results:
-        _reconstruction_grid(audit, out / "reconstructions.png")
-        _scores_figure(doc, out / "scores.png")
+        _reconstruction_grid(audit, out / FIGURES[0])
+        _scores_figure(doc, out / FIGURES[1])
     return out
 
 
@@ -216,17 +180,19 @@ def refusal_markdown(audit: Audit) -> str:
 
 
 def write_refusal(audit: Audit, out: Path | None = None) -> Path:
-    out = Path(out) if out else audit.run_dir / "audit"
+    """Write the refusal's report.json and report.md to `out` (default RUN_DIR/audit),
+    atomically per file, removing an earlier audit's figures. Raises OSError."""
+    out = Path(out) if out else RunLayout(audit.run_dir).audit
     out.mkdir(parents=True, exist_ok=True)
     _remove_figures(out)
     doc = {"refused": True, "run_id": audit.run_dir.name, "integrity": audit.integrity.to_json()}
-    _atomic(out / "report.json", json.dumps(doc, indent=2, default=_plain) + "\n")
-    _atomic(out / "report.md", refusal_markdown(audit))
+    write_atomic(out / REPORT_JSON, json.dumps(doc, indent=2, default=_plain) + "\n")
+    write_atomic(out / REPORT_MD, refusal_markdown(audit))
     return out
 
 
 def _remove_figures(out: Path) -> None:
-    for name in ("reconstructions.png", "scores.png"):
+    for name in FIGURES:
         (out / name).unlink(missing_ok=True)
 
 
@@ -238,17 +204,11 @@ def _plain(o: Any) -> Any:
     return str(o)
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def compare(run_dirs: list[Path], out: Path) -> Path:
     """One table and one figure over several audited runs (each needs audit/report.json)."""
     docs = []
     for d in run_dirs:
-        p = Path(d) / "audit" / "report.json"
+        p = RunLayout(d).audit_report
         if not p.exists():
             from clicooper_bus.errors import ClicooperError
 
@@ -270,12 +230,12 @@ def compare(run_dirs: list[Path], out: Path) -> Path:
         for d in docs:
             row = next((r for r in d.get("attacks", []) if r["name"] == name), None)
             cells.append(headline(row)[0] if row else "not run")
-            vals.append(None if row is None else row.get("ssim", row.get("ari", row.get("accuracy"))))
+            vals.append(None if row is None else row.get(families.family(row["family"]).metric))
         values[name] = vals
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    _atomic(out / "compare.md", "# Audits side by side\n\n" + "\n".join(lines) + "\n")
-    _atomic(out / "compare.json", json.dumps({"runs": [d["run_id"] for d in docs],
-                                              "scores": values}, indent=2) + "\n")
+    write_atomic(out / "compare.md", "# Audits side by side\n\n" + "\n".join(lines) + "\n")
+    write_atomic(out / "compare.json", json.dumps({"runs": [d["run_id"] for d in docs],
+                                                   "scores": values}, indent=2) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,7 +247,7 @@ def compare(run_dirs: list[Path], out: Path) -> Path:
         ys = [values[n][i] if values[n][i] is not None else 0 for n in names]
         ax.bar(np.arange(len(names)) + i * width, ys, width, label=d["run_id"])
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, fontsize=7)
-    ax.set_ylabel("ARI / SSIM / accuracy")
+    ax.set_ylabel(" / ".join(f.label for f in families.families()))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "compare.png", dpi=100)
@@ -309,7 +269,7 @@ def audit_and_write(run_dir: Path, *, force: bool = False, owner=None,
     except AuditRefused as exc:
         refused = Audit(Path(run_dir), exc.result, forced=False)
         where = write_refusal(refused, out)
-        return False, where, json.loads((where / "report.json").read_text())
+        return False, where, json.loads((where / REPORT_JSON).read_text())
     where = write_report(audit, out)
     return True, where, to_json(audit)
 
@@ -321,7 +281,7 @@ def print_audit(attacked: bool, where: Path, doc: dict) -> None:
         at = f" at index {f['index']}" if f.get("index") is not None else ""
         print(f"audit REFUSED: the log does not verify ({f.get('file', '')}{at}: "
               f"{f.get('reason', '')}); no attack was run. Pass --force to attack it anyway.\n"
-              f"report: {where / 'report.md'}")
+              f"report: {where / REPORT_MD}")
         return
     if doc["forced"]:
         print("WARNING: the log did NOT verify; this audit was forced")
@@ -332,4 +292,4 @@ def print_audit(attacked: bool, where: Path, doc: dict) -> None:
     for row in doc["attacks"]:
         score, floor, _ = headline(row)
         print(f"  {row['name']:<22} {score}\n  {'':<22} beside: {floor}")
-    print(f"report: {where / 'report.md'}")
+    print(f"report: {where / REPORT_MD}")

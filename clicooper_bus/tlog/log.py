@@ -33,6 +33,7 @@ from typing import Literal
 import structlog
 
 from clicooper_bus.errors import ConfigError, LogCorrupted, LogError, NoteError
+from clicooper_bus.layout import write_atomic
 from clicooper_bus.net.identity import Identity, check_name
 from clicooper_bus.net.wire import (
     DEFAULT_LIMITS,
@@ -80,15 +81,6 @@ def prev_line(previous_note: str | None) -> str:
     checkpoints is caught. The first checkpoint chains to 32 zero bytes."""
     digest = hashlib.sha256(previous_note.encode()).digest() if previous_note else bytes(32)
     return f"{PREV_EXTENSION} {base64.b64encode(digest).decode()}"
-
-
-def _write_once(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ExpectedBodies:
@@ -203,16 +195,13 @@ class ProvenanceLog:
         d.mkdir(parents=True, exist_ok=True)
         for name in ("leaves.dat", "bodies.dat", "checkpoints.dat"):
             (d / name).touch()
-        _write_once(d / "roster.msgpack", roster_bytes)
+        write_atomic(d / "roster.msgpack", roster_bytes)
         meta = {"format": FORMAT, "origin": origin or default_origin(run_id), "run_id": run_id,
                 "retention": retention,
                 "limits": {"max_header": limits.max_header, "max_body": limits.max_body}}
-        _write_once(d / "log.json", (json.dumps(meta, indent=2) + "\n").encode())
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        # written last: its presence marks a log. write_atomic fsyncs the directory, which
+        # makes the files touched above durable too
+        write_atomic(d / "log.json", (json.dumps(meta, indent=2) + "\n").encode())
         return cls(d, writable=True, fsync=fsync, signer=signer)
 
     @classmethod

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from clicooper_bus.layout import RunLayout
+
 PAYLOAD = 128 * 1568 * 4  # one activation batch of the small CNN: 802,816 bytes
 
 
@@ -110,7 +112,7 @@ def _bus_peer(role: str, addr, keys, n: int, out) -> None:
     me = keys[role]
     bus = Bus(me, "bench", addr, Verifier(pubs, "bench", partial=True), timeout_s=30)
     if role == "sub":
-        bus.subscribe(bus.topic("fwd", "sub"))
+        bus.subscribe(bus.topics.to("fwd", "sub"))
         bus.announce()
         bus.recv(60)
         t0 = time.perf_counter()
@@ -162,7 +164,7 @@ def bus_epoch(workdir: Path, train_limit: int, in_flight: int, tag: str) -> tupl
     cfg_path.write_text(cfg.to_toml())
     if run(str(cfg_path), echo=False, timeout_s=900) != 0:
         raise SystemExit(f"the benchmark run {tag} failed: see {cfg.run_dir}")
-    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    summary = json.loads(RunLayout(cfg.run_dir).summary.read_text())
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     return summary["per_epoch"][0]["wall_s"], summary["test_accuracy"]
 

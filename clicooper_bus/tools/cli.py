@@ -14,6 +14,7 @@ from pathlib import Path
 
 from clicooper_bus import telemetry
 from clicooper_bus.errors import ClicooperError
+from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.identity import Identity, load_public, write_identity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import parse_header, split_leaf
@@ -193,12 +194,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    path = Path(args.run_dir) / "summary.json"
+    run = RunLayout(args.run_dir)
     try:
-        s = json.loads(path.read_text())
+        s = json.loads(run.summary.read_text())
     except FileNotFoundError:
-        raise ClicooperError(f"{path} does not exist: the run did not finish (see "
-                             f"{Path(args.run_dir) / 'telemetry'} or the processes' output)") from None
+        raise ClicooperError(f"{run.summary} does not exist: the run did not finish (see "
+                             f"{run.telemetry} or the processes' output)") from None
     print(f"run {s['run_id']}: {s['model']} on {s['dataset']}, stages {' -> '.join(s['stages'])}")
     for row in s["per_epoch"]:
         acc = f", test accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from clicooper_bus.config import RunConfig, load_config
 from clicooper_bus.errors import ClicooperError
+from clicooper_bus.layout import RunLayout, write_atomic
 from clicooper_bus.net.identity import Identity, key_paths, write_identity
 from clicooper_bus.tlog.logverify import verify_log
 
@@ -48,6 +49,9 @@ def ensure_keys(directory: Path, names: list[str]) -> list[str]:
 
 def prepare(config: str | None, overrides: dict, out: str | None,
             free_ports: bool = True) -> tuple[RunConfig, Path]:
+    """Load the effective config, make the missing keys and the run directory, and write the
+    config into it. Returns (config, path of RUN_DIR/config.toml). Raises ClicooperError if
+    the run directory exists and is not empty, ConfigError for a bad config."""
     over = {k: dict(v) for k, v in overrides.items()}
     if out:
         over.setdefault("run", {})["out_dir"] = out
@@ -62,8 +66,8 @@ def prepare(config: str | None, overrides: dict, out: str | None,
         raise ClicooperError(f"{run_dir} already exists and is not empty: choose another run id "
                              f"(--run-id) or output directory (--out), or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.toml"
-    path.write_text(cfg.to_toml())
+    path = RunLayout(run_dir).config
+    write_atomic(path, cfg.to_toml())
     return cfg, path
 
 
@@ -85,7 +89,7 @@ def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False
 def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
            timeout_s: float | None = None, audit: bool | str = False) -> int:
     """Run every process; returns 0 if all succeeded."""
-    tel = cfg.run_dir / "telemetry"
+    tel = RunLayout(cfg.run_dir).telemetry
     tel.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen] = {}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -170,19 +174,20 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
     owner_key = Path(cfg.participants.keys) / f"{cfg.participants.owner}.pub"
     from clicooper_bus.net.identity import load_public
 
-    result = verify_log(cfg.run_dir / "log", owner=load_public(owner_key),
-                        witnessed=[(cfg.run_dir / "checkpoint.txt").read_text()])
-    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    layout = RunLayout(cfg.run_dir)
+    result = verify_log(layout.log, owner=load_public(owner_key),
+                        witnessed=[layout.checkpoint.read_text()])
+    summary = json.loads(layout.summary.read_text())
     print(f"run {cfg.run.id}: test accuracy {summary['test_accuracy']:.4f} after "
           f"{summary['epochs']} epoch(s); {time.perf_counter() - t0:.1f} s")
     if result.ok:
         print(f"log verified: {result.entries} entries, {result.checkpoints} checkpoints "
-              f"({cfg.run_dir / 'log'})")
+              f"({layout.log})")
         if audit:
             from clicooper_bus.audit.report import print_audit
 
-            report = json.loads((cfg.run_dir / "audit" / "report.json").read_text())
-            print_audit(not report.get("refused"), cfg.run_dir / "audit", report)
+            report = json.loads(layout.audit_report.read_text())
+            print_audit(not report.get("refused"), layout.audit, report)
         return 0
     print(f"log verification FAILED: {result.failure}", file=sys.stderr)
     return 1

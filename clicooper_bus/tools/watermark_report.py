@@ -25,6 +25,7 @@ from torch import nn
 from clicooper_bus.chain import key as wk
 from clicooper_bus.chain.certificate import open_certificate
 from clicooper_bus.config import load_config
+from clicooper_bus.layout import RunLayout, write_atomic
 from clicooper_bus.ml.data import batch_order, load_dataset, to_float
 from clicooper_bus.ml.models import assemble, plan_spec
 from clicooper_bus.ml.reference import evaluate, train_reference
@@ -109,7 +110,7 @@ def bus_epochs(cfg, pairs: int = 3) -> tuple[list[float], list[float]]:
                 path.write_text(c.to_toml())
                 if run(str(path), echo=False) != 0:
                     raise SystemExit("the bus benchmark run failed")
-                s = json.loads((Path(tmp) / "wm-bench" / "summary.json").read_text())
+                s = json.loads(RunLayout(c.run_dir).summary.read_text())
                 out[on].append(s["wall_s"])  # the whole run: the round protocol included
     return out[False], out[True]
 
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bus", action="store_true",
                    help="also time one epoch over the bus with and without watermarks")
     args = p.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    cfg = load_config(run_dir / "config.toml")
-    bundle_dir = run_dir / "provenance"
+    run = RunLayout(args.run_dir)
+    cfg = load_config(run.config)
+    bundle_dir = run.provenance.root
     b = load_bundle(bundle_dir)
     plan = Plan.from_meta(b.roster.meta["plan"])
     from clicooper_bus.ml.watermark.marker import settings
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     nbits, threshold = marks["bits"], marks["threshold"]
     data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed).limit(
         cfg.data.train_limit or None, cfg.data.test_limit or None)
-    segments = load_model(run_dir / "model.safetensors", plan)
+    segments = load_model(run.model, plan)
     keys = last_keys(bundle_dir)
     lines: list[str] = []
     rows: list[tuple[str, str, float]] = []
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    v = verify_model(run_dir / "model.safetensors", bundle_dir, log_dir=run_dir / "log")
+    v = verify_model(run.model, bundle_dir, log_dir=run.log)
     base_acc = accuracy(segments, data)
     say(f"detection: verify {'OK' if v.ok else 'FAILED'}; {fmt(bers(segments, keys, nbits))}; "
         f"accuracy {base_acc:.4f}")
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"against a spread of "
                  f"{(max(bus[0]) - min(bus[0])) / np.mean(bus[0]):.0%} between unmarked repeats."
                  if bus else ""), ""]
-    Path(args.out).write_text("\n".join(lines))
+    write_atomic(Path(args.out), "\n".join(lines))
     say(f"wrote {args.out}")
     return 0
 

@@ -125,7 +125,9 @@ def no_progress(it: Iterable[T], desc: str, total: int) -> Iterator[T]:
 
 
 class Attack:
-    """A plug-in: `name`, `family` (clustering, inversion or extraction), `threat`, `run`."""
+    """A plug-in: `name`, `family`, `threat`, `run`. The family (clustering, inversion or
+    extraction) is how the auditor scores and reports the attack: each is registered once, with
+    its scorer and headline, in `clicooper_bus.audit.families`."""
 
     name: str = ""
     family: str = ""

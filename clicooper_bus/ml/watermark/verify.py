@@ -20,6 +20,7 @@ from clicooper_bus.chain import key as wk
 from clicooper_bus.chain.certificate import Certificate, CertificateError, open_certificate
 from clicooper_bus.chain.documents import Claim, Commit, check_commit
 from clicooper_bus.errors import ClicooperError
+from clicooper_bus.layout import ProvenanceLayout, RunLayout
 from clicooper_bus.ml.watermark import mark as wm
 from clicooper_bus.ml.watermark.claim import weights_digest
 from clicooper_bus.net.identity import PublicIdentity
@@ -78,13 +79,17 @@ class Bundle:
 
 
 def load_bundle(directory: str | os.PathLike[str], owner: PublicIdentity | None = None) -> Bundle:
+    """Read a provenance bundle (`RUN_DIR/provenance`, see `clicooper_bus.layout`) and open
+    its roster (against `owner`'s key when given). Raises VerifyFailed if a file is missing or
+    unreadable or the roster does not verify."""
     d = Path(directory)
+    bundle = ProvenanceLayout(d)
     try:
-        manifest = json.loads((d / "manifest.json").read_text())
-        roster_bytes = (d / "roster.msgpack").read_bytes()
-        certs = [(p.name, p.read_bytes()) for p in sorted((d / "certificates").glob("*.cert"))]
-        checkpoints = json.loads((d / "checkpoints.json").read_text())
-        final = (d / "checkpoint.txt").read_text()
+        manifest = json.loads(bundle.manifest.read_text())
+        roster_bytes = bundle.roster.read_bytes()
+        certs = [(p.name, p.read_bytes()) for p in sorted(bundle.certificates.glob("*.cert"))]
+        checkpoints = json.loads(bundle.checkpoints.read_text())
+        final = bundle.checkpoint.read_text()
         if type(manifest) is not dict or type(checkpoints) is not list or \
                 not all(type(c) is str for c in checkpoints):
             raise ValueError("manifest.json must be a map and checkpoints.json a list of notes")
@@ -313,7 +318,7 @@ def _check_against_log(certs: dict[tuple[int, int], Certificate], plog) -> None:
 def _delivered(bundle_dir: Path) -> tuple[Path, Verdict]:
     """The run's own delivered model (beside its bundle), checked to be exactly what its last
     certified claims name."""
-    model = Path(bundle_dir).parent / "model.safetensors"
+    model = RunLayout(Path(bundle_dir).parent).model
     v = verify_model(model, bundle_dir)
     if v.ok and not all(s.weights_as_claimed for s in v.stages):
         v.ok = False

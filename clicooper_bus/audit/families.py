@@ -1,0 +1,255 @@
+"""Attack families, each registered once: how the auditor scores an attack of the family, how
+the report states its headline (beside the line it must beat), draws its panel and adds its
+details, and which fields the sweep's frontier takes from it.
+
+An attack names its family (`Attack.family`, in `clicooper_bus.ml.attacks`); the auditor, the
+report and the sweep look the family up here (`family(name)`) instead of switching on names.
+A new family is one `register(Family(...))`. Scores are attack success: for the defence,
+lower is better. Nothing here imports torch at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from clicooper_bus.audit import scoring
+from clicooper_bus.errors import ClicooperError
+
+if TYPE_CHECKING:
+    from clicooper_bus.audit.auditor import Audit
+    from clicooper_bus.audit.truth import Truth
+    from clicooper_bus.ml.attacks.base import Attack, Track
+
+INVERT_SAMPLES = 500  # activations reconstructed and scored by SSIM
+
+Row = dict[str, Any]  # one attack's entry in report.json's "attacks"
+Scorer = Callable[["Attack", Any, "Truth", "Audit", "Track"], Row]
+Headline = Callable[[Row], tuple[str, str, str]]
+
+
+class UnknownFamily(ClicooperError):
+    """An attack or a report row names a family that is not registered."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One attack family. `score(attack, output, truth, audit, progress)` returns the row's
+    scores (it may add references to `audit.references` and images to `audit.figures`);
+    `headline(row)` is (score, the line it must beat, margin) as text; `metric` is the row key
+    of the headline number, `label` its name in words; `plot(ax, rows)` draws the family's
+    panel `panel` of scores.png; `details(rows)` adds markdown lines under the threat models;
+    `frontier(rows)` gives the sweep row's fields (every key, None or empty without rows)."""
+
+    name: str
+    score: Scorer
+    headline: Headline
+    metric: str
+    label: str
+    panel: int
+    plot: Callable[[Any, list[Row]], None]
+    frontier: Callable[[list[Row]], dict[str, Any]]
+    details: Callable[[list[Row]], list[str]] | None = None
+    direction: Literal["lower is better", "higher is better"] = "lower is better"
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(fam: Family) -> Family:
+    """Add a family. Raises ValueError if its name or panel is taken."""
+    if fam.name in _REGISTRY:
+        raise ValueError(f"attack family {fam.name!r} is registered already")
+    if any(f.panel == fam.panel for f in _REGISTRY.values()):
+        raise ValueError(f"panel {fam.panel} of scores.png is another family's")
+    _REGISTRY[fam.name] = fam
+    return fam
+
+
+def families() -> list[Family]:
+    """Every registered family, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def family(name: str) -> Family:
+    """The family called `name`. Raises UnknownFamily (a ClicooperError) if none is."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownFamily(f"unknown attack family {name!r}; the families are "
+                            f"{', '.join(_REGISTRY)}") from None
+
+
+def of(attack: Attack) -> Family:
+    """The family of an attack. Raises UnknownFamily naming the attack."""
+    try:
+        return family(attack.family)
+    except UnknownFamily as exc:
+        raise UnknownFamily(f"attack {attack.name} has unknown family {attack.family!r} "
+                            f"({exc})") from None
+
+
+def rows_of(rows: list[Row], name: str) -> list[Row]:
+    """The rows of one family, in report order."""
+    return [r for r in rows if r["family"] == name]
+
+
+# --- clustering: label inference from the received activations ----------------------------
+
+def _score_clustering(attack: Attack, out: Any, truth: Truth, audit: Audit,
+                      progress: Track) -> Row:
+    """The strongest variant's scores, every variant's, and the raw-pixel reference."""
+    refs = audit.references
+    truth_labels = truth.labels[:len(next(iter(out.values())))]
+    variants = {v: scoring.clustering_scores(p, truth_labels) for v, p in out.items()}
+    best = max(variants, key=lambda v: variants[v]["ari"])
+    if "raw_pixels" not in refs:
+        from clicooper_bus.ml.attacks.clustering import cluster_variants
+
+        raw = cluster_variants(truth.images[:len(truth_labels)], audit.classes,
+                               track=progress, desc="clustering raw pixels (reference)")
+        rv = {v: scoring.clustering_scores(p, truth_labels) for v, p in raw.items()}
+        rbest = max(rv, key=lambda v: rv[v]["ari"])
+        refs["raw_pixels"] = {"variant": rbest, **rv[rbest]}
+    return {"samples": len(truth_labels), "strongest": best, **variants[best],
+            "variants": variants, "reference_raw_pixels": refs["raw_pixels"]}
+
+
+def _headline_clustering(row: Row) -> tuple[str, str, str]:
+    raw = row["reference_raw_pixels"]
+    return (f"ARI {row['ari']:.3f}, AMI {row['ami']:.3f}, matched accuracy "
+            f"{row['matched_accuracy']:.3f}, success {row['success_rate']:.0%} "
+            f"(strongest: {row['strongest']})",
+            f"chance ARI 0, matched accuracy {row['matched_accuracy_chance']:.3f}; raw pixels "
+            f"ARI {raw['ari']:.3f}",
+            f"{row['matched_accuracy'] - row['matched_accuracy_chance']:+.3f} accuracy over chance")
+
+
+def _details_clustering(rows: list[Row]) -> list[str]:
+    lines = ["", "### Clustering variants (ARI)", "", "| variant | ARI | AMI | matched "
+             "accuracy | success |", "| --- | --- | --- | --- | --- |"]
+    for v, m in rows[0]["variants"].items():
+        lines.append(f"| {v} | {m['ari']:.3f} | {m['ami']:.3f} | {m['matched_accuracy']:.3f} "
+                     f"| {m['success_rate']:.0%} |")
+    return lines
+
+
+def _plot_clustering(ax: Any, rows: list[Row]) -> None:
+    v = rows[0]["variants"]
+    ax.bar(list(v), [m["ari"] for m in v.values()], color="tab:blue")
+    ax.axhline(rows[0]["reference_raw_pixels"]["ari"], ls="--", color="k", lw=1,
+               label="raw pixels")
+    ax.set_title("clustering: ARI per variant")
+    ax.legend(fontsize=7)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+
+
+def _frontier_clustering(rows: list[Row]) -> dict[str, Any]:
+    cl = rows[0] if rows else {}
+    return {"ari": cl.get("ari"), "ari_variant": cl.get("strongest"),
+            "success": cl.get("success_rate"),
+            "ari_raw_pixels": (cl.get("reference_raw_pixels") or {}).get("ari")}
+
+
+# --- inversion: reconstructing the private images -----------------------------------------
+
+def _score_inversion(attack: Attack, out: Any, truth: Truth, audit: Audit,
+                     progress: Track) -> Row:
+    """Mean SSIM against the originals, beside the floors over exactly the samples scored."""
+    recon = np.asarray(out, np.float32)
+    originals = truth.images[:len(recon)]
+    floors_by_n = audit.references.setdefault("inversion_floors", {})
+    if str(len(recon)) not in floors_by_n:
+        floors_by_n[str(len(recon))] = scoring.inversion_floors(
+            originals, truth.labels[:len(recon)], truth.aux, truth.aux_labels)
+    audit.figures.setdefault("originals", originals[:10])
+    audit.figures[attack.name] = recon[:10]
+    floors = floors_by_n[str(len(recon))]
+    s = scoring.mean_ssim(recon, originals)
+    row = {"samples": len(recon), "ssim": s, "floors": floors,
+           "above_mean_image": s - floors["mean_image"]}
+    if len(recon) < INVERT_SAMPLES:
+        row["warning"] = (f"only {len(recon)} released activations were retained; the "
+                          f"SSIM of fewer than {INVERT_SAMPLES} samples is noisy (keep more "
+                          f"with [log] retention fwd=sample:N)")
+    return row
+
+
+def _headline_inversion(row: Row) -> tuple[str, str, str]:
+    f = row["floors"]
+    return (f"SSIM {row['ssim']:.3f}",
+            f"mean image {f['mean_image']:.3f}, black {f['black']:.3f}, true class mean "
+            f"{f['class_mean']:.3f}",
+            f"{row['ssim'] - f['mean_image']:+.3f} over the mean image, "
+            f"{row['ssim'] - f['class_mean']:+.3f} over the class mean")
+
+
+def _plot_inversion(ax: Any, rows: list[Row]) -> None:
+    f = rows[0]["floors"]
+    ax.bar([r["name"] for r in rows], [r["ssim"] for r in rows], color="tab:red")
+    for name, y, style in (("mean image", f["mean_image"], ":"), ("black", f["black"], "--"),
+                           ("class mean", f["class_mean"], "-.")):
+        ax.axhline(y, ls=style, color="k", lw=1, label=name)
+    ax.set_title("inversion: SSIM")
+    ax.legend(fontsize=7)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+
+
+def _frontier_inversion(rows: list[Row]) -> dict[str, Any]:
+    return {"ssim": {r["name"]: r["ssim"] for r in rows},
+            "floors": rows[0]["floors"] if rows else {}}
+
+
+# --- extraction: a working copy of the model ----------------------------------------------
+
+def _score_extraction(attack: Attack, out: Any, truth: Truth, audit: Audit,
+                      progress: Track) -> Row:
+    """The surrogate's accuracy on the evaluation half, beside chance and the owner's."""
+    from clicooper_bus.ml.attacks.extraction import Surrogate
+
+    assert isinstance(out, Surrogate)
+    pred = out.predict(truth.eval_images)
+    acc = (scoring.accuracy(pred, truth.eval_labels) if out.named
+           else scoring.hungarian_accuracy(pred, truth.eval_labels))
+    # unnamed groups are matched to classes after the fact, which lifts chance too
+    chance = (scoring.chance_accuracy(truth.eval_labels) if out.named
+              else scoring.matched_chance(pred, truth.eval_labels))
+    return {"samples": len(truth.eval_labels), "accuracy": acc,
+            "mapping": "soft vote of labelled samples" if out.named
+            else "best consistent mapping (Hungarian, scored by the auditor)",
+            "chance": chance,
+            "owner_accuracy": audit.settings["owner_accuracy_eval_half"], "how": out.how}
+
+
+def _headline_extraction(row: Row) -> tuple[str, str, str]:
+    return (f"accuracy {row['accuracy']:.3f} ({row['mapping']})",
+            f"chance {row['chance']:.3f}; owner {row['owner_accuracy']:.3f}",
+            f"{row['accuracy'] - row['owner_accuracy']:+.3f} against the owner")
+
+
+def _plot_extraction(ax: Any, rows: list[Row]) -> None:
+    ax.bar([r["name"] for r in rows], [r["accuracy"] for r in rows], color="tab:green")
+    ax.axhline(rows[0]["chance"], ls=":", color="k", lw=1, label="chance")
+    ax.axhline(rows[0]["owner_accuracy"], ls="--", color="k", lw=1, label="owner")
+    ax.set_title("extraction: accuracy")
+    ax.legend(fontsize=7)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+
+
+def _frontier_extraction(rows: list[Row]) -> dict[str, Any]:
+    by = {r["name"]: r for r in rows}
+    return {"extraction": {n: r["accuracy"] for n, r in by.items()},
+            "extraction_chance": (by.get("extraction-50") or {}).get("chance")}
+
+
+# registration order is the sweep row's field order and the comparison's axis label
+CLUSTERING = register(Family("clustering", _score_clustering, _headline_clustering, "ari",
+                             "ARI", 1, _plot_clustering, _frontier_clustering,
+                             _details_clustering))
+INVERSION = register(Family("inversion", _score_inversion, _headline_inversion, "ssim", "SSIM",
+                            0, _plot_inversion, _frontier_inversion))
+EXTRACTION = register(Family("extraction", _score_extraction, _headline_extraction, "accuracy",
+                             "accuracy", 2, _plot_extraction, _frontier_extraction))
