@@ -154,3 +154,15 @@ def test_console_script_runs_without_torch(small_log):
     proc = subprocess.run([str(script), "log", "verify", str(small_log)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stderr
+
+
+def test_every_entry_point_says_its_version(capsys):
+    from clicooper_bus import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"clicooper {__version__}"
+    for role in ("broker", "notary", "owner", "trainer", "auditor"):
+        out = subprocess.run([sys.executable, "-m", f"clicooper_bus.services.{role}", "--version"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip().endswith(__version__), (role, out)

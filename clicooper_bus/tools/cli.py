@@ -7,31 +7,15 @@ and why); 2 a usage error (argparse). torch is never imported here.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 from pathlib import Path
 
-from clicooper_bus import telemetry
+from clicooper_bus import __version__, telemetry
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.identity import Identity, load_public, write_identity
-from clicooper_bus.net.roster import Roster
-from clicooper_bus.net.wire import parse_header, split_leaf
-from clicooper_bus.tlog.log import ProvenanceLog
-from clicooper_bus.tlog.logverify import verify_log
-from clicooper_bus.tlog.merkle import verify_consistency, verify_inclusion
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _progress(stage: str, done: int, total: int) -> None:
-    if sys.stderr.isatty() and total:
-        print(f"\r{stage}: {done}/{total} ({100 * done // total}%)", end="", file=sys.stderr,
-              flush=True)
-
+from clicooper_bus.tools.cli_log import add_log_commands
 
 # --- keys ---------------------------------------------------------------------------------
 
@@ -49,132 +33,6 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
         raise ClicooperError(f"{args.file} is a private key: show its .pub file instead")
     pub = load_public(args.file)
     print(json.dumps({"name": pub.name, "key_id": pub.key_id, "vkey": pub.vkey}, indent=2))
-    return 0
-
-
-# --- log ----------------------------------------------------------------------------------
-
-def cmd_log_verify(args: argparse.Namespace) -> int:
-    owner = load_public(args.owner_key) if args.owner_key else None
-    witnessed = [Path(f).read_text() for f in args.checkpoint]
-    result = verify_log(args.dir, owner=owner, witnessed=witnessed, progress=_progress)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-    elif result.ok:
-        print(f"OK: {result.entries} entries, {result.body_records} bodies "
-              f"({result.body_bytes} bytes), {result.checkpoints} checkpoints verified; "
-              f"run {result.run_id}; root {result.root}")
-        for w in result.warnings:
-            print(f"warning: {w}")
-    else:
-        f = result.failure
-        where = f.file + (f" entry {f.index}" if f.index is not None and f.file == "leaves.dat"
-                          else f" record {f.index}" if f.index is not None else "")
-        print(f"FAILED at {where or 'log'}: {f.reason}")
-    return 0 if result.ok else 1
-
-
-def cmd_log_show(args: argparse.Namespace) -> int:
-    with ProvenanceLog.open(args.dir) as plog:
-        roster = Roster.open(plog.roster_bytes)
-        names = {m.key_id: f"{m.name} ({m.role})" for m in roster.members}
-        per: dict[str, dict[str, int]] = {}
-        leaf_bytes = 0
-        for i in range(plog.size):
-            leaf = plog.leaf(i)
-            leaf_bytes += len(leaf)
-            h = parse_header(split_leaf(leaf)[0])
-            row = per.setdefault(names.get(h.sender, h.sender), {})
-            row[h.kind] = row.get(h.kind, 0) + 1
-        print(f"log {plog.dir}\n  run {plog.run_id}, origin {plog.origin}")
-        body_bytes = sum(plog.bodies.lengths) - 32 * plog.body_records()
-        print(f"  retention {plog.retention.spec}; {plog.size} entries ({leaf_bytes} bytes of "
-              f"leaves), {plog.body_records()} bodies ({body_bytes} bytes)")
-        print(f"  roster: owner {roster.owner.name}, stages {' -> '.join(roster.stages)}, "
-              f"notary {roster.notary.name if roster.notary else '-'}")
-        print("  entries per sender and kind:")
-        for sender, kinds in sorted(per.items()):
-            detail = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
-            print(f"    {sender}: {sum(kinds.values())} ({detail})")
-        n = plog.checkpoint_count
-        print(f"  checkpoints: {n}")
-        for i in range(max(0, n - 3), n):
-            cp = plog.checkpoint_at(i)
-            print(f"    #{i}: size {cp.size}, root {cp.root.hex()}")
-        for t in plog.torn:
-            print(f"  TORN TAIL: {t} (run `clicooper log repair {plog.dir}`)")
-    return 0
-
-
-def cmd_log_export(args: argparse.Namespace) -> int:
-    with ProvenanceLog.open(args.dir) as plog:
-        out = sys.stdout
-        for i in range(plog.size):
-            out.write(_b64(plog.leaf(i)) + "\n")
-    return 0
-
-
-def cmd_log_checkpoint(args: argparse.Namespace) -> int:
-    with ProvenanceLog.open(args.dir) as plog:
-        note = plog.latest_note()
-        if note is None:
-            raise ClicooperError(f"log {args.dir} has no checkpoint yet")
-        sys.stdout.write(note)
-    return 0
-
-
-def cmd_log_prove(args: argparse.Namespace) -> int:
-    with ProvenanceLog.open(args.dir) as plog:
-        tree = plog.tree
-        if args.consistency:
-            if args.size is not None:
-                raise ClicooperError("--size applies to --index; --consistency takes N M")
-            m, n = args.consistency
-            if not 0 < m <= n <= tree.size:
-                raise ClicooperError(f"need 0 < N <= M <= {tree.size} (the log's size)")
-            proof = tree.consistency_proof(m, n)
-            doc = {"size1": m, "size2": n, "root1": _b64(tree.root(m)),
-                   "root2": _b64(tree.root(n)), "proof": [_b64(p) for p in proof]}
-            verify_consistency(m, n, tree.root(m), tree.root(n), proof)  # never print a bad one
-        else:
-            size = tree.size if args.size is None else args.size
-            if not 0 <= args.index < size <= tree.size:
-                raise ClicooperError(f"need 0 <= index < size <= {tree.size} (the log's size)")
-            proof = tree.inclusion_proof(args.index, size)
-            lh = tree.leaf_hash_at(args.index)
-            verify_inclusion(args.index, size, lh, proof, tree.root(size))
-            doc = {"leafIdx": args.index, "treeSize": size, "leafHash": _b64(lh),
-                   "proof": [_b64(p) for p in proof], "root": _b64(tree.root(size))}
-    print(json.dumps(doc, indent=2))
-    return 0
-
-
-def cmd_log_repair(args: argparse.Namespace) -> int:
-    with ProvenanceLog.open(args.dir, writable=True) as plog:
-        print(f"log {args.dir}: {plog.size} entries; "
-              + ("cut back: " + "; ".join(plog.torn) if plog.torn else "nothing to repair"))
-    return 0
-
-
-def cmd_log_demo(args: argparse.Namespace) -> int:
-    from clicooper_bus.tools.log_demo import write_demo
-
-    keys = Path(args.keys) if args.keys else Path(args.dir).resolve().parent / "keys"
-    try:
-        shape = tuple(int(x) for x in args.shape.split(","))
-        if len(shape) != 2 or min(shape) < 1:
-            raise ValueError
-    except ValueError:
-        raise ClicooperError(f"--shape {args.shape!r} is not BATCH,WIDTH (two positive "
-                             f"integers)") from None
-    plog = write_demo(args.dir, messages=args.messages, keys_dir=keys, run_id=args.run_id,
-                      seed=args.seed, shape=shape, retention=args.retention,
-                      checkpoint_every=args.checkpoint_every)
-    with plog:
-        print(f"wrote {plog.size} signed messages and {plog.checkpoint_count} checkpoints to "
-              f"{args.dir} (keys in {keys}); owner key: {keys / 'owner.pub'}")
     return 0
 
 
@@ -302,6 +160,7 @@ def cmd_config_defaults(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clicooper", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="group", required=True)
 
     keys = sub.add_parser("keys", help="Ed25519 identities").add_subparsers(dest="cmd",
@@ -379,46 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = cfgp.add_parser("defaults", help="print a complete config with every key documented")
     c.set_defaults(func=cmd_config_defaults)
 
-    logp = sub.add_parser("log", help="provenance log tools").add_subparsers(dest="cmd",
-                                                                             required=True)
-    c = logp.add_parser("verify", help="verify every record, signature, chain, body, checkpoint")
-    c.add_argument("dir")
-    c.add_argument("--json", action="store_true", help="machine-readable result")
-    c.add_argument("--owner-key", help="pin the roster's owner to this public key file")
-    c.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
-                   help="a signed checkpoint seen elsewhere; the log must contain its tree "
-                        "(repeatable)")
-    c.set_defaults(func=cmd_log_verify)
-    c = logp.add_parser("show", help="human summary")
-    c.add_argument("dir")
-    c.set_defaults(func=cmd_log_show)
-    c = logp.add_parser("export", help="export leaves, base64, one per line, in log order")
-    c.add_argument("dir")
-    c.add_argument("--leaves", action="store_true", required=True)
-    c.set_defaults(func=cmd_log_export)
-    c = logp.add_parser("checkpoint", help="print the latest signed checkpoint note")
-    c.add_argument("dir")
-    c.set_defaults(func=cmd_log_checkpoint)
-    c = logp.add_parser("prove", help="inclusion (--index) or consistency (--consistency) proof")
-    c.add_argument("dir")
-    g = c.add_mutually_exclusive_group(required=True)
-    g.add_argument("--index", type=int)
-    g.add_argument("--consistency", type=int, nargs=2, metavar=("N", "M"))
-    c.add_argument("--size", type=int, help="tree size for --index (default: the whole log)")
-    c.set_defaults(func=cmd_log_prove)
-    c = logp.add_parser("repair", help="cut a torn tail back to the last whole record")
-    c.add_argument("dir")
-    c.set_defaults(func=cmd_log_repair)
-    c = logp.add_parser("demo", help="write a demo log of signed random-tensor messages")
-    c.add_argument("dir")
-    c.add_argument("--messages", type=int, default=1000)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--run-id", default="demo")
-    c.add_argument("--keys", help="key directory (default: keys/ beside DIR)")
-    c.add_argument("--shape", default="32,64", help="activation shape BATCH,WIDTH")
-    c.add_argument("--retention", default="all", help="all, none, sample:N or kind=policy,...")
-    c.add_argument("--checkpoint-every", type=int, default=100)
-    c.set_defaults(func=cmd_log_demo)
+    add_log_commands(sub)
     return p
 
 
