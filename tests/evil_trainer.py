@@ -11,8 +11,12 @@ import sys
 
 import numpy as np
 
-from clicooper_bus.services.trainer import stage as real
-from clicooper_bus.services.trainer.__main__ import main
+from clicooper_bus.services.common import openmp_policy
+
+openmp_policy("PASSIVE")  # as the real entry point does, before torch is imported
+
+from clicooper_bus.services.trainer import stage as real  # noqa: E402 (after the policy)
+from clicooper_bus.services.trainer.__main__ import main  # noqa: E402
 
 
 class EvilTrainer(real.Trainer):

@@ -39,6 +39,10 @@ class Dispatcher:
         self.log = log or structlog.get_logger("clicooper.dispatch")
         self.routes: dict[str, Route] = {}
 
+    def only(self, *kinds: str) -> None:
+        """Drop every route but those of `kinds` (a process that finished its part)."""
+        self.routes = {k: r for k, r in self.routes.items() if k in kinds}
+
     def route(self, kind: str, senders: Iterable[str], handle: Handler) -> None:
         """Handle `kind` from these key ids with `handle` (replacing an earlier route)."""
         self.routes[kind] = Route(frozenset(senders), handle)
@@ -84,10 +88,19 @@ class Mailbox:
     def __init__(self, names: dict[str, str], limit: int):
         self.names, self.limit = names, limit
         self.held: list[Envelope] = []
+        self.awaited: tuple[str, str, int | None] | None = None  # (kind, sender, step)
+
+    def _is_awaited(self, env: Envelope) -> bool:
+        if self.awaited is None:
+            return False
+        kind, sender, step = self.awaited
+        h = env.header
+        return h.kind == kind and h.sender == sender and (step is None or h.step == step)
 
     def put(self, env: Envelope) -> None:
-        """Keep `env`. Raises ClicooperError naming the sender when the mailbox is full."""
-        if len(self.held) >= self.limit:
+        """Keep `env`. Raises ClicooperError naming the sender when the mailbox is full (the
+        message the process is waiting for is always taken)."""
+        if len(self.held) >= self.limit and not self._is_awaited(env):
             h = env.header
             raise ClicooperError(f"{self.names.get(h.sender, h.sender)} sent more {h.kind} "
                                  f"messages than the protocol allows in flight")

@@ -126,11 +126,16 @@ class Owner:
                         timeout_s=cfg.bus.join_timeout_s, timed_out=lambda: (
                             f"trainers {sorted(set(self.stages) - self.books.ready)} did not "
                             f"confirm the roster in time"))
+        self.loop.route("hello", {self.kid[n] for n in self.stages}, self._late_hello)
         self.log.info("everyone joined", trainers=self.stages)
         piped = f", {schedule(cfg.run.in_flight, self.setup.defences.head_fixed)}" \
             if cfg.run.in_flight > 1 else ""
         print(f"owner: {len(self.stages)} trainers joined; training {self.setup.spec.name} on "
               f"{len(self.setup.data.x_train)} {self.setup.data.name} images{piped}", flush=True)
+
+    def _late_hello(self, env) -> None:
+        """A hello after everyone joined changes nothing (a trainer's retry): noted, ignored."""
+        self.log.warning("hello after the join ignored", sender=self.books.names[env.header.sender])
 
     def _train(self) -> tuple[list[dict], int]:
         cfg, wm_on, per_epoch, step = self.cfg, self.cfg.watermark.enabled, [], 0

@@ -57,9 +57,13 @@ class Training:
             return bool(got)
 
         timeout = self.cfg.bus.step_timeout_s
-        self.loop.until(arrived, timeout_s=timeout, timed_out=lambda: (
-            f"waited {timeout:.0f} s for {what} while everyone is alive: a message was lost "
-            f"or a peer is stuck"))
+        self.mailbox.awaited = (kind, self.kid[name], step)
+        try:
+            self.loop.until(arrived, timeout_s=timeout, timed_out=lambda: (
+                f"waited {timeout:.0f} s for {what} while everyone is alive: a message was lost "
+                f"or a peer is stuck"))
+        finally:
+            self.mailbox.awaited = None
         return got[0]
 
     def _checked(self, env: Envelope, shape: tuple[int, ...] | None, n: int | None = None

@@ -283,6 +283,7 @@ class Trainer:
         bus.send_doc("segment", self.roster.owner.name,
                      Segment(self.index + 1, sealed, dict(bus.sent)).to_doc())
         self.log.info("segment delivered", bytes=len(weights))
+        self.loop.only("checkpoint")  # the stage is sealed: nothing else is served
         if not self.loop.until(lambda: self.final_seen, timeout_s=self.cfg.bus.join_timeout_s,
                                timed_out=None):
             self.log.warning("no final checkpoint from the notary; leaving anyway")
