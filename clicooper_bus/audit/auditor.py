@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from clicooper_bus.audit import families, scoring
+from clicooper_bus.audit.channels import KINDS as CHANNEL_KINDS
+from clicooper_bus.audit.channels import read_channels
 from clicooper_bus.audit.families import INVERT_SAMPLES
 from clicooper_bus.audit.replay import Replay, replay
 from clicooper_bus.audit.truth import CLUSTER_SAMPLES, Release, Truth, gather
@@ -31,6 +33,7 @@ from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.attacks import default_attacks
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
+from clicooper_bus.ml.attacks.channels import received_field
 from clicooper_bus.ml.data import load_dataset
 from clicooper_bus.ml.models import plan_spec, segments_from_state_dict
 from clicooper_bus.ml.privacy import defences
@@ -39,6 +42,7 @@ from clicooper_bus.ml.privacy.release import FilterSpec, inference_model
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.plan import schedule
 from clicooper_bus.tlog.logverify import VerifyResult, verify_log
+from clicooper_bus.tlog.retention import Retention
 
 # Release, Truth, gather (truth.py) and the sample counts are imported from here by callers
 __all__ = ["CLUSTER_SAMPLES", "INVERT_SAMPLES", "Audit", "AuditRefused", "Release", "Truth",
@@ -204,11 +208,13 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     spec = defences.filter_spec(cfg.privacy, cfg.run.epochs)
     segments, groups = load_model(run.root, replayed.plan, replayed.ack)
     knowledge, truth, info = gather(replayed, data, segments, cfg, spec)
+    stages = list(replayed.roster.stages)
+    _add_channels(knowledge, audit, run, cfg, data, stages)
     owner_model = inference_model(segments, spec)
     owner_acc = scoring.accuracy(_predict(owner_model, truth.eval_images, groups),
                                  truth.eval_labels)
     audit.settings = _settings(audit, replayed, cfg, spec, owner_acc, info)
-    for attack in attacks if attacks is not None else default_attacks():
+    for attack in _per_trainer(attacks if attacks is not None else default_attacks(), stages):
         audit.results.append(_attack(attack, knowledge, truth, audit, progress))
     audit.wall_s = time.perf_counter() - t0
     return audit
@@ -233,10 +239,30 @@ def _settings(audit: Audit, replayed: Replay, cfg: RunConfig, spec: FilterSpec |
         # recomputed from the verified config, not copied from the owner's summary
         "epsilon": defences.spent(pv, cfg.run.epochs, epochs, evaluations),
         "label_obfuscation": f"{pv.label_gamma} secret pseudo-classes per class, permuted"
-        if pv.label_gamma > 1 else ("none: no label leaves the owner (owner tail)"
+        if pv.label_gamma > 1 else ("none: no label message leaves the owner (owner tail), but "
+                                    "the gradients it sends back depend on the labels"
                                     if pv.owner_tail else "none"),
         "privacy_settings": dataclasses.asdict(pv),
         "retention": cfg.log.retention, **info}
+
+
+def _per_trainer(attacks: list[Attack], stages: list[str]) -> list[Attack]:
+    """The suite with every per-trainer template replaced by one attack per trainer."""
+    return [one for a in attacks
+            for one in ([a.for_trainer(s) for s in stages] if getattr(a, "per_trainer", False)
+                        else [a])]
+
+
+def _add_channels(knowledge: Knowledge, audit: Audit, run: RunLayout, cfg: RunConfig, data,
+                  stages: list[str]) -> None:
+    """Every trainer's received channels as `received/<trainer>` fields; the rows each saw per
+    kind (retained or not) go to the references, for the report's "rows used of received"."""
+    retention = Retention.parse(cfg.log.retention)
+    full = {k for k in CHANNEL_KINDS if retention.limit(k) is None}
+    ch = read_channels(run.log, len(data.x_train), len(data.x_test), full)
+    for s in stages:
+        knowledge.values[received_field(s)] = ch.of(s)
+    audit.references["channels_seen"] = ch.seen
 
 
 def _attack(attack: Attack, knowledge: Knowledge, truth: Truth, audit: Audit,

@@ -253,3 +253,6 @@ INVERSION = register(Family("inversion", _score_inversion, _headline_inversion, 
                             0, _plot_inversion, _frontier_inversion))
 EXTRACTION = register(Family("extraction", _score_extraction, _headline_extraction, "accuracy",
                              "accuracy", 2, _plot_extraction, _frontier_extraction))
+
+# the per-trainer channel family registers itself beside these (its own module, same registry)
+from clicooper_bus.audit import family_channels  # noqa: E402, F401

@@ -51,6 +51,8 @@ class Truth:
     eval_labels: np.ndarray
     aux: np.ndarray  # the public aux images and labels, for the reference lines
     aux_labels: np.ndarray
+    train_labels: np.ndarray | None = None  # every training label, by sample id (channels)
+    test_labels: np.ndarray | None = None  # every test label, by position in the test split
 
 
 def _latest_first(batches: list[Batch], limit: int) -> list[Batch]:
@@ -89,7 +91,8 @@ def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig, spec: Filt
         "stages": stages, "release": Release(head, spec), "aux_images": aux,
         "aux_labels": data.y_test[:half]})
     truth = Truth(index, data.x_train[index].astype(np.float32) / 255.0, data.y_train[index],
-                  to_float(data.x_test[half:]), data.y_test[half:], aux.numpy(), data.y_test[:half])
+                  to_float(data.x_test[half:]), data.y_test[half:], aux.numpy(), data.y_test[:half],
+                  data.y_train, data.y_test)
     epochs = sorted({b.epoch for b in chosen})
     info = {"released_samples": len(index), "released_epochs": epochs,
             "eval_pairs": 0 if pairs is None else len(pairs[0]), "aux_samples": half,

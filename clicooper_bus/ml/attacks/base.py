@@ -9,6 +9,7 @@ auditor, which holds the ground truth, scores them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -30,7 +31,11 @@ FIELDS: dict[str, str] = {
                "transform), as a function of images",
     "aux_images": "public auxiliary images (by default the first half of the test split)",
     "aux_labels": "labels of the auxiliary images (all, or the first n where declared)",
+    "received/<trainer>": "every tensor channel that one trainer received (fwd, bwd, labels, "
+                          "eval_fwd), each row tagged with its sample id from the public batch "
+                          "order (`clicooper_bus.audit.channels`)",
 }
+PER_TRAINER = "received/"  # the prefix of the per-trainer fields
 
 
 class ThreatModelViolation(ClicooperError):
@@ -45,7 +50,8 @@ class ThreatModel:
     aux_labels: int | None = 0  # labelled aux samples: 0 none, n the first n, None all
 
     def __post_init__(self) -> None:
-        unknown = set(self.sees) - set(FIELDS)
+        unknown = {f for f in self.sees if f not in FIELDS and not (
+            f.startswith(PER_TRAINER) and len(f) > len(PER_TRAINER))}
         if unknown:
             raise ValueError(f"threat model names unknown fields {sorted(unknown)}")
         if (self.aux_labels != 0) != ("aux_labels" in self.sees):
@@ -113,6 +119,12 @@ def _private(value: Any) -> Any:
         return type(value)(_private(v) for v in value)
     if isinstance(value, torch.nn.Module):
         return copy.deepcopy(value)
+    if isinstance(value, dict):
+        return {k: _private(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and \
+            not value.__dataclass_params__.frozen:  # e.g. a channel's rows
+        return dataclasses.replace(value, **{f.name: _private(getattr(value, f.name))
+                                             for f in dataclasses.fields(value)})
     return value  # the plan (frozen) and the release function (see Knowledge.release)
 
 

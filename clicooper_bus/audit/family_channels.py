@@ -1,0 +1,75 @@
+"""The `channels` family: label inference on every channel one trainer received (activations,
+gradients, labels, evaluation traffic; single releases and linked across epochs), scored per
+channel against the true labels of the samples each row belongs to. The headline is the
+strongest channel and variant, named, beside the rows that trainer saw in that channel."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from clicooper_bus.audit import scoring
+from clicooper_bus.audit.families import Family, Row, register
+
+if TYPE_CHECKING:
+    from clicooper_bus.audit.auditor import Audit
+    from clicooper_bus.audit.truth import Truth
+    from clicooper_bus.ml.attacks.base import Attack, Track
+
+
+def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track) -> Row:
+    """Each channel's strongest variant; the strongest channel's scores head the row."""
+    seen = audit.references.get("channels_seen", {}).get(attack.trainer, {})
+    channels = {}
+    for name, ch in out.items():
+        labels = (truth.train_labels if ch["split"] == "train" else truth.test_labels)[ch["ids"]]
+        variants = {v: scoring.clustering_scores(p, labels) for v, p in ch["variants"].items()}
+        best = max(variants, key=lambda v: variants[v]["ari"])
+        channels[name] = {"strongest": best, **variants[best], "samples": len(labels),
+                          "seen": seen.get(name.split("+")[0], 0),
+                          **({"releases_per_sample": ch["releases"]} if "releases" in ch else {})}
+    if not channels:
+        return {"trainer": attack.trainer, "channel": None, "samples": 0, "ari": 0.0,
+                "matched_accuracy": 0.0, "matched_accuracy_chance": 0.0, "success_rate": 0.0,
+                "channels": {}, "note": "no retained channel"}
+    top = max(channels, key=lambda c: channels[c]["ari"])
+    return {"trainer": attack.trainer, "channel": top, **channels[top], "channels": channels}
+
+
+def _headline(row: Row) -> tuple[str, str, str]:
+    if row["channel"] is None:
+        return ("no retained channel to attack", "-", "-")
+    return (f"ARI {row['ari']:.3f}, matched accuracy {row['matched_accuracy']:.3f} on "
+            f"{row['channel']} ({row['strongest']}; {row['samples']} of {row['seen']} rows "
+            f"{row['trainer']} received)",
+            f"chance ARI 0, matched accuracy {row['matched_accuracy_chance']:.3f}",
+            f"{row['matched_accuracy'] - row['matched_accuracy_chance']:+.3f} accuracy over chance")
+
+
+def _details(rows: list[Row]) -> list[str]:
+    lines = ["", "### Every channel a trainer received (strongest variant each)", "",
+             "| trainer | channel | variant | ARI | matched accuracy | chance | rows used | rows "
+             "received |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for name, m in r["channels"].items():
+            lines.append(f"| {r['trainer']} | {name} | {m['strongest']} | {m['ari']:.3f} | "
+                         f"{m['matched_accuracy']:.3f} | {m['matched_accuracy_chance']:.3f} | "
+                         f"{m['samples']} | {m['seen']} |")
+    return lines
+
+
+def _plot(ax: Any, rows: list[Row]) -> None:
+    names = [f"{r['trainer']}:{c}" for r in rows for c in r["channels"]]
+    aris = [m["ari"] for r in rows for m in r["channels"].values()]
+    ax.bar(names, aris, color="tab:purple")
+    ax.set_title("channels: ARI per trainer and channel")
+    ax.tick_params(axis="x", labelrotation=45, labelsize=6)
+
+
+def _frontier(rows: list[Row]) -> dict[str, Any]:
+    top = max((r for r in rows if r["channel"]), key=lambda r: r["ari"], default=None)
+    return {"channel_ari": top["ari"] if top else None,
+            "channel": f"{top['trainer']}:{top['channel']}" if top else None}
+
+
+CHANNELS = register(Family("channels", _score, _headline, "ari", "ARI", 3, _plot, _frontier,
+                           _details))
