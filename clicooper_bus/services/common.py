@@ -13,10 +13,12 @@ import structlog
 
 from clicooper_bus import __version__, telemetry
 from clicooper_bus.config import RunConfig, load_config
-from clicooper_bus.errors import ClicooperError
+from clicooper_bus.errors import ClicooperError, RosterError
 from clicooper_bus.net.bus import Bus, BusAddress
 from clicooper_bus.net.identity import Identity, PublicIdentity, load_identity, load_public
+from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.net.wire import Envelope
 
 EXIT_OK, EXIT_FAIL, EXIT_TERMINATED = 0, 1, 143
 _OMP_MARK = "CLICOOPER_OMP_DEFAULT"  # the value we set, so a child does not take it for a user's
@@ -62,6 +64,16 @@ def configured_in_flight(config: str | None) -> int:
         return load_config(config).run.in_flight
     except (ClicooperError, OSError, ValueError):
         return 1
+
+
+def open_roster(env: Envelope, owner: PublicIdentity, log) -> Roster | None:
+    """The roster in `env` if the owner signed it, else None with the reason logged (anyone
+    may publish on the roster topic: a refused roster is not fatal, the real one may follow)."""
+    try:
+        return Roster.open(bytes(env.body), owner=owner)
+    except RosterError as exc:
+        log.error("roster refused", error=str(exc))
+        return None
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -21,7 +21,6 @@ import time
 from clicooper_bus.chain.certificate import Certificate, issue
 from clicooper_bus.chain.registry import WatermarkRegistry
 from clicooper_bus.config import RunConfig
-from clicooper_bus.errors import RosterError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.bus import Bus, BusError
 from clicooper_bus.net.roster import Roster
@@ -35,6 +34,7 @@ from clicooper_bus.services.common import (
     identity,
     load,
     open_bus,
+    open_roster,
     public,
     run_main,
 )
@@ -81,10 +81,8 @@ class Notary:
         if env.header.kind != "roster":
             self.log.warning("message before the roster ignored", kind=env.header.kind)
             return
-        try:
-            roster = Roster.open(bytes(env.body), owner=self.owner_key)
-        except RosterError as exc:
-            self.log.error("roster refused", error=str(exc))
+        roster = open_roster(env, self.owner_key, self.log)
+        if roster is None:
             return
         path = RunLayout(self.cfg.run_dir).log
         self.plog = ProvenanceLog.create(path, roster_bytes=bytes(env.body),

@@ -28,7 +28,7 @@ from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import CheckpointMessage, End, Hello, Metrics, Round, Segment
-from clicooper_bus.services.common import EXIT_OK, identity, open_bus, public
+from clicooper_bus.services.common import EXIT_OK, identity, open_bus, open_roster, public
 from clicooper_bus.services.dispatch import Dispatcher
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 from clicooper_bus.tlog.log import default_origin
@@ -105,10 +105,8 @@ class Trainer:
     def _on_roster(self, env: Envelope) -> None:
         if self.roster is not None:
             return
-        try:
-            roster = Roster.open(bytes(env.body), owner=self.owner_key)
-        except RosterError as exc:
-            self.log.error("roster refused", error=str(exc))
+        roster = open_roster(env, self.owner_key, self.log)
+        if roster is None:
             return
         if self.name not in roster.stages:
             self.log.warning("roster does not list us", stages=list(roster.stages))
