@@ -109,4 +109,28 @@ def test_an_owner_tail_run_leaks_its_labels_through_the_gradients(tmp_path):
     last = rows["trainer-2"]["channels"]
     assert last["bwd"]["ari"] >= 0.9, last["bwd"]
     assert last["bwd"]["samples"] > 0 and last["bwd"]["seen"] >= last["bwd"]["samples"]
-    assert set(rows) == {"trainer-1", "trainer-2"}
+    assert set(rows) == {"trainer-1", "trainer-2", "all trainers"}
+
+
+def test_colluding_trainers_join_what_they_received_of_each_sample():
+    """Two trainers each see a noisy copy of the same releases: joined, the noise halves."""
+    labels = _labels()
+    a, b = _released(labels, sigma=0.0, seed=1), _released(labels, sigma=0.0, seed=1)
+    b.x = (b.x + np.random.default_rng(9).normal(scale=2.2, size=b.x.shape)).astype(np.float32)
+    a.x = (a.x + np.random.default_rng(8).normal(scale=2.2, size=a.x.shape)).astype(np.float32)
+    template = ChannelInference()
+    attacks = template.expand(["trainer-1", "trainer-2"])
+    assert [x.name for x in attacks] == ["channels-trainer-1", "channels-trainer-2",
+                                         "channels-colluding"]
+    colluding = attacks[-1]
+    know = Knowledge({"plan": PLAN, received_field("trainer-1"): {"fwd": a},
+                      received_field("trainer-2"): {"fwd": b}})
+    view = know.view(colluding.threat)
+    assert view.fields == {"plan", received_field("trainer-1"), received_field("trainer-2")}
+    out = colluding.run(view)
+    truth = SimpleNamespace(train_labels=labels, test_labels=labels)
+    audit = SimpleNamespace(references={"channels_seen": {"trainer-1": {"fwd": N * EPOCHS}}})
+    row = families.family("channels").score(colluding, out, truth, audit, None)
+    alone = _scored({"fwd": a}, labels)["channels"]["fwd"]["ari"]
+    assert row["channels"]["joined"]["ari"] > alone + 0.05, (row["channels"], alone)
+    assert row["trainer"] == "all trainers" and row["seen"] == N * EPOCHS

@@ -247,10 +247,10 @@ def _settings(audit: Audit, replayed: Replay, cfg: RunConfig, spec: FilterSpec |
 
 
 def _per_trainer(attacks: list[Attack], stages: list[str]) -> list[Attack]:
-    """The suite with every per-trainer template replaced by one attack per trainer."""
+    """The suite with every per-trainer template expanded (one attack per trainer, and the
+    trainers colluding)."""
     return [one for a in attacks
-            for one in ([a.for_trainer(s) for s in stages] if getattr(a, "per_trainer", False)
-                        else [a])]
+            for one in (a.expand(stages) if getattr(a, "per_trainer", False) else [a])]
 
 
 def _add_channels(knowledge: Knowledge, audit: Audit, run: RunLayout, cfg: RunConfig, data,

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 
 def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track) -> Row:
     """Each channel's strongest variant; the strongest channel's scores head the row."""
-    seen = audit.references.get("channels_seen", {}).get(attack.trainer, {})
+    every = audit.references.get("channels_seen", {})
+    # colluders' joined rows: each (sample, epoch) the first stage received once
+    seen = every.get(attack.trainer) or {"joined": every.get(getattr(attack, "stages", [""])[0],
+                                                             {}).get("fwd", 0)}
     channels = {}
     for name, ch in out.items():
         labels = (truth.train_labels if ch["split"] == "train" else truth.test_labels)[ch["ids"]]

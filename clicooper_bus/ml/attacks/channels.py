@@ -12,7 +12,10 @@ A trainer sees more than the first stage's activations: its `fwd` from its prede
   in (the batch order is a public function of the roster's seed), then clustered: fresh noise
   per release averages out.
 The auditor scores each channel and reports the strongest, naming the channel. One instance
-per trainer, non-colluding: its view holds only that trainer's channels.
+per trainer, non-colluding: its view holds only that trainer's channels; and, with two or more
+trainers, one for all of them colluding, which joins what they received of the same sample in
+the same epoch (activations and gradients side by side, each block standardised) and clusters
+that, single and linked.
 """
 
 from __future__ import annotations
@@ -56,6 +59,39 @@ def _latest_once(ids: np.ndarray, epochs: np.ndarray, limit: int) -> np.ndarray:
     return order[np.sort(first)][:limit]
 
 
+def _key(rows) -> np.ndarray:
+    return rows.ids.astype(np.int64) * 1_000_003 + rows.epochs.astype(np.int64)
+
+
+def join(blocks: list, k: int):
+    """The training rows several parties hold of the same (sample, epoch), side by side: each
+    block standardised and weighted 1/sqrt(width), so every block counts alike. None when fewer
+    than two blocks or 2k common rows."""
+    from clicooper_bus.audit.channels import Rows  # the rows' type; no import cycle at load
+
+    if len(blocks) < 2:
+        return None
+    common = _key(blocks[0])
+    for b in blocks[1:]:
+        common = np.intersect1d(common, _key(b))
+    if len(common) < 2 * k:
+        return None
+    parts, ids, epochs = [], None, None
+    for b in blocks:
+        pos = _positions(_key(b), common)
+        x = b.x[pos].reshape(len(pos), -1).astype(np.float64)
+        x = (x - x.mean(0)) / (x.std(0) + 1e-8) / np.sqrt(x.shape[1])
+        parts.append(x)
+        ids, epochs = b.ids[pos], b.epochs[pos]
+    return Rows("joined", "train", ids, epochs, np.hstack(parts).astype(np.float32))
+
+
+def _positions(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """For each wanted key, the position of its first row in `keys`."""
+    order = np.argsort(keys, kind="stable")
+    return order[np.searchsorted(keys[order], wanted)]
+
+
 class ChannelInference(Attack):
     """Label inference on each channel one trainer received (and linked across epochs)."""
 
@@ -76,6 +112,12 @@ class ChannelInference(Attack):
 
     def for_trainer(self, trainer: str) -> ChannelInference:
         return ChannelInference(trainer, self.seed, self.restarts)
+
+    def expand(self, stages: list[str]) -> list[Attack]:
+        """One attack per trainer, and one for all of them colluding (two or more)."""
+        alone: list[Attack] = [self.for_trainer(s) for s in stages]
+        return alone + ([CollusionInference(stages, self.seed, self.restarts)]
+                        if len(stages) > 1 else [])
 
     def run(self, view: View, track: Track = no_progress) -> dict[str, dict]:
         channels = getattr(view, received_field(self.trainer))
@@ -104,6 +146,29 @@ class ChannelInference(Attack):
 
     def _variants(self, kind: str, x: np.ndarray, k: int) -> dict[str, np.ndarray]:
         v = cluster_variants(x, k, seed=self.seed, restarts=self.restarts)
-        if kind == "bwd":
+        if kind in ("bwd", "joined"):
             v.update(cosine_variants(x, k, seed=self.seed, restarts=self.restarts))
         return v
+
+
+class CollusionInference(ChannelInference):
+    """Every trainer colluding: what they received of the same sample in the same epoch
+    (activations and gradients of every stage), joined and clustered, single and linked. The
+    channels each holds alone are the non-colluding attacks' rows."""
+
+    def __init__(self, stages: list[str], seed: int = 0, restarts: int = 3):
+        super().__init__("", seed, restarts)
+        self.trainer, self.stages = "all trainers", list(stages)
+        self.name = "channels-colluding"
+        self.threat = ThreatModel(
+            f"all trainers colluding ({', '.join(stages)})",
+            frozenset({"plan", *(received_field(s) for s in stages)}),
+            "none beyond what they received; sample ids from the public batch order")
+
+    def run(self, view: View, track: Track = no_progress) -> dict[str, dict]:
+        k = view.plan.classes
+        blocks = [rows for s in self.stages
+                  for kind, rows in sorted(getattr(view, received_field(s)).items())
+                  if kind in ("fwd", "bwd")]
+        joined = join(blocks, k)
+        return {} if joined is None else self._channel("joined", joined, k)
