@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from clicooper_bus.audit import families
-from clicooper_bus.audit.channels import Rows
 from clicooper_bus.ml.attacks.base import Knowledge, ThreatModelViolation
-from clicooper_bus.ml.attacks.channels import ChannelInference, received_field
+from clicooper_bus.ml.attacks.channels import ChannelInference, Rows, received_field
 from clicooper_bus.plan import Plan
 
 K, N, EPOCHS = 10, 400, 5

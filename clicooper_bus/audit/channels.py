@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clicooper_bus.ml.attacks.channels import Rows
 from clicooper_bus.ml.data import batch_order
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import DTYPES, parse_header, split_leaf
@@ -29,21 +30,6 @@ from clicooper_bus.tlog.log import ProvenanceLog
 KINDS = ("fwd", "bwd", "labels", "eval_fwd")
 TARGETS = 2000  # sample ids followed through every epoch where a kind is retained in full
 MAX_ROWS = 8192  # rows kept per channel otherwise
-
-
-@dataclass
-class Rows:
-    """One channel of one trainer: row i is sample `ids[i]` (training or test index, by
-    `split`) as released in epoch `epochs[i]`; `x` holds the rows, float32 or int64 (labels)."""
-
-    kind: str
-    split: str  # "train" or "test"
-    ids: np.ndarray
-    epochs: np.ndarray
-    x: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 @dataclass

@@ -20,6 +20,8 @@ that, single and linked.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.preprocessing import normalize
@@ -28,6 +30,21 @@ from clicooper_bus.ml.attacks.base import Attack, ThreatModel, Track, View, no_p
 from clicooper_bus.ml.attacks.clustering import cluster_variants
 
 SINGLE = 2000  # single releases clustered per channel (the latest first, one per sample)
+
+
+@dataclass
+class Rows:
+    """One channel of one trainer: row i is sample `ids[i]` (training or test index, by
+    `split`) as released in epoch `epochs[i]`; `x` holds the rows, float32 or int64 (labels)."""
+
+    kind: str
+    split: str  # "train" or "test"
+    ids: np.ndarray
+    epochs: np.ndarray
+    x: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def received_field(trainer: str) -> str:
@@ -67,8 +84,6 @@ def join(blocks: list, k: int):
     """The training rows several parties hold of the same (sample, epoch), side by side: each
     block standardised and weighted 1/sqrt(width), so every block counts alike. None when fewer
     than two blocks or 2k common rows."""
-    from clicooper_bus.audit.channels import Rows  # the rows' type; no import cycle at load
-
     if len(blocks) < 2:
         return None
     common = _key(blocks[0])
