@@ -25,10 +25,43 @@ if TYPE_CHECKING:
     from clicooper_bus.ml.attacks.base import Attack, Track
 
 INVERT_SAMPLES = 500  # activations reconstructed and scored by SSIM
+DEGENERATE_STD = 0.02  # pixel spread (images in [0, 1]) under which reconstructions are constant
+MIN_MARGIN = 0.02  # a score closer than this to the line it must beat is read as at the line
+CLEAR_MARGIN = 0.10  # this far above the line, a leak is clear; between the two, weak
 
 Row = dict[str, Any]  # one attack's entry in report.json's "attacks"
 Scorer = Callable[["Attack", Any, "Truth", "Audit", "Track"], Row]
 Headline = Callable[[Row], tuple[str, str, str]]
+Verdict = Callable[[Row], tuple[str, str]]  # (verdict word, its reason in words)
+
+# the verdict words, from the numbers beside the line each score must beat
+LEAKS, CLASS_ONLY, WEAK, AT_CHANCE, AT_FLOOR, BELOW_FLOOR, BROKEN, NOT_RUN, NOT_JUDGED = (
+    "leaks", "leaks the class only", "weak leak", "at chance", "at the floor", "below the floor",
+    "broken attack", "nothing attacked", "not judged")
+
+
+def _noise(chance: float, n: int | None) -> float:
+    """Three standard deviations of an accuracy of `n` guesses that are right with probability
+    `chance`, or MIN_MARGIN if larger (or `n` unknown): a margin within it says nothing."""
+    if not n:
+        return MIN_MARGIN
+    return max(MIN_MARGIN, 3 * float(np.sqrt(max(chance * (1 - chance), 0.0) / n)))
+
+
+def verdict_label_inference(row: Row) -> tuple[str, str]:
+    """A label-inference row (matched accuracy beside its matched chance, over `samples`):
+    at chance within noise, a weak leak below CLEAR_MARGIN over it, a leak above; a row
+    without those numbers (a family registered without a rule of its own) is not judged."""
+    if "matched_accuracy" not in row or "matched_accuracy_chance" not in row:
+        return NOT_JUDGED, "its family has no verdict rule for these scores"
+    if not row.get("samples"):
+        return NOT_RUN, "no retained rows to attack"
+    chance = row["matched_accuracy_chance"]
+    margin, noise = row["matched_accuracy"] - chance, _noise(chance, row["samples"])
+    why = f"matched accuracy {margin:+.3f} over chance (noise {noise:.3f})"
+    if margin <= noise:
+        return AT_CHANCE, why
+    return (WEAK if margin < CLEAR_MARGIN else LEAKS), why
 
 
 class UnknownFamily(ClicooperError):
@@ -42,7 +75,10 @@ class Family:
     `headline(row)` is (score, the line it must beat, margin) as text; `metric` is the row key
     of the headline number, `label` its name in words; `plot(ax, rows)` draws the family's
     panel `panel` of scores.png; `details(rows)` adds markdown lines under the threat models;
-    `frontier(rows)` gives the sweep row's fields (every key, None or empty without rows)."""
+    `frontier(rows)` gives the sweep row's fields (every key, None or empty without rows);
+    `verdict(row)` judges the row's score against its line, (word, reason): a word of LEAKS,
+    CLASS_ONLY, WEAK, AT_CHANCE, AT_FLOOR, BELOW_FLOOR, BROKEN, NOT_RUN, NOT_JUDGED (default:
+    a label-inference row's rule); `leaks` names, in words, what the family's attacks take."""
 
     name: str
     score: Scorer
@@ -54,6 +90,8 @@ class Family:
     frontier: Callable[[list[Row]], dict[str, Any]]
     details: Callable[[list[Row]], list[str]] | None = None
     direction: Literal["lower is better", "higher is better"] = "lower is better"
+    verdict: Verdict = verdict_label_inference
+    leaks: str = ""  # what a successful attack takes, in words ("" : the attack's title)
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -95,6 +133,12 @@ def of(attack: Attack) -> Family:
 def rows_of(rows: list[Row], name: str) -> list[Row]:
     """The rows of one family, in report order."""
     return [r for r in rows if r["family"] == name]
+
+
+def strongest(fam: Family, rows: list[Row]) -> Row:
+    """The most successful attack of `rows` (all of family `fam`) by its headline metric."""
+    pick = max if fam.direction == "lower is better" else min
+    return pick(rows, key=lambda r: r.get(fam.metric) or 0.0)
 
 
 # --- clustering: label inference from the received activations ----------------------------
@@ -171,11 +215,50 @@ def _score_inversion(attack: Attack, out: Any, truth: Truth, audit: Audit,
     s = scoring.mean_ssim(recon, originals)
     row = {"samples": len(recon), "ssim": s, "floors": floors,
            "above_mean_image": s - floors["mean_image"]}
+    row.update(degenerate(recon))
     if len(recon) < INVERT_SAMPLES:
         row["warning"] = (f"only {len(recon)} released activations were retained; the "
                           f"SSIM of fewer than {INVERT_SAMPLES} samples is noisy (keep more "
                           f"with [log] retention fwd=sample:N)")
     return row
+
+
+def degenerate(recon: np.ndarray) -> Row:
+    """{"degenerate": bool}, with a "degenerate_reason" when most reconstructions are
+    (near-)constant images or all of them (nearly) the same image: such an attack scores the
+    black or mean-image floor by construction, so its SSIM measures nothing of the run."""
+    if len(recon) == 0:
+        return {"degenerate": False}
+    flat = recon.reshape(len(recon), -1).astype(np.float64)
+    constant = float(np.mean(flat.std(axis=1) < DEGENERATE_STD))
+    if constant > 0.5:
+        return {"degenerate": True,
+                "degenerate_reason": f"{constant:.0%} of the reconstructions are constant "
+                                     f"images (pixel std under {DEGENERATE_STD})"}
+    if len(recon) > 1 and float(flat.std(axis=0).mean()) < DEGENERATE_STD:
+        return {"degenerate": True,
+                "degenerate_reason": f"all {len(recon)} reconstructions are (nearly) the same "
+                                     f"image (mean spread across them under {DEGENERATE_STD})"}
+    return {"degenerate": False}
+
+
+def _verdict_inversion(row: Row) -> tuple[str, str]:
+    """Broken if degenerate; else SSIM against the no-information floor (the better of black
+    and the mean image) and above that against the true class mean (class knowledge alone)."""
+    if row.get("degenerate"):
+        return BROKEN, row.get("degenerate_reason", "degenerate reconstructions")
+    f = row["floors"]
+    floor = max(f["mean_image"], f["black"])
+    over, over_class = row["ssim"] - floor, row["ssim"] - f["class_mean"]
+    if over < -MIN_MARGIN:
+        return BELOW_FLOOR, f"{over:+.3f} under the no-information floor: a weak attack"
+    if over <= MIN_MARGIN:
+        return AT_FLOOR, f"within {MIN_MARGIN} of the no-information floor"
+    if over_class > MIN_MARGIN:
+        return LEAKS, f"{over_class:+.3f} over the true class mean: more than the class"
+    return (WEAK if over < CLEAR_MARGIN else CLASS_ONLY), (
+        f"{over:+.3f} over the no-information floor but not over the true class mean "
+        f"({over_class:+.3f}): what the label gives, not the image")
 
 
 def _headline_inversion(row: Row) -> tuple[str, str, str]:
@@ -230,6 +313,19 @@ def _headline_extraction(row: Row) -> tuple[str, str, str]:
             f"{row['accuracy'] - row['owner_accuracy']:+.3f} against the owner")
 
 
+def _verdict_extraction(row: Row) -> tuple[str, str]:
+    """The surrogate's accuracy against chance (within noise: at chance) and the owner's."""
+    chance, owner = row["chance"], row["owner_accuracy"]
+    margin, noise = row["accuracy"] - chance, _noise(chance, row.get("samples"))
+    if margin <= noise:
+        return AT_CHANCE, f"{margin:+.3f} over chance (noise {noise:.3f})"
+    if row["accuracy"] >= owner - noise:
+        return LEAKS, f"{margin:+.3f} over chance: as accurate as the owner's model"
+    share = margin / (owner - chance) if owner > chance else 1.0
+    return (WEAK if margin < CLEAR_MARGIN else LEAKS), (
+        f"{margin:+.3f} over chance, {share:.0%} of the way to the owner's accuracy")
+
+
 def _plot_extraction(ax: Any, rows: list[Row]) -> None:
     ax.bar([r["name"] for r in rows], [r["accuracy"] for r in rows], color="tab:green")
     ax.axhline(rows[0]["chance"], ls=":", color="k", lw=1, label="chance")
@@ -248,11 +344,14 @@ def _frontier_extraction(rows: list[Row]) -> dict[str, Any]:
 # registration order is the sweep row's field order and the comparison's axis label
 CLUSTERING = register(Family("clustering", _score_clustering, _headline_clustering, "ari",
                              "ARI", 1, _plot_clustering, _frontier_clustering,
-                             _details_clustering))
+                             _details_clustering, verdict=verdict_label_inference,
+                             leaks="the private labels"))
 INVERSION = register(Family("inversion", _score_inversion, _headline_inversion, "ssim", "SSIM",
-                            0, _plot_inversion, _frontier_inversion))
+                            0, _plot_inversion, _frontier_inversion,
+                            verdict=_verdict_inversion, leaks="the private images"))
 EXTRACTION = register(Family("extraction", _score_extraction, _headline_extraction, "accuracy",
-                             "accuracy", 2, _plot_extraction, _frontier_extraction))
+                             "accuracy", 2, _plot_extraction, _frontier_extraction,
+                             verdict=_verdict_extraction, leaks="a working copy of the model"))
 
 # the per-trainer channel family registers itself beside these (its own module, same registry)
 from clicooper_bus.audit import family_channels  # noqa: E402, F401

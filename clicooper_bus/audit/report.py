@@ -1,22 +1,26 @@
 """The audit report: `report.json` for machines, `report.md` for people, PNG figures, and the
 side-by-side comparison of several runs. Every score is written beside its chance level or
-floor; a forced audit of an unverified log says so on the report's first line."""
+floor; a forced audit of an unverified log says so on the report's first line. `report.md`
+opens with its findings: each family's verdict (from the family's own rule) per attacking party,
+and every broken attack named as such."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clicooper_bus.audit import families
+from clicooper_bus.audit import families, figures
 from clicooper_bus.audit.auditor import Audit
+from clicooper_bus.audit.families import Family, Row
 from clicooper_bus.layout import RunLayout, write_atomic
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"  # in the report directory (RUN_DIR/audit)
-FIGURES = ("reconstructions.png", "scores.png")
+FIGURES = (figures.RECONSTRUCTIONS, figures.SCORES, figures.TRAINING)
 
 
 def to_json(audit: Audit) -> dict[str, Any]:
@@ -30,6 +34,7 @@ def to_json(audit: Audit) -> dict[str, Any]:
         "attacks": audit.results,
         "references": audit.references,
         "wall_s": round(audit.wall_s, 1),
+        "findings": findings(audit.results),
     }
 
 
@@ -37,6 +42,67 @@ def headline(row: dict[str, Any]) -> tuple[str, str, str]:
     """(score, the line it must beat, verdict-free margin) of one attack, as text: its
     family's headline. Raises UnknownFamily (a ClicooperError) for an unregistered family."""
     return families.family(row["family"]).headline(row)
+
+
+def _party(row: Row) -> str:
+    return (row.get("threat_model") or {}).get("party", "an unnamed party")
+
+
+def _finding(fam: Family, row: Row) -> dict[str, str]:
+    """One finding: the family's verdict on `row`, with its headline, in words."""
+    word, why = fam.verdict(row)
+    score, line, margin = fam.headline(row)
+    return {"verdict": word, "reason": why, "family": fam.name, "attack": row["name"],
+            "party": _party(row), "leaks": fam.leaks or row.get("title", fam.name),
+            "score": score, "line_to_beat": line, "margin": margin}
+
+
+def findings(attacks: list[Row]) -> list[dict[str, str]]:
+    """The report's judgement of `attacks`: per family that ran (in registration order) and
+    attacking party, its strongest working attack, then each broken attack of that party."""
+    out = []
+    for fam in families.families():
+        rows = families.rows_of(attacks, fam.name)
+        for party in dict.fromkeys(_party(r) for r in rows):
+            mine = [(r, fam.verdict(r)[0] == families.BROKEN) for r in rows if _party(r) == party]
+            working = [r for r, broken in mine if not broken]
+            if working:
+                out.append(_finding(fam, families.strongest(fam, working)))
+            out += [_finding(fam, r) for r, broken in mine if broken]
+    return out
+
+
+def findings_markdown(found: list[dict[str, str]], forced: bool = False) -> list[str]:
+    """The Findings block: a line per finding, verdict first, each score beside its line."""
+    lines = ["## Findings", "",
+             f"One line per attack family and attacking party (its strongest working attack) "
+             f"and per broken attack. Each score is judged against the line it must beat "
+             f"(scores are attack success: for the defence, lower is better): "
+             f"**{families.LEAKS}** (clearly over it), **{families.CLASS_ONLY}** (an inversion "
+             f"over the floor, not over the true class mean), **{families.WEAK}** (over it, only "
+             f"just), **{families.AT_CHANCE}** / **{families.AT_FLOOR}** (within noise: three "
+             f"binomial standard deviations for accuracies, at least {families.MIN_MARGIN}), "
+             f"**{families.BELOW_FLOOR}** (a weak attack), **{families.BROKEN}** (degenerate "
+             f"output: its score is a floor by construction, not a measurement), "
+             f"**{families.NOT_RUN}**.", ""]
+    if forced:
+        lines += ["These findings describe a log that did NOT verify (see the first line).", ""]
+    for f in found:
+        line = "" if f["line_to_beat"] in ("", "-") else f" against {f['line_to_beat']}"
+        margin = "" if f["margin"] in ("", "-") else f" ({f['margin']})"
+        lines.append(f"- **{f['verdict']}**: {f['party']}; target: {f['leaks']} ({f['family']}, "
+                     f"`{f['attack']}`): {f['score']}{line}{margin}. Why: {f['reason']}.")
+    return lines + (["- no attack was run."] if not found else []) + [""]
+
+
+def figures_markdown(names: Sequence[str]) -> list[str]:
+    """The figures written beside report.md, embedded, each under its caption."""
+    if not names:
+        return []
+    lines = ["", "## Figures", ""]
+    for name in names:
+        lines += [f"{figures.CAPTIONS.get(name, name)}:", "", f"![{name}]({name})", ""]
+    return lines
 
 
 def epsilon_text(e: dict[str, Any] | None) -> str:
@@ -61,7 +127,10 @@ def epsilon_text(e: dict[str, Any] | None) -> str:
     return text
 
 
-def to_markdown(doc: dict[str, Any]) -> str:
+def to_markdown(doc: dict[str, Any], figure_files: Sequence[str] = ()) -> str:
+    """report.md: the integrity line (a forced audit's warning) first, the title, the
+    findings, then the run, the integrity details, every attack and the figures embedded
+    (`figure_files`: those written beside it)."""
     integ, s = doc["integrity"], doc["settings"]
     lines = []
     if doc["forced"]:
@@ -75,7 +144,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
                      f"{integ['checkpoints']} signed checkpoints, every sender's chain, "
                      f"tree root {integ['root'][:16]}...")
     lines += ["", f"# Audit of run `{doc['run_id']}`", "",
-              f"Generated {doc['generated']} in {doc['wall_s']} s.", "", "## Run", "",
+              f"Generated {doc['generated']} in {doc['wall_s']} s.", ""]
+    lines += findings_markdown(findings(doc["attacks"]), doc["forced"])
+    lines += ["## Run", "",
               f"- {s.get('model')} on {s.get('dataset')}, cuts {s.get('cuts')}, "
               f"{s.get('epochs')} epochs, {s.get('schedule')}; test accuracy "
               f"{s.get('test_accuracy')}, "
@@ -93,12 +164,12 @@ def to_markdown(doc: dict[str, Any]) -> str:
               f"{integ['checkpoints']}, uncovered entries {integ['uncovered']}",
               f"- per sender: {integ['per_sender']}"]
     lines += [f"- warning: {w}" for w in integ.get("warnings", [])]
-    lines += ["", "## Attacks", "", "| attack | party | score | line to beat | margin |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["", "## Attacks", "", "| attack | party | score | line to beat | margin | verdict |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for row in doc["attacks"]:
         score, floor, margin = headline(row)
         lines.append(f"| {row['title']} | {row['threat_model']['party']} | {score} | {floor} | "
-                     f"{margin} |")
+                     f"{margin} | {families.family(row['family']).verdict(row)[0]} |")
     lines += ["", "### Threat models", ""]
     for row in doc["attacks"]:
         t = row["threat_model"]
@@ -108,51 +179,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
         rows = families.rows_of(doc["attacks"], fam.name)
         if rows and fam.details is not None:
             lines += fam.details(rows)
-    lines += ["", "Figures: `reconstructions.png` (originals above each attack's "
-              "reconstructions), `scores.png`.", ""]
+    lines += figures_markdown(figure_files) or [""]
     return "\n".join(lines)
-
-
-def _reconstruction_grid(audit: Audit, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = ["originals"] + [k for k in audit.figures if k != "originals"]
-    n = len(audit.figures.get("originals", []))
-    if not n:
-        return
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.0), squeeze=False)
-    for r, name in enumerate(rows):
-        for c in range(n):
-            ax = axes[r][c]
-            img = audit.figures[name][c]
-            ax.imshow(img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0)),
-                      cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _scores_figure(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fams = sorted(families.families(), key=lambda f: f.panel)
-    fig, axes = plt.subplots(1, len(fams), figsize=(13, 3.6))
-    for ax, fam in zip(axes, fams, strict=True):  # left empty when none of its attacks ran
-        rows = families.rows_of(doc["attacks"], fam.name)
-        if rows:
-            fam.plot(ax, rows)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_report(audit: Audit, out: Path | None = None) -> Path:
@@ -163,10 +191,12 @@ def write_report(audit: Audit, out: Path | None = None) -> Path:
     _remove_figures(out)  # an earlier audit's figures must not sit beside this report
     doc = to_json(audit)
     write_atomic(out / REPORT_JSON, json.dumps(doc, indent=2, default=_plain) + "\n")
-    write_atomic(out / REPORT_MD, to_markdown(doc))
-    if audit.results:
-        _reconstruction_grid(audit, out / FIGURES[0])
-        _scores_figure(doc, out / FIGURES[1])
+    written = [name for name, wrote in (
+        (figures.TRAINING, figures.training_curve(audit.summary, out / figures.TRAINING)),
+        (figures.SCORES, figures.scores_figure(doc["attacks"], out / figures.SCORES)),
+        (figures.RECONSTRUCTIONS,
+         figures.reconstruction_grid(audit.figures, out / figures.RECONSTRUCTIONS))) if wrote]
+    write_atomic(out / REPORT_MD, to_markdown(doc, written))
     return out
 
 
@@ -236,22 +266,7 @@ def compare(run_dirs: list[Path], out: Path) -> Path:
     write_atomic(out / "compare.md", "# Audits side by side\n\n" + "\n".join(lines) + "\n")
     write_atomic(out / "compare.json", json.dumps({"runs": [d["run_id"] for d in docs],
                                                    "scores": values}, indent=2) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.2), 3.6))
-    width = 0.8 / len(docs)
-    for i, d in enumerate(docs):
-        ys = [values[n][i] if values[n][i] is not None else 0 for n in names]
-        ax.bar(np.arange(len(names)) + i * width, ys, width, label=d["run_id"])
-    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, fontsize=7)
-    ax.set_ylabel(" / ".join(f.label for f in families.families()))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=100)
-    plt.close(fig)
+    figures.compare_figure(names, values, [d["run_id"] for d in docs], out / "compare.png")
     return out
 
 
@@ -291,5 +306,6 @@ def print_audit(attacked: bool, where: Path, doc: dict) -> None:
           f"on the evaluation half; {doc['wall_s']} s")
     for row in doc["attacks"]:
         score, floor, _ = headline(row)
-        print(f"  {row['name']:<22} {score}\n  {'':<22} beside: {floor}")
+        word = families.family(row["family"]).verdict(row)[0]
+        print(f"  {row['name']:<22} {score}\n  {'':<22} beside: {floor}\n  {'':<22} {word}")
     print(f"report: {where / REPORT_MD}")
