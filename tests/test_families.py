@@ -25,7 +25,8 @@ ROWS = {
                                           "success_rate": 0.5}}},
     "inversion": {"ssim": 0.4, "floors": {"mean_image": 0.1, "black": 0.01, "class_mean": 0.3}},
     "extraction": {"accuracy": 0.5, "mapping": "soft vote of labelled samples", "chance": 0.1,
-                   "owner_accuracy": 0.9},
+                   "owner_accuracy": 0.9, "baseline": 0.6, "baseline_name": "label-spreading",
+                   "gain": -0.1},
     "channels": {"trainer": "trainer-2", "channel": "bwd", "strongest": "cosine", "ari": 0.9,
                  "matched_accuracy": 0.95, "matched_accuracy_chance": 0.12, "samples": 500,
                  "seen": 4000, "channels": {"bwd": {"strongest": "cosine", "ari": 0.9,
@@ -88,8 +89,10 @@ def test_the_headline_comes_from_the_registry(monkeypatch):
         assert isinstance(row[fam.metric], float)
         assert fam.direction == "lower is better"
     assert report.headline(_row("extraction")) == (
-        "accuracy 0.500 (soft vote of labelled samples)", "chance 0.100; owner 0.900",
-        "-0.400 against the owner")
+        "accuracy 0.500 (soft vote of labelled samples)",
+        "chance 0.100; own-data baseline 0.600 (label-spreading); owner 0.900",
+        "-0.100 over the own-data baseline")
+    assert families.EXTRACTION.verdict(_row("extraction"))[0] == families.NO_GAIN
     assert report.headline(_row("inversion")) == (
         "SSIM 0.400", "mean image 0.100, black 0.010, true class mean 0.300",
         "+0.300 over the mean image, +0.100 over the class mean")
@@ -127,7 +130,8 @@ def test_the_sweep_fields_of_each_family_are_fixed():
     ext = families.EXTRACTION.frontier([_row("extraction", "extraction-10"),
                                         _row("extraction", "extraction-50")])
     assert ext == {"extraction": {"extraction-10": 0.5, "extraction-50": 0.5},
-                   "extraction_chance": 0.1}
+                   "extraction_chance": 0.1,
+                   "extraction_baseline": {"extraction-10": 0.6, "extraction-50": 0.6}}
     assert families.CLUSTERING.frontier([]) == {"ari": None, "ari_variant": None,
                                                 "success": None, "ari_raw_pixels": None}
 

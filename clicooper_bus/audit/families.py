@@ -38,6 +38,7 @@ Verdict = Callable[[Row], tuple[str, str]]  # (verdict word, its reason in words
 LEAKS, CLASS_ONLY, WEAK, AT_CHANCE, AT_FLOOR, BELOW_FLOOR, BROKEN, NOT_RUN, NOT_JUDGED = (
     "leaks", "leaks the class only", "weak leak", "at chance", "at the floor", "below the floor",
     "broken attack", "nothing attacked", "not judged")
+NO_GAIN = "no gain"  # an extraction no better than what the attackers' own data gives
 
 
 def _noise(chance: float, n: int | None) -> float:
@@ -286,61 +287,6 @@ def _frontier_inversion(rows: list[Row]) -> dict[str, Any]:
             "floors": rows[0]["floors"] if rows else {}}
 
 
-# --- extraction: a working copy of the model ----------------------------------------------
-
-def _score_extraction(attack: Attack, out: Any, truth: Truth, audit: Audit,
-                      progress: Track) -> Row:
-    """The surrogate's accuracy on the evaluation half, beside chance and the owner's."""
-    from clicooper_bus.ml.attacks.extraction import Surrogate
-
-    assert isinstance(out, Surrogate)
-    pred = out.predict(truth.eval_images)
-    acc = (scoring.accuracy(pred, truth.eval_labels) if out.named
-           else scoring.hungarian_accuracy(pred, truth.eval_labels))
-    # unnamed groups are matched to classes after the fact, which lifts chance too
-    chance = (scoring.chance_accuracy(truth.eval_labels) if out.named
-              else scoring.matched_chance(pred, truth.eval_labels))
-    return {"samples": len(truth.eval_labels), "accuracy": acc,
-            "mapping": "soft vote of labelled samples" if out.named
-            else "best consistent mapping (Hungarian, scored by the auditor)",
-            "chance": chance,
-            "owner_accuracy": audit.settings["owner_accuracy_eval_half"], "how": out.how}
-
-
-def _headline_extraction(row: Row) -> tuple[str, str, str]:
-    return (f"accuracy {row['accuracy']:.3f} ({row['mapping']})",
-            f"chance {row['chance']:.3f}; owner {row['owner_accuracy']:.3f}",
-            f"{row['accuracy'] - row['owner_accuracy']:+.3f} against the owner")
-
-
-def _verdict_extraction(row: Row) -> tuple[str, str]:
-    """The surrogate's accuracy against chance (within noise: at chance) and the owner's."""
-    chance, owner = row["chance"], row["owner_accuracy"]
-    margin, noise = row["accuracy"] - chance, _noise(chance, row.get("samples"))
-    if margin <= noise:
-        return AT_CHANCE, f"{margin:+.3f} over chance (noise {noise:.3f})"
-    if row["accuracy"] >= owner - noise:
-        return LEAKS, f"{margin:+.3f} over chance: as accurate as the owner's model"
-    share = margin / (owner - chance) if owner > chance else 1.0
-    return (WEAK if margin < CLEAR_MARGIN else LEAKS), (
-        f"{margin:+.3f} over chance, {share:.0%} of the way to the owner's accuracy")
-
-
-def _plot_extraction(ax: Any, rows: list[Row]) -> None:
-    ax.bar([r["name"] for r in rows], [r["accuracy"] for r in rows], color="tab:green")
-    ax.axhline(rows[0]["chance"], ls=":", color="k", lw=1, label="chance")
-    ax.axhline(rows[0]["owner_accuracy"], ls="--", color="k", lw=1, label="owner")
-    ax.set_title("extraction: accuracy")
-    ax.legend(fontsize=7)
-    ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-
-
-def _frontier_extraction(rows: list[Row]) -> dict[str, Any]:
-    by = {r["name"]: r for r in rows}
-    return {"extraction": {n: r["accuracy"] for n, r in by.items()},
-            "extraction_chance": (by.get("extraction-50") or {}).get("chance")}
-
-
 # registration order is the sweep row's field order and the comparison's axis label
 CLUSTERING = register(Family("clustering", _score_clustering, _headline_clustering, "ari",
                              "ARI", 1, _plot_clustering, _frontier_clustering,
@@ -349,9 +295,10 @@ CLUSTERING = register(Family("clustering", _score_clustering, _headline_clusteri
 INVERSION = register(Family("inversion", _score_inversion, _headline_inversion, "ssim", "SSIM",
                             0, _plot_inversion, _frontier_inversion,
                             verdict=_verdict_inversion, leaks="the private images"))
-EXTRACTION = register(Family("extraction", _score_extraction, _headline_extraction, "accuracy",
-                             "accuracy", 2, _plot_extraction, _frontier_extraction,
-                             verdict=_verdict_extraction, leaks="a working copy of the model"))
 
-# the per-trainer channel family registers itself beside these (its own module, same registry)
+# extraction and the per-trainer channels register themselves after these, in this order (their
+# own modules, the same registry): the order is the sweep row's field order
+# isort: off
+from clicooper_bus.audit.family_extraction import EXTRACTION  # noqa: E402, F401
 from clicooper_bus.audit import family_channels  # noqa: E402, F401
+# isort: on

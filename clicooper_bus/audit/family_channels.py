@@ -75,4 +75,4 @@ def _frontier(rows: list[Row]) -> dict[str, Any]:
 
 
 CHANNELS = register(Family("channels", _score, _headline, "ari", "ARI", 3, _plot, _frontier,
-                           _details))
+                           _details, leaks="the private labels"))

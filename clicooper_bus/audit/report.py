@@ -82,7 +82,8 @@ def findings_markdown(found: list[dict[str, str]], forced: bool = False) -> list
              f"over the floor, not over the true class mean), **{families.WEAK}** (over it, only "
              f"just), **{families.AT_CHANCE}** / **{families.AT_FLOOR}** (within noise: three "
              f"binomial standard deviations for accuracies, at least {families.MIN_MARGIN}), "
-             f"**{families.BELOW_FLOOR}** (a weak attack), **{families.BROKEN}** (degenerate "
+             f"**{families.NO_GAIN}** (an extraction no better than the attackers' own data "
+             f"gives), **{families.BELOW_FLOOR}** (a weak attack), **{families.BROKEN}** (degenerate "
              f"output: its score is a floor by construction, not a measurement), "
              f"**{families.NOT_RUN}**.", ""]
     if forced:
