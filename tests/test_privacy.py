@@ -266,3 +266,13 @@ def test_every_run_has_its_own_key():
     assert not torch.equal(ActivationFilter(spec, k1)(a, step=0), ActivationFilter(spec, k2)(a, step=0))
     ids, y = np.arange(100), np.arange(100) % 10
     assert not np.array_equal(LabelCodec(k1, 10, 4).encode(ids, y), LabelCodec(k2, 10, 4).encode(ids, y))
+
+
+def test_tiny_noise_still_reports_a_finite_epsilon():
+    """noise_multiplier 0.0009 once reported epsilon as none (infinite) beside a finite RDP
+    bound: every noise > 0 gives a finite, exact epsilon, below the RDP bound."""
+    s = acc.spent("gaussian", 0.0009, 1.0, 10, 1e-5)
+    assert math.isfinite(s.epsilon) and s.epsilon <= s.rdp_epsilon
+    mu = 2.0 * math.sqrt(10) / 0.0009
+    assert acc.gaussian_delta(s.epsilon, mu) <= 1e-5 * (1 + 1e-6)
+    assert acc.gaussian_delta(s.epsilon * 0.999, mu) > 1e-5
