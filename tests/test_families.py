@@ -116,6 +116,9 @@ def test_the_report_table_and_details_come_from_the_families():
         score, floor, margin = families.family(f).headline(_row(f))
         assert f"| {f} title | p | {score} | {floor} | {margin} |" in md
     assert "### Clustering variants (ARI)" in md and "| pca10 | 0.500 | 0.400 | 0.600 | 50% |" in md
+    # each attack says how many rows it used of how many its party received
+    assert "- **channels** (0.1 s): p; sees plan; aux: none; used 500 of the 4000 rows that " \
+           "party received" in md
     doc["attacks"] = [a for a in doc["attacks"] if a["family"] != "clustering"]
     assert "Clustering variants" not in report.to_markdown(doc)
 

@@ -263,6 +263,7 @@ def _add_channels(knowledge: Knowledge, audit: Audit, run: RunLayout, cfg: RunCo
     for s in stages:
         knowledge.values[received_field(s)] = ch.of(s)
     audit.references["channels_seen"] = ch.seen
+    audit.references["released_seen"] = ch.seen.get(stages[0], {}).get("fwd", 0)
 
 
 def _attack(attack: Attack, knowledge: Knowledge, truth: Truth, audit: Audit,

@@ -159,7 +159,7 @@ def _score_clustering(attack: Attack, out: Any, truth: Truth, audit: Audit,
         rv = {v: scoring.clustering_scores(p, truth_labels) for v, p in raw.items()}
         rbest = max(rv, key=lambda v: rv[v]["ari"])
         refs["raw_pixels"] = {"variant": rbest, **rv[rbest]}
-    return {"samples": len(truth_labels), "strongest": best, **variants[best],
+    return {"samples": len(truth_labels), **_seen(audit), "strongest": best, **variants[best],
             "variants": variants, "reference_raw_pixels": refs["raw_pixels"]}
 
 
@@ -199,6 +199,13 @@ def _frontier_clustering(rows: list[Row]) -> dict[str, Any]:
             "ari_raw_pixels": (cl.get("reference_raw_pixels") or {}).get("ari")}
 
 
+def _seen(audit: Audit) -> Row:
+    """How many released activations the first stage received (retained or not), beside the
+    samples an attack on them used; empty when unknown (a report built without channels)."""
+    seen = audit.references.get("released_seen")
+    return {} if seen is None else {"seen": seen}
+
+
 # --- inversion: reconstructing the private images -----------------------------------------
 
 def _score_inversion(attack: Attack, out: Any, truth: Truth, audit: Audit,
@@ -215,7 +222,7 @@ def _score_inversion(attack: Attack, out: Any, truth: Truth, audit: Audit,
     floors = floors_by_n[str(len(recon))]
     s = scoring.mean_ssim(recon, originals)
     row = {"samples": len(recon), "ssim": s, "floors": floors,
-           "above_mean_image": s - floors["mean_image"]}
+           "above_mean_image": s - floors["mean_image"], **_seen(audit)}
     row.update(degenerate(recon))
     if len(recon) < INVERT_SAMPLES:
         row["warning"] = (f"only {len(recon)} released activations were retained; the "

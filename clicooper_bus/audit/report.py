@@ -174,8 +174,10 @@ def to_markdown(doc: dict[str, Any], figure_files: Sequence[str] = ()) -> str:
     lines += ["", "### Threat models", ""]
     for row in doc["attacks"]:
         t = row["threat_model"]
+        used = (f"; used {row['samples']} of the {row['seen']} rows that party received"
+                if row.get("seen") and "samples" in row else "")
         lines.append(f"- **{row['name']}** ({row['wall_s']} s): {t['party']}; sees "
-                     f"{', '.join(t['sees'])}; aux: {t['aux']}")
+                     f"{', '.join(t['sees'])}; aux: {t['aux']}{used}")
     for fam in families.families():
         rows = families.rows_of(doc["attacks"], fam.name)
         if rows and fam.details is not None:
