@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from clicooper_bus.errors import ConfigError
-from clicooper_bus.tools.sweep import judge, load_grid, sweep
+from clicooper_bus.tools.sweep import aggregate, judge, load_grid, sweep
+from clicooper_bus.tools.sweep_docs import _m, seeds_line
 from tests.busrun import write_config
 
 ATTACKS = "clustering,whitebox-decoder,class-mean,extraction-50"
@@ -30,6 +31,8 @@ def _grid(tmp: Path, body: str) -> Path:
     ('base = "x.toml"\nkind = "poster"\n[[run]]\nname = "a"\n', "frontier or results"),
     ('base = "x.toml"\n[[run]]\nname = "a"\nprivcy = { nopeek = 1.0 }\n', "unknown keys"),
     ('base = "x.toml"\nattacks = "telepathy"\n[[run]]\nname = "a"\n', "unknown attack"),
+    ('base = "x.toml"\nseeds = 0\n[[run]]\nname = "a"\n', "seeds must be a whole number"),
+    ('base = "x.toml"\n[[run]]\nname = "a"\nseeds = "3"\n', "seeds must be a whole number"),
 ])
 def test_bad_grids_are_refused_before_running(tmp_path, body, match):
     with pytest.raises(ConfigError, match=match):
@@ -98,3 +101,29 @@ def test_judge_applies_every_target():
                                                  extraction={"extraction-50": 0.5},
                                                  epsilon=None), base)}
     assert not any(verdicts.values())
+
+
+def test_seeds_run_a_configuration_several_times_and_report_mean_and_range(tmp_path):
+    cfg = write_config(tmp_path, run_id="x", trainers=1, run={"seed": 7})
+    grid = load_grid(_grid(tmp_path, f'base = "{cfg}"\nseeds = 3\n[[run]]\nname = "a"\n'
+                                     f'[[run]]\nname = "b"\nseeds = 1\n'))
+    a, b = grid.runs
+    reps = a.replicas()
+    assert [r.name for r in reps] == ["a", "a-seed1", "a-seed2"] and b.replicas() == [b]
+    assert [r.overrides.get("run", {}).get("seed") for r in reps] == [None, 8, 9]
+    assert all(r.overrides["privacy"]["name"] == "a" for r in reps[1:])
+    rows = [{"name": n, "accuracy": acc, "epochs": 3, "ari_variant": "plain",
+             "ssim": {"unsplit": s}, "floors": {"mean_image": 0.1, "class_mean": 0.3},
+             "extraction": {"extraction-50": e}}
+            for n, acc, s, e in (("a", 0.8, 0.2, 0.5), ("a-seed1", 0.9, 0.4, 0.7),
+                                 ("a-seed2", 0.85, 0.3, 0.6))]
+    r = aggregate("a", rows)
+    assert r["name"] == "a" and r["seeds"] == 3 and r["epochs"] == 3
+    assert r["accuracy"] == pytest.approx(0.85) and r["spread"]["accuracy"] == [0.8, 0.9]
+    assert r["ssim"]["unsplit"] == pytest.approx(0.3) and r["ssim_max"] == pytest.approx(0.3)
+    assert r["spread"]["extraction.extraction-50"] == [0.5, 0.7]
+    assert _m(r, "accuracy", ".2f") == "0.85 (0.80 to 0.90)"
+    assert _m(r, "extraction.extraction-50") == "0.600 (0.500 to 0.700)"
+    assert seeds_line([r])[0].startswith("Seeds: each configuration ran 3 time(s)")
+    one = aggregate("b", rows[:1])
+    assert one["seeds"] == 1 and "spread" not in one and seeds_line([one]) == []

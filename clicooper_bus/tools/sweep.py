@@ -8,6 +8,7 @@ A grid is a TOML file:
     doc = "docs/PRIVACY.md"              # what to write
     kind = "frontier"                    # or "results" (the paper table)
     attacks = ""                         # optional: only these attacks (default: all)
+    seeds = 1                            # optional: runs of each configuration (default 1)
     notes = '''...'''                    # optional: findings, printed under the tables
     [all.run]                            # sections applied to every run (before its own)
     epochs = 3
@@ -15,6 +16,11 @@ A grid is a TOML file:
     name = "gaussian-0.1"                # run id, and the configuration's name in reports
     config = "configs/paper.toml"        # optional: another base for this run
     privacy = { mechanism = "gaussian", noise_multiplier = 0.1 }   # any section's keys
+    seeds = 3                            # optional: this configuration's runs (default: the grid's)
+
+With `seeds = N` a configuration runs N times, as `NAME`, `NAME-seed1`, ..., each with the
+training seed one higher (and, being a different run, its own run key): the documents give the
+mean of each number and its range over the seeds.
 
 Every run goes over the bus like `clicooper run --audit` (separate processes, free ports, a
 following auditor). A run whose audit report exists is reused, so an interrupted sweep resumes
@@ -54,6 +60,26 @@ class Entry:
     name: str
     config: Path
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: int = 1
+
+    def replicas(self) -> list[Entry]:
+        """This configuration once per seed: itself, then `NAME-seedK` with the training seed
+        K higher (each a run of its own, so with its own run key). Reports call every replica
+        by this entry's name."""
+        if self.seeds == 1:
+            return [self]
+        from clicooper_bus.config import load_config
+
+        base = self.overrides.get("run", {}).get("seed")
+        if base is None:
+            base = load_config(str(self.config)).run.seed
+        out = [self]
+        for k in range(1, self.seeds):
+            over = {sec: dict(v) for sec, v in self.overrides.items()}
+            over.setdefault("run", {})["seed"] = base + k
+            over.setdefault("privacy", {}).setdefault("name", self.name)
+            out.append(Entry(f"{self.name}-seed{k}", self.config, over))
+        return out
 
 
 @dataclass
@@ -75,7 +101,7 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"grid file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"grid file {path} is not valid TOML: {exc}") from None
-    unknown = set(raw) - {"base", "out", "doc", "kind", "attacks", "notes", "all", "run"}
+    unknown = set(raw) - {"base", "out", "doc", "kind", "attacks", "notes", "seeds", "all", "run"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; a grid has base, out, doc, "
                           f"kind, attacks, [all] and [[run]] tables")
@@ -92,6 +118,7 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"{path}: kind must be frontier or results, got {kind!r}")
     root = Path.cwd()
     base = raw.get("base")
+    seeds = _seeds(raw.get("seeds", 1), f"{path}: seeds")
     runs, names = [], set()
     for i, r in enumerate(raw.get("run", [])):
         name = r.get("name")
@@ -106,7 +133,7 @@ def load_grid(path: str | Path) -> Grid:
         except ValueError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         names.add(name)
-        bad = set(r) - {"name", "config", *SECTIONS}
+        bad = set(r) - {"name", "config", "seeds", *SECTIONS}
         if bad:
             raise ConfigError(f"{path}: run {name!r} has unknown keys {sorted(bad)}; use "
                               f"config sections ({', '.join(SECTIONS)})")
@@ -115,11 +142,18 @@ def load_grid(path: str | Path) -> Grid:
             raise ConfigError(f"{path}: run {name!r} has no config and the grid no base")
         over = {s: {**common.get(s, {}), **r.get(s, {})} for s in SECTIONS
                 if s in r or s in common}
-        runs.append(Entry(name, root / cfg, over))
+        runs.append(Entry(name, root / cfg, over,
+                          _seeds(r.get("seeds", seeds), f"{path}: run {name!r}: seeds")))
     if not runs:
         raise ConfigError(f"{path}: the grid has no [[run]] tables")
     return Grid(path, root / raw.get("out", "runs/sweep"), root / raw.get("doc", "docs/PRIVACY.md"),
                 kind, runs, attacks, str(raw.get("notes", "")).strip())
+
+
+def _seeds(value: Any, where: str) -> int:
+    if type(value) is not int or not 1 <= value <= 10:
+        raise ConfigError(f"{where} must be a whole number from 1 to 10, got {value!r}")
+    return value
 
 
 def _overrides(entry: Entry, out: Path) -> dict[str, dict[str, Any]]:
@@ -202,6 +236,39 @@ def row(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def aggregate(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's row from its seeds' rows: every number (also inside the per-attack
+    maps) is the mean, its range is in `spread` ("key" or "key.attack" -> [min, max]); the
+    rest (names, settings) is the first seed's. One row is returned as it is, with seeds 1."""
+    if len(rows) == 1:
+        return {**rows[0], "seeds": 1}
+    out: dict[str, Any] = {**rows[0], "name": name, "seeds": len(rows)}
+    spread: dict[str, list[float]] = {}
+    for key, first in rows[0].items():
+        if isinstance(first, dict):
+            out[key] = {k: _mean(rows, key, k, spread) for k in first}
+        elif _number(first):
+            out[key] = _mean(rows, None, key, spread)
+    out["spread"] = spread
+    if out.get("ssim"):
+        _inversion_margins(out)
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _mean(rows: list[dict[str, Any]], outer: str | None, key: str,
+          spread: dict[str, list[float]]) -> Any:
+    """The mean over rows of row[outer][key] (or row[key]); the first value if not numbers."""
+    values = [(r.get(outer) or {}).get(key) if outer else r.get(key) for r in rows]
+    if not all(_number(v) for v in values) or len(set(values)) == 1:
+        return values[0]
+    spread[f"{outer}.{key}" if outer else key] = [min(values), max(values)]
+    return sum(values) / len(values)
+
+
 def _inversion_margins(out: dict[str, Any]) -> None:
     """The best inversion SSIM, and its margins over the mean-image and class-mean lines."""
     floors = out["floors"]
@@ -234,20 +301,22 @@ def sweep(grid_path: str, *, only: list[str] | None = None, fresh: bool = False,
         raise ConfigError(f"--only names runs the grid does not have: "
                           f"{sorted(set(only) - {e.name for e in grid.runs})}")
     t0 = time.perf_counter()
-    for i, entry in enumerate(entries, 1):
-        print(f"sweep: [{i}/{len(entries)}] {entry.name} ({time.perf_counter() - t0:.0f} s so "
+    todo = [r for e in entries for r in e.replicas()]
+    for i, entry in enumerate(todo, 1):
+        print(f"sweep: [{i}/{len(todo)}] {entry.name} ({time.perf_counter() - t0:.0f} s so "
               f"far)", flush=True)
         run_entry(entry, grid.out, fresh, grid.attacks)
         # written after every run: an interrupted sweep keeps what it measured
-        done = [row(grid.out / e.name) for e in grid.runs if _finished(grid.out / e.name)]
+        done = [row(grid.out / r.name) for e in grid.runs for r in e.replicas()
+                if _finished(grid.out / r.name)]
         write_atomic(grid.out / "sweep.json", json.dumps(done, indent=1, default=str) + "\n")
     # the document covers every run of the grid that has been measured, not only this call's
-    missing = [e.name for e in grid.runs if not _finished(grid.out / e.name)]
+    missing = [r.name for e in grid.runs for r in e.replicas() if not _finished(grid.out / r.name)]
     if missing:
         print(f"sweep: not writing {grid.doc}: runs {', '.join(missing)} have not been measured "
               f"yet (run them, e.g. without --only)", flush=True)
         return 0
-    rows = [row(grid.out / e.name) for e in grid.runs]
+    rows = [aggregate(e.name, [row(grid.out / r.name) for r in e.replicas()]) for e in grid.runs]
     command = f"clicooper sweep {relative(Path(grid_path).resolve())}"
     (write_results if grid.kind == "results" else write_frontier)(grid, rows, command)
     print(f"sweep: wrote {grid.doc} from {len(rows)} runs in {time.perf_counter() - t0:.0f} s")

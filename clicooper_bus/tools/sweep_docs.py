@@ -69,6 +69,27 @@ def _f(v: Any, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _m(r: dict[str, Any], key: str, fmt: str = ".3f") -> str:
+    """A row's number, with its range over the seeds when it ran with several: `key` is a
+    field, or "field.attack" inside a per-attack map."""
+    outer, _, inner = key.partition(".")
+    v = (r.get(outer) or {}).get(inner) if inner else r.get(key)
+    lo_hi = (r.get("spread") or {}).get(key)
+    if v is None or not lo_hi:
+        return _f(v, fmt)
+    return f"{format(v, fmt)} ({format(lo_hi[0], fmt)} to {format(lo_hi[1], fmt)})"
+
+
+def seeds_line(rows: list[dict[str, Any]]) -> list[str]:
+    """The sentence that says how many seeds each configuration ran with, if any ran several."""
+    n = sorted({r.get("seeds", 1) for r in rows})
+    if n == [1]:
+        return []
+    return [f"Seeds: each configuration ran {' or '.join(map(str, n))} time(s), the training "
+            f"seed and the run key varying; with several, a number is the mean and its range "
+            f"over the seeds follows in brackets.", ""]
+
+
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     inv = sorted({n for r in rows for n in r["ssim"]})
     head = (["run", "defences", "epochs", "accuracy", "ARI (strongest)", "success"]
@@ -77,14 +98,14 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
                "extraction 0 / 10 / 50 labels", "epsilon"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        ex = r["extraction"]
-        cells = [f"`{r['name']}`", r["defence"], str(r["epochs"]), _f(r["accuracy"], ".4f"),
-                 f"{_f(r['ari'])} ({r['ari_variant']})",
+        cells = [f"`{r['name']}`", r["defence"], str(r["epochs"]), _m(r, "accuracy", ".4f"),
+                 f"{_m(r, 'ari')} ({r['ari_variant']})",
                  "-" if r["success"] is None else f"{r['success'] * 100:.0f} %"]
-        cells += [_f(r["ssim"].get(n)) for n in inv]
+        cells += [_m(r, f"ssim.{n}") for n in inv]
         cells += [_f(r.get("ssim_over_mean_image"), "+.3f"), _f(r.get("ssim_over_class_mean"), "+.3f"),
-                  " / ".join(_f(ex.get(k)) for k in ("extraction-unlabelled", "extraction-10",
-                                                      "extraction-50")), _eps(r)]
+                  " / ".join(_m(r, f"extraction.{k}") for k in ("extraction-unlabelled",
+                                                                 "extraction-10", "extraction-50")),
+                  _eps(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -156,6 +177,7 @@ def write_frontier(grid: Grid, rows: list[dict[str, Any]], command: str) -> None
         "",
         *_table(rows),
         "",
+        *seeds_line(rows),
         _floors(rows),
         "",
         f"![accuracy against attack success]({fig.name})",
@@ -192,16 +214,16 @@ def write_results(grid: Grid, rows: list[dict[str, Any]], command: str) -> None:
         return f"{r['ssim_max']:.3f} ({r['ssim_max_attack']})" if "ssim_max" in r else "-"
 
     def ex(r: dict[str, Any]) -> str:
-        e = r["extraction"]
-        return (f"{_f(e.get('extraction-unlabelled'))} / {_f(e.get('extraction-10'))} / "
-                f"{_f(e.get('extraction-50'))} (chance {_f(r['extraction_chance'])})")
+        return (" / ".join(_m(r, f"extraction.{k}") for k in ("extraction-unlabelled",
+                                                             "extraction-10", "extraction-50"))
+                + f" (chance {_f(r['extraction_chance'])})")
 
     table = [
         "| | CliCooper paper (reported) | undefended (ours) | paper configuration (ours) | "
         "defended (ours) |",
         "| --- | --- | --- | --- | --- |",
-        f"| test accuracy | {PAPER['accuracy']} | {u['accuracy']:.4f} | {p['accuracy']:.4f} | "
-        f"{d['accuracy']:.4f} |",
+        f"| test accuracy | {PAPER['accuracy']} | {_m(u, 'accuracy', '.4f')} | "
+        f"{_m(p, 'accuracy', '.4f')} | {_m(d, 'accuracy', '.4f')} |",
         f"| clustering: success rate (ARI, strongest variant) | {PAPER['clustering_success']:.0%} | "
         f"{_cl(u)} | {_cl(p)} | {_cl(d)} |",
         f"| inversion: best SSIM over all attacks (attack) | {PAPER['ssim_undefended']} -> "
@@ -230,6 +252,7 @@ def write_results(grid: Grid, rows: list[dict[str, Any]], command: str) -> None:
         "",
         *table,
         "",
+        *seeds_line(rows),
         _floors(rows),
         "",
         "## The `defended` configuration against its targets",
