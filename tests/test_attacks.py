@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from clicooper_bus.ml.attacks import default_attacks, select
+from clicooper_bus.ml.attacks import default_attacks, expand_per_trainer, select
 from clicooper_bus.ml.attacks.base import FIELDS, ThreatModel, ThreatModelViolation, View
 from clicooper_bus.ml.attacks.clustering import ClusteringAttack
 from clicooper_bus.ml.attacks.extraction import ExtractionAttack
@@ -133,7 +133,7 @@ def test_declared_views_only(syn):
     knowledge, _, _ = syn
     with_labels = {"class-mean", "sdar", "extraction-10", "extraction-50"}
     with_release = {"whitebox-decoder", "class-mean"}
-    for attack in default_attacks():
+    for attack in expand_per_trainer(default_attacks(), ["trainer-1", "trainer-2"]):
         view = knowledge.view(attack.threat)
         assert view.fields == attack.threat.sees
         assert ("aux_labels" in view.fields) == (attack.name in with_labels), attack.name

@@ -31,7 +31,7 @@ from clicooper_bus.audit.truth import CLUSTER_SAMPLES, Release, Truth, gather
 from clicooper_bus.config import RunConfig, load_config
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
-from clicooper_bus.ml.attacks import default_attacks
+from clicooper_bus.ml.attacks import default_attacks, expand_per_trainer
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.attacks.channels import received_field
 from clicooper_bus.ml.data import load_dataset
@@ -214,7 +214,8 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     owner_acc = scoring.accuracy(_predict(owner_model, truth.eval_images, groups),
                                  truth.eval_labels)
     audit.settings = _settings(audit, replayed, cfg, spec, owner_acc, info)
-    for attack in _per_trainer(attacks if attacks is not None else default_attacks(), stages):
+    for attack in expand_per_trainer(attacks if attacks is not None else default_attacks(),
+                                     stages):
         audit.results.append(_attack(attack, knowledge, truth, audit, progress))
     audit.wall_s = time.perf_counter() - t0
     return audit
@@ -244,13 +245,6 @@ def _settings(audit: Audit, replayed: Replay, cfg: RunConfig, spec: FilterSpec |
                                     if pv.owner_tail else "none"),
         "privacy_settings": dataclasses.asdict(pv),
         "retention": cfg.log.retention, **info}
-
-
-def _per_trainer(attacks: list[Attack], stages: list[str]) -> list[Attack]:
-    """The suite with every per-trainer template expanded (one attack per trainer, and the
-    trainers colluding)."""
-    return [one for a in attacks
-            for one in (a.expand(stages) if getattr(a, "per_trainer", False) else [a])]
 
 
 def _add_channels(knowledge: Knowledge, audit: Audit, run: RunLayout, cfg: RunConfig, data,

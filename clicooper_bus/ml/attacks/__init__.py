@@ -23,6 +23,13 @@ def default_attacks() -> list[Attack]:
             ExtractionAttack(50)]
 
 
+def expand_per_trainer(attacks: list[Attack], stages: list[str]) -> list[Attack]:
+    """The suite with every per-trainer template expanded for the roster's trainers `stages`
+    (one attack per trainer, and the trainers colluding)."""
+    return [one for a in attacks
+            for one in (a.expand(stages) if getattr(a, "per_trainer", False) else [a])]
+
+
 def select(names: str | None) -> list[Attack]:
     """The default suite, or the attacks named (comma-separated), in suite order."""
     suite = default_attacks()

@@ -31,7 +31,7 @@ FIELDS: dict[str, str] = {
                "transform), as a function of images",
     "aux_images": "public auxiliary images (by default the first half of the test split)",
     "aux_labels": "labels of the auxiliary images (all, or the first n where declared)",
-    "received/<trainer>": "every tensor channel that one trainer received (fwd, bwd, labels, "
+    "received/<NAME>": "every tensor channel that the trainer NAME received (fwd, bwd, labels, "
                           "eval_fwd), each row tagged with its sample id from the public batch "
                           "order (`clicooper_bus.audit.channels`)",
 }

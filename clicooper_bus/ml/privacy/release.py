@@ -1,9 +1,10 @@
 """Activation protection: the filter on the owner's release path.
 
 Every activation the owner sends (training `fwd` and evaluation `eval_fwd`) goes through it:
-per-sample clipping (L2 for Gaussian noise, L1 for Laplace) to `clip`, then noise. Clipping is
-differentiable, so in `per-step` mode the head trains end to end through it; the noise is
-additive and so passes gradients unchanged.
+per-sample clipping (L2 for Gaussian noise, L1 for Laplace) to `clip`, then noise on a fixed
+lattice (`lattice`: discrete Gaussian or discrete Laplace, float-safe). Clipping is
+differentiable, so in `per-step` mode the head trains end to end through it; snapping and noise
+are additive and so pass gradients unchanged (straight through).
 
 - `per-step`: fresh noise on every release (keyed by the owner's secret and the step, so that a
   run is reproducible by its owner and by nobody else).
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clicooper_bus.ml.privacy import lattice
 from clicooper_bus.ml.privacy.secret import prf_int
 
 MECHANISMS = ("none", "gaussian", "laplace")
@@ -46,37 +48,45 @@ class ActivationFilter:
     def __init__(self, spec: FilterSpec, secret: bytes | None = None):
         self.spec, self.secret = spec, secret
 
-    def clip(self, a: torch.Tensor) -> torch.Tensor:
+    def clip(self, a: torch.Tensor, bound: float | None = None) -> torch.Tensor:
+        """Each sample scaled into the norm ball of radius `bound` (default: the clip)."""
         flat = a.flatten(1)
         norm = flat.norm(p=2 if self.spec.mechanism == "gaussian" else 1, dim=1)
-        scale = (self.spec.clip / norm.clamp_min(1e-12)).clamp(max=1.0)
+        bound = self.spec.clip if bound is None else bound
+        scale = (bound / norm.clamp_min(1e-12)).clamp(max=1.0)
         return a * scale.view(-1, *([1] * (a.dim() - 1)))
 
-    def _draw(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        if self.spec.mechanism == "gaussian":
-            return torch.randn(shape, generator=gen) * self.spec.noise
-        u = torch.rand(shape, generator=gen).clamp(1e-7, 1 - 1e-7) - 0.5
-        return -self.spec.noise * u.sign() * torch.log1p(-2 * u.abs())
+    def _draw(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        s = self.spec
+        return lattice.noise(rng, s.mechanism, shape, s.noise, s.clip)
 
-    def _gen(self, label: bytes, *parts: int) -> torch.Generator:
-        g = torch.Generator()
+    def _rng(self, label: bytes, *parts: int) -> np.random.Generator:
         seed = prf_int(self.secret, label, *parts) if self.secret is not None \
-            else _secrets.randbits(63)
-        return g.manual_seed(seed & ((1 << 63) - 1))
+            else _secrets.randbits(128)
+        return np.random.default_rng(seed)
 
     def noise(self, shape: tuple[int, ...], *, ids: np.ndarray | None, split: str,
-              step: int) -> torch.Tensor:
-        """Noise for one batch: per sample id in `once` mode, per (split, step) otherwise."""
+              step: int) -> np.ndarray:
+        """Integer noise in lattice steps (float64) for one batch: per sample id in `once`
+        mode, per (split, step) otherwise."""
         if self.spec.mode == "once" and ids is not None:
             one = shape[1:]
             tag = b"noise/once/" + split.encode()
-            return torch.stack([self._draw(one, self._gen(tag, int(i))) for i in ids])
-        return self._draw(shape, self._gen(b"noise/step/" + split.encode(), step))
+            return np.stack([self._draw(one, self._rng(tag, int(i))) for i in ids])
+        return self._draw(shape, self._rng(b"noise/step/" + split.encode(), step))
 
     def __call__(self, a: torch.Tensor, *, ids: np.ndarray | None = None, split: str = "train",
                  step: int = 0) -> torch.Tensor:
-        clipped = self.clip(a)
-        return clipped + self.noise(tuple(a.shape), ids=ids, split=split, step=step)
+        """The release of activations `a` (N x ...): clipped within the lattice's slack,
+        snapped to the lattice, plus integer lattice noise; float32, gradients as the clip's."""
+        s = self.spec
+        gamma = lattice.step(s.clip)
+        margin = lattice.slack(s.mechanism, s.clip, a[0].numel()) if len(a) else 0.0
+        clipped = self.clip(a, s.clip - margin)
+        k = np.rint(clipped.detach().numpy().astype(np.float64) / gamma)  # the snapped input
+        k += self.noise(tuple(a.shape), ids=ids, split=split, step=step)
+        released = torch.from_numpy((k * gamma).astype(np.float32))
+        return clipped + (released - clipped).detach()
 
 
 class Clip(torch.nn.Module):
