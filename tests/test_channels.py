@@ -133,3 +133,11 @@ def test_colluding_trainers_join_what_they_received_of_each_sample():
     alone = _scored({"fwd": a}, labels)["channels"]["fwd"]["ari"]
     assert row["channels"]["joined"]["ari"] > alone + 0.05, (row["channels"], alone)
     assert row["trainer"] == "all trainers" and row["seen"] == N * EPOCHS
+
+
+def test_a_channel_with_too_few_retained_samples_is_left_out():
+    labels = _labels()
+    rows = Rows("bwd", "train", np.arange(5), np.zeros(5, int),
+                np.random.default_rng(4).normal(size=(5, 8)).astype(np.float32))
+    row = _scored({"bwd": rows}, labels)
+    assert row["channel"] is None and row["channels"] == {} and row["note"] == "no retained channel"

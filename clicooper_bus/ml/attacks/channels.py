@@ -148,6 +148,8 @@ class ChannelInference(Attack):
             return {"labels": {"ids": rows.ids, "split": rows.split,
                                "variants": {"as received": rows.x[:, 0]}}}
         pick = _latest_once(rows.ids, rows.epochs, SINGLE)
+        if len(pick) < 2 * k:  # too few retained samples to cluster into k groups
+            return {}
         out = {kind: {"ids": rows.ids[pick], "split": rows.split,
                       "variants": self._variants(kind, rows.x[pick], k)}}
         ids, mean, counts = link(rows.ids, rows.x)
