@@ -14,18 +14,26 @@ input, rounded to the lattice, i.e. post-processing of it. So
 - the epsilon of the continuous mechanism holds (the accountant's numbers are unchanged), with
   the snapped input's sensitivity; snapping may lengthen a vector by half a step per coordinate,
   so the clip is tightened by exactly that much first and the sensitivity stays 2 x clip;
-- whatever the input, every release lies on the same lattice, and every lattice point is an
-  output of every input: the set-of-outputs test cannot tell two inputs apart.
-What remains of floating point:
-- how closely numpy's float64 sampler gives each lattice cell (width 2^-20 of the clip, against
-  noise of about 0.1 to 20 x the clip) its exact probability: an error in the mass of a cell,
-  not a cell that one input reaches and its neighbour does not; not bounded formally here;
-- the sampler's tails end where its 53-bit uniforms do (about 37 Laplace scales, 8.6 Gaussian
-  standard deviations): the few lattice points beyond reach differ between neighbours, with a
-  probability near 1e-16, a delta that far below the accountant's 1e-5.
-OpenDP's exact samplers would close both, at several times the cost: a vectorised CKS20
-discrete Gaussian took 30 to 60 ms per 128 x 1568 batch here against about 10 for this, with a
-test suite running on the other core.
+- whatever the input, every release lies on the same lattice, and within the sampler's reach
+  every lattice point is an output of every input: the set-of-outputs test that showed the
+  leak cannot tell 0 from 0.5 any more (tests/test_lattice.py).
+What floating point still leaves, and it is not small in every regime (a review of this
+module, derived from numpy's sampler code; not yet measured):
+- numpy's float64 samplers have a finite reach and, far in the tails, gaps: the Gaussian
+  ziggurat reaches about 12 standard deviations; the Laplace inversion's 53-bit uniforms leave
+  lattice points unreachable beyond about b ln(2^52 / (b / gamma)). Lattice points near the end
+  of one input's reach are outputs of its neighbour and not of it. For the Gaussian that costs
+  a delta of about P(N > 12 sigma - shift), large when one coordinate can move by a sizeable
+  part of 12 sigma (sigma = 0.2 x clip: shift up to 10 sigma, delta near 0.01); for the
+  Laplace, about dim (b / clip) 2^-33 per release (3.6e-6 at b = 20 x clip, dim 1568), which
+  also breaks the pure-epsilon claim.
+- the mass numpy gives each lattice cell is not exactly the continuous one's.
+So this closes the measured set-of-outputs leak in the body of the distribution, not in its
+tails: the accountant's epsilon is a continuous-mechanism number with an unaccounted delta.
+The fix is an exact integer sampler (a discrete Gaussian or Laplace, CKS20 or OpenDP's), whose
+reach is about 37 scales and whose accounting differs (zero-concentrated DP for the discrete
+Gaussian, pure epsilon for the discrete Laplace); a vectorised CKS20 sampler took 30 to 60 ms
+per 128 x 1568 batch here (with a test suite on the other core) against about 10 for this.
 """
 
 from __future__ import annotations

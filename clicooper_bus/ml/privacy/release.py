@@ -86,7 +86,10 @@ class ActivationFilter:
         k = np.rint(clipped.detach().numpy().astype(np.float64) / gamma)  # the snapped input
         k += self.noise(tuple(a.shape), ids=ids, split=split, step=step)
         released = torch.from_numpy((k * gamma).astype(np.float32))
-        return clipped + (released - clipped).detach()
+        # the value sent is `released` bit for bit (x - x is exactly 0), and the gradient is
+        # the clip's; `clipped + (released - clipped).detach()` rounded in float32 and sent
+        # values off the lattice that depended on the private activation
+        return released + (clipped - clipped.detach())
 
 
 class Clip(torch.nn.Module):
