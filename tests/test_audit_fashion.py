@@ -28,7 +28,10 @@ def report(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("fashion")
     cfg = write_config(tmp, run_id="fm3", run={"epochs": 3, "batch_size": 128, "threads": 2},
                        data={"name": "fashion-mnist"})
-    assert run(str(cfg), echo=False, free_ports=False, timeout_s=900, audit=True) == 0
+    # the attacks pinned below; the channel attacks on this data are the demo's (and
+    # tests/test_channels.py's), which keeps this run within the suite's time
+    attacks = "clustering,whitebox-decoder,class-mean,unsplit,sdar,extraction-50"
+    assert run(str(cfg), echo=False, free_ports=False, timeout_s=900, audit=attacks) == 0
     doc = json.loads((tmp / "runs" / "fm3" / "audit" / "report.json").read_text())
     print(json.dumps({a["name"]: {k: a[k] for k in ("ari", "ssim", "accuracy") if k in a}
                       for a in doc["attacks"]}))

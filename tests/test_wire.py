@@ -80,14 +80,17 @@ def test_round_trip_tensor_zero_copy(owner, verifier):
     assert env.header.step == 3 and env.topic == "run/run-1/fwd/trainer-1"
 
 
-def test_writable_body_gives_zero_copy_torch(owner, verifier):
+def test_a_received_tensor_lives_in_torchs_own_memory(owner, verifier):
+    """Copied out of the frame: computing on the frame's buffer in place made BLAS results
+    depend on its alignment (the bus drifted 2.4e-5 from the reference in 50 steps)."""
     env = owner.seal_array("fwd", "t", np.ones((4, 4), np.float32))
     frames = env.frames()
     frames[3] = bytearray(bytes(frames[3]))
     got = verifier.verify_frames(frames)
     t = tensor(got)
     t[0, 0] = 7.0
-    assert got.array()[0, 0] == 7.0  # same memory
+    assert got.array()[0, 0] == 1.0 and t[0, 0] == 7.0  # its own memory
+    assert t.data_ptr() % 64 == 0  # torch's allocator aligns
 
 
 def test_all_whitelisted_dtypes_and_big_endian_input(owner, verifier):
