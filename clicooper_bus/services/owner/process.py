@@ -82,11 +82,8 @@ class Owner:
             route("fwd", {last}, keep)
             route("eval_fwd", {last}, keep)
 
-    def until(self, what: str, ready, timeout_s: float | None = None) -> None:
-        timeout = timeout_s or self.cfg.bus.step_timeout_s
-        self.loop.until(ready, timeout_s=timeout, timed_out=lambda: (
-            f"waited {timeout:.0f} s for {what} while everyone is alive: a message was lost or a "
-            f"peer is stuck"))
+    def until(self, what: str, ready) -> None:
+        self.training.wait(what, ready)
 
     # --- the run -------------------------------------------------------------------------------
 

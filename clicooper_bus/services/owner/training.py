@@ -45,6 +45,14 @@ class Training:
 
     # --- receiving what a step waits for -------------------------------------------------------
 
+    def wait(self, what: str, ready) -> None:
+        """Dispatch until `ready()`. Raises BusError after `[bus] step_timeout_s` with everyone
+        alive, naming `what` was awaited."""
+        timeout = self.cfg.bus.step_timeout_s
+        self.loop.until(ready, timeout_s=timeout, timed_out=lambda: (
+            f"waited {timeout:.0f} s for {what} while everyone is alive: a message was lost or a "
+            f"peer is stuck"))
+
     def receive(self, what: str, kind: str, name: str, step: int | None = None) -> Envelope:
         """The next `kind` message from `name` (of `step`, if given), dispatching meanwhile.
         Raises BusError after `[bus] step_timeout_s` with everyone alive."""
@@ -56,12 +64,9 @@ class Training:
                 got.append(env)
             return bool(got)
 
-        timeout = self.cfg.bus.step_timeout_s
         self.mailbox.awaited = (kind, self.kid[name], step)
         try:
-            self.loop.until(arrived, timeout_s=timeout, timed_out=lambda: (
-                f"waited {timeout:.0f} s for {what} while everyone is alive: a message was lost "
-                f"or a peer is stuck"))
+            self.wait(what, arrived)
         finally:
             self.mailbox.awaited = None
         return got[0]
@@ -101,10 +106,7 @@ class Training:
         while window:  # an epoch ends with nothing in flight
             self._complete(window.popleft())
         steps = range(first_step, step)
-        self.loop.until(lambda: all(s in self.books.metrics for s in steps),
-                        timeout_s=cfg.bus.step_timeout_s, timed_out=lambda: (
-                            f"waited {cfg.bus.step_timeout_s:.0f} s for training metrics while "
-                            f"everyone is alive: a message was lost or a peer is stuck"))
+        self.wait("training metrics", lambda: all(s in self.books.metrics for s in steps))
         ms = [self.books.metrics[s] for s in steps]
         sizes = [len(i) for i in batches[:len(steps)]]
         n = max(1, seen)
