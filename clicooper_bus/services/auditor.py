@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.follow == bool(args.run_dir) or (args.follow and not args.config):
         p.error("give either RUN_DIR, or --follow with --config")
-    # the audit runs once the run is idle: spinning OpenMP threads take no core from anyone
-    # then, and made the audit's training loops about 25 % faster than passive waiting
-    openmp_policy("ACTIVE")
+    # passive: scikit-learn ships its own libgomp, whose idle worker (after the first k-means)
+    # spun beside torch's threads under ACTIVE and made every later torch attack 2.5x slower
+    # (white-box decoder 114 s against 45 s passive, docs/BENCHMARKS.md)
+    openmp_policy("PASSIVE")
 
     def body(log) -> int:
         from clicooper_bus.audit.report import audit_and_write  # imports torch
