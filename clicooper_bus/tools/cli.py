@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from clicooper_bus import __version__, telemetry
+from clicooper_bus.config import load_config
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.identity import Identity, load_public, write_identity
@@ -43,6 +44,31 @@ def cmd_keys_ensure(args: argparse.Namespace) -> int:
     print(f"keys in {args.dir}: created {', '.join(made) if made else 'none'}; "
           f"kept {', '.join(n for n in args.names if n not in made) or 'none'}")
     return 0
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    from clicooper_bus.tools.join import add_public
+
+    key, written = add_public(args.line, Path(args.dir))
+    path = Path(args.dir) / f"{key.name}.pub"
+    print(f"{'wrote' if written else 'already there, unchanged:'} {path} (key id {key.key_id})")
+    return 0
+
+
+def cmd_invite(args: argparse.Namespace) -> int:
+    from clicooper_bus.tools.join import invite
+
+    path = invite(args.config, args.name, args.host, args.out)
+    print(f"wrote {path}: copy it to the device, and there run\n"
+          f"  clicooper join {path.name} --name {args.name}\n"
+          f"then add the key line it prints: clicooper keys add LINE")
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from clicooper_bus.tools.join import join
+
+    return join(args.file, args.name, args.keys, wait_s=args.wait)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -178,6 +204,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("names", nargs="+")
     k.add_argument("--dir", required=True)
     k.set_defaults(func=cmd_keys_ensure)
+
+    k = keys.add_parser("add", help="store a public key line a device printed (`clicooper join`) "
+                                    "as DIR/NAME.pub")
+    k.add_argument("line", help="the verifier-key line, NAME+KEYID+BASE64")
+    k.add_argument("--dir", default=load_config(None).participants.keys,
+                   help="key directory (default: %(default)s, the config's [participants] keys)")
+    k.set_defaults(func=cmd_keys_add)
+
+    i = sub.add_parser("invite", help="write the join file a remote trainer needs (owner side)")
+    i.add_argument("name", help="the trainer, one of the config's [participants] remote")
+    i.add_argument("--config", required=True, help="the run config `clicooper run` will use")
+    i.add_argument("--host", help="the address devices reach the broker at (replaces the "
+                                  "host of [bus] pub and sub, e.g. a wildcard 0.0.0.0)")
+    i.add_argument("--out", help="the join file to write (default NAME.join)")
+    i.set_defaults(func=cmd_invite)
+    j = sub.add_parser("join", help="join a run as a remote trainer and train (device side)")
+    j.add_argument("file", help="the join file the owner's `clicooper invite` wrote")
+    j.add_argument("--name", required=True, help="this trainer's name, as invited")
+    j.add_argument("--keys", default="keys", help="this device's key directory (default: "
+                                                  "%(default)s); its key is made if missing")
+    j.add_argument("--wait", type=float, default=3600.0,
+                   help="seconds to wait for the owner's roster (default: %(default)s)")
+    j.set_defaults(func=cmd_join)
 
     r = sub.add_parser("run", help="run broker, notary, owner and trainers on this machine")
     r.add_argument("--config", help="run config (TOML); see `clicooper config defaults`")

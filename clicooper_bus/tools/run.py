@@ -1,6 +1,7 @@
 """`clicooper run`: start a whole run on this machine and wait for it.
 
-Makes the missing keys, picks two free ports for the broker (so runs never collide), writes the
+Makes the missing keys, picks two free ports for the broker (so runs never collide; not with
+remote trainers, which reach the config's addresses), writes the
 effective config to `<out>/<id>/config.toml`, starts broker, notary, owner and trainers as
 separate processes (telemetry of each in `<out>/<id>/telemetry/<name>.jsonl`, the owner's
 progress on the console), and waits. If any process fails, the others are stopped and the
@@ -47,6 +48,28 @@ def ensure_keys(directory: Path, names: list[str]) -> list[str]:
     return made
 
 
+def check_remote_keys(cfg: RunConfig) -> None:
+    """Raise ClicooperError naming every remote trainer whose public key is not in the keys
+    directory yet (the broker could not admit it, the roster could not list it)."""
+    keys = Path(cfg.participants.keys)
+    missing = [t for t in cfg.participants.remote if not key_paths(keys, t)[1].exists()]
+    if missing:
+        raise ClicooperError(
+            f"no public key for remote trainer(s) {', '.join(missing)} in {keys}: on each device "
+            f"run `clicooper join JOIN_FILE --name NAME` (the join file from `clicooper invite "
+            f"NAME --config ...`), then here run `clicooper keys add` with the line "
+            f"`clicooper join` printed")
+
+
+def remote_notice(cfg: RunConfig) -> str:
+    """What `clicooper run` says about the trainers it does not start."""
+    b = cfg.bus
+    return (f"clicooper run: not starting remote trainer(s) {', '.join(cfg.participants.remote)}"
+            f": the owner waits up to {b.join_timeout_s:.0f} s for them to join run "
+            f"'{cfg.run.id}' through the broker at {b.pub} (publish) and {b.sub} (subscribe); on "
+            f"each device: clicooper join NAME.join --name NAME")
+
+
 def prepare(config: str | None, overrides: dict, out: str | None,
             free_ports: bool = True) -> tuple[RunConfig, Path]:
     """Load the effective config, make the missing keys and the run directory, and write the
@@ -55,11 +78,13 @@ def prepare(config: str | None, overrides: dict, out: str | None,
     over = {k: dict(v) for k, v in overrides.items()}
     if out:
         over.setdefault("run", {})["out_dir"] = out
-    if free_ports:
+    if free_ports and not load_config(config, over).participants.remote:
+        # remote trainers must reach the config's addresses, which their join file names
         over.setdefault("bus", {}).update({"pub": f"tcp://127.0.0.1:{free_port()}",
                                            "sub": f"tcp://127.0.0.1:{free_port()}"})
     cfg = load_config(config, over)
     p = cfg.participants
+    check_remote_keys(cfg)
     ensure_keys(Path(p.keys), [p.owner, p.notary, *p.trainers])
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -82,7 +107,7 @@ def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False
     cmds += [("notary", [py, "-m", "clicooper_bus.services.notary", *c]),
              ("owner", [py, "-m", "clicooper_bus.services.owner", *c])]
     cmds += [(t, [py, "-m", "clicooper_bus.services.trainer", *c, "--name", t])
-             for t in cfg.participants.trainers]
+             for t in cfg.participants.trainers if t not in cfg.participants.remote]
     return cmds
 
 
@@ -167,6 +192,8 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
         observers = load_config(config, overrides).participants.observers
         overrides.setdefault("participants", {})["observers"] = sorted({*observers, "auditor"})
     cfg, path = prepare(config, overrides, out, free_ports)
+    if cfg.participants.remote:
+        print(remote_notice(cfg), flush=True)
     t0 = time.perf_counter()
     code = launch(cfg, path, echo=echo, timeout_s=timeout_s, audit=audit)
     if code != 0:
