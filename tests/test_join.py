@@ -145,12 +145,18 @@ def test_run_keeps_the_addresses_and_starts_no_remote_trainer(tmp_path):
 
 # --- the lean trainer install -----------------------------------------------------------------
 
+# Refuses to import the auditor's libraries, as a lean install that lacks them would; a mere
+# probe (`importlib.util.find_spec`, which torch makes for sklearn) finds them, loads nothing.
 BLOCKER = f"""
-import importlib.abc, sys
-class Refuse(importlib.abc.MetaPathFinder):
+import importlib.abc, importlib.machinery, sys
+class Refuse(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {AUDIT_LIBS!r}:
-            raise ImportError(f"the trainer's code path imported {{name}}")
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise ImportError(f"the trainer's code path imported {{module.__name__}}")
 sys.meta_path.insert(0, Refuse())
 """
 

@@ -126,6 +126,7 @@ def invite(config: str, name: str, host: str | None, out: str | None) -> Path:
     ensure_keys(Path(p.keys), [p.owner, p.notary, p.broker])
     text = invite_doc(cfg, name, host)
     path = Path(out or f"{name}.join")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
