@@ -4,8 +4,11 @@ network is tests/test_two_hosts.py."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from clicooper_bus.config import load_config
 from clicooper_bus.errors import ClicooperError, ConfigError, KeyFileError
 from clicooper_bus.net.identity import Identity, load_public, write_identity
 from clicooper_bus.tools.cli import main
-from clicooper_bus.tools.join import device_config, join, read_join_file
+from clicooper_bus.tools.join import Progress, device_config, join, read_join_file
 from clicooper_bus.tools.run import _commands, ensure_keys, prepare, run
 from tests.busrun import write_config
 
@@ -184,3 +187,33 @@ def test_the_trainer_extra_brings_no_audit_library():
         assert any(d.startswith(dist) for d in audit), dist
     for dist in ("torch", "safetensors", "pyzmq", "msgpack", "pynacl", "structlog", "numpy"):
         assert any(d.startswith(dist) for d in lean), dist
+
+
+# --- what the device's person reads -----------------------------------------------------------
+
+def test_join_progress_says_what_it_waits_for_and_what_happened(tmp_path):
+    path = _config(tmp_path / "owner", pub="tcp://10.1.2.3:7101", sub="tcp://10.1.2.3:7102")
+    assert main(["invite", "edge", "--config", str(path), "--out", str(tmp_path / "e.join")]) == 0
+    said: list[str] = []
+    progress = Progress(read_join_file(tmp_path / "e.join"), tmp_path / "t.jsonl", said.append,
+                        every_s=0.01)
+    waiter = threading.Thread(target=progress.waiting, args=(0.0,))
+    waiter.start()
+    for _ in range(1000):  # the waiting notice comes until the trainer has joined
+        if said:
+            break
+        time.sleep(0.01)
+    assert "still waiting for a roster naming 'edge' signed by 'owner'" in said[0]
+    assert "tcp://10.1.2.3:7102" in said[0]
+    for event in ({"event": "roster does not list us", "stages": ["a"]},
+                  {"event": "joined", "stage": 2}, {"event": "segment delivered"}):
+        progress.line(json.dumps(event) + "\n")
+    progress.line("trainer: error: something plain\n")
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    said = said[said.index(next(s for s in said if "does not list" in s)):]
+    assert said == ["join: a roster came that does not list 'edge' (stages ['a']); still waiting",
+                    "join: joined run 'rj' as stage 2; training",
+                    "join: training done; weights delivered, sealed to the owner",
+                    "trainer: error: something plain"]
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 4  # kept as telemetry

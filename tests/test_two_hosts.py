@@ -181,3 +181,11 @@ def test_a_trainer_joins_from_another_host_and_strangers_get_nothing(link, tmp_p
         assert c.get("connected", 0) >= 2, (who, c)  # they did reach the broker over the link
         assert c.get("received", 0) == 0 and c.get("handshake_succeeded", 0) == 0, (who, c)
     assert counts["wrong_key"].get("handshake_failed_auth", 0) >= 2, counts
+
+
+def test_the_skip_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert _missing().startswith("not root")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert _missing() == "no `ip` command (iproute2) on PATH"
