@@ -59,7 +59,7 @@ def test_keys_add_refuses_a_malformed_line(tmp_path, capsys, line, says):
 
 
 def test_keys_add_refuses_a_line_whose_key_id_does_not_match(tmp_path, capsys):
-    name, _, b64 = Identity.generate("edge").public.vkey.split("+")
+    name, _, b64 = Identity.generate("edge").public.vkey.split("+", 2)
     assert main(["keys", "add", f"{name}+00000000+{b64}", "--dir", str(tmp_path)]) == 1
     assert "has key id 00000000" in capsys.readouterr().err
 
