@@ -76,6 +76,10 @@ class ParticipantsSection:
                           "trainer key names, in stage order (1 to 8; a stage cut without "
                           "weights (the small CNN's second when cut for three trainers) carries "
                           "no watermark)")
+    broker: str = _doc("broker", "the broker's key name: its CURVE key, which every participant "
+                                 "checks when it connects")
+    remote: list = _doc([], "trainers among `trainers` that join from other machines (`clicooper "
+                            "join`): `clicooper run` waits for them instead of starting them")
     observers: list = _doc([], "auditors following the run (`clicooper_bus.services.auditor --follow --name "
                                "NAME`): the owner starts only once they watch, and the notary "
                                "keeps the finished run open until they are done")
@@ -97,6 +101,13 @@ class BusSection:
                                        "evaluation batch do not come back in this long while "
                                        "everyone is alive (a lost message)", min=1.0)
     hwm: int = _doc(16, "ZeroMQ high-water mark, in messages", min=1)
+    security: str = _doc("curve", "curve: every connection is encrypted and authenticated with the "
+                                  "participants' keys, and the broker admits only the run's "
+                                  "members; none: plaintext, loopback addresses only, to measure "
+                                  "what CURVE costs", choices=("curve", "none"))
+    stall_s: float = _doc(2.0, "the longest the broker waits for a subscriber that stopped "
+                               "reading; after it, that subscriber misses what does not fit its "
+                               "queue and everyone else runs on", min=0.01)
     audit_timeout_s: float = _doc(600.0, "how long the notary keeps a finished run open for an "
                                           "auditor following it (`clicooper_bus.services.auditor --follow`) "
                                           "to finish its audit", min=1.0)
@@ -249,14 +260,27 @@ def _cross_checks(cfg: RunConfig, name: str) -> None:
 
     try:
         check_name(cfg.run.id, "run id")
-        for n in [cfg.participants.owner, cfg.participants.notary, *cfg.participants.trainers,
-                  *cfg.participants.observers]:
+        p = cfg.participants
+        names = [p.owner, p.notary, *p.trainers, *p.observers, p.broker]
+        for n in names:
             check_name(n, "participant name")
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    if not set(p.remote) <= set(p.trainers):
+        raise ConfigError(f"{name}: [participants] remote {sorted(set(p.remote) - set(p.trainers))} "
+                          f"are not trainers: list them in `trainers` too (their stage order)")
+    try:
+        from clicooper_bus.net.curve import check_security
+
+        check_security(cfg.bus.security, cfg.bus.pub, cfg.bus.sub)
     except ValueError as exc:
         raise ConfigError(f"{name}: {exc}") from None
     t = cfg.participants.trainers
     if not 1 <= len(t) <= 8 or len(set(t)) != len(t):
         raise ConfigError(f"{name}: [participants] trainers must name 1 to 8 distinct trainers")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{name}: [participants] names a key twice: every participant, and "
+                          f"the broker, has its own key")
     if any(type(c) is not int for c in cfg.model.cuts):
         raise ConfigError(f"{name}: [model] cuts must be integers")
     if cfg.model.cuts and len(cfg.model.cuts) != len(t):

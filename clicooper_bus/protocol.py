@@ -1,6 +1,8 @@
 """The protocol page: every topic of a run, and every control message as a typed document.
 
-Topics (`Topics`) are `run/<run id>/<kind>/<to>`; subscribers filter by prefix. Besides the
+Topics (`Topics`) are `run/<run id>/<kind>/<to>/`; subscribers filter by prefix, and the closing
+`/` keeps the inbox of `trainer-1` from being a prefix of `trainer-10`'s (the broker lets a
+trainer subscribe to its own inbox only). Besides the
 message topics, four are only ever *subscribed to*, never published on: they are signals a
 participant gives by subscribing (the broker forwards subscriptions to every publisher):
 
@@ -55,7 +57,7 @@ class ProtocolError(ClicooperError):
 @dataclass(frozen=True)
 class Topics:
     """Every topic of one run. `Topics("demo").to("fwd", "trainer-1")` is
-    `run/demo/fwd/trainer-1`."""
+    `run/demo/fwd/trainer-1/`."""
 
     run_id: str
 
@@ -70,7 +72,14 @@ class Topics:
 
     def to(self, kind: str, to: str) -> str:
         """The topic of a `kind` message addressed to `to` (a name, or `all`)."""
-        return f"run/{self.run_id}/{kind}/{to}"
+        return f"run/{self.run_id}/{kind}/{to}/"
+
+    def parse(self, topic: str) -> tuple[str, str] | None:
+        """(kind, to) of a whole topic of this run, or None if `topic` is not one."""
+        if not topic.startswith(self.all) or not topic.endswith("/"):
+            return None
+        parts = topic[len(self.all):-1].split("/")
+        return (parts[0], parts[1]) if len(parts) == 2 and all(parts) else None
 
     # the signals: subscribed to, never published on
     def hello(self, name: str) -> str:

@@ -10,18 +10,22 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import zmq
 
 from clicooper_bus.config import load_config
 from clicooper_bus.errors import ConfigError
 from clicooper_bus.net.bus import Bus, BusAddress
+from clicooper_bus.net.curve import make_client
 from clicooper_bus.net.forwarder import Forwarder
-from clicooper_bus.net.identity import Identity, load_identity
+from clicooper_bus.net.identity import Identity, load_identity, load_public
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Sender
+from clicooper_bus.protocol import Topics
 from clicooper_bus.tlog.logverify import verify_log
-from clicooper_bus.tools.run import prepare, run
+from clicooper_bus.tools.run import ensure_keys, prepare, run
 from tests.busrun import processes, write_config
 
 
@@ -35,7 +39,7 @@ def _rogue(cfg, stop: threading.Event, done: dict) -> None:
     broken signature, and a message signed by a key the roster does not list."""
     stranger = Identity.generate("mallory")
     bus = Bus(stranger, cfg.run.id, BusAddress(cfg.bus.pub, cfg.bus.sub),
-              Verifier({}, cfg.run.id, partial=True))
+              Verifier({}, cfg.run.id, partial=True))  # a plaintext bus: no broker key
     bus.subscribe(bus.topics.to("fwd", "trainer-1"))
     grabbed = None
     try:
@@ -59,8 +63,11 @@ def _rogue(cfg, stop: threading.Event, done: dict) -> None:
 
 
 def test_hostile_messages_are_rejected_while_training_completes(tmp_path):
+    """On a plaintext bus, where the broker applies no rules and anyone can read and publish,
+    the receivers themselves refuse what a stranger replays, forges or signs (the CURVE broker
+    refuses the same before it reaches them: see the next test)."""
     path = write_config(tmp_path, run_id="hostile", trainers=2,
-                        run={"max_steps": 150, "epochs": 3})
+                        run={"max_steps": 150, "epochs": 3}, bus={"security": "none"})
     cfg = load_config(path)
     stop, done = threading.Event(), {}
     rogue = threading.Thread(target=_rogue, args=(cfg, stop, done), daemon=True)
@@ -81,6 +88,139 @@ def test_hostile_messages_are_rejected_while_training_completes(tmp_path):
     assert summary["steps"] == 150
     r = verify_log(cfg.run_dir / "log")
     assert r.ok and r.per_kind["fwd"] == summary["messages"]["fwd"], r.failure
+
+
+def _strangers(cfg, stop: threading.Event, seen: dict) -> None:
+    """Issue 16's attacks from outside the roster: a keyless client and one with a CURVE key
+    the roster does not list each subscribe to everything, never read, and flood one-frame
+    garbage."""
+    ctx = zmq.Context()
+    broker = load_public(Path(cfg.participants.keys) / "broker.pub")
+    socks = []
+    try:
+        for key in (None, Identity.generate("mallory")):
+            for topic in (b"", b"run/"):
+                sub = ctx.socket(zmq.SUB)
+                if key is not None:
+                    make_client(sub, key, broker)
+                sub.connect(cfg.bus.sub)
+                sub.subscribe(topic)
+                socks.append(("sub", sub))
+            pub = ctx.socket(zmq.PUB)
+            pub.setsockopt(zmq.SNDHWM, 1000)
+            if key is not None:
+                make_client(pub, key, broker)
+            pub.connect(cfg.bus.pub)
+            socks.append(("pub", pub))
+        while not stop.is_set():
+            for kind, sock in socks:
+                if kind == "pub":
+                    for _ in range(200):
+                        try:
+                            sock.send(b"garbage", zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+            time.sleep(0.01)
+        seen["received"] = sum(s.poll(0) for kind, s in socks if kind == "sub")
+    finally:
+        for _, s in socks:
+            s.close(0)
+        ctx.term()
+
+
+# A subscription of 256 KiB, keyless and from the rogue member's key, in a process of its own:
+# libzmq's subscription trie overflows the stack of whichever process holds such a topic (it
+# killed the broker once, FACTS.md), here the attacker's own.
+_BIG_SUBSCRIPTIONS = """
+import sys, time, zmq
+from clicooper_bus.net.curve import make_client
+from clicooper_bus.net.identity import load_identity, load_public
+keys, sub_addr = sys.argv[1], sys.argv[2]
+ctx = zmq.Context()
+for key in (None, load_identity(keys + "/spy.key")):
+    s = ctx.socket(zmq.SUB)
+    if key is not None:
+        make_client(s, key, load_public(keys + "/broker.pub"))
+    s.connect(sub_addr)
+    s.subscribe(b"run/" + b"x" * (256 << 10))
+time.sleep(3)
+"""
+
+
+def _rogue_member(cfg, stop: threading.Event, seen: dict) -> None:
+    """A listed observer gone rogue: it authenticates, then tries to read trainer-1's inbox,
+    fakes trainer-2's presence, replays the owner's signed beats as its own publications, and
+    never reads what it may read (a stalled subscriber)."""
+    me = load_identity(Path(cfg.participants.keys) / "spy.key")
+    broker = load_public(Path(cfg.participants.keys) / "broker.pub")
+    topics = Topics(cfg.run.id)
+    ctx = zmq.Context()
+    socks = []
+    try:
+        def sock(kind):
+            s = ctx.socket(kind)
+            make_client(s, me, broker)
+            s.connect(cfg.bus.sub if kind == zmq.SUB else cfg.bus.pub)
+            socks.append(s)
+            return s
+
+        reader, stalled, pub = sock(zmq.SUB), sock(zmq.SUB), sock(zmq.PUB)
+        for t in (topics.to("fwd", "trainer-1"), topics.hello("trainer-2"), topics.kind("beat")):
+            reader.subscribe(t)
+        reader.subscribe(topics.watching("spy"))  # its own signal: the owner waits for it
+        stalled.subscribe(topics.all[:-1])  # refused: the whole run
+        stalled.subscribe(topics.kind("beat"))  # allowed, and never read
+        grabbed = 0
+        while not stop.is_set():
+            if reader.poll(100):
+                frames = reader.recv_multipart()
+                seen.setdefault("kinds", set()).add(frames[0].split(b"/")[2].decode())
+                pub.send_multipart(frames)  # the owner's (or anyone's) beat, as our own
+                grabbed += 1
+            if grabbed > 20:
+                reader.subscribe(topics.done("spy"))  # let the notary close the run
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+
+
+def test_strangers_and_a_rogue_member_change_nothing_on_a_curve_bus(tmp_path):
+    """Issue 16, items 1 to 7 against a live run on the default (CURVE) bus: the run
+    completes, its log verifies, the broker stays up; strangers receive nothing; what the
+    rogue member tries is refused at the broker, each for its named reason."""
+    path = write_config(tmp_path, run_id="siege", trainers=2, run={"max_steps": 120, "epochs": 3},
+                        participants={"observers": ["spy"]})
+    cfg = load_config(path)
+    ensure_keys(Path(cfg.participants.keys), ["broker", "spy"])  # run() keeps existing keys
+    stop, seen = threading.Event(), {}
+    attackers = [threading.Thread(target=f, args=(cfg, stop, seen), daemon=True)
+                 for f in (_strangers, _rogue_member)]
+    for a in attackers:
+        a.start()
+    big = subprocess.Popen([sys.executable, "-c", _BIG_SUBSCRIPTIONS, cfg.participants.keys,
+                            cfg.bus.sub], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+    finally:
+        stop.set()
+        for a in attackers:
+            a.join(10)
+        big.kill()
+        big.wait()
+    assert seen.get("received") == 0, "a stranger received a message"
+    assert seen.get("kinds") == {"beat"}, seen  # the rogue read only what observers may
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    assert summary["steps"] == 120
+    stats = next(e for e in _telemetry(cfg, "broker") if e["event"] == "broker stopped")
+    refused = stats["refused"]
+    for reason in ("connection with a key the roster does not list",
+                   "topic of another member's inbox", "presence signal of another member",
+                   "signed by another key than the connection's"):
+        assert refused.get(reason, 0) >= 1, (reason, refused)
+    assert not any(e["event"] == "message rejected" for name in ("trainer-1", "trainer-2",
+                                                                 "notary", "owner")
+                   for e in _telemetry(cfg, name)), "something reached a receiver"
 
 
 @pytest.mark.parametrize("victim", ["broker", "trainer-2", "notary", "owner"])
@@ -169,8 +309,10 @@ def test_two_runs_at_once_do_not_interfere(tmp_path):
 
 
 def test_trainer_refuses_a_roster_from_another_owner(tmp_path):
-    """A trainer given the real owner's key ignores a roster signed by anyone else."""
-    path = write_config(tmp_path, run_id="imp", trainers=1, bus={"join_timeout_s": 4.0})
+    """A trainer given the real owner's key ignores a roster signed by anyone else (on a
+    plaintext bus, where the broker does not check who publishes)."""
+    path = write_config(tmp_path, run_id="imp", trainers=1,
+                        bus={"join_timeout_s": 4.0, "security": "none"})
     cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
     fwd = Forwarder(cfg.bus.pub, cfg.bus.sub).start()
     try:
@@ -201,6 +343,7 @@ def test_a_taken_port_is_a_clear_error(tmp_path):
         with pytest.raises(ConfigError, match="already in use"):
             Forwarder(fwd.pub_addr, "tcp://127.0.0.1:0")
         path = write_config(tmp_path, run_id="port", bus={"pub": fwd.pub_addr})
+        prepare(str(path), {}, None, free_ports=False)  # the broker's key and the members'
         proc = subprocess.run([sys.executable, "-m", "clicooper_bus.services.broker", "--config", str(path)],
                               capture_output=True, text=True, timeout=60)
     finally:

@@ -36,7 +36,7 @@ def _append_more(log_dir, n: int) -> None:
             h = parse_header(split_leaf(plog.leaf(i))[0])
             if h.sender == owner.key_id:
                 last = h
-        sender = Sender(owner, plog.run_id, seq=last.seq, prev=last.digest)
+        sender = Sender(owner, plog.run_id, seq=last.seq, prev=last.digest, nonce=roster.nonce)
         v = Verifier(roster, plog.run_id)
         v._state[owner.key_id] = (last.seq, last.digest)
         for j in range(n):

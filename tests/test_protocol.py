@@ -24,9 +24,14 @@ def test_topics_build_every_kind_of_topic():
     t = Topics("demo")
     assert t.all == "run/demo/"
     assert t.kind("fwd") == "run/demo/fwd/"
-    assert t.to("fwd", "trainer-1") == "run/demo/fwd/trainer-1"
+    assert t.to("fwd", "trainer-1") == "run/demo/fwd/trainer-1/"
     assert (t.hello("a"), t.watching("b"), t.done("c"), t.closed("notary")) == (
-        "run/demo/hello/a", "run/demo/watching/b", "run/demo/done/c", "run/demo/closed/notary")
+        "run/demo/hello/a/", "run/demo/watching/b/", "run/demo/done/c/", "run/demo/closed/notary/")
+    # the closing slash: one member's inbox is never a prefix of another's
+    assert not t.to("fwd", "trainer-10").startswith(t.to("fwd", "trainer-1"))
+    assert t.parse(t.to("fwd", "trainer-1")) == ("fwd", "trainer-1")
+    for not_whole in ("run/demo/fwd/", "run/demo/fwd/a", "run/other/fwd/a/", "run/demo/a/b/c/"):
+        assert t.parse(not_whole) is None, not_whole
 
 
 def test_an_envelope_is_published_on_the_protocol_topic():

@@ -35,8 +35,8 @@ from clicooper_bus.net.wire import DOMAIN, ZERO_HASH, Limits, Sender, parse_head
 
 
 @pytest.fixture
-def owner(ids):
-    return Sender(ids["owner"], "run-1")
+def owner(ids, roster):
+    return Sender(ids["owner"], "run-1", nonce=roster.nonce)
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def _fields(ident: Identity, body: bytes = b"", **over) -> dict:
     return {k: v for k, v in f.items() if v is not ...}
 
 
-def _frames(ident: Identity, header: bytes, body: bytes = b"", topic: str = "run/run-1/hello/all"):
+def _frames(ident: Identity, header: bytes, body: bytes = b"", topic: str = "run/run-1/hello/all/"):
     """Frames carrying arbitrary header bytes, validly signed by `ident`."""
     return [topic.encode(), header, ident.sign(DOMAIN + header), body]
 
@@ -77,7 +77,7 @@ def test_round_trip_tensor_zero_copy(owner, verifier):
     assert np.shares_memory(out, np.frombuffer(env.body, dtype=np.uint8))
     t = tensor(env)
     assert tuple(t.shape) == (2, 3, 4) and float(t.sum()) == float(arr.sum())
-    assert env.header.step == 3 and env.topic == "run/run-1/fwd/trainer-1"
+    assert env.header.step == 3 and env.topic == "run/run-1/fwd/trainer-1/"
 
 
 def test_a_received_tensor_lives_in_torchs_own_memory(owner, verifier):
@@ -113,7 +113,7 @@ def test_documents(owner, verifier):
 
 
 def test_unknown_key(ids, roster):
-    stranger = Sender(Identity.generate("stranger"), "run-1")
+    stranger = Sender(Identity.generate("stranger"), "run-1", nonce=roster.nonce)
     v = Verifier(roster, "run-1")
     exc = _reject(v, stranger.seal("hello", "all", b"").frames(), UnknownKey, "from")
     assert exc.sender == stranger.identity.key_id
@@ -139,7 +139,7 @@ def test_body_hash_mismatch(owner, verifier):
 
 
 def test_replay_gap_and_broken_chain_are_distinct(ids, roster):
-    s = Sender(ids["owner"], "run-1")
+    s = Sender(ids["owner"], "run-1", nonce=roster.nonce)
     v = Verifier(roster, "run-1")
     m1, m2, m3, m4 = (s.seal("hello", "all", bytes([i])) for i in range(4))
     v.verify_frames(m1.frames())
@@ -148,7 +148,8 @@ def test_replay_gap_and_broken_chain_are_distinct(ids, roster):
     _reject(v, m1.frames(), ReplayedSeq, "seq")
     _reject(v, m4.frames(), SeqGap, "seq")
     # same seq 3, but chained to a different predecessor
-    fork = Sender(ids["owner"], "run-1", seq=2, prev=hashlib.sha256(b"other").digest())
+    fork = Sender(ids["owner"], "run-1", seq=2, prev=hashlib.sha256(b"other").digest(),
+                  nonce=roster.nonce)
     _reject(v, fork.seal("hello", "all", b"f").frames(), BrokenChain, "prev")
     v.verify_frames(m3.frames())  # still serving, state intact
     v.verify_frames(m4.frames())
@@ -160,8 +161,13 @@ def test_wrong_run_and_topic(ids, roster, owner):
     other = Sender(ids["owner"], "run-2")
     v = Verifier(roster, "run-1")
     _reject(v, other.seal("hello", "all", b"").frames(), WrongRun, "run")
+    # the same run id and keys, but an earlier run (another roster nonce), or no nonce at all
+    for nonce in (bytes(16), None):
+        earlier = Sender(ids["owner"], "run-1", nonce=nonce).seal("hello", "all", b"")
+        exc = _reject(v, earlier.frames(), WrongRun, "nonce")
+        assert "another run" in str(exc)
     frames = owner.seal("fwd", "trainer-1", b"", dtype="uint8", shape=[0]).frames()
-    frames[0] = b"run/run-1/fwd/trainer-2"
+    frames[0] = b"run/run-1/fwd/trainer-2/"
     _reject(v, frames, TopicMismatch, "topic")
 
 
@@ -177,18 +183,18 @@ def test_oversize_frames(owner, roster):
     frames[0] = b"x" * 300
     _reject(v, frames, OversizeFrame, "topic")
     big = codec.pack({"v": 1, "pad": b"x" * 5000})
-    _reject(v, [b"run/run-1/hello/all", big, bytes(64), b""], OversizeFrame, "header")
+    _reject(v, [b"run/run-1/hello/all/", big, bytes(64), b""], OversizeFrame, "header")
     # per-kind cap: a 'hello' document is at most 1 MiB whatever the global limit
     v2 = Verifier(roster, "run-1")
-    _reject(v2, Sender(owner.identity, "run-1").seal("hello", "all", b"x" * (2 << 20)).frames(),
-            OversizeFrame, "len")
+    big = Sender(owner.identity, "run-1", nonce=roster.nonce).seal("hello", "all", b"x" * (2 << 20))
+    _reject(v2, big.frames(), OversizeFrame, "len")
 
 
 def test_unknown_version_and_kind(ids, verifier):
     o = ids["owner"]
     _reject(verifier, _frames(o, codec.pack(_fields(o, v=2))), UnknownVersion, "v")
     hdr = codec.pack(_fields(o, kind="teleport"))
-    _reject(verifier, _frames(o, hdr, topic="run/run-1/teleport/all"), UnknownKind, "kind")
+    _reject(verifier, _frames(o, hdr, topic="run/run-1/teleport/all/"), UnknownKind, "kind")
 
 
 def _dup_key_header(o: Identity) -> bytes:
@@ -250,7 +256,7 @@ def test_tensor_shape_and_dtype_checks(ids, verifier):
 
     def tensor(dtype, shape, body):
         hdr = codec.pack(_fields(o, body, kind="fwd", dtype=dtype, shape=shape))
-        return _frames(o, hdr, body, topic="run/run-1/fwd/all")
+        return _frames(o, hdr, body, topic="run/run-1/fwd/all/")
 
     _reject(verifier, tensor("object", [1], b"x" * 8), BadTensor, "dtype")
     _reject(verifier, tensor("float32", [3], b"x" * 8), BadTensor, "shape")
@@ -259,7 +265,7 @@ def test_tensor_shape_and_dtype_checks(ids, verifier):
     _reject(verifier, tensor("float32", [1.0], b"x" * 4), BadTensor, "shape")
     # a tensor kind without a tensor body
     hdr = codec.pack(_fields(o, b"", kind="fwd"))
-    _reject(verifier, _frames(o, hdr, topic="run/run-1/fwd/all"), BadTensor, "dtype")
+    _reject(verifier, _frames(o, hdr, topic="run/run-1/fwd/all/"), BadTensor, "dtype")
 
 
 def test_declared_huge_tensor_is_rejected_without_allocating(ids, verifier):
@@ -267,7 +273,7 @@ def test_declared_huge_tensor_is_rejected_without_allocating(ids, verifier):
     body = b"\x00" * 16
     hdr = codec.pack(_fields(o, body, kind="fwd", dtype="float32", shape=[1 << 32],
                              len=(1 << 32) * 4))
-    frames = _frames(o, hdr, body, topic="run/run-1/fwd/all")
+    frames = _frames(o, hdr, body, topic="run/run-1/fwd/all/")
     tracemalloc.start()
     try:
         with pytest.raises(RejectedMessage) as info:
@@ -288,7 +294,7 @@ def test_empty_tensors_with_absurd_shapes_are_refused(ids, verifier, shape):
     """An empty body with a shape no array can have would crash whoever reads it."""
     o = ids["owner"]
     hdr = codec.pack(_fields(o, b"", kind="fwd", dtype="float32", shape=shape))
-    _reject(verifier, _frames(o, hdr, b"", topic="run/run-1/fwd/all"), BadTensor, "shape")
+    _reject(verifier, _frames(o, hdr, b"", topic="run/run-1/fwd/all/"), BadTensor, "shape")
 
 
 def test_no_pickle_anywhere():

@@ -10,6 +10,10 @@ Sockets (see FACTS.md for why each option is set):
   before the application sees it; a rejected one is logged with its reason, counted, dropped.
 - ZeroMQ heartbeats on both, with a short timeout on the sending side and a long one on the
   receiving side; liveness of peers is application-level (`beat` messages, `silent_peers`).
+- CURVE on both (`clicooper_bus.net.curve`) with this participant's key, against the broker's
+  public key, unless the run is plaintext (`broker=None`, loopback only).
+- A receive pass reads at most `PUMP_BATCH` messages, so that under any inbound rate the
+  caller gets back to its beats and timeouts.
 
 Readiness and shutdown use subscriptions as signals, never extra messages: a participant
 subscribes to its data topics first and to `run/<id>/hello/<name>` last (`announce`), and to
@@ -28,13 +32,16 @@ import structlog
 import zmq
 
 from clicooper_bus.errors import ClicooperError, RejectedMessage
+from clicooper_bus.net.curve import make_client
 from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM
-from clicooper_bus.net.identity import Identity
+from clicooper_bus.net.identity import Identity, PublicIdentity
+from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope, Sender
 from clicooper_bus.protocol import Topics
 
 log = structlog.get_logger("clicooper.bus")
+PUMP_BATCH = 256
 
 
 class BusError(ClicooperError):
@@ -58,7 +65,8 @@ def _heartbeats(sock: zmq.Socket, interval_s: float, timeout_s: float) -> None:
 class Bus:
     def __init__(self, identity: Identity, run_id: str, address: BusAddress, verifier: Verifier,
                  *, name: str | None = None, hwm: int = 16, beat_s: float = 1.0,
-                 timeout_s: float = 5.0, join_timeout_s: float = 120.0):
+                 timeout_s: float = 5.0, join_timeout_s: float = 120.0,
+                 broker: PublicIdentity | None = None):
         self.identity = identity
         self.name = name or identity.name
         self.run_id = run_id
@@ -83,6 +91,9 @@ class Bus:
         self.sub.setsockopt(zmq.SNDHWM, SUBSCRIPTION_HWM)  # subscriptions going out
         self.sub.setsockopt(zmq.LINGER, 0)
         _heartbeats(self.sub, 0.5, max(2.0, timeout_s * 2))
+        if broker is not None:
+            for sock in (self.pub, self.sub):
+                make_client(sock, identity, broker)
         self.pub.connect(address.pub)
         self.sub.connect(address.sub)
         self.poller = zmq.Poller()
@@ -97,6 +108,12 @@ class Bus:
         self.stalls = 0  # sends the bus pushed back on (a slow reader somewhere)
         self.watched: dict[str, str] = {}
         self.started = time.monotonic()
+
+    def bind(self, roster: Roster) -> None:
+        """Bind to the run `roster` describes: trust its keys, stamp its nonce on every header
+        sent from now on, and refuse every received message without it."""
+        self.sender.nonce = roster.nonce
+        self.verifier.use_roster(roster)
 
     # --- topics ----------------------------------------------------------------------------
 
@@ -130,8 +147,8 @@ class Bus:
 
     def observers(self) -> set[str]:
         """Names of silent observers (auditors) that announced themselves on this run."""
-        prefix = self.topics.kind("watching")
-        return {t[len(prefix):] for t in self.seen_subscriptions if t.startswith(prefix)}
+        parsed = (self.topics.parse(t) for t in self.seen_subscriptions)
+        return {p[1] for p in parsed if p is not None and p[0] == "watching"}
 
     def _drain_subscriptions(self) -> None:
         while True:
@@ -148,7 +165,7 @@ class Bus:
         deadline = time.monotonic() + timeout_s
         while not want <= self.seen_subscriptions:
             if time.monotonic() > deadline:
-                missing = sorted(t.rsplit("/", 1)[1] for t in want - self.seen_subscriptions)
+                missing = sorted(self.topics.parse(t)[1] for t in want - self.seen_subscriptions)
                 log.error("join timed out", seen=sorted(self.seen_subscriptions))
                 raise BusError(f"{', '.join(missing)} did not join within {timeout_s:.0f} s "
                                f"(are they started, with the same run id and broker address?)")
@@ -210,7 +227,7 @@ class Bus:
         self._drain_subscriptions()
         if not self.poller.poll(timeout_ms):
             return
-        while True:
+        for _ in range(PUMP_BATCH):
             try:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

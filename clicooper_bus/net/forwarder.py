@@ -1,42 +1,118 @@
-"""The broker's forwarder: XSUB (publishers connect) to XPUB (subscribers connect).
+"""The broker's forwarder: publishers connect to its XSUB, subscribers to its XPUB.
 
-`XPUB_NODROP` on the XPUB makes a full subscriber pipe push back through the broker to the
-publishers instead of dropping (FACTS.md: the default proxy loses messages even without a slow
-reader). The high-water mark counts messages, not bytes, so it is kept small. `MAXMSGSIZE` is
-set here only: an oversized frame drops that publisher's connection at the broker, whereas on a
-SUB socket it would silently stop all delivery. No send timeout on the XPUB: `zmq.proxy` exits
-when one fires.
+With `security = "curve"` (the default) both sockets are CURVE servers with the broker's own
+key, and pyzmq's ZAP authenticator (`zmq.auth.thread.ThreadAuthenticator`) admits only the
+keys of the run's members, naming each connection by its member (ZAP User-Id). The forwarder
+is then a loop of its own instead of `zmq.proxy`, applying `Admission`'s rules to every message
+and subscription: a stranger cannot connect at all, a member may publish only what it signed
+and subscribe only to what its role may read.
+
+Bounds (FACTS.md and issue 16's measurements):
+- `MAXMSGSIZE` on both sockets, set *before bind* (options are copied into the listener at
+  bind): on the XPUB 1 KiB (a subscription, or a CURVE handshake command), which keeps
+  libzmq's subscription trie from the stack overflow a 128 KiB subscription caused; on the
+  XSUB `max_message`.
+- The XPUB is manual (`XPUB_MANUAL`): a subscription is applied only once the rules allow it.
+- Backpressure: `XPUB_NODROP`, so a full subscriber pipe makes the broker wait instead of
+  losing a message (FACTS.md: the default proxy loses messages). A subscriber that stops
+  reading would then stall everyone. The bound: once one message has waited `stall_s`, the
+  broker sends it *lossy* (it is dropped only for the pipes that are full) and stays lossy until
+  a send goes through without waiting again. A reader that stopped thus misses messages, which
+  its own verifier (or the owner's step timeout) reports by name, while everyone else runs on
+  after one wait of at most `stall_s`. `dropped_sends` counts the lossy sends that had to be.
+- Each pass of the loop handles a bounded number of messages from either side, so a flood on
+  one socket cannot starve the other or the heartbeats.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
+import time
+from collections import Counter
 
+import structlog
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from clicooper_bus.errors import ConfigError
+from clicooper_bus.net.admission import Admission
+from clicooper_bus.net.curve import make_server
+from clicooper_bus.net.identity import Identity
 
 SUBSCRIPTION_HWM = 100_000
+BATCH = 64  # messages handled from one socket before looking at the other
+log = structlog.get_logger("clicooper.broker")
+
+
+class _MembersOnly:
+    """ZAP credentials provider: a CURVE key is admitted if the run lists it."""
+
+    def __init__(self, admission: Admission, refused: Counter[str]):
+        self.admission, self.refused = admission, refused
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        name = self.admission.name_of(key)
+        if name is None:
+            self.refused["connection with a key the roster does not list"] += 1
+            log.warning("connection refused", reason="key not in the roster",
+                        key=key.decode(errors="replace"))
+        return name is not None
+
+
+class _Authenticator(ThreadAuthenticator):
+    """pyzmq's ZAP thread, naming each admitted connection by its member's name."""
+
+    def __init__(self, context: zmq.Context, admission: Admission):
+        super().__init__(context)
+        self.admission = admission
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.admission.name_of(z85.encode(client_public_key)) or "anonymous"
 
 
 class Forwarder:
-    def __init__(self, pub_addr: str, sub_addr: str, *, hwm: int = 16,
-                 max_message: int = 256 << 20, timeout_s: float = 5.0):
+    def __init__(self, pub_addr: str, sub_addr: str, *, identity: Identity | None = None,
+                 admission: Admission | None = None, hwm: int = 16,
+                 max_message: int = 256 << 20, timeout_s: float = 5.0, stall_s: float = 2.0):
+        """`identity` and `admission` together make a CURVE broker with the rules; neither
+        makes a plaintext one (`security = "none"`, loopback only, for benchmarks).
+        Raises ConfigError if an address cannot be bound."""
+        if (identity is None) != (admission is None):
+            raise ValueError("a CURVE broker needs both its identity and the run's admission")
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.admission = admission
+        self.stall_s = stall_s
+        self.refused: Counter[str] = Counter()  # connections refused by ZAP, by reason
+        self.forwarded = 0
+        self.dropped_sends = 0  # lossy sends after a subscriber stalled past stall_s
         self.ctx = zmq.Context()
+        self.auth: _Authenticator | None = None
+        if admission is not None:
+            self.auth = _Authenticator(self.ctx, admission)
+            self.auth.start()
+            self.auth.configure_curve_callback("*", _MembersOnly(admission, self.refused))
         self.xsub = self.ctx.socket(zmq.XSUB)
         self.xpub = self.ctx.socket(zmq.XPUB)
         self.xpub.setsockopt(zmq.XPUB_NODROP, 1)
+        self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         # data flows xsub -> xpub and is bounded by `hwm`; subscriptions flow the other way,
         # are tiny, and must never be dropped (a full subscription pipe silently loses them)
         self.xsub.setsockopt(zmq.RCVHWM, hwm)
         self.xpub.setsockopt(zmq.SNDHWM, hwm)
         self.xsub.setsockopt(zmq.SNDHWM, SUBSCRIPTION_HWM)
         self.xpub.setsockopt(zmq.RCVHWM, SUBSCRIPTION_HWM)
+        max_topic = admission.limits.max_topic if admission is not None else 256
+        self.xsub.setsockopt(zmq.MAXMSGSIZE, max_message)
+        # a subscription is 1 byte + a topic; the limit also bounds the CURVE handshake's
+        # commands (INITIATE is about 300 bytes), hence not below 1 KiB
+        self.xpub.setsockopt(zmq.MAXMSGSIZE, max(1024, 1 + max_topic))
         for sock in (self.xsub, self.xpub):
             sock.setsockopt(zmq.LINGER, 0)
-        self.xsub.setsockopt(zmq.MAXMSGSIZE, max_message)
+            if identity is not None:
+                make_server(sock, identity)
         # heartbeats find a hung peer; their timeout is never below the liveness timeout, or a
         # subscriber that merely paused would be dropped and lose messages
         for sock, t in ((self.xpub, timeout_s), (self.xsub, timeout_s * 2)):
@@ -55,15 +131,117 @@ class Forwarder:
                 raise ConfigError(f"cannot bind broker address {addr}: {exc}") from None
         self.pub_addr = self.xsub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sub_addr = self.xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._pending: list[zmq.Frame] | None = None
+        self._stalled_since: float | None = None
+        self._lossy = False
+        self._warned: set[tuple[str, str]] = set()
+
+    # --- the loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.xpub, zmq.POLLIN)
+        poller.register(self.xsub, zmq.POLLIN)
         try:
-            zmq.proxy(self.xsub, self.xpub)
+            while not self._stop.is_set():
+                # while a message waits for a full pipe, read no more data (backpressure)
+                ready = dict(poller.poll(1 if self._pending is not None else 100))
+                if self.xpub in ready:
+                    self._subscriptions()
+                if self._pending is not None:
+                    if not self._send(self._pending):
+                        continue
+                    self._pending = None
+                if self.xsub in ready:
+                    self._messages()
         except zmq.ContextTerminated:
             pass
         except zmq.ZMQError as exc:  # sockets closed under it at shutdown
             if exc.errno not in (zmq.ETERM, zmq.ENOTSOCK):
                 raise
+
+    def _who(self, frame: zmq.Frame) -> str | None:
+        if self.admission is None:
+            return None
+        try:
+            return frame.get("User-Id")
+        except zmq.ZMQError:  # no metadata: an unsubscription libzmq made for a closed pipe
+            return None
+
+    def _refuse(self, who: str | None, reason: str, what: str) -> None:
+        if (who or "?", reason) not in self._warned:  # once per member and reason; counted
+            self._warned.add((who or "?", reason))
+            log.warning(f"{what} refused", member=who, reason=reason)
+
+    def _subscriptions(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frame = self.xpub.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = frame.bytes
+            if not data or data[0] not in (0, 1):
+                continue  # not a subscription: an XPUB peer sent a message; ignore it
+            topic, who = data[1:], self._who(frame)
+            if data[0] == 1:
+                if self.admission is not None:
+                    reason = self.admission.subscribe(who, topic)
+                    if reason is not None:
+                        self._refuse(who, reason, "subscription")
+                        continue
+                self.xpub.setsockopt(zmq.SUBSCRIBE, topic)  # to the pipe it came from
+            else:
+                if self.admission is not None:
+                    self.admission.unsubscribe(who, topic)
+                if who is not None or self.admission is None:
+                    self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            self.xsub.send(data)  # upstream: publishers see who listens (presence signals)
+
+    def _messages(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.xsub.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if self.admission is not None:
+                who = self._who(frames[0])
+                reason = self.admission.publication_refusal(who, [f.buffer for f in frames])
+                if reason is not None:
+                    self._refuse(who, reason, "message")
+                    continue
+            if not self._send(frames):
+                self._pending = frames
+                return
+
+    def _send(self, frames: list[zmq.Frame]) -> bool:
+        """Forward; False if every subscriber could not take it yet and `stall_s` has not
+        passed (the caller keeps it pending)."""
+        try:
+            self.xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            now = time.monotonic()
+            self._stalled_since = self._stalled_since or now
+            if not self._lossy and now - self._stalled_since < self.stall_s:
+                return False
+            if not self._lossy:
+                log.warning("a subscriber stopped reading; sending without waiting for it",
+                            stalled_s=round(now - self._stalled_since, 3))
+            self._lossy = True
+            self.xpub.setsockopt(zmq.XPUB_NODROP, 0)
+            try:
+                self.xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            finally:
+                self.xpub.setsockopt(zmq.XPUB_NODROP, 1)
+            self.dropped_sends += 1
+        else:
+            if self._lossy:
+                log.info("every subscriber reads again", lossy_sends=self.dropped_sends)
+            self._lossy = False
+        self._stalled_since = None
+        self.forwarded += 1
+        return True
+
+    # --- life ------------------------------------------------------------------------------
 
     def start(self) -> Forwarder:
         """Forward in a background thread (the caller keeps the main thread for signals)."""
@@ -71,7 +249,17 @@ class Forwarder:
         self._thread.start()
         return self
 
+    def stats(self) -> dict[str, object]:
+        refused = dict(self.refused)
+        if self.admission is not None:
+            refused.update(self.admission.refused)
+        return {"forwarded": self.forwarded, "lossy_sends": self.dropped_sends,
+                "refused": refused}
+
     def close(self) -> None:
-        self.ctx.destroy(linger=0)
+        self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.destroy(linger=0)

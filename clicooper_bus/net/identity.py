@@ -87,6 +87,12 @@ class PublicIdentity:
         pk = nacl.signing.VerifyKey(self.public_key).to_curve25519_public_key()
         return nacl.public.SealedBox(pk).encrypt(plaintext)
 
+    @property
+    def curve_public(self) -> bytes:
+        """This key's Curve25519 form (32 bytes): its CURVE public key on ZeroMQ sockets
+        (PyNaCl's `crypto_sign_ed25519_pk_to_curve25519`), so one key serves for both."""
+        return bytes(nacl.signing.VerifyKey(self.public_key).to_curve25519_public_key())
+
     def verify(self, message: bytes, signature: bytes) -> bool:
         """True if `signature` is this key's Ed25519 signature of `message`."""
         try:
@@ -128,6 +134,12 @@ class Identity:
                 ciphertext)
         except nacl.exceptions.CryptoError:
             raise KeyFileError(f"sealed box is not for '{self.name}' or was altered") from None
+
+    @property
+    def curve_secret(self) -> bytes:
+        """This key's Curve25519 secret (32 bytes), the CURVE secret key of its sockets
+        (`crypto_sign_ed25519_sk_to_curve25519`). Never leaves the process."""
+        return bytes(self._signing.to_curve25519_private_key())
 
     def skey(self) -> str:
         seed = bytes(self._signing)

@@ -4,10 +4,15 @@ The owner signs it; every other process trusts a message only if its sender's ke
 roster signed by the owner key it was given. The roster is self-contained (it carries the
 public keys), so a log and its roster can be verified anywhere; pin the owner's key with
 `owner=` to make that verification mean something.
+
+Each roster carries a fresh random run `nonce`. Every message header of the run commits to it,
+and receivers refuse a message with another nonce (`WrongRun`): a message captured in an
+earlier run with the same id and keys is not accepted in this one.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +24,7 @@ from clicooper_bus.net.identity import Identity, PublicIdentity, check_name
 
 DOC_TYPE = "clicooper/roster/v1"
 ROLES = ("owner", "trainer", "notary", "auditor")
+NONCE_LEN = 16
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class Roster:
     stages: tuple[str, ...] = ()
     created_ns: int = 0
     meta: Mapping[str, str] = field(default_factory=dict)
+    nonce: bytes = bytes(NONCE_LEN)  # the run's fresh random nonce: every header commits to it
 
     def __post_init__(self) -> None:
         try:
@@ -72,19 +79,21 @@ class Roster:
                               f"{trainers} exactly once")
         if not all(type(k) is str and type(v) is str for k, v in self.meta.items()):
             raise RosterError("roster metadata must map strings to strings")
+        if type(self.nonce) is not bytes or len(self.nonce) != NONCE_LEN:
+            raise RosterError(f"the run nonce must be {NONCE_LEN} bytes")
 
     @classmethod
     def build(cls, run_id: str, *, owner: PublicIdentity, trainers: Iterable[PublicIdentity],
               notary: PublicIdentity | None = None, auditors: Iterable[PublicIdentity] = (),
               meta: Mapping[str, str] | None = None) -> Roster:
-        """A roster whose stage order is the order of `trainers`."""
+        """A roster whose stage order is the order of `trainers`, with a fresh run nonce."""
         trainers = list(trainers)
         members = [Member("owner", owner)] + [Member("trainer", t) for t in trainers]
         if notary is not None:
             members.append(Member("notary", notary))
         members += [Member("auditor", a) for a in auditors]
         return cls(run_id, tuple(members), tuple(t.name for t in trainers), time.time_ns(),
-                   dict(meta or {}))
+                   dict(meta or {}), os.urandom(NONCE_LEN))
 
     @property
     def owner(self) -> Member:
@@ -111,13 +120,14 @@ class Roster:
             "members": [{"role": m.role, "key": m.identity.vkey} for m in self.members],
             "stages": list(self.stages),
             "meta": dict(self.meta),
+            "nonce": self.nonce,
         }
 
     @classmethod
     def from_doc(cls, doc: Any) -> Roster:
         try:
             if type(doc) is not dict or set(doc) != {"run_id", "created_ns", "members", "stages",
-                                                      "meta"}:
+                                                      "meta", "nonce"}:
                 raise RosterError("roster document has the wrong fields")
             if type(doc["members"]) is not list or type(doc["stages"]) is not list or \
                     type(doc["meta"]) is not dict or type(doc["created_ns"]) is not int:
@@ -131,7 +141,7 @@ class Roster:
             if not all(type(s) is str for s in doc["stages"]):
                 raise RosterError("roster stages must be names")
             return cls(doc["run_id"], tuple(members), tuple(doc["stages"]), doc["created_ns"],
-                       dict(doc["meta"]))
+                       dict(doc["meta"]), doc["nonce"])
         except (KeyError, TypeError, ValueError, AttributeError, KeyFileError) as exc:
             raise RosterError(f"malformed roster: {exc}") from None
 

@@ -59,10 +59,15 @@ class Verifier:
         self.kinds = kinds
         self._state: dict[str, tuple[int, bytes]] = {}
         self.rejected: Counter[str] = Counter()
+        self.nonce: bytes | None = None
+        if isinstance(keys, Roster):
+            self.nonce = keys.nonce
 
     def use_roster(self, roster: Roster) -> None:
-        """Trust the keys of `roster` from now on, keeping every sender's state."""
+        """Trust the keys of `roster` from now on, keeping every sender's state, and refuse
+        every message that is not bound to its run nonce."""
         self.keys = dict(roster.keys())
+        self.nonce = roster.nonce
 
     def last_seq(self, sender: str) -> int:
         return self._state.get(sender, (0, ZERO_HASH))[0]
@@ -114,6 +119,12 @@ class Verifier:
         if h.body_len > limit:
             raise OversizeFrame(f"kind {h.kind!r} allows {limit} bytes, header says {h.body_len}",
                                 sender=h.sender, field="len")
+        if self.nonce is not None and h.nonce != self.nonce:
+            raise WrongRun(f"message is not bound to this run's nonce (it carries "
+                           f"{h.nonce.hex() if h.nonce else 'none'}, the roster "
+                           f"{self.nonce.hex()}): replayed from another run of id "
+                           f"{h.run!r}, or from a peer with a stale roster",
+                           sender=h.sender, field="nonce")
         last_seq, last_hash = self._state.get(h.sender, (0, ZERO_HASH))
         if h.seq <= last_seq:
             raise ReplayedSeq(f"seq {h.seq} is not after the last accepted seq {last_seq}",

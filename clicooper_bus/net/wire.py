@@ -60,7 +60,9 @@ _REQUIRED = {
     "v": int, "run": str, "kind": str, "from": str, "to": str, "seq": int, "prev": bytes,
     "ts": int, "len": int, "sha256": bytes,
 }
-_OPTIONAL = {"dtype": str, "shape": list, "step": int, "batch": int, "epoch": int}
+_OPTIONAL = {"dtype": str, "shape": list, "step": int, "batch": int, "epoch": int,
+             "nonce": bytes}
+NONCE_LEN = 16
 _INT_MAX = (1 << 63) - 1
 MAX_DIM = 1 << 31
 
@@ -100,6 +102,7 @@ class Header:
     step: int | None = None
     batch: int | None = None
     epoch: int | None = None
+    nonce: bytes | None = None  # the roster's run nonce (absent only before a roster exists)
 
     @property
     def digest(self) -> bytes:
@@ -158,6 +161,8 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
     for key in ("prev", "sha256"):
         if len(doc[key]) != 32:
             raise MalformedMessage("must be 32 bytes", sender=sender, field=key)
+    if "nonce" in doc and len(doc["nonce"]) != NONCE_LEN:
+        raise MalformedMessage(f"must be {NONCE_LEN} bytes", sender=sender, field="nonce")
     if doc["len"] > limits.max_body:
         raise OversizeFrame(f"header declares a {doc['len']}-byte body, limit {limits.max_body}",
                             sender=sender, field="len")
@@ -186,7 +191,7 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
         raw=bytes(raw), version=doc["v"], run=doc["run"], kind=doc["kind"], sender=doc["from"],
         to=doc["to"], seq=doc["seq"], prev=doc["prev"], ts_ns=doc["ts"], body_len=doc["len"],
         body_sha256=doc["sha256"], dtype=doc.get("dtype"), shape=shape, step=doc.get("step"),
-        batch=doc.get("batch"), epoch=doc.get("epoch"),
+        batch=doc.get("batch"), epoch=doc.get("epoch"), nonce=doc.get("nonce"),
     )
 
 
@@ -259,15 +264,18 @@ def parse_frames(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_
 class Sender:
     """Builds and signs one identity's messages for one run, keeping its `seq` and `prev` chain.
 
-    A sender's chain is only valid in the order `seal` was called: publish in that order.
+    A sender's chain is only valid in the order `seal` was called: publish in that order. Once
+    the run's nonce is known (`nonce`, from the roster), every header carries it.
     """
 
-    def __init__(self, identity: Identity, run_id: str, *, seq: int = 0, prev: bytes = ZERO_HASH):
+    def __init__(self, identity: Identity, run_id: str, *, seq: int = 0, prev: bytes = ZERO_HASH,
+                 nonce: bytes | None = None):
         check_name(run_id, "run id")
         self.identity = identity
         self.run_id = run_id
         self.seq = seq
         self.prev = prev
+        self.nonce = nonce
 
     def seal(self, kind: str, to: str, body: bytes | memoryview = b"", *,
              dtype: str | None = None, shape: Sequence[int] | None = None,
@@ -280,6 +288,8 @@ class Sender:
             "ts": time.time_ns() if ts_ns is None else ts_ns,
             "len": len(body), "sha256": hashlib.sha256(body).digest(),
         }
+        if self.nonce is not None:
+            fields["nonce"] = self.nonce
         if dtype is not None:
             fields["dtype"] = dtype
             fields["shape"] = list(shape or ())

@@ -23,9 +23,19 @@ import zmq
 from clicooper_bus import __version__
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError
+from clicooper_bus.net.curve import make_client
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.protocol import CheckpointMessage, Topics
-from clicooper_bus.services.common import EXIT_FAIL, EXIT_OK, load, openmp_policy, public, run_main
+from clicooper_bus.services.common import (
+    EXIT_FAIL,
+    EXIT_OK,
+    broker_key,
+    identity,
+    load,
+    openmp_policy,
+    public,
+    run_main,
+)
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 from clicooper_bus.tlog.log import default_origin
 
@@ -41,6 +51,9 @@ class Follower:
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
+        broker = broker_key(cfg)
+        if broker is not None:  # the observer's own key: the broker admits only members
+            make_client(self.sub, identity(cfg, name), broker)
         self.sub.connect(cfg.bus.sub)
         self.topics = Topics(cfg.run.id)
         self.sub.setsockopt_string(zmq.SUBSCRIBE, self.topics.kind("checkpoint"))

@@ -9,8 +9,18 @@ from __future__ import annotations
 import sys
 import threading
 
+from clicooper_bus.net.admission import Admission
 from clicooper_bus.net.forwarder import Forwarder
-from clicooper_bus.services.common import EXIT_OK, Terminated, base_parser, load, run_main
+from clicooper_bus.net.wire import Limits
+from clicooper_bus.services.common import (
+    EXIT_OK,
+    Terminated,
+    base_parser,
+    identity,
+    load,
+    members,
+    run_main,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +31,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(log) -> int:
         cfg = load(args)
-        fwd = Forwarder(args.pub or cfg.bus.pub, args.sub or cfg.bus.sub, hwm=cfg.bus.hwm,
-                        timeout_s=cfg.bus.timeout_s).start()
-        log.info("broker listening", pub=fwd.pub_addr, sub=fwd.sub_addr)
+        curve = cfg.bus.security == "curve"
+        admission = Admission.of(cfg.run.id, members(cfg), limits=Limits()) if curve else None
+        fwd = Forwarder(args.pub or cfg.bus.pub, args.sub or cfg.bus.sub,
+                        identity=identity(cfg, cfg.participants.broker) if curve else None,
+                        admission=admission, hwm=cfg.bus.hwm, timeout_s=cfg.bus.timeout_s,
+                        stall_s=cfg.bus.stall_s).start()
+        log.info("broker listening", pub=fwd.pub_addr, sub=fwd.sub_addr,
+                 security=cfg.bus.security,
+                 members=sorted(admission.members) if admission else None)
         print(f"broker: publishers connect to {fwd.pub_addr}, subscribers to {fwd.sub_addr}",
               flush=True)
         try:
@@ -31,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         except Terminated:
             log.info("broker stopping")
         finally:
+            log.info("broker stopped", **fwd.stats())
             fwd.close()
         return EXIT_OK
 

@@ -14,6 +14,7 @@ import structlog
 from clicooper_bus import __version__, telemetry
 from clicooper_bus.config import RunConfig, load_config
 from clicooper_bus.errors import ClicooperError, RosterError
+from clicooper_bus.net.admission import Member
 from clicooper_bus.net.bus import Bus, BusAddress
 from clicooper_bus.net.identity import Identity, PublicIdentity, load_identity, load_public
 from clicooper_bus.net.roster import Roster
@@ -70,10 +71,15 @@ def open_roster(env: Envelope, owner: PublicIdentity, log) -> Roster | None:
     """The roster in `env` if the owner signed it, else None with the reason logged (anyone
     may publish on the roster topic: a refused roster is not fatal, the real one may follow)."""
     try:
-        return Roster.open(bytes(env.body), owner=owner)
+        roster = Roster.open(bytes(env.body), owner=owner)
     except RosterError as exc:
         log.error("roster refused", error=str(exc))
         return None
+    if env.header.nonce != roster.nonce:
+        log.error("roster refused", error="its message is not bound to the roster's own run "
+                                          "nonce (a replayed or spliced roster)")
+        return None
+    return roster
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -103,10 +109,25 @@ def public(cfg: RunConfig, name: str) -> PublicIdentity:
     return load_public(Path(cfg.participants.keys) / f"{name}.pub")
 
 
+def broker_key(cfg: RunConfig) -> PublicIdentity | None:
+    """The broker's public key, which CURVE clients pin; None on a plaintext bus."""
+    return public(cfg, cfg.participants.broker) if cfg.bus.security == "curve" else None
+
+
+def members(cfg: RunConfig) -> list[Member]:
+    """Every member of the run with its key, as the broker admits them: the roster's members
+    (owner, trainers, notary) and the observers. Raises KeyFileError naming a missing key."""
+    p = cfg.participants
+    roles = [(p.owner, "owner"), (p.notary, "notary"), *((t, "trainer") for t in p.trainers),
+             *((o, "auditor") for o in p.observers)]
+    return [Member(name, role, public(cfg, name)) for name, role in roles]
+
+
 def open_bus(cfg: RunConfig, ident: Identity, verifier: Verifier) -> Bus:
     b = cfg.bus
     return Bus(ident, cfg.run.id, BusAddress(b.pub, b.sub), verifier, hwm=b.hwm,
-               beat_s=b.beat_s, timeout_s=b.timeout_s, join_timeout_s=b.join_timeout_s)
+               beat_s=b.beat_s, timeout_s=b.timeout_s, join_timeout_s=b.join_timeout_s,
+               broker=broker_key(cfg))
 
 
 def run_main(role: str, body, argv: list[str] | None = None) -> int:

@@ -89,7 +89,7 @@ class Notary:
                                          run_id=self.cfg.run.id, retention=self.cfg.log.retention,
                                          fsync=self.cfg.log.fsync, signer=self.ident)
         self.roster = roster
-        self.bus.verifier.use_roster(roster)
+        self.bus.bind(roster)
         self.plog.append_envelope(env)
         plog = self.plog
         self.registry = WatermarkRegistry(

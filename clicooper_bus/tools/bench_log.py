@@ -83,7 +83,7 @@ def bench_log_verify(workdir: Path, body_size: int, n: int) -> dict:
     d = workdir / "verify"
     plog = ProvenanceLog.create(d, roster_bytes=roster_bytes, run_id="bench", fsync="never",
                                 signer=notary)
-    sender = Sender(owner, "bench")
+    sender = Sender(owner, "bench", nonce=roster.nonce)
     rng = np.random.default_rng(1)
     for i in range(n):
         plog.append_envelope(sender.seal_array("fwd", "trainer-1",

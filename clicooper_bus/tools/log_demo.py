@@ -47,7 +47,7 @@ def write_demo(directory: str | os.PathLike[str], *, messages: int, keys_dir: Pa
     plog = ProvenanceLog.create(directory, roster_bytes=roster_bytes, run_id=run_id,
                                 retention=retention, fsync=fsync, signer=ids["notary"])
     verifier = Verifier(roster, run_id)
-    send = {name: Sender(ids[name], run_id) for name in NAMES[:3]}
+    send = {name: Sender(ids[name], run_id, nonce=roster.nonce) for name in NAMES[:3]}
     rng = np.random.default_rng(seed)
     batch, width = shape
     steps_per_epoch = 50

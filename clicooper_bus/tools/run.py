@@ -85,7 +85,8 @@ def prepare(config: str | None, overrides: dict, out: str | None,
     cfg = load_config(config, over)
     p = cfg.participants
     check_remote_keys(cfg)
-    ensure_keys(Path(p.keys), [p.owner, p.notary, *p.trainers])
+    local = [t for t in p.trainers if t not in p.remote]  # a remote one brings its own key
+    ensure_keys(Path(p.keys), [p.owner, p.notary, p.broker, *local, *p.observers])
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ClicooperError(f"{run_dir} already exists and is not empty: choose another run id "

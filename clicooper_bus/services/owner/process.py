@@ -50,6 +50,7 @@ class Owner:
         artefacts.write_config(self.layout, cfg)
         roster = self.setup.roster
         self.bus: Bus = open_bus(cfg, self.ident, Verifier(roster, cfg.run.id, partial=True))
+        self.bus.bind(roster)
         self.stages = list(roster.stages)
         self.kid = {m.name: m.key_id for m in roster.members}
         names = {v: k for k, v in self.kid.items()}

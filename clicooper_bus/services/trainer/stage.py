@@ -74,7 +74,7 @@ class Trainer:
         self.loop.until(lambda: self.roster is not None, timeout_s=timeout, timed_out=lambda: (
             f"no roster naming '{self.name}' from the owner within {timeout:.0f} s"))
         roster = self.roster
-        self.bus.verifier.use_roster(roster)
+        self.bus.bind(roster)
         self.plan = plan = Plan.from_meta(roster.meta["plan"])
         if not 1 <= plan.in_flight <= MAX_IN_FLIGHT:
             raise RosterError(f"the roster's plan asks for {plan.in_flight} batches in flight; "

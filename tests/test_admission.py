@@ -1,0 +1,163 @@
+"""The broker's rules (issue 16, item 2), on their own and on a live CURVE broker: who may
+connect, which topics a member may subscribe to, and what it may publish."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from clicooper_bus.errors import ConfigError
+from clicooper_bus.net.admission import Admission, Member
+from clicooper_bus.net.bus import Bus, BusAddress
+from clicooper_bus.net.curve import check_security, make_client, z85_public
+from clicooper_bus.net.forwarder import Forwarder
+from clicooper_bus.net.identity import Identity
+from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.net.wire import Sender
+from clicooper_bus.protocol import Topics
+
+ROLES = {"owner": "owner", "notary": "notary", "trainer-1": "trainer", "trainer-10": "trainer",
+         "auditor": "auditor"}
+
+
+@pytest.fixture(scope="module")
+def people() -> dict[str, Identity]:
+    return {n: Identity.generate(n) for n in [*ROLES, "broker", "stranger"]}
+
+
+@pytest.fixture
+def admission(people) -> Admission:
+    return Admission.of("r1", [Member(n, r, people[n].public) for n, r in ROLES.items()])
+
+
+T = Topics("r1")
+
+
+def test_only_the_members_keys_are_admitted(admission, people):
+    assert admission.name_of(z85_public(people["trainer-1"].public)) == "trainer-1"
+    assert admission.name_of(z85_public(people["stranger"].public)) is None
+    assert admission.name_of(z85_public(people["broker"].public)) is None
+
+
+@pytest.mark.parametrize("who,topic", [
+    ("trainer-1", T.to("fwd", "trainer-1")), ("trainer-1", T.to("bwd", "trainer-1")),
+    ("trainer-1", T.kind("beat")), ("trainer-1", T.kind("roster")), ("trainer-1", T.kind("round")),
+    ("trainer-1", T.hello("trainer-1")), ("trainer-1", T.done("trainer-1")),
+    ("trainer-10", T.to("labels", "trainer-10")),
+    ("auditor", T.kind("checkpoint")), ("auditor", T.watching("auditor")),
+    ("notary", T.all), ("owner", T.kind("fwd")), ("owner", T.to("bwd", "owner")),
+])
+def test_a_member_may_subscribe_to_what_its_role_reads(admission, who, topic):
+    assert admission.subscribe(who, topic.encode()) is None
+
+
+@pytest.mark.parametrize("who,topic,reason", [
+    ("trainer-1", T.to("fwd", "trainer-10"), "inbox"),  # another trainer's inbox
+    ("trainer-10", T.to("fwd", "trainer-1"), "inbox"),
+    ("trainer-1", "run/r1/fwd/trainer-1", "inbox"),  # without the closing '/': also trainer-10's
+    ("trainer-1", T.kind("fwd"), "inbox"), ("trainer-1", T.all, "inbox"),
+    ("trainer-1", "run/r1/f", "inbox"), ("trainer-1", "", "outside the run"),
+    ("auditor", T.to("eval_out", "owner"), "inbox"),
+    ("trainer-1", T.to("fwd", "owner"), "inbox"),
+    ("trainer-1", "run/r0/", "outside the run"),
+    ("trainer-1", T.hello("trainer-10"), "presence signal"),  # a fake presence signal
+    ("trainer-1", T.watching("auditor"), "presence signal"),
+    ("owner", T.done("notary"), "presence signal"),
+    ("trainer-1", "run/r1/" + "x" * 300, "longer than a topic"),
+    (None, T.kind("beat"), "unknown connection"),
+])
+def test_everything_else_is_refused_with_its_reason(admission, who, topic, reason):
+    got = admission.subscribe(who, topic.encode())
+    assert got is not None and reason in got, got
+    assert admission.refused[got] == 1 and topic not in admission.held.get(who, set())
+
+
+def test_a_member_holds_a_bounded_number_of_subscriptions(admission):
+    for i in range(admission.max_subscriptions):
+        assert admission.subscribe("owner", f"run/r1/x{i}/".encode()) is None
+    assert "too many" in admission.subscribe("owner", b"run/r1/y/")
+    admission.unsubscribe("owner", b"run/r1/x0/")
+    assert admission.subscribe("owner", b"run/r1/y/") is None
+
+
+def test_a_member_may_publish_only_what_it_signed_for_this_run(admission, people):
+    def frames(ident, run="r1", **kw):
+        return Sender(ident, run, **kw).seal_array("fwd", "trainer-1", np.ones(3, np.float32)).frames()
+
+    assert admission.publication_refusal("owner", frames(people["owner"])) is None
+    assert "another key" in admission.publication_refusal("trainer-1", frames(people["owner"]))
+    assert "another run" in admission.publication_refusal("owner", frames(people["owner"], "r2"))
+    assert "unknown connection" in admission.publication_refusal(None, frames(people["owner"]))
+    forged = frames(people["owner"])
+    forged[2] = bytes(64)
+    assert "bad signature" in admission.publication_refusal("owner", forged)
+    assert "malformed" in admission.publication_refusal("owner", [b"junk"])
+
+
+def test_plaintext_is_refused_off_loopback():
+    check_security("none", "tcp://127.0.0.1:5555", "ipc:///tmp/x")
+    check_security("curve", "tcp://0.0.0.0:5555")
+    for bad in ("tcp://0.0.0.0:5555", "tcp://10.0.0.2:5556"):
+        with pytest.raises(ConfigError, match="loopback"):
+            check_security("none", bad)
+    with pytest.raises(ConfigError, match="security"):
+        check_security("tls", "tcp://127.0.0.1:1")
+
+
+def test_a_live_curve_broker_applies_the_rules(admission, people):
+    """Against a real CURVE broker: a keyless and a wrong-key client get nothing and change
+    nothing, a trainer cannot read another's inbox nor fake its presence, and the owner's
+    messages reach their addressee."""
+    fwd = Forwarder("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", identity=people["broker"],
+                    admission=admission).start()
+    addr = BusAddress(fwd.pub_addr, fwd.sub_addr)
+    keys = {i.key_id: i.public for i in people.values()}
+    buses = {n: Bus(people[n], "r1", addr, Verifier(keys, "r1", partial=True),
+                    broker=people["broker"].public) for n in ("owner", "trainer-1", "trainer-10")}
+    ctx = zmq.Context()
+    spies = []
+    try:
+        for key in (None, people["stranger"]):  # keyless, and a CURVE key the roster lacks
+            sub = ctx.socket(zmq.SUB)
+            if key is not None:
+                make_client(sub, key, people["broker"].public)
+            sub.connect(fwd.sub_addr)
+            sub.subscribe(b"")
+            spies.append(sub)
+            pub = ctx.socket(zmq.PUB)
+            if key is not None:
+                make_client(pub, key, people["broker"].public)
+            pub.connect(fwd.pub_addr)
+            spies.append(pub)
+        t1, t10, owner = buses["trainer-1"], buses["trainer-10"], buses["owner"]
+        t1.subscribe(T.to("fwd", "trainer-1"))
+        t1.announce()
+        t10.subscribe(T.to("fwd", "trainer-1"), T.hello("trainer-1"), T.to("fwd", "trainer-10"))
+        t10.announce()
+        owner.wait_for_subscribers("hello", ["trainer-1", "trainer-10"], 10)
+        time.sleep(0.3)
+        for spy in spies[1::2]:  # what the spies publish goes nowhere
+            spy.send_multipart(owner.sender.seal("fwd", "trainer-1", b"", dtype="uint8",
+                                                 shape=[0]).frames())
+        owner.send_array("fwd", "trainer-1", np.arange(4, dtype=np.float32))
+        got = t1.recv(5)
+        assert got is not None and got.header.sender == people["owner"].key_id
+        assert np.array_equal(got.array(), np.arange(4, dtype=np.float32))
+        assert t1.recv(0.5) is None  # only the owner's one message, nothing the spies sent
+        assert t10.recv(0.5) is None  # trainer-10 did not get trainer-1's activations
+        assert all(s.poll(200) == 0 for s in spies[0::2])  # the spies received nothing
+        assert T.hello("trainer-1") in owner.seen_subscriptions  # from trainer-1 itself
+        stats = fwd.stats()
+        assert stats["refused"]["topic of another member's inbox"] >= 1
+        assert stats["refused"]["presence signal of another member"] == 1
+        assert stats["refused"].get("connection with a key the roster does not list", 0) >= 1
+    finally:
+        for s in spies:
+            s.close(0)
+        ctx.term()
+        for b in buses.values():
+            b.close()
+        fwd.close()
