@@ -217,3 +217,15 @@ def test_join_progress_says_what_it_waits_for_and_what_happened(tmp_path):
                     "join: training done; weights delivered, sealed to the owner",
                     "trainer: error: something plain"]
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 4  # kept as telemetry
+
+
+def test_the_two_hosts_config_invites_its_remote_trainer(tmp_path):
+    cfg = load_config(ROOT / "configs" / "two-hosts.toml", {"participants": {
+        "keys": str(tmp_path / "keys")}})
+    assert cfg.participants.remote == ["edge-7"] and cfg.bus.security == "curve"
+    path = tmp_path / "cfg.toml"
+    path.write_text(cfg.to_toml())
+    assert main(["invite", "edge-7", "--config", str(path), "--host", "192.0.2.10",
+                 "--out", str(tmp_path / "edge-7.join")]) == 0
+    kit = read_join_file(tmp_path / "edge-7.join")
+    assert (kit.pub, kit.sub) == ("tcp://192.0.2.10:5555", "tcp://192.0.2.10:5556")
