@@ -161,3 +161,95 @@ def test_a_live_curve_broker_applies_the_rules(admission, people):
         for b in buses.values():
             b.close()
         fwd.close()
+
+
+def test_a_quick_run_gets_a_fresh_id():
+    from clicooper_bus.tools.run import fresh_run_id
+
+    ids = {fresh_run_id("quick") for _ in range(50)}
+    assert len(ids) == 50 and all(i.startswith("quick-") for i in ids)
+
+
+def test_a_subscriber_that_stops_reading_stalls_the_others_only_once(people, admission):
+    """The stall bound: the notary's connection subscribes to the whole run and never reads;
+    after one wait of `stall_s` the broker sends on without it, so trainer-1 gets all 400
+    messages, in order, and the broker counts the sends that could not wait."""
+    fwd = Forwarder("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", identity=people["broker"],
+                    admission=admission, hwm=4, stall_s=0.3).start()
+    addr = BusAddress(fwd.pub_addr, fwd.sub_addr)
+    keys = {i.key_id: i.public for i in people.values()}
+    owner = Bus(people["owner"], "r1", addr, Verifier(keys, "r1", partial=True),
+                broker=people["broker"].public, timeout_s=30)
+    reader = Bus(people["trainer-1"], "r1", addr, Verifier(keys, "r1"),
+                 broker=people["broker"].public)
+    ctx = zmq.Context()
+    stalled = ctx.socket(zmq.SUB)
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    make_client(stalled, people["notary"], people["broker"].public)
+    stalled.connect(fwd.sub_addr)
+    stalled.subscribe(T.all)
+    stalled.subscribe(T.hello("notary"))
+    try:
+        reader.subscribe(T.to("fwd", "trainer-1"))
+        reader.announce()
+        owner.wait_for_subscribers("hello", ["trainer-1", "notary"], 10)
+        body = np.zeros(64 << 10, np.uint8)
+        got = []
+        for i in range(400):
+            owner.send_array("fwd", "trainer-1", body, step=i)
+            while (env := reader.recv(0.001)) is not None:  # a reader that keeps up
+                got.append(env.header.step)
+        while len(got) < 400 and (env := reader.recv(5)) is not None:
+            got.append(env.header.step)
+        assert got == list(range(400))
+        assert fwd.stats()["lossy_sends"] > 0  # the stalled one missed what did not fit
+    finally:
+        stalled.close(0)
+        ctx.term()
+        owner.close()
+        reader.close()
+        fwd.close()
+
+
+def test_a_flood_cannot_keep_a_receiver_from_its_beats(people):
+    """Receive passes are bounded: under a flood of messages its verifier refuses, `recv`
+    still returns on time and the participant keeps beating."""
+    fwd = Forwarder("tcp://127.0.0.1:0", "tcp://127.0.0.1:0").start()  # plaintext: no rules
+    addr = BusAddress(fwd.pub_addr, fwd.sub_addr)
+    me = Bus(people["trainer-1"], "r1", addr, Verifier({}, "r1", partial=True), beat_s=0.05)
+    stop = __import__("threading").Event()
+
+    def flood():
+        ctx = zmq.Context()
+        pub = ctx.socket(zmq.PUB)
+        pub.connect(fwd.pub_addr)
+        frames = Sender(people["stranger"], "r1").seal("beat", "all", b"\x80").frames()
+        while not stop.is_set():
+            for _ in range(1000):
+                try:
+                    pub.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        pub.close(0)
+        ctx.term()
+
+    flooder = __import__("threading").Thread(target=flood, daemon=True)
+    try:
+        me.subscribe(T.kind("beat"))
+        me.beating = True
+        flooder.start()
+        deadline = time.monotonic() + 30
+        while me.verifier.rejected["unknown_key"] < 5000:  # the flood is arriving
+            assert time.monotonic() < deadline, "the flood never arrived"
+            me.recv(0.01)
+        beats = me.sent.get("beat", 0)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:
+            assert me.recv(0.1) is None
+        assert me.sent["beat"] >= beats + 5  # at least 5 beats in a second of flood (beat_s 0.05)
+    finally:
+        stop.set()
+        flooder.join(5)
+        me.close()
+        fwd.close()

@@ -40,8 +40,8 @@ def _setup(workdir: Path):
     return owner, notary, roster, roster.sign(owner)
 
 
-def _envelopes(owner: Identity, n: int, body_size: int) -> list[Envelope]:
-    sender = Sender(owner, "bench")
+def _envelopes(owner: Identity, n: int, body_size: int, nonce: bytes) -> list[Envelope]:
+    sender = Sender(owner, "bench", nonce=nonce)
     base = np.random.default_rng(0).integers(0, 256, body_size, dtype=np.uint8)
     out = []
     for i in range(n):
@@ -53,7 +53,7 @@ def _envelopes(owner: Identity, n: int, body_size: int) -> list[Envelope]:
 
 def bench_append(workdir: Path, body_size: int, n: int, retention: str, fsync: str) -> dict:
     owner, notary, roster, roster_bytes = _setup(workdir)
-    envs = _envelopes(owner, n, body_size)
+    envs = _envelopes(owner, n, body_size, roster.nonce)
     d = workdir / f"append-{body_size}-{retention}-{fsync}"
     plog = ProvenanceLog.create(d, roster_bytes=roster_bytes, run_id="bench", retention=retention,
                                 fsync=fsync, signer=notary)
@@ -70,7 +70,7 @@ def bench_append(workdir: Path, body_size: int, n: int, retention: str, fsync: s
 def bench_verify_cost(n: int = 5000) -> float:
     """Microseconds per message for the Verifier (signature, chain, body hash) on 1 KiB."""
     owner, _, roster, _ = _setup(Path("."))
-    envs = _envelopes(owner, n, 1024)
+    envs = _envelopes(owner, n, 1024, roster.nonce)
     v = Verifier(roster, "bench")
     t0 = time.perf_counter()
     for env in envs:

@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run broker, notary, owner and trainers on this machine")
     r.add_argument("--config", help="run config (TOML); see `clicooper config defaults`")
     r.add_argument("--quick", action="store_true",
-                   help="a small subset in one epoch (under a minute on 2 cores)")
+                   help="a small subset in one epoch (under a minute on 2 cores), under a "
+                        "fresh run id unless --run-id is given")
     r.add_argument("--out", help="output directory (default: the config's run.out_dir)")
     r.add_argument("--run-id", help="run id (default: the config's run.id)")
     r.add_argument("--audit", action="store_true",

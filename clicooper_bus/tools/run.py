@@ -178,6 +178,11 @@ def _report(names: list[str], tel: Path) -> None:
             print(f"  {line}", file=sys.stderr)
 
 
+def fresh_run_id(prefix: str) -> str:
+    """`PREFIX-YYYYmmdd-HHMMSS-xxxx`: a new id each call (the time, and 16 random bits)."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+
+
 def run(config: str | None, *, quick: bool = False, out: str | None = None,
         run_id: str | None = None, echo: bool = True, timeout_s: float | None = None,
         free_ports: bool = True, audit: bool | str = False,
@@ -187,6 +192,8 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
     for k, v in (QUICK.items() if quick else ()):
         base.setdefault(k, {}).update(v)
     overrides = base
+    if quick and not run_id and not load_config(config, overrides).participants.remote:
+        run_id = fresh_run_id("quick")  # a quick run never reuses an earlier one's id
     if run_id:
         overrides.setdefault("run", {})["id"] = run_id
     if audit:
