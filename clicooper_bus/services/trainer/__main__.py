@@ -2,7 +2,9 @@
 
     python -m clicooper_bus.services.trainer --config FILE --name trainer-1
     python -m clicooper_bus.services.trainer --name edge-7 --keys DIR --owner-key owner.pub \\
-        --run-id demo --pub tcp://HOST:5555 --sub tcp://HOST:5556      (an edge device)
+        --run-id demo --pub tcp://HOST:5555 --sub tcp://HOST:5556
+        (DIR holds edge-7.key and the broker's broker.pub; `clicooper join` does all this
+        from a join file, and is how an edge device is meant to start)
 
 The OpenMP policy is set here, before anything imports torch: idle OpenMP threads would spin
 and take cores from the run's other processes, so a trainer waits passively.
