@@ -53,6 +53,24 @@ def test_demo_log_verifies(small_log):
     assert r.per_sender["owner"] == 81 and r.per_kind["roster"] == 1
 
 
+def test_an_entry_of_another_run_fails_verification(small_log):
+    """A message from an earlier run with the same id and keys (another roster nonce), appended
+    by a careless or dishonest notary, makes `log verify` fail at that entry, naming the nonce."""
+    from clicooper_bus.net.wire import Sender
+
+    keys = small_log.parent / "keys"
+    owner, notary = load_identity(keys / "owner.key"), load_identity(keys / "notary.key")
+    with ProvenanceLog.open(small_log, writable=True, signer=notary) as plog:
+        last = max((parse_header(split_leaf(plog.leaf(i))[0]) for i in range(plog.size)),
+                   key=lambda h: h.seq if h.sender == owner.key_id else -1)
+        stale = Sender(owner, plog.run_id, seq=last.seq, prev=last.digest, nonce=bytes(16))
+        plog.append_envelope(stale.seal("beat", "all", b"\x80"))
+        plog.sign_checkpoint()
+        size = plog.size
+    r = verify_log(small_log)
+    assert not r.ok and r.failure.index == size - 1 and "nonce" in r.failure.reason
+
+
 def test_reopen_continues_the_same_tree(small_log):
     with ProvenanceLog.open(small_log) as plog:
         old_size, old_root = plog.size, plog.tree.root()
