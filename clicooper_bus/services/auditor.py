@@ -32,6 +32,7 @@ from clicooper_bus.services.common import (
     broker_key,
     identity,
     load,
+    open_roster,
     openmp_policy,
     public,
     run_main,
@@ -46,8 +47,13 @@ class Follower:
     def __init__(self, cfg: RunConfig, name: str, log):
         self.cfg, self.name, self.log = cfg, name, log
         self.notary = public(cfg, cfg.participants.notary)
+        self.owner = public(cfg, cfg.participants.owner)
         self.origin = default_origin(cfg.run.id)
-        self.verifier = Verifier({self.notary.key_id: self.notary}, cfg.run.id, partial=True)
+        # the owner's roster binds every later message to the run's nonce (the owner starts
+        # only once we watch, so it comes after our subscription)
+        self.verifier = Verifier({k.key_id: k for k in (self.notary, self.owner)}, cfg.run.id,
+                                 partial=True)
+        self.bound = False
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -56,6 +62,7 @@ class Follower:
             make_client(self.sub, identity(cfg, name), broker)
         self.sub.connect(cfg.bus.sub)
         self.topics = Topics(cfg.run.id)
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, self.topics.kind("roster"))
         self.sub.setsockopt_string(zmq.SUBSCRIBE, self.topics.kind("checkpoint"))
         self.sub.setsockopt_string(zmq.SUBSCRIBE, self.topics.watching(name))
 
@@ -77,7 +84,10 @@ class Follower:
             frames = self.sub.recv_multipart(copy=True)
             try:  # only the notary's signed, in-order messages count (no replayed "closed")
                 env = self.verifier.verify_frames(frames)
-                if env.header.kind != "checkpoint":
+                if env.header.kind == "roster":
+                    self._bind(env)
+                    continue
+                if env.header.kind != "checkpoint" or env.header.sender != self.notary.key_id:
                     continue
                 msg = CheckpointMessage.parse(env.document(), sender=self.cfg.participants.notary)
                 cp = open_checkpoint(msg.note, self.notary, self.origin)
@@ -92,6 +102,14 @@ class Follower:
                       f"checkpoints witnessed); auditing", flush=True)
                 self.sub.setsockopt_string(zmq.UNSUBSCRIBE, self.topics.kind("checkpoint"))
                 return msg.note
+
+    def _bind(self, env) -> None:
+        """Take the owner's first valid roster: from then on only messages of its run count."""
+        roster = None if self.bound else open_roster(env, self.owner, self.log)
+        if roster is not None and roster.run_id == self.cfg.run.id:
+            self.verifier.use_roster(roster)
+            self.bound = True
+            self.log.info("roster witnessed", nonce=roster.nonce.hex())
 
     def done(self) -> None:
         """Tell the notary we are finished, give the subscription time to travel, leave."""
