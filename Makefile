@@ -64,6 +64,7 @@ logdemo: setup
 bench: setup
 	$(PY) -m clicooper_bus.tools.bench_log
 	$(PY) -m clicooper_bus.tools.bench_bus
+	$(PY) -m clicooper_bus.tools.bench_transport
 	$(PY) -m clicooper_bus.tools.bench_privacy
 
 # Privacy: the paper table (undefended, the paper's configuration, ours; docs/RESULTS.md) and

@@ -20,3 +20,21 @@ def test_bench_bus_throughput_paths_deliver():
     rates = [raw, brk, bus_throughput(30)]
     assert all(r > 0 for r in rates), rates
     assert raw_cpu > 0 and brk_cpu > 0  # every process reported the CPU it spent
+
+
+def test_bench_transport_reads_cpu_and_pairs_ratios_within_a_repeat():
+    """The transport benchmark's parts that need no run: /proc CPU of a process, and ratios
+    taken within each repeat before their median."""
+    import os
+
+    from clicooper_bus.tools.bench_transport import Result, _stat, summarise
+
+    state, parent, cpu = _stat(os.getpid())
+    assert state in "RSD" and parent == os.getppid() and cpu > 0
+    assert _stat(2 ** 22 + 1) is None  # above pid_max: gone
+    runs = [Result(m, k, t, 0.5, 0.1, 100, 0, {}) for k, ts in enumerate(((2, 3, 3.75), (4, 5, 5)))
+            for m, t in zip(("none", "curve", "attacked"), ts, strict=True)]
+    s = summarise(runs)
+    assert s["curve/none"]["each"] == [1.5, 1.25] and s["curve/none"]["median"] == 1.375
+    assert s["attacked/undisturbed"]["each"] == [1.25, 1.0]
+    assert runs[0].cpu_us_per_message == 1000

@@ -13,18 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
 
 from clicooper_bus.config import load_config
 from clicooper_bus.errors import ConfigError
 from clicooper_bus.net.bus import Bus, BusAddress
-from clicooper_bus.net.curve import make_client
 from clicooper_bus.net.forwarder import Forwarder
-from clicooper_bus.net.identity import Identity, load_identity, load_public
+from clicooper_bus.net.identity import Identity, load_identity
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Sender
-from clicooper_bus.protocol import Topics
 from clicooper_bus.tlog.logverify import verify_log
+from clicooper_bus.tools.bench_transport import siege
 from clicooper_bus.tools.run import ensure_keys, prepare, run
 from tests.busrun import processes, write_config
 
@@ -90,101 +88,6 @@ def test_hostile_messages_are_rejected_while_training_completes(tmp_path):
     assert r.ok and r.per_kind["fwd"] == summary["messages"]["fwd"], r.failure
 
 
-def _strangers(cfg, stop: threading.Event, seen: dict) -> None:
-    """Issue 16's attacks from outside the roster: a keyless client and one with a CURVE key
-    the roster does not list each subscribe to everything, never read, and flood one-frame
-    garbage."""
-    ctx = zmq.Context()
-    broker = load_public(Path(cfg.participants.keys) / "broker.pub")
-    socks = []
-    try:
-        for key in (None, Identity.generate("mallory")):
-            for topic in (b"", b"run/"):
-                sub = ctx.socket(zmq.SUB)
-                if key is not None:
-                    make_client(sub, key, broker)
-                sub.connect(cfg.bus.sub)
-                sub.subscribe(topic)
-                socks.append(("sub", sub))
-            pub = ctx.socket(zmq.PUB)
-            pub.setsockopt(zmq.SNDHWM, 1000)
-            if key is not None:
-                make_client(pub, key, broker)
-            pub.connect(cfg.bus.pub)
-            socks.append(("pub", pub))
-        while not stop.is_set():
-            for kind, sock in socks:
-                if kind == "pub":
-                    for _ in range(200):
-                        try:
-                            sock.send(b"garbage", zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-            time.sleep(0.01)
-        seen["received"] = sum(s.poll(0) for kind, s in socks if kind == "sub")
-    finally:
-        for _, s in socks:
-            s.close(0)
-        ctx.term()
-
-
-# A subscription of 256 KiB, keyless and from the rogue member's key, in a process of its own:
-# libzmq's subscription trie overflows the stack of whichever process holds such a topic (it
-# killed the broker once, FACTS.md), here the attacker's own.
-_BIG_SUBSCRIPTIONS = """
-import sys, time, zmq
-from clicooper_bus.net.curve import make_client
-from clicooper_bus.net.identity import load_identity, load_public
-keys, sub_addr = sys.argv[1], sys.argv[2]
-ctx = zmq.Context()
-for key in (None, load_identity(keys + "/spy.key")):
-    s = ctx.socket(zmq.SUB)
-    if key is not None:
-        make_client(s, key, load_public(keys + "/broker.pub"))
-    s.connect(sub_addr)
-    s.subscribe(b"run/" + b"x" * (256 << 10))
-time.sleep(3)
-"""
-
-
-def _rogue_member(cfg, stop: threading.Event, seen: dict) -> None:
-    """A listed observer gone rogue: it authenticates, then tries to read trainer-1's inbox,
-    fakes trainer-2's presence, replays the owner's signed beats as its own publications, and
-    never reads what it may read (a stalled subscriber)."""
-    me = load_identity(Path(cfg.participants.keys) / "spy.key")
-    broker = load_public(Path(cfg.participants.keys) / "broker.pub")
-    topics = Topics(cfg.run.id)
-    ctx = zmq.Context()
-    socks = []
-    try:
-        def sock(kind):
-            s = ctx.socket(kind)
-            make_client(s, me, broker)
-            s.connect(cfg.bus.sub if kind == zmq.SUB else cfg.bus.pub)
-            socks.append(s)
-            return s
-
-        reader, stalled, pub = sock(zmq.SUB), sock(zmq.SUB), sock(zmq.PUB)
-        for t in (topics.to("fwd", "trainer-1"), topics.hello("trainer-2"), topics.kind("beat")):
-            reader.subscribe(t)
-        reader.subscribe(topics.watching("spy"))  # its own signal: the owner waits for it
-        stalled.subscribe(topics.all[:-1])  # refused: the whole run
-        stalled.subscribe(topics.kind("beat"))  # allowed, and never read
-        grabbed = 0
-        while not stop.is_set():
-            if reader.poll(100):
-                frames = reader.recv_multipart()
-                seen.setdefault("kinds", set()).add(frames[0].split(b"/")[2].decode())
-                pub.send_multipart(frames)  # the owner's (or anyone's) beat, as our own
-                grabbed += 1
-            if grabbed > 20:
-                reader.subscribe(topics.done("spy"))  # let the notary close the run
-    finally:
-        for s in socks:
-            s.close(0)
-        ctx.term()
-
-
 def test_strangers_and_a_rogue_member_change_nothing_on_a_curve_bus(tmp_path):
     """Issue 16, items 1 to 7 against a live run on the default (CURVE) bus: the run
     completes, its log verifies, the broker stays up; strangers receive nothing; what the
@@ -193,21 +96,8 @@ def test_strangers_and_a_rogue_member_change_nothing_on_a_curve_bus(tmp_path):
                         participants={"observers": ["spy"]})
     cfg = load_config(path)
     ensure_keys(Path(cfg.participants.keys), ["broker", "spy"])  # run() keeps existing keys
-    stop, seen = threading.Event(), {}
-    attackers = [threading.Thread(target=f, args=(cfg, stop, seen), daemon=True)
-                 for f in (_strangers, _rogue_member)]
-    for a in attackers:
-        a.start()
-    big = subprocess.Popen([sys.executable, "-c", _BIG_SUBSCRIPTIONS, cfg.participants.keys,
-                            cfg.bus.sub], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with siege(cfg) as seen:  # the attackers, until the run is over
         assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
-    finally:
-        stop.set()
-        for a in attackers:
-            a.join(10)
-        big.kill()
-        big.wait()
     assert seen.get("received") == 0, "a stranger received a message"
     assert seen.get("kinds") == {"beat"}, seen  # the rogue read only what observers may
     summary = json.loads((cfg.run_dir / "summary.json").read_text())

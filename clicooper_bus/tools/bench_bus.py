@@ -147,26 +147,38 @@ def bus_throughput(n: int) -> float:
     return rate
 
 
-def bus_epoch(workdir: Path, train_limit: int, in_flight: int, tag: str) -> tuple[float, float]:
-    """One training epoch over the bus: (training wall seconds, test accuracy)."""
-    from clicooper_bus.config import load_config
-    from clicooper_bus.tools.run import run
-
-    # watermarks off: the reference embeds none, and the ratio is the bus's cost alone
-    over = {"run": {"epochs": 1, "eval_every": 0, "id": f"bench-{tag}", "in_flight": in_flight,
+def bench_overrides(workdir: Path, train_limit: int, in_flight: int, tag: str) -> dict:
+    """The benchmark run's config overrides: one epoch of the small CNN over three trainers,
+    evaluated once at the end on 1,000 test images, watermarks off (the reference embeds none,
+    and the ratio is the bus's cost alone); keys in workdir/keys, output in workdir/runs."""
+    return {"run": {"epochs": 1, "eval_every": 0, "id": f"bench-{tag}", "in_flight": in_flight,
                     "out_dir": str(workdir / "runs")},
             "data": {"train_limit": train_limit, "test_limit": 1000},
             "participants": {"keys": str(workdir / "keys"),
                              "trainers": ["trainer-1", "trainer-2", "trainer-3"]},
             "watermark": {"enabled": False}}
-    cfg = load_config(None, over)
+
+
+def training_epoch(run_dir: Path) -> tuple[float, float]:
+    """A finished run's first epoch: (training wall seconds, evaluation excluded; test
+    accuracy)."""
+    summary = json.loads(RunLayout(run_dir).summary.read_text())
+    return summary["per_epoch"][0]["wall_s"], summary["test_accuracy"]
+
+
+def bus_epoch(workdir: Path, train_limit: int, in_flight: int, tag: str) -> tuple[float, float]:
+    """One training epoch over the bus: (training wall seconds, test accuracy)."""
+    from clicooper_bus.config import load_config
+    from clicooper_bus.tools.run import run
+
+    cfg = load_config(None, bench_overrides(workdir, train_limit, in_flight, tag))
     cfg_path = workdir / f"bench-{tag}.toml"
     cfg_path.write_text(cfg.to_toml())
     if run(str(cfg_path), echo=False, timeout_s=900) != 0:
         raise SystemExit(f"the benchmark run {tag} failed: see {cfg.run_dir}")
-    summary = json.loads(RunLayout(cfg.run_dir).summary.read_text())
+    epoch = training_epoch(cfg.run_dir)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    return summary["per_epoch"][0]["wall_s"], summary["test_accuracy"]
+    return epoch
 
 
 def reference_epoch(train_limit: int) -> tuple[float, float]:
