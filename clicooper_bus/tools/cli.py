@@ -120,6 +120,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if attacked else 1
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from clicooper_bus.ml.delivered import load_model, predict, write_predictions
+
+    model = load_model(args.model, label_groups=args.label_groups)
+    p = predict(model, args.data, batch_size=args.batch_size)
+    out = write_predictions(p, args.out)
+    acc = p.accuracy
+    if acc is not None:
+        print(f"accuracy {acc:.4f} ({int((p.pred == p.labels).sum())}/{len(p.labels)}) on "
+              f"{p.source}")
+    else:
+        print(f"{len(p.pred)} predictions for {p.source} (no labels: no accuracy)")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_model_verify(args: argparse.Namespace) -> int:
     from clicooper_bus.ml.watermark.verify import verify_model
 
@@ -258,6 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                    help="side-by-side table and figure of runs already audited")
     a.set_defaults(func=cmd_audit)
+    pr = sub.add_parser("predict", help="run a delivered model on an npz: print its accuracy, "
+                                        "write its predictions")
+    pr.add_argument("model", metavar="RUN_DIR_OR_MODEL",
+                    help="a run directory or a model.safetensors file")
+    pr.add_argument("--data", required=True,
+                    help="npz with uint8 images x_test (else x), N x H x W or N x H x W x C, "
+                         "and optional integer labels y_test (else y)")
+    pr.add_argument("--out", default="predictions.npz",
+                    help="predictions: .csv (index,prediction[,label]) or npz (prediction, "
+                         "scores[, label]) (default: %(default)s)")
+    pr.add_argument("--label-groups", metavar="FILE",
+                    help="the owner's label_groups.json, for a model trained on obfuscated "
+                         "labels (default: the one beside the model)")
+    pr.add_argument("--batch-size", type=int,
+                    help="default: the run's batch size (the owner's evaluation batches)")
+    pr.set_defaults(func=cmd_predict)
     mp = sub.add_parser("model", help="a delivered model's provenance").add_subparsers(
         dest="cmd", required=True)
     m = mp.add_parser("verify", help="check a model against its provenance bundle")

@@ -11,6 +11,7 @@ from safetensors.torch import save
 
 from clicooper_bus.config import RunConfig
 from clicooper_bus.layout import RunLayout, write_atomic
+from clicooper_bus.ml.delivered import model_metadata
 from clicooper_bus.ml.models import state_dict_with_prefix
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.services.owner.setup import OwnerSetup
@@ -23,10 +24,13 @@ def write_config(layout: RunLayout, cfg: RunConfig) -> None:
 
 
 def write_model(layout: RunLayout, run: OwnerSetup, run_id: str) -> str:
-    """The assembled model (safetensors, every segment's weights under its prefix); returns its
-    SHA-256 (hex), which the owner puts in the log."""
-    meta = {"run_id": run_id, "model": run.spec.name, "model_spec": run.roster.meta["model_spec"],
-            "cuts": json.dumps(list(run.plan.segment_cuts))}
+    """The assembled model (safetensors, every segment's weights under its prefix), with what
+    `clicooper_bus.load_model` needs in its metadata (spec, plan, release transform; never the
+    label groups); returns its SHA-256 (hex), which the owner puts in the log."""
+    flt = run.defences.filter
+    meta = model_metadata(run_id=run_id, spec=run.spec, plan=run.plan,
+                          digest=run.roster.meta["model_spec"],
+                          release=flt.spec if flt is not None else None)
     raw = save(state_dict_with_prefix(run.segments), metadata=meta)
     write_atomic(layout.model, raw)
     return hashlib.sha256(raw).hexdigest()
