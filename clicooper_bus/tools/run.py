@@ -118,13 +118,26 @@ def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False
     return cmds
 
 
+class RunStopped(ClicooperError):
+    """`clicooper run` was told to stop (SIGTERM); it stopped every process of the run."""
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise RunStopped(f"stopped by {signal.Signals(signum).name}: every process of the run was "
+                     f"stopped; what the notary logged so far is in the run directory")
+
+
 def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
            timeout_s: float | None = None, audit: bool | str = False) -> int:
-    """Run every process; returns 0 if all succeeded."""
+    """Run every process; returns 0 if all succeeded. Raises RunStopped on SIGTERM, after
+    stopping them (each runs in its own session, so a signal to us alone would orphan them)."""
     tel = RunLayout(cfg.run_dir).telemetry
     tel.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen] = {}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         for name, cmd in _commands(cfg, config_path, audit):
             procs[name] = subprocess.Popen(
@@ -161,6 +174,8 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
                 return 1
             time.sleep(0.2)
     finally:
+        if previous is not None:  # a second SIGTERM must not cut the cleanup short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -170,6 +185,8 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _report(names: list[str], tel: Path) -> None:
