@@ -198,6 +198,44 @@ def cmd_config_defaults(args: argparse.Namespace) -> int:
     return 0
 
 
+def _si(x: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from clicooper_bus.ml.compute import config_compute
+    from clicooper_bus.ml.data import load_dataset
+
+    cfg = load_config(args.config)
+    data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed)
+    plan = config_compute(cfg, data.input_shape, data.classes)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+        return 0
+    shape = "x".join(str(v) for v in plan.input_shape)
+    print(f"{plan.model} on {cfg.data.name} ({shape}, {plan.outputs} outputs), cuts "
+          f"{list(plan.cuts)}{f', owner tail from layer {plan.tail}' if plan.tail else ''}; "
+          f"per training sample, FLOPs from torch.utils.flop_counter (batch {plan.batch_size})")
+    print(f"{'participant':<16} {'layers':<8} {'fwd FLOPs':>10} {'bwd FLOPs':>10} {'params':>9} "
+          f"{'sent B':>8} {'recv B':>8}  ops")
+    for p in plan.participants:
+        first, end = p.layers
+        print(f"{p.participant:<16} {f'{first}-{end - 1}':<8} {_si(p.fwd_flops):>10} "
+              f"{_si(p.bwd_flops):>10} {p.params:>9,} {p.bytes_sent:>8,} "
+              f"{p.bytes_received:>8,}  {' '.join(p.layer_ops)}")
+    for e in plan.edges:
+        back = f", {e.bwd_bytes:,} B of gradients back" if e.bwd_bytes else ""
+        where = "the loss" if e.what == "labels" else f"cut at layer {e.at_layer}"
+        print(f"  {e.sender} -> {e.receiver} ({where}): {e.fwd_bytes:,} B of {e.what}{back} "
+              f"per sample")
+    print(f"owner's share of training FLOPs: {plan.owner_share:.1%} ({_si(plan.owner_flops)} of "
+          f"{_si(plan.train_flops)} FLOPs per sample, forward and backward)")
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--audit", action="store_true",
                    help="an auditor follows the run and writes RUN_DIR/audit/ at its end")
     r.set_defaults(func=cmd_run)
+    pl = sub.add_parser("plan", help="who computes what: FLOPs, parameters and bytes per "
+                                     "sample of each participant, and the owner's share")
+    pl.add_argument("--config", help="run config (TOML; default: every default)")
+    pl.add_argument("--json", action="store_true", help="machine-readable table")
+    pl.set_defaults(func=cmd_plan)
     r = sub.add_parser("summary", help="print a finished run's summary.json readably")
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_summary)
