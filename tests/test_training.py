@@ -77,6 +77,11 @@ def test_summary_and_log_agree(tmp_path):
         assert r.per_kind.get(kind, 0) == s["messages"].get(kind, 0), kind
     assert s["messages"]["fwd"] == 40 * 2 and s["messages"]["bwd"] == 40 * 2
     assert s["final_checkpoint"]["size"] <= r.entries
+    # who computed what: the owner's share is the head's FLOPs over everyone's
+    parts = {p["participant"]: p["train_flops"] for p in s["compute"]["participants"]}
+    assert set(parts) >= {"trainer-1", "trainer-2"} and all(v > 0 for v in parts.values())
+    owner = sum(v for name, v in parts.items() if name.startswith("owner"))
+    assert s["owner_flops_share"] == pytest.approx(owner / sum(parts.values()))
 
 
 FASHION = load_config(None).data  # the default dataset

@@ -18,6 +18,7 @@ from safetensors.torch import load as st_load
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError, ConfigError
 from clicooper_bus.layout import RunLayout, write_atomic
+from clicooper_bus.ml.compute import compute_plan
 from clicooper_bus.ml.privacy import defences as privacy
 from clicooper_bus.net.bus import Bus
 from clicooper_bus.net.verifier import Verifier
@@ -205,9 +206,12 @@ class Owner:
         write_atomic(self.layout.checkpoint, books.final_note)
         if self.cfg.watermark.enabled:
             self._write_provenance()
-        artefacts.write_summary(self.layout, self._summary(per_epoch, steps, sent, wall, cp))
+        summary = self._summary(per_epoch, steps, sent, wall, cp)
+        artefacts.write_summary(self.layout, summary)
         print(f"owner: test accuracy {per_epoch[-1].get('accuracy', float('nan')):.4f}; wrote "
               f"{self.layout.summary} and model.safetensors; log tree size {cp.size}", flush=True)
+        print(f"owner: the owner did {summary['owner_flops_share']:.1%} of the training FLOPs "
+              f"(`clicooper plan` for the table)", flush=True)
         bus.mark_done()
         notary = self.cfg.participants.notary
         bus.linger(bus.topics.closed(notary), (self.kid[notary], notary))
@@ -224,6 +228,10 @@ class Owner:
     def _summary(self, per_epoch: list[dict], steps: int, sent: dict[str, int], wall: float,
                  cp) -> dict:
         cfg, setup = self.cfg, self.setup
+        # measured after training: the counting step builds segments of its own (a batch of 8
+        # is exact, the count being linear in the batch)
+        compute = compute_plan(setup.spec, tuple(setup.plan.cuts), tail=setup.plan.tail,
+                               batch_size=8, trainers=self.stages, seed=cfg.run.seed).to_json()
         if setup.defences.codec is not None:  # the last stage only knows the pseudo-labels
             for row in per_epoch:
                 row["train_accuracy_on"] = "pseudo-labels"
@@ -235,6 +243,7 @@ class Owner:
             "test_accuracy": per_epoch[-1].get("accuracy", float("nan")),
             "per_epoch": per_epoch, "messages": dict(sorted(sent.items())), "wall_s": wall,
             "final_checkpoint": {"size": cp.size, "root": cp.root.hex()},
+            "owner_flops_share": compute["owner_share"], "compute": compute,
             "model_file": self.layout.model.name, "model_sha256": self.model_sha,
             "privacy": {"configuration": privacy.describe(cfg.privacy),
                         "settings": dataclasses.asdict(cfg.privacy),
