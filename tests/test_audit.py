@@ -52,6 +52,10 @@ def test_follow_mode_writes_the_report(audited):
     assert md.splitlines()[0].startswith("Integrity: the log verified")
     assert "| Label inference by clustering" in md and "chance" in md
     assert "synchronous (one batch in flight)" in md  # the roster's training schedule
+    # the compute share, recomputed from the signed plan, is the owner's own count
+    summary = json.loads((audited / "summary.json").read_text())
+    assert doc["settings"]["owner_flops_share"] == summary["owner_flops_share"]
+    assert f"the owner did {summary['owner_flops_share']:.1%} of the training FLOPs" in md
     assert (report / "reconstructions.png").stat().st_size > 1000
     assert (report / "scores.png").stat().st_size > 1000
     out = (audited / "telemetry" / "auditor.out").read_text()

@@ -34,6 +34,7 @@ from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.attacks import default_attacks, expand_per_trainer
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.attacks.channels import received_field
+from clicooper_bus.ml.compute import compute_plan
 from clicooper_bus.ml.data import load_dataset
 from clicooper_bus.ml.models import plan_spec, segments_from_state_dict
 from clicooper_bus.ml.privacy import defences
@@ -244,6 +245,9 @@ def _settings(audit: Audit, replayed: Replay, cfg: RunConfig, spec: FilterSpec |
                                     "the gradients it sends back depend on the labels"
                                     if pv.owner_tail else "none"),
         "privacy_settings": dataclasses.asdict(pv),
+        # recomputed from the signed plan: who did the training's FLOPs
+        "owner_flops_share": compute_plan(plan_spec(replayed.plan), tuple(replayed.plan.cuts),
+                                          tail=replayed.plan.tail, batch_size=8).owner_share,
         "retention": cfg.log.retention, **info}
 
 

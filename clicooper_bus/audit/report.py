@@ -153,6 +153,8 @@ def to_markdown(doc: dict[str, Any], figure_files: Sequence[str] = ()) -> str:
               f"{s.get('test_accuracy')}, "
               f"on the evaluation half {s.get('owner_accuracy_eval_half', float('nan')):.4f}",
               f"- configuration: **{s.get('configuration', 'undefended')}**",
+              f"- compute: the owner did {s.get('owner_flops_share', float('nan')):.1%} of the "
+              f"training FLOPs (from the signed plan, `clicooper plan`)",
               f"- privacy: {s.get('privacy')}; label obfuscation: {s.get('label_obfuscation')}",
               f"- {epsilon_text(s.get('epsilon'))}",
               f"- attacked: {s.get('released_samples')} released activations of epoch(s) "
