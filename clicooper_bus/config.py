@@ -278,6 +278,9 @@ def _cross_checks(cfg: RunConfig, name: str) -> None:
     t = cfg.participants.trainers
     if not 1 <= len(t) <= 8 or len(set(t)) != len(t):
         raise ConfigError(f"{name}: [participants] trainers must name 1 to 8 distinct trainers")
+    if "all" in names:
+        raise ConfigError(f"{name}: [participants] 'all' is the addressee of broadcast messages, "
+                          f"not a participant name: choose another")
     if len(set(names)) != len(names):
         raise ConfigError(f"{name}: [participants] names a key twice: every participant, and "
                           f"the broker, has its own key")

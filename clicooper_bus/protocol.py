@@ -54,6 +54,9 @@ class ProtocolError(ClicooperError):
         self.sender, self.kind, self.field = sender, kind, field_
 
 
+SIGNALS = ("hello", "watching", "done", "closed")  # the kinds of the signal topics above
+
+
 @dataclass(frozen=True)
 class Topics:
     """Every topic of one run. `Topics("demo").to("fwd", "trainer-1")` is

@@ -253,3 +253,76 @@ def test_a_flood_cannot_keep_a_receiver_from_its_beats(people):
         flooder.join(5)
         me.close()
         fwd.close()
+
+
+@pytest.mark.parametrize("who,kind,reason", [
+    ("auditor", "beat", "role does not send"),  # an observer publishes nothing
+    ("trainer-1", "checkpoint", "role does not send"), ("trainer-1", "roster", "role does not send"),
+    ("notary", "fwd", "role does not send"), ("owner", "segment", "role does not send"),
+])
+def test_a_member_publishes_only_the_kinds_its_role_sends(admission, people, who, kind, reason):
+    env = Sender(people[who], "r1").seal(kind, "all", b"\x80")
+    assert reason in admission.publication_refusal(who, env.frames())
+
+
+def test_a_body_over_its_kinds_cap_is_refused_at_the_broker(admission, people):
+    fat_beat = Sender(people["trainer-1"], "r1").seal("beat", "all", b"\x80" * 1024)
+    assert "cap" in admission.publication_refusal("trainer-1", fat_beat.frames())
+    beat = Sender(people["trainer-1"], "r1").seal("beat", "all", b"\x80")
+    assert admission.publication_refusal("trainer-1", beat.frames()) is None
+
+
+def test_a_member_that_keeps_being_refused_is_banned(admission, people):
+    for _ in range(15):
+        assert not admission.strike("trainer-1")
+    assert admission.strike("trainer-1") and "trainer-1" in admission.banned
+    assert admission.name_of(z85_public(people["trainer-1"].public)) is None  # ZAP refuses it
+    assert not admission.strike("stranger") and not admission.strike(None)
+
+
+@pytest.mark.parametrize("rogue,how", [("trainer-10", "unsubscribe"), ("auditor", "disconnect")])
+def test_no_member_can_unsubscribe_others(people, admission, rogue, how):
+    """A member's subscriptions never reach the publishers (the broker takes the whole run
+    itself), so a rogue's unsubscription of another's inbox, sent outright or left by libzmq
+    when its refused subscription's pipe closes, changes nothing: trainer-1 and the notary
+    still get every message."""
+    fwd = Forwarder("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", identity=people["broker"],
+                    admission=admission).start()
+    ctx = zmq.Context()
+
+    def connect(kind, name, addr):
+        s = ctx.socket(kind)
+        make_client(s, people[name], people["broker"].public)
+        s.connect(addr)
+        return s
+
+    try:
+        pub = connect(zmq.PUB, "owner", fwd.pub_addr)
+        t1, notary = connect(zmq.SUB, "trainer-1", fwd.sub_addr), connect(zmq.SUB, "notary",
+                                                                            fwd.sub_addr)
+        t1.subscribe(T.to("fwd", "trainer-1"))
+        notary.subscribe(T.all)
+        rogue_sock = connect(zmq.XSUB, rogue, fwd.sub_addr)
+        time.sleep(0.5)
+        for t in (T.to("fwd", "trainer-1"), T.all):
+            rogue_sock.send(b"\x01" + t.encode())  # refused
+            if how == "unsubscribe":
+                rogue_sock.send(b"\x00" + t.encode())
+        time.sleep(0.3)
+        if how == "disconnect":
+            rogue_sock.close(0)
+        time.sleep(0.5)
+        sender = Sender(people["owner"], "r1")
+        for _ in range(5):
+            pub.send_multipart(sender.seal("fwd", "trainer-1", b"x" * 8, dtype="uint8",
+                                           shape=[8]).frames())
+        got = {}
+        for name, s in (("trainer-1", t1), ("notary", notary)):
+            got[name] = 0
+            while s.poll(500):
+                s.recv_multipart()
+                got[name] += 1
+        assert got == {"trainer-1": 5, "notary": 5}, got
+    finally:
+        ctx.destroy(linger=0)
+        fwd.close()

@@ -64,6 +64,23 @@ def test_keys_add_refuses_a_line_whose_key_id_does_not_match(tmp_path, capsys):
     assert "has key id 00000000" in capsys.readouterr().err
 
 
+def test_keys_add_with_the_config_takes_only_its_remote_trainers(tmp_path, capsys):
+    """A device cannot slip its key in under the name of a local participant or of another
+    device (it would then hold two stages, or a local process would fail on its key)."""
+    path = write_config(tmp_path, run_id="kr", trainers=2,
+                        participants={"trainers": ["trainer-1", "edge-7"], "remote": ["edge-7"]})
+    keys = Path(load_config(path).participants.keys)
+    for name in ("trainer-1", "notary", "auditor", "all"):
+        assert main(["keys", "add", Identity.generate(name).public.vkey, "--config",
+                     str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "not one of the config's remote trainers" in err or "'all'" in err, err
+    assert not keys.exists() or not any(keys.iterdir())
+    assert main(["keys", "add", Identity.generate("edge-7").public.vkey, "--config",
+                 str(path)]) == 0
+    assert (keys / "edge-7.pub").exists()
+
+
 # --- clicooper invite -------------------------------------------------------------------------
 
 def test_invite_writes_what_the_device_needs_and_no_owner_path(tmp_path, capsys):

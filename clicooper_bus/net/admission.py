@@ -6,7 +6,9 @@ User-Id, which the broker's authenticator sets to the member's name). On top of 
 
 - **publishing**: a member may publish only envelopes it signed itself, for this run: the
   header's sender is the key it connected with, the signature verifies, the topic is the
-  header's. Anything else is dropped at the broker and counted with its reason;
+  header's, the kind is one its role sends (`PUBLISHES`: an observer sends nothing, only the
+  owner sends rosters, only the notary checkpoints), and the body is within the kind's size
+  cap. Anything else is dropped at the broker and counted with its reason;
 - **subscribing**: a trainer or observer reads the run's broadcast topics and its own inbox
   only (so that, without collusion, trainer 2 never sees what the owner sends trainer 1); the
   owner and the notary read the whole run. A presence signal (`hello/NAME`, `watching/NAME`,
@@ -27,12 +29,21 @@ from clicooper_bus.net.curve import z85_public
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.net.kinds import KINDS
 from clicooper_bus.net.wire import DEFAULT_LIMITS, Limits, parse_frames, signed_bytes
-from clicooper_bus.protocol import Topics
+from clicooper_bus.protocol import SIGNALS, Topics
 
-SIGNALS = ("hello", "watching", "done", "closed")
 # kinds only the addressee may read: the tensors and sealed weights of one party
 INBOX_KINDS = frozenset({"fwd", "bwd", "labels", "eval_fwd", "eval_out", "segment", "metrics"})
 FULL_VIEW = frozenset({"owner", "notary"})  # roles that read the whole run (the owner's side)
+# what each role publishes (services/: owner, trainer, notary; an observer only listens)
+PUBLISHES: dict[str, frozenset[str]] = {
+    "owner": frozenset({"roster", "end", "ack", "round", "fwd", "bwd", "labels", "eval_fwd",
+                        "beat"}),
+    "trainer": frozenset({"fwd", "bwd", "eval_fwd", "eval_out", "hello", "metrics", "segment",
+                          "wm_commit", "wm_claim", "beat"}),
+    "notary": frozenset({"checkpoint", "wm_cert", "beat"}),
+    "auditor": frozenset(),
+}
+MAX_STRIKES = 16  # refusals after which a member is banned and disconnected
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,8 @@ class Admission:
     max_subscriptions: int = 64
     refused: Counter[str] = field(default_factory=Counter)  # reason -> count
     held: dict[str, set[str]] = field(default_factory=dict)  # name -> live subscriptions
+    strikes: Counter[str] = field(default_factory=Counter)  # name -> refusals
+    banned: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.run_id)
@@ -66,8 +79,27 @@ class Admission:
     # --- connecting ------------------------------------------------------------------------
 
     def name_of(self, curve_public_z85: bytes) -> str | None:
-        """The member whose CURVE public key (Z85) this is, or None: not admitted."""
-        return self._by_curve.get(bytes(curve_public_z85))
+        """The member whose CURVE public key (Z85) this is, or None: not admitted (a stranger,
+        or a member banned for misbehaving)."""
+        name = self._by_curve.get(bytes(curve_public_z85))
+        return None if name in self.banned else name
+
+    def strike(self, name: str | None) -> bool:
+        """Count a refusal against `name`; True when it has just reached `MAX_STRIKES` and is
+        banned (the broker then refuses its connections and closes the one it has)."""
+        if name is None or name in self.banned or name not in self.members:
+            return False
+        self.strikes[name] += 1
+        if self.strikes[name] >= MAX_STRIKES:
+            self.banned.add(name)
+            return True
+        return False
+
+    def is_signal(self, name: str, topic: bytes) -> bool:
+        """Whether `topic` is one of `name`'s own presence signals (the only subscriptions
+        the broker passes on to publishers; it subscribes to the whole run itself)."""
+        whole = self.topics.parse(topic.decode(errors="replace"))
+        return whole is not None and whole[0] in SIGNALS and whole[1] == name
 
     # --- subscribing -----------------------------------------------------------------------
 
@@ -139,12 +171,18 @@ class Admission:
         except RejectedMessage as exc:
             return f"malformed message ({exc.code})"
         h = env.header
-        if h.kind not in KINDS:
+        spec = KINDS.get(h.kind)
+        if spec is None:
             return "unknown kind"
         if h.run != self.run_id:
             return "message of another run"
         if h.sender != member.key.key_id:
             return "signed by another key than the connection's"
+        if h.kind not in PUBLISHES.get(member.role, ()):
+            return f"a kind its role does not send ({member.role} sent {h.kind})"
+        limit = spec.max_body if spec.max_body is not None else self.limits.max_body
+        if h.body_len > limit or len(env.body) != h.body_len:
+            return "body over its kind's cap or not the length its header says"
         if not member.key.verify(signed_bytes(h.raw), env.signature):
             return "bad signature"
         return None

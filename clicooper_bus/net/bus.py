@@ -38,7 +38,7 @@ from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope, Sender
-from clicooper_bus.protocol import Topics
+from clicooper_bus.protocol import SIGNALS, Topics
 
 log = structlog.get_logger("clicooper.bus")
 PUMP_BATCH = 256
@@ -151,13 +151,18 @@ class Bus:
         return {p[1] for p in parsed if p is not None and p[0] == "watching"}
 
     def _drain_subscriptions(self) -> None:
-        while True:
+        """Record the presence signals that reached our publisher (bounded per call; only
+        whole signal topics of this run are kept, so nothing else can grow the set)."""
+        for _ in range(PUMP_BATCH):
             try:
                 msg = self.pub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if msg[:1] == b"\x01":
-                self.seen_subscriptions.add(msg[1:].decode(errors="replace"))
+                topic = msg[1:].decode(errors="replace")
+                whole = self.topics.parse(topic)
+                if whole is not None and whole[0] in SIGNALS:
+                    self.seen_subscriptions.add(topic)
 
     def wait_for_subscribers(self, kind: str, names: Iterable[str], timeout_s: float) -> None:
         """Block until every name has subscribed to `run/<id>/<kind>/<name>`."""

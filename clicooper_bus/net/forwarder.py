@@ -16,10 +16,15 @@ Bounds (FACTS.md and issue 16's measurements):
 - Backpressure: `XPUB_NODROP`, so a full subscriber pipe makes the broker wait instead of
   losing a message (FACTS.md: the default proxy loses messages). A subscriber that stops
   reading would then stall everyone. The bound: once one message has waited `stall_s`, the
-  broker sends it *lossy* (it is dropped only for the pipes that are full) and stays lossy until
-  a send goes through without waiting again. A reader that stopped thus misses messages, which
-  its own verifier (or the owner's step timeout) reports by name, while everyone else runs on
-  after one wait of at most `stall_s`. `dropped_sends` counts the lossy sends that had to be.
+  broker sends it *lossy* (it is dropped for the pipes that are full, whoever holds them) and
+  stays lossy until a send goes through without waiting again. A reader that stopped thus
+  misses messages, which its own verifier (or the owner's step timeout) reports by name, while
+  everyone else runs on after one wait of at most `stall_s`; one that alternates reading and
+  stopping can cause such a wait each time. `dropped_sends` counts the lossy sends (each may
+  have dropped a message for one or more full pipes).
+- Subscriptions stay at the broker: it subscribes to the whole run at each publisher itself,
+  and passes on only members' own presence signals, once each, never an unsubscription.
+- A member refused `MAX_STRIKES` times is banned (ZAP refuses it) and its connection shut.
 - Each pass of the loop handles a bounded number of messages from either side, so a flood on
   one socket cannot starve the other or the heartbeats.
 """
@@ -27,6 +32,8 @@ Bounds (FACTS.md and issue 16's measurements):
 from __future__ import annotations
 
 import errno
+import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -40,9 +47,11 @@ from clicooper_bus.errors import ConfigError
 from clicooper_bus.net.admission import Admission
 from clicooper_bus.net.curve import make_server
 from clicooper_bus.net.identity import Identity
+from clicooper_bus.net.wire import Limits
 
 SUBSCRIPTION_HWM = 100_000
 BATCH = 64  # messages handled from one socket before looking at the other
+HANDSHAKE_S = 5  # an unauthenticated connection is dropped after this long
 log = structlog.get_logger("clicooper.broker")
 
 
@@ -75,7 +84,7 @@ class _Authenticator(ThreadAuthenticator):
 class Forwarder:
     def __init__(self, pub_addr: str, sub_addr: str, *, identity: Identity | None = None,
                  admission: Admission | None = None, hwm: int = 16,
-                 max_message: int = 256 << 20, timeout_s: float = 5.0, stall_s: float = 2.0):
+                 max_message: int | None = None, timeout_s: float = 5.0, stall_s: float = 2.0):
         """`identity` and `admission` together make a CURVE broker with the rules; neither
         makes a plaintext one (`security = "none"`, loopback only, for benchmarks).
         Raises ConfigError if an address cannot be bound."""
@@ -104,13 +113,18 @@ class Forwarder:
         self.xpub.setsockopt(zmq.SNDHWM, hwm)
         self.xsub.setsockopt(zmq.SNDHWM, SUBSCRIPTION_HWM)
         self.xpub.setsockopt(zmq.RCVHWM, SUBSCRIPTION_HWM)
-        max_topic = admission.limits.max_topic if admission is not None else 256
+        limits = admission.limits if admission is not None else Limits()
+        max_topic = limits.max_topic
+        # the largest frame a valid message has (its body): bounds what even an unauthenticated
+        # connection can make the broker buffer, beside the short handshake timeout
+        max_message = max_message or limits.max_body + limits.max_header
         self.xsub.setsockopt(zmq.MAXMSGSIZE, max_message)
         # a subscription is 1 byte + a topic; the limit also bounds the CURVE handshake's
         # commands (INITIATE is about 300 bytes), hence not below 1 KiB
         self.xpub.setsockopt(zmq.MAXMSGSIZE, max(1024, 1 + max_topic))
         for sock in (self.xsub, self.xpub):
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
             if identity is not None:
                 make_server(sock, identity)
         # heartbeats find a hung peer; their timeout is never below the liveness timeout, or a
@@ -131,6 +145,12 @@ class Forwarder:
                 raise ConfigError(f"cannot bind broker address {addr}: {exc}") from None
         self.pub_addr = self.xsub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sub_addr = self.xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+        if admission is not None:
+            # the broker itself takes the whole run from every publisher; members'
+            # subscriptions then never travel upstream, except their own presence signals, so
+            # no member can subscribe or unsubscribe anything at the publishers
+            self.xsub.send(b"\x01" + admission.topics.all.encode())
+        self._signalled: set[bytes] = set()
         self._pending: list[zmq.Frame] | None = None
         self._stalled_since: float | None = None
         self._lossy = False
@@ -168,10 +188,27 @@ class Forwarder:
         except zmq.ZMQError:  # no metadata: an unsubscription libzmq made for a closed pipe
             return None
 
-    def _refuse(self, who: str | None, reason: str, what: str) -> None:
+    def _refuse(self, who: str | None, reason: str, what: str, frame: zmq.Frame) -> None:
         if (who or "?", reason) not in self._warned:  # once per member and reason; counted
             self._warned.add((who or "?", reason))
             log.warning(f"{what} refused", member=who, reason=reason)
+        if self.admission is not None and self.admission.strike(who):
+            log.error("member banned: too many refused messages or subscriptions; its "
+                      "connection is closed and it cannot reconnect in this run", member=who)
+            self._disconnect(frame)
+
+    @staticmethod
+    def _disconnect(frame: zmq.Frame) -> None:
+        """Close the TCP connection `frame` came in on (libzmq has no call to drop one peer
+        of a socket; a shutdown makes it see the connection end and free the pipe)."""
+        try:
+            fd = os.dup(frame.get(zmq.SRCFD))
+        except (zmq.ZMQError, OSError, TypeError):
+            return
+        try:
+            socket.socket(fileno=fd).shutdown(socket.SHUT_RDWR)
+        except OSError:
+            os.close(fd)
 
     def _subscriptions(self) -> None:
         for _ in range(BATCH):
@@ -183,19 +220,23 @@ class Forwarder:
             if not data or data[0] not in (0, 1):
                 continue  # not a subscription: an XPUB peer sent a message; ignore it
             topic, who = data[1:], self._who(frame)
-            if data[0] == 1:
-                if self.admission is not None:
-                    reason = self.admission.subscribe(who, topic)
-                    if reason is not None:
-                        self._refuse(who, reason, "subscription")
-                        continue
-                self.xpub.setsockopt(zmq.SUBSCRIBE, topic)  # to the pipe it came from
-            else:
-                if self.admission is not None:
-                    self.admission.unsubscribe(who, topic)
-                if who is not None or self.admission is None:
+            if self.admission is None:  # plaintext: a plain forwarder both ways
+                self.xpub.setsockopt(zmq.SUBSCRIBE if data[0] else zmq.UNSUBSCRIBE, topic)
+                self.xsub.send(data)
+                continue
+            if data[0] == 0:  # never upstream; a closed pipe's (who None) is libzmq's own
+                self.admission.unsubscribe(who, topic)
+                if who is not None:
                     self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
-            self.xsub.send(data)  # upstream: publishers see who listens (presence signals)
+                continue
+            reason = self.admission.subscribe(who, topic)
+            if reason is not None:
+                self._refuse(who, reason, "subscription", frame)
+                continue
+            self.xpub.setsockopt(zmq.SUBSCRIBE, topic)  # to the pipe it came from
+            if self.admission.is_signal(who, topic) and data not in self._signalled:
+                self._signalled.add(data)  # a presence signal, passed on once
+                self.xsub.send(data)
 
     def _messages(self) -> None:
         for _ in range(BATCH):
@@ -207,7 +248,7 @@ class Forwarder:
                 who = self._who(frames[0])
                 reason = self.admission.publication_refusal(who, [f.buffer for f in frames])
                 if reason is not None:
-                    self._refuse(who, reason, "message")
+                    self._refuse(who, reason, "message", frames[0])
                     continue
             if not self._send(frames):
                 self._pending = frames
@@ -253,8 +294,9 @@ class Forwarder:
         refused = dict(self.refused)
         if self.admission is not None:
             refused.update(self.admission.refused)
+        banned = sorted(self.admission.banned) if self.admission is not None else []
         return {"forwarded": self.forwarded, "lossy_sends": self.dropped_sends,
-                "refused": refused}
+                "refused": refused, "banned": banned}
 
     def close(self) -> None:
         self._stop.set()

@@ -37,7 +37,8 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("checkpoint", "msgpack", SMALL, "a signed tlog checkpoint note from the notary"),
         KindSpec("segment", "msgpack", None, "a trainer's final weights, sealed to the owner"),
         KindSpec("metrics", "msgpack", SMALL, "the last stage's loss for a step, to the owner"),
-        KindSpec("beat", "msgpack", SMALL, "liveness, about once a second from everyone"),
+        KindSpec("beat", "msgpack", 64, "liveness, about once a second from everyone (an "
+                                        "empty map)"),
         KindSpec("end", "msgpack", SMALL, "the owner ends training: trainers deliver segments"),
         KindSpec("ack", "msgpack", SMALL, "the owner has every segment: the notary closes the log"),
         KindSpec("round", "msgpack", SMALL, "the owner starts or ends a watermark round"),

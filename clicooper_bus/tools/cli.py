@@ -49,8 +49,12 @@ def cmd_keys_ensure(args: argparse.Namespace) -> int:
 def cmd_keys_add(args: argparse.Namespace) -> int:
     from clicooper_bus.tools.join import add_public
 
-    key, written = add_public(args.line, Path(args.dir))
-    path = Path(args.dir) / f"{key.name}.pub"
+    directory, remote = Path(args.dir), None
+    if args.config:  # the keys directory and the names a device may take come from the run
+        cfg = load_config(args.config)
+        directory, remote = Path(cfg.participants.keys), cfg.participants.remote
+    key, written = add_public(args.line, directory, remote)
+    path = directory / f"{key.name}.pub"
     print(f"{'wrote' if written else 'already there, unchanged:'} {path} (key id {key.key_id})")
     return 0
 
@@ -264,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("line", help="the verifier-key line, NAME+KEYID+BASE64")
     k.add_argument("--dir", default=load_config(None).participants.keys,
                    help="key directory (default: %(default)s, the config's [participants] keys)")
+    k.add_argument("--config", help="the run's config: its keys directory, and NAME must be "
+                                    "one of its [participants] remote (recommended)")
     k.set_defaults(func=cmd_keys_add)
 
     i = sub.add_parser("invite", help="write the join file a remote trainer needs (owner side)")

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,14 +47,24 @@ BUS_KEYS = ("security", "beat_s", "timeout_s", "join_timeout_s", "hwm")
 
 # --- public keys ------------------------------------------------------------------------------
 
-def add_public(line: str, directory: Path) -> tuple[PublicIdentity, bool]:
+def add_public(line: str, directory: Path, remote: Collection[str] | None = None
+               ) -> tuple[PublicIdentity, bool]:
     """Store the verifier-key `line` as DIR/NAME.pub. Returns (key, whether it was written);
-    the same key already stored is not an error. Raises KeyFileError for a malformed line or
-    when DIR/NAME.pub holds a different key for NAME."""
+    the same key already stored is not an error. With `remote` (a config's remote trainers),
+    NAME must be one of them: a device cannot slip in a key under the name of a local
+    participant or of another device. Raises KeyFileError for a malformed line, a name that is
+    not allowed, or when DIR/NAME.pub holds a different key for NAME."""
     if line.strip().startswith("PRIVATE+KEY+"):
         raise KeyFileError("that is a private key: it never leaves its device (make a new one "
                            "there); add the public line `clicooper join` printed")
     key = PublicIdentity.from_vkey(line)
+    if key.name == "all":
+        raise KeyFileError("'all' is the addressee of broadcast messages, not a participant "
+                           "name: the device must join under another name")
+    if remote is not None and key.name not in remote:
+        raise KeyFileError(f"'{key.name}' is not one of the config's remote trainers "
+                           f"{sorted(remote)}: add only the key of a device you invited, under "
+                           f"the name you invited it with")
     path = key_paths(directory, key.name)[1]
     if path.exists():
         old = load_public(path)
