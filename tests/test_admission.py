@@ -255,14 +255,13 @@ def test_a_flood_cannot_keep_a_receiver_from_its_beats(people):
         fwd.close()
 
 
-@pytest.mark.parametrize("who,kind,reason", [
-    ("auditor", "beat", "role does not send"),  # an observer publishes nothing
-    ("trainer-1", "checkpoint", "role does not send"), ("trainer-1", "roster", "role does not send"),
-    ("notary", "fwd", "role does not send"), ("owner", "segment", "role does not send"),
-])
-def test_a_member_publishes_only_the_kinds_its_role_sends(admission, people, who, kind, reason):
-    env = Sender(people[who], "r1").seal(kind, "all", b"\x80")
-    assert reason in admission.publication_refusal(who, env.frames())
+def test_an_observer_publishes_nothing(admission, people):
+    env = Sender(people["auditor"], "r1").seal("beat", "all", b"\x80")
+    assert "observer publishes nothing" in admission.publication_refusal("auditor", env.frames())
+    # a roster member's own odd kinds pass: its receivers refuse or ignore them by name, and
+    # dropping them here would leave a gap in its chain that stops the run at the notary
+    env = Sender(people["trainer-1"], "r1").seal("checkpoint", "all", b"\x80")
+    assert admission.publication_refusal("trainer-1", env.frames()) is None
 
 
 def test_a_body_over_its_kinds_cap_is_refused_at_the_broker(admission, people):

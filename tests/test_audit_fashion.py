@@ -1,7 +1,7 @@
 """Acceptance of the attack suite on the real task: an undefended small CNN trained three
-epochs on Fashion-MNIST over the bus, audited by an auditor following the run, and extraction
-behind label expansion (gamma 10, permuted) trained in process. The pins keep an attack from
-silently weakening; the issue's measured values are in the comments."""
+epochs on half of Fashion-MNIST's training set over the bus, audited by an auditor following
+the run, and extraction behind label expansion (gamma 10, permuted) trained in process. The
+pins keep an attack from silently weakening; the measured values are in the comments."""
 
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("fashion")
+    # half the training set (three epochs): the pins below hold with margin, in half the time
     cfg = write_config(tmp, run_id="fm3", run={"epochs": 3, "batch_size": 128, "threads": 2},
-                       data={"name": "fashion-mnist"})
+                       data={"name": "fashion-mnist", "train_limit": 30000})
     # the attacks pinned below. The channel attacks on this data are the demo's (and
-    # tests/test_channels.py's), and UnSplit and SDAR (72 s and 63 s here) are pinned against
-    # the mean image in tests/test_attacks.py: this keeps the run within the suite's time
-    attacks = "clustering,whitebox-decoder,class-mean,extraction-50"
+    # tests/test_channels.py's); the white-box decoder, UnSplit and SDAR (39 s, 72 s and 63 s
+    # here) are pinned in tests/test_attacks.py: this keeps the run within the suite's time
+    attacks = "clustering,class-mean,extraction-50"
     assert run(str(cfg), echo=False, free_ports=False, timeout_s=900, audit=attacks) == 0
     doc = json.loads((tmp / "runs" / "fm3" / "audit" / "report.json").read_text())
     print(json.dumps({a["name"]: {k: a[k] for k in ("ari", "ssim", "accuracy") if k in a}
@@ -49,11 +50,9 @@ def test_undefended_run_leaks_as_measured(report):
     clus = _attack(report, "clustering")
     assert clus["ari"] >= 0.38  # measured here 0.47; raw pixels 0.36
     assert clus["matched_accuracy"] > clus["matched_accuracy_chance"] + 0.3
-    wb = _attack(report, "whitebox-decoder")
-    assert wb["samples"] >= 500 and wb["ssim"] >= 0.6  # measured 0.71
-    floors = wb["floors"]
-    assert 0.1 < floors["mean_image"] < 0.17 and floors["black"] < 0.08  # 0.13, 0.05
     cm = _attack(report, "class-mean")
+    floors = cm["floors"]
+    assert 0.1 < floors["mean_image"] < 0.17 and floors["black"] < 0.08  # 0.13, 0.05
     assert abs(cm["ssim"] - floors["class_mean"]) <= 0.03  # the class-mean line, 0.36
     ext = _attack(report, "extraction-50")
     assert ext["accuracy"] >= ext["owner_accuracy"] - 0.02

@@ -126,7 +126,7 @@ def test_obfuscated_labels_are_decoded_with_the_owners_groups(tmp_path):
     by the owner on the delivered model: load_model applies the clip and the decoding and gives
     the summary's accuracy exactly; the file alone needs the groups."""
     run_dir, npz, summary = _train(
-        tmp_path, "obf", trainers=1, run={"max_steps": 25},
+        tmp_path, "obf", trainers=1, run={"max_steps": 80, "epochs": 3},
         privacy={"label_gamma": 3, "mechanism": "gaussian", "noise_multiplier": 0.1,
                  "clip": 5.0, "evaluate": "owner"})
     model = clicooper_bus.load_model(run_dir)
@@ -134,7 +134,7 @@ def test_obfuscated_labels_are_decoded_with_the_owners_groups(tmp_path):
     p = predict(model, npz)
     assert p.scores.shape[1] == 10 and np.allclose(p.scores.sum(1), 1.0, atol=1e-5)
     assert p.accuracy == summary["test_accuracy"], (p.accuracy, summary["test_accuracy"])
-    assert 0.2 < p.accuracy < 1.0
+    assert p.accuracy > 0.2  # well above chance (0.1): the decoding is exercised
     # the owner's release clip is in the model, and it matters: without it the scores differ
     unclipped = torch.nn.Sequential(*(m for m in model if type(m).__name__ != "Clip"))
     unclipped.input_shape, unclipped.batch_size = model.input_shape, model.batch_size

@@ -318,3 +318,18 @@ def test_hostile_document_bodies_are_refused(owner, verifier, body):
     with pytest.raises(MalformedMessage) as info:
         env.document()
     assert info.value.field == "body"
+
+
+def test_a_process_waiting_for_the_roster_takes_nothing_else(ids, roster):
+    """Before its roster, a trainer or the notary accepts only a roster: an earlier run's
+    message would otherwise advance the owner's seq past the real roster's."""
+    v = Verifier({ids["owner"].key_id: ids["owner"].public}, "run-1", roster_first=True)
+    old = Sender(ids["owner"], "run-1", seq=7, nonce=bytes(16))
+    exc = _reject(v, old.seal("fwd", "trainer-1", b"", dtype="uint8", shape=[0]).frames(),
+                  WrongRun, "nonce")
+    assert "before the roster" in str(exc)
+    real = Sender(ids["owner"], "run-1", nonce=roster.nonce)
+    assert v.verify_frames(real.seal("roster", "all", b"\x80").frames()).header.seq == 1
+    # what the owner sends right after its roster is taken before the process reads the roster
+    assert v.verify_frames(real.seal("beat", "all", b"\x80").frames()).header.seq == 2
+    _reject(v, old.seal("beat", "all", b"\x80").frames(), WrongRun, "nonce")

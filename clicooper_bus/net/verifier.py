@@ -51,7 +51,7 @@ class Verifier:
 
     def __init__(self, keys: Roster | Mapping[str, PublicIdentity], run_id: str, *,
                  limits: Limits = DEFAULT_LIMITS, kinds: Mapping[str, KindSpec] = KINDS,
-                 partial: bool = False):
+                 partial: bool = False, roster_first: bool = False):
         self.partial = partial
         self.keys = dict(keys.keys() if isinstance(keys, Roster) else keys)
         self.run_id = run_id
@@ -62,6 +62,10 @@ class Verifier:
         self.nonce: bytes | None = None
         if isinstance(keys, Roster):
             self.nonce = keys.nonce
+        # a process that starts before the roster accepts nothing but a roster until it has
+        # one: a message of an earlier run would otherwise move the sender's seq past the real
+        # roster's, which would then be refused as a replay
+        self.roster_first = roster_first
 
     def use_roster(self, roster: Roster) -> None:
         """Trust the keys of `roster` from now on, keeping every sender's state, and refuse
@@ -119,6 +123,10 @@ class Verifier:
         if h.body_len > limit:
             raise OversizeFrame(f"kind {h.kind!r} allows {limit} bytes, header says {h.body_len}",
                                 sender=h.sender, field="len")
+        if self.nonce is None and self.roster_first and h.kind != "roster":
+            raise WrongRun(f"a {h.kind} message before the roster: this process takes nothing "
+                           f"but the owner's roster until it has one (a message of an earlier "
+                           f"run, or a peer ahead of us)", sender=h.sender, field="nonce")
         if self.nonce is not None and h.nonce != self.nonce:
             raise WrongRun(f"message is not bound to this run's nonce (it carries "
                            f"{h.nonce.hex() if h.nonce else 'none'}, the roster "
@@ -148,3 +156,7 @@ class Verifier:
 
     def _advance(self, h: Header) -> None:
         self._state[h.sender] = (h.seq, h.digest)
+        if self.roster_first and self.nonce is None and h.kind == "roster":
+            # bound at once, not when the process reads it: the messages the owner sends right
+            # after its roster arrive in the same receive pass (`use_roster` confirms it)
+            self.nonce = h.nonce

@@ -52,7 +52,7 @@ class Follower:
         # the owner's roster binds every later message to the run's nonce (the owner starts
         # only once we watch, so it comes after our subscription)
         self.verifier = Verifier({k.key_id: k for k in (self.notary, self.owner)}, cfg.run.id,
-                                 partial=True)
+                                 partial=True, roster_first=True)
         self.bound = False
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)

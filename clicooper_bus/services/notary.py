@@ -46,7 +46,8 @@ class Notary:
         self.cfg, self.log = cfg, log
         self.ident = identity(cfg, cfg.participants.notary)
         self.owner_key = public(cfg, cfg.participants.owner)
-        verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id)
+        verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id,
+                            roster_first=True)
         self.bus: Bus = open_bus(cfg, self.ident, verifier)
         self.plog: ProvenanceLog | None = None
         self.roster: Roster | None = None
@@ -110,10 +111,12 @@ class Notary:
                 print(f"notary: error: {exc}; the log is kept up to here", file=sys.stderr)
                 return EXIT_FAIL
             if bus.verifier.rejected.get("seq_gap") or bus.verifier.rejected.get("broken_chain"):
-                # only a genuinely signed message can show a gap: one was lost on its way here
+                # only a genuinely signed message can show a gap: one was lost on its way here,
+                # or the broker refused one of the sender's own (an oversized body, say)
                 print("notary: error: a sender's chain has a gap: messages were lost before "
-                      "reaching the log, so it cannot be complete; stopping the run",
-                      file=sys.stderr)
+                      "reaching the log, or the broker refused one of that sender's own (see "
+                      "its 'message refused' lines), so the log cannot be complete; stopping "
+                      "the run", file=sys.stderr)
                 self.log.error("chain gap", rejected=dict(bus.verifier.rejected))
                 return EXIT_FAIL
             if env is not None:

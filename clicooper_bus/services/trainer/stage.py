@@ -41,7 +41,8 @@ class Trainer:
         self.cfg, self.name, self.log = cfg, name, log
         self.ident = identity(cfg, name)
         self.owner_key = owner_key or public(cfg, cfg.participants.owner)
-        verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id, partial=True)
+        verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id, partial=True,
+                            roster_first=True)
         self.bus: Bus = open_bus(cfg, self.ident, verifier)
         self.loop = Dispatcher(self.bus, {self.owner_key.key_id: self.owner_key.name}, log)
         self.roster: Roster | None = None
