@@ -37,14 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from clicooper_bus.config import RunConfig
-from clicooper_bus.ml.models import (
-    ModelSpec,
-    build_segments,
-    check_cuts,
-    default_cuts,
-    model_spec,
-    tail_start,
-)
+from clicooper_bus.ml.models import ModelSpec, build_segments, configured_split
 
 FLOAT32_BYTES = 4  # activations and gradients cross the bus as float32
 LABEL_BYTES = 8  # labels (and pseudo-labels) cross the bus as int64
@@ -211,10 +204,6 @@ def config_compute(cfg: RunConfig, input_shape: tuple[int, int, int], classes: i
     """`compute_plan` for a run config and its dataset's input shape (C, H, W) and classes:
     the model, cuts and owner tail the owner builds (`services/owner/setup.py`), at the run's
     batch size. Raises ConfigError for a bad model or cut."""
-    pv, trainers = cfg.privacy, list(cfg.participants.trainers)
-    spec = model_spec(cfg.model.name, tuple(input_shape), classes * pv.label_gamma)
-    tail = tail_start(spec) if pv.owner_tail else 0
-    cuts = check_cuts(spec, tuple(cfg.model.cuts), len(trainers), tail) if cfg.model.cuts \
-        else default_cuts(spec, len(trainers), tail)
-    return compute_plan(spec, cuts, tail=tail, batch_size=cfg.run.batch_size, trainers=trainers,
-                        seed=cfg.run.seed)
+    spec, cuts, tail = configured_split(cfg, input_shape, classes)
+    return compute_plan(spec, cuts, tail=tail, batch_size=cfg.run.batch_size,
+                        trainers=list(cfg.participants.trainers), seed=cfg.run.seed)

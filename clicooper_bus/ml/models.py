@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ConfigError
 from clicooper_bus.plan import Plan
 
@@ -97,6 +98,20 @@ def check_cuts(spec: ModelSpec, cuts: tuple[int, ...], stages: int,
         raise ConfigError(f"cuts {list(cuts)} must be {stages} strictly increasing layer indices "
                           f"in 1..{end - 1} (one per stage)")
     return cuts
+
+
+def configured_split(cfg: RunConfig, input_shape: tuple[int, ...], classes: int
+                     ) -> tuple[ModelSpec, tuple[int, ...], int]:
+    """What a run config asks for on a dataset of `input_shape` (C, H, W) and `classes`: the
+    model spec (with `label_gamma` outputs per class), the trainers' cuts, and the first layer
+    of the owner's tail (0: none). The one place the owner and `clicooper plan` take it from.
+    Raises ConfigError for a bad model name or cut."""
+    pv, stages = cfg.privacy, len(cfg.participants.trainers)
+    spec = model_spec(cfg.model.name, tuple(input_shape), classes * pv.label_gamma)
+    tail = tail_start(spec) if pv.owner_tail else 0
+    cuts = check_cuts(spec, tuple(cfg.model.cuts), stages, tail) if cfg.model.cuts \
+        else default_cuts(spec, stages, tail)
+    return spec, cuts, tail
 
 
 def _build(layer: Layer) -> nn.Module:

@@ -8,14 +8,7 @@ from dataclasses import dataclass
 
 from clicooper_bus.config import RunConfig
 from clicooper_bus.ml.data import Dataset, load_dataset
-from clicooper_bus.ml.models import (
-    ModelSpec,
-    build_segments,
-    check_cuts,
-    default_cuts,
-    model_spec,
-    tail_start,
-)
+from clicooper_bus.ml.models import ModelSpec, build_segments, configured_split
 from clicooper_bus.ml.privacy import defences as privacy
 from clicooper_bus.ml.privacy.nopeek import distance_correlation
 from clicooper_bus.ml.privacy.secret import load_or_create, run_key
@@ -49,10 +42,7 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
     # it never leaves the key directory
     secret = run_key(load_or_create(p.keys, p.owner), cfg.run.id) if pv.on else None
     classes = data.classes
-    spec = model_spec(cfg.model.name, data.input_shape, classes * pv.label_gamma)
-    k, tail_at = len(p.trainers), tail_start(spec) if pv.owner_tail else 0
-    cuts = check_cuts(spec, tuple(cfg.model.cuts), k, tail_at) if cfg.model.cuts \
-        else default_cuts(spec, k, tail_at)
+    spec, cuts, tail_at = configured_split(cfg, data.input_shape, classes)
     plan = Plan(spec.name, data.input_shape, classes, cuts, cfg.run.seed, cfg.run.lr,
                 cfg.run.batch_size, outputs=classes * pv.label_gamma if pv.label_gamma > 1 else 0,
                 tail=tail_at, in_flight=cfg.run.in_flight)
