@@ -44,7 +44,7 @@ test: lint
 # verified against the owner's key and the final checkpoint the owner saw.
 demo: setup
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/clicooper keys ensure --dir runs/keys owner notary trainer-1 trainer-2
+	$(VENV)/bin/clicooper keys ensure --dir runs/keys owner notary broker trainer-1 trainer-2 auditor
 	$(VENV)/bin/honcho start -f Procfile
 	$(VENV)/bin/clicooper log verify $(DEMO_DIR)/log --owner-key runs/keys/owner.pub \
 	  --checkpoint $(DEMO_DIR)/checkpoint.txt
