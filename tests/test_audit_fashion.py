@@ -6,6 +6,7 @@ pins keep an attack from silently weakening; the measured values are in the comm
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
+def fashion_run(tmp_path_factory) -> tuple[dict, Path]:
+    """The audited run: (its report, its run directory)."""
     tmp = tmp_path_factory.mktemp("fashion")
     # half the training set (three epochs): the pins below hold with margin, in half the time
     cfg = write_config(tmp, run_id="fm3", run={"epochs": 3, "batch_size": 128, "threads": 2},
@@ -37,7 +39,12 @@ def report(tmp_path_factory) -> dict:
     doc = json.loads((tmp / "runs" / "fm3" / "audit" / "report.json").read_text())
     print(json.dumps({a["name"]: {k: a[k] for k in ("ari", "ssim", "accuracy") if k in a}
                       for a in doc["attacks"]}))
-    return doc
+    return doc, tmp / "runs" / "fm3"
+
+
+@pytest.fixture(scope="module")
+def report(fashion_run) -> dict:
+    return fashion_run[0]
 
 
 def _attack(doc: dict, name: str) -> dict:
@@ -56,6 +63,23 @@ def test_undefended_run_leaks_as_measured(report):
     assert abs(cm["ssim"] - floors["class_mean"]) <= 0.03  # the class-mean line, 0.36
     ext = _attack(report, "extraction-50")
     assert ext["accuracy"] >= ext["owner_accuracy"] - 0.02
+
+
+def test_the_delivered_model_reproduces_the_runs_accuracy(fashion_run, tmp_path):
+    """A Fashion-MNIST model as a user loads it (issue 14, item 5): `load_model` on the run
+    directory, `predict` on the test set as a user's npz, the summary's accuracy exactly."""
+    import numpy as np
+
+    import clicooper_bus
+    from clicooper_bus.ml.delivered import predict
+
+    run_dir = fashion_run[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    data = load_fashion()
+    npz = tmp_path / "test.npz"
+    np.savez(npz, x_test=data.x_test[:, 0], y_test=data.y_test)
+    p = predict(clicooper_bus.load_model(run_dir), npz)
+    assert p.accuracy == summary["test_accuracy"] > 0.85, (p.accuracy, summary["test_accuracy"])
 
 
 def test_extraction_behind_label_expansion():
