@@ -269,12 +269,9 @@ def _cross_checks(cfg: RunConfig, name: str) -> None:
     if not set(p.remote) <= set(p.trainers):
         raise ConfigError(f"{name}: [participants] remote {sorted(set(p.remote) - set(p.trainers))} "
                           f"are not trainers: list them in `trainers` too (their stage order)")
-    try:
-        from clicooper_bus.net.curve import check_security
+    from clicooper_bus.net.curve import check_security  # raises ConfigError itself
 
-        check_security(cfg.bus.security, cfg.bus.pub, cfg.bus.sub)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+    check_security(cfg.bus.security, cfg.bus.pub, cfg.bus.sub)
     t = cfg.participants.trainers
     if not 1 <= len(t) <= 8 or len(set(t)) != len(t):
         raise ConfigError(f"{name}: [participants] trainers must name 1 to 8 distinct trainers")

@@ -22,8 +22,8 @@ from clicooper_bus.net.identity import Identity, load_identity
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Sender
 from clicooper_bus.tlog.logverify import verify_log
-from clicooper_bus.tools.bench_transport import siege
 from clicooper_bus.tools.run import ensure_keys, prepare, run
+from clicooper_bus.tools.siege import siege
 from tests.busrun import processes, write_config
 
 

@@ -21,10 +21,10 @@ from typing import Any
 from clicooper_bus.errors import DecodeError, KeyFileError, RosterError
 from clicooper_bus.net import signed_doc
 from clicooper_bus.net.identity import Identity, PublicIdentity, check_name
+from clicooper_bus.net.wire import NONCE_LEN
 
 DOC_TYPE = "clicooper/roster/v1"
 ROLES = ("owner", "trainer", "notary", "auditor")
-NONCE_LEN = 16
 
 
 @dataclass(frozen=True)
