@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from clicooper_bus.errors import LogCorrupted, LogError
+from clicooper_bus.errors import ConfigError, LogCorrupted, LogError
 from clicooper_bus.net.identity import load_identity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
@@ -20,6 +20,7 @@ from clicooper_bus.tlog.log import ProvenanceLog
 from clicooper_bus.tlog.logverify import verify_log
 from clicooper_bus.tlog.merkle import verify_consistency, verify_inclusion
 from clicooper_bus.tlog.records import PREFIX
+from clicooper_bus.tlog.retention import Retention
 from tests.conftest import make_log
 
 
@@ -383,3 +384,15 @@ def test_verify_gives_a_verdict_on_crafted_files(small_log, ids, case):
     r = verify_log(small_log)
     assert not r.ok and r.failure.reason
     shutil.rmtree(small_log)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("evl_out=sample:2,*=all", "'evl_out' is not a message kind"),
+    ("fwd=sample:2,fwd=all", "appears twice"),
+    ("fwd=keep", "is not all, none or sample:N"),
+])
+def test_a_misspelt_retention_kind_is_refused_not_defaulted(spec, message):
+    # before, `evl_out` silently fell to `*=all` and every evaluation output was kept
+    with pytest.raises(ConfigError, match=message) as info:
+        Retention.parse(spec)
+    assert "eval_out" in str(info.value) or "evl_out" not in spec

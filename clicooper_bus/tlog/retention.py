@@ -4,6 +4,7 @@ Every header is always kept (it is the leaf). A policy names, per kind, `all`, `
 `sample:N`; `sample:N` keeps the first N bodies of each (kind, sender, epoch), so every sender's
 stream is sampled in every epoch. The spec is a string: a single policy (`all`), or
 comma-separated `kind=policy` items with `*` for the rest (`fwd=sample:8,bwd=sample:8,*=all`).
+Every kind named must be one of `net.kinds.KINDS` (ConfigError otherwise).
 
 The decision depends only on the headers in log order, so a verifier replays it to know which
 bodies must be present.
@@ -16,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from clicooper_bus.errors import ConfigError
+from clicooper_bus.net.kinds import KINDS
 from clicooper_bus.net.wire import Header
 
 _ITEM_RE = re.compile(r"^(all|none|sample:(0|[1-9][0-9]{0,8}))$")
@@ -50,6 +52,11 @@ class Retention:
                 default = _limit(policy, spec)
             elif kind in per_kind:
                 raise ConfigError(f"retention {spec!r}: kind {kind!r} appears twice")
+            elif kind not in KINDS:
+                # A misspelt kind would silently fall to the `*` policy (`evl_out=sample:2,*=all`
+                # kept every evaluation output), so an unknown one is a mistake, not a no-op.
+                raise ConfigError(f"retention {spec!r}: {kind!r} is not a message kind; the "
+                                  f"kinds are {', '.join(sorted(KINDS))}")
             else:
                 per_kind[kind] = _limit(policy, spec)
         return cls(spec, default, tuple(sorted(per_kind.items())))
