@@ -59,9 +59,59 @@ class DataSection:
     test_limit: int = _doc(0, "use only the first N test samples (0: all)", min=0)
 
 
+ZOO = Path(__file__).parent / "ml" / "zoo"  # the built-in model specs, one NAME.toml each
+SPEC_KEYS = ("name", "description", "default_cut", "layers")  # what a spec file may hold
+
+
+def builtin_models() -> list[str]:
+    """The names of the built-in model specs (`clicooper_bus/ml/zoo/NAME.toml`)."""
+    return sorted(p.stem for p in ZOO.glob("*.toml"))
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """A model spec file as data: `name` (str), `default_cut` (int, 0: none given),
+    `description` (str) and `layers` (a list of tables with `op`). Only the file's structure
+    is checked here (torch-free); the layers are checked against a dataset's shape by
+    `clicooper_bus.ml.models.resolve_spec`. Raises ConfigError naming the file."""
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"model spec file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"model spec file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"model spec file {path}: unknown key(s) {', '.join(unknown)}; a spec "
+                          f"holds {', '.join(SPEC_KEYS)}")
+    spec = {"name": doc.get("name", Path(path).stem), "description": doc.get("description", ""),
+            "default_cut": doc.get("default_cut", 0), "layers": doc.get("layers")}
+    if not isinstance(spec["name"], str) or not isinstance(spec["description"], str):
+        raise ConfigError(f"model spec file {path}: name and description must be strings")
+    if type(spec["default_cut"]) is not int or spec["default_cut"] < 0:
+        raise ConfigError(f"model spec file {path}: default_cut must be a layer index (an "
+                          f"integer >= 1), got {spec['default_cut']!r}")
+    if not isinstance(spec["layers"], list) or not spec["layers"]:
+        raise ConfigError(f"model spec file {path}: needs a non-empty list of layers, e.g. "
+                          f"[[layers]] tables with op = \"conv2d\", out = 16, kernel = 3")
+    return spec
+
+
 @dataclass
 class ModelSection:
-    name: str = _doc("small-cnn", "small-cnn or vgg-small", choices=("small-cnn", "vgg-small"))
+    name: str = _doc("small-cnn", "a built-in model (small-cnn, vgg-small, resnet-8, resnet-20: "
+                                  "the specs in clicooper_bus/ml/zoo/), or with `spec` or "
+                                  "`layers` the name of your own model (default: the spec "
+                                  "file's name, or custom)")
+    spec: str = _doc("", "a model spec file (TOML: name, default_cut, [[layers]]; relative to "
+                         "this config file), read when the config is loaded: its layers are "
+                         "written inline into the run's config.toml. Empty: none")
+    layers: list = _doc([], "the model inline, as a list of layer tables ([[model.layers]] op "
+                            "= \"conv2d\" ...): conv2d, linear, relu, gelu, maxpool, avgpool, "
+                            "adaptive_avgpool, flatten, dropout, groupnorm, layernorm, residual "
+                            "(see the README, 'Bring your own model'). Empty: the model `name`")
+    default_cut: int = _doc(0, "where the owner's head ends when `cuts` is empty (the first "
+                               "layer of trainer 1); 0: the spec's own default_cut (inline "
+                               "layers without one: 1)", min=0)
     cuts: list = _doc([], "first layer index of each trainer's stage (empty: the head ends at "
                           "the model's default cut, the rest is split evenly)")
 
@@ -238,7 +288,12 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     cfg = RunConfig()
+    spec_dir, named = Path("."), False  # where [model] spec is relative to; name given?
     for source, doc in ((name, raw), ("overrides", overrides or {})):
+        if isinstance(doc.get("model"), dict):
+            if "spec" in doc["model"]:  # a file's spec is relative to it, an override's to .
+                spec_dir = Path(path).parent if doc is raw and path else Path(".")
+            named = named or "name" in doc["model"]
         for section, values in doc.items():
             sect_field = next((f for f in fields(cfg) if f.name == section), None)
             if sect_field is None or not isinstance(values, dict):
@@ -251,8 +306,38 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
                     raise ConfigError(f"{source}: unknown key [{section}] {key}; keys are "
                                       f"{', '.join(known)}")
                 setattr(obj, key, _check(f"{source}: [{section}] {key}", known[key], value))
+    _model_checks(cfg.model, name, spec_dir, named)
     _cross_checks(cfg, name)
     return cfg
+
+
+def _model_checks(m: ModelSection, name: str, spec_dir: Path, named: bool) -> None:
+    """Inline a spec file's layers into the section (so the run's config.toml is whole) and
+    check the section's structure; the layers themselves are checked against the data by
+    `clicooper_bus.ml.models.resolve_spec` (`clicooper run` and `clicooper plan` do, before
+    anything starts)."""
+    where = f"{name}: [model]"
+    if m.spec and m.layers:
+        raise ConfigError(f"{where} gives both spec (a file) and layers (inline): keep one")
+    if m.spec:
+        path = Path(m.spec) if Path(m.spec).is_absolute() else spec_dir / m.spec
+        try:
+            doc = read_spec_file(path)
+        except ConfigError as exc:
+            raise ConfigError(f"{where} spec: {exc}") from None
+        m.layers, m.spec = doc["layers"], ""
+        m.default_cut = m.default_cut or doc["default_cut"]
+        m.name = m.name if named else doc["name"]
+    elif m.layers:
+        m.name = m.name if named else "custom"
+    elif m.name not in builtin_models():
+        raise ConfigError(f"{where} name: {m.name!r} is not a built-in model "
+                          f"({', '.join(builtin_models())}); for your own, give `spec` (a file) "
+                          f"or `layers`")
+    bad = next((i for i, layer in enumerate(m.layers) if not isinstance(layer, dict)), None)
+    if bad is not None:
+        raise ConfigError(f"{where} layers: layer {bad} must be a table with op = ..., got "
+                          f"{m.layers[bad]!r}")
 
 
 def _cross_checks(cfg: RunConfig, name: str) -> None:
@@ -312,7 +397,13 @@ def _privacy_checks(p: PrivacySection, name: str) -> None:
 
 
 def _toml_value(v: Any) -> str:
-    return json.dumps(v)  # strings, numbers and lists of them are valid TOML in JSON syntax
+    """A TOML value: strings, numbers and booleans are valid TOML in JSON syntax; lists and
+    tables (the model's layers) are written inline."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
 
 
 def render_toml(cfg: RunConfig) -> str:

@@ -14,13 +14,14 @@ import pytest
 
 from clicooper_bus.ml import data as data_mod
 from clicooper_bus.ml.compute import compute_plan
-from clicooper_bus.ml.models import ModelSpec, default_cuts, model_spec
+from clicooper_bus.ml.models import default_cuts, model_spec, resolve_spec
 from clicooper_bus.tools.cli import main
 
 # flatten | linear 8->16 | relu, linear 16->12 | relu, linear 12->4
-LINEAR = ModelSpec("linear-test", (1, 2, 4), 4,
-                   (("flatten",), ("linear", 8, 16), ("relu",), ("linear", 16, 12), ("relu",),
-                    ("linear", 12, 4)), head_end=2)
+LINEAR = resolve_spec("linear-test", [{"op": "flatten"}, {"op": "linear", "out": 16},
+                                      {"op": "relu"}, {"op": "linear", "out": 12},
+                                      {"op": "relu"}, {"op": "linear", "out": "classes"}],
+                      (1, 2, 4), 4, default_cut=2)
 
 
 def test_linear_spec_matches_closed_form():

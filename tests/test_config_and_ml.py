@@ -105,15 +105,17 @@ def test_vgg_small_and_explicit_cuts():
             check_cuts(spec, bad, 4)
     with pytest.raises(ConfigError):
         default_cuts(model_spec("small-cnn", (1, 28, 28), 10), 5)
-    with pytest.raises(ConfigError, match="divisible by 4"):
-        model_spec("small-cnn", (1, 30, 30), 10)
+    # sides need not divide by 4 any more: the flat size is inferred (30 -> 15 -> 7)
+    assert model_spec("small-cnn", (1, 30, 30), 10).layers[7]["in"] == 32 * 7 * 7
 
 
 def test_plan_round_trip_and_digest():
     spec = model_spec("small-cnn", (1, 28, 28), 10)
-    plan = Plan("small-cnn", (1, 28, 28), 10, (6, 8, 9), 0, 1e-3, 128)
+    plan = Plan("small-cnn", (1, 28, 28), 10, (6, 8, 9), 0, 1e-3, 128, layers=spec.layers)
     assert Plan.from_meta(plan.to_meta()) == plan
     assert plan_spec(plan).digest(plan.cuts) == spec.digest((6, 8, 9)) != spec.digest((6, 8))
+    legacy = Plan("small-cnn", (1, 28, 28), 10, (6, 8, 9), 0, 1e-3, 128)  # no layers: by name
+    assert plan_spec(legacy).digest(plan.cuts) == spec.digest((6, 8, 9))
     piped = Plan("small-cnn", (1, 28, 28), 10, (6,), 0, 1e-3, 128, in_flight=3)
     assert Plan.from_meta(piped.to_meta()).in_flight == 3
     old = json.loads(plan.to_meta())

@@ -192,7 +192,7 @@ def compute_plan(spec: ModelSpec, cuts: tuple[int, ...], *, tail: int = 0,
             sum(e.bwd_bytes for e in edges if e.sender == me)
         participants.append(ParticipantCompute(
             me, roles[i], (bounds[i], bounds[i + 1]),
-            tuple(str(layer[0]) for layer in spec.layers[bounds[i]:bounds[i + 1]]),
+            tuple(str(layer["op"]) for layer in spec.layers[bounds[i]:bounds[i + 1]]),
             measured[i][0], measured[i][1], sum(p.numel() for p in seg.parameters()),
             sent, received))
     return ComputePlan(spec.name, tuple(spec.input_shape), spec.classes, tuple(cuts), tail,

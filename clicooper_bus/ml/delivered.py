@@ -1,7 +1,8 @@
 """The delivered model as a user gets it: one `torch.nn.Module` from `model.safetensors`.
 
 The owner writes the file (`services/owner/artefacts.py`) with everything loading needs in its
-safetensors metadata (strings, `model_metadata`): the format tag, the model spec, the signed
+safetensors metadata (strings, `model_metadata`): the format tag, the model spec (its resolved
+layers: every op and parameter, so no built-in name needs looking up), the signed
 plan (cuts, seed, classes, outputs, owner tail, batch size), the spec digest the roster
 committed to, and the owner's release transform. `load_model` rebuilds the network from that
 metadata alone, so the file is enough; it runs what the owner runs when it evaluates
@@ -38,7 +39,7 @@ from torch import nn
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import to_float
-from clicooper_bus.ml.models import ModelSpec, plan_spec, segments_from_state_dict
+from clicooper_bus.ml.models import ModelSpec, model_spec, plan_spec, segments_from_state_dict
 from clicooper_bus.ml.privacy.labels import group_sum
 from clicooper_bus.ml.privacy.release import FilterSpec, inference_model
 from clicooper_bus.plan import Plan
@@ -54,7 +55,7 @@ def model_metadata(*, run_id: str, spec: ModelSpec, plan: Plan, digest: str,
     `digest` is the spec digest the roster committed to (`ModelSpec.digest`)."""
     return {"format": FORMAT, "run_id": run_id, "model": spec.name, "model_spec": digest,
             "cuts": json.dumps(list(plan.segment_cuts)),
-            "spec": json.dumps(dataclasses.asdict(spec), sort_keys=True),
+            "spec": json.dumps(spec.to_doc(), sort_keys=True),
             "plan": plan.to_meta(),
             "release": json.dumps(dataclasses.asdict(release) if release else None),
             "input": "float32 N x C x H x W in [0, 1]: uint8 images / 255",
@@ -62,9 +63,19 @@ def model_metadata(*, run_id: str, spec: ModelSpec, plan: Plan, digest: str,
                        "pseudo-class logits: decode with the owner's label_groups.json"}
 
 
-def _tuples(v: Any) -> Any:
-    """JSON lists back to the tuples a ModelSpec holds."""
-    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+def _spec(doc: dict[str, Any]) -> ModelSpec:
+    """The metadata's spec, re-resolved (`ModelSpec.from_doc`); a file from before specs were
+    data holds layers as lists (`["conv2d", 1, 16, 5, 2]`): its built-in model by name."""
+    if doc["layers"] and isinstance(doc["layers"][0], list):
+        spec = model_spec(doc["name"], tuple(doc["input_shape"]), int(doc["classes"]))
+        return dataclasses.replace(spec, head_end=int(doc["head_end"]))
+    return ModelSpec.from_doc(doc)
+
+
+def _digest_ok(spec: ModelSpec, cuts: tuple[int, ...], digest: str | None) -> bool:
+    """Whether `digest` is the spec's (or, for a run made before specs were data, its
+    legacy digest)."""
+    return digest in (spec.digest(cuts), spec.legacy_digest(cuts))
 
 
 @dataclass(frozen=True)
@@ -81,13 +92,13 @@ class Card:
         """Raises ClicooperError if the metadata is malformed or its spec does not hash to the
         digest the roster committed to."""
         try:
-            spec = ModelSpec(**{k: _tuples(v) for k, v in json.loads(meta["spec"]).items()})
+            spec = _spec(json.loads(meta["spec"]))
             plan = Plan.from_meta(meta["plan"])
             rel = json.loads(meta["release"])
             release = FilterSpec(**rel) if rel else None
         except (KeyError, TypeError, ValueError, ClicooperError) as exc:
             raise ClicooperError(f"{path}: malformed {FORMAT} metadata ({exc})") from None
-        if spec.digest(plan.segment_cuts) != meta.get("model_spec"):
+        if not _digest_ok(spec, plan.segment_cuts, meta.get("model_spec")):
             raise ClicooperError(f"{path}: its spec does not hash to the digest it carries "
                                  f"(model_spec {meta.get('model_spec', '')[:16]}...): the "
                                  f"metadata was edited")
@@ -110,7 +121,7 @@ class Card:
         with ProvenanceLog.open(run.log) as plog:
             plan = Plan.from_meta(Roster.open(plog.roster_bytes).meta["plan"])
         spec = plan_spec(plan)
-        if meta.get("model_spec") and spec.digest(plan.segment_cuts) != meta["model_spec"]:
+        if meta.get("model_spec") and not _digest_ok(spec, plan.segment_cuts, meta["model_spec"]):
             raise ClicooperError(f"{path} is not a model of the run in {run.root}: its spec "
                                  f"digest differs from the roster's plan")
         cfg = load_config(run.config)

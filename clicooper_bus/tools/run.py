@@ -25,7 +25,7 @@ from pathlib import Path
 from clicooper_bus.config import RunConfig, load_config
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout, write_atomic
-from clicooper_bus.ml.npz_check import check_npz
+from clicooper_bus.ml.npz_check import CheckedNpz, check_npz
 from clicooper_bus.net.identity import Identity, key_paths, write_identity
 from clicooper_bus.tlog.logverify import verify_log
 
@@ -71,12 +71,29 @@ def remote_notice(cfg: RunConfig) -> str:
             f"each device: clicooper join NAME.join --name NAME")
 
 
+def check_model(cfg: RunConfig, checked: CheckedNpz | None = None) -> None:
+    """Resolve the config's model on its dataset's shape and classes and check its cuts, as the
+    owner will (`ml.models.configured_split`), so that a bad layer, shape or cut is an error
+    before any key, directory or process exists. `checked`: the npz already checked (data name
+    npz). Raises ConfigError naming the layer and the shapes."""
+    from clicooper_bus.ml.models import configured_split
+
+    if checked is not None:
+        shape, classes = tuple(checked.x_train.shape[1:]), checked.classes
+    else:
+        from clicooper_bus.ml.data import load_dataset
+
+        data = load_dataset(cfg.data.name, cfg.data.path or None, cfg.run.seed)
+        shape, classes = data.input_shape, data.classes
+    configured_split(cfg, shape, classes)
+
+
 def prepare(config: str | None, overrides: dict, out: str | None,
             free_ports: bool = True) -> tuple[RunConfig, Path]:
     """Load the effective config, make the missing keys and the run directory, and write the
     config into it. Returns (config, path of RUN_DIR/config.toml). Raises ClicooperError if
-    the run directory exists and is not empty, ConfigError for a bad config (DataError for a
-    bad npz dataset; its warnings are printed on stderr)."""
+    the run directory exists and is not empty, ConfigError for a bad config or model spec
+    (`check_model`; DataError for a bad npz dataset, whose warnings are printed on stderr)."""
     over = {k: dict(v) for k, v in overrides.items()}
     if out:
         over.setdefault("run", {})["out_dir"] = out
@@ -85,10 +102,13 @@ def prepare(config: str | None, overrides: dict, out: str | None,
         over.setdefault("bus", {}).update({"pub": f"tcp://127.0.0.1:{free_port()}",
                                            "sub": f"tcp://127.0.0.1:{free_port()}"})
     cfg = load_config(config, over)
+    checked = None
     if cfg.data.name == "npz":  # the whole file, before any key, directory or process
-        for warning in check_npz(cfg.data.path, train_limit=cfg.data.train_limit,
-                                 test_limit=cfg.data.test_limit).warnings:
+        checked = check_npz(cfg.data.path, train_limit=cfg.data.train_limit,
+                            test_limit=cfg.data.test_limit)
+        for warning in checked.warnings:
             print(f"clicooper run: warning: {cfg.data.path}: {warning}", file=sys.stderr)
+    check_model(cfg, checked)
     p = cfg.participants
     check_remote_keys(cfg)
     local = [t for t in p.trainers if t not in p.remote]  # a remote one brings its own key

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from clicooper_bus.config import MAX_IN_FLIGHT
-from clicooper_bus.errors import ClicooperError, RosterError
+from clicooper_bus.errors import ClicooperError, ConfigError, RosterError
 from clicooper_bus.ml.models import build_segments, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.ml.tensors import tensor
@@ -80,18 +80,23 @@ class Trainer:
         if not 1 <= plan.in_flight <= MAX_IN_FLIGHT:
             raise RosterError(f"the roster's plan asks for {plan.in_flight} batches in flight; "
                               f"a trainer holds 1 to {MAX_IN_FLIGHT}")
-        spec = plan_spec(plan)
+        if not plan.layers:
+            raise RosterError(f"the roster's plan names model {plan.model!r} but carries no "
+                              f"layers (an owner older than model specs as data): a trainer "
+                              f"builds only from the plan's layers; update the owner")
+        try:
+            spec = plan_spec(plan)  # from the plan's layers alone
+        except ConfigError as exc:
+            raise RosterError(f"the roster's plan describes a model that does not build: "
+                              f"{exc}") from None
         if spec.digest(plan.segment_cuts) != roster.meta.get("model_spec"):
             raise RosterError("the roster's model digest does not match its plan")
         self._place(roster)
         segments = build_segments(spec, plan.segment_cuts, plan.seed)
         self.segment = segments[self.index + 1]
         self.seg = SegmentTrainer(self.segment, lr=plan.lr)
-        probe = torch.zeros((plan.batch_size, *plan.input_shape))
-        with torch.no_grad():  # this stage's input shape: the earlier stages' output
-            for seg in build_segments(spec, plan.segment_cuts, plan.seed)[:self.index + 1]:
-                probe = seg(probe)
-        self.seg.warm_up(tuple(probe.shape))
+        # this stage's input shape: the earlier stages' output, from the spec's resolution
+        self.seg.warm_up((plan.batch_size, *spec.shapes[plan.cuts[self.index]]))
         self.bus.start_beating()
         self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
         self.marker = Marker.from_roster(roster, self.roster_bytes, self.index + 1,
