@@ -23,6 +23,8 @@ Control messages (the msgpack bodies of the kinds below; tensors are `fwd`, `bwd
 | `round`      | owner → all          | `Round`: a watermark round starts or ends           |
 | `end`        | owner → all          | `End`: training is over, deliver segments           |
 | `segment`    | trainer → owner      | `Segment`: its weights, sealed to the owner         |
+| `usage`      | trainer, notary →    | `Usage`: the CPU seconds it measured, and its steps |
+|              | owner; owner → all   | (the owner's own, so the log holds every number)    |
 | `ack`        | owner → all          | `Ack`: every segment arrived; the model's digest    |
 | `checkpoint` | notary → all         | `CheckpointMessage`: a signed tlog checkpoint note  |
 | `wm_cert`    | notary → all         | `WatermarkCertificate`: a certified claim           |
@@ -37,6 +39,7 @@ field. Nothing here imports torch.
 from __future__ import annotations
 
 import functools
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -227,6 +230,61 @@ class Segment(Control):
 
 
 @dataclass(frozen=True)
+class Usage(Control):
+    """The compute a process measured of itself, from the OS: CPU seconds (user + system, every
+    thread, `time.process_time()`) from its start until it sent this (`cpu_s`), and over its
+    training window, from the start of its first training step to the end of its last
+    (`train_cpu_s`, in `train_wall_s` wall seconds, `steps` steps; evaluation between epochs
+    falls inside the window, the final one after it). Who measured it is the header's signer:
+    the document names nobody, so a sender can report only its own."""
+
+    KIND: ClassVar[str] = "usage"
+    cpu_s: float
+    train_cpu_s: float
+    train_wall_s: float
+    steps: int
+
+    def _checked(self, sender: str | None) -> Usage:
+        for name in ("cpu_s", "train_cpu_s", "train_wall_s", "steps"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise self._refuse(f"{name} is {value}: not a finite number >= 0", name, sender)
+        if self.train_cpu_s > self.cpu_s:
+            raise self._refuse("train_cpu_s is more than cpu_s: the training window is part of "
+                               "the process's life", "train_cpu_s", sender)
+        return self
+
+    @property
+    def cpu_s_per_step(self) -> float | None:
+        """Training-window CPU seconds per step; None for a process that took no step."""
+        return self.train_cpu_s / self.steps if self.steps else None
+
+
+def cpu_table(reports: list[tuple[str, str, Usage | None]]) -> dict[str, Any]:
+    """The run's measured CPU, from each process's `Usage` (`reports`: name, roster role and
+    its usage, None where none came): a row per process that reported, the names of those that
+    did not, and `owner_cpu_share`, the owner's training-window CPU over the owner's and the
+    trainers' together (None unless the owner and every trainer reported; the notary and the
+    broker run the bus, not the model, and are not in it)."""
+    rows, missing = [], []
+    for name, role, u in reports:
+        if u is None:
+            missing.append(name)
+            continue
+        per_step = u.cpu_s_per_step
+        rows.append({"name": name, "role": role, "cpu_s": round(u.cpu_s, 4),
+                     "train_cpu_s": round(u.train_cpu_s, 4),
+                     "train_wall_s": round(u.train_wall_s, 4), "steps": u.steps,
+                     "cpu_s_per_step": None if per_step is None else round(per_step, 6)})
+    computing = [(role, u) for _, role, u in reports if role in ("owner", "trainer")]
+    owner = sum(u.train_cpu_s for role, u in computing if role == "owner" and u is not None)
+    total = sum(u.train_cpu_s for _, u in computing if u is not None)
+    whole = all(u is not None for _, u in computing) and any(r == "owner" for r, _ in computing)
+    return {"processes": rows, "missing": missing,
+            "owner_cpu_share": owner / total if whole and total > 0 else None}
+
+
+@dataclass(frozen=True)
 class Ack(Control):
     """Every segment arrived; `model_sha256` (hex) puts the assembled model's digest in the log."""
 
@@ -266,4 +324,5 @@ class Beat(Control):
 
 
 CONTROL: dict[str, type[Control]] = {c.KIND: c for c in (
-    Hello, Metrics, Round, End, Segment, Ack, CheckpointMessage, WatermarkCertificate, Beat)}
+    Hello, Metrics, Round, End, Segment, Usage, Ack, CheckpointMessage, WatermarkCertificate,
+    Beat)}

@@ -325,3 +325,30 @@ def test_no_member_can_unsubscribe_others(people, admission, rogue, how):
     finally:
         ctx.destroy(linger=0)
         fwd.close()
+
+
+def test_only_a_trainer_may_send_its_own_usage(admission, people):
+    """A trainer's measured CPU (`usage`) passes the broker only signed by the trainer whose
+    connection it comes on, within its small cap; no other trainer may read it (the owner and
+    the notary do); an observer sends none. (The owner's receive loop admits it only from the
+    stages and the notary: tests/test_usage.py.)"""
+    from clicooper_bus.protocol import Usage
+
+    doc = Usage(3.0, 2.0, 2.5, 40).to_doc()
+    own = Sender(people["trainer-1"], "r1").seal_document("usage", "owner", doc)
+    assert admission.publication_refusal("trainer-1", own.frames()) is None
+    # trainer-10 cannot pass off a report signed by trainer-1, nor one it signed as trainer-1's
+    assert "another key" in admission.publication_refusal("trainer-10", own.frames())
+    forged = Sender(people["trainer-10"], "r1").seal_document("usage", "owner", doc).frames()
+    forged[2] = own.signature
+    assert "bad signature" in admission.publication_refusal("trainer-10", forged)
+    watcher = Sender(people["auditor"], "r1").seal_document("usage", "owner", doc)
+    assert "observer publishes nothing" in admission.publication_refusal("auditor",
+                                                                       watcher.frames())
+    fat = Sender(people["trainer-1"], "r1").seal_document("usage", "owner", {"pad": "x" * 2000})
+    assert "cap" in admission.publication_refusal("trainer-1", fat.frames())
+    # one trainer's report is the owner's inbox: another trainer cannot read it
+    assert "inbox" in admission.subscribe("trainer-10", T.to("usage", "owner").encode())
+    assert "inbox" in admission.subscribe("trainer-10", T.kind("usage").encode())
+    assert admission.subscribe("owner", T.to("usage", "owner").encode()) is None
+    assert admission.subscribe("notary", T.kind("usage").encode()) is None

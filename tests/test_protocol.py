@@ -17,6 +17,8 @@ from clicooper_bus.protocol import (
     Round,
     Segment,
     Topics,
+    Usage,
+    cpu_table,
 )
 
 
@@ -42,7 +44,7 @@ def test_an_envelope_is_published_on_the_protocol_topic():
 @pytest.mark.parametrize("msg", [
     Hello(True, 2, "ab" * 32, 3), Metrics(0.25, 7), Round(4, "end"), Ack(["t1", "t2"], "00" * 32),
     Segment(1, b"\x00sealed", {"fwd": 3}), CheckpointMessage("note\n", final=True),
-    CheckpointMessage("note\n", closed=True)])
+    CheckpointMessage("note\n", closed=True), Usage(12.5, 10.25, 11.0, 40)])
 def test_documents_round_trip_through_msgpack(msg):
     doc = codec.unpack(codec.pack(msg.to_doc()))
     assert type(msg).parse(doc, sender="x") == msg
@@ -68,6 +70,18 @@ def test_the_encoding_of_control_documents_is_what_peers_always_sent():
     (Segment, {"stage": 1, "sealed": b"", "sent": {"fwd": "3"}}, "sent"),
     (Ack, {"segments": ["a", 2], "model_sha256": ""}, "segments"),
     (Hello, {"ready": 1, "stage": 1, "model_spec": "d"}, "ready"),
+    (Usage, {"cpu_s": 2, "train_cpu_s": 1.0, "train_wall_s": 1.0, "steps": 3}, "cpu_s"),
+    (Usage, {"cpu_s": 2.0, "train_cpu_s": "1", "train_wall_s": 1.0, "steps": 3}, "train_cpu_s"),
+    (Usage, {"cpu_s": 2.0, "train_cpu_s": 1.0, "train_wall_s": 1.0, "steps": 3.0}, "steps"),
+    (Usage, {"cpu_s": 2.0, "train_cpu_s": 1.0, "train_wall_s": 1.0, "steps": -1}, "steps"),
+    (Usage, {"cpu_s": float("nan"), "train_cpu_s": 1.0, "train_wall_s": 1.0, "steps": 3},
+     "cpu_s"),
+    (Usage, {"cpu_s": 2.0, "train_cpu_s": 1.0, "train_wall_s": -1.0, "steps": 3},
+     "train_wall_s"),
+    (Usage, {"cpu_s": 1.0, "train_cpu_s": 2.0, "train_wall_s": 1.0, "steps": 3}, "train_cpu_s"),
+    (Usage, {"cpu_s": 2.0, "train_cpu_s": 1.0, "train_wall_s": 1.0}, "steps"),
+    (Usage, {"cpu_s": 2.0, "train_cpu_s": 1.0, "train_wall_s": 1.0, "steps": 3, "name": "o"},
+     "name"),
 ])
 def test_a_bad_field_is_refused_naming_sender_kind_and_field(cls, doc, field):
     with pytest.raises(ProtocolError) as e:
@@ -90,3 +104,28 @@ def test_every_control_kind_is_a_wire_kind():
 
     assert set(CONTROL) <= set(KINDS)
     assert all(KINDS[k].body == "msgpack" for k in CONTROL)
+
+
+def test_the_usage_document_is_what_it_measures():
+    """Its encoding (the map a trainer signs), and a process with no step has no per-step CPU."""
+    assert Usage(1.5, 1.0, 2.0, 4).to_doc() == {"cpu_s": 1.5, "train_cpu_s": 1.0,
+                                                "train_wall_s": 2.0, "steps": 4}
+    assert Usage(1.5, 1.0, 2.0, 4).cpu_s_per_step == 0.25
+    assert Usage(1.5, 0.0, 0.0, 0).cpu_s_per_step is None
+
+
+def test_the_cpu_table_shares_the_training_cpu_between_owner_and_trainers():
+    table = cpu_table([("owner", "owner", Usage(5.0, 3.0, 9.0, 10)),
+                       ("trainer-1", "trainer", Usage(8.0, 6.0, 9.0, 10)),
+                       ("trainer-2", "trainer", Usage(4.0, 3.0, 9.0, 10)),
+                       ("notary", "notary", Usage(50.0, 40.0, 9.0, 10))])  # not in the share
+    assert table["owner_cpu_share"] == pytest.approx(3.0 / 12.0)
+    assert table["missing"] == []
+    assert [(r["name"], r["role"], r["cpu_s_per_step"]) for r in table["processes"]] == [
+        ("owner", "owner", 0.3), ("trainer-1", "trainer", 0.6), ("trainer-2", "trainer", 0.3),
+        ("notary", "notary", 4.0)]
+    # a trainer that never reported: named, and no share (it would flatter the owner's)
+    gap = cpu_table([("owner", "owner", Usage(5.0, 3.0, 9.0, 10)),
+                     ("trainer-1", "trainer", None), ("notary", "notary", None)])
+    assert gap["missing"] == ["trainer-1", "notary"] and gap["owner_cpu_share"] is None
+    assert [r["name"] for r in gap["processes"]] == ["owner"]

@@ -39,6 +39,9 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("metrics", "msgpack", SMALL, "the last stage's loss for a step, to the owner"),
         KindSpec("beat", "msgpack", 64, "liveness, about once a second from everyone (an "
                                         "empty map)"),
+        KindSpec("usage", "msgpack", 1024, "the CPU seconds and steps a process measured of "
+                                           "itself: trainers and the notary to the owner, the "
+                                           "owner's own to all (each signs only its own)"),
         KindSpec("end", "msgpack", SMALL, "the owner ends training: trainers deliver segments"),
         KindSpec("ack", "msgpack", SMALL, "the owner has every segment: the notary closes the log"),
         KindSpec("round", "msgpack", SMALL, "the owner starts or ends a watermark round"),
