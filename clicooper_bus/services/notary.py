@@ -5,9 +5,12 @@ It trusts only the owner's key until the owner's signed roster arrives (the firs
 run), then the roster's keys. Every message is verified in full (the notary sees every sender's
 whole chain) before it is appended. Checkpoints are signed every N entries or T seconds,
 published on the bus, and once more, marked final, when the owner acknowledges the end of the
-run. Once every participant has signalled it read what it needed (`done`) it closes the log
-with a published closing checkpoint over everything it logged; an auditor following the run
-audits exactly that log, and the notary stays (logging nothing more) until it is done.
+run; just before that final checkpoint it reports its own measured CPU to the owner in a signed
+`usage` message (its training window: from the first training message it logged to the last,
+`fwd`, `bwd`, `labels` or `metrics`; its steps: the owner's training steps it logged). Once
+every participant has signalled it read what it needed (`done`) it closes the log with a
+published closing checkpoint over everything it logged; an auditor following the run audits
+exactly that log, and the notary stays (logging nothing more) until it is done.
 
     python -m clicooper_bus.services.notary --config FILE
 """
@@ -38,6 +41,7 @@ from clicooper_bus.services.common import (
     public,
     run_main,
 )
+from clicooper_bus.services.usage import CpuMeter
 from clicooper_bus.tlog.log import ProvenanceLog
 
 
@@ -53,6 +57,8 @@ class Notary:
         self.roster: Roster | None = None
         self.last_cp_size, self.last_cp_time = 0, time.monotonic()
         self.final_sent = False
+        self.meter = CpuMeter()  # the notary's CPU over the run's training steps (`usage`)
+        self.logged_steps: set[int] = set()  # of the owner's training activations
 
     def run(self) -> int:
         if self.cfg.log.notary_nice:
@@ -122,7 +128,9 @@ class Notary:
             if env is not None:
                 index = self.plog.append_envelope(env)
                 self._register(env, index)
+                self._meter(env)
                 if env.header.kind == "ack" and env.header.sender == roster.owner.key_id:
+                    self._report_usage()
                     self._checkpoint(final=True)
             now = time.monotonic()
             if self.plog.size - self.last_cp_size >= self.cfg.log.checkpoint_every or (
@@ -148,6 +156,26 @@ class Notary:
         time.sleep(0.3)
         self.log.info("notary done", entries=self.plog.size)
         return EXIT_OK
+
+    def _meter(self, env: Envelope) -> None:
+        """The notary's training window: from the first training message it logs to the last
+        (evaluation's are outside it, as they are for the owner and the trainers); a step
+        counts once, with the owner's activation that starts it."""
+        h = env.header
+        if h.kind not in ("fwd", "bwd", "labels", "metrics"):
+            return
+        new = h.kind == "fwd" and h.sender == self.roster.owner.key_id and \
+            h.step is not None and h.step not in self.logged_steps
+        if new:
+            self.logged_steps.add(h.step)
+        self.meter.step_done(count=new)
+
+    def _report_usage(self) -> None:
+        """Our measured CPU, signed, to the owner, before the final checkpoint (which the owner
+        waits for), so that its summary has it; it lands in the log like every message."""
+        usage = self.meter.usage()
+        self.bus.send_doc("usage", self.roster.owner.name, usage.to_doc())
+        self.log.info("usage reported", **usage.to_doc())
 
     def _register(self, env: Envelope, index: int) -> None:
         """Watermark commitments and claims: a claim that holds is certified at once."""

@@ -1,17 +1,20 @@
 """The owner's books: what the control traffic of a run tells it, kept by the handlers of its
-receive loop. Trainers' hellos, the last stage's metrics, the notary's checkpoints, and the
-watermark chain's commitments, claims and certificates."""
+receive loop. Trainers' hellos, the last stage's metrics, the notary's checkpoints, the CPU
+every trainer and the notary measured of itself, and the watermark chain's commitments, claims
+and certificates."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import structlog
 
 from clicooper_bus.chain.certificate import open_certificate
 from clicooper_bus.chain.documents import Claim, Commit
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import CheckpointMessage, Hello, Metrics, WatermarkCertificate
+from clicooper_bus.protocol import CheckpointMessage, Hello, Metrics, Usage, WatermarkCertificate
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 
 
@@ -30,6 +33,7 @@ class Books:
     commits: dict[tuple[int, int], Commit] = field(default_factory=dict)
     claims: dict[tuple[int, int], Claim] = field(default_factory=dict)
     certs: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    usage: dict[str, Usage] = field(default_factory=dict)  # name -> the CPU it reported
 
     def _stage(self, env: Envelope) -> int:
         return self.stages.index(self.names[env.header.sender]) + 1
@@ -52,6 +56,17 @@ class Books:
         if step is None or step in self.metrics:
             raise ClicooperError(f"{name} sent malformed or repeated metrics for step {step}")
         self.metrics[step] = Metrics.parse(env.document(), sender=name)
+
+    def on_usage(self, env: Envelope) -> None:
+        """A trainer's or the notary's measured CPU (the route admits only them; each signs
+        its own). A second report from the same sender is ignored: the first is the evidence."""
+        name = self.names[env.header.sender]
+        usage = Usage.parse(env.document(), sender=name)
+        if name in self.usage:
+            structlog.get_logger("clicooper.owner").warning("repeated usage report ignored",
+                                                            sender=name)
+            return
+        self.usage[name] = usage
 
     def on_checkpoint(self, env: Envelope) -> None:
         msg = CheckpointMessage.parse(env.document(), sender=self.names[env.header.sender])

@@ -2,8 +2,10 @@
 
 It publishes the signed roster (with the training plan), waits until every trainer has
 confirmed it, then trains epoch by epoch (a watermark round around each when marks are on),
-evaluates, ends training, collects every trainer's sealed segment, assembles the model,
-acknowledges, waits for the notary's final checkpoint and writes the run's artefacts.
+evaluates, ends training, collects every trainer's sealed segment (each trainer's measured CPU,
+a signed `usage` message, comes just before it), assembles the model, puts its own measured CPU
+in the log, acknowledges, waits for the notary's final checkpoint (its usage comes just before)
+and writes the run's artefacts.
 Every message goes through one receive loop (`Dispatcher`) and its handler table (`_routes`).
 """
 
@@ -23,7 +25,7 @@ from clicooper_bus.ml.privacy import defences as privacy
 from clicooper_bus.net.bus import Bus
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.plan import schedule
-from clicooper_bus.protocol import Ack, End, Round, Segment
+from clicooper_bus.protocol import Ack, End, Round, Segment, Usage, cpu_table
 from clicooper_bus.services.common import EXIT_OK, identity, open_bus, public
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner import artefacts
@@ -34,6 +36,14 @@ from clicooper_bus.tlog.checkpoint import open_checkpoint
 from clicooper_bus.tlog.log import default_origin
 
 MAX_HELD = 4 * EVAL_WINDOW  # data messages kept for later; more means a peer floods the owner
+# how long the owner waits, once the notary's final checkpoint is in, for a usage report that
+# has not come: each comes before its sender's segment or final checkpoint, so one missing then
+# was never sent (a trainer from before usage reports); the summary names it
+USAGE_WAIT_S = 2.0
+CPU_NOTE = ("time.process_time() of each process (user + system CPU seconds of all its threads), "
+            "from its signed usage message in the log; train_cpu_s spans its first training "
+            "step's start to its last one's end; the notary's cpu_s runs to the owner's ack; "
+            "the broker's cpu_s is in its telemetry line 'broker stopped' (telemetry/broker.jsonl)")
 
 
 class Owner:
@@ -80,6 +90,7 @@ class Owner:
         route("bwd", {first}, keep)
         route("eval_out", {last}, keep)
         route("segment", stages, keep)
+        route("usage", stages | {notary}, b.on_usage)  # each signs its own: nobody else's
         if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
             route("fwd", {last}, keep)
             route("eval_fwd", {last}, keep)
@@ -107,7 +118,7 @@ class Owner:
     def _join(self) -> None:
         bus, cfg, topics = self.bus, self.cfg, self.bus.topics
         owner = cfg.participants.owner
-        for kind in ("bwd", "eval_out", "metrics", "segment", "fwd", "eval_fwd"):
+        for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd"):
             bus.subscribe(topics.to(kind, owner))
         for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert"):
             bus.subscribe(topics.kind(kind))
@@ -197,6 +208,11 @@ class Owner:
     def _finish(self, per_epoch: list[dict], steps: int, sent: dict[str, int], wall: float) -> None:
         bus, books = self.bus, self.books
         sent = {k: v for k, v in sent.items() if k != "beat"}
+        # the owner's measured CPU goes into the log beside the trainers' (an auditor trusts only
+        # the log), before the ack so that the final checkpoint covers it
+        own = self.training.meter.usage()
+        bus.send_doc("usage", "all", own.to_doc())
+        sent["usage"] = sent.get("usage", 0) + 1
         # the model's digest goes into the log, so an auditor can tell it is this run's model
         bus.send_doc("ack", "all", Ack(self.stages, self.model_sha).to_doc())
         sent["ack"] = sent.get("ack", 0) + 1
@@ -207,14 +223,45 @@ class Owner:
         if self.cfg.watermark.enabled:
             self._write_provenance()
         summary = self._summary(per_epoch, steps, sent, wall, cp)
+        summary["cpu"] = self._cpu(own)
+        summary["owner_cpu_share"] = summary["cpu"]["owner_cpu_share"]
         artefacts.write_summary(self.layout, summary)
         print(f"owner: test accuracy {per_epoch[-1].get('accuracy', float('nan')):.4f}; wrote "
               f"{self.layout.summary} and model.safetensors; log tree size {cp.size}", flush=True)
         print(f"owner: the owner did {summary['owner_flops_share']:.1%} of the training FLOPs "
-              f"(`clicooper plan` for the table)", flush=True)
+              f"(`clicooper plan` for the table) and {self._cpu_text(summary['cpu'])}", flush=True)
         bus.mark_done()
         notary = self.cfg.participants.notary
         bus.linger(bus.topics.closed(notary), (self.kid[notary], notary))
+
+    def _cpu(self, own: Usage) -> dict:
+        """The summary's `cpu` table: every process's measured CPU, from its usage report (the
+        owner's own, and the trainers' and notary's as their signed messages said); waits at
+        most `USAGE_WAIT_S` for a report that has not come, and names it under `missing`."""
+        p, books = self.cfg.participants, self.books
+        others = [*self.stages, p.notary]
+        self.loop.until(lambda: set(others) <= set(books.usage), timeout_s=USAGE_WAIT_S,
+                        timed_out=None)
+        missing = sorted(set(others) - set(books.usage))
+        if missing:
+            self.log.warning("no usage report", missing=missing)
+        reports = [(p.owner, "owner", own), *((n, "trainer", books.usage.get(n))
+                                              for n in self.stages),
+                   (p.notary, "notary", books.usage.get(p.notary))]
+        table = cpu_table(reports)
+        self.log.info("measured cpu", processes=table["processes"],
+                      owner_cpu_share=table["owner_cpu_share"], missing=table["missing"])
+        return {**table, "clock": CPU_NOTE}
+
+    @staticmethod
+    def _cpu_text(cpu: dict) -> str:
+        """The console's words for the measured CPU share."""
+        if cpu["owner_cpu_share"] is None:
+            return f"no measured CPU share: no usage report from {', '.join(cpu['missing'])}"
+        owner, trainers = (sum(r["train_cpu_s"] for r in cpu["processes"] if r["role"] == role)
+                           for role in ("owner", "trainer"))
+        return (f"{cpu['owner_cpu_share']:.1%} of the training CPU measured (owner "
+                f"{owner:.1f} s, trainers {trainers:.1f} s, CPU seconds over the training steps)")
 
     def _write_provenance(self) -> None:
         want = {(k, t) for k in range(1, len(self.stages) + 1) for t in range(self.rounds)}

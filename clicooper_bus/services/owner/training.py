@@ -22,6 +22,7 @@ from clicooper_bus.protocol import Metrics
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner.books import Books
 from clicooper_bus.services.owner.setup import OwnerSetup
+from clicooper_bus.services.usage import CpuMeter
 
 EVAL_WINDOW = 8  # evaluation batches in flight (no gradients flow back, so they pipeline)
 
@@ -42,6 +43,7 @@ class Training:
         self.cfg, self.bus, self.loop, self.mailbox = cfg, bus, loop, mailbox
         self.books, self.setup, self.kid = books, setup, kid
         self.first, self.last = books.stages[0], books.stages[-1]
+        self.meter = CpuMeter()  # the owner's CPU over its part of the training steps
 
     # --- receiving what a step waits for -------------------------------------------------------
 
@@ -98,6 +100,7 @@ class Training:
                 break
             if len(window) == cfg.run.in_flight:  # pipelined: the oldest batch must finish
                 self._complete(window.popleft())
+            self.meter.step_started()
             window.append(self._send(idx, {"step": step, "batch": b, "epoch": epoch}))
             seen += len(idx)
             step += 1
@@ -138,6 +141,7 @@ class Training:
         grad = self._checked(env, s.shape)
         if not self.setup.defences.head_fixed:
             self.setup.head.backward(grad, s.step)
+        self.meter.step_done()
 
     def _release(self, images, idx, step: int) -> torch.Tensor:
         """The head's activation of one training batch, through the privacy filter."""

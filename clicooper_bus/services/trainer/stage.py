@@ -30,6 +30,7 @@ from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import CheckpointMessage, End, Hello, Metrics, Round, Segment
 from clicooper_bus.services.common import EXIT_OK, identity, open_bus, open_roster, public
 from clicooper_bus.services.dispatch import Dispatcher
+from clicooper_bus.services.usage import CpuMeter
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 from clicooper_bus.tlog.log import default_origin
 
@@ -51,6 +52,7 @@ class Trainer:
         self.queued: deque[Envelope] = deque()  # activations waiting for the previous step
         self.ended = False  # the owner ended training
         self.final_seen = False  # the notary's final checkpoint arrived
+        self.meter = CpuMeter()  # this process's CPU over its training steps (`usage`)
 
     def run(self) -> int:
         bus, topics = self.bus, self.bus.topics
@@ -186,6 +188,7 @@ class Trainer:
         grad = self.seg.backward(tensor(env), h.step, update=False)
         self.bus.send_array("bwd", self.prev, grad, step=h.step, batch=h.batch, epoch=h.epoch)
         self.seg.update()  # off the critical path: the gradient is already on its way
+        self.meter.step_done()
         self._advance()
 
     def _on_eval(self, env: Envelope) -> None:
@@ -207,6 +210,7 @@ class Trainer:
         while self.queued and not self.seg.pending:
             env = self.queued.popleft()
             h = env.header
+            self.meter.step_started()
             out = self.seg.forward(tensor(env), h.step)
             if self.last:
                 self.waiting_logits.add(h.step)
@@ -226,6 +230,7 @@ class Trainer:
         r = self.seg.loss_backward(labels, step, update=False)
         self.bus.send_array("bwd", self.prev, r.grad_in, step=step, batch=h.batch, epoch=h.epoch)
         self.seg.update()
+        self.meter.step_done()
         self.bus.send_doc("metrics", self.roster.owner.name, Metrics(r.loss, r.correct).to_doc(),
                           step=step, batch=h.batch, epoch=h.epoch)
 
@@ -278,9 +283,14 @@ class Trainer:
     # --- the end -------------------------------------------------------------------------------
 
     def _finish(self) -> int:
-        """Deliver our weights sealed to the owner; stay until the notary's final checkpoint
-        (or the join timeout), then leave once the notary closes."""
+        """Report our measured CPU, deliver our weights sealed to the owner; stay until the
+        notary's final checkpoint (or the join timeout), then leave once the notary closes."""
         bus = self.bus
+        # before the segment, which the owner waits for: it has our usage when it writes its
+        # summary, and the usage goes into the log, signed, as evidence of what we computed
+        usage = self.meter.usage()
+        bus.send_doc("usage", self.roster.owner.name, usage.to_doc())
+        self.log.info("usage reported", **usage.to_doc())
         weights = st_save({k: v.detach().contiguous() for k, v in self.segment.state_dict().items()},
                           metadata={"run_id": self.cfg.run.id, "stage": str(self.index + 1)})
         sealed = self.roster.owner.identity.seal(weights)
