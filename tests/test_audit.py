@@ -181,3 +181,38 @@ def test_a_replaced_model_is_refused(audited, tmp_path):
 def test_unknown_attack_is_a_clear_error(audited, capsys):
     assert cli.main(["audit", str(audited), "--attacks", "telepathy"]) == 1
     assert "unknown attack" in capsys.readouterr().err
+
+
+def test_the_measured_cpu_is_in_the_summary_the_log_and_the_report(audited):
+    """Every process measured its own CPU: the owner's summary has a row per computing process
+    with the run's steps, the trainers' and notary's signed usage messages are in the verified
+    log, and the report's share, read from the log, is the summary's."""
+    from clicooper_bus.tlog.logverify import verify_log
+
+    s = json.loads((audited / "summary.json").read_text())
+    cpu = s["cpu"]
+    rows = {r["name"]: r for r in cpu["processes"]}
+    assert cpu["missing"] == [] and set(rows) == {"owner", *s["stages"], "notary"}
+    assert rows["owner"]["role"] == "owner" and rows["notary"]["role"] == "notary"
+    for name in ("owner", *s["stages"], "notary"):
+        r = rows[name]
+        assert r["cpu_s"] > 0 and 0 < r["train_cpu_s"] <= r["cpu_s"], r
+        assert r["steps"] == s["steps"] > 0, r
+        assert r["cpu_s_per_step"] == pytest.approx(r["train_cpu_s"] / r["steps"], rel=1e-3)
+    share = rows["owner"]["train_cpu_s"] / sum(rows[n]["train_cpu_s"]
+                                               for n in ("owner", *s["stages"]))
+    assert 0 < s["owner_cpu_share"] < 1 and s["owner_cpu_share"] == pytest.approx(share, rel=1e-3)
+    assert "broker stopped" in cpu["clock"]  # where the broker's CPU is
+    # one usage message per process, each signed by its sender, in a log that verifies
+    r = verify_log(audited / "log")
+    assert r.ok, r.failure
+    assert r.per_kind["usage"] == 2 + len(s["stages"]) == s["messages"]["usage"] + 1  # + notary
+    # the auditor's numbers come from those messages, and agree with the owner's summary
+    doc = json.loads((audited / "audit" / "report.json").read_text())
+    got = doc["settings"]["cpu"]
+    assert got["processes"] == cpu["processes"] and got["missing"] == []
+    assert doc["settings"]["owner_cpu_share"] == pytest.approx(s["owner_cpu_share"])
+    md = (audited / "audit" / "report.md").read_text()
+    assert f"and {s['owner_cpu_share']:.1%} of the training CPU measured" in md
+    out = (audited / "telemetry" / "owner.out").read_text()
+    assert f"{s['owner_cpu_share']:.1%} of the training CPU measured" in out

@@ -40,8 +40,13 @@ from clicooper_bus.ml.models import plan_spec, segments_from_state_dict
 from clicooper_bus.ml.privacy import defences
 from clicooper_bus.ml.privacy.labels import group_sum
 from clicooper_bus.ml.privacy.release import FilterSpec, inference_model
+from clicooper_bus.net.codec import unpack
 from clicooper_bus.net.identity import PublicIdentity
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.wire import parse_header, split_leaf
 from clicooper_bus.plan import schedule
+from clicooper_bus.protocol import ProtocolError, Usage, cpu_table
+from clicooper_bus.tlog.log import ProvenanceLog
 from clicooper_bus.tlog.logverify import VerifyResult, verify_log
 from clicooper_bus.tlog.retention import Retention
 
@@ -215,6 +220,8 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     owner_acc = scoring.accuracy(_predict(owner_model, truth.eval_images, groups),
                                  truth.eval_labels)
     audit.settings = _settings(audit, replayed, cfg, spec, owner_acc, info)
+    audit.settings["cpu"] = measured_cpu(run.log)
+    audit.settings["owner_cpu_share"] = audit.settings["cpu"]["owner_cpu_share"]
     for attack in expand_per_trainer(attacks if attacks is not None else default_attacks(),
                                      stages):
         audit.results.append(_attack(attack, knowledge, truth, audit, progress))
@@ -249,6 +256,35 @@ def _settings(audit: Audit, replayed: Replay, cfg: RunConfig, spec: FilterSpec |
         "owner_flops_share": compute_plan(plan_spec(replayed.plan), tuple(replayed.plan.cuts),
                                           tail=replayed.plan.tail, batch_size=8).owner_share,
         "retention": cfg.log.retention, **info}
+
+
+def measured_cpu(log_dir: Path) -> dict[str, Any]:
+    """The CPU every process measured of itself (`protocol.cpu_table`), from the signed `usage`
+    messages in the verified log, never from the owner's summary: the sender is the header's
+    signer (a document names nobody), so each row is that process's own word. A process with
+    no usage message, or whose body the log did not retain or does not parse, is `missing`
+    (and a second message from one sender is ignored, as the owner ignores it)."""
+    with ProvenanceLog.open(log_dir) as plog:
+        roster = Roster.open(plog.roster_bytes)
+        got: dict[str, Usage] = {}
+        unreadable: list[str] = []
+        for i in range(plog.size):
+            h = parse_header(split_leaf(plog.leaf(i))[0], plog.limits)
+            member = roster.by_key_id(h.sender) if h.kind == "usage" else None
+            if member is None or member.name in got:
+                continue
+            body = plog.body(h.body_sha256)
+            try:
+                got[member.name] = Usage.parse(unpack(body) if body is not None else None,
+                                               sender=member.name)
+            except (ProtocolError, ValueError) as exc:
+                unreadable.append(f"{member.name}: {exc}")
+    order = {"owner": 0, "trainer": 1, "notary": 2}
+    members = sorted((m for m in roster.members if m.role in order),
+                     key=lambda m: (order[m.role], roster.stages.index(m.name)
+                                    if m.role == "trainer" else 0))
+    table = cpu_table([(m.name, m.role, got.get(m.name)) for m in members])
+    return {**table, "unreadable": unreadable, "source": "the signed usage messages in the log"}
 
 
 def _add_channels(knowledge: Knowledge, audit: Audit, run: RunLayout, cfg: RunConfig, data,

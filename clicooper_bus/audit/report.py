@@ -106,6 +106,23 @@ def figures_markdown(names: Sequence[str]) -> list[str]:
     return lines
 
 
+def cpu_text(cpu: dict[str, Any] | None) -> str:
+    """The owner's measured share of the training CPU, in words, with every process's CPU
+    seconds per step, from the signed usage messages the auditor read in the log."""
+    if not cpu:
+        return "no measured CPU (an audit from before usage reports)"
+    rows = ", ".join(f"{r['name']} {r['train_cpu_s']:.2f} s" + (
+        f" ({r['cpu_s_per_step'] * 1e3:.1f} ms/step over {r['steps']} steps)"
+        if r.get("cpu_s_per_step") is not None else "") for r in cpu["processes"])
+    missing = f"; no usage message from {', '.join(cpu['missing'])}" if cpu["missing"] else ""
+    share = cpu.get("owner_cpu_share")
+    head = (f"{share:.1%} of the training CPU measured" if share is not None
+            else "an unknown share of the training CPU measured")
+    return (f"{head} (the owner's over the owner's and the trainers'; CPU seconds over each "
+            f"process's training steps, from the signed usage messages in the log: "
+            f"{rows or 'none'}{missing})")
+
+
 def epsilon_text(e: dict[str, Any] | None) -> str:
     """The privacy spent, as the auditor recomputed it, with what it holds for."""
     if not e or e.get("epsilon") is None and e.get("mechanism") in (None, "none"):
@@ -154,7 +171,8 @@ def to_markdown(doc: dict[str, Any], figure_files: Sequence[str] = ()) -> str:
               f"on the evaluation half {s.get('owner_accuracy_eval_half', float('nan')):.4f}",
               f"- configuration: **{s.get('configuration', 'undefended')}**",
               f"- compute: the owner did {s.get('owner_flops_share', float('nan')):.1%} of the "
-              f"training FLOPs (from the signed plan, `clicooper plan`)",
+              f"training FLOPs (from the signed plan, `clicooper plan`) and "
+              f"{cpu_text(s.get('cpu'))}",
               f"- privacy: {s.get('privacy')}; label obfuscation: {s.get('label_obfuscation')}",
               f"- {epsilon_text(s.get('epsilon'))}",
               f"- attacked: {s.get('released_samples')} released activations of epoch(s) "
