@@ -50,6 +50,20 @@ class LogCorrupted(LogError):
         self.index = index
 
 
+class LogFull(LogError):
+    """The file system holding the log ran out of space (ENOSPC) or quota (EDQUOT) on an append,
+    a checkpoint or an fsync. What failed was cut back: the log holds every entry before it and
+    verifies. Names the file, the bytes needed and the bytes free."""
+
+    def __init__(self, *, path: str, needed: int, free: int | None, entries: int):
+        left = f"{free} bytes free" if free is not None else "free space unknown"
+        super().__init__(
+            f"no space left for the provenance log: writing {needed} bytes to {path} failed "
+            f"({left}); the log is kept and verifiable up to entry {entries}: free space on "
+            f"that file system (or give the run another [run] out_dir) and start the run again")
+        self.path, self.needed, self.free, self.entries = path, needed, free, entries
+
+
 class RejectedMessage(ClicooperError):
     """A message the verifier refused. Subclasses say why."""
 
@@ -114,3 +128,22 @@ class SeqGap(RejectedMessage):
 
 class BrokenChain(RejectedMessage):
     code = "broken_chain"
+
+
+class PoisonedInput(ClicooperError):
+    """A value a roster member sent that its receiver refuses to use: a tensor of another dtype
+    or shape than the signed plan implies, or holding NaN or infinity, or a non-finite loss or
+    weight. It names the sender, the message kind, the step (None where a message has none) and
+    the problem; the receiver stops the run cleanly on it (nothing poisoned is trained on,
+    saved or certified)."""
+
+    def __init__(self, *, sender: str, kind: str, step: int | None, problem: str):
+        at = f" of step {step}" if step is not None else ""
+        super().__init__(f"refused {kind}{at} from {sender}: {problem}")
+        self.sender, self.kind, self.step, self.problem = sender, kind, step, problem
+
+    def to_doc(self) -> dict[str, str | int]:
+        """The refusal as a map (`End.refused`, `summary.json` `stopped`); no step when None."""
+        doc: dict[str, str | int] = {"sender": self.sender, "kind": self.kind,
+                                     "problem": self.problem}
+        return {**doc, "step": self.step} if self.step is not None else doc

@@ -330,7 +330,7 @@ def test_failed_write_is_cut_back_and_stops_the_writer(small_log, monkeypatch):
     h = parse_header(raw)
     body = bytes(plog.body(h.body_sha256))
     monkeypatch.setattr(records.os, "write", half_then_fail)
-    with pytest.raises(OSError):
+    with pytest.raises(LogError, match="no space left"):  # LogFull, naming path and bytes
         plog.append(h, sig, body)
     monkeypatch.setattr(records.os, "write", real_write)
     assert (small_log / "leaves.dat").stat().st_size == size_before
@@ -396,3 +396,67 @@ def test_a_misspelt_retention_kind_is_refused_not_defaulted(spec, message):
     with pytest.raises(ConfigError, match=message) as info:
         Retention.parse(spec)
     assert "eval_out" in str(info.value) or "evl_out" not in spec
+
+
+def test_a_full_disk_is_a_clear_error_and_the_log_still_verifies(small_log, monkeypatch):
+    """ENOSPC (or EDQUOT) on the leaf's write, after its new body was written: LogFull names
+    the directory and the bytes needed; the body written for it is cut back at once, so the
+    log verifies as it is (no orphan body) and reopens to continue."""
+    import errno
+
+    import clicooper_bus.tlog.records as records
+    from clicooper_bus.errors import LogFull
+    from clicooper_bus.net.wire import Sender
+
+    keys = small_log.parent / "keys"
+    owner = load_identity(keys / "owner.key")
+    plog = ProvenanceLog.open(small_log, writable=True, signer=load_identity(keys / "notary.key"))
+    roster = Roster.open(plog.roster_bytes)
+    last = max((parse_header(split_leaf(plog.leaf(i))[0]) for i in range(plog.size)),
+               key=lambda h: h.seq if h.sender == owner.key_id else -1)
+    env = Sender(owner, plog.run_id, seq=last.seq, prev=last.digest, nonce=roster.nonce
+                 ).seal_array("fwd", "trainer-1", np.full((4, 8), 7.5, np.float32), epoch=99)
+    env = Verifier(roster, plog.run_id, partial=True).verify_frames(env.frames())
+    size, bodies = plog.size, (small_log / "bodies.dat").stat().st_size
+    real_write, calls = os.write, []
+
+    def full_on_the_leaf(fd, data):
+        calls.append(len(data))
+        if len(calls) == 2:  # the body went through; the leaf finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(records.os, "write", full_on_the_leaf)
+    with pytest.raises(LogFull) as info:
+        plog.append_envelope(env)
+    monkeypatch.setattr(records.os, "write", real_write)
+    msg = str(info.value)
+    assert f"writing {info.value.needed} bytes to {small_log} failed" in msg, msg
+    assert info.value.needed >= len(env.body) + 32 + 16 and f"up to entry {size}" in msg
+    assert (small_log / "bodies.dat").stat().st_size == bodies  # the orphan body was cut
+    plog.close()
+    assert verify_log(small_log).ok
+
+
+def test_a_full_disk_on_the_checkpoint_fsync_keeps_the_earlier_checkpoints(small_log,
+                                                                          monkeypatch):
+    import errno
+
+    import clicooper_bus.tlog.records as records
+    from clicooper_bus.errors import LogFull
+
+    _append_more(small_log, 3)  # three more entries, signed
+    keys = small_log.parent / "keys"
+    with ProvenanceLog.open(small_log, writable=True, signer=load_identity(keys / "notary.key")
+                            ) as plog:
+        count = plog.checkpoint_count
+
+        def full(fd):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+        monkeypatch.setattr(records.os, "fsync", full)
+        with pytest.raises(LogFull, match="no space left for the provenance log"):
+            plog.sign_checkpoint()
+        monkeypatch.undo()
+        assert plog.checkpoint_count == count
+    assert verify_log(small_log).ok

@@ -23,6 +23,7 @@ process loses nothing it appended.
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import hashlib
 import json
@@ -32,7 +33,7 @@ from typing import Literal
 
 import structlog
 
-from clicooper_bus.errors import ConfigError, LogCorrupted, LogError, NoteError
+from clicooper_bus.errors import ConfigError, LogCorrupted, LogError, LogFull, NoteError
 from clicooper_bus.layout import write_atomic
 from clicooper_bus.net.identity import Identity, check_name
 from clicooper_bus.net.wire import (
@@ -59,6 +60,17 @@ PREV_EXTENSION = "clicooper-prev"
 MAX_NOTE_RECORD = 1 << 16
 
 log = structlog.get_logger("clicooper.log")
+FULL = (errno.ENOSPC, errno.EDQUOT)  # the disk or the quota is full
+RECORD_OVERHEAD = 8  # a record's length and checksum (records.PREFIX)
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding `path`."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def default_origin(run_id: str) -> str:
@@ -280,7 +292,9 @@ class ProvenanceLog:
         """Append one verified message; keeps its body if the retention policy says so.
 
         The body goes to disk before the leaf, so a crash between the two leaves an orphan
-        body, never a leaf whose retained body is missing.
+        body, never a leaf whose retained body is missing. A failed write is cut back (its body
+        too) and stops the writer (LogError on the next append; reopen to continue). Raises
+        LogFull (naming the directory and the bytes needed) when the disk or quota is full.
         """
         if not self.writable or self._expected is None:
             raise LogError(f"log {self.dir} was opened read-only")
@@ -289,6 +303,7 @@ class ProvenanceLog:
                            f"the log to continue from what is on disk")
         if len(body) != header.body_len:
             raise ValueError("body does not match its header: verify messages before logging")
+        bodies_before, leaf, landed = len(self.bodies), header.raw + signature, False
         try:
             if self._expected.add(header, self.size) and \
                     header.body_sha256 not in self._body_index:
@@ -296,13 +311,21 @@ class ProvenanceLog:
                     header.body_sha256 + bytes(body))
                 if self.fsync == "always":
                     self.bodies.sync()
-            leaf = header.raw + signature
             index = self.leaves.append(leaf)
+            landed = True
             self.tree.append(leaf)
             if self.fsync == "always":
                 self.leaves.sync()
         except BaseException as exc:
             self._broken = exc  # in-memory state may be ahead of the disk: stop here
+            if not landed:
+                # the leaf did not land: a body written for it alone would be an orphan that
+                # fails verification until a writable open cuts it, so cut it now
+                self.bodies.truncate(bodies_before)
+            if isinstance(exc, OSError) and exc.errno in FULL:
+                needed = 2 * RECORD_OVERHEAD + len(leaf) + 32 + len(body)
+                raise LogFull(path=str(self.dir), needed=needed, free=_free_bytes(self.dir),
+                              entries=self.size) from exc
             raise
         return index
 
@@ -310,20 +333,29 @@ class ProvenanceLog:
         return self.append(env.header, env.signature, env.body)
 
     def sign_checkpoint(self) -> str:
-        """Sign and store a checkpoint of the current tree; returns the note's text."""
+        """Sign and store a checkpoint of the current tree; returns the note's text. Raises
+        LogFull when the disk or quota is full (on the fsync or the note's write)."""
         if not self.writable or self.signer is None:
             raise LogError(f"log {self.dir} has no signing key: open it with signer=")
-        if self.fsync != "never":
-            for rf in (self.bodies, self.leaves):
-                rf.sync()
-        if len(self.notes) and self.checkpoint_at(len(self.notes) - 1).size == self.size:
-            return self.latest_note() or ""  # nothing new to sign
-        cp = Checkpoint(self.origin, self.size, self.tree.root(),
-                        (meta_line(self.meta_digest), prev_line(self.latest_note())))
-        note = cp.sign(self.signer)
-        self.notes.append(note.encode())
-        if self.fsync != "never":
-            self.notes.sync()
+        note = ""
+        try:
+            if self.fsync != "never":
+                for rf in (self.bodies, self.leaves):
+                    rf.sync()
+            if len(self.notes) and self.checkpoint_at(len(self.notes) - 1).size == self.size:
+                return self.latest_note() or ""  # nothing new to sign
+            cp = Checkpoint(self.origin, self.size, self.tree.root(),
+                            (meta_line(self.meta_digest), prev_line(self.latest_note())))
+            note = cp.sign(self.signer)
+            self.notes.append(note.encode())  # a failed write is cut back by the record file
+            if self.fsync != "never":
+                self.notes.sync()
+        except OSError as exc:
+            if exc.errno in FULL:  # a note that did not land was cut: the earlier ones verify
+                needed = RECORD_OVERHEAD + (len(note.encode()) if note else 1024)  # ~ a note
+                raise LogFull(path=str(self.dir), needed=needed, free=_free_bytes(self.dir),
+                              entries=self.size) from exc
+            raise
         return note
 
     # --- reading -------------------------------------------------------------------------
