@@ -14,6 +14,7 @@ atomic writer every artefact goes through.
       audit/               the auditor's report.json, report.md and figures
       telemetry/           each process's structlog JSON lines (`clicooper run`)
       sweep-entry.json     what `clicooper sweep` ran here
+      INTERRUPTED          `clicooper run` was stopped by a signal (which, when)
 
 In the spirit of Tessera's layout module: paths are computed here and nowhere else, so a
 change of layout is one change. Nothing here imports torch.
@@ -21,9 +22,12 @@ change of layout is one change. Nothing here imports torch.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
@@ -52,6 +56,34 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def non_finite(doc: Any, where: str = "") -> str | None:
+    """The path (`per_epoch[0].loss`) of the first NaN or infinity in a JSON-like document, or
+    None when every number is finite."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return where or "(the document)"
+    if isinstance(doc, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in doc.items())
+    elif isinstance(doc, list | tuple):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(doc))
+    else:
+        return None
+    for path, value in items:
+        found = non_finite(value, path)
+        if found is not None:
+            return found
+    return None
+
+
+def json_text(doc: Any, *, what: str, indent: int | None = 2) -> str:
+    """`doc` as strict JSON text (ending in a newline): never NaN or Infinity, which are not
+    JSON. Raises ValueError naming `what` (the file) and the key whose number is not finite."""
+    bad = non_finite(doc)
+    if bad is not None:
+        raise ValueError(f"{what} would hold a non-finite number at {bad}; refusing to write "
+                         f"invalid JSON (a diverged or poisoned value reached it)")
+    return json.dumps(doc, indent=indent, allow_nan=False) + "\n"
 
 
 @dataclass(frozen=True)
@@ -137,6 +169,12 @@ class RunLayout:
     @property
     def sweep_entry(self) -> Path:
         return self.root / "sweep-entry.json"
+
+    @property
+    def interrupted(self) -> Path:
+        """`INTERRUPTED`: `clicooper run` was stopped by a signal (JSON: signal, time); a run
+        directory holding it is not reused without `--force`."""
+        return self.root / "INTERRUPTED"
 
     def made(self) -> list[Path]:
         """The artefacts that mark a directory as holding a run already (its id is taken)."""

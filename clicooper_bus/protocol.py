@@ -21,7 +21,9 @@ Control messages (the msgpack bodies of the kinds below; tensors are `fwd`, `bwd
 | `hello`      | trainer → all        | `Hello`: it built the roster's model and schedule   |
 | `metrics`    | last stage → owner   | `Metrics`: a training step's loss and correct count |
 | `round`      | owner → all          | `Round`: a watermark round starts or ends           |
-| `end`        | owner → all          | `End`: training is over, deliver segments           |
+| `end`        | owner → all          | `End`: training is over, deliver segments (or, with |
+|              |                      | `stopped`, the run stops early: deliver nothing)    |
+|              | trainer → owner      | `End` with `refused`: it refused poisoned input     |
 | `segment`    | trainer → owner      | `Segment`: its weights, sealed to the owner         |
 | `usage`      | trainer, notary →    | `Usage`: the CPU seconds it measured, and its steps |
 |              | owner; owner → all   | (the owner's own, so the log holds every number)    |
@@ -193,6 +195,8 @@ class Metrics(Control):
     correct: int
 
     def _checked(self, sender: str | None) -> Metrics:
+        if not math.isfinite(self.loss):
+            raise self._refuse(f"loss is {self.loss}", "loss", sender)
         if self.correct < 0:
             raise self._refuse("correct is negative", "correct", sender)
         return self
@@ -214,8 +218,29 @@ class Round(Control):
 
 @dataclass(frozen=True)
 class End(Control):
+    """Training is over: from the owner to all, trainers deliver their segments. `stopped`: the
+    run stops early instead (a refusal: nothing is delivered, the notary signs a final
+    checkpoint over what it logged). From a trainer to the owner, `refused` says what input it
+    refused (`PoisonedInput.to_doc`: sender, kind, problem, step), and the owner stops the run.
+    Both fields are sent only when set, so a plain end is the map owners always sent."""
+
     KIND: ClassVar[str] = "end"
     reason: str
+    stopped: bool = False
+    refused: dict[str, str | int] | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"reason": self.reason}
+        if self.stopped:
+            doc["stopped"] = True
+        if self.refused is not None:
+            doc["refused"] = dict(self.refused)
+        return doc
+
+    def _checked(self, sender: str | None) -> End:
+        if self.refused is not None and not {"sender", "kind", "problem"} <= set(self.refused):
+            raise self._refuse("refused must name sender, kind and problem", "refused", sender)
+        return self
 
 
 @dataclass(frozen=True)

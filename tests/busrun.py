@@ -37,8 +37,8 @@ def write_config(tmp: Path, *, run_id: str = "t", trainers: int = 3, **sections)
 
 
 @contextmanager
-def processes(path: Path, evil: str | None = None):
-    """Start every process of the run configured at `path` (trainer-1 replaced by
+def processes(path: Path, evil: str | None = None, evil_as: str = "trainer-1"):
+    """Start every process of the run configured at `path` (`evil_as` replaced by
     tests/evil_trainer.py in mode `evil`, if given); yields (config, telemetry dir, processes)
     and kills whatever is still running on the way out."""
     cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
@@ -48,7 +48,7 @@ def processes(path: Path, evil: str | None = None):
     try:
         for name, cmd in _commands(cfg, cfg_path):
             env = None
-            if name == "trainer-1" and evil is not None:
+            if name == evil_as and evil is not None:
                 cmd = [sys.executable, "-m", "tests.evil_trainer", *cmd[3:]]
                 env = dict(os.environ, EVIL_MODE=evil)
             procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),

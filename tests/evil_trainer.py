@@ -1,8 +1,10 @@
 """A roster-listed trainer that misbehaves once it has joined: by default it sends the owner
 forged metrics and unexpected outputs, and everyone a bogus checkpoint, then trains honestly;
 with EVIL_MODE=swallow it silently loses one step's activations but keeps beating; with
-EVIL_MODE=old it says hello as a trainer from before pipelining did (no schedule). Started by
-tests/test_bus_faults.py in place of a real trainer."""
+EVIL_MODE=old it says hello as a trainer from before pipelining did (no schedule); with
+EVIL_MODE=poison:KIND:STEP:HOW it trains honestly but poisons the KIND tensor it sends at STEP
+(HOW: nan, inf, float64, shape (one row short), int8). Started by tests/test_bus_faults.py and
+tests/test_poison.py in place of a real trainer."""
 
 from __future__ import annotations
 
@@ -19,8 +21,34 @@ from clicooper_bus.services.trainer import stage as real  # noqa: E402 (after th
 from clicooper_bus.services.trainer.__main__ import main  # noqa: E402
 
 
+def poisoned(array, how: str) -> np.ndarray:
+    """`array` (a tensor or an array) made poisonous: NaN or infinity in its first value, or
+    of another dtype or shape."""
+    a = np.array(array.detach().numpy() if hasattr(array, "detach") else array)
+    if how in ("nan", "inf"):
+        a.reshape(-1)[0] = np.nan if how == "nan" else np.inf
+        return a
+    if how == "shape":
+        return a[:-1]
+    return a.astype({"float64": np.float64, "int8": np.int8}[how])
+
+
 class EvilTrainer(real.Trainer):
     def _join(self) -> None:
+        mode = os.environ.get("EVIL_MODE", "")
+        if mode.startswith("poison:"):
+            _, kind, step, how = mode.split(":")
+            send_array = self.bus.send_array
+
+            def poisoning(k, to, array, **meta):
+                if k == kind and meta.get("step") == int(step):
+                    array = poisoned(array, how)
+                    self.log.info("poison sent", kind=k, step=meta.get("step"), how=how)
+                return send_array(k, to, array, **meta)
+
+            self.bus.send_array = poisoning
+            super()._join()
+            return
         if os.environ.get("EVIL_MODE") == "old":
             send_doc = self.bus.send_doc
 

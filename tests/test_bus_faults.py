@@ -21,6 +21,7 @@ from clicooper_bus.net.forwarder import Forwarder
 from clicooper_bus.net.identity import Identity, load_identity
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Sender
+from clicooper_bus.tlog.log import ProvenanceLog
 from clicooper_bus.tlog.logverify import verify_log
 from clicooper_bus.tools.run import ensure_keys, prepare, run
 from clicooper_bus.tools.siege import siege
@@ -141,6 +142,9 @@ def test_a_killed_process_stops_everyone_with_an_error(tmp_path, victim):
         assert "gone" in err, (name, err[-500:])
     if victim != "notary":  # the notary kept what it logged, up to where the run died
         assert verify_log(cfg.run_dir / "log").ok
+    else:  # killed, it still left a signed checkpoint: its first comes right after the roster
+        with ProvenanceLog.open(cfg.run_dir / "log") as plog:
+            assert plog.checkpoint_count >= 1 and plog.checkpoint_at(0).size == 1
 
 
 def test_a_misbehaving_roster_member_cannot_derail_the_run(tmp_path):

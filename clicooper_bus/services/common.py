@@ -22,6 +22,9 @@ from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
 
 EXIT_OK, EXIT_FAIL, EXIT_TERMINATED = 0, 1, 143
+# a run stopped early and cleanly on a refusal (poisoned input): the log closed and verifiable,
+# `summary.json` written with the reason under `stopped`, no model saved or certified
+EXIT_STOPPED = 3
 _OMP_MARK = "CLICOOPER_OMP_DEFAULT"  # the value we set, so a child does not take it for a user's
 
 

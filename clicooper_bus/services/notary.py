@@ -24,12 +24,13 @@ import time
 from clicooper_bus.chain.certificate import Certificate, issue
 from clicooper_bus.chain.registry import WatermarkRegistry
 from clicooper_bus.config import RunConfig
+from clicooper_bus.errors import ClicooperError, LogFull
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.bus import Bus, BusError
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import CheckpointMessage, WatermarkCertificate
+from clicooper_bus.protocol import CheckpointMessage, End, WatermarkCertificate
 from clicooper_bus.services.common import (
     EXIT_FAIL,
     EXIT_OK,
@@ -78,9 +79,16 @@ class Notary:
                 elif time.monotonic() > deadline:
                     raise BusError("no roster from the owner within the join timeout")
             return self._serve()
+        except LogFull as exc:  # the disk is full: say where, how much; the log stays verifiable
+            self.log.error("log full", path=exc.path, needed=exc.needed, free=exc.free,
+                           entries=exc.entries)
+            raise
         finally:
             if self.plog is not None:
-                self._checkpoint(publish=False)
+                try:  # a last checkpoint over what was logged, if the disk still takes one
+                    self._checkpoint(publish=False)
+                except LogFull as exc:
+                    self.log.warning("no last checkpoint: the disk is full", error=str(exc))
                 self.plog.close()
             bus.close()
 
@@ -104,6 +112,9 @@ class Notary:
         self.bus.start_beating()
         self.bus.watch({m.key_id: m.name for m in roster.members if m.role != "notary"})
         self.log.info("log created", path=str(path), members=len(roster.members))
+        # signed at once, over the roster: a notary killed at any later moment leaves a log
+        # with a signed checkpoint (a short run's first periodic one came only at its end)
+        self._checkpoint()
 
     def _serve(self) -> int:
         bus, roster = self.bus, self.roster
@@ -132,6 +143,10 @@ class Notary:
                 if env.header.kind == "ack" and env.header.sender == roster.owner.key_id:
                     self._report_usage()
                     self._checkpoint(final=True)
+                elif self._stops(env) and not self.final_sent:
+                    # the owner stopped the run early (a refusal): a final checkpoint over what
+                    # was logged, then everyone leaves as after a finished run
+                    self._checkpoint(final=True)
             now = time.monotonic()
             if self.plog.size - self.last_cp_size >= self.cfg.log.checkpoint_every or (
                     now - self.last_cp_time >= self.cfg.log.checkpoint_seconds):
@@ -156,6 +171,20 @@ class Notary:
         time.sleep(0.3)
         self.log.info("notary done", entries=self.plog.size)
         return EXIT_OK
+
+    def _stops(self, env: Envelope) -> bool:
+        """Whether `env` is the owner's `end` that stops the run early."""
+        h = env.header
+        if h.kind != "end" or h.sender != self.roster.owner.key_id:
+            return False
+        try:
+            end = End.parse(env.document(), sender=self.roster.owner.name)
+        except ClicooperError as exc:
+            self.log.warning("malformed end from the owner", error=str(exc))
+            return False
+        if end.stopped:
+            self.log.warning("the owner stopped the run", reason=end.reason)
+        return end.stopped
 
     def _meter(self, env: Envelope) -> None:
         """The notary's training window: from the first training message it logs to the last

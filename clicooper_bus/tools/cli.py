@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from clicooper_bus import __version__, telemetry
@@ -76,9 +77,36 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from clicooper_bus.tools.run import run
+    from clicooper_bus.tools.run import RunStopped, parse_sets, run
 
-    return run(args.config, quick=args.quick, out=args.out, run_id=args.run_id, audit=args.audit)
+    overrides = parse_sets(args.set, args.config)
+    try:
+        return run(args.config, quick=args.quick, out=args.out, run_id=args.run_id,
+                   audit=args.audit, overrides=overrides, force=args.force)
+    except RunStopped as exc:  # one line, no traceback; the run directory is marked
+        print(f"clicooper run: {exc}; marked INTERRUPTED (run again with --force to start "
+              f"over)", file=sys.stderr)
+        return exc.code
+
+
+def _run_epilog() -> str:
+    """`clicooper run --help`'s examples and exit codes (the table of `tools/run.py`)."""
+    from clicooper_bus.tools.run import EXIT_CODES  # torch-free
+
+    codes = "\n".join(textwrap.fill(text, 92, initial_indent=f"  {code:>3}  ",
+                                     subsequent_indent=" " * 7) for code, text in EXIT_CODES)
+    return (
+        "examples:\n"
+        "  clicooper run --quick                      a small run under a fresh id\n"
+        "  clicooper run --config configs/demo.toml --run-id try-2\n"
+        "  clicooper run --config configs/demo.toml --set run.epochs=3 --set run.lr=0.05\n"
+        "  clicooper run --config configs/demo.toml --set data.name=synthetic --audit\n"
+        "  clicooper run --config configs/demo.toml --force   delete RUN_DIR of this id first\n"
+        "\nexit codes:\n" + codes + "\n"
+        "\n" + textwrap.fill(
+            "Ctrl-C, SIGTERM and SIGHUP stop every process of the run and mark RUN_DIR with an "
+            "INTERRUPTED file; running the same id again refuses until you choose another "
+            "--run-id or pass --force (resuming an interrupted run is not built yet).", 92))
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -89,6 +117,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
         raise ClicooperError(f"{run.summary} does not exist: the run did not finish (see "
                              f"{run.telemetry} or the processes' output)") from None
     print(f"run {s['run_id']}: {s['model']} on {s['dataset']}, stages {' -> '.join(s['stages'])}")
+    if s.get("stopped"):
+        st = s["stopped"]
+        at = f" of step {st['step']}" if "step" in st else ""
+        print(f"STOPPED: {st['by']} refused {st['kind']}{at} from {st['sender']}: "
+              f"{st['problem']}; no model; {s['steps']} step(s) done")
+        return 0
     for row in s["per_epoch"]:
         acc = f", test accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""
         print(f"  epoch {row['epoch'] + 1}: loss {row['loss']:.4f}, train accuracy "
@@ -250,17 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="Ed25519 identities").add_subparsers(dest="cmd",
                                                                             required=True)
     k = keys.add_parser("new", help="write NAME.key (0600) and NAME.pub in DIR")
-    k.add_argument("name")
-    k.add_argument("--dir", required=True)
+    k.add_argument("name", help="the identity's name (letters, digits, . _ -)")
+    k.add_argument("--dir", required=True, help="the key directory")
     k.add_argument("--force", action="store_true", help="overwrite an existing identity")
     k.set_defaults(func=cmd_keys_new)
     k = keys.add_parser("show", help="print a public key file's name, key id and verifier key")
-    k.add_argument("file")
+    k.add_argument("file", help="a NAME.pub file")
     k.set_defaults(func=cmd_keys_show)
 
     k = keys.add_parser("ensure", help="create the named identities that do not exist yet")
-    k.add_argument("names", nargs="+")
-    k.add_argument("--dir", required=True)
+    k.add_argument("names", nargs="+", help="identity names")
+    k.add_argument("--dir", required=True, help="the key directory")
     k.set_defaults(func=cmd_keys_ensure)
 
     k = keys.add_parser("add", help="store a public key line a device printed (`clicooper join`) "
@@ -288,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the owner's roster (default: %(default)s)")
     j.set_defaults(func=cmd_join)
 
-    r = sub.add_parser("run", help="run broker, notary, owner and trainers on this machine")
+    r = sub.add_parser("run", help="run broker, notary, owner and trainers on this machine",
+                       description="Run broker, notary, owner and trainers on this machine, "
+                                   "wait for them, verify the log and print the summary.",
+                       epilog=_run_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--config", help="run config (TOML); see `clicooper config defaults`")
     r.add_argument("--quick", action="store_true",
                    help="a small subset in one epoch (under a minute on 2 cores), under a "
@@ -297,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-id", help="run id (default: the config's run.id)")
     r.add_argument("--audit", action="store_true",
                    help="an auditor follows the run and writes RUN_DIR/audit/ at its end")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable); VALUE is TOML (3, 0.05, true, "
+                        "\"text\", [1, 2]) or a bare word, typed by the key's field, e.g. "
+                        "--set run.epochs=3")
+    r.add_argument("--force", action="store_true",
+                   help="delete an existing run directory of the same id (an interrupted or "
+                        "finished run) and start over")
     r.set_defaults(func=cmd_run)
     pl = sub.add_parser("plan", help="who computes what: FLOPs, parameters and bytes per "
                                      "sample of each participant, and the owner's share")
@@ -304,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="machine-readable table")
     pl.set_defaults(func=cmd_plan)
     r = sub.add_parser("summary", help="print a finished run's summary.json readably")
-    r.add_argument("run_dir")
+    r.add_argument("run_dir", help="the run directory (holding summary.json)")
     r.set_defaults(func=cmd_summary)
     a = sub.add_parser("audit", help="verify a finished run's log, attack it, write the report "
                                      "to RUN_DIR/audit/")
@@ -352,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "marks alone can be written by anyone holding the bundle)")
     m.set_defaults(func=cmd_model_verify)
     m = mp.add_parser("dispute", help="decide between competing bundles claiming one model")
-    m.add_argument("model")
+    m.add_argument("model", help="the disputed model.safetensors")
     m.add_argument("--bundle", action="append", default=[], required=True,
                    help="a run's provenance/ directory, its delivered model.safetensors beside it")
     m.set_defaults(func=cmd_model_dispute)
@@ -383,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:  # Ctrl-C outside a run's processes: one line, no traceback
+        print("clicooper: interrupted", file=sys.stderr)
+        return 130
     except (ClicooperError, ValueError, OSError) as exc:
         print(f"clicooper: error: {exc}", file=sys.stderr)
         return 1

@@ -8,28 +8,74 @@ progress on the console), and waits. If any process fails, the others are stoppe
 failing one's last lines are shown. On success it verifies the log against the owner's key and
 the final checkpoint the owner saw, and prints the summary. With `--audit` an auditor follows
 the run (`clicooper_bus.services.auditor --follow`) and its report ends up in `<out>/<id>/audit/`.
+
+SIGINT (Ctrl-C), SIGTERM and SIGHUP stop every process of the run, mark the run directory
+(`INTERRUPTED`, see `RunLayout.interrupted`) and exit 128 + the signal's number (130, 143, 129).
+A run that a participant stopped on a refusal (poisoned input) exits 3, its `summary.json`
+saying why under `stopped`. Exit codes: `EXIT_CODES`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 from clicooper_bus.config import RunConfig, load_config
-from clicooper_bus.errors import ClicooperError
+from clicooper_bus.errors import ClicooperError, ConfigError
 from clicooper_bus.layout import RunLayout, write_atomic
 from clicooper_bus.ml.npz_check import CheckedNpz, check_npz
 from clicooper_bus.net.identity import Identity, key_paths, write_identity
 from clicooper_bus.tlog.logverify import verify_log
 
 QUICK = {"run": {"epochs": 1}, "data": {"train_limit": 6000, "test_limit": 2000}}
+EXIT_STOPPED = 3  # as services.common.EXIT_STOPPED (tools do not import services' start-up)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# `clicooper run`'s exit codes (its --help epilog and README "Exit codes" print this table)
+EXIT_CODES = (
+    (0, "the run completed and its log verified"),
+    (1, "a process failed, the log did not verify, or the input (config, dataset, model spec, "
+        "--set) was refused before anything started"),
+    (2, "a usage error (an unknown flag or a missing argument)"),
+    (EXIT_STOPPED, "a participant refused poisoned input (a NaN, infinite, mistyped or misshapen "
+                   "tensor, loss or weight): the run stopped cleanly; summary.json says who sent "
+                   "what under 'stopped', no model was saved; the log verifies"),
+    (128 + signal.SIGHUP, "stopped by SIGHUP; RUN_DIR/INTERRUPTED marks the run"),
+    (128 + signal.SIGINT, "stopped by SIGINT (Ctrl-C); RUN_DIR/INTERRUPTED marks the run"),
+    (128 + signal.SIGTERM, "stopped by SIGTERM; RUN_DIR/INTERRUPTED marks the run"),
+)
+
+
+def parse_sets(items: list[str], config: str | None = None) -> dict[str, dict]:
+    """`--set section.key=value` overrides as {section: {key: value}}. The value is read as TOML
+    (`3`, `0.1`, `true`, `"text"`, `[1, 2]`), else taken as a bare string (`data.name=mnist`),
+    then typed by the config's field for that key. Raises ConfigError naming the `--set` item
+    and, for a bad key or value, what the config expects."""
+    over: dict[str, dict] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot or not section or not name:
+            raise ConfigError(f"--set {item!r}: write SECTION.KEY=VALUE, e.g. --set run.epochs=3")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()  # a bare word: a string
+        one = {section: {name: value}}
+        try:
+            load_config(config, one)  # each alone, so that an error names its own item
+        except ConfigError as exc:
+            raise ConfigError(f"--set {item}: {exc}") from None
+        over.setdefault(section, {})[name] = value
+    return over
 
 
 def free_port() -> int:
@@ -88,12 +134,41 @@ def check_model(cfg: RunConfig, checked: CheckedNpz | None = None) -> None:
     configured_split(cfg, shape, classes)
 
 
+def check_run_dir(run_dir: Path, force: bool = False) -> None:
+    """Refuse to reuse a run directory that is not empty (an interrupted run says so, and
+    when), unless `force`, which deletes it. Raises ClicooperError with what to do."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if force:
+        if run_dir.is_symlink() or not run_dir.is_dir():
+            raise ClicooperError(f"{run_dir} is not a directory: remove it by hand")
+        shutil.rmtree(run_dir)
+        print(f"clicooper run: --force: removed the earlier {run_dir}", file=sys.stderr)
+        return
+    marker = RunLayout(run_dir).interrupted
+    if marker.exists():
+        try:
+            what = json.loads(marker.read_text())
+            when = f" by {what['signal']} at {what['time']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            when = ""
+        raise ClicooperError(
+            f"run {run_dir.name} was interrupted{when} ({marker}); its log holds what was logged "
+            f"until then. Resuming is not built yet: run again with --force to delete {run_dir} "
+            f"and start over under the same id, or choose another --run-id")
+    raise ClicooperError(f"{run_dir} already exists and is not empty: choose another run id "
+                         f"(--run-id) or output directory (--out), or --force to delete it and "
+                         f"start over")
+
+
 def prepare(config: str | None, overrides: dict, out: str | None,
-            free_ports: bool = True) -> tuple[RunConfig, Path]:
+            free_ports: bool = True, force: bool = False) -> tuple[RunConfig, Path]:
     """Load the effective config, make the missing keys and the run directory, and write the
     config into it. Returns (config, path of RUN_DIR/config.toml). Raises ClicooperError if
-    the run directory exists and is not empty, ConfigError for a bad config or model spec
-    (`check_model`; DataError for a bad npz dataset, whose warnings are printed on stderr)."""
+    the run directory exists and is not empty (`check_run_dir`; `force` deletes it),
+    ConfigError for a bad config or model spec (`check_model`; DataError for a bad npz
+    dataset, whose warnings are printed on stderr). Nothing is made (no key, no directory)
+    before every check passed."""
     over = {k: dict(v) for k, v in overrides.items()}
     if out:
         over.setdefault("run", {})["out_dir"] = out
@@ -111,12 +186,10 @@ def prepare(config: str | None, overrides: dict, out: str | None,
     check_model(cfg, checked)
     p = cfg.participants
     check_remote_keys(cfg)
+    run_dir = cfg.run_dir
+    check_run_dir(run_dir, force)
     local = [t for t in p.trainers if t not in p.remote]  # a remote one brings its own key
     ensure_keys(Path(p.keys), [p.owner, p.notary, p.broker, *local, *p.observers])
-    run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ClicooperError(f"{run_dir} already exists and is not empty: choose another run id "
-                             f"(--run-id) or output directory (--out), or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
     path = RunLayout(run_dir).config
     write_atomic(path, cfg.to_toml())
@@ -139,25 +212,51 @@ def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False
 
 
 class RunStopped(ClicooperError):
-    """`clicooper run` was told to stop (SIGTERM); it stopped every process of the run."""
+    """`clicooper run` was told to stop (SIGINT, SIGTERM or SIGHUP); it stopped every process
+    of the run. `code`: the exit status, 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        self.signal = signal.Signals(signum).name
+        self.code = 128 + signum
+        super().__init__(f"stopped by {self.signal}: every process of the run was stopped; what "
+                         f"the notary logged so far is in the run directory")
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise RunStopped(f"stopped by {signal.Signals(signum).name}: every process of the run was "
-                     f"stopped; what the notary logged so far is in the run directory")
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise RunStopped(signum)
+
+
+def mark_interrupted(run_dir: Path, stopped: RunStopped) -> Path:
+    """Write `RUN_DIR/INTERRUPTED` (atomically): which signal stopped the run, and when."""
+    marker = RunLayout(run_dir).interrupted
+    doc = {"signal": stopped.signal, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "note": "clicooper run was stopped before the run finished; resuming is not built "
+                   "yet: `clicooper run --force` deletes this directory and starts over"}
+    write_atomic(marker, json.dumps(doc, indent=2) + "\n")
+    return marker
 
 
 def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
            timeout_s: float | None = None, audit: bool | str = False) -> int:
-    """Run every process; returns 0 if all succeeded. Raises RunStopped on SIGTERM, after
-    stopping them (each runs in its own session, so a signal to us alone would orphan them)."""
+    """Run every process; returns 0 if all succeeded, EXIT_STOPPED (3) if the owner stopped
+    the run on a refusal (every process then leaves by itself once the log is closed), 1 if
+    one failed. Raises RunStopped on SIGINT, SIGTERM or SIGHUP, after stopping them all (each
+    runs in its own session, so a signal to us alone would orphan them).
+
+    Why not honcho's `Manager` (which `make demo` uses through the Procfile): it handles SIGINT
+    and SIGTERM but not SIGHUP, terminates everyone the moment any one process exits (even
+    with 0: the trainers leave before the notary has closed the log for a following auditor,
+    and a stopped run's processes leave one by one), merges each process's stdout and stderr
+    into one prefixed console stream (we keep each process's telemetry in its own JSON-lines
+    file and echo only the owner's progress), and forks a helper per process. What it would
+    save us is this loop and the killpg below; what we need from it, it does not do."""
     tel = RunLayout(cfg.run_dir).telemetry
     tel.mkdir(parents=True, exist_ok=True)
     procs: dict[str, subprocess.Popen] = {}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    previous = None
+    previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        previous = {s: signal.signal(s, _stop_on_signal) for s in STOP_SIGNALS}
     try:
         for name, cmd in _commands(cfg, config_path, audit):
             procs[name] = subprocess.Popen(
@@ -182,20 +281,20 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
         workers = [n for n in procs if n != "broker"]
         while True:
             codes = {n: procs[n].poll() for n in procs}
-            failed = [n for n, c in codes.items() if c not in (None, 0)]
+            failed = [n for n, c in codes.items() if c not in (None, 0, EXIT_STOPPED)]
             if failed or procs["broker"].poll() is not None and codes["broker"] != 0:
                 _report(failed or ["broker"], tel)
                 return 1
-            if all(codes[n] == 0 for n in workers):
-                return 0
+            if all(codes[n] in (0, EXIT_STOPPED) for n in workers):
+                return EXIT_STOPPED if codes.get("owner") == EXIT_STOPPED else 0
             if deadline and time.monotonic() > deadline:
                 print(f"clicooper run: timed out after {timeout_s:.0f} s", file=sys.stderr)
                 _report([n for n in workers if codes[n] is None], tel)
                 return 1
             time.sleep(0.2)
     finally:
-        if previous is not None:  # a second SIGTERM must not cut the cleanup short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for s in previous:  # a second signal must not cut the cleanup short
+            signal.signal(s, signal.SIG_IGN)
         for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -205,8 +304,8 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _report(names: list[str], tel: Path) -> None:
@@ -229,8 +328,10 @@ def fresh_run_id(prefix: str) -> str:
 def run(config: str | None, *, quick: bool = False, out: str | None = None,
         run_id: str | None = None, echo: bool = True, timeout_s: float | None = None,
         free_ports: bool = True, audit: bool | str = False,
-        overrides: dict | None = None) -> int:
-    """`overrides` ({section: {key: value}}) apply on top of the config file."""
+        overrides: dict | None = None, force: bool = False) -> int:
+    """`overrides` ({section: {key: value}}) apply on top of the config file; `force` deletes
+    an existing run directory of the same id first. Returns an exit code of `EXIT_CODES`;
+    raises RunStopped on a stop signal, after marking the run directory INTERRUPTED."""
     base = {k: dict(v) for k, v in (overrides or {}).items()}
     for k, v in (QUICK.items() if quick else ()):
         base.setdefault(k, {}).update(v)
@@ -242,20 +343,32 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
     if audit:
         observers = load_config(config, overrides).participants.observers
         overrides.setdefault("participants", {})["observers"] = sorted({*observers, "auditor"})
-    cfg, path = prepare(config, overrides, out, free_ports)
+    cfg, path = prepare(config, overrides, out, free_ports, force)
     if cfg.participants.remote:
         print(remote_notice(cfg), flush=True)
     t0 = time.perf_counter()
-    code = launch(cfg, path, echo=echo, timeout_s=timeout_s, audit=audit)
-    if code != 0:
+    try:
+        code = launch(cfg, path, echo=echo, timeout_s=timeout_s, audit=audit)
+    except RunStopped as exc:
+        mark_interrupted(cfg.run_dir, exc)
+        raise
+    if code not in (0, EXIT_STOPPED):
         return code
     owner_key = Path(cfg.participants.keys) / f"{cfg.participants.owner}.pub"
     from clicooper_bus.net.identity import load_public
 
     layout = RunLayout(cfg.run_dir)
-    result = verify_log(layout.log, owner=load_public(owner_key),
-                        witnessed=[layout.checkpoint.read_text()])
+    witnessed = [layout.checkpoint.read_text()] if layout.checkpoint.exists() else []
+    result = verify_log(layout.log, owner=load_public(owner_key), witnessed=witnessed)
     summary = json.loads(layout.summary.read_text())
+    if code == EXIT_STOPPED:
+        st = summary.get("stopped", {})
+        at = f" of step {st['step']}" if "step" in st else ""
+        print(f"run {cfg.run.id} STOPPED: {st.get('by')} refused {st.get('kind')}{at} from "
+              f"{st.get('sender')}: {st.get('problem')}; no model saved; log "
+              f"{'verified' if result.ok else 'verification FAILED: ' + str(result.failure)} "
+              f"({layout.log})", file=sys.stderr)
+        return EXIT_STOPPED
     print(f"run {cfg.run.id}: test accuracy {summary['test_accuracy']:.4f} after "
           f"{summary['epochs']} epoch(s); {time.perf_counter() - t0:.1f} s")
     if result.ok:

@@ -10,7 +10,7 @@ import json
 from safetensors.torch import save
 
 from clicooper_bus.config import RunConfig
-from clicooper_bus.layout import RunLayout, write_atomic
+from clicooper_bus.layout import RunLayout, json_text, write_atomic
 from clicooper_bus.ml.delivered import model_metadata
 from clicooper_bus.ml.models import state_dict_with_prefix
 from clicooper_bus.net.identity import PublicIdentity
@@ -45,8 +45,9 @@ def write_label_groups(layout: RunLayout, groups) -> None:
 
 
 def write_summary(layout: RunLayout, summary: dict) -> None:
-    """`summary.json`; refuses NaN or infinity (ValueError) rather than write invalid JSON."""
-    write_atomic(layout.summary, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    """`summary.json`. Raises ValueError naming the key of a NaN or infinity rather than write
+    invalid JSON (received values are checked finite before use, so none should reach it)."""
+    write_atomic(layout.summary, json_text(summary, what=str(layout.summary)))
 
 
 def write_provenance(layout: RunLayout, *, cfg: RunConfig, stages: list[str], rounds: int,
@@ -60,10 +61,10 @@ def write_provenance(layout: RunLayout, *, cfg: RunConfig, stages: list[str], ro
     for (k, t), raw in sorted(certs.items()):
         write_atomic(bundle.certificate(k, t), raw)
     write_atomic(bundle.checkpoint, final_note)
-    write_atomic(bundle.checkpoints, json.dumps(checkpoints, indent=1) + "\n")
+    write_atomic(bundle.checkpoints, json_text(checkpoints, what="checkpoints.json", indent=1))
     w = cfg.watermark
     manifest = {"format": "clicooper-provenance/1", "run_id": cfg.run.id, "stages": stages,
                 "rounds": rounds, "bits": w.bits, "threshold": w.threshold,
                 "model_sha256": model_sha, "owner": owner.vkey, "notary": notary.vkey}
-    write_atomic(bundle.manifest, json.dumps(manifest, indent=2) + "\n")
+    write_atomic(bundle.manifest, json_text(manifest, what="manifest.json"))
     print(f"owner: wrote {bundle.root} ({len(certs)} certificates)", flush=True)

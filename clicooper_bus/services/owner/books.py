@@ -11,10 +11,17 @@ import structlog
 
 from clicooper_bus.chain.certificate import open_certificate
 from clicooper_bus.chain.documents import Claim, Commit
-from clicooper_bus.errors import ClicooperError
+from clicooper_bus.errors import ClicooperError, PoisonedInput
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import CheckpointMessage, Hello, Metrics, Usage, WatermarkCertificate
+from clicooper_bus.protocol import (
+    CheckpointMessage,
+    Hello,
+    Metrics,
+    ProtocolError,
+    Usage,
+    WatermarkCertificate,
+)
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 
 
@@ -55,7 +62,10 @@ class Books:
         name, step = self.names[env.header.sender], env.header.step
         if step is None or step in self.metrics:
             raise ClicooperError(f"{name} sent malformed or repeated metrics for step {step}")
-        self.metrics[step] = Metrics.parse(env.document(), sender=name)
+        try:  # a non-finite loss is never kept (the summary would carry it): the run stops
+            self.metrics[step] = Metrics.parse(env.document(), sender=name)
+        except ProtocolError as exc:
+            raise PoisonedInput(sender=name, kind="metrics", step=step, problem=str(exc)) from None
 
     def on_usage(self, env: Envelope) -> None:
         """A trainer's or the notary's measured CPU (the route admits only them; each signs

@@ -12,21 +12,23 @@ Every message goes through one receive loop (`Dispatcher`) and its handler table
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from clicooper_bus.config import RunConfig
-from clicooper_bus.errors import ClicooperError, ConfigError
+from clicooper_bus.errors import ClicooperError, ConfigError, PoisonedInput
 from clicooper_bus.layout import RunLayout, write_atomic
 from clicooper_bus.ml.compute import compute_plan
 from clicooper_bus.ml.privacy import defences as privacy
-from clicooper_bus.net.bus import Bus
+from clicooper_bus.ml.tensors import check_weights
+from clicooper_bus.net.bus import Bus, BusError
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.plan import schedule
 from clicooper_bus.protocol import Ack, End, Round, Segment, Usage, cpu_table
-from clicooper_bus.services.common import EXIT_OK, identity, open_bus, public
+from clicooper_bus.services.common import EXIT_OK, EXIT_STOPPED, identity, open_bus, public
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner import artefacts
 from clicooper_bus.services.owner.books import Books
@@ -44,6 +46,16 @@ CPU_NOTE = ("time.process_time() of each process (user + system CPU seconds of a
             "from its signed usage message in the log; train_cpu_s spans its first training "
             "step's start to its last one's end; the notary's cpu_s runs to the owner's ack; "
             "the broker's cpu_s is in its telemetry line 'broker stopped' (telemetry/broker.jsonl)")
+
+
+class Refused(ClicooperError):
+    """A trainer refused poisoned input (its signed `end` with `refused`): the run stops."""
+
+    def __init__(self, by: str, refused: dict):
+        what = PoisonedInput(sender=str(refused["sender"]), kind=str(refused["kind"]),
+                             step=refused.get("step"), problem=str(refused["problem"]))
+        super().__init__(f"{by} {what}")
+        self.stopped = {"by": by, **what.to_doc()}
 
 
 class Owner:
@@ -74,6 +86,7 @@ class Owner:
                                  self.kid)
         self.rounds = 0
         self.evaluations = 0
+        self.per_epoch: list[dict] = []  # each finished epoch's row (kept for a stopped run)
 
     def _routes(self) -> None:
         """The handler table: who may send the owner each kind, and what it does with it."""
@@ -91,9 +104,20 @@ class Owner:
         route("eval_out", {last}, keep)
         route("segment", stages, keep)
         route("usage", stages | {notary}, b.on_usage)  # each signs its own: nobody else's
+        route("end", stages, self._on_refusal)  # a trainer refused poisoned input
         if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
             route("fwd", {last}, keep)
             route("eval_fwd", {last}, keep)
+
+    def _on_refusal(self, env) -> None:
+        """A trainer's `end` says what input it refused; the run stops (raises Refused). One
+        without a refusal means nothing and is ignored."""
+        name = self.books.names[env.header.sender]
+        end = End.parse(env.document(), sender=name)
+        if end.refused is None:
+            self.log.warning("an end from a trainer without a refusal ignored", sender=name)
+            return
+        raise Refused(name, end.refused)
 
     def until(self, what: str, ready) -> None:
         self.training.wait(what, ready)
@@ -101,24 +125,65 @@ class Owner:
     # --- the run -------------------------------------------------------------------------------
 
     def run(self) -> int:
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
-            self._join()
-            per_epoch, step = self._train()
-            sent = self._collect_segments()
-            if self.cfg.privacy.evaluate == "owner":  # on the delivered model, nothing released
-                per_epoch[-1]["accuracy"] = self.training.evaluate_locally()
-                print(f"owner: test accuracy of the delivered model {per_epoch[-1]['accuracy']:.4f}",
-                      flush=True)
+            try:
+                self._join()
+                per_epoch, step = self._train()
+                sent = self._collect_segments()
+                if self.cfg.privacy.evaluate == "owner":  # on the delivered model, nothing released
+                    per_epoch[-1]["accuracy"] = self.training.evaluate_locally()
+                    print(f"owner: test accuracy of the delivered model "
+                          f"{per_epoch[-1]['accuracy']:.4f}", flush=True)
+            except PoisonedInput as exc:  # refused here
+                return self._stop({"by": self.cfg.participants.owner, **exc.to_doc()}, str(exc),
+                                  time.perf_counter() - t0)
+            except Refused as exc:  # refused by a trainer
+                return self._stop(exc.stopped, str(exc), time.perf_counter() - t0)
             self._finish(per_epoch, step, sent, time.perf_counter() - t0)
             return EXIT_OK
         finally:
             self.bus.close()
 
+    def _stop(self, stopped: dict, text: str, wall: float) -> int:
+        """Stop the run cleanly on a refusal: nothing more is trained, no model is saved or
+        certified. Tell everyone (`end` with `stopped`; the notary signs a final checkpoint over
+        what it logged), write `checkpoint.txt` and `summary.json` with the reason under
+        `stopped`, and leave once the notary closes the log. Returns EXIT_STOPPED."""
+        print(f"owner: error: {text}; the run stops: no model is saved (summary.json says "
+              f"why)", file=sys.stderr, flush=True)
+        self.log.error("run stopped", **stopped)
+        bus, books, notary = self.bus, self.books, self.cfg.participants.notary
+        self.loop.only("checkpoint")  # nothing poisoned is taken any more
+        bus.send_doc("end", "all", End(f"stopped: {text}", stopped=True).to_doc())
+        cp = None
+        try:
+            self.loop.until(lambda: books.final_note is not None,
+                            timeout_s=self.cfg.bus.step_timeout_s, timed_out=None)
+        except BusError as exc:  # a peer died meanwhile: write what we have
+            self.log.warning("no final checkpoint", error=str(exc))
+        if books.final_note is not None:
+            cp = open_checkpoint(books.final_note, self.notary_key, default_origin(self.cfg.run.id))
+            write_atomic(self.layout.checkpoint, books.final_note)
+        setup = self.setup
+        artefacts.write_summary(self.layout, {
+            "run_id": self.cfg.run.id, "dataset": setup.data.name, "model": setup.spec.name,
+            "stages": self.stages, "cuts": list(setup.cuts), "stopped": stopped,
+            "epochs": len(self.per_epoch), "steps": len(books.metrics),
+            "test_accuracy": None, "per_epoch": self.per_epoch, "wall_s": wall,
+            "final_checkpoint": {"size": cp.size, "root": cp.root.hex()} if cp else None,
+            "model_file": None})
+        print(f"owner: wrote {self.layout.summary} (stopped); no model", flush=True)
+        bus.watch({})
+        bus.mark_done()
+        if cp is not None:
+            bus.linger(bus.topics.closed(notary), (self.kid[notary], notary))
+        return EXIT_STOPPED
+
     def _join(self) -> None:
         bus, cfg, topics = self.bus, self.cfg, self.bus.topics
         owner = cfg.participants.owner
-        for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd"):
+        for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd", "end"):
             bus.subscribe(topics.to(kind, owner))
         for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert"):
             bus.subscribe(topics.kind(kind))
@@ -148,7 +213,7 @@ class Owner:
         self.log.warning("hello after the join ignored", sender=self.books.names[env.header.sender])
 
     def _train(self) -> tuple[list[dict], int]:
-        cfg, wm_on, per_epoch, step = self.cfg, self.cfg.watermark.enabled, [], 0
+        cfg, wm_on, per_epoch, step = self.cfg, self.cfg.watermark.enabled, self.per_epoch, 0
         for epoch in range(cfg.run.epochs):
             if wm_on:  # every trainer commits to its round key before the round
                 self.bus.send_doc("round", "all", Round(epoch, "start").to_doc())
@@ -197,9 +262,14 @@ class Owner:
             except (RuntimeError, SafetensorError, ClicooperError) as exc:
                 raise ClicooperError(f"the segment {name} delivered does not fit stage {i}: "
                                      f"{exc}") from None
+            check_weights(self.setup.segments[i].state_dict().items(), sender=name,
+                          kind="segment")
             for k, v in seg.sent.items():  # counted before the segment was sent
                 sent[k] = sent.get(k, 0) + v
             sent["segment"] = sent.get("segment", 0) + 1
+        own = [self.setup.segments[0], *self.setup.segments[len(self.stages) + 1:]]  # head, tail
+        check_weights(((n, v) for seg in own for n, v in seg.state_dict().items()),
+                      sender=self.cfg.participants.owner, kind="weights")
         if self.setup.defences.codec is not None:
             artefacts.write_label_groups(self.layout, self.setup.defences.codec.groups)
         self.model_sha = artefacts.write_model(self.layout, self.setup, self.cfg.run.id)
@@ -287,7 +357,7 @@ class Owner:
             "stages": self.stages, "cuts": list(setup.cuts), "epochs": len(per_epoch),
             "steps": steps, "in_flight": cfg.run.in_flight,
             "schedule": schedule(cfg.run.in_flight, setup.defences.head_fixed),
-            "test_accuracy": per_epoch[-1].get("accuracy", float("nan")),
+            "test_accuracy": per_epoch[-1].get("accuracy"),  # None: never evaluated
             "per_epoch": per_epoch, "messages": dict(sorted(sent.items())), "wall_s": wall,
             "final_checkpoint": {"size": cp.size, "root": cp.root.hex()},
             "owner_flops_share": compute["owner_share"], "compute": compute,

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 
 from clicooper_bus.config import RunConfig
-from clicooper_bus.errors import ClicooperError
 from clicooper_bus.ml.data import batch_order, to_float
 from clicooper_bus.ml.privacy.release import inference_model
-from clicooper_bus.ml.tensors import tensor
+from clicooper_bus.ml.tensors import Expected, check_number, received
 from clicooper_bus.net.bus import Bus
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.protocol import Metrics
@@ -75,16 +74,15 @@ class Training:
 
     def _checked(self, env: Envelope, shape: tuple[int, ...] | None, n: int | None = None
                  ) -> torch.Tensor:
-        """The body as float32 of exactly `shape` (or `n` rows of any width), else refused."""
+        """The body once it passed the receive check (`ml.tensors.received`): float32 of
+        exactly `shape`, or else `n` rows of what the owner's tail takes (the last stage's
+        output, by the signed plan), and finite. Raises PoisonedInput naming the sender."""
+        if shape is not None:
+            want = Expected("float32", tuple(shape[1:]), rows=shape[0])
+        else:
+            want = Expected("float32", tuple(self.setup.spec.shapes[self.setup.plan.tail]), rows=n)
         h = env.header
-        ok = h.dtype == "float32" and (h.shape == shape if shape is not None
-                                       else bool(h.shape) and h.shape[0] == n)
-        if not ok:
-            want = list(shape) if shape is not None else f"[{n}, ...]"
-            raise ClicooperError(f"{self.books.names.get(h.sender, h.sender)} sent {h.kind} of "
-                                 f"{h.dtype} {list(h.shape or ())} for step {h.step}, expected "
-                                 f"float32 {want}")
-        return tensor(env)
+        return received(env, want, self.books.names.get(h.sender, h.sender))
 
     # --- training ------------------------------------------------------------------------------
 
@@ -166,6 +164,8 @@ class Training:
         tail = self.setup.tail
         tail.forward(self._checked(env, None, len(s.idx)), s.step)
         r = tail.loss_backward(torch.from_numpy(self.setup.data.y_train[s.idx]).long(), s.step)
+        check_number(r.loss, sender=self.cfg.participants.owner, kind="loss", step=s.step,
+                     what=f"the owner's tail loss on {self.last}'s output")
         self.bus.send_array("bwd", self.last, r.grad_in, **s.meta)
         self.books.metrics[s.step] = Metrics(r.loss, r.correct)
 

@@ -10,16 +10,17 @@ refused.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 
 import torch
 from safetensors.torch import save as st_save
 
 from clicooper_bus.config import MAX_IN_FLIGHT
-from clicooper_bus.errors import ClicooperError, ConfigError, RosterError
+from clicooper_bus.errors import ClicooperError, ConfigError, PoisonedInput, RosterError
 from clicooper_bus.ml.models import build_segments, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
-from clicooper_bus.ml.tensors import tensor
+from clicooper_bus.ml.tensors import Expected, received
 from clicooper_bus.ml.watermark.marker import Marker
 from clicooper_bus.net.bus import Bus, BusError
 from clicooper_bus.net.identity import PublicIdentity
@@ -28,7 +29,14 @@ from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import CheckpointMessage, End, Hello, Metrics, Round, Segment
-from clicooper_bus.services.common import EXIT_OK, identity, open_bus, open_roster, public
+from clicooper_bus.services.common import (
+    EXIT_OK,
+    EXIT_STOPPED,
+    identity,
+    open_bus,
+    open_roster,
+    public,
+)
 from clicooper_bus.services.dispatch import Dispatcher
 from clicooper_bus.services.usage import CpuMeter
 from clicooper_bus.tlog.checkpoint import open_checkpoint
@@ -49,8 +57,10 @@ class Trainer:
         self.roster: Roster | None = None
         self.labels: dict[int, torch.Tensor] = {}
         self.waiting_logits: set[int] = set()
-        self.queued: deque[Envelope] = deque()  # activations waiting for the previous step
+        # activations waiting for the previous step, each with its checked tensor
+        self.queued: deque[tuple[Envelope, torch.Tensor]] = deque()
         self.ended = False  # the owner ended training
+        self.stopped = False  # ... early: the run stops on a refusal, nothing is delivered
         self.final_seen = False  # the notary's final checkpoint arrived
         self.meter = CpuMeter()  # this process's CPU over its training steps (`usage`)
 
@@ -63,7 +73,12 @@ class Trainer:
         bus.announce()
         try:
             self._join()
-            self._serve()
+            try:
+                self._serve()
+            except PoisonedInput as exc:
+                return self._refuse(exc)
+            if self.stopped:
+                return self._leave(EXIT_STOPPED)
             return self._finish()
         finally:
             bus.close()
@@ -98,7 +113,11 @@ class Trainer:
         self.segment = segments[self.index + 1]
         self.seg = SegmentTrainer(self.segment, lr=plan.lr)
         # this stage's input shape: the earlier stages' output, from the spec's resolution
-        self.seg.warm_up((plan.batch_size, *spec.shapes[plan.cuts[self.index]]))
+        in_shape = tuple(spec.shapes[plan.cuts[self.index]])
+        self.seg.warm_up((plan.batch_size, *in_shape))
+        # what the signed plan says this stage receives (the receive check, `_input`)
+        self.expect_in = Expected("float32", in_shape, max_rows=plan.batch_size)
+        self.expect_labels = Expected("int64", (), max_rows=plan.batch_size)
         self.bus.start_beating()
         self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
         self.marker = Marker.from_roster(roster, self.roster_bytes, self.index + 1,
@@ -164,28 +183,30 @@ class Trainer:
         h = env.header
         held = len(self.queued) + len(self.seg.pending)  # the owner has them all out
         if held >= self.plan.in_flight or h.step in self.seg.pending or \
-                any(q.header.step == h.step for q in self.queued):
+                any(q.header.step == h.step for q, _ in self.queued):
             raise BusError(f"{self.prev} sent activations for step {h.step} with {held} steps "
                            f"held here (the roster allows {self.plan.in_flight} in flight)")
-        self.queued.append(env)
+        # checked now (refused at once, not when its turn comes)
+        self.queued.append((env, received(env, self.expect_in, self.prev)))
         self._advance()
 
     def _on_labels(self, env: Envelope) -> None:
         h = env.header
-        if h.dtype != "int64" or h.shape is None or len(h.shape) != 1 or \
-                len(self.labels) >= self.plan.in_flight:
-            raise BusError(f"owner sent labels of {h.dtype} {list(h.shape or ())} with "
-                           f"{len(self.labels)} steps of labels waiting")
-        self.labels[h.step] = tensor(env)
+        if len(self.labels) >= self.plan.in_flight:
+            raise BusError(f"owner sent labels for step {h.step} with {len(self.labels)} steps "
+                           f"of labels waiting")
+        self.labels[h.step] = received(env, self.expect_labels, self.roster.owner.name)
         self._maybe_loss(h.step, h)
         self._advance()  # a batch may have been queued behind this step's loss
 
     def _on_bwd(self, env: Envelope) -> None:
         h = env.header
-        if h.step not in self.seg.pending or h.shape != self.seg.output_shape(h.step):
+        if h.step not in self.seg.pending:
             raise BusError(f"{self.next} sent gradients {list(h.shape or ())} for step "
                            f"{h.step}, which has no matching forward here")
-        grad = self.seg.backward(tensor(env), h.step, update=False)
+        rows, *sample = self.seg.output_shape(h.step)
+        grad = received(env, Expected("float32", tuple(sample), rows=rows), self.next)
+        grad = self.seg.backward(grad, h.step, update=False)
         self.bus.send_array("bwd", self.prev, grad, step=h.step, batch=h.batch, epoch=h.epoch)
         self.seg.update()  # off the critical path: the gradient is already on its way
         self.meter.step_done()
@@ -193,25 +214,27 @@ class Trainer:
 
     def _on_eval(self, env: Envelope) -> None:
         h = env.header
-        out = self.seg.evaluate(tensor(env))
+        out = self.seg.evaluate(received(env, self.expect_in, self.prev))
         owner = self.roster.owner.name
         self.bus.send_array("eval_out" if self.last else "eval_fwd",
                             owner if self.last else self.next, out, step=h.step, batch=h.batch,
                             epoch=h.epoch)
 
     def _on_end(self, env: Envelope) -> None:
-        End.parse(env.document(), sender=self.roster.owner.name)
-        self.ended = True
+        end = End.parse(env.document(), sender=self.roster.owner.name)
+        self.ended, self.stopped = True, end.stopped
+        if end.stopped:
+            self.log.warning("the owner stopped the run", reason=end.reason)
 
     def _advance(self) -> None:
         """Forward the next queued batch once the previous step's backward is done: a stage
         trains strictly in step order whatever the owner has in flight, so pipelining changes
         what a stage computes only through the (lagging) head's activations it is sent."""
         while self.queued and not self.seg.pending:
-            env = self.queued.popleft()
+            env, x = self.queued.popleft()
             h = env.header
             self.meter.step_started()
-            out = self.seg.forward(tensor(env), h.step)
+            out = self.seg.forward(x, h.step)
             if self.last:
                 self.waiting_logits.add(h.step)
                 self._maybe_loss(h.step, h)
@@ -226,7 +249,9 @@ class Trainer:
         labels = self.labels.pop(step).long()
         n, classes = self.seg.output_shape(step)
         if labels.shape[0] != n or labels.min() < 0 or labels.max() >= classes:
-            raise BusError(f"labels of step {step} do not fit its logits [{n}, {classes}]")
+            raise PoisonedInput(sender=self.roster.owner.name, kind="labels", step=step,
+                                problem=f"{labels.shape[0]} labels in {int(labels.min())}.."
+                                        f"{int(labels.max())} do not fit logits [{n}, {classes}]")
         r = self.seg.loss_backward(labels, step, update=False)
         self.bus.send_array("bwd", self.prev, r.grad_in, step=step, batch=h.batch, epoch=h.epoch)
         self.seg.update()
@@ -282,6 +307,31 @@ class Trainer:
 
     # --- the end -------------------------------------------------------------------------------
 
+    def _refuse(self, exc: PoisonedInput) -> int:
+        """Refuse poisoned input: nothing more is trained; tell the owner (a signed `end` with
+        what was refused, which the notary logs), and leave once the notary's final checkpoint
+        covers it. The owner stops the run."""
+        self.log.error("input refused", **exc.to_doc())
+        print(f"{self.name}: error: {exc}; stopping the run", file=sys.stderr, flush=True)
+        self.bus.send_doc("end", self.roster.owner.name,
+                          End("refused input", refused=exc.to_doc()).to_doc())
+        return self._leave(EXIT_STOPPED)
+
+    def _leave(self, code: int) -> int:
+        """Stay until the notary's final checkpoint (or the join timeout), say we are done, and
+        leave once the notary closes the log. Returns `code`."""
+        bus = self.bus
+        self.loop.only("checkpoint")  # nothing else is served
+        if not self.loop.until(lambda: self.final_seen, timeout_s=self.cfg.bus.join_timeout_s,
+                               timed_out=None):
+            self.log.warning("no final checkpoint from the notary; leaving anyway")
+        bus.watch({})  # from here on peers leave as they finish
+        bus.mark_done()
+        if self.notary_kid is not None:
+            bus.linger(bus.topics.closed(self.roster.notary.name),
+                       (self.notary_kid, self.roster.notary.name))
+        return code
+
     def _finish(self) -> int:
         """Report our measured CPU, deliver our weights sealed to the owner; stay until the
         notary's final checkpoint (or the join timeout), then leave once the notary closes."""
@@ -297,13 +347,4 @@ class Trainer:
         bus.send_doc("segment", self.roster.owner.name,
                      Segment(self.index + 1, sealed, dict(bus.sent)).to_doc())
         self.log.info("segment delivered", bytes=len(weights))
-        self.loop.only("checkpoint")  # the stage is sealed: nothing else is served
-        if not self.loop.until(lambda: self.final_seen, timeout_s=self.cfg.bus.join_timeout_s,
-                               timed_out=None):
-            self.log.warning("no final checkpoint from the notary; leaving anyway")
-        bus.watch({})  # from here on peers leave as they finish
-        bus.mark_done()
-        if self.notary_kid is not None:
-            bus.linger(bus.topics.closed(self.roster.notary.name),
-                       (self.notary_kid, self.roster.notary.name))
-        return EXIT_OK
+        return self._leave(EXIT_OK)  # the stage is sealed
