@@ -1,14 +1,25 @@
-"""Stopping `clicooper run`: a signal to it alone stops every process of the run."""
+"""Stopping `clicooper run`: SIGTERM or SIGHUP to it alone stops every process of the run, marks
+the run directory INTERRUPTED and exits 128 + the signal; Ctrl-C prints one line and exits 130;
+the interrupted id is refused until --force; --set overrides typed keys; a bad dataset leaves
+no run directory."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from clicooper_bus.config import load_config
+from clicooper_bus.errors import ConfigError
+from clicooper_bus.layout import RunLayout
+from clicooper_bus.tools.run import check_run_dir, parse_sets
 from tests.busrun import write_config
 
 
@@ -24,9 +35,11 @@ def _command_lines() -> dict[str, str]:
     return out
 
 
-def test_sigterm_to_clicooper_run_stops_every_process_of_the_run(tmp_path):
-    """`clicooper run` starts each process in its own session; SIGTERM to it alone must still
-    stop them all (nothing orphaned), and say so."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_clicooper_run_stops_every_process_of_the_run(tmp_path, sig, capsys):
+    """`clicooper run` starts each process in its own session; SIGTERM or SIGHUP to it alone
+    must still stop them all (none left 5 s later), say so in one line, exit 128 + the signal,
+    and mark the run directory, whose id is then refused until --force."""
     path = write_config(tmp_path, run_id="term", trainers=2, run={"epochs": 50})
     cfg = load_config(path)
     proc = subprocess.Popen([sys.executable, "-m", "clicooper_bus.tools.cli", "run", "--config",
@@ -36,8 +49,83 @@ def test_sigterm_to_clicooper_run_stops_every_process_of_the_run(tmp_path):
     while not (out.exists() and "trainers joined" in out.read_text()):
         assert time.monotonic() < deadline and proc.poll() is None, "the run never started"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "stopped by SIGTERM" in err, err[-500:]
-    left = [pid for pid, cmd in _command_lines().items() if str(cfg.run_dir) in cmd]
-    assert not left, f"orphaned processes: {left}"
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-500:])
+    assert err.strip().splitlines() == [f"clicooper run: stopped by {name}: every process of the "
+                                        f"run was stopped; what the notary logged so far is in "
+                                        f"the run directory; marked INTERRUPTED (run again with "
+                                        f"--force to start over)"], err[-800:]
+    gone_by = time.monotonic() + 5
+    while (left := [pid for pid, cmd in _command_lines().items() if str(cfg.run_dir) in cmd]):
+        assert time.monotonic() < gone_by, f"orphaned processes: {left}"
+        time.sleep(0.2)
+    marker = json.loads(RunLayout(cfg.run_dir).interrupted.read_text())
+    assert marker["signal"] == name
+    from clicooper_bus.tools.cli import main
+
+    assert main(["run", "--config", str(path)]) == 1
+    said = capsys.readouterr().err
+    assert f"run term was interrupted by {name}" in said and "--force" in said, said
+    assert "Resuming is not built yet" in said
+    check_run_dir(cfg.run_dir, force=True)  # what --force does before anything starts
+    assert not cfg.run_dir.exists()
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
+    """SIGINT raises RunStopped like the other signals (the handler `launch` installs); the
+    command prints one line, no traceback, and exits 130."""
+    import clicooper_bus.tools.run as tr
+    from clicooper_bus.tools.cli import main
+
+    with pytest.raises(tr.RunStopped) as info:
+        tr._stop_on_signal(signal.SIGINT, None)
+    assert info.value.code == 130
+
+    def interrupted(*args, **kwargs):
+        raise info.value
+
+    monkeypatch.setattr(tr, "run", interrupted)
+    assert main(["run"]) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "stopped by SIGINT" in err, err
+
+    def ctrl_c(*args, **kwargs):  # before the processes start: the plain KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "run", ctrl_c)
+    assert main(["run"]) == 130
+    assert capsys.readouterr().err == "clicooper: interrupted\n"
+
+
+def test_set_overrides_are_typed_and_errors_name_the_key(tmp_path, capsys):
+    assert parse_sets(["run.epochs=3", "run.lr=0.05", "data.name=synthetic",
+                       'participants.trainers=["a", "b"]']) == {
+        "run": {"epochs": 3, "lr": 0.05}, "data": {"name": "synthetic"},
+        "participants": {"trainers": ["a", "b"]}}
+    for item, said in [("run.epochs=many", "--set run.epochs=many: "),
+                       ("run.epoch=3", "unknown key [run] epoch"),
+                       ("epochs=3", "write SECTION.KEY=VALUE"),
+                       ("run.epochs", "write SECTION.KEY=VALUE")]:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            parse_sets([item])
+    from clicooper_bus.tools.cli import main
+
+    path = write_config(tmp_path, run_id="set", trainers=1)
+    assert main(["run", "--config", str(path), "--set", "run.epochs=-1"]) == 1
+    assert "--set run.epochs=-1: " in capsys.readouterr().err
+    assert not load_config(path).run_dir.exists()
+
+
+def test_a_bad_dataset_leaves_no_run_directory(tmp_path, capsys):
+    """The dataset is checked before any key, directory or process exists."""
+    from clicooper_bus.tools.cli import main
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((8, 4, 4), np.float32), y_train=np.zeros(8, np.int64))
+    path = write_config(tmp_path, run_id="bad-data", trainers=1,
+                        data={"name": "npz", "path": str(bad)})
+    assert main(["run", "--config", str(path)]) == 1
+    assert "x_train" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "keys").exists()
