@@ -1,7 +1,9 @@
 """The `clicooper` command: one entry point, subcommands per tool.
 
 Exit status: 0 success; 1 a verification failed or the input was bad (the message says which
-and why); 2 a usage error (argparse). torch is never imported here.
+and why); 2 a usage error (argparse); 130 Ctrl-C. `clicooper run` adds 3 (a run stopped on a
+refusal of poisoned input) and 128 + a stop signal (`tools/run.py` `EXIT_CODES`, printed by
+`clicooper run --help`). torch is never imported here.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def add_log_commands(sub) -> None:
     c = logp.add_parser("export", help="export leaves, base64, one per line, in log order")
     c.add_argument("dir", help="the log directory (RUN_DIR/log)")
     c.add_argument("--leaves", action="store_true", required=True,
-                   help="write every leaf (header || signature), hex, one a line")
+                   help="print every leaf (header || signature), base64, one per line, in log order")
     c.set_defaults(func=cmd_log_export)
     c = logp.add_parser("checkpoint", help="print the latest signed checkpoint note")
     c.add_argument("dir", help="the log directory (RUN_DIR/log)")
