@@ -137,7 +137,9 @@ def test_a_trainer_refuses_an_int8_bwd_and_the_run_stops_cleanly(tmp_path):
     st = summary["stopped"]
     assert (st["by"], st["sender"], st["kind"], st["step"]) == ("trainer-1", "trainer-2", "bwd", 3)
     assert "int8 [32, 128], expected float32 [32, 128]" in st["problem"], st
-    assert summary["steps"] == 3  # steps 0..2 trained; nothing of step 3 on
+    # steps whose metrics reached the owner: 0..2, and 3's when the last stage's metrics came
+    # before the refusal did; trainer 1 never trained on step 3's gradients
+    assert summary["steps"] in (3, 4), summary["steps"]
     assert "refused bwd of step 3 from trainer-2" in (tel / "trainer-1.jsonl").read_text()
 
 
