@@ -129,3 +129,32 @@ def test_a_bad_dataset_leaves_no_run_directory(tmp_path, capsys):
     assert main(["run", "--config", str(path)]) == 1
     assert "x_train" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "keys").exists()
+
+
+def test_a_config_that_names_the_auditor_starts_it_and_names_the_observers_it_does_not(
+        tmp_path, monkeypatch, capsys):
+    """configs/demo.toml lists `auditor` as an observer (for the Procfile); `clicooper run
+    --config configs/demo.toml` without --audit used to start no auditor, and the owner waited
+    for it until the join timeout. Now it starts the following auditor; an observer it does
+    not start is named, with how long the owner waits for it."""
+    from clicooper_bus.tools import run as run_tool
+
+    path = write_config(tmp_path, run_id="watched", trainers=1,
+                        participants={"observers": ["auditor", "watcher"]})
+    launched = {}
+
+    class Launched(Exception):
+        pass
+
+    def fake_launch(cfg, config_path, **kw):
+        launched.update(kw, names=[n for n, _ in run_tool._commands(cfg, config_path,
+                                                                      kw["audit"])])
+        raise Launched
+
+    monkeypatch.setattr(run_tool, "launch", fake_launch)
+    with pytest.raises(Launched):
+        run_tool.run(str(path))
+    assert launched["audit"] is True and "auditor" in launched["names"]
+    assert "watcher" not in launched["names"]
+    out = capsys.readouterr().out
+    assert "not starting observer(s) watcher: the owner waits up to" in out

@@ -196,6 +196,9 @@ def prepare(config: str | None, overrides: dict, out: str | None,
     return cfg, path
 
 
+AUDITOR = "auditor"  # the observer `clicooper run` starts itself (a following auditor)
+
+
 def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False
               ) -> list[tuple[str, list[str]]]:
     """The processes of a run; `audit` adds a following auditor (a string: its --attacks)."""
@@ -340,12 +343,21 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
         run_id = fresh_run_id("quick")  # a quick run never reuses an earlier one's id
     if run_id:
         overrides.setdefault("run", {})["id"] = run_id
+    observers = load_config(config, overrides).participants.observers
+    if AUDITOR in observers and not audit:
+        # The config says an auditor follows the run (configs/demo.toml does, for the
+        # Procfile): the owner waits for every observer, so not starting it would stall the
+        # run until the join timeout.
+        audit = True
     if audit:
-        observers = load_config(config, overrides).participants.observers
-        overrides.setdefault("participants", {})["observers"] = sorted({*observers, "auditor"})
+        overrides.setdefault("participants", {})["observers"] = sorted({*observers, AUDITOR})
     cfg, path = prepare(config, overrides, out, free_ports, force)
     if cfg.participants.remote:
         print(remote_notice(cfg), flush=True)
+    if others := [o for o in cfg.participants.observers if o != AUDITOR]:
+        print(f"clicooper run: not starting observer(s) {', '.join(others)}: the owner waits up "
+              f"to {cfg.bus.join_timeout_s:.0f} s for them to join through {cfg.bus.pub}",
+              flush=True)
     t0 = time.perf_counter()
     try:
         code = launch(cfg, path, echo=echo, timeout_s=timeout_s, audit=audit)
