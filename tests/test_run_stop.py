@@ -158,3 +158,23 @@ def test_a_config_that_names_the_auditor_starts_it_and_names_the_observers_it_do
     assert "watcher" not in launched["names"]
     out = capsys.readouterr().out
     assert "not starting observer(s) watcher: the owner waits up to" in out
+
+
+def test_force_deletes_only_a_run_directory(tmp_path):
+    """--out and --run-id can point at any directory: --force must not delete one that
+    `clicooper run` did not make (a reviewer's `--run-id Documents --force` removed a thesis)."""
+    from clicooper_bus.errors import ClicooperError
+
+    mine = tmp_path / "Documents"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "config.toml").write_text("[run]\n")  # even with a config.toml of its own
+    with pytest.raises(ClicooperError, match="does not look like a run directory"):
+        check_run_dir(mine, force=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    run = tmp_path / "run"
+    layout = RunLayout(run)
+    layout.telemetry.mkdir(parents=True)
+    layout.config.write_text("[run]\n")
+    check_run_dir(run, force=True)
+    assert not run.exists()

@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--set run.epochs=3")
     r.add_argument("--force", action="store_true",
                    help="delete an existing run directory of the same id (an interrupted or "
-                        "finished run) and start over")
+                        "finished run) and start over; a directory clicooper run did not make "
+                        "is never deleted")
     r.set_defaults(func=cmd_run)
     pl = sub.add_parser("plan", help="who computes what: FLOPs, parameters and bytes per "
                                      "sample of each participant, and the owner's share")

@@ -134,6 +134,14 @@ def check_model(cfg: RunConfig, checked: CheckedNpz | None = None) -> None:
     configured_split(cfg, shape, classes)
 
 
+def looks_like_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` was made by `clicooper run`: its config.toml beside a log, telemetry
+    or an INTERRUPTED marker (what `prepare` and `launch` write first)."""
+    layout = RunLayout(run_dir)
+    return layout.config.is_file() and any(
+        p.exists() for p in (layout.log, layout.telemetry, layout.interrupted))
+
+
 def check_run_dir(run_dir: Path, force: bool = False) -> None:
     """Refuse to reuse a run directory that is not empty (an interrupted run says so, and
     when), unless `force`, which deletes it. Raises ClicooperError with what to do."""
@@ -142,6 +150,12 @@ def check_run_dir(run_dir: Path, force: bool = False) -> None:
     if force:
         if run_dir.is_symlink() or not run_dir.is_dir():
             raise ClicooperError(f"{run_dir} is not a directory: remove it by hand")
+        if not looks_like_a_run(run_dir):
+            # --out and --run-id can point anywhere: never delete a directory we did not make
+            raise ClicooperError(
+                f"--force refused: {run_dir} does not look like a run directory (no config.toml "
+                f"beside a log/, telemetry/ or INTERRUPTED); remove it by hand if you mean it, "
+                f"or choose another --run-id or --out")
         shutil.rmtree(run_dir)
         print(f"clicooper run: --force: removed the earlier {run_dir}", file=sys.stderr)
         return
