@@ -290,7 +290,10 @@ def cpu_table(reports: list[tuple[str, str, Usage | None]]) -> dict[str, Any]:
     its usage, None where none came): a row per process that reported, the names of those that
     did not, and `owner_cpu_share`, the owner's training-window CPU over the owner's and the
     trainers' together (None unless the owner and every trainer reported; the notary and the
-    broker run the bus, not the model, and are not in it)."""
+    broker run the bus, not the model, and are not in it). The numbers are self-reported: a
+    trainer whose step count is not the owner's is listed under `implausible` and the share is
+    then None; anything subtler (an inflated CPU time) cannot be told from a true one, so the
+    FLOPs share from the signed plan stays the figure an auditor can check."""
     rows, missing = [], []
     for name, role, u in reports:
         if u is None:
@@ -305,8 +308,15 @@ def cpu_table(reports: list[tuple[str, str, Usage | None]]) -> dict[str, Any]:
     owner = sum(u.train_cpu_s for role, u in computing if role == "owner" and u is not None)
     total = sum(u.train_cpu_s for _, u in computing if u is not None)
     whole = all(u is not None for _, u in computing) and any(r == "owner" for r, _ in computing)
-    return {"processes": rows, "missing": missing,
-            "owner_cpu_share": owner / total if whole and total > 0 else None}
+    # Each number is its sender's own claim (signed, not verifiable): a trainer could inflate
+    # its CPU to shrink the owner's share. What can be checked is that every computing process
+    # counted the owner's steps; a report that did not is named and the share is withheld.
+    owner_steps = {u.steps for _, role, u in reports if role == "owner" and u is not None}
+    implausible = [name for name, role, u in reports if role == "trainer" and u is not None
+                   and owner_steps and u.steps not in owner_steps]
+    share = owner / total if whole and total > 0 and not implausible else None
+    return {"processes": rows, "missing": missing, "implausible": implausible,
+            "owner_cpu_share": share}
 
 
 @dataclass(frozen=True)

@@ -213,6 +213,7 @@ def test_the_measured_cpu_is_in_the_summary_the_log_and_the_report(audited):
     assert got["processes"] == cpu["processes"] and got["missing"] == []
     assert doc["settings"]["owner_cpu_share"] == pytest.approx(s["owner_cpu_share"])
     md = (audited / "audit" / "report.md").read_text()
-    assert f"and {s['owner_cpu_share']:.1%} of the training CPU measured" in md
+    assert f"and {s['owner_cpu_share']:.1%} of the training CPU, as self-reported" in md
+    assert "cannot check" in md  # the report says whose word the CPU numbers are
     out = (audited / "telemetry" / "owner.out").read_text()
-    assert f"{s['owner_cpu_share']:.1%} of the training CPU measured" in out
+    assert f"{s['owner_cpu_share']:.1%} of the training CPU as self-reported" in out

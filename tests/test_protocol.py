@@ -129,3 +129,9 @@ def test_the_cpu_table_shares_the_training_cpu_between_owner_and_trainers():
                      ("trainer-1", "trainer", None), ("notary", "notary", None)])
     assert gap["missing"] == ["trainer-1", "notary"] and gap["owner_cpu_share"] is None
     assert [r["name"] for r in gap["processes"]] == ["owner"]
+    # the numbers are each sender's own claim: one that did not count the owner's steps is
+    # named and the share withheld (a reviewer's trainer claimed 1e6 s over 1 step: share 0 %)
+    liar = cpu_table([("owner", "owner", Usage(5.0, 3.0, 9.0, 10)),
+                      ("trainer-1", "trainer", Usage(1e6, 1e6, 9.0, 1))])
+    assert liar["implausible"] == ["trainer-1"] and liar["owner_cpu_share"] is None
+    assert table["implausible"] == []

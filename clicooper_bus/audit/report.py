@@ -115,11 +115,15 @@ def cpu_text(cpu: dict[str, Any] | None) -> str:
         f" ({r['cpu_s_per_step'] * 1e3:.1f} ms/step over {r['steps']} steps)"
         if r.get("cpu_s_per_step") is not None else "") for r in cpu["processes"])
     missing = f"; no usage message from {', '.join(cpu['missing'])}" if cpu["missing"] else ""
+    if cpu.get("implausible"):
+        missing += (f"; step counts that are not the owner's from "
+                    f"{', '.join(cpu['implausible'])}")
     share = cpu.get("owner_cpu_share")
-    head = (f"{share:.1%} of the training CPU measured" if share is not None
-            else "an unknown share of the training CPU measured")
+    head = (f"{share:.1%} of the training CPU, as self-reported" if share is not None
+            else "an unknown share of the training CPU")
     return (f"{head} (the owner's over the owner's and the trainers'; CPU seconds over each "
-            f"process's training steps, from the signed usage messages in the log: "
+            f"process's training steps, each process's own signed claim in the log's usage "
+            f"messages, which the auditor cannot check: the FLOPs share is the one it can; "
             f"{rows or 'none'}{missing})")
 
 

@@ -327,10 +327,12 @@ class Owner:
     def _cpu_text(cpu: dict) -> str:
         """The console's words for the measured CPU share."""
         if cpu["owner_cpu_share"] is None:
-            return f"no measured CPU share: no usage report from {', '.join(cpu['missing'])}"
+            why = (f"no usage report from {', '.join(cpu['missing'])}" if cpu["missing"] else
+                   f"a step count that is not the owner's from {', '.join(cpu['implausible'])}")
+            return f"no measured CPU share: {why}"
         owner, trainers = (sum(r["train_cpu_s"] for r in cpu["processes"] if r["role"] == role)
                            for role in ("owner", "trainer"))
-        return (f"{cpu['owner_cpu_share']:.1%} of the training CPU measured (owner "
+        return (f"{cpu['owner_cpu_share']:.1%} of the training CPU as self-reported (owner "
                 f"{owner:.1f} s, trainers {trainers:.1f} s, CPU seconds over the training steps)")
 
     def _write_provenance(self) -> None:
