@@ -17,6 +17,7 @@ from typing import Any
 from clicooper_bus.errors import ConfigError
 
 MAX_IN_FLIGHT = 8  # training batches in flight at most: what a trainer accepts to hold
+MAX_BATCH_SIZE = 1 << 16  # samples per step at most: what a trainer accepts (plan.py)
 
 
 def _doc(default: Any, doc: str, **kw: Any) -> Any:
@@ -30,7 +31,7 @@ class RunSection:
     id: str = _doc("demo", "run id: names the bus topics and the directory <out_dir>/<id>/")
     seed: int = _doc(0, "seed of initialisation and batch order", min=0)
     epochs: int = _doc(5, "training epochs over the training set", min=1)
-    batch_size: int = _doc(128, "samples per step", min=1)
+    batch_size: int = _doc(128, "samples per step", min=1, max=MAX_BATCH_SIZE)
     lr: float = _doc(1e-3, "Adam learning rate of every segment", min=0.0)
     max_steps: int = _doc(0, "stop after this many steps in all (0: no limit)", min=0)
     eval_every: int = _doc(1, "evaluate on the test set every N epochs (0: only at the end)",
@@ -39,6 +40,11 @@ class RunSection:
     trainer_threads: int = _doc(1, "torch threads of each trainer started from this config "
                                    "(idle torch threads spin and take CPU from the others)",
                                 min=1)
+    trainer_memory_mb: int = _doc(2048, "memory a trainer started from this config allows its "
+                                        "stage, MiB: weights, gradients, Adam state and "
+                                        "activations at batch_size (Python and torch themselves "
+                                        "take about 300 MiB more); a plan needing more is refused "
+                                        "before anything is allocated", min=16)
     in_flight: int = _doc(1, "training batches the owner keeps in flight. 1: synchronous split "
                              "learning, the same weights as the in-process reference. N > 1 "
                              "pipelines (faster over a network): the head's forward of batch s "

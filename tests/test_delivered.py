@@ -151,3 +151,105 @@ def test_obfuscated_labels_are_decoded_with_the_owners_groups(tmp_path):
         clicooper_bus.load_model(alone)
     got = clicooper_bus.load_model(alone, label_groups=run_dir / "label_groups.json")
     assert np.array_equal(_scores(got, npz), p.scores)
+
+
+# --- tampered files (no run needed): refused by name, nothing allocated first -------------------
+
+def _model_file(tmp: Path, edit=None, *, fix_digest: bool = True) -> Path:
+    """A small-cnn model file written as the owner writes one (`model_metadata`), its spec and
+    plan documents passed through `edit(spec_doc, plan_doc)` first; the digest recomputed (as
+    anyone can: it is unkeyed) unless `fix_digest` is false."""
+    from clicooper_bus.ml.delivered import model_metadata
+    from clicooper_bus.ml.models import (
+        build_segments,
+        default_cuts,
+        model_spec,
+        resolve_spec,
+        state_dict_with_prefix,
+    )
+    from clicooper_bus.plan import Plan
+
+    spec = model_spec("small-cnn", (1, 28, 28), 10)
+    cuts = default_cuts(spec, 2)
+    plan = Plan("small-cnn", (1, 28, 28), 10, cuts, 0, 0.01, 64, layers=spec.layers)
+    meta = model_metadata(run_id="r", spec=spec, plan=plan, digest=spec.digest(cuts),
+                          release=None)
+    weights = state_dict_with_prefix(build_segments(spec, cuts, 0))
+    sdoc, pdoc = json.loads(meta["spec"]), json.loads(meta["plan"])
+    if edit is not None:
+        edit(sdoc, pdoc)
+    meta["spec"], meta["plan"] = _deepen(json.dumps(sdoc)), json.dumps(pdoc)
+    if fix_digest:
+        try:
+            edited = resolve_spec(sdoc["name"], sdoc["layers"], tuple(sdoc["input_shape"]),
+                                  sdoc["classes"], sdoc["head_end"])
+            meta["model_spec"] = edited.digest(tuple(pdoc["cuts"]))
+        except (ClicooperError, RecursionError):
+            pass
+    path = tmp / "model.safetensors"
+    save_file(weights, str(path), metadata=meta)
+    return path
+
+
+def test_an_untampered_file_loads(tmp_path):
+    model = clicooper_bus.load_model(_model_file(tmp_path))
+    assert model.batch_size == 64 and model.classes == 10
+
+
+def _hidden_layer(sdoc, pdoc):
+    """The 128-unit hidden layer widened to 2**16 units (0.4 GB of weights if it were built):
+    the same tensor names, other shapes."""
+    layers = sdoc["layers"]
+    hidden = next(i for i, la in enumerate(layers) if la["op"] == "linear")
+    layers[hidden]["out"] = layers[-1]["in"] = 2**16
+    pdoc["layers"] = layers
+
+
+def _deep(sdoc, pdoc):
+    """The spec's JSON nested 2000 deep (more than Python's json can parse)."""
+    sdoc["layers"][1] = "DEEP"
+
+
+def _deepen(text: str) -> str:
+    return text.replace('"DEEP"', '{"op": "residual", "body": [' * 2000 + '{"op": "relu"}'
+                        + "]}" * 2000)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s, p: p.update(seed=2**70),
+     "malformed clicooper-model/1 metadata (roster plan: seed = 1180591620717411303424 is "
+     "outside 0..18446744073709551615)"),
+    (lambda s, p: p.update(batch_size=-5), "(roster plan: batch_size = -5 is outside 1..65536)"),
+    (lambda s, p: p.update(classes=3), "(its plan has 3 outputs (classes 3, outputs 0) but its "
+                                       "spec 10)"),
+    (lambda s, p: p.update(classes=5), "(its plan has 5 outputs (classes 5, outputs 0) but its "
+                                       "spec 10)"),
+    (lambda s, p: p.update(input_shape=[1, 32, 32]),
+     "its plan's input_shape [1, 32, 32] is not its spec's [1, 28, 28]"),
+    (lambda s, p: p["layers"][-1].update(bias=False), "(its plan's layers are not its spec's)"),
+    (_deep, "(its spec nests too deep)"),
+    (_hidden_layer, "weight is torch.float32 128x1568, but the spec makes it torch.float32 "
+                    "65536x1568"),
+])
+def test_a_tampered_model_file_is_refused_by_name(tmp_path, edit, message):
+    path = _model_file(tmp_path, edit)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM)
+    with pytest.raises(ClicooperError) as err:
+        clicooper_bus.load_model(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+    status = Path("/proc/self/status").read_text()
+    peak, now = (int(status.split(f"{k}:")[1].split()[0]) << 10 for k in ("VmHWM", "VmRSS"))
+    assert peak - now < 200 << 20  # the 0.4 GB layer was never allocated
+
+
+def test_a_digest_that_does_not_match_says_what_it_proves(tmp_path):
+    def edit(sdoc, pdoc):  # spec and plan edited alike, the digest left alone
+        sdoc["layers"][-1]["bias"] = pdoc["layers"][-1]["bias"] = False
+
+    with pytest.raises(ClicooperError) as err:
+        clicooper_bus.load_model(_model_file(tmp_path, edit, fix_digest=False))
+    msg = str(err.value)
+    assert "its spec and cuts do not hash to the digest it carries" in msg
+    assert "the file's metadata is inconsistent with itself" in msg
+    assert "the digest is unkeyed" in msg.lower() and "signed log" in msg
+    assert "was edited" not in msg

@@ -21,8 +21,10 @@ from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.delivered import load_model, model_metadata
 from clicooper_bus.ml.models import (
     assemble,
+    build_segment,
     build_segments,
     configured_split,
+    default_cuts,
     model_spec,
     plan_spec,
     resolve_spec,
@@ -66,6 +68,22 @@ def test_builtins_have_the_weights_of_the_hand_built_models(name, hand, width, c
     got = assemble(build_segments(spec, (cut,), seed=11)).state_dict()
     assert list(got) == list(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", ["small-cnn", "vgg-small", "resnet-8", "resnet-20"])
+def test_a_trainer_building_only_its_stage_gets_the_whole_models_weights(name, shape):
+    """`build_segment` (what a trainer builds: the layers before its stage only have their
+    random numbers drawn) gives each segment bit for bit as `build_segments` (the owner's
+    whole model, hence the hand-built models' weights above)."""
+    spec = model_spec(name, shape, 10)
+    for stages in (1, 3):
+        cuts = default_cuts(spec, stages)
+        whole = build_segments(spec, cuts, seed=11)
+        for i, seg in enumerate(whole):
+            want, got = seg.state_dict(), build_segment(spec, cuts, 11, i).state_dict()
+            assert list(got) == list(want)
+            assert all(torch.equal(got[k], want[k]) for k in want), (stages, i)
 
 
 def test_builtins_are_data_files_shipped_in_the_package():
@@ -133,7 +151,7 @@ BASE = [{"op": "conv2d", "out": 8, "kernel": 3}, {"op": "relu"}, {"op": "flatten
      "layer 0 (conv2d): unknown parameter kernal; conv2d takes out, kernel"),
     ([{"op": "conv2d", "out": 8}, *BASE[1:]], "layer 0 (conv2d): missing parameter kernel"),
     ([{"op": "conv2d", "out": 8, "kernel": "3"}, *BASE[1:]],
-     "layer 0 (conv2d): kernel must be an integer >= 1, got '3'"),
+     "layer 0 (conv2d): kernel must be an integer in 1..16777216, got '3'"),
     ([{"op": "conv2d", "out": 8, "kernel": 3, "bias": 1}, *BASE[1:]],
      "layer 0 (conv2d): bias must be true or false, got 1"),
     ([*BASE[:3], {"op": "dropout", "p": 1.5}, BASE[3]], "layer 3 (dropout): p must be"),

@@ -42,7 +42,7 @@ from clicooper_bus.ml.data import to_float
 from clicooper_bus.ml.models import ModelSpec, model_spec, plan_spec, segments_from_state_dict
 from clicooper_bus.ml.privacy.labels import group_sum
 from clicooper_bus.ml.privacy.release import FilterSpec, inference_model
-from clicooper_bus.plan import Plan
+from clicooper_bus.plan import MAX_PLAN_BYTES, Plan, check_layers
 
 FORMAT = "clicooper-model/1"
 
@@ -63,13 +63,47 @@ def model_metadata(*, run_id: str, spec: ModelSpec, plan: Plan, digest: str,
                        "pseudo-class logits: decode with the owner's label_groups.json"}
 
 
+def _json(meta: dict[str, str], key: str) -> Any:
+    """The metadata's `key` parsed as JSON, at most MAX_PLAN_BYTES. Raises ValueError (or
+    KeyError if absent) for text too long, malformed or nested too deep."""
+    text = meta[key]
+    if len(text) > MAX_PLAN_BYTES:
+        raise ValueError(f"its {key} is {len(text):,} bytes, over the limit of "
+                         f"{MAX_PLAN_BYTES:,}")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"its {key} nests too deep") from None
+
+
 def _spec(doc: dict[str, Any]) -> ModelSpec:
-    """The metadata's spec, re-resolved (`ModelSpec.from_doc`); a file from before specs were
-    data holds layers as lists (`["conv2d", 1, 16, 5, 2]`): its built-in model by name."""
+    """The metadata's spec, re-resolved (`ModelSpec.from_doc`, so within the spec limits); a
+    file from before specs were data holds layers as lists (`["conv2d", 1, 16, 5, 2]`): its
+    built-in model by name. Raises ClicooperError, KeyError, TypeError or ValueError for a
+    malformed document."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
+        raise ValueError("its spec is not a table with a list of layers")
     if doc["layers"] and isinstance(doc["layers"][0], list):
         spec = model_spec(doc["name"], tuple(doc["input_shape"]), int(doc["classes"]))
         return dataclasses.replace(spec, head_end=int(doc["head_end"]))
+    check_layers(doc["layers"], "its spec's layers")  # structure and limits, no recursion
     return ModelSpec.from_doc(doc)
+
+
+def _check_fits(spec: ModelSpec, plan: Plan) -> None:
+    """That the plan and the spec of one file describe one model (the digest covers the
+    spec and the cuts, not the plan's other fields). Raises ValueError naming the field."""
+    if plan.n_outputs != spec.classes:
+        raise ValueError(f"its plan has {plan.n_outputs} outputs (classes {plan.classes}, "
+                         f"outputs {plan.outputs}) but its spec {spec.classes}")
+    if tuple(plan.input_shape) != tuple(spec.input_shape):
+        raise ValueError(f"its plan's input_shape {list(plan.input_shape)} is not its spec's "
+                         f"{list(spec.input_shape)}")
+    if plan.layers and list(plan.layers) != list(spec.layers):
+        raise ValueError("its plan's layers are not its spec's")
+    if plan.segment_cuts[-1] >= len(spec.layers):
+        raise ValueError(f"its plan's cuts {list(plan.segment_cuts)} do not fit a spec of "
+                         f"{len(spec.layers)} layers")
 
 
 def _digest_ok(spec: ModelSpec, cuts: tuple[int, ...], digest: str | None) -> bool:
@@ -89,19 +123,29 @@ class Card:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path) -> Card:
-        """Raises ClicooperError if the metadata is malformed or its spec does not hash to the
-        digest the roster committed to."""
+        """Raises ClicooperError if the metadata is malformed (a plan field out of range, a
+        spec over the limits, JSON too long or too deep, a plan and a spec that disagree) or
+        its spec does not hash to the digest it carries."""
         try:
-            spec = _spec(json.loads(meta["spec"]))
             plan = Plan.from_meta(meta["plan"])
-            rel = json.loads(meta["release"])
+            spec = _spec(_json(meta, "spec"))
+            rel = _json(meta, "release")
             release = FilterSpec(**rel) if rel else None
         except (KeyError, TypeError, ValueError, ClicooperError) as exc:
             raise ClicooperError(f"{path}: malformed {FORMAT} metadata ({exc})") from None
         if not _digest_ok(spec, plan.segment_cuts, meta.get("model_spec")):
-            raise ClicooperError(f"{path}: its spec does not hash to the digest it carries "
-                                 f"(model_spec {meta.get('model_spec', '')[:16]}...): the "
-                                 f"metadata was edited")
+            # the digest is unkeyed: it shows the metadata disagrees with itself (damage, a
+            # careless edit), not who wrote it; the run's signed log is what ties a model to
+            # its run (`clicooper model verify`)
+            raise ClicooperError(f"{path}: its spec and cuts do not hash to the digest it "
+                                 f"carries (model_spec {str(meta.get('model_spec', ''))[:16]}"
+                                 f"...): the file's metadata is inconsistent with itself. The "
+                                 f"digest is unkeyed, so a match would not prove the file "
+                                 f"authentic either: check it against its run's signed log")
+        try:
+            _check_fits(spec, plan)
+        except ValueError as exc:
+            raise ClicooperError(f"{path}: malformed {FORMAT} metadata ({exc})") from None
         return cls(meta.get("run_id", ""), spec, plan, release)
 
     @classmethod
@@ -208,7 +252,7 @@ def load_model(path: str | os.PathLike[str], *,
     model_path, run = _resolve(path)
     card, weights = read_card(model_path, run)
     plan = card.plan
-    try:
+    try:  # built on the meta device, every tensor's shape compared before any is used
         segments = segments_from_state_dict(card.spec, plan.segment_cuts, plan.seed, weights)
     except (RuntimeError, KeyError) as exc:
         raise ClicooperError(f"{model_path}: the weights do not fit its spec: {exc}") from None

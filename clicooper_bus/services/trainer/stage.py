@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 
 from clicooper_bus.config import MAX_IN_FLIGHT
 from clicooper_bus.errors import ClicooperError, ConfigError, PoisonedInput, RosterError
-from clicooper_bus.ml.models import build_segments, plan_spec
+from clicooper_bus.ml.models import build_segment, check_stage_memory, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.ml.tensors import Expected, received
 from clicooper_bus.ml.watermark.marker import Marker
@@ -93,7 +93,8 @@ class Trainer:
             f"no roster naming '{self.name}' from the owner within {timeout:.0f} s"))
         roster = self.roster
         self.bus.bind(roster)
-        self.plan = plan = Plan.from_meta(roster.meta["plan"])
+        self.plan = plan = Plan.from_meta(roster.meta["plan"])  # checked: RosterError
+        plan.check_stages(len(roster.stages))
         if not 1 <= plan.in_flight <= MAX_IN_FLIGHT:
             raise RosterError(f"the roster's plan asks for {plan.in_flight} batches in flight; "
                               f"a trainer holds 1 to {MAX_IN_FLIGHT}")
@@ -109,8 +110,9 @@ class Trainer:
         if spec.digest(plan.segment_cuts) != roster.meta.get("model_spec"):
             raise RosterError("the roster's model digest does not match its plan")
         self._place(roster)
-        segments = build_segments(spec, plan.segment_cuts, plan.seed)
-        self.segment = segments[self.index + 1]
+        # what our stage needs, from the shapes alone, before anything is allocated
+        check_stage_memory(spec, plan, self.index + 1, self.cfg.run.trainer_memory_mb)
+        self.segment = build_segment(spec, plan.segment_cuts, plan.seed, self.index + 1)
         self.seg = SegmentTrainer(self.segment, lr=plan.lr)
         # this stage's input shape: the earlier stages' output, from the spec's resolution
         in_shape = tuple(spec.shapes[plan.cuts[self.index]])
