@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from clicooper_bus.ml.split import SegmentTrainer
+from clicooper_bus.ml.tensors import Expected
 from clicooper_bus.net.bus import BusError
 from clicooper_bus.plan import Plan
 from clicooper_bus.services.dispatch import Dispatcher
 from clicooper_bus.services.trainer.stage import Trainer
+from clicooper_bus.services.usage import CpuMeter
 
 OWNER, PREV = "0wner000", "prev0000"
 
@@ -59,6 +61,10 @@ def _last_stage(messages, in_flight: int) -> tuple[Trainer, ScriptedBus]:
     t.labels, t.waiting_logits, t.queued = {}, set(), __import__("collections").deque()
     t.marker, t.notary_kid, t.ended = None, None, False
     t.roster.stages = ["prev", "last"]
+    # what the plan implies it receives (the receive check): 3 features, 2-class labels
+    t.expect_in = Expected("float32", (3,), max_rows=4)
+    t.expect_labels = Expected("int64", (), max_rows=4)
+    t.meter = CpuMeter()
     t.log = SimpleNamespace(warning=lambda *a, **k: None)
     t.loop = Dispatcher(t.bus, {}, t.log)
     t._routes()
