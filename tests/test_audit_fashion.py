@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clicooper_bus.ml.data import FASHION_DIR, Dataset, load_fashion
-from clicooper_bus.ml.models import default_cuts, model_spec
+from clicooper_bus.ml.models import check_cuts, model_spec
 from clicooper_bus.ml.reference import train_reference
 from clicooper_bus.plan import Plan
 from clicooper_bus.tools.run import run
@@ -87,7 +87,10 @@ def test_extraction_behind_label_expansion():
     pseudo, decode = expand(data.y_train, 10, 10, seed=3)
     trained = Dataset("fashion-mnist", data.x_train, pseudo, data.x_test, data.y_test, 100)
     spec = model_spec("small-cnn", data.input_shape, 100)
-    cuts = default_cuts(spec, 3)
+    # after both convolutions, where the 0.893 below was measured: the extraction attack's
+    # head simulator regresses on 1,568 values a release there, twice as fast as at the
+    # offloading default's 3,136 (this test is about the label expansion, not the cut)
+    cuts = check_cuts(spec, (6, 8, 9), 3)
     r = train_reference(trained, spec, cuts, seed=0, epochs=2, batch_size=128, lr=1e-3,
                         evaluate_each_epoch=False)
     plan = Plan("small-cnn", data.input_shape, 10, cuts, 0, 1e-3, 128)

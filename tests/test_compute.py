@@ -56,16 +56,36 @@ def test_owner_tail_sends_no_labels_and_counts_as_the_owners():
     assert plan.owner_flops == head.train_flops + tail.train_flops
 
 
-def test_small_cnn_head_matches_the_convolutions_closed_form():
+CONV1 = 16 * 1 * 5 * 5 * 28 * 28  # multiply-accumulates: out x in x kernel x output pixels
+CONV2 = 32 * 16 * 5 * 5 * 14 * 14
+FC1 = 32 * 7 * 7 * 128
+
+
+def test_the_offloading_default_matches_the_convolutions_closed_form():
+    """The small CNN's default cut (issue 14 item 3): the owner keeps conv1 and its pool, the
+    first trainer takes conv2; FlopCounterMode's count equals the closed form, 2 FLOPs a MAC."""
     spec = model_spec("small-cnn", (1, 28, 28), 10)
     plan = compute_plan(spec, default_cuts(spec, 2), batch_size=2)
-    conv1 = 16 * 1 * 5 * 5 * 28 * 28  # multiply-accumulates: out x in x kernel x output pixels
-    conv2 = 32 * 16 * 5 * 5 * 14 * 14
+    head, first = plan.participants[0], plan.participants[1]
+    assert head.layers == (0, 3) and first.layer_ops[0] == "conv2d"
+    assert head.fwd_flops == 2 * CONV1
+    assert head.bwd_flops == 2 * CONV1  # its input is data: the weight gradient only
+    assert first.fwd_flops == 2 * CONV2 and first.bwd_flops == 4 * CONV2
+    assert plan.edges[0].shape == (16, 14, 14) and plan.edges[0].fwd_bytes == 16 * 14 * 14 * 4
+    assert plan.owner_share <= 0.15  # the issue's bound; 7.2 % measured
+
+
+def test_the_old_cut_matches_the_convolutions_closed_form():
+    """Cut after both convolutions (`cuts = [6, 8]`, where docs/RESULTS.md was measured): the
+    owner's head does 93 % of the training FLOPs."""
+    spec = model_spec("small-cnn", (1, 28, 28), 10)
+    plan = compute_plan(spec, (6, 8), batch_size=2)
     head = plan.participants[0]
-    assert head.fwd_flops == 2 * (conv1 + conv2)
-    assert head.bwd_flops == 2 * conv1 + 4 * conv2  # conv1: weight gradient only
-    assert plan.participants[1].fwd_flops == 2 * 32 * 7 * 7 * 128
+    assert head.fwd_flops == 2 * (CONV1 + CONV2)
+    assert head.bwd_flops == 2 * CONV1 + 4 * CONV2  # conv1: weight gradient only
+    assert plan.participants[1].fwd_flops == 2 * FC1
     assert plan.edges[0].shape == (32, 7, 7) and plan.edges[0].fwd_bytes == 32 * 7 * 7 * 4
+    assert plan.owner_share > 0.9
 
 
 @pytest.fixture
@@ -82,15 +102,13 @@ def test_plan_command_prints_every_participant_and_the_owner_share(no_dataset, c
     for name in ("owner (head)", "trainer-1", "trainer-2"):
         assert re.search(rf"^{re.escape(name)}\s", out, re.M), out
     share = float(re.search(r"owner's share of training FLOPs: ([\d.]+)%", out).group(1))
-    assert 0 < share < 100
+    assert 0 < share <= 15  # issue 14's acceptance: the demo offloads; 7.2 % measured
     assert main(["plan", "--config", "configs/demo.toml", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [p["participant"] for p in doc["participants"]] == ["owner (head)", "trainer-1",
                                                                "trainer-2"]
     assert round(100 * doc["owner_share"], 1) == share
     assert doc["source"] == "torch.utils.flop_counter.FlopCounterMode"
-    with capsys.disabled():  # stated, not asserted: lowering it is issue 14's item 3
-        print(f"\ndemo config: owner's share of training FLOPs {share} %")
 
 
 def test_plan_command_shows_the_owner_tail(no_dataset, capsys):

@@ -74,13 +74,13 @@ def test_small_cnn_cuts_into_head_and_k_stages(k):
     spec = model_spec("small-cnn", (1, 28, 28), 10)
     cuts = default_cuts(spec, k)
     segs = build_segments(spec, cuts, seed=3)
-    assert len(segs) == k + 1 and cuts[0] == 6
+    assert len(segs) == k + 1 and cuts[0] == 3  # the offloading default: conv1 and its pool
     x = torch.rand(5, 1, 28, 28)
     h = x
     for s in segs:
         h = s(h)
     assert h.shape == (5, 10)
-    assert segs[0](x).shape == (5, 32, 7, 7)  # the 1568-dim cut
+    assert segs[0](x).shape == (5, 16, 14, 14)  # the 3136-dim cut
     torch.testing.assert_close(assemble(segs)(x), h)
 
 
@@ -104,7 +104,7 @@ def test_vgg_small_and_explicit_cuts():
         with pytest.raises(ConfigError):
             check_cuts(spec, bad, 4)
     with pytest.raises(ConfigError):
-        default_cuts(model_spec("small-cnn", (1, 28, 28), 10), 5)
+        default_cuts(model_spec("small-cnn", (1, 28, 28), 10), 8)  # 7 layers after the head
     # sides need not divide by 4 any more: the flat size is inferred (30 -> 15 -> 7)
     assert model_spec("small-cnn", (1, 30, 30), 10).layers[7]["in"] == 32 * 7 * 7
 

@@ -313,7 +313,7 @@ def test_a_stage_without_weights_keeps_the_chain(tmp_path):
     """Three trainers cut the small CNN's tail into fc1 | ReLU | fc2: the ReLU stage commits and
     claims (no bits) so that the chain runs through it, and the model verifies."""
     cfg = write_config(tmp_path, run_id="w3", trainers=3, run={"epochs": 1},
-                       watermark={"enabled": True})
+                       watermark={"enabled": True}, model={"cuts": [6, 8, 9]})
     assert run(str(cfg), echo=False, free_ports=False, timeout_s=240) == 0
     d = tmp_path / "runs" / "w3"
     v = verify_model(d / "model.safetensors", d / "provenance", log_dir=d / "log")
