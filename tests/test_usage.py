@@ -77,3 +77,14 @@ def test_the_owner_takes_each_usage_report_from_its_own_signer_only(owner):
     owner.loop.dispatch(_usage(ids["trainer-1"], 4.0))
     assert set(books.usage) == {"trainer-1", "notary"}
     assert books.usage["trainer-1"].cpu_s == 3.0
+
+
+def test_an_unreadable_usage_report_is_ignored_not_fatal(owner):
+    """A reviewer's trainer sent `steps` as a float after training: every process exited 1 and
+    the finished run had no summary. The report is only its sender's word: it is left out."""
+    ids, books = owner.ids, owner.books
+    doc = {**Usage(3.0, 2.0, 2.5, 40).to_doc(), "steps": 40.5}
+    owner.loop.dispatch(Sender(ids["trainer-2"], "r1").seal_document("usage", "owner", doc))
+    assert "trainer-2" not in books.usage
+    owner.loop.dispatch(_usage(ids["trainer-2"]))  # a readable one after it still counts
+    assert books.usage["trainer-2"].steps == 40

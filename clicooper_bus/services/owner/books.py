@@ -69,9 +69,18 @@ class Books:
 
     def on_usage(self, env: Envelope) -> None:
         """A trainer's or the notary's measured CPU (the route admits only them; each signs
-        its own). A second report from the same sender is ignored: the first is the evidence."""
+        its own). A second report from the same sender is ignored: the first is the evidence.
+        An unreadable one is ignored too (logged), never a reason to stop the run."""
         name = self.names[env.header.sender]
-        usage = Usage.parse(env.document(), sender=name)
+        try:
+            usage = Usage.parse(env.document(), sender=name)
+        except ProtocolError as exc:
+            # The report is only its sender's word about itself and nothing depends on it:
+            # stopping here would let one trainer throw away a finished run. It is left out of
+            # the table (listed as missing), and the log keeps the signed message as sent.
+            structlog.get_logger("clicooper.owner").warning("unreadable usage report ignored",
+                                                            sender=name, problem=str(exc))
+            return
         if name in self.usage:
             structlog.get_logger("clicooper.owner").warning("repeated usage report ignored",
                                                             sender=name)
