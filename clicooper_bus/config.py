@@ -145,10 +145,20 @@ class ParticipantsSection:
 class BusSection:
     pub: str = _doc("tcp://127.0.0.1:5555", "broker address publishers connect to (its XSUB)")
     sub: str = _doc("tcp://127.0.0.1:5556", "broker address subscribers connect to (its XPUB)")
-    timeout_s: float = _doc(5.0, "a peer or the broker silent this long is reported and the "
-                                 "process exits non-zero (keep it above the longest computation "
-                                 "between two messages, e.g. one step on a slow device)",
-                            min=0.5)
+    witness: str = _doc("tcp://127.0.0.1:5557", "broker address the notary subscribes at: "
+                                                "lossless, the run waits while the notary does "
+                                                "not read (paused), so its log has no gap; "
+                                                "empty: the notary subscribes at `sub`, where a "
+                                                "reader paused past `stall_s` misses messages")
+    timeout_s: float = _doc(5.0, "a peer or the broker silent this long is suspected: every "
+                                 "process logs it and says so on its console, and the owner "
+                                 "sends no new step until the peer's beats come back (keep it "
+                                 "above the longest computation between two messages, e.g. one "
+                                 "step on a slow device)", min=0.5)
+    rejoin_timeout_s: float = _doc(60.0, "a peer or the broker silent this long is gone: the run "
+                                         "stops cleanly, naming it (summary.json 'stopped'); a "
+                                         "pause shorter than this (a device asleep, SIGSTOP) "
+                                         "loses nothing. At least timeout_s", min=0.5)
     beat_s: float = _doc(1.0, "interval of liveness beats", min=0.05)
     join_timeout_s: float = _doc(120.0, "how long to wait for everyone to join (the owner), for "
                                         "the roster (notary, trainers), for a peer's first "
@@ -362,7 +372,12 @@ def _cross_checks(cfg: RunConfig, name: str) -> None:
                           f"are not trainers: list them in `trainers` too (their stage order)")
     from clicooper_bus.net.curve import check_security  # raises ConfigError itself
 
-    check_security(cfg.bus.security, cfg.bus.pub, cfg.bus.sub)
+    check_security(cfg.bus.security, *(a for a in (cfg.bus.pub, cfg.bus.sub, cfg.bus.witness) if a))
+    if cfg.bus.rejoin_timeout_s < cfg.bus.timeout_s:
+        raise ConfigError(f"{name}: [bus] rejoin_timeout_s ({cfg.bus.rejoin_timeout_s:g} s) is "
+                          f"shorter than timeout_s ({cfg.bus.timeout_s:g} s): a silent peer is "
+                          f"suspected after timeout_s and gone after rejoin_timeout_s; raise "
+                          f"rejoin_timeout_s to at least {cfg.bus.timeout_s:g}")
     t = cfg.participants.trainers
     if not 1 <= len(t) <= 8 or len(set(t)) != len(t):
         raise ConfigError(f"{name}: [participants] trainers must name 1 to 8 distinct trainers")

@@ -22,6 +22,7 @@ def write_config(tmp: Path, *, run_id: str = "t", trainers: int = 3, **sections)
         "participants": {"keys": str(tmp / "keys"),
                          "trainers": [f"trainer-{i}" for i in range(1, trainers + 1)]},
         "bus": {"pub": f"tcp://127.0.0.1:{free_port()}", "sub": f"tcp://127.0.0.1:{free_port()}",
+                "witness": f"tcp://127.0.0.1:{free_port()}",
                 "timeout_s": 5.0, "join_timeout_s": 60.0},
         "log": {"checkpoint_every": 200},
         # off unless a test asks: a mark makes the bus differ from the in-process reference

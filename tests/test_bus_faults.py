@@ -117,10 +117,14 @@ def test_strangers_and_a_rogue_member_change_nothing_on_a_curve_bus(tmp_path):
 @pytest.mark.parametrize("victim", ["broker", "trainer-2", "notary", "owner"])
 def test_a_killed_process_stops_everyone_with_an_error(tmp_path, victim):
     """SIGKILL one process mid-run: every other process (the broker aside) says who is gone
-    and exits non-zero within the liveness timeout, even while other peers keep beating."""
+    within the rejoin timeout (here equal to the liveness timeout), even while other peers
+    keep beating. A gone trainer stops the run cleanly (the owner and the other trainers exit 3,
+    the notary closes the log, summary.json names it); a gone owner, notary or broker makes
+    every other process exit non-zero."""
     timeout = 3.0
     path = write_config(tmp_path, run_id="kill", trainers=3,
-                        run={"epochs": 50}, bus={"timeout_s": timeout, "beat_s": 0.2})
+                        run={"epochs": 50},
+                        bus={"timeout_s": timeout, "rejoin_timeout_s": timeout, "beat_s": 0.2})
     with processes(path) as (cfg, tel, procs):
         deadline = time.monotonic() + 90
         while "trainers joined" not in (tel / "owner.out").read_text():
@@ -135,7 +139,12 @@ def test_a_killed_process_stops_everyone_with_an_error(tmp_path, victim):
             if name not in ("broker", victim):
                 codes[name] = p.wait(timeout=timeout * 3 + 10)
         elapsed = time.monotonic() - killed
-    assert all(c != 0 for c in codes.values()), codes
+    if victim == "trainer-2":
+        assert codes == {"notary": 0, "owner": 3, "trainer-1": 3, "trainer-3": 3}, codes
+        stopped = json.loads((cfg.run_dir / "summary.json").read_text())["stopped"]
+        assert stopped["gone"] == ["trainer-2"], stopped
+    else:
+        assert all(c != 0 for c in codes.values()), codes
     assert elapsed <= timeout * 3 + 5, f"took {elapsed:.1f} s to notice"
     for name in codes:
         err = (tel / f"{name}.jsonl").read_text()

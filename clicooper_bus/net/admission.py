@@ -107,6 +107,16 @@ class Admission:
         self.held.setdefault(name, set()).add(topic.decode())  # type: ignore[arg-type]
         return None
 
+    def witness_refusal(self, name: str | None) -> str | None:
+        """None if `name` may subscribe at the broker's witness address (the notary only: the
+        run waits for whoever reads there), else the refusal reason (also counted)."""
+        member = self.members.get(name) if name is not None else None
+        if member is not None and member.role == "notary":
+            return None
+        reason = "subscription at the witness address, which is the notary's"
+        self.refused[reason] += 1
+        return reason
+
     def unsubscribe(self, name: str | None, topic: bytes) -> None:
         if name is not None:
             self.held.get(name, set()).discard(topic.decode(errors="replace"))

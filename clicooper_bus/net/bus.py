@@ -8,8 +8,12 @@ Sockets (see FACTS.md for why each option is set):
   how `wait_for_subscribers` beats the slow-joiner problem.
 - receiving: a SUB connected to the broker's XPUB. Every message goes through the `Verifier`
   before the application sees it; a rejected one is logged with its reason, counted, dropped.
-- ZeroMQ heartbeats on both, with a short timeout on the sending side and a long one on the
-  receiving side; liveness of peers is application-level (`beat` messages, `silent_peers`).
+- No ZeroMQ heartbeats, TCP keepalive instead (`forwarder.tcp_keepalive` says why): a connection
+  to a process that is merely paused (a device asleep, SIGSTOP) must outlive the pause, or what
+  was queued for it is lost with it. Liveness of peers is application-level (`beat` messages):
+  a watched peer silent for `timeout_s` is *suspected* (logged, said on the console, and in
+  `suspected`, which the owner's pause reads), one silent for `rejoin_timeout_s` is *gone*
+  (`PeersGone`).
 - CURVE on both (`clicooper_bus.net.curve`) with this participant's key, against the broker's
   public key, unless the run is plaintext (`broker=None`, loopback only).
 - A receive pass reads at most `PUMP_BATCH` messages, so that under any inbound rate the
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +37,7 @@ import zmq
 
 from clicooper_bus.errors import ClicooperError, RejectedMessage
 from clicooper_bus.net.curve import make_client
-from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM
+from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM, tcp_keepalive
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
@@ -48,6 +52,15 @@ class BusError(ClicooperError):
     """The bus is unusable: broker unreachable, a peer silent past the timeout, ..."""
 
 
+class PeersGone(BusError):
+    """Watched peers silent for longer than `rejoin_timeout_s` (or never heard within the join
+    timeout). `names`: who, in the order they were watched."""
+
+    def __init__(self, text: str, names: list[str]):
+        super().__init__(text)
+        self.names = names
+
+
 @dataclass(frozen=True)
 class BusAddress:
     """Where the broker listens: publishers connect to `pub`, subscribers to `sub`."""
@@ -56,17 +69,15 @@ class BusAddress:
     sub: str = "tcp://127.0.0.1:5556"
 
 
-def _heartbeats(sock: zmq.Socket, interval_s: float, timeout_s: float) -> None:
-    sock.setsockopt(zmq.HEARTBEAT_IVL, int(interval_s * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(timeout_s * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_TTL, int(timeout_s * 1000))
-
-
 class Bus:
     def __init__(self, identity: Identity, run_id: str, address: BusAddress, verifier: Verifier,
                  *, name: str | None = None, hwm: int = 16, beat_s: float = 1.0,
                  timeout_s: float = 5.0, join_timeout_s: float = 120.0,
-                 broker: PublicIdentity | None = None):
+                 rejoin_timeout_s: float | None = None, broker: PublicIdentity | None = None,
+                 notice: Callable[[str], None] | None = None):
+        """`timeout_s`: a watched peer silent this long is suspected; `rejoin_timeout_s`
+        (default, and at least, `timeout_s`): silent this long, it is gone. `notice`: where the
+        suspicions go besides the log (the process's console)."""
         self.identity = identity
         self.name = name or identity.name
         self.run_id = run_id
@@ -75,7 +86,9 @@ class Bus:
         self.verifier = verifier
         self.beat_s = beat_s
         self.timeout_s = timeout_s
+        self.rejoin_timeout_s = max(timeout_s, rejoin_timeout_s or timeout_s)
         self.join_timeout_s = join_timeout_s
+        self.notice = notice
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.XPUB_NODROP, 1)
@@ -83,14 +96,12 @@ class Bus:
         self.pub.setsockopt(zmq.SNDHWM, hwm)
         self.pub.setsockopt(zmq.RCVHWM, SUBSCRIPTION_HWM)  # subscriptions coming in
         self.pub.setsockopt(zmq.LINGER, 500)  # the end-of-run handshake makes more needless
-        # a heartbeat timeout shorter than the liveness timeout would let the broker drop a
-        # subscriber that merely paused, and lose its messages: never below `timeout_s`
-        _heartbeats(self.pub, 0.5, timeout_s)
+        tcp_keepalive(self.pub)
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, hwm)
         self.sub.setsockopt(zmq.SNDHWM, SUBSCRIPTION_HWM)  # subscriptions going out
         self.sub.setsockopt(zmq.LINGER, 0)
-        _heartbeats(self.sub, 0.5, max(2.0, timeout_s * 2))
+        tcp_keepalive(self.sub)
         if broker is not None:
             for sock in (self.pub, self.sub):
                 make_client(sock, identity, broker)
@@ -107,7 +118,10 @@ class Bus:
         self.sent: dict[str, int] = {}
         self.stalls = 0  # sends the bus pushed back on (a slow reader somewhere)
         self.watched: dict[str, str] = {}
+        self.suspected: dict[str, float] = {}  # watched key id -> when we began to suspect it
         self.started = time.monotonic()
+        self.last_check = self.started  # when we last judged peers' silence
+        self.away_s = 0.0  # time we were not listening ourselves (stopped, or blocked), in all
 
     def bind(self, roster: Roster) -> None:
         """Bind to the run `roster` describes: trust its keys, stamp its nonce on every header
@@ -190,16 +204,20 @@ class Bus:
             except zmq.Again:
                 self.stalls += 1
                 now = time.monotonic()
-                deadline = deadline or now + self.timeout_s * 2
+                # a paused broker or notary holds every publisher: wait as long as for a
+                # paused peer (the rejoin timeout), not the suspicion timeout
+                limit = max(self.timeout_s * 2, self.rejoin_timeout_s + self.timeout_s)
+                deadline = deadline or now + limit
+                self._own_gap()
                 last_heard = max(self.last_seen.values(), default=self.started)
-                if self.beating and now - last_heard > self.timeout_s:
+                if self.beating and now - last_heard > self.rejoin_timeout_s:
                     raise BusError(f"could not send {env.header.kind} and heard nobody for "
-                                   f"{self.timeout_s:.0f} s: the broker or everyone is gone"
-                                   ) from None
+                                   f"{self.rejoin_timeout_s:.0f} s (rejoin_timeout_s): the broker "
+                                   f"or everyone is gone") from None
                 if now > deadline:
-                    raise BusError(f"could not send {env.header.kind} for "
-                                   f"{self.timeout_s * 2:.0f} s: the bus pushes back and does "
-                                   f"not drain (a reader or the broker is stuck)") from None
+                    raise BusError(f"could not send {env.header.kind} for {limit:.0f} s: the "
+                                   f"bus pushes back and does not drain (a reader or the broker "
+                                   f"is stuck)") from None
                 self._pump(10)
         self.sent[env.header.kind] = self.sent.get(env.header.kind, 0) + 1
 
@@ -247,30 +265,83 @@ class Bus:
             self.inbox.append(env)
 
     def watch(self, peers: dict[str, str]) -> None:
-        """Peers (key id -> name) whose silence past the timeout is fatal: every `recv` checks
-        them, so a live peer's beats can never hide a dead one."""
+        """Peers (key id -> name) whose silence is suspected past `timeout_s` and fatal past
+        `rejoin_timeout_s`: every `recv` checks them, so a live peer's beats can never hide a
+        dead one. A peer no longer watched is no longer suspected."""
         self.watched = dict(peers)
+        for k in [k for k in self.suspected if k not in self.watched]:
+            del self.suspected[k]
 
-    def _check_watched(self) -> None:
-        silent = self.silent_peers(self.watched)
-        if silent:
-            names = ", ".join(self.watched[k] for k in silent)
-            raise BusError(f"no message from {names} for {self.timeout_s:.0f} s: the broker or "
-                           f"they are gone")
+    def unwatch(self, names: Iterable[str]) -> None:
+        """Stop watching these peers (by name): they are gone, and the run goes on without
+        them for as long as it takes to stop it cleanly."""
+        drop = set(names)
+        self.watch({k: n for k, n in self.watched.items() if n not in drop})
+
+    def suspects(self) -> list[str]:
+        """Names of the watched peers suspected now, in the order they were watched."""
+        return [n for k, n in self.watched.items() if k in self.suspected]
+
+    def _say(self, text: str) -> None:
+        if self.notice is not None:
+            self.notice(text)
+
+    def _own_gap(self) -> None:
+        """Our own absence is not our peers' silence: when this process was not listening for
+        a while (it was stopped, SIGSTOP or a device asleep, or blocked), what they sent waits
+        in its queues, so every peer's silence clock moves on by that gap; measured without it,
+        a process resumed after a pause would declare everyone gone before reading a thing."""
+        now = time.monotonic()
+        gap = now - self.last_check
+        self.last_check = now
+        if gap <= self.timeout_s:  # (a computation between two receives stays below it)
+            return
+        self.away_s += gap
+        self.started += gap
+        for k in self.last_seen:
+            self.last_seen[k] += gap
+        log.warning("we were not listening", away_s=round(gap, 2))
+
+    def check_watched(self) -> None:
+        """Update who is suspected (each change logged and said on the console) and raise
+        `PeersGone` naming every watched peer silent past `rejoin_timeout_s`; a stretch in which
+        this process did not listen itself is not counted (`_own_gap`)."""
+        self._own_gap()
+        now = time.monotonic()
+        silent = set(self.silent_peers(self.watched))
+        for k in silent - set(self.suspected):
+            self.suspected[k] = now
+            quiet = now - self.last_seen.get(k, self.started)
+            log.warning("peer suspected", peer=self.watched[k], silent_s=round(quiet, 2),
+                        rejoin_timeout_s=self.rejoin_timeout_s)
+            self._say(f"{self.watched[k]} silent for {quiet:.1f} s: suspected; waiting up to "
+                      f"{self.rejoin_timeout_s:.0f} s (rejoin_timeout_s) for it to come back")
+        for k in set(self.suspected) - silent:
+            since = self.suspected.pop(k)
+            log.info("peer back", peer=self.watched[k], suspected_s=round(now - since, 2))
+            self._say(f"{self.watched[k]} is back after {now - since:.1f} s suspected")
+        gone = [k for k in self.watched if k in silent and (
+            k not in self.last_seen or now - self.last_seen[k] > self.rejoin_timeout_s)]
+        if gone:
+            names = [self.watched[k] for k in gone]
+            log.error("peers gone", peers=names, rejoin_timeout_s=self.rejoin_timeout_s)
+            raise PeersGone(f"no message from {', '.join(names)} for "
+                            f"{self.rejoin_timeout_s:.0f} s (rejoin_timeout_s): the broker or "
+                            f"they are gone", names)
 
     def recv(self, timeout_s: float) -> Envelope | None:
-        """The next verified message, or None after `timeout_s`. Beats on the way, and raises
-        `BusError` if a watched peer has gone silent."""
+        """The next verified message, or None after `timeout_s`. Beats on the way; raises
+        `PeersGone` if a watched peer has been silent past `rejoin_timeout_s`."""
         deadline = time.monotonic() + timeout_s
         self.beat()
-        self._check_watched()
+        self.check_watched()
         while not self.inbox:
             self.beat()
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             self._pump(int(min(left, self.beat_s) * 1000) + 1)
-            self._check_watched()
+            self.check_watched()
         return self.inbox.popleft()
 
     def start_beating(self) -> None:
@@ -278,7 +349,7 @@ class Bus:
         before it, a beat would be refused as from an unknown key and leave a hole in our
         chain, and peers are still starting)."""
         self.beating = True
-        self.started = time.monotonic()
+        self.started = self.last_check = time.monotonic()
         self.last_seen.clear()
         self.beat(force=True)
 

@@ -22,6 +22,15 @@ Bounds (FACTS.md and issue 16's measurements):
   everyone else runs on after one wait of at most `stall_s`; one that alternates reading and
   stopping can cause such a wait each time. `dropped_sends` counts the lossy sends (each may
   have dropped a message for one or more full pipes).
+- The witness channel: with `witness_addr`, a third socket (an XPUB, NODROP, no stall bound)
+  where only the notary subscribes (its log must have every message: one it missed is a gap in
+  its sender's chain, and the run stops). Every message goes to it first, then to the others;
+  while the notary does not read (paused, a device asleep), the broker waits and reads nothing
+  more, so the whole run waits with it (every member suspects every other, the owner sends no
+  new step) until the notary reads again or is declared gone after `rejoin_timeout_s`. The stall
+  bound still protects everyone from a slow reader at the ordinary address. Measured before
+  it: a notary stopped for 8 s made the broker send lossy after `stall_s` and its log had a
+  gap, which stopped the run.
 - Subscriptions stay at the broker: it subscribes to the whole run at each publisher itself,
   and passes on only members' own presence signals, once each, never an unsubscription.
 - A member refused `MAX_STRIKES` times is banned (ZAP refuses it) and its connection shut.
@@ -50,6 +59,26 @@ from clicooper_bus.net.identity import Identity
 from clicooper_bus.net.wire import Limits
 
 SUBSCRIPTION_HWM = 100_000
+# TCP keepalive, answered by the kernel: finds a peer whose host vanished (no FIN) in about
+# idle + count x interval seconds, and never drops a process that is merely stopped
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
+
+
+def tcp_keepalive(sock: zmq.Socket) -> None:
+    """Liveness of the connection itself without ZeroMQ's heartbeats (ZMTP PING/PONG).
+
+    Those fight backpressure and pauses: a connection whose input is stopped by a full queue, or
+    whose process is stopped (SIGSTOP, a device asleep), answers no PING, so a heartbeat timeout
+    closes it with what was queued on it, and libzmq 4.3.5 then aborts on the reconnect
+    (`Assertion failed: _input_stopped (src/stream_engine_base.cpp:396)` and `!_io_error
+    (...:310)`, libzmq issues 3937 and 4767; both seen here, one with no pause at all, one in a
+    process resumed after its broker had timed it out). Peers' liveness is the application's
+    beats (`[bus] timeout_s`, `rejoin_timeout_s`); the kernel's keepalive finds a vanished host."""
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_COUNT)
+
 BATCH = 64  # messages handled from one socket before looking at the other
 HANDSHAKE_S = 5  # an unauthenticated connection is dropped after this long
 log = structlog.get_logger("clicooper.broker")
@@ -82,11 +111,13 @@ class _Authenticator(ThreadAuthenticator):
 
 
 class Forwarder:
-    def __init__(self, pub_addr: str, sub_addr: str, *, identity: Identity | None = None,
+    def __init__(self, pub_addr: str, sub_addr: str, *, witness_addr: str | None = None,
+                 identity: Identity | None = None,
                  admission: Admission | None = None, hwm: int = 16,
-                 max_message: int | None = None, timeout_s: float = 5.0, stall_s: float = 2.0):
+                 max_message: int | None = None, stall_s: float = 2.0):
         """`identity` and `admission` together make a CURVE broker with the rules; neither
         makes a plaintext one (`security = "none"`, loopback only, for benchmarks).
+        `witness_addr`: the notary's lossless address (see the module's notes), or None.
         Raises ConfigError if an address cannot be bound."""
         if (identity is None) != (admission is None):
             raise ValueError("a CURVE broker needs both its identity and the run's admission")
@@ -105,14 +136,18 @@ class Forwarder:
             self.auth.configure_curve_callback("*", _MembersOnly(admission, self.refused))
         self.xsub = self.ctx.socket(zmq.XSUB)
         self.xpub = self.ctx.socket(zmq.XPUB)
-        self.xpub.setsockopt(zmq.XPUB_NODROP, 1)
-        self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        self.witness = self.ctx.socket(zmq.XPUB) if witness_addr else None
+        self.xpubs = [s for s in (self.witness, self.xpub) if s is not None]  # witness first
+        for xpub in self.xpubs:
+            xpub.setsockopt(zmq.XPUB_NODROP, 1)
+            xpub.setsockopt(zmq.XPUB_MANUAL, 1)
         # data flows xsub -> xpub and is bounded by `hwm`; subscriptions flow the other way,
         # are tiny, and must never be dropped (a full subscription pipe silently loses them)
         self.xsub.setsockopt(zmq.RCVHWM, hwm)
-        self.xpub.setsockopt(zmq.SNDHWM, hwm)
         self.xsub.setsockopt(zmq.SNDHWM, SUBSCRIPTION_HWM)
-        self.xpub.setsockopt(zmq.RCVHWM, SUBSCRIPTION_HWM)
+        for xpub in self.xpubs:
+            xpub.setsockopt(zmq.SNDHWM, hwm)
+            xpub.setsockopt(zmq.RCVHWM, SUBSCRIPTION_HWM)
         limits = admission.limits if admission is not None else Limits()
         max_topic = limits.max_topic
         # the largest frame a valid message has (its body): bounds what even an unauthenticated
@@ -121,19 +156,21 @@ class Forwarder:
         self.xsub.setsockopt(zmq.MAXMSGSIZE, max_message)
         # a subscription is 1 byte + a topic; the limit also bounds the CURVE handshake's
         # commands (INITIATE is about 300 bytes), hence not below 1 KiB
-        self.xpub.setsockopt(zmq.MAXMSGSIZE, max(1024, 1 + max_topic))
-        for sock in (self.xsub, self.xpub):
+        for xpub in self.xpubs:
+            xpub.setsockopt(zmq.MAXMSGSIZE, max(1024, 1 + max_topic))
+        for sock in (self.xsub, *self.xpubs):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
             if identity is not None:
                 make_server(sock, identity)
-        # heartbeats find a hung peer; their timeout is never below the liveness timeout, or a
-        # subscriber that merely paused would be dropped and lose messages
-        for sock, t in ((self.xpub, timeout_s), (self.xsub, timeout_s * 2)):
-            sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(t * 1000))
-            sock.setsockopt(zmq.HEARTBEAT_TTL, int(t * 1000))
-        for sock, addr in ((self.xsub, pub_addr), (self.xpub, sub_addr)):
+        # no ZeroMQ heartbeats (they closed paused members' connections and crashed libzmq:
+        # `tcp_keepalive`); the members' beats tell who is alive, the kernel who vanished
+        for sock in (self.xsub, *self.xpubs):
+            tcp_keepalive(sock)
+        binds = [(self.xsub, pub_addr), (self.xpub, sub_addr)]
+        if self.witness is not None:
+            binds.append((self.witness, witness_addr))
+        for sock, addr in binds:
             try:
                 sock.bind(addr)
             except zmq.ZMQError as exc:
@@ -145,6 +182,8 @@ class Forwarder:
                 raise ConfigError(f"cannot bind broker address {addr}: {exc}") from None
         self.pub_addr = self.xsub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sub_addr = self.xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.witness_addr = self.witness.getsockopt_string(zmq.LAST_ENDPOINT) \
+            if self.witness is not None else None
         if admission is not None:
             # the broker itself takes the whole run from every publisher; members'
             # subscriptions then never travel upstream, except their own presence signals, so
@@ -152,6 +191,8 @@ class Forwarder:
             self.xsub.send(b"\x01" + admission.topics.all.encode())
         self._signalled: set[bytes] = set()
         self._pending: list[zmq.Frame] | None = None
+        self._owed: list[zmq.Socket] = []  # the sockets `_pending` has yet to go out on
+        self.witness_waits = 0  # messages that waited for the notary to read again
         self._stalled_since: float | None = None
         self._lossy = False
         self._warned: set[tuple[str, str]] = set()
@@ -160,18 +201,18 @@ class Forwarder:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.xpub, zmq.POLLIN)
+        for xpub in self.xpubs:
+            poller.register(xpub, zmq.POLLIN)
         poller.register(self.xsub, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 # while a message waits for a full pipe, read no more data (backpressure)
                 ready = dict(poller.poll(1 if self._pending is not None else 100))
-                if self.xpub in ready:
-                    self._subscriptions()
-                if self._pending is not None:
-                    if not self._send(self._pending):
-                        continue
-                    self._pending = None
+                for xpub in self.xpubs:
+                    if xpub in ready:
+                        self._subscriptions(xpub)
+                if self._pending is not None and not self._flush():
+                    continue
                 if self.xsub in ready:
                     self._messages()
         except zmq.ContextTerminated:
@@ -210,10 +251,10 @@ class Forwarder:
         except OSError:
             os.close(fd)
 
-    def _subscriptions(self) -> None:
+    def _subscriptions(self, xpub: zmq.Socket) -> None:
         for _ in range(BATCH):
             try:
-                frame = self.xpub.recv(zmq.NOBLOCK, copy=False)
+                frame = xpub.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             data = frame.bytes
@@ -221,19 +262,20 @@ class Forwarder:
                 continue  # not a subscription: an XPUB peer sent a message; ignore it
             topic, who = data[1:], self._who(frame)
             if self.admission is None:  # plaintext: a plain forwarder both ways
-                self.xpub.setsockopt(zmq.SUBSCRIBE if data[0] else zmq.UNSUBSCRIBE, topic)
+                xpub.setsockopt(zmq.SUBSCRIBE if data[0] else zmq.UNSUBSCRIBE, topic)
                 self.xsub.send(data)
                 continue
             if data[0] == 0:  # never upstream; a closed pipe's (who None) is libzmq's own
                 self.admission.unsubscribe(who, topic)
                 if who is not None:
-                    self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
+                    xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
                 continue
-            reason = self.admission.subscribe(who, topic)
+            reason = self.admission.witness_refusal(who) if xpub is self.witness else None
+            reason = reason or self.admission.subscribe(who, topic)
             if reason is not None:
                 self._refuse(who, reason, "subscription", frame)
                 continue
-            self.xpub.setsockopt(zmq.SUBSCRIBE, topic)  # to the pipe it came from
+            xpub.setsockopt(zmq.SUBSCRIBE, topic)  # to the pipe it came from
             if self.admission.is_signal(who, topic) and data not in self._signalled:
                 self._signalled.add(data)  # a presence signal, passed on once
                 self.xsub.send(data)
@@ -250,9 +292,29 @@ class Forwarder:
                 if reason is not None:
                     self._refuse(who, reason, "message", frames[0])
                     continue
-            if not self._send(frames):
-                self._pending = frames
+            self._pending, self._owed = frames, list(self.xpubs)
+            if not self._flush():
                 return
+
+    def _flush(self) -> bool:
+        """Send the pending message on every socket it is owed to, the witness first; True
+        once it went out on all (then nothing is pending)."""
+        while self._owed:
+            xpub = self._owed[0]
+            if xpub is self.witness:
+                try:  # lossless: the notary's log must have it; the run waits for it
+                    self.witness.send_multipart(self._pending, zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    if self._stalled_since is None:
+                        self.witness_waits += 1
+                        self._stalled_since = time.monotonic()
+                    return False
+                self._stalled_since = None
+            elif not self._send(self._pending):
+                return False
+            self._owed.pop(0)
+        self._pending = None
+        return True
 
     def _send(self, frames: list[zmq.Frame]) -> bool:
         """Forward; False if every subscriber could not take it yet and `stall_s` has not
@@ -296,6 +358,7 @@ class Forwarder:
             refused.update(self.admission.refused)
         banned = sorted(self.admission.banned) if self.admission is not None else []
         return {"forwarded": self.forwarded, "lossy_sends": self.dropped_sends,
+                "witness_waits": self.witness_waits,
                 "refused": refused, "banned": banned}
 
     def close(self) -> None:

@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--pub", help="address publishers connect to (default: config [bus] pub)")
     p.add_argument("--sub", help="address subscribers connect to (default: config [bus] sub)")
+    p.add_argument("--witness", help="address the notary subscribes at (default: config [bus] "
+                                     "witness)")
     args = p.parse_args(argv)
 
     def body(log) -> int:
@@ -35,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         curve = cfg.bus.security == "curve"
         admission = Admission.of(cfg.run.id, members(cfg), limits=Limits()) if curve else None
         fwd = Forwarder(args.pub or cfg.bus.pub, args.sub or cfg.bus.sub,
+                        witness_addr=args.witness or cfg.bus.witness or None,
                         identity=identity(cfg, cfg.participants.broker) if curve else None,
-                        admission=admission, hwm=cfg.bus.hwm, timeout_s=cfg.bus.timeout_s,
-                        stall_s=cfg.bus.stall_s).start()
-        log.info("broker listening", pub=fwd.pub_addr, sub=fwd.sub_addr,
+                        admission=admission, hwm=cfg.bus.hwm, stall_s=cfg.bus.stall_s).start()
+        log.info("broker listening", pub=fwd.pub_addr, sub=fwd.sub_addr, witness=fwd.witness_addr,
                  security=cfg.bus.security,
                  members=sorted(admission.members) if admission else None)
         print(f"broker: publishers connect to {fwd.pub_addr}, subscribers to {fwd.sub_addr}",

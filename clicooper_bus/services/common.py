@@ -126,11 +126,20 @@ def members(cfg: RunConfig) -> list[Member]:
     return [Member(name, role, public(cfg, name)) for name, role in roles]
 
 
-def open_bus(cfg: RunConfig, ident: Identity, verifier: Verifier) -> Bus:
+def open_bus(cfg: RunConfig, ident: Identity, verifier: Verifier, *, witness: bool = False
+             ) -> Bus:
+    """This process's bus connection; its suspicions of silent peers (and their return) are
+    printed on its console, prefixed with its name, besides the telemetry log. `witness`: the
+    notary's, which subscribes at the broker's lossless `[bus] witness` address (if set)."""
     b = cfg.bus
-    return Bus(ident, cfg.run.id, BusAddress(b.pub, b.sub), verifier, hwm=b.hwm,
+    sub = b.witness if witness and b.witness else b.sub
+
+    def notice(text: str) -> None:
+        print(f"{ident.name}: {text}", flush=True)
+
+    return Bus(ident, cfg.run.id, BusAddress(b.pub, sub), verifier, hwm=b.hwm,
                beat_s=b.beat_s, timeout_s=b.timeout_s, join_timeout_s=b.join_timeout_s,
-               broker=broker_key(cfg))
+               rejoin_timeout_s=b.rejoin_timeout_s, broker=broker_key(cfg), notice=notice)
 
 
 def run_main(role: str, body, argv: list[str] | None = None) -> int:

@@ -69,16 +69,44 @@ class Dispatcher:
               timed_out: Callable[[], str] | None) -> bool:
         """Dispatch until `ready()` holds, and return True. After `timeout_s` (checked on every
         pass: beats keep arriving) raises BusError with `timed_out()`'s text, or returns False
-        when `timed_out` is None. A silent watched peer raises BusError from the bus first."""
-        deadline = time.monotonic() + timeout_s
+        when `timed_out` is None. The clock stops while a watched peer is suspected (a paused
+        peer holds the run; waiting for it is not a timeout) and while this process itself was
+        stopped, and a watched peer gone past the rejoin timeout raises PeersGone from the bus
+        first."""
+        deadline = last = time.monotonic()
+        deadline += timeout_s
+        asked = 0.0  # how long the last pass was to wait at most
         while not ready():
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if self.bus.suspected:
+                deadline += now - last
+            elif now - last > asked + 1.0:  # we were stopped (or blocked) ourselves
+                deadline += now - last - asked
+            last = now
+            left = deadline - now
             if left < 0:
                 if timed_out is None:
                     return False
                 raise BusError(timed_out())
-            self.pump(min(1.0, left) or 0.01)
+            asked = min(1.0, left) or 0.01
+            self.pump(asked)
         return True
+
+    def hold(self, who: str) -> None:
+        """Return once no watched peer is suspected, dispatching meanwhile: the owner sends no
+        new step while a peer is silent (`who` names the process on its console). Raises
+        PeersGone when a suspected peer stays silent past the rejoin timeout."""
+        self.bus.check_watched()
+        if not self.bus.suspected:
+            return
+        suspects = self.bus.suspects()
+        t0 = time.monotonic()
+        self.log.warning("paused", suspected=suspects)
+        print(f"{who}: paused: sending nothing new while {', '.join(suspects)} "
+              f"{'is' if len(suspects) == 1 else 'are'} suspected", flush=True)
+        self.until(lambda: not self.bus.suspected, timeout_s=float("inf"), timed_out=None)
+        self.log.info("resumed", paused_s=round(time.monotonic() - t0, 2))
+        print(f"{who}: resumed after {time.monotonic() - t0:.1f} s paused", flush=True)
 
 
 class Mailbox:

@@ -26,7 +26,7 @@ from clicooper_bus.chain.registry import WatermarkRegistry
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError, LogFull
 from clicooper_bus.layout import RunLayout
-from clicooper_bus.net.bus import Bus, BusError
+from clicooper_bus.net.bus import Bus, BusError, PeersGone
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
@@ -53,13 +53,14 @@ class Notary:
         self.owner_key = public(cfg, cfg.participants.owner)
         verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id,
                             roster_first=True)
-        self.bus: Bus = open_bus(cfg, self.ident, verifier)
+        self.bus: Bus = open_bus(cfg, self.ident, verifier, witness=True)
         self.plog: ProvenanceLog | None = None
         self.roster: Roster | None = None
         self.last_cp_size, self.last_cp_time = 0, time.monotonic()
         self.final_sent = False
         self.meter = CpuMeter()  # the notary's CPU over the run's training steps (`usage`)
         self.logged_steps: set[int] = set()  # of the owner's training activations
+        self.gone: set[str] = set()  # members silent past the rejoin timeout (not the owner)
 
     def run(self) -> int:
         if self.cfg.log.notary_nice:
@@ -123,6 +124,19 @@ class Notary:
         while True:
             try:
                 env = bus.recv(0.2)
+            except PeersGone as exc:
+                if roster.owner.name in exc.names:  # nobody left to stop the run cleanly
+                    self.log.error("peers silent", error=str(exc))
+                    print(f"notary: error: {exc}; the log is kept up to here", file=sys.stderr)
+                    return EXIT_FAIL
+                # the owner stops the run (its `end` with `stopped`): log it, sign, close
+                self.log.warning("member gone; logging on until the owner stops the run",
+                                 gone=exc.names)
+                print(f"notary: {', '.join(exc.names)} gone; logging on until the owner stops "
+                      f"the run", flush=True)
+                self.gone.update(exc.names)
+                bus.unwatch(exc.names)
+                continue
             except BusError as exc:
                 self.log.error("peers silent", error=str(exc))
                 print(f"notary: error: {exc}; the log is kept up to here", file=sys.stderr)
@@ -152,7 +166,10 @@ class Notary:
                     now - self.last_cp_time >= self.cfg.log.checkpoint_seconds):
                 self._checkpoint()
             if self.final_sent:
-                done = {bus.topics.done(m.name) for m in others}
+                done = {bus.topics.done(m.name) for m in others if m.name not in self.gone
+                        and now - bus.last_seen.get(m.key_id, bus.started) <= bus.rejoin_timeout_s}
+                # (a member silent past the rejoin timeout is gone: its `done` will not come;
+                # the watch ended with the final checkpoint, so that is not noticed elsewhere)
                 if done <= bus.seen_subscriptions:
                     break
                 done_wait_until = done_wait_until or now + self.cfg.bus.join_timeout_s

@@ -42,7 +42,7 @@ JOIN_VERSION = 1
 WILDCARD_HOSTS = {"*", "0.0.0.0", "::", "[::]", "localhost", "::1", "[::1]"}
 # the [bus] keys a trainer needs; the rest (the broker's stall policy, the owner's step timeout,
 # the notary's audit timeout) are the owner side's own business
-BUS_KEYS = ("security", "beat_s", "timeout_s", "join_timeout_s", "hwm")
+BUS_KEYS = ("security", "beat_s", "timeout_s", "rejoin_timeout_s", "join_timeout_s", "hwm")
 
 
 # --- public keys ------------------------------------------------------------------------------

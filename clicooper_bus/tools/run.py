@@ -39,6 +39,9 @@ from clicooper_bus.tlog.logverify import verify_log
 QUICK = {"run": {"epochs": 1}, "data": {"train_limit": 6000, "test_limit": 2000}}
 EXIT_STOPPED = 3  # as services.common.EXIT_STOPPED (tools do not import services' start-up)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# once the owner stopped the run and the notary left, how long a process still running gets to
+# leave before it is stopped: one that was gone (silent past rejoin_timeout_s) may never return
+GONE_GRACE_S = 10.0
 # `clicooper run`'s exit codes (its --help epilog and README "Exit codes" print this table)
 EXIT_CODES = (
     (0, "the run completed and its log verified"),
@@ -46,8 +49,9 @@ EXIT_CODES = (
         "--set) was refused before anything started"),
     (2, "a usage error (an unknown flag or a missing argument)"),
     (EXIT_STOPPED, "a participant refused poisoned input (a NaN, infinite, mistyped or misshapen "
-                   "tensor, loss or weight): the run stopped cleanly; summary.json says who sent "
-                   "what under 'stopped', no model was saved; the log verifies"),
+                   "tensor, loss or weight), or a peer was silent past [bus] rejoin_timeout_s: "
+                   "the run stopped cleanly; summary.json says why under 'stopped' (who sent "
+                   "what, or who is gone), no model was saved; the log verifies"),
     (128 + signal.SIGHUP, "stopped by SIGHUP; RUN_DIR/INTERRUPTED marks the run"),
     (128 + signal.SIGINT, "stopped by SIGINT (Ctrl-C); RUN_DIR/INTERRUPTED marks the run"),
     (128 + signal.SIGTERM, "stopped by SIGTERM; RUN_DIR/INTERRUPTED marks the run"),
@@ -189,7 +193,8 @@ def prepare(config: str | None, overrides: dict, out: str | None,
     if free_ports and not load_config(config, over).participants.remote:
         # remote trainers must reach the config's addresses, which their join file names
         over.setdefault("bus", {}).update({"pub": f"tcp://127.0.0.1:{free_port()}",
-                                           "sub": f"tcp://127.0.0.1:{free_port()}"})
+                                           "sub": f"tcp://127.0.0.1:{free_port()}",
+                                           "witness": f"tcp://127.0.0.1:{free_port()}"})
     cfg = load_config(config, over)
     checked = None
     if cfg.data.name == "npz":  # the whole file, before any key, directory or process
@@ -296,6 +301,7 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
         threading.Thread(target=pump, daemon=True).start()
         deadline = time.monotonic() + timeout_s if timeout_s else None
         workers = [n for n in procs if n != "broker"]
+        ended = None  # when the owner had stopped the run and the notary had left
         while True:
             codes = {n: procs[n].poll() for n in procs}
             failed = [n for n, c in codes.items() if c not in (None, 0, EXIT_STOPPED)]
@@ -304,6 +310,13 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
                 return 1
             if all(codes[n] in (0, EXIT_STOPPED) for n in workers):
                 return EXIT_STOPPED if codes.get("owner") == EXIT_STOPPED else 0
+            if codes.get("owner") == EXIT_STOPPED and codes.get("notary") is not None:
+                ended = ended or time.monotonic()
+                if time.monotonic() - ended > GONE_GRACE_S:  # a gone peer that never returned
+                    left = [n for n in workers if codes[n] is None]
+                    print(f"clicooper run: {', '.join(left)} still running {GONE_GRACE_S:.0f} s "
+                          f"after the run stopped (gone?); stopping it", file=sys.stderr)
+                    return EXIT_STOPPED
             if deadline and time.monotonic() > deadline:
                 print(f"clicooper run: timed out after {timeout_s:.0f} s", file=sys.stderr)
                 _report([n for n in workers if codes[n] is None], tel)
@@ -315,6 +328,7 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
         for p in procs.values():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, signal.SIGCONT)  # a stopped process acts on it only once continued
         for p in procs.values():
             try:
                 p.wait(timeout=10)
@@ -390,8 +404,11 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
     if code == EXIT_STOPPED:
         st = summary.get("stopped", {})
         at = f" of step {st['step']}" if "step" in st else ""
-        print(f"run {cfg.run.id} STOPPED: {st.get('by')} refused {st.get('kind')}{at} from "
-              f"{st.get('sender')}: {st.get('problem')}; no model saved; log "
+        why = (f"{', '.join(st['gone'])} gone (silent past [bus] rejoin_timeout_s, "
+               f"{cfg.bus.rejoin_timeout_s:g} s)" if "gone" in st else
+               f"{st.get('by')} refused {st.get('kind')}{at} from {st.get('sender')}: "
+               f"{st.get('problem')}")
+        print(f"run {cfg.run.id} STOPPED: {why}; no model saved; log "
               f"{'verified' if result.ok else 'verification FAILED: ' + str(result.failure)} "
               f"({layout.log})", file=sys.stderr)
         return EXIT_STOPPED

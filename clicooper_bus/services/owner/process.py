@@ -24,7 +24,7 @@ from clicooper_bus.layout import RunLayout, write_atomic
 from clicooper_bus.ml.compute import compute_plan
 from clicooper_bus.ml.privacy import defences as privacy
 from clicooper_bus.ml.tensors import check_weights
-from clicooper_bus.net.bus import Bus, BusError
+from clicooper_bus.net.bus import Bus, BusError, PeersGone
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.plan import schedule
 from clicooper_bus.protocol import Ack, End, Round, Segment, Usage, cpu_table
@@ -140,27 +140,34 @@ class Owner:
                                   time.perf_counter() - t0)
             except Refused as exc:  # refused by a trainer
                 return self._stop(exc.stopped, str(exc), time.perf_counter() - t0)
+            except PeersGone as exc:  # silent past [bus] rejoin_timeout_s: they will not rejoin
+                stopped = {"by": self.cfg.participants.owner, "gone": exc.names,
+                           "problem": str(exc)}
+                return self._stop(stopped, str(exc), time.perf_counter() - t0, gone=exc.names)
             self._finish(per_epoch, step, sent, time.perf_counter() - t0)
             return EXIT_OK
         finally:
             self.bus.close()
 
-    def _stop(self, stopped: dict, text: str, wall: float) -> int:
-        """Stop the run cleanly on a refusal: nothing more is trained, no model is saved or
-        certified. Tell everyone (`end` with `stopped`; the notary signs a final checkpoint over
-        what it logged), write `checkpoint.txt` and `summary.json` with the reason under
-        `stopped`, and leave once the notary closes the log. Returns EXIT_STOPPED."""
+    def _stop(self, stopped: dict, text: str, wall: float, gone: list[str] = ()) -> int:
+        """Stop the run cleanly on a refusal or on peers `gone` (silent past the rejoin
+        timeout): nothing more is trained, no model is saved or certified. Tell everyone (`end`
+        with `stopped`; the notary, unless gone, signs a final checkpoint over what it logged),
+        write `checkpoint.txt` and `summary.json` with the reason under `stopped`, and leave
+        once the notary closes the log. Returns EXIT_STOPPED."""
         print(f"owner: error: {text}; the run stops: no model is saved (summary.json says "
               f"why)", file=sys.stderr, flush=True)
         self.log.error("run stopped", **stopped)
         bus, books, notary = self.bus, self.books, self.cfg.participants.notary
         self.loop.only("checkpoint")  # nothing poisoned is taken any more
-        bus.send_doc("end", "all", End(f"stopped: {text}", stopped=True).to_doc())
+        bus.unwatch(gone)  # the run ends without them
         cp = None
         try:
-            self.loop.until(lambda: books.final_note is not None,
-                            timeout_s=self.cfg.bus.step_timeout_s, timed_out=None)
-        except BusError as exc:  # a peer died meanwhile: write what we have
+            bus.send_doc("end", "all", End(f"stopped: {text}", stopped=True).to_doc())
+            if notary not in gone:
+                self.loop.until(lambda: books.final_note is not None,
+                                timeout_s=self.cfg.bus.step_timeout_s, timed_out=None)
+        except BusError as exc:  # a peer (or the broker) died meanwhile: write what we have
             self.log.warning("no final checkpoint", error=str(exc))
         if books.final_note is not None:
             cp = open_checkpoint(books.final_note, self.notary_key, default_origin(self.cfg.run.id))
@@ -216,11 +223,13 @@ class Owner:
         cfg, wm_on, per_epoch, step = self.cfg, self.cfg.watermark.enabled, self.per_epoch, 0
         for epoch in range(cfg.run.epochs):
             if wm_on:  # every trainer commits to its round key before the round
+                self.training.hold()
                 self.bus.send_doc("round", "all", Round(epoch, "start").to_doc())
                 self.until(f"watermark commitments of round {epoch}",
                            lambda e=epoch: self.books.have(self.books.commits, e))
             row, step = self.training.epoch(epoch, step)
             if wm_on:  # ... and claims it once its last step is done
+                self.training.hold()
                 self.bus.send_doc("round", "all", Round(epoch, "end").to_doc())
                 self.until(f"watermark claims of round {epoch}",
                            lambda e=epoch: self.books.have(self.books.claims, e))
@@ -251,6 +260,7 @@ class Owner:
     def _collect_segments(self) -> dict[str, int]:
         """End training, load every trainer's sealed segment, save the assembled model.
         Returns the messages sent, by kind, by everyone (as each trainer counted its own)."""
+        self.training.hold()
         self.bus.send_doc("end", "all", End("training complete").to_doc())
         sent: dict[str, int] = dict(self.bus.sent)
         for i, name in enumerate(self.stages, start=1):

@@ -121,8 +121,15 @@ class Training:
         print(f"  epoch {epoch + 1} step {done}/{total} loss {loss:.4f} {rate:,.0f} samples/s",
               flush=True)
 
+    def hold(self) -> None:
+        """Send nothing new while a peer is suspected (see `Dispatcher.hold`); raises
+        PeersGone when one stays silent past `[bus] rejoin_timeout_s`."""
+        self.loop.hold(self.cfg.participants.owner)
+
     def _send(self, idx: np.ndarray, meta: dict) -> InFlight:
-        """A step's forward: the released activations to stage 1, labels to the last stage."""
+        """A step's forward: the released activations to stage 1, labels to the last stage.
+        Not while a peer is suspected: a step starts only with everyone heard."""
+        self.hold()
         act = self._release(self.setup.data.x_train[idx], idx, meta["step"])
         self.bus.send_array("fwd", self.first, act, **meta)
         if self.setup.tail is None:
@@ -214,6 +221,7 @@ class Training:
         return correct / max(1, len(x))
 
     def _send_eval(self, x, sl: slice, i: int, noise_step: int, epoch: int) -> None:
+        self.hold()
         act, flt = self.setup.head.evaluate(to_float(x[sl])), self.setup.defences.filter
         if flt is not None:
             ids = np.arange(sl.start, min(sl.stop, len(x)))

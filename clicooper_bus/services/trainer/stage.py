@@ -22,7 +22,7 @@ from clicooper_bus.ml.models import build_segment, check_stage_memory, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.ml.tensors import Expected, received
 from clicooper_bus.ml.watermark.marker import Marker
-from clicooper_bus.net.bus import Bus, BusError
+from clicooper_bus.net.bus import Bus, BusError, PeersGone
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
@@ -178,8 +178,21 @@ class Trainer:
             route("wm_commit", {k[n] for n in self.roster.stages}, self._on_commit)
 
     def _serve(self) -> None:
-        """Until the owner ends training (a silent neighbour raises BusError from the bus)."""
-        self.loop.until(lambda: self.ended, timeout_s=FOREVER, timed_out=None)
+        """Until the owner ends training. A neighbour gone past the rejoin timeout is dropped
+        from the watch: the owner stops the run cleanly (its `end` with `stopped`). Raises
+        PeersGone if the owner itself is gone (nobody is left to stop the run)."""
+        while True:
+            try:
+                self.loop.until(lambda: self.ended, timeout_s=FOREVER, timed_out=None)
+                return
+            except PeersGone as exc:
+                if self.roster.owner.name in exc.names:
+                    raise
+                self.log.warning("neighbour gone; waiting for the owner to stop the run",
+                                 gone=exc.names)
+                print(f"{self.name}: {', '.join(exc.names)} gone; waiting for the owner to stop "
+                      f"the run", flush=True)
+                self.bus.unwatch(exc.names)
 
     def _on_fwd(self, env: Envelope) -> None:
         h = env.header
@@ -320,12 +333,25 @@ class Trainer:
         return self._leave(EXIT_STOPPED)
 
     def _leave(self, code: int) -> int:
-        """Stay until the notary's final checkpoint (or the join timeout), say we are done, and
-        leave once the notary closes the log. Returns `code`."""
+        """Stay until the notary's final checkpoint (or the join timeout, or the notary gone
+        past the rejoin timeout: the owner stops a run whose notary is gone), say we are done,
+        and leave once the notary closes the log. Returns `code`."""
         bus = self.bus
         self.loop.only("checkpoint")  # nothing else is served
-        if not self.loop.until(lambda: self.final_seen, timeout_s=self.cfg.bus.join_timeout_s,
-                               timed_out=None):
+        if self.notary_kid is not None:
+            bus.watch({**bus.watched, self.notary_kid: self.roster.notary.name})
+        while True:
+            try:
+                final = self.loop.until(lambda: self.final_seen,
+                                        timeout_s=self.cfg.bus.join_timeout_s, timed_out=None)
+                break
+            except PeersGone as exc:
+                if self.roster.notary is not None and self.roster.notary.name in exc.names:
+                    self.log.warning("leaving without the final checkpoint", error=str(exc))
+                    final = True
+                    break
+                bus.unwatch(exc.names)  # a neighbour gone: the notary still signs
+        if not final:
             self.log.warning("no final checkpoint from the notary; leaving anyway")
         bus.watch({})  # from here on peers leave as they finish
         bus.mark_done()

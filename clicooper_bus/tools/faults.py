@@ -1,0 +1,291 @@
+"""Faults injected into a live run, and a soak (a benchmark) that tallies what they did.
+
+`Injector` pauses (SIGSTOP, then SIGCONT after `pause_s`) one chosen role of a run that is
+running on this machine, at a seeded random training step: the step is read from the owner's
+progress lines in `RUN_DIR/telemetry/owner.out` (`  epoch E step S/N ...`, about ten an epoch),
+so "step k" means "the first progress line at or past k". The processes are found by their
+command line (`clicooper_bus.services.<role> --config RUN_DIR/config.toml`, a trainer's also
+`--name NAME`), which works for `clicooper run` and for tests that start the processes
+themselves; Linux only (`/proc`). Kills are not covered (a killed trainer cannot rejoin yet:
+issue 17 items 1b and 2).
+
+    python -m clicooper_bus.tools.faults --runs 20 --seed 1 --out /tmp/soak
+
+runs N quick synthetic runs, each pausing one role (trainer, owner, notary or broker, in turn)
+for a seeded random time between `--min-pause` and `--max-pause` seconds at a seeded random step,
+and tallies each run as *completed* (exit 0, log verified, the test accuracy equal to an
+unfaulted run of the same seed), *failed cleanly* (exit 3 or 1 with the log verifying and the
+failure named), or *lost* (anything else: a hang, a log that does not verify, a different
+model). Writes `soak.json` under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROLES = ("trainer", "owner", "notary", "broker")
+PROGRESS = re.compile(r"^\s*epoch (\d+) step (\d+)/(\d+)")
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Pause `role` (a trainer's name, `owner`, `notary` or `broker`) for `pause_s` seconds once
+    the owner reports training step `at_step` (global, counted from 0) or later."""
+
+    role: str
+    at_step: int
+    pause_s: float
+
+
+def plan_pauses(seed: int, roles: list[str], steps: int, pause_s: tuple[float, float],
+                first: int = 1) -> list[Pause]:
+    """One pause per role in `roles`, in that order, at increasing seeded random steps in
+    [`first`, `steps` - 1), spread so that each falls in its own share of the run; each lasts a
+    seeded random time in [pause_s[0], pause_s[1]] s. Raises ValueError if the run has fewer
+    steps than pauses."""
+    if steps - first < len(roles):
+        raise ValueError(f"{steps} steps cannot hold {len(roles)} pauses after step {first}")
+    rng = random.Random(seed)
+    share = (steps - first) // len(roles)
+    return [Pause(role, first + i * share + rng.randrange(max(1, share - 1)),
+                  round(rng.uniform(*pause_s), 2)) for i, role in enumerate(roles)]
+
+
+def find_pid(run_dir: Path, role: str) -> int | None:
+    """The process id of `role` of the run in `run_dir` (a trainer by its name), found by its
+    command line in /proc; None if it is not running."""
+    config = str(run_dir / "config.toml")
+    module = "trainer" if role.startswith("trainer") else role
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        argv = [a.decode(errors="replace") for a in args if a]
+        if f"clicooper_bus.services.{module}" not in argv or config not in argv:
+            continue
+        if module == "trainer" and role not in argv:
+            continue
+        return int(entry.name)
+    return None
+
+
+def owner_step(run_dir: Path, steps_per_epoch: int) -> int:
+    """The last global step the owner's progress lines report (-1 before the first)."""
+    try:
+        text = (run_dir / "telemetry" / "owner.out").read_text()
+    except OSError:
+        return -1
+    last = -1
+    for line in text.splitlines():
+        m = PROGRESS.match(line)
+        if m:
+            last = (int(m.group(1)) - 1) * steps_per_epoch + int(m.group(2)) - 1
+    return last
+
+
+@dataclass
+class Injector:
+    """Applies `pauses` to the run in `run_dir` from a background thread (`start`, `join`).
+    `done` records what was done: role, pid, step seen, seconds actually stopped."""
+
+    run_dir: Path
+    pauses: list[Pause]
+    steps_per_epoch: int
+    timeout_s: float = 600.0
+    done: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
+
+    def start(self) -> Injector:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop injecting (a paused process is continued first)."""
+        self._stop.set()
+        self._thread.join(self.timeout_s)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        for p in self.pauses:
+            step = -1
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                step = owner_step(self.run_dir, self.steps_per_epoch)
+                if step >= p.at_step:
+                    break
+                time.sleep(0.05)
+            else:
+                self.errors.append(f"the run never reached step {p.at_step} for {p.role}")
+                return
+            pid = find_pid(self.run_dir, p.role)
+            if pid is None:
+                self.errors.append(f"no running {p.role} at step {step}")
+                return
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                self._stop.wait(p.pause_s)
+            finally:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:  # stopped for good by whoever ran it: gone
+                    pass
+            self.done.append({"role": p.role, "pid": pid, "step": step,
+                              "stopped_s": round(time.monotonic() - t0, 2)})
+
+
+# --- the soak (a benchmark, not a test) ----------------------------------------------------------
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two model files hold the same tensors, bit for bit (their metadata, which names
+    the run, aside)."""
+    from safetensors.numpy import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(
+        x[k].dtype == y[k].dtype and x[k].shape == y[k].shape
+        and x[k].tobytes() == y[k].tobytes() for k in x)
+
+
+def _outcome(cfg, code: int, reference: Path | None) -> tuple[str, str]:
+    """(completed | failed cleanly | lost, why) of a finished faulted run; `reference`: the
+    unfaulted run's directory (a completed run has its test accuracy; with the same weights
+    too, it is identical, as deterministic settings should make it)."""
+    from clicooper_bus.layout import RunLayout
+    from clicooper_bus.tlog.logverify import verify_log
+
+    layout = RunLayout(cfg.run_dir)
+    try:
+        verified = verify_log(layout.log)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the log is a loss
+        return "lost", f"the log could not be read: {exc}"
+    if not verified.ok:
+        return "lost", f"the log does not verify: {verified.failure}"
+    summary = json.loads(layout.summary.read_text()) if layout.summary.exists() else None
+    if code == 0 and summary is not None:
+        acc = summary.get("test_accuracy")
+        ref = json.loads((reference / "summary.json").read_text()) if reference else None
+        if ref is not None and acc != ref["test_accuracy"]:
+            return "lost", (f"test accuracy {acc} differs from the unfaulted run's "
+                            f"{ref['test_accuracy']}")
+        same = reference is not None and same_weights(layout.model, reference / "model.safetensors")
+        return "completed", f"test accuracy {acc}; {'the same' if same else 'other'} weights"
+    if code in (1, 3):
+        why = (summary or {}).get("stopped") or f"exit {code}"
+        return "failed cleanly", json.dumps(why, sort_keys=True, default=str)
+    return "lost", f"exit {code}"
+
+
+def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
+         timeout_s: float, rejoin_timeout_s: float, trainers: int = 2) -> dict:
+    """`runs` faulted quick synthetic runs under `out`, one role paused each (in turn); returns
+    the tally and each run's record (also written to `out/soak.json`)."""
+    from clicooper_bus.config import load_config
+    from clicooper_bus.tools.run import free_port, run
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = {"run": {"out_dir": str(out / "runs"), "epochs": 1, "batch_size": 32, "seed": seed,
+                    "threads": 1, "trainer_threads": 1},
+            "data": {"name": "synthetic"},
+            "participants": {"keys": str(out / "keys"),
+                             "trainers": [f"trainer-{i}" for i in range(1, trainers + 1)]},
+            "bus": {"timeout_s": timeout_s, "rejoin_timeout_s": rejoin_timeout_s,
+                    "beat_s": min(1.0, timeout_s / 4)},
+            "watermark": {"enabled": False}}
+
+    def one(run_id: str, pauses: list[Pause]) -> tuple[int, object, Injector | None]:
+        over = json.loads(json.dumps(base))
+        over["run"]["id"] = run_id
+        over["bus"].update(pub=f"tcp://127.0.0.1:{free_port()}",
+                           sub=f"tcp://127.0.0.1:{free_port()}",
+                           witness=f"tcp://127.0.0.1:{free_port()}")
+        cfg = load_config(None, over)
+        path = out / f"{run_id}.toml"
+        path.write_text(cfg.to_toml())
+        inj = None
+        if pauses:
+            steps = -(-2000 // 32)  # the synthetic set's training batches
+            inj = Injector(cfg.run_dir, pauses, steps).start()
+        code = run(str(path), echo=False, timeout_s=rejoin_timeout_s * 4 + 300,
+                   free_ports=False)
+        if inj is not None:
+            inj.stop()
+        return code, cfg, inj
+
+    code, cfg, _ = one("clean", [])
+    reference = cfg.run_dir if code == 0 else None
+    reference_accuracy = json.loads((cfg.run_dir / "summary.json").read_text())[
+        "test_accuracy"] if code == 0 else None
+    rng = random.Random(seed)
+    records, tally = [], {"completed": 0, "failed cleanly": 0, "lost": 0}
+    for i in range(runs):
+        role = ROLES[i % len(ROLES)]
+        role = f"trainer-{rng.randint(1, trainers)}" if role == "trainer" else role
+        # the owner's last progress line of the epoch is at step 60 (every 6th of 63)
+        pause = plan_pauses(rng.randrange(1 << 30), [role], 60, (min_pause, max_pause), first=2)
+        t0 = time.monotonic()
+        code, cfg, inj = one(f"fault-{i:03d}", pause)
+        outcome, why = _outcome(cfg, code, reference)
+        if inj is not None and inj.errors:
+            outcome, why = "lost", "; ".join(inj.errors)
+        tally[outcome] += 1
+        rec = {"run": cfg.run.id, "pause": asdict(pause[0]), "done": inj.done if inj else [],
+               "exit": code, "outcome": outcome, "why": why,
+               "wall_s": round(time.monotonic() - t0, 1)}
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    report = {"runs": runs, "faults": sum(len(r["done"]) for r in records), "tally": tally,
+              "identical_models": sum("the same weights" in r["why"] for r in records),
+              "reference_accuracy": reference_accuracy, "seed": seed,
+              "settings": {"timeout_s": timeout_s, "rejoin_timeout_s": rejoin_timeout_s,
+                           "pause_s": [min_pause, max_pause], "trainers": trainers},
+              "records": records}
+    (out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Soak: N quick synthetic runs, each with one role paused (SIGSTOP, then "
+                    "SIGCONT) at a seeded random step; tallies completed, failed cleanly, lost. "
+                    "Pauses only: kills are not covered.",
+        epilog="example: python -m clicooper_bus.tools.faults --runs 20 --seed 1 --out /tmp/soak")
+    p.add_argument("--runs", type=int, default=20, help="faulted runs (default 20)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the runs and of the faults")
+    p.add_argument("--out", default="runs/soak", help="directory for the runs and soak.json")
+    p.add_argument("--min-pause", type=float, default=2.0, help="shortest pause, s (default 2)")
+    p.add_argument("--max-pause", type=float, default=8.0, help="longest pause, s (default 8)")
+    p.add_argument("--timeout", type=float, default=1.0,
+                   help="[bus] timeout_s of the runs: suspected after this silence (default 1)")
+    p.add_argument("--rejoin-timeout", type=float, default=20.0,
+                   help="[bus] rejoin_timeout_s of the runs: gone after this (default 20)")
+    args = p.parse_args(argv)
+    report = soak(args.runs, args.seed, Path(args.out), min_pause=args.min_pause,
+                  max_pause=args.max_pause, timeout_s=args.timeout,
+                  rejoin_timeout_s=args.rejoin_timeout)
+    t = report["tally"]
+    print(f"{report['runs']} runs, {report['faults']} pauses: {t['completed']} completed "
+          f"({report['identical_models']} with the unfaulted run's exact weights), "
+          f"{t['failed cleanly']} failed cleanly, {t['lost']} lost "
+          f"({Path(args.out) / 'soak.json'})")
+    return 0 if t["lost"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
