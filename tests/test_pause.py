@@ -149,7 +149,7 @@ def test_a_peer_gone_past_the_rejoin_timeout_stops_the_run_cleanly(tmp_path, cap
     assert not (cfg.run_dir / "model.safetensors").exists()
     err = capsys.readouterr().err
     assert "run gone STOPPED: trainer-2 gone (silent past [bus] rejoin_timeout_s, 3 s)" in err
-    assert "trainer-2 still running 10 s after the run stopped" in err
+    assert "trainer-2 still running 10 s after the owner stopped the run" in err
     assert "owner: error: no message from trainer-2 for 3 s" in \
         (cfg.run_dir / "telemetry" / "owner.jsonl").read_text()
     r = verify_log(cfg.run_dir / "log")

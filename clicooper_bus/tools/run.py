@@ -39,8 +39,8 @@ from clicooper_bus.tlog.logverify import verify_log
 QUICK = {"run": {"epochs": 1}, "data": {"train_limit": 6000, "test_limit": 2000}}
 EXIT_STOPPED = 3  # as services.common.EXIT_STOPPED (tools do not import services' start-up)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# once the owner stopped the run and the notary left, how long a process still running gets to
-# leave before it is stopped: one that was gone (silent past rejoin_timeout_s) may never return
+# once the owner stopped the run and left, how long a process still running gets to leave
+# before it is stopped: one that was gone (silent past rejoin_timeout_s) may never return
 GONE_GRACE_S = 10.0
 # `clicooper run`'s exit codes (its --help epilog and README "Exit codes" print this table)
 EXIT_CODES = (
@@ -310,12 +310,14 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
                 return 1
             if all(codes[n] in (0, EXIT_STOPPED) for n in workers):
                 return EXIT_STOPPED if codes.get("owner") == EXIT_STOPPED else 0
-            if codes.get("owner") == EXIT_STOPPED and codes.get("notary") is not None:
-                ended = ended or time.monotonic()
-                if time.monotonic() - ended > GONE_GRACE_S:  # a gone peer that never returned
-                    left = [n for n in workers if codes[n] is None]
+            if codes.get("owner") == EXIT_STOPPED:  # the owner left: the log is closed, or
+                ended = ended or time.monotonic()   # the notary is gone
+                left = [n for n in workers if codes[n] is None]
+                # a gone peer may never return; a following auditor has its own timeouts
+                if time.monotonic() - ended > GONE_GRACE_S and AUDITOR not in left:
                     print(f"clicooper run: {', '.join(left)} still running {GONE_GRACE_S:.0f} s "
-                          f"after the run stopped (gone?); stopping it", file=sys.stderr)
+                          f"after the owner stopped the run (gone?); stopping it",
+                          file=sys.stderr)
                     return EXIT_STOPPED
             if deadline and time.monotonic() > deadline:
                 print(f"clicooper run: timed out after {timeout_s:.0f} s", file=sys.stderr)
