@@ -38,6 +38,7 @@ MAX_SIDE = 1 << 16  # each of an input's C, H and W
 MAX_CLASSES = 1 << 16  # classes, and the model's output units (classes x label_gamma)
 MAX_SEED = (1 << 64) - 1  # torch.manual_seed takes 0 .. 2**64 - 1 (and negatives, refused here)
 MAX_NAME = 256  # characters of the model's name
+MAX_SAMPLES = 1 << 40  # train_size, test_size and max_steps
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:
@@ -109,6 +110,14 @@ class Plan:
     # the resolved layers (`ml.models.resolve_spec`: JSON tables, every parameter explicit);
     # empty only in plans from before specs were data, which name a built-in model
     layers: tuple[dict[str, Any], ...] = ()
+    # the training and test set sizes and the step limit ([run] max_steps, 0: none): with the
+    # batch size, every step's and evaluation batch's exact rows (the owner's batch order is a
+    # public function of them: `ml.data.batch_order`), and when an epoch's training is over,
+    # so that a stage refuses a batch a row short or an evaluation batch outside the
+    # protocol naming its sender; 0 in plans from before they were carried (rows 1..batch_size)
+    train_size: int = 0
+    test_size: int = 0
+    max_steps: int = 0
 
     def __post_init__(self) -> None:
         self.check()
@@ -119,8 +128,9 @@ class Plan:
         outputs 0 or a multiple of classes up to MAX_CLASSES; 1 to MAX_STAGES cuts, strictly
         increasing from 1, before the tail and (with layers) inside the model; tail 0 or after
         the last cut and inside the model; seed in 0..2**64-1 (torch's manual_seed); lr finite
-        and >= 0; batch_size in 1..MAX_BATCH_SIZE; in_flight in 1..MAX_IN_FLIGHT; layers as
-        `check_layers`. Raises RosterError naming the field, its value and the limit."""
+        and >= 0; batch_size in 1..MAX_BATCH_SIZE; in_flight in 1..MAX_IN_FLIGHT; train_size,
+        test_size and max_steps in 0..MAX_SAMPLES; layers as `check_layers`. Raises
+        RosterError naming the field, its value and the limit."""
         put = object.__setattr__
         if not isinstance(self.model, str) or not 0 < len(self.model) <= MAX_NAME:
             raise RosterError(f"roster plan: model must be a name of 1 to {MAX_NAME} "
@@ -165,6 +175,8 @@ class Plan:
         put(self, "lr", float(lr))
         put(self, "batch_size", _int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE))
         put(self, "in_flight", _int("in_flight", self.in_flight, 1, MAX_IN_FLIGHT))
+        for name in ("train_size", "test_size", "max_steps"):
+            put(self, name, _int(name, getattr(self, name), 0, MAX_SAMPLES))
 
     @property
     def n_outputs(self) -> int:

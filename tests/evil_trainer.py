@@ -3,8 +3,8 @@ forged metrics and unexpected outputs, and everyone a bogus checkpoint, then tra
 with EVIL_MODE=swallow it silently loses one step's activations but keeps beating; with
 EVIL_MODE=old it says hello as a trainer from before pipelining did (no schedule); with
 EVIL_MODE=poison:KIND:STEP:HOW it trains honestly but poisons the KIND tensor it sends at STEP
-(HOW: nan, inf, float64, shape (one row short), int8). Started by tests/test_bus_faults.py and
-tests/test_poison.py in place of a real trainer."""
+(HOW: nan, inf, float64, shape (one row short), int8, huge: finite 1e38 everywhere). Started
+by tests/test_bus_faults.py and tests/test_poison.py in place of a real trainer."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def poisoned(array, how: str) -> np.ndarray:
         return a
     if how == "shape":
         return a[:-1]
+    if how == "huge":  # finite, and as large as float32 goes: passes the receive check
+        return np.full(a.shape, 1e38, a.dtype)
     return a.astype({"float64": np.float64, "int8": np.int8}[how])
 
 

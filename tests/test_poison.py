@@ -2,8 +2,10 @@
 is checked against the dtype and shape the signed plan implies, and for finite values, before
 use; a refusal names the sender, the step and the problem, and the run stops cleanly with
 `summary.json` saying why, no model saved, the log verifiable. The cases of the issue each have
-a test of the receive check; two live runs prove the clean stop, one refused by a trainer, one
-by the owner (through `clicooper run`, exit 3)."""
+a test of the receive check; two live runs prove the clean stop, one refused by a trainer (huge
+finite gradients, attributed to their sender), one by the owner (through `clicooper run`, exit
+3). A non-finite result of a finite input is refused as that input (the review's cases: the
+blame must land on the sender, not on the honest party downstream)."""
 
 from __future__ import annotations
 
@@ -125,22 +127,26 @@ def _stopped_run_artefacts(cfg) -> dict:
     return summary
 
 
-def test_a_trainer_refuses_an_int8_bwd_and_the_run_stops_cleanly(tmp_path):
-    """Trainer 2 (the last stage) sends int8 gradients of the right shape at step 3: trainer 1
-    refuses them naming trainer 2, tells the owner in a signed `end`, and every process leaves
-    with EXIT_STOPPED once the notary closed the log."""
+def test_a_trainer_refuses_huge_finite_gradients_and_the_run_stops_cleanly(tmp_path):
+    """Trainer 2 (the last stage) sends finite gradients of 1e38 (float32, the right shape: they
+    pass the receive check) at step 3: they overflow trainer 1's weight gradients, so trainer 1
+    refuses them naming trainer 2 (before the review, it trained on them and the owner was
+    named for the NaN gradient that followed), sends nothing non-finite on, tells the owner in
+    a signed `end`, and every process leaves with EXIT_STOPPED once the notary closed the log.
+    (The receive check's int8 refusal, which this run used to make, has its unit test.)"""
     path = write_config(tmp_path, run_id="poison-bwd", trainers=2, run={"max_steps": 12})
-    with processes(path, evil="poison:bwd:3:int8", evil_as="trainer-2") as (cfg, tel, procs):
+    with processes(path, evil="poison:bwd:3:huge", evil_as="trainer-2") as (cfg, tel, procs):
         codes = {n: p.wait(timeout=120) for n, p in procs.items() if n != "broker"}
     assert codes == {"notary": 0, "owner": 3, "trainer-1": 3, "trainer-2": 3}, codes
     summary = _stopped_run_artefacts(cfg)
     st = summary["stopped"]
     assert (st["by"], st["sender"], st["kind"], st["step"]) == ("trainer-1", "trainer-2", "bwd", 3)
-    assert "int8 [32, 1568], expected float32 [32, 1568]" in st["problem"], st  # fc1's input
+    assert st["problem"].startswith("finite gradients up to 1e+38 made trainer-1's "), st
     # steps whose metrics reached the owner: 0..2, and 3's when the last stage's metrics came
-    # before the refusal did; trainer 1 never trained on step 3's gradients
+    # before the refusal did; trainer 1 never sent a gradient of step 3 to the owner
     assert summary["steps"] in (3, 4), summary["steps"]
     assert "refused bwd of step 3 from trainer-2" in (tel / "trainer-1.jsonl").read_text()
+    assert "from trainer-1" not in (tel / "owner.jsonl").read_text()  # the owner refused nothing
 
 
 def test_the_owner_refuses_an_inf_gradient_and_clicooper_run_exits_3(tmp_path, monkeypatch,
@@ -171,3 +177,164 @@ def test_the_owner_refuses_an_inf_gradient_and_clicooper_run_exits_3(tmp_path, m
     assert summary["stopped"]["by"] == "owner" and summary["stopped"]["sender"] == "trainer-1"
     assert main(["run", "--config", str(path)]) == 1
     assert "--force" in capsys.readouterr().err
+
+
+# --- attribution to the input that caused it (review: blame landed on an honest party) --------
+
+def test_rows_are_exact_by_the_plan():
+    """The owner's batch order is a public function of n, batch_size, seed and epoch: every
+    step's rows follow from the plan's train_size (every epoch the same: 32, 32, 32, 4)."""
+    from clicooper_bus.ml.tensors import batch_rows, batches
+
+    assert [batch_rows(100, 32, i) for i in range(batches(100, 32))] == [32, 32, 32, 4]
+    assert batch_rows(0, 32, 7) is None  # a plan from before train_size: 1..32 as before
+    for i in (-1, 4):
+        with pytest.raises(ValueError, match=f"batch {i} is outside the 4 batches"):
+            batch_rows(100, 32, i)
+    assert ACT.exactly(None) is ACT and ACT.exactly(5).describe() == "float32 [5, 16, 7, 7]"
+
+
+def _stage(messages, *, middle: bool = False):
+    """A scripted stage (`tests.test_trainer_order`: Linear(3, 2), batches of 4) whose plan
+    carries 10 training and 6 test samples: steps of 4, 4, 2 rows, test batches of 4, 2."""
+    import dataclasses
+
+    from tests.test_trainer_order import _last_stage
+
+    t, bus = _last_stage(messages, in_flight=1)
+    t.plan = dataclasses.replace(t.plan, train_size=10, test_size=6)
+    if middle:  # trainer-1 of two: its gradients come from "next"
+        t.last, t.next, t.kid["next"] = False, "next", NEXT
+        t._routes()
+    return t, bus
+
+
+NEXT = "next0000"
+
+
+def _msg(kind, step, body, sender=None):
+    from tests.test_trainer_order import OWNER, PREV, _message
+
+    return _message(kind, sender or (OWNER if kind == "labels" else PREV), step, body)
+
+
+def _refused_by_stage(script, **kw) -> tuple[PoisonedInput, list]:
+    t, bus = _stage(script, **kw)
+    with pytest.raises(PoisonedInput) as info:
+        t._serve()
+    return info.value, bus.sent
+
+
+def test_a_batch_a_row_short_is_refused_naming_the_activations_sender():
+    """Review 1(b): trainer 1 sent 3 rows of a 4-row step and the last stage blamed the owner's
+    labels; now the plan's rows are exact, so the activations' sender is named on receipt."""
+    err, sent = _refused_by_stage([_msg("fwd", 0, torch.rand(3, 3))])
+    assert (err.sender, err.kind, err.step) == ("prev", "fwd", 0)
+    assert "float32 [3, 3], expected float32 [4, 3]" in err.problem and not sent
+    # the epoch's last step is short by the plan (2 rows): it passes, and a 4-row one does not
+    t, _ = _stage([])
+    t.queued.clear()
+    assert t._train_rows(t.expect_in, _msg("fwd", 2, torch.rand(2, 3)), "prev").rows == 2
+    assert t._train_rows(t.expect_in, _msg("fwd", 5, torch.rand(2, 3)), "prev").rows == 2
+    err, _ = _refused_by_stage([_msg("fwd", 0, torch.rand(4, 3)),
+                                _msg("labels", 0, torch.tensor([0, 1]))])
+    assert (err.sender, err.kind) == ("owner", "labels")  # labels short of the plan: the owner's
+
+
+def test_huge_finite_gradients_are_refused_naming_their_sender_and_nothing_is_sent_on():
+    """Review 1(a): finite 1e38 gradients made trainer 1's weights non-finite and the owner was
+    blamed for the NaN that followed; now the stage refuses the gradients that did it."""
+    err, sent = _refused_by_stage([_msg("fwd", 0, torch.full((4, 3), 10.0)),
+                                   _msg("bwd", 0, torch.full((4, 2), 1e38), sender=NEXT)],
+                                  middle=True)
+    assert (err.sender, err.kind, err.step) == ("next", "bwd", 0), err.to_doc()
+    assert err.problem.startswith("finite gradients up to 1e+38 made last's "), err.problem
+    assert "non-finite" in err.problem
+    assert [k for k, _, _ in sent] == ["fwd"]  # the forward went on; no gradient went back
+
+
+def test_huge_finite_activations_are_refused_by_the_last_stage_naming_their_sender():
+    """Logits from 1e38 activations: whatever turns non-finite (output, loss, weights, Adam's
+    state) is the activations' doing, not the labels'; no metrics go to the owner."""
+    err, sent = _refused_by_stage([_msg("fwd", 0, torch.full((4, 3), 1e38)),
+                                   _msg("labels", 0, torch.tensor([0, 1, 1, 0]))])
+    assert (err.sender, err.kind, err.step) == ("prev", "fwd", 0), err.to_doc()
+    assert "finite activations up to 1e+38 made last's" in err.problem
+    assert "metrics" not in [k for k, _, _ in sent]
+
+
+def test_evaluation_batches_outside_the_protocol_are_refused_naming_the_predecessor():
+    """Review 2: trainer 1 sent 40 evaluation batches mid-training, trainer 2 passed them on and
+    the owner blamed trainer 2. An evaluation comes only after the epoch's last step, each
+    test batch once, with the plan's rows."""
+    mid = [_msg("fwd", 0, torch.rand(4, 3)), _msg("eval_fwd", 0, torch.rand(4, 3))]
+    err, _ = _refused_by_stage(mid)
+    assert (err.sender, err.kind) == ("prev", "eval_fwd") and "outside its window" in err.problem
+    err, _ = _refused_by_stage([_msg("eval_fwd", 1000, torch.rand(4, 3))])
+    assert "evaluation batch 1000 is outside the 2 batches of 6 samples" in err.problem
+    y = [torch.tensor([0, 1, 1, 0]), torch.tensor([1, 0, 1, 0]), torch.tensor([1, 0])]
+    epoch = [m for s in range(3) for m in (_msg("fwd", s, torch.rand(len(y[s]), 3)),
+                                            _msg("labels", s, y[s]))]
+    err, sent = _refused_by_stage([*epoch, _msg("eval_fwd", 0, torch.rand(4, 3)),
+                                   _msg("eval_fwd", 1, torch.rand(2, 3)),
+                                   _msg("eval_fwd", 0, torch.rand(4, 3))])
+    assert [m["step"] for k, _, m in sent if k == "eval_out"] == [0, 1]
+    assert "evaluation batch 0 of epoch 0 a second time" in err.problem
+
+
+def test_metrics_only_for_steps_sent_and_not_finished_and_not_after_the_end():
+    """Review 2: NaN metrics for step 99999 after the ack made the owner exit 1. Metrics are a
+    signed claim about a step: one for a step never sent, a second one, or one after the
+    owner's end is refused naming the sender (a clean stop), never kept."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.services.owner.books import Books
+
+    books = Books(["trainer-1", "trainer-2"], {"k2": "trainer-2"}, None, "o", "spec", 1)
+
+    def metrics(step):
+        h = SimpleNamespace(sender="k2", step=step, kind="metrics")
+        return SimpleNamespace(header=h, document=lambda: {"loss": 0.5, "correct": 3})
+
+    def refusal(step) -> str:
+        with pytest.raises(PoisonedInput) as info:
+            books.on_metrics(metrics(step))
+        assert (info.value.sender, info.value.kind) == ("trainer-2", "metrics")
+        return info.value.problem
+
+    assert "never sent" in refusal(0)
+    books.sent = 2
+    books.on_metrics(metrics(1))
+    assert books.metrics[1].loss == 0.5
+    assert "a second time" in refusal(1)
+    assert "never sent" in refusal(99999)
+    books.closed = True
+    assert "after the owner ended training" in refusal(0)
+
+
+def test_the_owner_tail_names_the_last_stage_for_huge_outputs():
+    """Review 1(c): 1e38 outputs into the owner's tail were recorded as the owner's own loss
+    (`sender: owner, kind: loss`); now they are the last stage's `fwd`."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.ml.split import SegmentTrainer
+    from clicooper_bus.services.owner.training import InFlight, Training
+
+    torch.manual_seed(0)
+    tr = Training.__new__(Training)
+    sent: list = []
+    tr.bus = SimpleNamespace(send_array=lambda kind, to, a, **m: sent.append((kind, a)))
+    tr.setup = SimpleNamespace(tail=SegmentTrainer(torch.nn.Linear(3, 2), lr=0.1),
+                               data=SimpleNamespace(y_train=np.array([0, 1, 0, 1])),
+                               spec=SimpleNamespace(shapes={5: (3,)}),
+                               plan=SimpleNamespace(tail=5))
+    tr.books = SimpleNamespace(names={"k2": "trainer-2"}, metrics={})
+    tr.last = "trainer-2"
+    env = _msg("fwd", 0, torch.full((4, 3), 1e38), sender="k2")
+    tr.receive = lambda *a, **k: env
+    with pytest.raises(PoisonedInput) as info:
+        tr._tail_step(InFlight(0, np.arange(4), {"step": 0}, (4, 3)))
+    err = info.value
+    assert (err.sender, err.kind, err.step) == ("trainer-2", "fwd", 0), err.to_doc()
+    assert "made the owner's tail" in err.problem and not tr.books.metrics
+    assert all(bool(torch.isfinite(a).all()) for _, a in sent)  # nothing non-finite went back

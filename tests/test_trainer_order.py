@@ -23,6 +23,7 @@ class ScriptedBus:
     """Hands out the scripted messages, records what the trainer sends."""
 
     timeout_s = 5.0
+    suspected = False  # nobody is silent (`Dispatcher.until` asks)
 
     def __init__(self, messages):
         self.messages = list(messages)
@@ -59,6 +60,7 @@ def _last_stage(messages, in_flight: int) -> tuple[Trainer, ScriptedBus]:
     t.kid = {"owner": OWNER, "prev": PREV}
     t.prev, t.next, t.last = "prev", None, True
     t.labels, t.waiting_logits, t.queued = {}, set(), __import__("collections").deque()
+    t.given, t.trained, t.eval_seen, t.name = {}, -1, set(), "last"
     t.marker, t.notary_kid, t.ended = None, None, False
     t.roster.stages = ["prev", "last"]
     # what the plan implies it receives (the receive check): 3 features, 2-class labels

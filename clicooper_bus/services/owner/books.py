@@ -41,6 +41,8 @@ class Books:
     claims: dict[tuple[int, int], Claim] = field(default_factory=dict)
     certs: dict[tuple[int, int], bytes] = field(default_factory=dict)
     usage: dict[str, Usage] = field(default_factory=dict)  # name -> the CPU it reported
+    sent: int = 0  # training steps the owner has sent (0 .. sent - 1)
+    closed: bool = False  # the owner's `end` is out: no step's metrics may come any more
 
     def _stage(self, env: Envelope) -> int:
         return self.stages.index(self.names[env.header.sender]) + 1
@@ -59,9 +61,23 @@ class Books:
         self.ready.add(name)
 
     def on_metrics(self, env: Envelope) -> None:
+        """The last stage's loss and count of one step: only for a step the owner sent whose
+        metrics have not come, and not after the owner's `end`. Anything else is refused
+        naming the sender (a clean stop, `stopped` in the summary), not ignored: the message is
+        signed and in the log, so the run's evidence holds a claim about a step that was never
+        trained (or a second, different one); the summary must say the run stopped on it
+        rather than certify a model beside it."""
         name, step = self.names[env.header.sender], env.header.step
-        if step is None or step in self.metrics:
-            raise ClicooperError(f"{name} sent malformed or repeated metrics for step {step}")
+
+        def refuse(problem: str) -> PoisonedInput:
+            return PoisonedInput(sender=name, kind="metrics", step=step, problem=problem)
+
+        if self.closed:
+            raise refuse("metrics after the owner ended training")
+        if step is None or not 0 <= step < self.sent:
+            raise refuse(f"metrics for a step the owner never sent (steps sent: 0..{self.sent - 1})")
+        if step in self.metrics:
+            raise refuse("metrics for this step a second time")
         try:  # a non-finite loss is never kept (the summary would carry it): the run stops
             self.metrics[step] = Metrics.parse(env.document(), sender=name)
         except ProtocolError as exc:

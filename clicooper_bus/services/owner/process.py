@@ -95,19 +95,23 @@ class Owner:
         first, last, notary = k[self.stages[0]], k[self.stages[-1]], k[self.cfg.participants.notary]
         route = self.loop.route
         route("hello", stages, b.on_hello)
-        route("metrics", {last}, b.on_metrics)
+        if self.setup.tail is None:  # with a tail the owner computes the loss itself
+            route("metrics", {last}, b.on_metrics)
         route("checkpoint", {notary}, b.on_checkpoint)
         route("wm_commit", stages, b.on_commit)
         route("wm_claim", stages, b.on_claim)
         route("wm_cert", {notary}, b.on_certificate)
         route("bwd", {first}, keep)
-        route("eval_out", {last}, keep)
+        route("eval_out", {last}, self._on_eval_out)
         route("segment", stages, keep)
         route("usage", stages | {notary}, b.on_usage)  # each signs its own: nobody else's
         route("end", stages, self._on_refusal)  # a trainer refused poisoned input
         if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
             route("fwd", {last}, keep)
-            route("eval_fwd", {last}, keep)
+            route("eval_fwd", {last}, self._on_eval_out)
+
+    def _on_eval_out(self, env) -> None:
+        self.training.on_eval_out(env)  # the last stage's evaluation outputs: only those out
 
     def _on_refusal(self, env) -> None:
         """A trainer's `end` says what input it refused; the run stops (raises Refused). One
@@ -135,6 +139,9 @@ class Owner:
                     per_epoch[-1]["accuracy"] = self.training.evaluate_locally()
                     print(f"owner: test accuracy of the delivered model "
                           f"{per_epoch[-1]['accuracy']:.4f}", flush=True)
+                # a refusal while the owner waits for the notary (a late message) is a clean
+                # stop too: `_finish` receives everything before it writes anything certified
+                self._finish(per_epoch, step, sent, t0)
             except PoisonedInput as exc:  # refused here
                 return self._stop({"by": self.cfg.participants.owner, **exc.to_doc()}, str(exc),
                                   time.perf_counter() - t0)
@@ -144,7 +151,6 @@ class Owner:
                 stopped = {"by": self.cfg.participants.owner, "gone": exc.names,
                            "problem": str(exc)}
                 return self._stop(stopped, str(exc), time.perf_counter() - t0, gone=exc.names)
-            self._finish(per_epoch, step, sent, time.perf_counter() - t0)
             return EXIT_OK
         finally:
             self.bus.close()
@@ -173,19 +179,38 @@ class Owner:
             cp = open_checkpoint(books.final_note, self.notary_key, default_origin(self.cfg.run.id))
             write_atomic(self.layout.checkpoint, books.final_note)
         setup = self.setup
-        artefacts.write_summary(self.layout, {
+        summary = {
             "run_id": self.cfg.run.id, "dataset": setup.data.name, "model": setup.spec.name,
             "stages": self.stages, "cuts": list(setup.cuts), "stopped": stopped,
             "epochs": len(self.per_epoch), "steps": len(books.metrics),
             "test_accuracy": None, "per_epoch": self.per_epoch, "wall_s": wall,
             "final_checkpoint": {"size": cp.size, "root": cp.root.hex()} if cp else None,
-            "model_file": None})
+            "model_file": None}
+        summary.update(self._withhold_model(stopped))
+        artefacts.write_summary(self.layout, summary)
         print(f"owner: wrote {self.layout.summary} (stopped); no model", flush=True)
         bus.watch({})
         bus.mark_done()
         if cp is not None:
             bus.linger(bus.topics.closed(notary), (self.kid[notary], notary))
         return EXIT_STOPPED
+
+    def _withhold_model(self, stopped: dict) -> dict:
+        """A run stopped after the model was assembled (its digest may already be in the log,
+        in the ack) delivers no model: `model.safetensors` is renamed to
+        `model.undelivered.safetensors` (kept, the weights were checked finite, but nothing
+        reads it as the run's model and no provenance bundle certifies it), and the summary
+        says so. Returns the summary's entry (empty when no model was written)."""
+        model = self.layout.model
+        if not model.exists():
+            return {}
+        kept = model.with_name("model.undelivered.safetensors")
+        model.replace(kept)
+        self.log.warning("model withheld", file=kept.name, sha256=self.model_sha)
+        return {"undelivered_model": {
+            "file": kept.name, "sha256": getattr(self, "model_sha", None),
+            "why": f"the run stopped after the model was assembled ({stopped.get('problem')}): "
+                   f"it is not delivered and not certified"}}
 
     def _join(self) -> None:
         bus, cfg, topics = self.bus, self.cfg, self.bus.topics
@@ -261,6 +286,7 @@ class Owner:
         """End training, load every trainer's sealed segment, save the assembled model.
         Returns the messages sent, by kind, by everyone (as each trainer counted its own)."""
         self.training.hold()
+        self.books.closed = True  # every step's metrics are in: none may come from here on
         self.bus.send_doc("end", "all", End("training complete").to_doc())
         sent: dict[str, int] = dict(self.bus.sent)
         for i, name in enumerate(self.stages, start=1):
@@ -285,7 +311,11 @@ class Owner:
         self.model_sha = artefacts.write_model(self.layout, self.setup, self.cfg.run.id)
         return sent
 
-    def _finish(self, per_epoch: list[dict], steps: int, sent: dict[str, int], wall: float) -> None:
+    def _finish(self, per_epoch: list[dict], steps: int, sent: dict[str, int], t0: float) -> None:
+        """Acknowledge, receive what the run still owes (the notary's final checkpoint, the
+        watermark certificates, the usage reports), and only then write the certified
+        artefacts: a refusal while receiving (PoisonedInput, Refused) leaves nothing certified
+        written, and the caller stops the run cleanly."""
         bus, books = self.bus, self.books
         sent = {k: v for k, v in sent.items() if k != "beat"}
         # the owner's measured CPU goes into the log beside the trainers' (an auditor trusts only
@@ -299,11 +329,16 @@ class Owner:
         self.until("the notary's final checkpoint", lambda: books.final_note is not None)
         cp = open_checkpoint(books.final_note, self.notary_key, default_origin(self.cfg.run.id))
         bus.watch({})  # from here on peers leave as they finish
+        if self.cfg.watermark.enabled:
+            want = {(k, t) for k in range(1, len(self.stages) + 1) for t in range(self.rounds)}
+            self.until("the notary's watermark certificates", lambda: want <= set(books.certs))
+        cpu = self._cpu(own)  # the last receiving
+        self.loop.only()  # nothing more is taken: what follows only writes
         write_atomic(self.layout.checkpoint, books.final_note)
         if self.cfg.watermark.enabled:
             self._write_provenance()
-        summary = self._summary(per_epoch, steps, sent, wall, cp)
-        summary["cpu"] = self._cpu(own)
+        summary = self._summary(per_epoch, steps, sent, time.perf_counter() - t0, cp)
+        summary["cpu"] = cpu
         summary["owner_cpu_share"] = summary["cpu"]["owner_cpu_share"]
         artefacts.write_summary(self.layout, summary)
         print(f"owner: test accuracy {per_epoch[-1].get('accuracy', float('nan')):.4f}; wrote "
@@ -346,8 +381,6 @@ class Owner:
                 f"{owner:.1f} s, trainers {trainers:.1f} s, CPU seconds over the training steps)")
 
     def _write_provenance(self) -> None:
-        want = {(k, t) for k in range(1, len(self.stages) + 1) for t in range(self.rounds)}
-        self.until("the notary's watermark certificates", lambda: want <= set(self.books.certs))
         artefacts.write_provenance(
             self.layout, cfg=self.cfg, stages=self.stages, rounds=self.rounds,
             roster_bytes=self.roster_bytes, certs=self.books.certs, final_note=self.books.final_note,

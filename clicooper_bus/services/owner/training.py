@@ -12,9 +12,16 @@ import numpy as np
 import torch
 
 from clicooper_bus.config import RunConfig
+from clicooper_bus.errors import PoisonedInput
 from clicooper_bus.ml.data import batch_order, to_float
 from clicooper_bus.ml.privacy.release import inference_model
-from clicooper_bus.ml.tensors import Expected, check_number, received
+from clicooper_bus.ml.tensors import (
+    Expected,
+    check_result,
+    param_grads,
+    received,
+    state_tensors,
+)
 from clicooper_bus.net.bus import Bus
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.protocol import Metrics
@@ -43,6 +50,8 @@ class Training:
         self.books, self.setup, self.kid = books, setup, kid
         self.first, self.last = books.stages[0], books.stages[-1]
         self.meter = CpuMeter()  # the owner's CPU over its part of the training steps
+        self.evaluating = False  # an evaluation is under way: its outputs are awaited
+        self.eval_sent: set[int] = set()  # evaluation batches out and not yet back
 
     # --- receiving what a step waits for -------------------------------------------------------
 
@@ -130,6 +139,7 @@ class Training:
         """A step's forward: the released activations to stage 1, labels to the last stage.
         Not while a peer is suspected: a step starts only with everyone heard."""
         self.hold()
+        self.books.sent = max(self.books.sent, meta["step"] + 1)  # its metrics may now come
         act = self._release(self.setup.data.x_train[idx], idx, meta["step"])
         self.bus.send_array("fwd", self.first, act, **meta)
         if self.setup.tail is None:
@@ -145,7 +155,13 @@ class Training:
                            s.step)
         grad = self._checked(env, s.shape)
         if not self.setup.defences.head_fixed:
-            self.setup.head.backward(grad, s.step)
+            head = self.setup.head
+            head.backward(grad, s.step)
+            # the head's weights were finite: a finite gradient that made them non-finite is
+            # refused naming stage 1 (no activation is released from non-finite weights)
+            check_result(state_tensors(head.module, head.optimizer), grad, sender=self.first,
+                         kind="bwd", step=s.step, given_as="gradients",
+                         made="the owner's head {}")
         self.meter.step_done()
 
     def _release(self, images, idx, step: int) -> torch.Tensor:
@@ -169,11 +185,19 @@ class Training:
         env = self.receive(f"the output of step {s.step} from {self.last}", "fwd", self.last,
                            s.step)
         tail = self.setup.tail
-        tail.forward(self._checked(env, None, len(s.idx)), s.step)
-        r = tail.loss_backward(torch.from_numpy(self.setup.data.y_train[s.idx]).long(), s.step)
-        check_number(r.loss, sender=self.cfg.participants.owner, kind="loss", step=s.step,
-                     what=f"the owner's tail loss on {self.last}'s output")
+        x = self._checked(env, None, len(s.idx))
+        # the owner's labels are the plan's and its tail's weights finite: whatever of the
+        # tail's turns non-finite was made by the last stage's output, refused naming it
+        blame = {"sender": self.last, "kind": "fwd", "step": s.step, "given_as": "outputs",
+                 "made": "the owner's tail {}"}
+        check_result([("output", tail.forward(x, s.step))], x, **blame)
+        r = tail.loss_backward(torch.from_numpy(self.setup.data.y_train[s.idx]).long(), s.step,
+                               update=False)
+        check_result([("loss", r.loss), ("gradient for the last stage", r.grad_in),
+                      *param_grads(tail.module)], x, **blame)
         self.bus.send_array("bwd", self.last, r.grad_in, **s.meta)
+        tail.update()
+        check_result(state_tensors(tail.module, tail.optimizer), x, **blame)
         self.books.metrics[s.step] = Metrics(r.loss, r.correct)
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -199,26 +223,39 @@ class Training:
         x, y, bs = self.setup.data.x_test, self.setup.data.y_test, self.cfg.run.batch_size
         batches = [slice(i * bs, (i + 1) * bs) for i in range((len(x) + bs - 1) // bs)]
         kind = "eval_fwd" if self.setup.tail is not None else "eval_out"
-        correct, sent, done, seen = 0, 0, 0, set()
+        correct, sent, done = 0, 0, 0
+        self.evaluating, self.eval_sent = True, set()
         while done < len(batches):
             while sent < len(batches) and sent - done < EVAL_WINDOW:
+                self.eval_sent.add(sent)  # before it is sent: its output may come at once
                 self._send_eval(x, batches[sent], sent, epoch * len(batches) + sent, epoch)
                 sent += 1
             env = self.receive("evaluation outputs", kind, self.last)
-            i = env.header.step
-            if not (0 <= i < sent) or i in seen:
-                self.loop.log.warning("unexpected evaluation output ignored", step=i,
-                                      sender=self.last)
-                continue
-            seen.add(i)
+            i = env.header.step  # one the owner has out (`on_eval_out`)
             n = len(y[batches[i]])
             if self.setup.tail is not None:
-                logits = self.setup.tail.evaluate(self._checked(env, None, n))
+                got = self._checked(env, None, n)
+                logits = self.setup.tail.evaluate(got)
+                check_result([("evaluation output", logits)], got, sender=self.last,
+                             kind=kind, step=i, given_as="outputs", made="the owner's tail {}")
             else:
                 logits = self._checked(env, (n, self.setup.plan.n_outputs))
             correct += int((self._decode(logits).argmax(1).numpy() == y[batches[i]]).sum())
             done += 1
+        self.evaluating = False
         return correct / max(1, len(x))
+
+    def on_eval_out(self, env: Envelope) -> None:
+        """The last stage's output of an evaluation batch the owner has out, kept until taken;
+        any other (no evaluation under way, a batch not asked for or already back) is refused
+        naming the last stage (a clean stop): it sends only what it was given."""
+        h = env.header
+        if not self.evaluating or h.step not in self.eval_sent:
+            raise PoisonedInput(sender=self.last, kind=h.kind, step=h.step, problem=(
+                f"an evaluation output the owner did not ask for (evaluation batches out: "
+                f"{sorted(self.eval_sent) if self.evaluating else 'none'})"))
+        self.eval_sent.discard(h.step)
+        self.mailbox.put(env)
 
     def _send_eval(self, x, sl: slice, i: int, noise_step: int, epoch: int) -> None:
         self.hold()

@@ -20,7 +20,15 @@ from clicooper_bus.config import MAX_IN_FLIGHT
 from clicooper_bus.errors import ClicooperError, ConfigError, PoisonedInput, RosterError
 from clicooper_bus.ml.models import build_segment, check_stage_memory, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
-from clicooper_bus.ml.tensors import Expected, received
+from clicooper_bus.ml.tensors import (
+    Expected,
+    batch_rows,
+    batches,
+    check_result,
+    param_grads,
+    received,
+    state_tensors,
+)
 from clicooper_bus.ml.watermark.marker import Marker
 from clicooper_bus.net.bus import Bus, BusError, PeersGone
 from clicooper_bus.net.identity import PublicIdentity
@@ -59,6 +67,9 @@ class Trainer:
         self.waiting_logits: set[int] = set()
         # activations waiting for the previous step, each with its checked tensor
         self.queued: deque[tuple[Envelope, torch.Tensor]] = deque()
+        self.given: dict[int, torch.Tensor] = {}  # each pending step's activations (blame)
+        self.trained = -1  # the last training step this stage forwarded
+        self.eval_seen: set[tuple[int, int]] = set()  # (epoch, batch) evaluated
         self.ended = False  # the owner ended training
         self.stopped = False  # ... early: the run stops on a refusal, nothing is delivered
         self.final_seen = False  # the notary's final checkpoint arrived
@@ -201,8 +212,9 @@ class Trainer:
                 any(q.header.step == h.step for q, _ in self.queued):
             raise BusError(f"{self.prev} sent activations for step {h.step} with {held} steps "
                            f"held here (the roster allows {self.plan.in_flight} in flight)")
-        # checked now (refused at once, not when its turn comes)
-        self.queued.append((env, received(env, self.expect_in, self.prev)))
+        # checked now (refused at once, not when its turn comes), rows exact by the plan
+        want = self._train_rows(self.expect_in, env, self.prev)
+        self.queued.append((env, received(env, want, self.prev)))
         self._advance()
 
     def _on_labels(self, env: Envelope) -> None:
@@ -210,7 +222,9 @@ class Trainer:
         if len(self.labels) >= self.plan.in_flight:
             raise BusError(f"owner sent labels for step {h.step} with {len(self.labels)} steps "
                            f"of labels waiting")
-        self.labels[h.step] = received(env, self.expect_labels, self.roster.owner.name)
+        owner = self.roster.owner.name
+        self.labels[h.step] = received(env, self._train_rows(self.expect_labels, env, owner),
+                                       owner)
         self._maybe_loss(h.step, h)
         self._advance()  # a batch may have been queued behind this step's loss
 
@@ -221,15 +235,26 @@ class Trainer:
                            f"{h.step}, which has no matching forward here")
         rows, *sample = self.seg.output_shape(h.step)
         grad = received(env, Expected("float32", tuple(sample), rows=rows), self.next)
-        grad = self.seg.backward(grad, h.step, update=False)
-        self.bus.send_array("bwd", self.prev, grad, step=h.step, batch=h.batch, epoch=h.epoch)
+        self.given.pop(h.step, None)
+        grad_in = self.seg.backward(grad, h.step, update=False)
+        blame = {"sender": self.next, "kind": "bwd", "step": h.step, "given_as": "gradients",
+                 "made": f"{self.name}'s {{}}"}
+        # nothing non-finite is sent on: a finite gradient that made ours non-finite is refused
+        check_result([("gradient for its predecessor", grad_in),
+                      *param_grads(self.seg.module)], grad, **blame)
+        self.bus.send_array("bwd", self.prev, grad_in, step=h.step, batch=h.batch,
+                            epoch=h.epoch)
         self.seg.update()  # off the critical path: the gradient is already on its way
+        check_result(state_tensors(self.seg.module, self.seg.optimizer), grad, **blame)
         self.meter.step_done()
         self._advance()
 
     def _on_eval(self, env: Envelope) -> None:
         h = env.header
-        out = self.seg.evaluate(received(env, self.expect_in, self.prev))
+        x = received(env, self._eval_rows(env), self.prev)
+        out = self.seg.evaluate(x)
+        check_result([("evaluation output", out)], x, sender=self.prev, kind="eval_fwd",
+                     step=h.step, given_as="activations", made=f"{self.name}'s {{}}")
         owner = self.roster.owner.name
         self.bus.send_array("eval_out" if self.last else "eval_fwd",
                             owner if self.last else self.next, out, step=h.step, batch=h.batch,
@@ -250,6 +275,9 @@ class Trainer:
             h = env.header
             self.meter.step_started()
             out = self.seg.forward(x, h.step)
+            self.trained, self.given[h.step] = h.step, x
+            check_result([("output", out)], x, sender=self.prev, kind="fwd", step=h.step,
+                         given_as="activations", made=f"{self.name}'s {{}}")
             if self.last:
                 self.waiting_logits.add(h.step)
                 self._maybe_loss(h.step, h)
@@ -257,19 +285,78 @@ class Trainer:
                 self.bus.send_array("fwd", self.next, out, step=h.step, batch=h.batch,
                                     epoch=h.epoch)
 
+    def _train_rows(self, base: Expected, env: Envelope, sender: str) -> Expected:
+        """`base` with the exact rows of the envelope's training step by the signed plan: every
+        epoch is `batches(train_size, batch_size)` steps, the last one short (the owner's
+        `batch_order`); `base` (1..batch_size rows) for a plan without train_size. A step
+        the plan does not have (negative, at or past max_steps) is refused naming `sender`."""
+        plan, step = self.plan, env.header.step
+        if not plan.train_size:
+            return base
+        if step is None or step < 0 or (plan.max_steps and step >= plan.max_steps):
+            raise PoisonedInput(sender=sender, kind=env.header.kind, step=step, problem=(
+                f"step {step} is not a training step of the signed plan (max_steps "
+                f"{plan.max_steps or 'none'})"))
+        per = batches(plan.train_size, plan.batch_size)
+        return base.exactly(batch_rows(plan.train_size, plan.batch_size, step % per))
+
+    def _eval_rows(self, env: Envelope) -> Expected:
+        """What an evaluation batch from the previous stage must be, or PoisonedInput naming
+        it: an evaluation comes only once an epoch's training is over, with nothing in
+        progress here (the owner evaluates after every step of the epoch is done), each of the
+        test set's batches once per evaluation, with its exact rows by the plan's test_size.
+        Without this an extra batch passes down the chain and the owner, which did not ask
+        for it, blames the last stage."""
+        plan, h = self.plan, env.header
+        step, epoch = h.step, h.epoch
+
+        def refuse(problem: str) -> PoisonedInput:
+            return PoisonedInput(sender=self.prev, kind=h.kind, step=step, problem=problem)
+
+        if step is None or epoch is None or step < 0 or epoch < 0:
+            raise refuse(f"an evaluation batch needs a step and an epoch, got {step}, {epoch}")
+        rows = None
+        if plan.test_size:
+            try:
+                rows = batch_rows(plan.test_size, plan.batch_size, step)
+            except ValueError as exc:
+                raise refuse(f"evaluation {exc} (the signed plan's test set)") from None
+        if (epoch, step) in self.eval_seen:
+            raise refuse(f"evaluation batch {step} of epoch {epoch} a second time")
+        if plan.train_size:
+            per = batches(plan.train_size, plan.batch_size)
+            end = (epoch + 1) * per
+            end = min(end, plan.max_steps) if plan.max_steps else end
+            busy = len(self.queued) + len(self.seg.pending)
+            if busy or self.trained != end - 1:
+                raise refuse(f"evaluation of epoch {epoch} outside its window: the epoch's "
+                             f"training ends with step {end - 1}, this stage last trained step "
+                             f"{self.trained} and has {busy} step(s) in progress")
+        self.eval_seen.add((epoch, step))
+        return self.expect_in.exactly(rows)
+
     def _maybe_loss(self, step: int, h) -> None:
         if step not in self.waiting_logits or step not in self.labels:
             return
         self.waiting_logits.discard(step)
         labels = self.labels.pop(step).long()
         n, classes = self.seg.output_shape(step)
+        # with the plan's train_size both were received with the step's exact rows, so they
+        # agree; a plan without it leaves a row mismatch to the labels (the legacy check)
         if labels.shape[0] != n or labels.min() < 0 or labels.max() >= classes:
             raise PoisonedInput(sender=self.roster.owner.name, kind="labels", step=step,
                                 problem=f"{labels.shape[0]} labels in {int(labels.min())}.."
                                         f"{int(labels.max())} do not fit logits [{n}, {classes}]")
+        x = self.given.pop(step)
         r = self.seg.loss_backward(labels, step, update=False)
+        # labels within the classes cannot make a loss non-finite: the activations did
+        blame = {"sender": self.prev, "kind": "fwd", "step": step, "given_as": "activations",
+                 "made": f"{self.name}'s {{}}"}
+        check_result([("loss", r.loss), ("gradient for its predecessor", r.grad_in),
+                      *param_grads(self.seg.module)], x, **blame)
         self.bus.send_array("bwd", self.prev, r.grad_in, step=step, batch=h.batch, epoch=h.epoch)
         self.seg.update()
+        check_result(state_tensors(self.seg.module, self.seg.optimizer), x, **blame)
         self.meter.step_done()
         self.bus.send_doc("metrics", self.roster.owner.name, Metrics(r.loss, r.correct).to_doc(),
                           step=step, batch=h.batch, epoch=h.epoch)
