@@ -184,7 +184,7 @@ def test_the_owner_refuses_an_inf_gradient_and_clicooper_run_exits_3(tmp_path, m
 def test_rows_are_exact_by_the_plan():
     """The owner's batch order is a public function of n, batch_size, seed and epoch: every
     step's rows follow from the plan's train_size (every epoch the same: 32, 32, 32, 4)."""
-    from clicooper_bus.ml.tensors import batch_rows, batches
+    from clicooper_bus.ml.data import batch_rows, batches
 
     assert [batch_rows(100, 32, i) for i in range(batches(100, 32))] == [32, 32, 32, 4]
     assert batch_rows(0, 32, 7) is None  # a plan from before train_size: 1..32 as before

@@ -156,3 +156,22 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarr
     """The sample indices of each batch of an epoch: the same in the owner and the reference."""
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def batch_rows(n: int, batch_size: int, i: int) -> int | None:
+    """The rows of batch `i` of a set of `n` samples cut into batches of `batch_size` (the
+    owner's `batch_order`, and its test batches): `batch_size`, less for the last one; None
+    when `n` is not known (0: a plan from before the plan carried it). Raises ValueError for a
+    batch the set does not have (i < 0 or beyond the last). A training step's batch is
+    `step % batches(n, batch_size)`: every epoch has that many steps."""
+    if not n:
+        return None
+    if not 0 <= i < batches(n, batch_size):
+        raise ValueError(f"batch {i} is outside the {batches(n, batch_size)} batches of "
+                         f"{n} samples")
+    return min(batch_size, n - i * batch_size)
+
+
+def batches(n: int, batch_size: int) -> int:
+    """How many batches `n` samples make (the last one may be short)."""
+    return -(-n // batch_size)

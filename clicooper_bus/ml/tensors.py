@@ -55,25 +55,6 @@ class Expected:
         return self if rows is None else replace(self, rows=rows)
 
 
-def batch_rows(n: int, batch_size: int, i: int) -> int | None:
-    """The rows of batch `i` of a set of `n` samples cut into batches of `batch_size` (the
-    owner's `batch_order`, and its test batches): `batch_size`, less for the last one; None
-    when `n` is not known (0: a plan from before the plan carried it). Raises ValueError for a
-    batch the set does not have (i < 0 or beyond the last). A training step's batch is
-    `step % batches(n, batch_size)`: every epoch has that many steps."""
-    if not n:
-        return None
-    if not 0 <= i < batches(n, batch_size):
-        raise ValueError(f"batch {i} is outside the {batches(n, batch_size)} batches of "
-                         f"{n} samples")
-    return min(batch_size, n - i * batch_size)
-
-
-def batches(n: int, batch_size: int) -> int:
-    """How many batches `n` samples make (the last one may be short)."""
-    return -(-n // batch_size)
-
-
 def received(env: Envelope, expected: Expected, sender: str) -> torch.Tensor:
     """The envelope's tensor once it passed the receive check: the dtype and shape `expected`
     (from the signed plan), and only finite values (NaN or infinity poisons every weight it

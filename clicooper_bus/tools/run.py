@@ -248,7 +248,7 @@ def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False
     cmds = [("broker", [py, "-m", "clicooper_bus.services.broker", *c])]
     if audit:  # first, so that it is watching before the run can end
         names = ["--attacks", audit] if isinstance(audit, str) else []
-        cmds.append(("auditor", [py, "-m", "clicooper_bus.services.auditor", "--follow", *c, *names]))
+        cmds.append((AUDITOR, [py, "-m", "clicooper_bus.services.auditor", "--follow", *c, *names]))
     cmds += [("notary", [py, "-m", "clicooper_bus.services.notary", *c]),
              ("owner", [py, "-m", "clicooper_bus.services.owner", *c])]
     cmds += [(t, [py, "-m", "clicooper_bus.services.trainer", *c, "--name", t])

@@ -18,12 +18,11 @@ from safetensors.torch import save as st_save
 
 from clicooper_bus.config import MAX_IN_FLIGHT
 from clicooper_bus.errors import ClicooperError, ConfigError, PoisonedInput, RosterError
+from clicooper_bus.ml.data import batch_rows, batches
 from clicooper_bus.ml.models import build_segment, check_stage_memory, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.ml.tensors import (
     Expected,
-    batch_rows,
-    batches,
     check_result,
     param_grads,
     received,
@@ -237,8 +236,7 @@ class Trainer:
         grad = received(env, Expected("float32", tuple(sample), rows=rows), self.next)
         self.given.pop(h.step, None)
         grad_in = self.seg.backward(grad, h.step, update=False)
-        blame = {"sender": self.next, "kind": "bwd", "step": h.step, "given_as": "gradients",
-                 "made": f"{self.name}'s {{}}"}
+        blame = self._blame(self.next, "bwd", h.step, "gradients")
         # nothing non-finite is sent on: a finite gradient that made ours non-finite is refused
         check_result([("gradient for its predecessor", grad_in),
                       *param_grads(self.seg.module)], grad, **blame)
@@ -249,12 +247,18 @@ class Trainer:
         self.meter.step_done()
         self._advance()
 
+    def _blame(self, sender: str, kind: str, step: int | None, given_as: str) -> dict:
+        """`check_result`'s arguments for what this stage computed from `sender`'s `kind` of
+        `step` (`given_as` in words: activations, gradients)."""
+        return {"sender": sender, "kind": kind, "step": step, "given_as": given_as,
+                "made": f"{self.name}'s {{}}"}
+
     def _on_eval(self, env: Envelope) -> None:
         h = env.header
         x = received(env, self._eval_rows(env), self.prev)
         out = self.seg.evaluate(x)
-        check_result([("evaluation output", out)], x, sender=self.prev, kind="eval_fwd",
-                     step=h.step, given_as="activations", made=f"{self.name}'s {{}}")
+        check_result([("evaluation output", out)], x,
+                     **self._blame(self.prev, "eval_fwd", h.step, "activations"))
         owner = self.roster.owner.name
         self.bus.send_array("eval_out" if self.last else "eval_fwd",
                             owner if self.last else self.next, out, step=h.step, batch=h.batch,
@@ -276,8 +280,8 @@ class Trainer:
             self.meter.step_started()
             out = self.seg.forward(x, h.step)
             self.trained, self.given[h.step] = h.step, x
-            check_result([("output", out)], x, sender=self.prev, kind="fwd", step=h.step,
-                         given_as="activations", made=f"{self.name}'s {{}}")
+            check_result([("output", out)], x,
+                         **self._blame(self.prev, "fwd", h.step, "activations"))
             if self.last:
                 self.waiting_logits.add(h.step)
                 self._maybe_loss(h.step, h)
@@ -350,8 +354,7 @@ class Trainer:
         x = self.given.pop(step)
         r = self.seg.loss_backward(labels, step, update=False)
         # labels within the classes cannot make a loss non-finite: the activations did
-        blame = {"sender": self.prev, "kind": "fwd", "step": step, "given_as": "activations",
-                 "made": f"{self.name}'s {{}}"}
+        blame = self._blame(self.prev, "fwd", step, "activations")
         check_result([("loss", r.loss), ("gradient for its predecessor", r.grad_in),
                       *param_grads(self.seg.module)], x, **blame)
         self.bus.send_array("bwd", self.prev, r.grad_in, step=step, batch=h.batch, epoch=h.epoch)
