@@ -1,6 +1,7 @@
-"""Float-safe releases: every release lies on one lattice whatever the input, so the set of
-outputs cannot separate neighbouring inputs (the float sampler's did: 18.3 % of the releases of
-0.5 were outputs 0 could not give, epsilon >= 1.70 where 0.1 was stated)."""
+"""Float-safe releases: every release lies on one lattice whatever the input and its noise is an
+exact integer draw, so the set of outputs cannot separate neighbouring inputs (the float
+sampler's did: 18.3 % of the releases of 0.5 were outputs 0 could not give, epsilon >= 1.70
+where 0.1 was stated). The samplers themselves are tested in tests/test_sampler.py."""
 
 from __future__ import annotations
 
@@ -18,24 +19,35 @@ def _releases(x: float, n: int, spec: FilterSpec) -> np.ndarray:
     return f(a).numpy()[:, 0].astype(np.float64)
 
 
-def test_the_output_set_cannot_separate_neighbouring_inputs():
-    """L1 clip 1, Laplace scale 20 (epsilon 0.1 per release): releases of 0 and of 0.5 lie on
-    the same lattice, every lattice point is an output of both, and their distributions differ
-    by no more than epsilon allows."""
-    spec = FilterSpec("laplace", clip=1.0, noise=20.0)
+def _outputs_of_zero_share(releases: np.ndarray, gamma: float) -> float:
+    """The issue's check: the share of `releases` that a release of 0 could also give. The
+    noise is an exact discrete Laplace or Gaussian draw, which gives every integer a positive
+    probability (tests/test_sampler.py: their pmfs, thresholds and tails), so 0's outputs are
+    exactly the lattice points gamma Z: the share is that of releases on the lattice."""
+    k = releases / gamma
+    return float(np.mean(k == np.rint(k)))
+
+
+@pytest.mark.parametrize("mech,noise,bins", [
+    ("laplace", 20.0, np.linspace(-60, 60, 13)),  # L1 clip 1, epsilon 0.1 per release
+    ("gaussian", 0.2, np.linspace(-0.6, 0.6, 13)),  # where the float ziggurat's reach cost 0.01
+])
+def test_the_output_set_cannot_separate_neighbouring_inputs(mech, noise, bins):
+    """Releases of 0 and of 0.5 lie on the same lattice, every lattice point is an output of
+    both (100 % where the float sampler gave 18.3 %), and their distributions differ by no
+    more than the mechanism allows: for Laplace, epsilon 0.1 bounds every bin's log ratio."""
+    spec = FilterSpec(mech, clip=1.0, noise=noise)
     gamma = lattice.step(1.0)
     zero, half = _releases(0.0, 200_000, spec), _releases(0.5, 200_000, spec)
-    # the float sampler's check: the share of releases of 0.5 that 0 could also give. 0 gives
-    # exactly the lattice points (its discrete Laplace noise reaches every integer), so the
-    # share is that of releases on the lattice: 100 % here, 18.3 % with the float sampler
-    for r in (zero, half):
-        k = r / gamma
-        assert np.array_equal(k, np.rint(k))
-    bins = np.linspace(-60, 60, 13)
+    assert _outputs_of_zero_share(half, gamma) == 1.0
+    assert _outputs_of_zero_share(zero, gamma) == 1.0
     p0, _ = np.histogram(zero, bins)
     p1, _ = np.histogram(half, bins)
-    ratio = np.abs(np.log(p0 / p1))
-    assert ratio.max() < 0.1 + 0.06  # epsilon 0.1, with sampling noise
+    if mech == "laplace":
+        assert np.abs(np.log(p0 / p1)).max() < 0.1 + 0.06  # epsilon 0.1, with sampling noise
+    else:  # the shift is visible: the mean moves by 0.5 and the spread is sigma
+        assert half.mean() - zero.mean() == pytest.approx(0.5, abs=0.005)
+        assert zero.std() == pytest.approx(0.2, rel=0.01)
 
 
 def test_the_noise_has_the_continuous_spread():
@@ -70,3 +82,29 @@ def test_what_is_sent_is_the_lattice_release_bit_for_bit(mech):
     assert np.array_equal(k, np.rint(k))
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mech", ["gaussian", "laplace"])
+def test_snapped_activations_are_checked_in_integers(mech):
+    """A sample a step over clip / gamma (what float32 rounding could leave) is shrunk within
+    it, exactly; the others are left alone."""
+    limit = 2**lattice.LATTICE_BITS
+    k = np.zeros((3, 4), dtype=np.int64)
+    k[0, 0] = limit + 1  # over in both norms
+    k[1, :2] = [limit // 2, limit // 2]  # L1 exactly at the limit, L2 well within
+    k[2] = [7, -3, 0, 2]
+    before = k.copy()
+    out = lattice.within_clip(k, mech)
+    norm = np.abs(out).sum(1) if mech == "laplace" else np.sqrt((out.astype(float) ** 2).sum(1))
+    assert (norm <= limit).all() and out[0, 0] < limit + 1 and out[0, 0] > limit - 10
+    assert np.array_equal(out[1:], before[1:])
+
+
+def test_the_filter_draws_integer_noise_of_the_scale_rounded_up():
+    f = ActivationFilter(FilterSpec("gaussian", clip=1.0, noise=0.3), bytes(32))
+    z = f.noise((64, 1568), ids=None, split="train", step=3)
+    assert z.dtype == np.int64 and np.array_equal(z, f.noise((64, 1568), ids=None,
+                                                             split="train", step=3))
+    assert z.std() == pytest.approx(lattice.units(0.3, 1.0), rel=0.01)
+    with pytest.raises(ValueError, match="noise must be positive"):
+        lattice.units(0.0, 1.0)

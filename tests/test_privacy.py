@@ -14,7 +14,7 @@ import torch
 from clicooper_bus.config import load_config
 from clicooper_bus.errors import ConfigError, KeyFileError
 from clicooper_bus.ml.privacy import accountant as acc
-from clicooper_bus.ml.privacy import defences
+from clicooper_bus.ml.privacy import defences, lattice
 from clicooper_bus.ml.privacy.labels import LabelCodec
 from clicooper_bus.ml.privacy.nopeek import distance_correlation
 from clicooper_bus.ml.privacy.release import ActivationFilter, FilterSpec, inference_model
@@ -25,77 +25,91 @@ SECRET = bytes(range(32))
 
 # --- the accountant -------------------------------------------------------------------------
 
-def test_analytic_gaussian_known_value():
-    # Balle and Wang (2018), as in Google's dp_accounting: eps = 1, delta = 1e-5, sensitivity 1
-    # needs sigma = 3.7306..., where the classical formula asks for 4.8448...
-    assert 1 / acc.gaussian_mu(1.0, 1e-5) == pytest.approx(3.730631634944469, rel=1e-9)
-    assert acc.classical_sigma(1.0, 1e-5, 1.0) == pytest.approx(4.844805262605389, rel=1e-12)
-    assert acc.gaussian_epsilon(1 / 3.730631634944469, 1e-5) == pytest.approx(1.0, abs=1e-8)
+def test_zcdp_conversion_known_values():
+    """rho-zCDP to (eps, delta) as in CKS20. By hand: with h = alpha - 1 and
+    L = ln(1 / delta), eps(alpha) = alpha rho + (L - ln alpha) / h + ln(h / alpha), whose
+    derivative at alpha = 2 is rho - L + ln 2; so at delta = e^-rho / 2 the best order is 2 and
+    eps = 2 rho + L - 2 ln 2 = 3 rho - ln 2. The others are OpenDP 0.16's
+    make_zCDP_to_approxDP on the same rho, an independent implementation."""
+    for rho in (0.5, 2.0):
+        assert acc.zcdp_epsilon(rho, math.exp(-rho) / 2) == pytest.approx(3 * rho - math.log(2),
+                                                                          rel=1e-9)
+    assert acc.zcdp_epsilon(0.5, 1e-5) == pytest.approx(4.728386984943315, rel=1e-9)
+    assert acc.zcdp_epsilon(2.0, 1e-10) == pytest.approx(14.87067800681375, rel=1e-9)
+    assert acc.zcdp_epsilon(2 / 9, 1e-5) == pytest.approx(2.984753658249914, rel=1e-9)
 
 
-@pytest.mark.parametrize("eps", [0.1, 0.5, 1.0, 4.0, 20.0, 200.0])
-def test_analytic_gaussian_is_exact_for_every_epsilon(eps):
-    """The calibrated noise meets delta with equality, including eps >= 1 where the classical
-    formula does not hold, and is never more than the classical noise where that one holds."""
-    mu = acc.gaussian_mu(eps, 1e-5)
-    assert acc.gaussian_delta(eps, mu) == pytest.approx(1e-5, rel=1e-6)
-    assert acc.gaussian_delta(eps, mu * 1.01) > 1e-5  # less noise would not do
-    if eps < 1:
-        assert 1 / mu <= acc.classical_sigma(eps, 1e-5, 1.0)
+@pytest.mark.parametrize("rho", [1e-6, 0.01, 1.0, 66.7, 1e4, 2.5e7])
+def test_zcdp_conversion_is_the_best_order_and_inverts(rho):
+    """Never above Bun and Steinke's rho + 2 sqrt(rho ln(1/delta)) nor any single order's
+    bound, and zcdp_rho inverts it."""
+    eps = acc.zcdp_epsilon(rho, 1e-5)
+    assert eps <= rho + 2 * math.sqrt(rho * math.log(1e5)) * (1 + 1e-12)
+    for alpha in (1.001, 1.5, 2.0, 10.0, 1000.0):
+        assert eps <= acc.zcdp_epsilon_at(rho, 1e-5, alpha) * (1 + 1e-12)
+    assert acc.zcdp_rho(eps, 1e-5) == pytest.approx(rho, rel=1e-7)
 
 
-def test_gaussian_delta_matches_the_definition_by_monte_carlo():
-    """delta(eps) = P[L > eps] - e^eps P[L' > eps] for the privacy-loss variable of N(0,1)
-    against N(mu, 1); checked by sampling, independently of the closed form."""
-    mu, eps = 1.5, 0.7
-    rng = np.random.default_rng(0)
-    z = rng.standard_normal(2_000_000)
-    # P = N(0, 1), Q = N(mu, 1): L = log p(x)/q(x) = mu^2/2 - mu x, so under P it is
-    # N(mu^2/2, mu^2) and under Q N(-mu^2/2, mu^2)
-    loss_p = mu * z + mu**2 / 2
-    loss_q = mu * z - mu**2 / 2
-    mc = (loss_p > eps).mean() - math.exp(eps) * (loss_q > eps).mean()
-    assert acc.gaussian_delta(eps, mu) == pytest.approx(mc, abs=2e-3)
-
-
-def test_composition_of_gaussian_releases_is_exact_and_below_rdp():
+def test_discrete_gaussian_accounting():
+    """Noise 2 x clip is exactly 2^21 lattice steps and the sensitivity 2^21: rho = 1/2 a
+    release. Four releases compose to rho = 2, the same as one at half the noise; opacus's RDP
+    bound (the same curve on a grid of orders) is never below."""
     one = acc.spent("gaussian", noise=2.0, clip=1.0, releases=1, delta=1e-5)
     four = acc.spent("gaussian", noise=2.0, clip=1.0, releases=4, delta=1e-5)
     half_noise = acc.spent("gaussian", noise=1.0, clip=1.0, releases=1, delta=1e-5)
-    assert four.epsilon == pytest.approx(half_noise.epsilon, rel=1e-9)  # sqrt(4) = 2
-    assert one.epsilon < four.epsilon
+    assert one.rho == 0.5 and four.rho == 2.0 and half_noise.rho == 2.0
+    assert one.lattice_noise == 2**21
+    assert four.epsilon == half_noise.epsilon == acc.zcdp_epsilon(2.0, 1e-5)
+    assert one.epsilon == pytest.approx(4.728386984943315, rel=1e-9)  # OpenDP's, above
     for s in (one, four):
-        assert s.rdp_epsilon >= s.epsilon  # RDP is a valid, looser bound
+        assert s.epsilon <= s.rdp_epsilon <= s.epsilon * 1.01
         assert s.sensitivity == 2.0 and "replace-one" in s.adjacency
+        assert "discrete Gaussian" in s.method
+
+
+def test_the_accountant_uses_the_noise_the_sampler_draws():
+    """The noise is rounded up to whole lattice steps (clip x 2^-20), so a run never has less
+    noise than asked and the accountant computes with the very integer drawn."""
+    clip = 1.0
+    asked = 0.3  # 314572.8 steps
+    s = acc.spent("gaussian", asked, clip, 3, 1e-5)
+    assert s.lattice_noise == 314573 == lattice.units(asked, clip)
+    assert s.noise == 314573 * lattice.step(clip) >= asked
+    assert s.rho == 3 * (2**21) ** 2 / (2 * 314573**2)
+    assert lattice.units(1e-12, clip) == 1  # tiny noise: one step, never none
 
 
 def test_calibration_round_trips():
+    """The calibrated noise, rounded up by the sampler, spends at most the target and within
+    one part in 10^5 of it."""
     for mech in ("gaussian", "laplace"):
-        noise = acc.calibrate(mech, 3.0, 1e-5, clip=0.5, releases=5)
-        assert acc.spent(mech, noise, 0.5, 5, 1e-5).epsilon == pytest.approx(3.0, rel=1e-6)
+        for eps, releases in ((3.0, 5), (0.5, 1), (100.0, 30)):
+            noise = acc.calibrate(mech, eps, 1e-5, clip=0.5, releases=releases)
+            got = acc.spent(mech, noise, 0.5, releases, 1e-5).epsilon
+            assert eps * (1 - 1e-5) <= got <= eps
 
 
 def test_laplace_accounting():
-    # one release is exactly sensitivity / b pure DP; the RDP of order 1 is the KL divergence
-    assert acc.laplace_epsilon(4.0, 1, 0.0) == pytest.approx(0.25)
-    assert acc.laplace_rdp(1.0, 2.0) == pytest.approx(0.5 + math.exp(-0.5) - 1)
-    # RDP orders approach the pure bound from below
-    assert acc.laplace_rdp(200.0, 2.0) == pytest.approx(0.5, abs=0.01)
-    assert acc.laplace_rdp(200.0, 2.0) <= 0.5
-    # many releases: RDP beats pure composition
-    assert acc.laplace_epsilon(20.0, 100, 1e-5) < 100 / 20.0
+    """Scale 8 x clip (exactly 2^23 steps) is pure 2 / 8 = 0.25 a release; 100 releases at
+    scale 20 x clip: pure composition gives 10, zCDP (rho = 100 x 0.1^2 / 2 = 0.5) converts to
+    4.73, and the smaller is reported."""
+    assert acc.discrete_laplace_epsilon(8.0, 1.0, 1, 0.0) == 0.25
+    assert acc.spent("laplace", 8.0, 1.0, 1, 1e-5).epsilon == 0.25
+    many = acc.spent("laplace", 20.0, 1.0, 100, 1e-5)
+    assert many.epsilon == acc.zcdp_epsilon(0.5, 1e-5) < 10.0
+    assert "discrete Laplace" in many.method
 
 
 def test_spent_reports_what_it_holds_for():
     p = load_config(None, {"privacy": {"mechanism": "gaussian", "epsilon": 8.0}}).privacy
     s = defences.spent(p, planned_epochs=5, epochs=5, evaluations=5)
-    assert s["epsilon"] == pytest.approx(8.0, rel=1e-6) and s["delta"] == 1e-5
+    assert 8.0 * (1 - 1e-5) <= s["epsilon"] <= 8.0 and s["delta"] == 1e-5
     assert s["releases"] == 5 and s["target_epsilon"] == 8.0
     assert s["test_set"]["releases"] == 5
     once = load_config(None, {"privacy": {"mechanism": "gaussian", "epsilon": 8.0,
                                           "release": "once"}}).privacy
     s1 = defences.spent(once, 5, 5, 5)
-    assert s1["releases"] == 1 and s1["epsilon"] == pytest.approx(8.0, rel=1e-6)
+    assert s1["releases"] == 1 and s1["epsilon"] == pytest.approx(8.0, rel=1e-5)
     assert s1["noise"] < s["noise"]  # one release needs less noise than five
     stopped = defences.spent(p, planned_epochs=5, epochs=2, evaluations=2)
     assert stopped["epsilon"] < 8.0  # a run cut short spent less
@@ -270,9 +284,14 @@ def test_every_run_has_its_own_key():
 
 def test_tiny_noise_still_reports_a_finite_epsilon():
     """noise_multiplier 0.0009 once reported epsilon as none (infinite) beside a finite RDP
-    bound: every noise > 0 gives a finite, exact epsilon, below the RDP bound."""
+    bound: every noise > 0 gives a finite epsilon, the zCDP conversion of the lattice noise
+    drawn (944 steps), below the RDP bound; only no noise at all is infinite (null in JSON)."""
     s = acc.spent("gaussian", 0.0009, 1.0, 10, 1e-5)
-    assert math.isfinite(s.epsilon) and s.epsilon <= s.rdp_epsilon
-    mu = 2.0 * math.sqrt(10) / 0.0009
-    assert acc.gaussian_delta(s.epsilon, mu) <= 1e-5 * (1 + 1e-6)
-    assert acc.gaussian_delta(s.epsilon * 0.999, mu) > 1e-5
+    assert s.lattice_noise == 944 and s.rho == 10 * (2**21) ** 2 / (2 * 944**2)
+    assert math.isfinite(s.epsilon) and s.epsilon == acc.zcdp_epsilon(s.rho, 1e-5)
+    assert s.epsilon <= s.rdp_epsilon
+    assert math.isfinite(acc.spent("laplace", 0.0009, 1.0, 10, 1e-5).epsilon)
+    p = load_config(None, {"privacy": {"mechanism": "gaussian", "noise_multiplier": 0.0009}}).privacy
+    assert math.isfinite(defences.spent(p, 3, 3, 3)["epsilon"])
+    none = acc.spent("gaussian", 0.0, 1.0, 10, 1e-5)
+    assert none.epsilon == math.inf and none.to_json()["epsilon"] is None

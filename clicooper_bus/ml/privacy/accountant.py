@@ -1,20 +1,29 @@
-"""Exact privacy accounting for the owner's activation releases.
+"""Exact privacy accounting for the owner's activation releases, for the samplers the filter
+uses: the discrete Gaussian and the discrete Laplace on the lattice (`lattice`, `sampler`).
 
-One Gaussian release: the analytic Gaussian mechanism (Balle and Wang, ICML 2018). A release
-with L2 sensitivity D and noise N(0, s^2 I) is (eps, delta)-DP exactly when
+Sensitivity in lattice units: two samples' snapped activations differ by at most
+D = 2 clip / gamma steps (L2 for Gaussian, L1 for Laplace; replace-one adjacency), and the noise
+is the configured one in whole steps, rounded up (`lattice.units`): the accountant computes
+with the very integer the sampler draws with.
 
-    delta >= Phi(D / (2 s) - eps s / D) - e^eps Phi(-D / (2 s) - eps s / D),
+Discrete Gaussian N_Z(0, s^2) per coordinate: each release is rho-zero-concentrated DP with
+rho = D^2 / (2 s^2) (Canonne, Kamath and Steinke 2020, "The Discrete Gaussian for Differential
+Privacy", CKS20: the same rho as the continuous Gaussian's), k releases of one sample compose
+to k rho (Bun and Steinke 2016), and rho-zCDP is (eps, delta)-DP for
 
-which holds for every eps (the classical s = D sqrt(2 ln(1.25 / delta)) / eps is valid only
-for eps < 1 and is loose below it). k Gaussian releases of one sample with the same s compose
-exactly into one with sensitivity D sqrt(k) (their privacy-loss distributions are Gaussian, so
-the composition is itself a Gaussian mechanism: mu-GDP, Dong, Roth and Su 2022), so the same
-formula is exact for the whole run. An RDP bound from opacus's accountant is reported beside
-it as a cross-check (it is never smaller).
+    eps = inf over alpha > 1 of  alpha rho + (ln(1 / delta) + (alpha - 1) ln(1 - 1 / alpha)
+                                               - ln(alpha)) / (alpha - 1)
 
-Laplace releases (L1 clipping): each is (D / b)-DP for scale b; k of them compose to
-k D / b (pure), or better for large k through RDP (Mironov 2017, the Laplace mechanism's RDP
-in closed form) converted with opacus's `get_privacy_spent`; the smaller is reported.
+(CKS20; Balle et al. 2020, arXiv 1905.09982, Theorem 21, the conversion opacus applies to RDP
+curves; here optimised over a continuous alpha). Every noise > 0 gives a finite epsilon.
+opacus's RDP bound for the continuous Gaussian with the same s, on its grid of orders, is
+reported beside it as a cross-check: the RDP curve alpha rho is the same, so it is never
+smaller.
+
+Discrete Laplace of scale t: each release is pure (D / t)-DP (the ratio of probabilities at
+any output is at most e^(|shift|_1 / t)); k releases compose to k D / t, or, through zCDP
+(pure eps-DP is eps^2 / 2-zCDP, Bun and Steinke 2016) converted as above, to less for large
+k; the smaller is reported.
 """
 
 from __future__ import annotations
@@ -24,52 +33,64 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import brentq
-from scipy.special import log_ndtr
+from scipy.optimize import brentq, minimize_scalar
+
+from clicooper_bus.ml.privacy import lattice
 
 ORDERS = [1.0 + x / 20.0 for x in range(1, 100)] + [float(a) for a in range(6, 257)]
 
 
-def gaussian_delta(eps: float, mu: float) -> float:
-    """delta(eps) of a Gaussian mechanism with sensitivity/noise ratio mu = D / s."""
-    if mu <= 0:
-        return 0.0
-    a, b = mu / 2 - eps / mu, -mu / 2 - eps / mu
-    # Phi(a) - e^eps Phi(b), in logs so that tiny deltas do not vanish
-    la, lb = log_ndtr(a), eps + log_ndtr(b)
-    return float(math.exp(la) * -math.expm1(lb - la)) if la > lb else 0.0
+def zcdp_epsilon_at(rho: float, delta: float, alpha: float) -> float:
+    """The epsilon that rho-zCDP gives at delta through Renyi order alpha > 1 (CKS20):
+    a valid bound for every alpha; `zcdp_epsilon` takes the best."""
+    h = alpha - 1.0
+    return alpha * rho + (math.log(1 / delta) + h * math.log1p(-1 / alpha) - math.log(alpha)) / h
 
 
-def gaussian_epsilon(mu: float, delta: float) -> float:
-    """The smallest eps with gaussian_delta(eps, mu) <= delta (inf without noise): finite for
-    every noise > 0, however tiny. The bracket's top is where the privacy loss, distributed
-    N(mu^2 / 2, mu^2), exceeds eps with probability at most delta by the Gaussian tail bound:
-    eps = mu^2 / 2 + mu sqrt(2 ln(1 / delta))."""
+def zcdp_epsilon(rho: float, delta: float) -> float:
+    """The smallest epsilon that rho-zCDP gives at delta (0 without privacy loss, inf for
+    rho = inf). The order is searched over alpha - 1 from 1e-12 to 1e12 on a log grid, then
+    refined; any order gives a valid bound, so the search can only cost tightness."""
     _check_delta(delta)
-    if mu == math.inf:
-        return math.inf
-    if gaussian_delta(0.0, mu) <= delta:
+    if rho <= 0:
         return 0.0
-    hi = mu * mu / 2 + mu * math.sqrt(2 * math.log(1 / delta)) + 1.0
-    if gaussian_delta(hi, mu) > delta:  # not for any finite mu; a guard, not a case
+    if not math.isfinite(rho):
         return math.inf
-    return float(brentq(lambda e: gaussian_delta(e, mu) - delta, 0.0, hi, xtol=1e-12, rtol=1e-12))
+    f = lambda x: zcdp_epsilon_at(rho, delta, 1.0 + math.exp(x))  # noqa: E731
+    grid = np.linspace(-27.6, 27.6, 241)  # ln(1e-12) .. ln(1e12)
+    i = int(np.argmin([f(x) for x in grid]))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    best = minimize_scalar(f, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
+    return max(0.0, min(float(best.fun), f(grid[i])))
 
 
-def gaussian_mu(eps: float, delta: float) -> float:
-    """The largest mu = D / s for which one Gaussian release is (eps, delta)-DP."""
+def zcdp_rho(epsilon: float, delta: float) -> float:
+    """The largest rho whose zCDP converts to at most `epsilon` at delta."""
     _check_delta(delta)
-    if eps <= 0:
-        raise ValueError(f"epsilon must be positive, got {eps}")
-    lo, hi = 1e-9, 1.0
-    while gaussian_delta(eps, hi) < delta:
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be positive, got {epsilon}")
+    hi = epsilon
+    while zcdp_epsilon(hi, delta) < epsilon:
         hi *= 2.0
-    return float(brentq(lambda m: gaussian_delta(eps, m) - delta, lo, hi, xtol=1e-14, rtol=1e-12))
+    lo = hi / 2.0
+    while zcdp_epsilon(lo, delta) > epsilon:
+        lo /= 2.0
+    return float(brentq(lambda r: zcdp_epsilon(r, delta) - epsilon, lo, hi, xtol=1e-15,
+                        rtol=1e-12))
 
 
-def classical_sigma(eps: float, delta: float, sensitivity: float) -> float:
-    """Dwork and Roth's calibration: shown for comparison only (valid for eps < 1)."""
-    return sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / eps
+def discrete_gaussian_rho(noise: float, clip: float, releases: int) -> float:
+    """rho of `releases` discrete Gaussian releases of one sample (lattice units)."""
+    return releases * lattice.sensitivity_units() ** 2 / (2.0 * lattice.units(noise, clip) ** 2)
+
+
+def discrete_laplace_epsilon(noise: float, clip: float, releases: int, delta: float) -> float:
+    """Epsilon of `releases` discrete Laplace releases of one sample: the smaller of pure
+    composition and zCDP (pure eps0-DP is eps0^2 / 2-zCDP) converted at delta (pure only for
+    delta <= 0)."""
+    eps0 = lattice.sensitivity_units() / lattice.units(noise, clip)
+    pure = releases * eps0
+    return pure if delta <= 0 else min(pure, zcdp_epsilon(releases * eps0 * eps0 / 2, delta))
 
 
 def rdp_gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
@@ -84,31 +105,6 @@ def rdp_gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -
     return float(eps)
 
 
-def laplace_rdp(alpha: float, b: float) -> float:
-    """RDP of order alpha of the Laplace mechanism with scale b (per unit L1 sensitivity),
-    Mironov 2017, Proposition 6."""
-    if alpha == 1.0:
-        return 1.0 / b + math.exp(-1.0 / b) - 1.0
-    t1 = math.log(alpha / (2 * alpha - 1)) + (alpha - 1) / b
-    t2 = math.log((alpha - 1) / (2 * alpha - 1)) - alpha / b
-    return float(np.logaddexp(t1, t2)) / (alpha - 1)
-
-
-def laplace_epsilon(scale_over_sensitivity: float, releases: int, delta: float) -> float:
-    """Epsilon of `releases` Laplace releases: the smaller of pure composition and RDP."""
-    from opacus.accountants.analysis import rdp
-
-    b = scale_over_sensitivity
-    pure = releases / b
-    if delta <= 0:
-        return pure
-    r = [releases * laplace_rdp(a, b) for a in ORDERS]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        eps, _ = rdp.get_privacy_spent(orders=ORDERS, rdp=r, delta=delta)
-    return float(min(pure, eps))
-
-
 def _check_delta(delta: float) -> None:
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
@@ -119,11 +115,11 @@ class Spent:
     """The privacy a run spent, with everything it holds for: what goes in summary.json and
     the audit report."""
 
-    mechanism: str  # gaussian or laplace
-    epsilon: float  # exact (Gaussian) or best bound (Laplace), for every training sample
+    mechanism: str  # gaussian or laplace (their discrete versions on the lattice)
+    epsilon: float  # the zCDP conversion (Gaussian) or best bound (Laplace), per training sample
     delta: float
     releases: int  # releases of each training sample's activation
-    noise: float  # noise standard deviation (Gaussian) or scale b (Laplace), per coordinate
+    noise: float  # the sigma (Gaussian) or scale b (Laplace) drawn, per coordinate: whole steps
     clip: float  # per-sample L2 (Gaussian) or L1 (Laplace) clipping norm
     sensitivity: float  # of one release under the stated adjacency
     method: str
@@ -132,6 +128,8 @@ class Spent:
                       "each release is that one sample's activation, so the sensitivity is the "
                       "clipped norm's diameter, 2 x clip. Labels are treated as public: they "
                       "travel as (pseudo-)labels or shape the owner tail's gradients, unnoised")
+    rho: float | None = None  # zCDP of all the releases (Gaussian)
+    lattice_noise: int | None = None  # `noise` in lattice steps (clip x 2^-20), as drawn
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -139,31 +137,45 @@ class Spent:
                 for k, v in d.items()}
 
 
+_GAUSSIAN = ("discrete Gaussian on the lattice clip x 2^-20 (exact integer sampler, Canonne, "
+             "Kamath and Steinke 2020): rho-zCDP with rho = releases x (2 clip)^2 / "
+             "(2 sigma^2), converted to (epsilon, delta) as they do (the best Renyi order)")
+_LAPLACE = ("discrete Laplace on the lattice clip x 2^-20 (exact integer sampler, Canonne, "
+            "Kamath and Steinke 2020): pure 2 clip / b per release; the smaller of pure "
+            "composition and zCDP (eps^2 / 2 per release) converted at delta")
+
+
 def spent(mechanism: str, noise: float, clip: float, releases: int, delta: float) -> Spent:
+    """What `releases` releases of each sample with this noise spend; noise 0 (none) spends
+    an infinite epsilon, every noise > 0 a finite one."""
     sens = 2.0 * clip
+    if mechanism not in ("gaussian", "laplace"):
+        raise ValueError(f"unknown mechanism {mechanism!r}")
+    if not noise > 0:
+        return Spent(mechanism, math.inf, delta, releases, 0.0, clip, sens,
+                     "no noise: not differentially private", math.inf if mechanism == "gaussian"
+                     else None, rho=math.inf if mechanism == "gaussian" else None)
+    steps = lattice.units(noise, clip)
+    drawn = steps * lattice.step(clip)
     if mechanism == "gaussian":
-        mu = sens * math.sqrt(releases) / noise if noise > 0 else math.inf
-        eps = gaussian_epsilon(mu, delta)
-        rdp_eps = rdp_gaussian_epsilon(noise / sens, releases, delta) if noise > 0 else math.inf
-        return Spent("gaussian", eps, delta, releases, noise, clip, sens,
-                     "analytic Gaussian mechanism (Balle and Wang 2018); the releases compose "
-                     "exactly as one Gaussian of sensitivity 2 clip sqrt(releases)", rdp_eps)
-    if mechanism == "laplace":
-        eps = laplace_epsilon(noise / sens, releases, delta) if noise > 0 else math.inf
-        return Spent("laplace", eps, delta, releases, noise, clip, sens,
-                     "Laplace mechanism: the smaller of pure composition and RDP (Mironov 2017) "
-                     "converted by opacus")
-    raise ValueError(f"unknown mechanism {mechanism!r}")
+        rho = discrete_gaussian_rho(noise, clip, releases)
+        return Spent("gaussian", zcdp_epsilon(rho, delta), delta, releases, drawn, clip, sens,
+                     _GAUSSIAN, rdp_gaussian_epsilon(drawn / sens, releases, delta), rho=rho,
+                     lattice_noise=steps)
+    return Spent("laplace", discrete_laplace_epsilon(noise, clip, releases, delta), delta,
+                 releases, drawn, clip, sens, _LAPLACE, lattice_noise=steps)
 
 
 def calibrate(mechanism: str, epsilon: float, delta: float, clip: float, releases: int) -> float:
-    """The noise (Gaussian standard deviation or Laplace scale) that spends exactly `epsilon`
-    over `releases` releases of each sample."""
+    """The noise (Gaussian sigma or Laplace scale) that spends `epsilon` over `releases`
+    releases of each sample. The sampler rounds it up to whole lattice steps, so what a run
+    spends is at most `epsilon` (below it by about one part in a million)."""
     sens = 2.0 * clip
     if mechanism == "gaussian":
-        return sens * math.sqrt(releases) / gaussian_mu(epsilon, delta)
+        return sens / math.sqrt(2.0 * zcdp_rho(epsilon, delta) / releases)
     if mechanism == "laplace":
-        f = lambda b: laplace_epsilon(b, releases, delta) - epsilon  # noqa: E731
-        hi = releases / epsilon  # pure composition meets it; RDP may allow less noise
-        return sens * float(brentq(f, hi * 1e-3, hi, xtol=1e-12)) if f(hi * 1e-3) > 0 else sens * hi
+        pure = releases * sens / epsilon
+        if delta <= 0:
+            return pure
+        return min(pure, sens / math.sqrt(2.0 * zcdp_rho(epsilon, delta) / releases))
     raise ValueError(f"unknown mechanism {mechanism!r}")

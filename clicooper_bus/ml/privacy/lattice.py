@@ -1,39 +1,38 @@
-"""Noise that keeps its promise under floating point: every release on one fixed lattice.
+"""Noise that keeps its promise under floating point: every release on one fixed lattice, with
+exact integer noise.
 
 Adding float noise from a float sampler leaks: the set of floats a sampler can output for one
 input is not the set it outputs for its neighbour (Mironov 2012, "On significance of the least
-significant bits for differential privacy"). Measured on the previous Laplace filter (L1 clip
-1, scale 20, stated epsilon 0.1): every release of 0 fell in the output set of 0, but only
-18.3 % of the releases of 0.5 did, so epsilon was at least 1.70.
+significant bits for differential privacy"). Measured on the first Laplace filter (L1 clip 1,
+scale 20, stated epsilon 0.1): every release of 0 fell in the output set of 0, but only 18.3 %
+of the releases of 0.5 did, so epsilon was at least 1.70.
 
-Here a release is `gamma * (k + round(N / gamma))`: k = round(x / gamma) is the clipped
-activation snapped to the lattice gamma Z (gamma = clip * 2^-LATTICE_BITS), N the mechanism's
-continuous noise drawn in float64. Because k is an integer, k + round(N / gamma) =
-round((k gamma + N) / gamma): the release is the continuous mechanism's output on the snapped
-input, rounded to the lattice, i.e. post-processing of it. So
-- the epsilon of the continuous mechanism holds (the accountant's numbers are unchanged), with
-  the snapped input's sensitivity; snapping may lengthen a vector by half a step per coordinate,
-  so the clip is tightened by exactly that much first and the sensitivity stays 2 x clip;
-- whatever the input, every release lies on the same lattice, and within the sampler's reach
-  every lattice point is an output of every input: the set-of-outputs test that showed the
-  leak cannot tell 0 from 0.5 any more (tests/test_lattice.py).
-What floating point still leaves, and it is not small in every regime (a review of this
-module, derived from numpy's sampler code; not yet measured):
-- numpy's float64 samplers have a finite reach and, far in the tails, gaps: the Gaussian
-  ziggurat reaches about 12 standard deviations; the Laplace inversion's 53-bit uniforms leave
-  lattice points unreachable beyond about b ln(2^52 / (b / gamma)). Lattice points near the end
-  of one input's reach are outputs of its neighbour and not of it. For the Gaussian that costs
-  a delta of about P(N > 12 sigma - shift), large when one coordinate can move by a sizeable
-  part of 12 sigma (sigma = 0.2 x clip: shift up to 10 sigma, delta near 0.01); for the
-  Laplace, about dim (b / clip) 2^-33 per release (3.6e-6 at b = 20 x clip, dim 1568), which
-  also breaks the pure-epsilon claim.
-- the mass numpy gives each lattice cell is not exactly the continuous one's.
-So this closes the measured set-of-outputs leak in the body of the distribution, not in its
-tails: the accountant's epsilon is a continuous-mechanism number with an unaccounted delta.
-The fix is an exact integer sampler (a discrete Gaussian or Laplace, CKS20 or OpenDP's), whose
-reach is about 37 scales and whose accounting differs (zero-concentrated DP for the discrete
-Gaussian, pure epsilon for the discrete Laplace); a vectorised CKS20 sampler took 30 to 60 ms
-per 128 x 1568 batch here (with a test suite on the other core) against about 10 for this.
+Here a release is `gamma * (k + z)`: k = round(x / gamma) is the clipped activation snapped to
+the lattice gamma Z (gamma = clip * 2^-LATTICE_BITS), z integer noise drawn exactly
+(`sampler`): the discrete Gaussian N_Z(0, s^2) for `gaussian`, the discrete Laplace of scale t
+for `laplace`, with s or t the configured noise in lattice steps, rounded up to an integer
+(`units`: never less noise than asked; the accountant uses this same integer). So
+- the mechanism is the discrete one exactly, on integers: no float touches the noise, every
+  integer is a possible noise value for every input (no reach, no gaps in the tails), and the
+  probabilities are the discrete distribution's, not a float sampler's approximation of them;
+- the set-of-outputs test that showed the leak cannot tell 0 from 0.5: both give every lattice
+  point (tests/test_lattice.py);
+- the sensitivity is exact in lattice units: the clip is tightened by the snapping's worst
+  case (half a step per coordinate) and the snapped integers are then checked, in integer
+  arithmetic, to lie within clip / gamma (`within_clip`), so two samples' snapped activations
+  differ by at most 2 clip / gamma = 2^(LATTICE_BITS + 1) steps (L2 for Gaussian, L1 for
+  Laplace).
+What that guarantees (`accountant`): the discrete Gaussian is rho-zero-concentrated DP with
+rho = (2 clip)^2 / (2 sigma^2) per release (Canonne, Kamath and Steinke 2020), composed
+over releases and converted to (epsilon, delta) with no further delta: nothing is left
+unaccounted. The discrete Laplace is pure (2 clip / b)-DP per release. Turning k + z into the
+float32 sent is post-processing and costs nothing.
+What remains is the generator: numpy's PCG64 seeded from the owner's PRF (so that the owner
+can redraw any release, which `once` mode needs) is a pseudorandom generator, not a source of
+true randomness; the guarantee is against an adversary who cannot predict it without the
+secret, as for every keyed noise here. The cost is speed: about 15 times the float sampler's
+CPU time (a 128 x 1568 Gaussian batch took 44 ms against 3 here, on a loaded 2-core machine;
+`python -m clicooper_bus.ml.privacy.bench_sampler` prints it).
 """
 
 from __future__ import annotations
@@ -41,6 +40,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from clicooper_bus.ml.privacy import sampler
 
 LATTICE_BITS = 20  # the lattice step is clip * 2^-20
 
@@ -57,12 +58,41 @@ def slack(mechanism: str, clip: float, dim: int) -> float:
     return half * dim if mechanism == "laplace" else half * math.sqrt(dim)
 
 
+def units(noise: float, clip: float) -> int:
+    """The noise scale (Gaussian sigma or Laplace scale, in the activations' units) in whole
+    lattice steps, as the sampler draws it: rounded up, at least 1 step."""
+    if not noise > 0:
+        raise ValueError(f"the noise must be positive, got {noise!r}")
+    return max(1, math.ceil(noise / step(clip)))
+
+
+def sensitivity_units() -> int:
+    """How far two samples' snapped activations can be apart, in lattice steps: 2 x clip."""
+    return 2 ** (LATTICE_BITS + 1)
+
+
+def within_clip(k: np.ndarray, mechanism: str) -> np.ndarray:
+    """The snapped activations `k` (N x ..., integers as int64), each sample's norm checked in
+    integer arithmetic against clip / gamma = 2^LATTICE_BITS steps (L1 for Laplace, squared L2
+    for Gaussian) and any over it shrunk toward zero until it is not. The tightened clip keeps
+    them within but for float32 rounding, so this almost never changes anything; it makes the
+    sensitivity exact instead of nearly so."""
+    flat = k.reshape(len(k), -1)
+    limit = 2**LATTICE_BITS
+    for _ in range(64):
+        norms = np.abs(flat).sum(1) if mechanism == "laplace" else np.einsum("ij,ij->i", flat, flat)
+        over = np.flatnonzero(norms > (limit if mechanism == "laplace" else limit**2))
+        if not over.size:
+            return k
+        ratio = limit / (norms[over] if mechanism == "laplace" else np.sqrt(norms[over]))
+        flat[over] = np.trunc(flat[over] * (ratio[:, None] * (1 - 2.0**-30))).astype(np.int64)
+    raise AssertionError("snapped activations did not shrink within the clip")
+
+
 def noise(rng: np.random.Generator, mechanism: str, shape: tuple[int, ...], scale: float,
           clip: float) -> np.ndarray:
-    """The continuous noise of a release of `shape` in lattice steps, rounded to integers (as
-    float64, exact below 2^53): `scale` is the Gaussian standard deviation or the Laplace scale
-    b, in the activations' units."""
-    units = scale / step(clip)
-    draw = rng.laplace(0.0, units, shape) if mechanism == "laplace" \
-        else rng.standard_normal(shape) * units
-    return np.rint(draw, out=draw)
+    """Exact integer noise of `shape` in lattice steps (int64): discrete Laplace or discrete
+    Gaussian of `scale` (the Laplace scale b or the Gaussian sigma, in the activations' units),
+    rounded up to whole steps (`units`)."""
+    draw = sampler.discrete_laplace if mechanism == "laplace" else sampler.discrete_gaussian
+    return draw(rng, units(scale, clip), math.prod(shape)).reshape(shape)

@@ -1,8 +1,8 @@
 """Activation protection: the filter on the owner's release path.
 
 Every activation the owner sends (training `fwd` and evaluation `eval_fwd`) goes through it:
-per-sample clipping (L2 for Gaussian noise, L1 for Laplace) to `clip`, then noise on a fixed
-lattice (`lattice`: discrete Gaussian or discrete Laplace, float-safe). Clipping is
+per-sample clipping (L2 for Gaussian noise, L1 for Laplace) to `clip`, then exact integer noise
+on a fixed lattice (`lattice`: discrete Gaussian or discrete Laplace, drawn by `sampler`). Clipping is
 differentiable, so in `per-step` mode the head trains end to end through it; snapping and noise
 are additive and so pass gradients unchanged (straight through).
 
@@ -67,7 +67,7 @@ class ActivationFilter:
 
     def noise(self, shape: tuple[int, ...], *, ids: np.ndarray | None, split: str,
               step: int) -> np.ndarray:
-        """Integer noise in lattice steps (float64) for one batch: per sample id in `once`
+        """Integer noise in lattice steps (int64) for one batch: per sample id in `once`
         mode, per (split, step) otherwise."""
         if self.spec.mode == "once" and ids is not None:
             one = shape[1:]
@@ -83,7 +83,8 @@ class ActivationFilter:
         gamma = lattice.step(s.clip)
         margin = lattice.slack(s.mechanism, s.clip, a[0].numel()) if len(a) else 0.0
         clipped = self.clip(a, s.clip - margin)
-        k = np.rint(clipped.detach().numpy().astype(np.float64) / gamma)  # the snapped input
+        k = np.rint(clipped.detach().numpy().astype(np.float64) / gamma).astype(np.int64)
+        k = lattice.within_clip(k, s.mechanism)  # the snapped input, within clip / gamma
         k += self.noise(tuple(a.shape), ids=ids, split=split, step=step)
         released = torch.from_numpy((k * gamma).astype(np.float32))
         # the value sent is `released` bit for bit (x - x is exactly 0), and the gradient is
