@@ -169,9 +169,13 @@ def write_frontier(grid: Grid, rows: list[dict[str, Any]], command: str) -> None
         "reconstructions; the class-mean attacker scores what class information alone gives, so "
         "an attack above the class-mean line recovers detail beyond the class. Extraction is the "
         "colluding trainers' surrogate on the evaluation half of the test set. Epsilon is per "
-        "training sample (replace-one adjacency, sensitivity 2 x clip in the clip's norm; "
-        "Gaussian: analytic, exact composition; Laplace: the smaller of pure composition and "
-        "RDP). It bounds the whole run only with `once` (the head is fixed); with `per-step` the "
+        "training sample (replace-one adjacency, sensitivity 2 x clip in the clip's norm). The "
+        "noise is exact integer noise on the lattice clip x 2^-20 (`ml/privacy/sampler.py`, "
+        "Canonne, Kamath and Steinke 2020), with nothing left unaccounted: Gaussian is the "
+        "discrete Gaussian, rho-zCDP with rho = releases x (2 clip)^2 / (2 sigma^2), converted "
+        "to (epsilon, delta) at the best Renyi order; Laplace is the discrete Laplace, pure 2 clip "
+        "/ b per release, the smaller of pure composition and its zCDP conversion. It bounds "
+        "the whole run only with `once` (the head is fixed); with `per-step` the "
         "head trains on raw images without DP and the epsilon covers each sample's own releases "
         "only, so it is not a differential-privacy guarantee for the run.",
         "",
