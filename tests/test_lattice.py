@@ -106,5 +106,8 @@ def test_the_filter_draws_integer_noise_of_the_scale_rounded_up():
     assert z.dtype == np.int64 and np.array_equal(z, f.noise((64, 1568), ids=None,
                                                              split="train", step=3))
     assert z.std() == pytest.approx(lattice.units(0.3, 1.0), rel=0.01)
+    for mode in ("per-step", "once"):  # an empty batch releases nothing, without error
+        empty = ActivationFilter(FilterSpec("gaussian", 1.0, 0.3, mode), bytes(32))
+        assert empty(torch.zeros(0, 1568), ids=np.zeros(0, dtype=np.int64)).shape == (0, 1568)
     with pytest.raises(ValueError, match="noise must be positive"):
         lattice.units(0.0, 1.0)

@@ -77,6 +77,8 @@ def within_clip(k: np.ndarray, mechanism: str) -> np.ndarray:
     for Gaussian) and any over it shrunk toward zero until it is not. The tightened clip keeps
     them within but for float32 rounding, so this almost never changes anything; it makes the
     sensitivity exact instead of nearly so."""
+    if not k.size:
+        return k
     flat = k.reshape(len(k), -1)
     limit = 2**LATTICE_BITS
     for _ in range(64):

@@ -69,7 +69,7 @@ class ActivationFilter:
               step: int) -> np.ndarray:
         """Integer noise in lattice steps (int64) for one batch: per sample id in `once`
         mode, per (split, step) otherwise."""
-        if self.spec.mode == "once" and ids is not None:
+        if self.spec.mode == "once" and ids is not None and len(ids):
             one = shape[1:]
             tag = b"noise/once/" + split.encode()
             return np.stack([self._draw(one, self._rng(tag, int(i))) for i in ids])
