@@ -53,6 +53,13 @@ class RunSection:
                              "in step order (on what the lagging head sends them)",
                           min=1, max=MAX_IN_FLIGHT)
     out_dir: str = _doc("runs", "where <id>/ (log, model, summary) is written")
+    snapshot_every: int = _doc(50, "a trainer snapshots its stage (weights, Adam state, step, "
+                                   "RNG) to <run>/snapshots/<name>/ and commits its digest in "
+                                   "a signed snapshot message every N training steps, and at "
+                                   "every epoch (watermark round) boundary; the owner keeps its "
+                                   "head's in memory at the same steps. A trainer restarted "
+                                   "after a crash resumes from the last step every stage "
+                                   "committed, so at most N steps are trained again", min=1)
 
 
 @dataclass

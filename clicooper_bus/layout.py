@@ -15,6 +15,8 @@ atomic writer every artefact goes through.
       telemetry/           each process's structlog JSON lines (`clicooper run`)
       sweep-entry.json     what `clicooper sweep` ran here
       INTERRUPTED          `clicooper run` was stopped by a signal (which, when)
+      snapshots/NAME/      a trainer's own snapshots (`SnapshotLayout`): what it resumes from
+        roster.msgpack  step-000000050.safetensors ...
 
 In the spirit of Tessera's layout module: paths are computed here and nowhere else, so a
 change of layout is one change. Nothing here imports torch.
@@ -117,6 +119,39 @@ class ProvenanceLayout:
 
 
 @dataclass(frozen=True)
+class SnapshotLayout:
+    """`<run>/snapshots/<trainer name>/`: one trainer's snapshots of its stage, each a
+    safetensors file named by its step (`step-000000050.safetensors`, zero-padded so names sort
+    by step), and the owner's signed roster it joined with (`roster.msgpack`), which a process
+    restarted after a crash rejoins with."""
+
+    root: Path
+    PREFIX = "step-"
+    SUFFIX = ".safetensors"
+
+    @property
+    def roster(self) -> Path:
+        return self.root / "roster.msgpack"
+
+    def state(self, step: int) -> Path:
+        return self.root / f"{self.PREFIX}{step:09d}{self.SUFFIX}"
+
+    def steps(self) -> list[int]:
+        """The steps of the snapshots on disk, ascending (a `.tmp` left by a crash is not
+        one: `write_atomic` renames only a whole file into place)."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            name = p.name
+            if name.startswith(self.PREFIX) and name.endswith(self.SUFFIX):
+                digits = name[len(self.PREFIX):-len(self.SUFFIX)]
+                if digits.isdigit():
+                    out.append(int(digits))
+        return sorted(out)
+
+
+@dataclass(frozen=True)
 class RunLayout:
     """Every path of one run directory. `RunLayout(cfg.run_dir)` or `RunLayout("runs/demo")`."""
 
@@ -175,6 +210,10 @@ class RunLayout:
         """`INTERRUPTED`: `clicooper run` was stopped by a signal (JSON: signal, time); a run
         directory holding it is not reused without `--force`."""
         return self.root / "INTERRUPTED"
+
+    def snapshots(self, name: str) -> SnapshotLayout:
+        """`snapshots/<name>/`: trainer `name`'s own snapshots."""
+        return SnapshotLayout(self.root / "snapshots" / name)
 
     def made(self) -> list[Path]:
         """The artefacts that mark a directory as holding a run already (its id is taken)."""

@@ -31,6 +31,15 @@ Control messages (the msgpack bodies of the kinds below; tensors are `fwd`, `bwd
 | `checkpoint` | notary → all         | `CheckpointMessage`: a signed tlog checkpoint note  |
 | `wm_cert`    | notary → all         | `WatermarkCertificate`: a certified claim           |
 | `beat`       | everyone → all       | `Beat`: liveness, an empty map                      |
+| `snapshot`   | trainer → owner      | `Snapshot`: it snapshotted its stage at a step: the |
+|              |                      | step and the digests of its weights and its state   |
+| `tip`        | notary → trainer     | `ChainTip`: the last seq and header digest of the   |
+|              |                      | trainer the log holds (a restarted one continues)   |
+| `rejoin`     | trainer → owner      | `Rejoin`: a restarted trainer, with the snapshots   |
+|              |                      | (steps, state digests) it can restore               |
+| `rollback`   | owner → all          | `Rollback`: everyone restores the step's snapshot;  |
+|              |                      | steps from it on are trained (and logged) again     |
+| `restored`   | trainer → all        | `Restored`: it restored that step (state digest)    |
 
 Each document is parsed strictly from the *verified* body: it must be a map with exactly the
 documented fields, each of its exact type (msgpack's True is not an int here, nor 1 a float); an
@@ -358,6 +367,111 @@ class Beat(Control):
     KIND: ClassVar[str] = "beat"
 
 
+def _is_digest(value: str) -> bool:
+    """Whether `value` is a SHA-256 digest in lower-case hex (64 characters)."""
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+@dataclass(frozen=True)
+class Snapshot(Control):
+    """A trainer snapshotted its stage at training step `step` (the state after steps 0 ..
+    step - 1: every N steps, `[run] snapshot_every`, at each epoch boundary and at the end of
+    training) and commits to it: `weights`, the SHA-256 (hex) of its weights and `state`, of
+    its whole state (weights, Adam's moments and step counts, torch's RNG state, the step), each
+    over the canonical serialisation `services.trainer.snapshot.canonical_digest` defines. The
+    last one's `weights` is the digest of the weights it delivers sealed in its `segment`."""
+
+    KIND: ClassVar[str] = "snapshot"
+    step: int
+    weights: str
+    state: str
+
+    def _checked(self, sender: str | None) -> Snapshot:
+        if self.step < 0:
+            raise self._refuse("step is negative", "step", sender)
+        for name in ("weights", "state"):
+            if not _is_digest(getattr(self, name)):
+                raise self._refuse(f"{name} is not a SHA-256 digest in hex", name, sender)
+        return self
+
+
+@dataclass(frozen=True)
+class ChainTip(Control):
+    """The notary to a trainer silent past `[bus] timeout_s`: the last `seq` of `member` the log
+    holds and the digest of that message's header (`prev`, 32 bytes). A restarted trainer
+    (the same key, a new process) continues its signed chain from there, so the log's chain
+    of that sender stays unbroken; only the notary knows which of the dead process's last
+    messages reached the log."""
+
+    KIND: ClassVar[str] = "tip"
+    member: str
+    seq: int
+    prev: bytes
+
+    def _checked(self, sender: str | None) -> ChainTip:
+        if self.seq < 0:
+            raise self._refuse("seq is negative", "seq", sender)
+        if len(self.prev) != 32:
+            raise self._refuse("prev is not 32 bytes", "prev", sender)
+        return self
+
+
+@dataclass(frozen=True)
+class Rejoin(Control):
+    """A restarted trainer of `stage` is back and can restore the snapshots it holds on disk:
+    `steps` (ascending) and the `states` digests of each (as in its `Snapshot`s; the newest may
+    be one whose `snapshot` message the dead process never sent: this commits to it)."""
+
+    KIND: ClassVar[str] = "rejoin"
+    stage: int
+    steps: list[int]
+    states: list[str]
+
+    def _checked(self, sender: str | None) -> Rejoin:
+        if len(self.steps) != len(self.states) or not self.steps:
+            raise self._refuse("steps and states must be non-empty and of one length", "steps",
+                               sender)
+        if any(s < 0 for s in self.steps) or self.steps != sorted(set(self.steps)):
+            raise self._refuse("steps must be ascending, distinct and >= 0", "steps", sender)
+        if not all(_is_digest(d) for d in self.states):
+            raise self._refuse("states holds a value that is not a SHA-256 digest in hex",
+                               "states", sender)
+        return self
+
+
+@dataclass(frozen=True)
+class Rollback(Control):
+    """The owner rolls the run back to training step `step` because `rejoined` came back:
+    every trainer restores its snapshot of that step and says so (`Restored`); the owner then
+    sends steps from `step` on again, so they appear a second time in the log, after this."""
+
+    KIND: ClassVar[str] = "rollback"
+    step: int
+    rejoined: str
+
+    def _checked(self, sender: str | None) -> Rollback:
+        if self.step < 0:
+            raise self._refuse("step is negative", "step", sender)
+        return self
+
+
+@dataclass(frozen=True)
+class Restored(Control):
+    """A trainer restored its snapshot of `step` after the owner's `Rollback`; `state`: that
+    snapshot's state digest (the owner checks it against the committed one)."""
+
+    KIND: ClassVar[str] = "restored"
+    step: int
+    state: str
+
+    def _checked(self, sender: str | None) -> Restored:
+        if self.step < 0:
+            raise self._refuse("step is negative", "step", sender)
+        if not _is_digest(self.state):
+            raise self._refuse("state is not a SHA-256 digest in hex", "state", sender)
+        return self
+
+
 CONTROL: dict[str, type[Control]] = {c.KIND: c for c in (
     Hello, Metrics, Round, End, Segment, Usage, Ack, CheckpointMessage, WatermarkCertificate,
-    Beat)}
+    Beat, Snapshot, ChainTip, Rejoin, Rollback, Restored)}

@@ -10,16 +10,23 @@ from clicooper_bus.net.wire import Sender
 from clicooper_bus.protocol import (
     CONTROL,
     Ack,
+    ChainTip,
     CheckpointMessage,
     Hello,
     Metrics,
     ProtocolError,
+    Rejoin,
+    Restored,
+    Rollback,
     Round,
     Segment,
+    Snapshot,
     Topics,
     Usage,
     cpu_table,
 )
+
+D = "ab" * 32  # a SHA-256 digest in hex
 
 
 def test_topics_build_every_kind_of_topic():
@@ -44,7 +51,9 @@ def test_an_envelope_is_published_on_the_protocol_topic():
 @pytest.mark.parametrize("msg", [
     Hello(True, 2, "ab" * 32, 3), Metrics(0.25, 7), Round(4, "end"), Ack(["t1", "t2"], "00" * 32),
     Segment(1, b"\x00sealed", {"fwd": 3}), CheckpointMessage("note\n", final=True),
-    CheckpointMessage("note\n", closed=True), Usage(12.5, 10.25, 11.0, 40)])
+    CheckpointMessage("note\n", closed=True), Usage(12.5, 10.25, 11.0, 40),
+    Snapshot(50, D, "cd" * 32), ChainTip("trainer-1", 73, b"\x01" * 32),
+    Rejoin(1, [10, 20], [D, "cd" * 32]), Rollback(20, "trainer-1"), Restored(20, D)])
 def test_documents_round_trip_through_msgpack(msg):
     doc = codec.unpack(codec.pack(msg.to_doc()))
     assert type(msg).parse(doc, sender="x") == msg
@@ -82,6 +91,19 @@ def test_the_encoding_of_control_documents_is_what_peers_always_sent():
     (Usage, {"cpu_s": 2.0, "train_cpu_s": 1.0, "train_wall_s": 1.0}, "steps"),
     (Usage, {"cpu_s": 2.0, "train_cpu_s": 1.0, "train_wall_s": 1.0, "steps": 3, "name": "o"},
      "name"),
+    (Snapshot, {"step": -1, "weights": D, "state": D}, "step"),
+    (Snapshot, {"step": 1, "weights": D.upper(), "state": D}, "weights"),
+    (Snapshot, {"step": 1, "weights": D, "state": D[:-2]}, "state"),
+    (ChainTip, {"member": "t", "seq": 3, "prev": b"\x00" * 31}, "prev"),
+    (ChainTip, {"member": "t", "seq": -3, "prev": b"\x00" * 32}, "seq"),
+    (ChainTip, {"member": "t", "seq": 3, "prev": "00" * 32}, "prev"),
+    (Rejoin, {"stage": 1, "steps": [20, 10], "states": [D, D]}, "steps"),
+    (Rejoin, {"stage": 1, "steps": [10], "states": [D, D]}, "steps"),
+    (Rejoin, {"stage": 1, "steps": [], "states": []}, "steps"),
+    (Rejoin, {"stage": 1, "steps": [10], "states": ["x"]}, "states"),
+    (Rollback, {"step": -1, "rejoined": "t"}, "step"),
+    (Rollback, {"step": 1}, "rejoined"),
+    (Restored, {"step": 1, "state": "x"}, "state"),
 ])
 def test_a_bad_field_is_refused_naming_sender_kind_and_field(cls, doc, field):
     with pytest.raises(ProtocolError) as e:

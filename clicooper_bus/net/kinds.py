@@ -50,5 +50,15 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("wm_claim", "msgpack", SMALL, "a trainer claims a round: its weights' hash "
                                                "and the bits they carry"),
         KindSpec("wm_cert", "msgpack", SMALL, "the notary's certificate of a claim"),
+        KindSpec("snapshot", "msgpack", 1024, "a trainer commits to its stage's snapshot at a "
+                                              "step: weights and state digests"),
+        KindSpec("tip", "msgpack", 1024, "the notary tells a silent trainer where its signed "
+                                         "chain stands in the log (for a restarted process)"),
+        KindSpec("rejoin", "msgpack", 64 * 1024, "a restarted trainer is back: the snapshots "
+                                                 "it can restore"),
+        KindSpec("rollback", "msgpack", 1024, "the owner rolls the run back to a step every "
+                                              "stage committed a snapshot of"),
+        KindSpec("restored", "msgpack", 1024, "a trainer restored its snapshot of the "
+                                              "rollback's step"),
     )
 }

@@ -1,0 +1,166 @@
+"""A stage's snapshot: everything a segment needs to go on training bit for bit (weights, Adam's
+state, torch's RNG state, the step), its digests, and where a trainer keeps them.
+
+The digests are what a trainer commits to in its signed `snapshot` message (the owner checks a
+restore against them, and issue 19's replay verification recomputes them), so they are defined
+precisely here, over a canonical serialisation that does not depend on safetensors' file layout:
+
+    canonical_digest(tensors, step) = SHA-256 of
+        b"clicooper-snapshot-v1\\n"
+        b"step <step>\\n"                                  (only when step is not None)
+        for each name in ascending order of its UTF-8 bytes:
+            b"<name>\\t<dtype>\\t<d0>,<d1>,...\\n"          (dtype as torch names it without
+                                                          "torch.", e.g. float32; shape empty
+                                                          for a scalar)
+            the tensor's elements in C order, as little-endian bytes
+
+A snapshot's tensors (`stage_state`) are named `weights/<state_dict key>`, `adam/<parameter
+name>/<state key>` (`exp_avg`, `exp_avg_sq`, `step`; none before the first update) and
+`rng/torch`. Its *state* digest is `canonical_digest(tensors, step)`; its *weights* digest is
+`canonical_digest(state_dict)` over the module's `state_dict()` under its own keys, no step:
+exactly the tensors a trainer seals in its `segment`, so the delivered weights can be checked
+against the last commitment (`weights_digest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.layout import SnapshotLayout, write_atomic
+from clicooper_bus.ml.split import SegmentTrainer
+
+SCHEME = b"clicooper-snapshot-v1\n"
+KEEP_ON_DISK = 2  # the newest may have no commitment in the log (killed before sending it)
+KEEP_IN_MEMORY = 3  # neighbours may be one snapshot ahead of a stage that died
+
+
+def canonical_digest(tensors: Mapping[str, torch.Tensor], step: int | None = None) -> str:
+    """The SHA-256 (hex) of `tensors` (and `step`) as the module docstring defines it."""
+    h = hashlib.sha256(SCHEME)
+    if step is not None:
+        h.update(f"step {int(step)}\n".encode())
+    for name in sorted(tensors, key=lambda n: n.encode()):
+        t = tensors[name].detach().cpu().contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        h.update(f"{name}\t{dtype}\t{','.join(str(d) for d in t.shape)}\n".encode())
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        if sys.byteorder != "little" and t.element_size() > 1:  # defined as little-endian
+            raw = t.reshape(-1).numpy().byteswap().tobytes()
+        h.update(raw)
+    return h.hexdigest()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """The weights digest of `module`: its `state_dict()` as delivered in a segment."""
+    return canonical_digest(module.state_dict())
+
+
+def stage_state(seg: SegmentTrainer) -> dict[str, torch.Tensor]:
+    """Copies of everything `seg` needs to continue bit for bit, named as documented above."""
+    out = {f"weights/{k}": v.detach().clone() for k, v in seg.module.state_dict().items()}
+    if seg.optimizer is not None:
+        names = {id(p): n for n, p in seg.module.named_parameters()}
+        for group in seg.optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in seg.optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        out[f"adam/{names[id(p)]}/{key}"] = value.detach().clone()
+    out["rng/torch"] = torch.get_rng_state()
+    return out
+
+
+def restore(seg: SegmentTrainer, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put `stage_state`'s `tensors` back into `seg`: weights, Adam's state (none for a
+    parameter the snapshot has none of) and torch's RNG. Raises ClicooperError naming what
+    does not fit (another model, or a damaged file)."""
+    weights = {k.removeprefix("weights/"): v for k, v in tensors.items()
+               if k.startswith("weights/")}
+    try:
+        seg.module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ClicooperError(f"the snapshot does not fit this stage: {exc}") from None
+    if seg.optimizer is not None:
+        seg.optimizer.state.clear()
+        for name, p in seg.module.named_parameters():
+            state = {k.split("/")[-1]: v.clone() for k, v in tensors.items()
+                     if k.startswith(f"adam/{name}/") and k.count("/") == name.count("/") + 2}
+            if state:
+                seg.optimizer.state[p] = state
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"].clone())
+
+
+@dataclass(frozen=True)
+class Taken:
+    """One snapshot: its step, its digests, and its tensors (kept in memory)."""
+
+    step: int
+    weights: str
+    state: str
+    tensors: dict[str, torch.Tensor]
+
+
+def take(seg: SegmentTrainer, step: int) -> Taken:
+    """A snapshot of `seg` at training step `step` (the state after steps 0 .. step - 1)."""
+    tensors = stage_state(seg)
+    weights = canonical_digest({k.removeprefix("weights/"): v for k, v in tensors.items()
+                                if k.startswith("weights/")})
+    return Taken(step, weights, canonical_digest(tensors, step), tensors)
+
+
+class Store:
+    """A trainer's snapshots: the last `KEEP_IN_MEMORY` in memory (a rollback restores from
+    them), the last `KEEP_ON_DISK` in its `SnapshotLayout` (a restarted process does), and the
+    roster it joined with."""
+
+    def __init__(self, layout: SnapshotLayout, metadata: Mapping[str, str]):
+        self.layout, self.metadata = layout, dict(metadata)
+        self.memory: dict[int, Taken] = {}
+
+    def save_roster(self, roster: bytes) -> None:
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.layout.roster, roster, mode=0o600)
+
+    def keep(self, snap: Taken, *, write: bool = True) -> int:
+        """Keep `snap` in memory and (`write`) on disk, atomically, dropping the oldest beyond
+        the limits. Returns the bytes written."""
+        self.memory[snap.step] = snap
+        for old in sorted(self.memory)[:-KEEP_IN_MEMORY]:
+            del self.memory[old]
+        if not write:
+            return 0
+        meta = {**self.metadata, "step": str(snap.step), "weights_sha256": snap.weights,
+                "state_sha256": snap.state, "digest": SCHEME.decode().strip()}
+        raw = st_save(snap.tensors, metadata=meta)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.layout.state(snap.step), raw, mode=0o600)
+        for old in self.layout.steps()[:-KEEP_ON_DISK]:
+            self.layout.state(old).unlink(missing_ok=True)
+        return len(raw)
+
+    def get(self, step: int) -> Taken | None:
+        """The snapshot of `step`, from memory or else from disk (its digests recomputed from
+        the file's tensors, so a damaged file shows as a digest that does not match its
+        commitment); None if there is none."""
+        if step in self.memory:
+            return self.memory[step]
+        path = self.layout.state(step)
+        if not path.exists():
+            return None
+        try:
+            tensors = st_load(path.read_bytes())
+        except (OSError, SafetensorError) as exc:
+            raise ClicooperError(f"snapshot {path} cannot be read: {exc}; remove it to "
+                                 f"resume from an older one") from None
+        weights = canonical_digest({k.removeprefix("weights/"): v for k, v in tensors.items()
+                                    if k.startswith("weights/")})
+        return Taken(step, weights, canonical_digest(tensors, step), tensors)

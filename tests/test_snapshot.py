@@ -1,0 +1,103 @@
+"""A stage's snapshot (issue 17 item 1): what it holds, the digests a trainer commits to, and
+where it keeps them. Restoring one continues training bit for bit."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.layout import RunLayout
+from clicooper_bus.ml.split import SegmentTrainer
+from clicooper_bus.services.trainer import snapshot
+
+
+def _segment(seed: int = 0) -> SegmentTrainer:
+    torch.manual_seed(seed)
+    return SegmentTrainer(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), lr=0.01)
+
+
+def _train(seg: SegmentTrainer, steps: range) -> None:
+    for s in steps:
+        g = torch.Generator().manual_seed(s)
+        x, y = torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)
+        seg.forward(x, s)
+        seg.loss_backward(y, s)
+
+
+def test_the_canonical_digest_is_the_documented_serialisation():
+    """Recomputed by hand from the module docstring's definition."""
+    t = {"b": torch.tensor([1.0, -2.0]), "a": torch.tensor(7, dtype=torch.int64)}
+    h = hashlib.sha256(b"clicooper-snapshot-v1\nstep 5\n")
+    h.update(b"a\tint64\t\n" + (7).to_bytes(8, "little"))
+    h.update(b"b\tfloat32\t2\n" + torch.tensor([1.0, -2.0]).numpy().tobytes())
+    assert snapshot.canonical_digest(t, 5) == h.hexdigest()
+    assert snapshot.canonical_digest(t, 6) != snapshot.canonical_digest(t, 5)
+    assert snapshot.canonical_digest(t) != snapshot.canonical_digest(t, 5)
+    # the same numbers under another dtype or shape are another state
+    assert snapshot.canonical_digest({**t, "b": torch.tensor([[1.0, -2.0]])}, 5) != \
+        snapshot.canonical_digest(t, 5)
+
+
+def test_a_restored_snapshot_trains_on_bit_for_bit():
+    """Weights, Adam's moments and step counts, RNG: a segment restored from a snapshot of
+    step 3 and trained to step 8 ends with the weights of one trained straight through."""
+    straight = _segment()
+    _train(straight, range(8))
+    seg = _segment()
+    _train(seg, range(3))
+    snap = snapshot.take(seg, 3)
+    _train(seg, range(3, 6))  # moves on: the snapshot holds copies, not the live tensors
+    assert snapshot.take(seg, 6).state != snap.state
+    fresh = _segment(seed=1)  # other weights, no Adam state yet
+    snapshot.restore(fresh, snap.tensors)
+    assert snapshot.take(fresh, 3).state == snap.state
+    _train(fresh, range(3, 8))
+    for a, b in zip(fresh.module.state_dict().values(), straight.module.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert snapshot.weights_digest(fresh.module) == snapshot.weights_digest(straight.module)
+    # the weights digest is the state_dict's, as delivered in a segment
+    assert snapshot.take(fresh, 8).weights == snapshot.weights_digest(fresh.module)
+
+
+def test_a_snapshot_before_the_first_update_restores_an_empty_optimiser():
+    seg = _segment()
+    snap0 = snapshot.take(seg, 0)
+    assert not any(k.startswith("adam/") for k in snap0.tensors)
+    _train(seg, range(2))
+    snapshot.restore(seg, snap0.tensors)
+    assert not seg.optimizer.state and snapshot.take(seg, 0).state == snap0.state
+
+
+def test_the_store_keeps_two_on_disk_three_in_memory_and_reads_back_what_it_wrote(tmp_path):
+    layout = RunLayout(tmp_path).snapshots("trainer-1")
+    store = snapshot.Store(layout, {"run_id": "r"})
+    seg = _segment()
+    taken = {}
+    for step in (0, 10, 20, 30):
+        _train(seg, range(step, step + 10))
+        taken[step] = snapshot.take(seg, step)
+        assert store.keep(taken[step]) > 0
+    assert layout.steps() == [20, 30]
+    assert sorted(store.memory) == [10, 20, 30]
+    assert not list(layout.root.glob("*.tmp"))
+    again = snapshot.Store(layout, {})  # a restarted process: nothing in memory
+    got = again.get(20)
+    assert (got.state, got.weights) == (taken[20].state, taken[20].weights)
+    assert again.get(10) is None
+    store.save_roster(b"roster")
+    assert layout.roster.read_bytes() == b"roster"
+    layout.state(30).write_bytes(b"not safetensors")
+    with pytest.raises(ClicooperError, match="cannot be read"):
+        again.get(30)
+
+
+def test_a_snapshot_of_another_model_is_refused_naming_it():
+    snap = snapshot.take(_segment(), 0)
+    other = SegmentTrainer(nn.Sequential(nn.Linear(6, 4)), lr=0.01)
+    with pytest.raises(ClicooperError, match="does not fit this stage"):
+        snapshot.restore(other, snap.tensors)
