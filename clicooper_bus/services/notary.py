@@ -12,6 +12,12 @@ every participant has signalled it read what it needed (`done`) it closes the lo
 published closing checkpoint over everything it logged; an auditor following the run audits
 exactly that log, and the notary stays (logging nothing more) until it is done.
 
+A trainer silent past `[bus] timeout_s` is sent a `tip` every `timeout_s` while it stays
+silent: the last seq of its signed chain the log holds and that message's header digest. A
+process of that trainer restarted after a crash continues its chain from there (only the notary
+knows which of the dead process's last messages reached the log), so the log's chains stay
+whole; a paused trainer that resumes ignores them. The tips are logged like every message.
+
     python -m clicooper_bus.services.notary --config FILE
 """
 
@@ -30,7 +36,7 @@ from clicooper_bus.net.bus import Bus, BusError, PeersGone
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import CheckpointMessage, End, WatermarkCertificate
+from clicooper_bus.protocol import ChainTip, CheckpointMessage, End, WatermarkCertificate
 from clicooper_bus.services.common import (
     EXIT_FAIL,
     EXIT_OK,
@@ -61,6 +67,8 @@ class Notary:
         self.meter = CpuMeter()  # the notary's CPU over the run's training steps (`usage`)
         self.logged_steps: set[int] = set()  # of the owner's training activations
         self.gone: set[str] = set()  # members silent past the rejoin timeout (not the owner)
+        self.chains: dict[str, tuple[int, bytes]] = {}  # key id -> (seq, header digest) logged
+        self.tipped: dict[str, float] = {}  # key id -> when we last sent it its chain's tip
 
     def run(self) -> int:
         if self.cfg.log.notary_nice:
@@ -106,7 +114,7 @@ class Notary:
                                          fsync=self.cfg.log.fsync, signer=self.ident)
         self.roster = roster
         self.bus.bind(roster)
-        self.plog.append_envelope(env)
+        self._append(env)
         plog = self.plog
         self.registry = WatermarkRegistry(
             roster, bytes(env.body), root_at=lambda n: plog.tree.root(n) if n <= plog.size else None)
@@ -151,7 +159,7 @@ class Notary:
                 self.log.error("chain gap", rejected=dict(bus.verifier.rejected))
                 return EXIT_FAIL
             if env is not None:
-                index = self.plog.append_envelope(env)
+                index = self._append(env)
                 self._register(env, index)
                 self._meter(env)
                 if env.header.kind == "ack" and env.header.sender == roster.owner.key_id:
@@ -161,6 +169,8 @@ class Notary:
                     # the owner stopped the run early (a refusal): a final checkpoint over what
                     # was logged, then everyone leaves as after a finished run
                     self._checkpoint(final=True)
+            if not self.final_sent:
+                self._tips()
             now = time.monotonic()
             if self.plog.size - self.last_cp_size >= self.cfg.log.checkpoint_every or (
                     now - self.last_cp_time >= self.cfg.log.checkpoint_seconds):
@@ -181,13 +191,35 @@ class Notary:
         # (for at most 2 s: participants beat while they wait for us, so quiet may never come)
         drain_until = time.monotonic() + 2.0
         while time.monotonic() < drain_until and (env := bus.recv(0.3)) is not None:
-            self.plog.append_envelope(env)
+            self._append(env)
         self._checkpoint(closing=True)
         self._wait_for_observers()
         bus.subscribe(bus.topics.closed(self.cfg.participants.notary))
         time.sleep(0.3)
         self.log.info("notary done", entries=self.plog.size)
         return EXIT_OK
+
+    def _append(self, env: Envelope) -> int:
+        """Append `env` to the log (its index), and remember where its sender's chain stands."""
+        index = self.plog.append_envelope(env)
+        self.chains[env.header.sender] = (env.header.seq, env.header.digest)
+        return index
+
+    def _tips(self) -> None:
+        """Each trainer suspected now (silent past timeout_s, not gone) is told, every
+        timeout_s, where its chain stands in the log: a process of it restarted after a crash
+        continues from there (`ChainTip`)."""
+        now, bus = time.monotonic(), self.bus
+        trainers = {m.key_id for m in self.roster.members if m.role == "trainer"}
+        for kid in list(bus.suspected):
+            name = bus.watched.get(kid)
+            if kid not in trainers or name is None or name in self.gone or \
+                    now - self.tipped.get(kid, 0.0) < self.cfg.bus.timeout_s:
+                continue
+            self.tipped[kid] = now
+            seq, prev = self.chains.get(kid, (0, bytes(32)))
+            bus.send_doc("tip", name, ChainTip(name, seq, prev).to_doc())
+            self.log.info("chain tip sent", member=name, seq=seq)
 
     def _stops(self, env: Envelope) -> bool:
         """Whether `env` is the owner's `end` that stops the run early."""

@@ -1,22 +1,26 @@
 """Faults injected into a live run, and a soak (a benchmark) that tallies what they did.
 
 `Injector` pauses (SIGSTOP, then SIGCONT after `pause_s`) one chosen role of a run that is
-running on this machine, at a seeded random training step: the step is read from the owner's
+running on this machine, or kills a trainer (SIGKILL) and starts the same command line again
+after a seeded delay (`Kill`), at a seeded random training step: the step is read from the owner's
 progress lines in `RUN_DIR/telemetry/owner.out` (`  epoch E step S/N ...`, about ten an epoch),
 so "step k" means "the first progress line at or past k". The processes are found by their
 command line (`clicooper_bus.services.<role> --config RUN_DIR/config.toml`, a trainer's also
 `--name NAME`), which works for `clicooper run` and for tests that start the processes
-themselves; Linux only (`/proc`). Kills are not covered (a killed trainer cannot rejoin yet:
-issue 17 items 1b and 2).
+themselves; Linux only (`/proc`). Kills are of trainers only (a killed owner, notary or broker
+cannot resume yet: issue 17 item 3). A restarted trainer is a child of the injector's process,
+its output appended to the killed one's telemetry files; `clicooper run` stops the whole run
+when one of its processes dies, so a run with kills is started by `launch` here instead.
 
     python -m clicooper_bus.tools.faults --runs 20 --seed 1 --out /tmp/soak
 
 runs N quick synthetic runs, each pausing one role (trainer, owner, notary or broker, in turn)
 for a seeded random time between `--min-pause` and `--max-pause` seconds at a seeded random step,
-and tallies each run as *completed* (exit 0, log verified, the test accuracy equal to an
-unfaulted run of the same seed), *failed cleanly* (exit 3 or 1 with the log verifying and the
-failure named), or *lost* (anything else: a hang, a log that does not verify, a different
-model). Writes `soak.json` under `--out`.
+or (with `--kills`, every other run) killing a trainer at a seeded random step and restarting it
+after `--min-pause` to `--max-pause` seconds, and tallies each run as *completed* (exit 0, log
+verified, the test accuracy equal to an unfaulted run of the same seed), *failed cleanly* (exit
+3 or 1 with the log verifying and the failure named), or *lost* (anything else: a hang, a log
+that does not verify, a different model). Writes `soak.json` under `--out`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -47,6 +52,16 @@ class Pause:
     pause_s: float
 
 
+@dataclass(frozen=True)
+class Kill:
+    """Kill `role` (a trainer's name) with SIGKILL once the owner reports training step
+    `at_step` or later, and start its command line again `restart_s` seconds later."""
+
+    role: str
+    at_step: int
+    restart_s: float
+
+
 def plan_pauses(seed: int, roles: list[str], steps: int, pause_s: tuple[float, float],
                 first: int = 1) -> list[Pause]:
     """One pause per role in `roles`, in that order, at increasing seeded random steps in
@@ -59,6 +74,13 @@ def plan_pauses(seed: int, roles: list[str], steps: int, pause_s: tuple[float, f
     share = (steps - first) // len(roles)
     return [Pause(role, first + i * share + rng.randrange(max(1, share - 1)),
                   round(rng.uniform(*pause_s), 2)) for i, role in enumerate(roles)]
+
+
+def command_of(pid: int) -> tuple[list[str], str]:
+    """The command line and working directory of process `pid` (from /proc)."""
+    proc = Path("/proc") / str(pid)
+    argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+    return argv, os.readlink(proc / "cwd")
 
 
 def find_pid(run_dir: Path, role: str) -> int | None:
@@ -102,11 +124,12 @@ class Injector:
     `done` records what was done: role, pid, step seen, seconds actually stopped."""
 
     run_dir: Path
-    pauses: list[Pause]
+    pauses: list[Pause | Kill]
     steps_per_epoch: int
     timeout_s: float = 600.0
     done: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    restarted: list[subprocess.Popen] = field(default_factory=list)  # ours to reap
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -137,6 +160,9 @@ class Injector:
             if pid is None:
                 self.errors.append(f"no running {p.role} at step {step}")
                 return
+            if isinstance(p, Kill):
+                self._kill(p, pid, step)
+                continue
             t0 = time.monotonic()
             os.kill(pid, signal.SIGSTOP)
             try:
@@ -148,6 +174,90 @@ class Injector:
                     pass
             self.done.append({"role": p.role, "pid": pid, "step": step,
                               "stopped_s": round(time.monotonic() - t0, 2)})
+
+
+    def _kill(self, k: Kill, pid: int, step: int) -> None:
+        """SIGKILL `pid`, wait `k.restart_s`, start its command line again (same working
+        directory and environment; output appended to its telemetry files)."""
+        argv, cwd = command_of(pid)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        if self._stop.wait(k.restart_s):
+            return
+        tel = self.run_dir / "telemetry"
+        tel.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=open(tel / f"{k.role}.out", "a"),
+                                stderr=open(tel / f"{k.role}.jsonl", "a"),
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.restarted.append(proc)
+        self.done.append({"role": k.role, "pid": pid, "step": step, "killed": True,
+                          "restarted_after_s": round(time.monotonic() - t0, 2),
+                          "new_pid": proc.pid})
+
+    def reap(self, timeout_s: float = 30.0) -> list[int | None]:
+        """Wait for the restarted processes (killing any still running after `timeout_s`);
+        their exit codes."""
+        codes = []
+        for proc in self.restarted:
+            try:
+                codes.append(proc.wait(timeout_s))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                codes.append(None)
+        return codes
+
+
+def launch(cfg_path: Path, *, timeout_s: float, inject: Injector | None = None,
+           grace_s: float = 20.0) -> int:
+    """Start every process of the run at `cfg_path` (as `clicooper run` would, without its
+    rule that one process's death stops the run: a killed trainer is restarted by `inject`),
+    wait for the owner, give the others `grace_s` to leave, stop what is left. Returns the
+    owner's exit code, or 1 if another process failed (a restarted one included), or 124 on
+    `timeout_s`."""
+    from clicooper_bus.tools.run import _commands, prepare
+
+    cfg, path = prepare(str(cfg_path), {}, None, free_ports=False)
+    tel = cfg.run_dir / "telemetry"
+    tel.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs: dict[str, subprocess.Popen] = {}
+    code = 124
+    try:
+        for name, cmd in _commands(cfg, path):
+            procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
+                                           stderr=open(tel / f"{name}.jsonl", "w"), env=env)
+            if name == "broker":
+                time.sleep(0.3)
+        if inject is not None:
+            inject.run_dir = cfg.run_dir
+            inject.start()
+        try:
+            code = procs["owner"].wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return 124
+        killed = {d["pid"] for d in (inject.done if inject else []) if d.get("killed")}
+        deadline = time.monotonic() + grace_s
+        for name, p in procs.items():
+            if name == "broker":
+                continue
+            try:
+                c = p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                continue
+            if p.pid not in killed and c not in (0, 3) and code == 0:
+                code = 1
+        if inject is not None:
+            inject.stop()
+            if any(c not in (0, 3) for c in inject.reap(max(1.0, deadline - time.monotonic()))) \
+                    and code == 0:
+                code = 1
+        return code
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 # --- the soak (a benchmark, not a test) ----------------------------------------------------------
@@ -193,15 +303,17 @@ def _outcome(cfg, code: int, reference: Path | None) -> tuple[str, str]:
 
 
 def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
-         timeout_s: float, rejoin_timeout_s: float, trainers: int = 2) -> dict:
-    """`runs` faulted quick synthetic runs under `out`, one role paused each (in turn); returns
-    the tally and each run's record (also written to `out/soak.json`)."""
+         timeout_s: float, rejoin_timeout_s: float, trainers: int = 2,
+         kills: bool = False) -> dict:
+    """`runs` faulted quick synthetic runs under `out`, one role paused each (in turn), or with
+    `kills` every other run a trainer killed and restarted after `min_pause`..`max_pause` s;
+    returns the tally and each run's record (also written to `out/soak.json`)."""
     from clicooper_bus.config import load_config
     from clicooper_bus.tools.run import free_port, run
 
     out.mkdir(parents=True, exist_ok=True)
     base = {"run": {"out_dir": str(out / "runs"), "epochs": 1, "batch_size": 32, "seed": seed,
-                    "threads": 1, "trainer_threads": 1},
+                    "threads": 1, "trainer_threads": 1, "snapshot_every": 10},
             "data": {"name": "synthetic"},
             "participants": {"keys": str(out / "keys"),
                              "trainers": [f"trainer-{i}" for i in range(1, trainers + 1)]},
@@ -209,7 +321,7 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
                     "beat_s": min(1.0, timeout_s / 4)},
             "watermark": {"enabled": False}}
 
-    def one(run_id: str, pauses: list[Pause]) -> tuple[int, object, Injector | None]:
+    def one(run_id: str, pauses: list[Pause | Kill]) -> tuple[int, object, Injector | None]:
         over = json.loads(json.dumps(base))
         over["run"]["id"] = run_id
         over["bus"].update(pub=f"tcp://127.0.0.1:{free_port()}",
@@ -219,11 +331,14 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
         path = out / f"{run_id}.toml"
         path.write_text(cfg.to_toml())
         inj = None
+        steps = -(-2000 // 32)  # the synthetic set's training batches
+        limit = rejoin_timeout_s * 4 + 300
+        if any(isinstance(p, Kill) for p in pauses):  # `clicooper run` stops on a death
+            inj = Injector(cfg.run_dir, pauses, steps)
+            return launch(path, timeout_s=limit, inject=inj), cfg, inj
         if pauses:
-            steps = -(-2000 // 32)  # the synthetic set's training batches
             inj = Injector(cfg.run_dir, pauses, steps).start()
-        code = run(str(path), echo=False, timeout_s=rejoin_timeout_s * 4 + 300,
-                   free_ports=False)
+        code = run(str(path), echo=False, timeout_s=limit, free_ports=False)
         if inj is not None:
             inj.stop()
         return code, cfg, inj
@@ -235,10 +350,14 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
     rng = random.Random(seed)
     records, tally = [], {"completed": 0, "failed cleanly": 0, "lost": 0}
     for i in range(runs):
-        role = ROLES[i % len(ROLES)]
+        kill = kills and i % 2 == 1
+        role = "trainer" if kill else ROLES[(i // 2 if kills else i) % len(ROLES)]
         role = f"trainer-{rng.randint(1, trainers)}" if role == "trainer" else role
         # the owner's last progress line of the epoch is at step 60 (every 6th of 63)
-        pause = plan_pauses(rng.randrange(1 << 30), [role], 60, (min_pause, max_pause), first=2)
+        pause: list[Pause | Kill] = plan_pauses(rng.randrange(1 << 30), [role], 60,
+                                                (min_pause, max_pause), first=2)
+        if kill:
+            pause = [Kill(role, pause[0].at_step, pause[0].pause_s)]
         t0 = time.monotonic()
         code, cfg, inj = one(f"fault-{i:03d}", pause)
         outcome, why = _outcome(cfg, code, reference)
@@ -250,11 +369,14 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
                "wall_s": round(time.monotonic() - t0, 1)}
         records.append(rec)
         print(json.dumps(rec), flush=True)
-    report = {"runs": runs, "faults": sum(len(r["done"]) for r in records), "tally": tally,
+    report = {"runs": runs, "faults": sum(len(r["done"]) for r in records),
+              "kills": sum(bool(d.get("killed")) for r in records for d in r["done"]),
+              "tally": tally,
               "identical_models": sum("the same weights" in r["why"] for r in records),
               "reference_accuracy": reference_accuracy, "seed": seed,
               "settings": {"timeout_s": timeout_s, "rejoin_timeout_s": rejoin_timeout_s,
-                           "pause_s": [min_pause, max_pause], "trainers": trainers},
+                           "pause_s": [min_pause, max_pause], "trainers": trainers,
+                           "kills": kills},
               "records": records}
     (out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -263,8 +385,8 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Soak: N quick synthetic runs, each with one role paused (SIGSTOP, then "
-                    "SIGCONT) at a seeded random step; tallies completed, failed cleanly, lost. "
-                    "Pauses only: kills are not covered.",
+                    "SIGCONT) at a seeded random step, or with --kills every other run a trainer "
+                    "killed (SIGKILL) and restarted; tallies completed, failed cleanly, lost.",
         epilog="example: python -m clicooper_bus.tools.faults --runs 20 --seed 1 --out /tmp/soak")
     p.add_argument("--runs", type=int, default=20, help="faulted runs (default 20)")
     p.add_argument("--seed", type=int, default=1, help="seed of the runs and of the faults")
@@ -275,12 +397,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="[bus] timeout_s of the runs: suspected after this silence (default 1)")
     p.add_argument("--rejoin-timeout", type=float, default=20.0,
                    help="[bus] rejoin_timeout_s of the runs: gone after this (default 20)")
+    p.add_argument("--kills", action="store_true",
+                   help="every other run kills a trainer (SIGKILL) at a seeded step and starts "
+                        "it again after --min-pause..--max-pause s")
     args = p.parse_args(argv)
     report = soak(args.runs, args.seed, Path(args.out), min_pause=args.min_pause,
                   max_pause=args.max_pause, timeout_s=args.timeout,
-                  rejoin_timeout_s=args.rejoin_timeout)
+                  rejoin_timeout_s=args.rejoin_timeout, kills=args.kills)
     t = report["tally"]
-    print(f"{report['runs']} runs, {report['faults']} pauses: {t['completed']} completed "
+    print(f"{report['runs']} runs, {report['faults']} faults ({report['kills']} kills): "
+          f"{t['completed']} completed "
           f"({report['identical_models']} with the unfaulted run's exact weights), "
           f"{t['failed cleanly']} failed cleanly, {t['lost']} lost "
           f"({Path(args.out) / 'soak.json'})")

@@ -19,6 +19,8 @@ from clicooper_bus.protocol import (
     Hello,
     Metrics,
     ProtocolError,
+    Restored,
+    Snapshot,
     Usage,
     WatermarkCertificate,
 )
@@ -43,6 +45,10 @@ class Books:
     usage: dict[str, Usage] = field(default_factory=dict)  # name -> the CPU it reported
     sent: int = 0  # training steps the owner has sent (0 .. sent - 1)
     closed: bool = False  # the owner's `end` is out: no step's metrics may come any more
+    # each trainer's snapshot commitments (name -> step -> its `snapshot`, or its `rejoin`'s)
+    snapshots: dict[str, dict[int, Snapshot]] = field(default_factory=dict)
+    restored: dict[str, Restored] = field(default_factory=dict)  # since the last rollback
+    fenced: set[str] = field(default_factory=set)  # key ids whose data is stale (a rollback)
 
     def _stage(self, env: Envelope) -> int:
         return self.stages.index(self.names[env.header.sender]) + 1
@@ -68,6 +74,8 @@ class Books:
         trained (or a second, different one); the summary must say the run stopped on it
         rather than certify a model beside it."""
         name, step = self.names[env.header.sender], env.header.step
+        if self.stale(env):
+            return
 
         def refuse(problem: str) -> PoisonedInput:
             return PoisonedInput(sender=name, kind="metrics", step=step, problem=problem)
@@ -82,6 +90,29 @@ class Books:
             self.metrics[step] = Metrics.parse(env.document(), sender=name)
         except ProtocolError as exc:
             raise PoisonedInput(sender=name, kind="metrics", step=step, problem=str(exc)) from None
+
+    def on_snapshot(self, env: Envelope) -> None:
+        """A trainer's commitment to its snapshot of a step (kept: a rollback goes to a step
+        every stage committed, and its `restored` must match)."""
+        name = self.names[env.header.sender]
+        snap = Snapshot.parse(env.document(), sender=name)
+        self.snapshots.setdefault(name, {})[snap.step] = snap
+
+    def on_restored(self, env: Envelope) -> None:
+        """A trainer restored the rollback's snapshot: its data is current again."""
+        name = self.names[env.header.sender]
+        self.restored[name] = Restored.parse(env.document(), sender=name)
+        self.fenced.discard(env.header.sender)
+
+    def stale(self, env: Envelope) -> bool:
+        """Whether `env` comes from a trainer that has not restored since the rollback: sent
+        before it, about steps that will be trained again (dropped, logged)."""
+        if env.header.sender not in self.fenced:
+            return False
+        structlog.get_logger("clicooper.owner").info(
+            "stale message dropped", sender=self.names[env.header.sender], kind=env.header.kind,
+            step=env.header.step)
+        return True
 
     def on_usage(self, env: Envelope) -> None:
         """A trainer's or the notary's measured CPU (the route admits only them; each signs

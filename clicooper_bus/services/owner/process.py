@@ -27,13 +27,15 @@ from clicooper_bus.ml.tensors import check_weights
 from clicooper_bus.net.bus import Bus, BusError, PeersGone
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.plan import schedule
-from clicooper_bus.protocol import Ack, End, Round, Segment, Usage, cpu_table
+from clicooper_bus.protocol import Ack, End, Rejoin, Rollback, Round, Segment, Usage, cpu_table
 from clicooper_bus.services.common import EXIT_OK, EXIT_STOPPED, identity, open_bus, public
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner import artefacts
 from clicooper_bus.services.owner.books import Books
+from clicooper_bus.services.owner.rollback import Rejoined, rollback_step
 from clicooper_bus.services.owner.setup import build
 from clicooper_bus.services.owner.training import EVAL_WINDOW, Training
+from clicooper_bus.services.trainer.snapshot import weights_digest
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 from clicooper_bus.tlog.log import default_origin
 
@@ -90,7 +92,12 @@ class Owner:
 
     def _routes(self) -> None:
         """The handler table: who may send the owner each kind, and what it does with it."""
-        k, b, keep = self.kid, self.books, self.mailbox.put
+        k, b = self.kid, self.books
+
+        def keep(env) -> None:  # data from a trainer that has not restored yet is stale
+            if not b.stale(env):
+                self.mailbox.put(env)
+
         stages = {k[n] for n in self.stages}
         first, last, notary = k[self.stages[0]], k[self.stages[-1]], k[self.cfg.participants.notary]
         route = self.loop.route
@@ -106,12 +113,16 @@ class Owner:
         route("segment", stages, keep)
         route("usage", stages | {notary}, b.on_usage)  # each signs its own: nobody else's
         route("end", stages, self._on_refusal)  # a trainer refused poisoned input
+        route("snapshot", stages, b.on_snapshot)
+        route("restored", stages, b.on_restored)
+        route("rejoin", stages, self._on_rejoin)
         if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
             route("fwd", {last}, keep)
             route("eval_fwd", {last}, self._on_eval_out)
 
     def _on_eval_out(self, env) -> None:
-        self.training.on_eval_out(env)  # the last stage's evaluation outputs: only those out
+        if not self.books.stale(env):
+            self.training.on_eval_out(env)  # the last stage's evaluation outputs: only those out
 
     def _on_refusal(self, env) -> None:
         """A trainer's `end` says what input it refused; the run stops (raises Refused). One
@@ -122,6 +133,19 @@ class Owner:
             self.log.warning("an end from a trainer without a refusal ignored", sender=name)
             return
         raise Refused(name, end.refused)
+
+    def _on_rejoin(self, env) -> None:
+        """A restarted trainer is back (raises Rejoined: training rolls back, see `_train`).
+        Its snapshots are commitments too (signed, logged): the newest may never have been
+        announced by the process that died."""
+        name = self.books.names[env.header.sender]
+        rejoin = Rejoin.parse(env.document(), sender=name)
+        if rejoin.stage != self.stages.index(name) + 1:
+            raise ClicooperError(f"{name} rejoined as stage {rejoin.stage}; it is stage "
+                                 f"{self.stages.index(name) + 1}")
+        self.log.warning("trainer rejoined", trainer=name, steps=rejoin.steps)
+        print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
+        raise Rejoined(name, rejoin)
 
     def until(self, what: str, ready) -> None:
         self.training.wait(what, ready)
@@ -147,6 +171,10 @@ class Owner:
                                   time.perf_counter() - t0)
             except Refused as exc:  # refused by a trainer
                 return self._stop(exc.stopped, str(exc), time.perf_counter() - t0)
+            except Rejoined as exc:  # outside training (joining, delivering): not built
+                stopped = {"by": self.cfg.participants.owner, "rejoined": exc.name,
+                           "problem": f"{exc}, outside training: resuming there is not built"}
+                return self._stop(stopped, stopped["problem"], time.perf_counter() - t0)
             except PeersGone as exc:  # silent past [bus] rejoin_timeout_s: they will not rejoin
                 stopped = {"by": self.cfg.participants.owner, "gone": exc.names,
                            "problem": str(exc)}
@@ -215,9 +243,11 @@ class Owner:
     def _join(self) -> None:
         bus, cfg, topics = self.bus, self.cfg, self.bus.topics
         owner = cfg.participants.owner
-        for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd", "end"):
+        for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd", "end",
+                     "snapshot", "rejoin"):
             bus.subscribe(topics.to(kind, owner))
-        for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert"):
+        for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert",
+                     "restored"):
             bus.subscribe(topics.kind(kind))
         bus.announce()
         everyone = self.stages + [cfg.participants.notary]
@@ -245,14 +275,70 @@ class Owner:
         self.log.warning("hello after the join ignored", sender=self.books.names[env.header.sender])
 
     def _train(self) -> tuple[list[dict], int]:
-        cfg, wm_on, per_epoch, step = self.cfg, self.cfg.watermark.enabled, self.per_epoch, 0
-        for epoch in range(cfg.run.epochs):
+        """Every epoch; a trainer that rejoins after a restart rolls the run back (`_roll_back`)
+        and training goes on from the step it rolled back to."""
+        resume, rejoined = (0, 0), None
+        while True:
+            try:
+                if rejoined is not None:
+                    resume, rejoined = self._roll_back(rejoined), None
+                return self._train_from(*resume)
+            except Rejoined as exc:  # (also one that rejoins while we roll back)
+                rejoined = exc
+
+    def _roll_back(self, exc: Rejoined) -> tuple[int, int]:
+        """Roll the run back for `exc.name`'s restart: choose the step (`rollback_step`), put
+        the owner's head back, say `rollback` (signed, in the log: the steps from there on
+        appear in it again), drop what trainers send until each says `restored`, and check
+        each restored the state it committed. Returns (epoch, batch) to train from. Raises
+        ClicooperError (the run fails, named) when no step can be resumed from."""
+        if self.cfg.watermark.enabled:
+            raise ClicooperError(f"{exc.name} rejoined, but rolling back a run with watermarks "
+                                 f"on is not built (a stage's round marker is not in its "
+                                 f"snapshot)")
+        books, name = self.books, exc.name
+        # what each trainer committed, by step: its `snapshot`s, and for the rejoined one its
+        # `rejoin` too (signed and logged: its newest file may never have been announced)
+        states = {n: {k: v.state for k, v in books.snapshots.get(n, {}).items()}
+                  for n in self.stages}
+        step = rollback_step(name, exc.rejoin, states, self.stages,
+                             set(self.training.snapshots.kept))
+        states[name].setdefault(step, exc.rejoin.states[exc.rejoin.steps.index(step)])
+        self.training.roll_back(step)
+        per = self.training.per
+        # an epoch's row stays if all its steps (and its evaluation, at its end) come before
+        kept = [row for row in self.per_epoch if row["epoch"] * per + row["steps"] <= step]
+        self.evaluations -= sum("accuracy" in row for row in self.per_epoch[len(kept):])
+        self.per_epoch[:] = kept
+        books.fenced = {self.kid[n] for n in self.stages}
+        books.restored = {}
+        self.bus.send_doc("rollback", "all", Rollback(step, name).to_doc(), step=step)
+        self.log.warning("rolled back", step=step, rejoined=name)
+        print(f"owner: rolling back to step {step} for {name}: steps from {step} on are "
+              f"trained again", flush=True)
+        self.until("every trainer's restored snapshot",
+                   lambda: all(n in books.restored and books.restored[n].step == step
+                               for n in self.stages))
+        for n in self.stages:
+            if books.restored[n].state != states[n][step]:
+                raise ClicooperError(f"{n} restored a state of step {step} other than the one "
+                                     f"it committed (sha256 {books.restored[n].state[:16]}... "
+                                     f"for {states[n][step][:16]}...)")
+        self.mailbox.held.clear()
+        epoch = len(self.per_epoch)
+        return epoch, step - epoch * per
+
+    def _train_from(self, first: int, start: int) -> tuple[list[dict], int]:
+        """Epochs from epoch `first`, its batch `start` on."""
+        cfg, wm_on, per_epoch = self.cfg, self.cfg.watermark.enabled, self.per_epoch
+        step = first * self.training.per + start
+        for epoch in range(first, cfg.run.epochs):
             if wm_on:  # every trainer commits to its round key before the round
                 self.training.hold()
                 self.bus.send_doc("round", "all", Round(epoch, "start").to_doc())
                 self.until(f"watermark commitments of round {epoch}",
                            lambda e=epoch: self.books.have(self.books.commits, e))
-            row, step = self.training.epoch(epoch, step)
+            row, step = self.training.epoch(epoch, step, start if epoch == first else 0)
             if wm_on:  # ... and claims it once its last step is done
                 self.training.hold()
                 self.bus.send_doc("round", "all", Round(epoch, "end").to_doc())
@@ -300,6 +386,7 @@ class Owner:
                                      f"{exc}") from None
             check_weights(self.setup.segments[i].state_dict().items(), sender=name,
                           kind="segment")
+            self._check_last_commitment(name, i)
             for k, v in seg.sent.items():  # counted before the segment was sent
                 sent[k] = sent.get(k, 0) + v
             sent["segment"] = sent.get("segment", 0) + 1
@@ -310,6 +397,20 @@ class Owner:
             artefacts.write_label_groups(self.layout, self.setup.defences.codec.groups)
         self.model_sha = artefacts.write_model(self.layout, self.setup, self.cfg.run.id)
         return sent
+
+    def _check_last_commitment(self, name: str, stage: int) -> None:
+        """The weights `name` delivered are those of its last snapshot commitment (its digest
+        in the log), or ClicooperError naming it."""
+        committed = self.books.snapshots.get(name, {})
+        if not committed:
+            raise ClicooperError(f"{name} delivered its segment without ever committing a "
+                                 f"snapshot (a trainer older than snapshots? update it)")
+        last = committed[max(committed)]
+        got = weights_digest(self.setup.segments[stage])
+        if got != last.weights:
+            raise ClicooperError(f"{name} delivered weights (sha256 {got[:16]}...) other than "
+                                 f"those of its last committed snapshot, of step {last.step} "
+                                 f"({last.weights[:16]}...)")
 
     def _finish(self, per_epoch: list[dict], steps: int, sent: dict[str, int], t0: float) -> None:
         """Acknowledge, receive what the run still owes (the notary's final checkpoint, the

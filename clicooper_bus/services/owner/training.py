@@ -27,6 +27,7 @@ from clicooper_bus.net.wire import Envelope
 from clicooper_bus.protocol import Metrics
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner.books import Books
+from clicooper_bus.services.owner.rollback import OwnerSnapshots
 from clicooper_bus.services.owner.setup import OwnerSetup
 from clicooper_bus.services.usage import CpuMeter
 
@@ -52,6 +53,29 @@ class Training:
         self.meter = CpuMeter()  # the owner's CPU over its part of the training steps
         self.evaluating = False  # an evaluation is under way: its outputs are awaited
         self.eval_sent: set[int] = set()  # evaluation batches out and not yet back
+        # the head (and tail) at the steps the trainers snapshot theirs (`[run] snapshot_every`,
+        # each epoch boundary): a rollback restores them
+        self.snapshots = OwnerSnapshots(setup.head, setup.tail)
+        self.per = -(-len(setup.data.x_train) // cfg.run.batch_size)  # steps an epoch
+
+    def _after_step(self, step: int) -> None:
+        """After training step `step` (the head's update): keep the head of `step + 1` if the
+        trainers snapshot theirs there."""
+        nxt = step + 1
+        if nxt % self.cfg.run.snapshot_every == 0 or nxt % self.per == 0:
+            self.snapshots.take(nxt)
+
+    def roll_back(self, step: int) -> None:
+        """Back to training step `step`: the head (and tail) of that step, no step sent from
+        it on, their metrics forgotten (they will come again), nothing kept or awaited.
+        Raises ClicooperError if the owner has no snapshot of `step`."""
+        self.snapshots.restore(step)
+        self.books.sent = step
+        for s in [s for s in self.books.metrics if s >= step]:
+            del self.books.metrics[s]
+        self.mailbox.held.clear()
+        self.evaluating, self.eval_sent = False, set()
+        self.meter.steps = step  # replayed steps count once, as the trainers count them
 
     # --- receiving what a step waits for -------------------------------------------------------
 
@@ -95,14 +119,19 @@ class Training:
 
     # --- training ------------------------------------------------------------------------------
 
-    def epoch(self, epoch: int, step: int) -> tuple[dict, int]:
-        """One epoch from global step `step`: its summary row and the next step."""
+    def epoch(self, epoch: int, step: int, start: int = 0) -> tuple[dict, int]:
+        """One epoch from its batch `start`, global step `step` (after a rollback the epoch's
+        earlier steps' metrics are kept): its summary row and the next step."""
         cfg, data = self.cfg, self.setup.data
         batches = batch_order(len(data.x_train), cfg.run.batch_size, cfg.run.seed, epoch)
-        t0, seen, report = time.perf_counter(), 0, max(1, len(batches) // 10)
-        first_step = step
+        report = max(1, len(batches) // 10)
+        t0, seen = time.perf_counter(), sum(len(i) for i in batches[:start])
+        first_step, fresh = step - start, 0
+        if step == 0:
+            self.snapshots.take(0)
         window: deque[InFlight] = deque()
-        for b, idx in enumerate(batches):
+        for b in range(start, len(batches)):
+            idx = batches[b]
             if cfg.run.max_steps and step >= cfg.run.max_steps:
                 break
             if len(window) == cfg.run.in_flight:  # pipelined: the oldest batch must finish
@@ -110,9 +139,11 @@ class Training:
             self.meter.step_started()
             window.append(self._send(idx, {"step": step, "batch": b, "epoch": epoch}))
             seen += len(idx)
+            fresh += len(idx)
             step += 1
             if (b + 1) % report == 0:
-                self._progress(epoch, b + 1, len(batches), first_step, seen / (time.perf_counter() - t0))
+                self._progress(epoch, b + 1, len(batches), first_step,
+                               fresh / (time.perf_counter() - t0))
         while window:  # an epoch ends with nothing in flight
             self._complete(window.popleft())
         steps = range(first_step, step)
@@ -163,6 +194,7 @@ class Training:
                          kind="bwd", step=s.step, given_as="gradients",
                          made="the owner's head {}")
         self.meter.step_done()
+        self._after_step(s.step)
 
     def _release(self, images, idx, step: int) -> torch.Tensor:
         """The head's activation of one training batch, through the privacy filter."""

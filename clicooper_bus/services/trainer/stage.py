@@ -6,11 +6,21 @@ gradients back, evaluation batches, and at the end its weights, sealed so that o
 can read them. Every message goes through one receive loop (`Dispatcher`) and its handler
 table (`_routes`): messages from anyone but its neighbours in the roster's stage order are
 refused.
+
+Snapshots and restarts (issue 17): every `[run] snapshot_every` steps and at each epoch boundary
+the stage is snapshotted (`snapshot.Store`: weights, Adam's state, RNG, step) to
+`<run>/snapshots/<name>/` and committed in a signed `snapshot` message. A process started again
+with the same name, key and config finds its snapshots and the roster it joined with there
+(`_rejoin`): it continues its signed chain from where the notary's log has it (the notary's
+`tip`), restores its newest snapshot and says `rejoin`; the owner rolls everyone back
+(`rollback`) to a step every stage has a committed snapshot of, each trainer restores it and
+says `restored`, and the owner trains from there again.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections import deque
 
 import torch
@@ -18,6 +28,7 @@ from safetensors.torch import save as st_save
 
 from clicooper_bus.config import MAX_IN_FLIGHT
 from clicooper_bus.errors import ClicooperError, ConfigError, PoisonedInput, RosterError
+from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import batch_rows, batches
 from clicooper_bus.ml.models import build_segment, check_stage_memory, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
@@ -35,7 +46,19 @@ from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.plan import Plan
-from clicooper_bus.protocol import CheckpointMessage, End, Hello, Metrics, Round, Segment
+from clicooper_bus.protocol import (
+    ChainTip,
+    CheckpointMessage,
+    End,
+    Hello,
+    Metrics,
+    Rejoin,
+    Restored,
+    Rollback,
+    Round,
+    Segment,
+    Snapshot,
+)
 from clicooper_bus.services.common import (
     EXIT_OK,
     EXIT_STOPPED,
@@ -45,6 +68,7 @@ from clicooper_bus.services.common import (
     public,
 )
 from clicooper_bus.services.dispatch import Dispatcher
+from clicooper_bus.services.trainer import snapshot
 from clicooper_bus.services.usage import CpuMeter
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 from clicooper_bus.tlog.log import default_origin
@@ -53,6 +77,9 @@ FOREVER = float("inf")
 
 
 class Trainer:
+    store: snapshot.Store | None = None  # our snapshots, once the roster is known (None: none)
+    fence: set[str] | frozenset[str] = frozenset()  # neighbours whose data is stale (a rollback)
+
     def __init__(self, cfg, name: str, log, owner_key: PublicIdentity | None = None):
         self.cfg, self.name, self.log = cfg, name, log
         self.ident = identity(cfg, name)
@@ -73,16 +100,23 @@ class Trainer:
         self.stopped = False  # ... early: the run stops on a refusal, nothing is delivered
         self.final_seen = False  # the notary's final checkpoint arrived
         self.meter = CpuMeter()  # this process's CPU over its training steps (`usage`)
+        self.snapshots = RunLayout(cfg.run_dir).snapshots(name)
+        self.restored_seen: dict[str, int] = {}  # key id -> the step it said it restored
+        self.dropped = 0  # stale messages dropped behind a fence
 
     def run(self) -> int:
         bus, topics = self.bus, self.bus.topics
-        for kind in ("roster", "end", "ack", "checkpoint", "beat", "round", "wm_commit"):
+        for kind in ("roster", "end", "ack", "checkpoint", "beat", "round", "wm_commit",
+                     "rollback", "restored"):
             bus.subscribe(topics.kind(kind))
-        for kind in ("fwd", "bwd", "labels", "eval_fwd"):
+        for kind in ("fwd", "bwd", "labels", "eval_fwd", "tip"):
             bus.subscribe(topics.to(kind, self.name))
         bus.announce()
         try:
-            self._join()
+            if self.snapshots.roster.exists() and self.snapshots.steps():
+                self._rejoin()
+            else:
+                self._join()
             try:
                 self._serve()
             except PoisonedInput as exc:
@@ -101,6 +135,19 @@ class Trainer:
         timeout = self.cfg.bus.join_timeout_s
         self.loop.until(lambda: self.roster is not None, timeout_s=timeout, timed_out=lambda: (
             f"no roster naming '{self.name}' from the owner within {timeout:.0f} s"))
+        self._build()
+        self.store.save_roster(self.roster_bytes)
+        roster, plan = self.roster, self.plan
+        self.bus.start_beating()
+        self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
+        self._routes()
+        self.bus.send_doc("hello", "all", Hello(True, self.index + 1, roster.meta["model_spec"],
+                                                plan.in_flight).to_doc())
+        self.log.info("joined", stage=self.index + 1, prev=self.prev, next=self.next)
+        self._snapshot(0)  # the state training starts from, committed like every other
+
+    def _build(self) -> None:
+        """Check the roster's plan, build our stage from it, set up its receive checks."""
         roster = self.roster
         self.bus.bind(roster)
         self.plan = plan = Plan.from_meta(roster.meta["plan"])  # checked: RosterError
@@ -130,16 +177,133 @@ class Trainer:
         # what the signed plan says this stage receives (the receive check, `_input`)
         self.expect_in = Expected("float32", in_shape, max_rows=plan.batch_size)
         self.expect_labels = Expected("int64", (), max_rows=plan.batch_size)
-        self.bus.start_beating()
-        self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
         self.marker = Marker.from_roster(roster, self.roster_bytes, self.index + 1,
                                          self.ident.public.public_key, self.segment)
         if self.marker is not None:
             self.seg.regularizer = self.marker.regularizer
+        self.per = batches(plan.train_size, plan.batch_size) if plan.train_size else 0
+        self.store = snapshot.Store(self.snapshots, {
+            "run_id": self.cfg.run.id, "stage": str(self.index + 1), "name": self.name,
+            "nonce": roster.nonce.hex()})
+
+    # --- snapshots, restarts and rollbacks -----------------------------------------------------
+
+    def _snapshot(self, step: int) -> None:
+        """Snapshot the stage at `step` (the state after steps 0 .. step - 1) to disk, then
+        commit to it in a signed `snapshot` message (the log holds the commitment; a process
+        killed between the two resumes from a file whose commitment its `rejoin` carries)."""
+        t0 = time.perf_counter()
+        snap = snapshot.take(self.seg, step)
+        size = self.store.keep(snap)
+        self.bus.send_doc("snapshot", self.roster.owner.name,
+                          Snapshot(step, snap.weights, snap.state).to_doc(), step=step)
+        self.log.info("snapshot", step=step, bytes=size,
+                      ms=round((time.perf_counter() - t0) * 1000, 2))
+
+    def _after_update(self, step: int) -> None:
+        """After step `step`'s update: snapshot if `step + 1` is due (every `[run]
+        snapshot_every` steps, and at each epoch boundary: a watermark round's)."""
+        nxt = step + 1
+        if self.store is None:
+            return
+        if nxt % self.cfg.run.snapshot_every == 0 or (self.per and nxt % self.per == 0):
+            self._snapshot(nxt)
+
+    def _rejoin(self) -> None:
+        """A restarted process: rejoin the run our snapshots belong to. The roster is the one
+        we joined with (signed by the owner, checked again); our signed chain goes on from the
+        last message of ours the notary logged (its `tip`: which of a dead process's last
+        messages reached the log only the notary knows, so nothing we could have saved says
+        it); then we restore our newest snapshot and tell the owner which ones we hold."""
+        raw = self.snapshots.roster.read_bytes()
+        roster = Roster.open(raw, owner=self.owner_key)  # RosterError: not the owner's
+        if self.name not in roster.stages:
+            raise RosterError(f"the roster saved in {self.snapshots.root} does not list "
+                              f"'{self.name}'; remove that directory to join a new run")
+        if roster.notary is None:
+            raise RosterError("the saved roster has no notary: nobody can say where our "
+                              "signed chain stands, so a restarted trainer cannot rejoin")
+        self.roster, self.roster_bytes = roster, raw
+        self._build()
+        if self.marker is not None:
+            raise ClicooperError("rejoining a run with watermarks on is not built (the round's "
+                                 "marker state is not in the snapshot); the run cannot resume "
+                                 "this stage")
+        steps = self.snapshots.steps()
+        print(f"{self.name}: found snapshots of steps {steps} in {self.snapshots.root}; "
+              f"rejoining run '{self.cfg.run.id}': waiting for the notary's chain tip",
+              flush=True)
+        tips: list[ChainTip] = []
+
+        def on_tip(env: Envelope) -> None:
+            tip = ChainTip.parse(env.document(), sender=roster.notary.name)
+            if tip.member == self.name:
+                tips.append(tip)
+
+        self.loop.route("tip", {self.notary_kid}, on_tip)
+        wait = self.cfg.bus.join_timeout_s + self.cfg.bus.rejoin_timeout_s
+        self.loop.until(lambda: bool(tips), timeout_s=wait, timed_out=lambda: (
+            f"no chain tip from the notary within {wait:.0f} s: is run '{self.cfg.run.id}' "
+            f"still going? (to join a new run instead, remove {self.snapshots.root})"))
+        self.bus.sender.seq, self.bus.sender.prev = tips[-1].seq, tips[-1].prev
+        snaps = [self.store.get(s) for s in steps]
+        snapshot.restore(self.seg, snaps[-1].tensors)
+        self.trained = snaps[-1].step - 1
+        for snap in snaps:
+            self.store.keep(snap, write=False)
+        self.bus.send_doc("rejoin", roster.owner.name, Rejoin(
+            self.index + 1, steps, [s.state for s in snaps]).to_doc())
+        self.bus.start_beating()
+        self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
         self._routes()
-        self.bus.send_doc("hello", "all", Hello(True, self.index + 1, roster.meta["model_spec"],
-                                                plan.in_flight).to_doc())
-        self.log.info("joined", stage=self.index + 1, prev=self.prev, next=self.next)
+        self.log.info("rejoined", stage=self.index + 1, seq=tips[-1].seq, steps=steps)
+        print(f"{self.name}: rejoined at seq {tips[-1].seq + 1} with snapshots of steps "
+              f"{steps}; waiting for the owner's rollback", flush=True)
+
+    def _on_rollback(self, env: Envelope) -> None:
+        """Restore our snapshot of the rollback's step, drop everything in progress, and say
+        `restored`. Our neighbours' data sent before they restored is stale: dropped until
+        their `restored` (each publisher's messages arrive in order)."""
+        rb = Rollback.parse(env.document(), sender=self.roster.owner.name)
+        snap = self.store.get(rb.step)
+        if snap is None:
+            raise ClicooperError(
+                f"the owner rolls back to step {rb.step}, of which {self.name} has no snapshot "
+                f"(in memory: {sorted(self.store.memory)}, on disk: {self.snapshots.steps()})")
+        self.seg = SegmentTrainer(self.segment, lr=self.plan.lr)  # nothing pending
+        if self.marker is not None:
+            self.seg.regularizer = self.marker.regularizer
+        snapshot.restore(self.seg, snap.tensors)
+        self.queued.clear()
+        self.given.clear()
+        self.labels.clear()
+        self.waiting_logits.clear()
+        self.trained = rb.step - 1
+        per = self.per or 1
+        self.eval_seen = {(e, b) for e, b in self.eval_seen if (e + 1) * per < rb.step}
+        self.meter.steps = rb.step  # replayed steps are counted once, as the owner counts them
+        stages = set(self.roster.stages)
+        self.fence = {self.kid[n] for n in (self.prev, self.next) if n in stages
+                      and self.restored_seen.get(self.kid[n]) != rb.step}
+        self.bus.send_doc("restored", "all", Restored(rb.step, snap.state).to_doc(), step=rb.step)
+        self.log.warning("rolled back", step=rb.step, rejoined=rb.rejoined,
+                         fenced=sorted(self.loop.names.get(k, k) for k in self.fence))
+        print(f"{self.name}: rolled back to step {rb.step} ({rb.rejoined} rejoined)", flush=True)
+
+    def _on_restored(self, env: Envelope) -> None:
+        """A neighbour restored: what it sends from now on is of the rolled-back run."""
+        sender = env.header.sender
+        done = Restored.parse(env.document(), sender=self.loop.names.get(sender))
+        self.restored_seen[sender] = done.step
+        self.fence = set(self.fence) - {sender}
+
+    def _fenced(self, env: Envelope) -> bool:
+        """Whether `env` is stale data from a neighbour that has not restored yet."""
+        if env.header.sender in self.fence:
+            self.dropped += 1
+            self.log.info("stale message dropped", kind=env.header.kind, step=env.header.step)
+            return True
+        return False
 
     def _on_roster(self, env: Envelope) -> None:
         if self.roster is not None:
@@ -180,6 +344,9 @@ class Trainer:
         if self.last:
             route("labels", {owner}, self._on_labels)
         route("end", {owner}, self._on_end)
+        route("rollback", {owner}, self._on_rollback)
+        route("restored", {k[n] for n in self.roster.stages if n != self.name},
+              self._on_restored)
         if self.notary_kid is not None:
             route("checkpoint", {self.notary_kid}, self._on_checkpoint)
         if self.marker is not None:
@@ -205,6 +372,8 @@ class Trainer:
                 self.bus.unwatch(exc.names)
 
     def _on_fwd(self, env: Envelope) -> None:
+        if self._fenced(env):
+            return
         h = env.header
         held = len(self.queued) + len(self.seg.pending)  # the owner has them all out
         if held >= self.plan.in_flight or h.step in self.seg.pending or \
@@ -228,6 +397,8 @@ class Trainer:
         self._advance()  # a batch may have been queued behind this step's loss
 
     def _on_bwd(self, env: Envelope) -> None:
+        if self._fenced(env):
+            return
         h = env.header
         if h.step not in self.seg.pending:
             raise BusError(f"{self.next} sent gradients {list(h.shape or ())} for step "
@@ -245,6 +416,7 @@ class Trainer:
         self.seg.update()  # off the critical path: the gradient is already on its way
         check_result(state_tensors(self.seg.module, self.seg.optimizer), grad, **blame)
         self.meter.step_done()
+        self._after_update(h.step)
         self._advance()
 
     def _blame(self, sender: str, kind: str, step: int | None, given_as: str) -> dict:
@@ -254,6 +426,8 @@ class Trainer:
                 "made": f"{self.name}'s {{}}"}
 
     def _on_eval(self, env: Envelope) -> None:
+        if self._fenced(env):
+            return
         h = env.header
         x = received(env, self._eval_rows(env), self.prev)
         out = self.seg.evaluate(x)
@@ -363,6 +537,7 @@ class Trainer:
         self.meter.step_done()
         self.bus.send_doc("metrics", self.roster.owner.name, Metrics(r.loss, r.correct).to_doc(),
                           step=step, batch=h.batch, epoch=h.epoch)
+        self._after_update(step)
 
     # --- the watermark chain -------------------------------------------------------------------
 
@@ -454,6 +629,8 @@ class Trainer:
         """Report our measured CPU, deliver our weights sealed to the owner; stay until the
         notary's final checkpoint (or the join timeout), then leave once the notary closes."""
         bus = self.bus
+        if self.store is not None and self.trained + 1 not in self.store.memory:
+            self._snapshot(self.trained + 1)  # our last commitment is of what we seal
         # before the segment, which the owner waits for: it has our usage when it writes its
         # summary, and the usage goes into the log, signed, as evidence of what we computed
         usage = self.meter.usage()
