@@ -1,12 +1,13 @@
-"""The exact integer samplers: each building block against its exact probabilities, the discrete
-Gaussian and Laplace against their pmfs (chi-square, small scales where every value with any
-real mass is seen), the rare paths (a draw tying with a threshold, squares beyond int64) called
-directly, and reproducibility from a seed."""
+"""The exact integer samplers' building blocks against their exact probabilities, the discrete
+Laplace against its pmf (chi-square, small scales where every value with any real mass is seen),
+the rare paths (a draw tying with a threshold, a probability known only through bounds) called
+directly, and reproducibility from a seed. The discrete Gaussian: tests/test_sampler_gaussian.py."""
 
 from __future__ import annotations
 
 import math
 from decimal import Decimal, localcontext
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -77,12 +78,29 @@ def test_a_draw_on_a_threshold_is_decided_by_more_bits():
     assert _binomial_ok(sum(d >= 45 for d in deep), 1000, float(Decimal(-45).exp() * 2**63))
 
 
-def test_squares_beyond_int64_are_exact():
-    d = 2 * (2**20 + 1) ** 2
-    a = np.array([5, -7, 3_037_000_500, 2**40 + 3, -(2**62)], dtype=np.int64)
-    q, r = sampler._divmod_square(a, d)
-    want = [divmod(int(x) ** 2, d) for x in a]
-    assert [(int(x), int(y)) for x, y in zip(q, r, strict=True)] == [(min(x, 2**62), y) for x, y in want]
+def test_lazy_bernoulli_is_exact_for_known_probabilities():
+    """p = e^-1/2 through decimal bounds, p = 1/2 exactly (a dyadic boundary), and a draw whose
+    first bits already decide."""
+    rng = _rng(12)
+    half_e = [sampler.lazy_bernoulli(rng, lambda d: sampler.exp_bounds(Fraction(1, 2), d))
+              for _ in range(4000)]
+    assert _binomial_ok(sum(half_e), 4000, math.exp(-0.5))
+    half = [sampler.lazy_bernoulli(rng, lambda d: (Fraction(1, 2), Fraction(1, 2)))
+            for _ in range(4000)]
+    assert _binomial_ok(sum(half), 4000, 0.5)
+    assert sampler.lazy_bernoulli(rng, lambda d: (Fraction(1, 2),) * 2, prefix=0, bits=1)
+    assert not sampler.lazy_bernoulli(rng, lambda d: (Fraction(1, 2),) * 2, prefix=1, bits=1)
+
+
+def test_exp_bounds_bracket_e_to_the_minus_x():
+    for x in (Fraction(0), Fraction(1, 3), Fraction(7, 2), Fraction(10**6, 7)):
+        lo, hi = sampler.exp_bounds(x, 30)
+        assert lo <= hi and (x != 0 or lo == hi == 1)
+        with localcontext() as ctx:
+            ctx.prec = 80
+            exact = Fraction((-Decimal(x.numerator) / Decimal(x.denominator)).exp())
+        assert lo <= exact <= hi  # and 30 digits of x give about 30 - log10(x) of e^-x:
+        assert hi - lo <= exact * (x + 1) * Fraction(1, 10**27)
 
 
 def _chi_square_p(draws: np.ndarray, log_weight, span: int) -> float:
@@ -100,26 +118,15 @@ def _chi_square_p(draws: np.ndarray, log_weight, span: int) -> float:
     return float(stats.chisquare(obs[exp > 0], exp[exp > 0]).pvalue)
 
 
-@pytest.mark.parametrize("sigma", [1, 2, 5])
-def test_discrete_gaussian_matches_its_pmf(sigma):
-    draws = sampler.discrete_gaussian(_rng(sigma), sigma, 200_000)
-    assert _chi_square_p(draws, lambda y: -(y**2) / (2.0 * sigma**2), 10 * sigma + 4) > 1e-3
-
-
 @pytest.mark.parametrize("scale", [1, 3])
 def test_discrete_laplace_matches_its_pmf(scale):
     draws = sampler.discrete_laplace(_rng(10 + scale), scale, 200_000)
     assert _chi_square_p(draws, lambda y: -np.abs(y) / scale, 45 * scale) > 1e-3
 
 
-def test_large_scales_have_the_continuous_moments():
-    """At the filter's scales (2^17 steps and up) the discrete distributions' moments are the
-    continuous ones': Gaussian variance sigma^2 and kurtosis 3, Laplace mean |y| = b and
-    variance 2 b^2."""
-    sigma = 314_573  # noise 0.3 x clip
-    g = sampler.discrete_gaussian(_rng(5), sigma, 200_000).astype(np.float64) / sigma
-    assert g.std() == pytest.approx(1.0, rel=0.01) and abs(g.mean()) < 0.01
-    assert stats.kurtosis(g, fisher=False) == pytest.approx(3.0, abs=0.05)
+def test_a_large_scale_has_the_continuous_moments():
+    """At the filter's scales (2^13 steps and up) the discrete Laplace's moments are the
+    continuous one's: mean |y| = b and variance 2 b^2."""
     b = 20 * 2**20
     lap = sampler.discrete_laplace(_rng(6), b, 200_000).astype(np.float64) / b
     assert np.abs(lap).mean() == pytest.approx(1.0, rel=0.01)
@@ -127,13 +134,13 @@ def test_large_scales_have_the_continuous_moments():
 
 
 def test_the_same_seed_draws_the_same_noise():
-    a = sampler.discrete_gaussian(_rng(7), 1000, 5000)
-    assert np.array_equal(a, sampler.discrete_gaussian(_rng(7), 1000, 5000))
-    assert not np.array_equal(a, sampler.discrete_gaussian(_rng(8), 1000, 5000))
+    a = sampler.discrete_laplace(_rng(7), 1000, 5000)
+    assert np.array_equal(a, sampler.discrete_laplace(_rng(7), 1000, 5000))
+    assert not np.array_equal(a, sampler.discrete_laplace(_rng(8), 1000, 5000))
     assert a.dtype == np.int64 and sampler.discrete_laplace(_rng(9), 5, 0).size == 0
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, sampler.MAX_SCALE + 1])
 def test_a_scale_out_of_range_is_named(bad):
     with pytest.raises(ValueError, match="lattice steps"):
-        sampler.discrete_gaussian(_rng(), bad, 10)
+        sampler.discrete_laplace(_rng(), bad, 10)

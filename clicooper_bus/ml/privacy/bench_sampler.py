@@ -1,8 +1,8 @@
 """Benchmark: what the exact integer noise costs per release batch, at the release shapes of the
 small CNN's two cuts (128 x 1568 after conv2 and its pool, 128 x 16 x 14 x 14 after conv1 and
 its pool), against the float sampler it replaced (numpy's float64 Gaussian or Laplace, rounded
-to the lattice). Prints the median and the range over repeats, wall clock and the process's
-CPU time (on a shared machine the CPU time is the steadier of the two).
+to the lattice), interleaved. Prints the median and the range over repeats, wall clock and the
+process's CPU time (on a shared machine the CPU time is the steadier of the two).
 
     python -m clicooper_bus.ml.privacy.bench_sampler [--repeats 7]
 """
@@ -45,16 +45,21 @@ def _exact_noise(mechanism: str, shape: tuple[int, ...], noise: float,
                            step=next(step))
 
 
-def timed(draw: Callable[[], object], repeats: int) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds of `repeats` calls, after one warm-up call."""
-    draw()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
+def timed(draws: dict[str, Callable[[], object]],
+          repeats: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Wall and CPU seconds of `repeats` calls of each draw, after one warm-up call each,
+    interleaved and the order rotated every repeat so that all see the same machine."""
+    for draw in draws.values():
         draw()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    return wall, cpu
+    names = list(draws)
+    out: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            w, c = time.perf_counter(), time.process_time()
+            draws[name]()
+            out[name][0].append(time.perf_counter() - w)
+            out[name][1].append(time.process_time() - c)
+    return out
 
 
 def _ms(ts: list[float]) -> str:
@@ -73,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = {"float (replaced)": _float_noise(mech, shape, noise),
                     "exact per-step": _exact_noise(mech, shape, noise, "per-step"),
                     "exact once": _exact_noise(mech, shape, noise, "once")}
-            for name, draw in runs.items():
-                wall, cpu = timed(draw, args.repeats)
+            for name, (wall, cpu) in timed(runs, args.repeats).items():
                 print(f"  {label:20s} {mech:9s} {name:18s} {_ms(wall):32s} {_ms(cpu)}",
                       flush=True)
     return 0

@@ -8,10 +8,11 @@ scale 20, stated epsilon 0.1): every release of 0 fell in the output set of 0, b
 of the releases of 0.5 did, so epsilon was at least 1.70.
 
 Here a release is `gamma * (k + z)`: k = round(x / gamma) is the clipped activation snapped to
-the lattice gamma Z (gamma = clip * 2^-LATTICE_BITS), z integer noise drawn exactly
-(`sampler`): the discrete Gaussian N_Z(0, s^2) for `gaussian`, the discrete Laplace of scale t
-for `laplace`, with s or t the configured noise in lattice steps, rounded up to an integer
-(`units`: never less noise than asked; the accountant uses this same integer). So
+the lattice gamma Z (gamma = clip * 2^-LATTICE_BITS), z integer noise drawn exactly: the
+discrete Gaussian N_Z(0, s^2) for `gaussian` (`discrete_gaussian`), the discrete Laplace of
+scale t for `laplace` (`sampler`), with s or t the configured noise in lattice steps, rounded
+up to an integer (`units`: never less noise than asked; the accountant uses this same
+integer). So
 - the mechanism is the discrete one exactly, on integers: no float touches the noise, every
   integer is a possible noise value for every input (no reach, no gaps in the tails), and the
   probabilities are the discrete distribution's, not a float sampler's approximation of them;
@@ -30,8 +31,8 @@ float32 sent is post-processing and costs nothing.
 What remains is the generator: numpy's PCG64 seeded from the owner's PRF (so that the owner
 can redraw any release, which `once` mode needs) is a pseudorandom generator, not a source of
 true randomness; the guarantee is against an adversary who cannot predict it without the
-secret, as for every keyed noise here. The cost is speed: about 15 times the float sampler's
-CPU time (a 128 x 1568 Gaussian batch took 44 ms against 3 here, on a loaded 2-core machine;
+secret, as for every keyed noise here. The cost is speed: about 8 times the float sampler's
+CPU time (a 128 x 1568 Gaussian batch took 20 to 30 ms against 3, on a loaded 2-core machine;
 `python -m clicooper_bus.ml.privacy.bench_sampler` prints it).
 """
 
@@ -41,7 +42,7 @@ import math
 
 import numpy as np
 
-from clicooper_bus.ml.privacy import sampler
+from clicooper_bus.ml.privacy import discrete_gaussian, sampler
 
 LATTICE_BITS = 20  # the lattice step is clip * 2^-20
 
@@ -96,5 +97,6 @@ def noise(rng: np.random.Generator, mechanism: str, shape: tuple[int, ...], scal
     """Exact integer noise of `shape` in lattice steps (int64): discrete Laplace or discrete
     Gaussian of `scale` (the Laplace scale b or the Gaussian sigma, in the activations' units),
     rounded up to whole steps (`units`)."""
-    draw = sampler.discrete_laplace if mechanism == "laplace" else sampler.discrete_gaussian
+    draw = sampler.discrete_laplace if mechanism == "laplace" \
+        else discrete_gaussian.discrete_gaussian
     return draw(rng, units(scale, clip), math.prod(shape)).reshape(shape)

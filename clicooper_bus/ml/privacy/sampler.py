@@ -1,5 +1,6 @@
-"""Exact integer noise: the discrete Laplace and the discrete Gaussian on the integers, drawn
-with integer arithmetic only from a seeded `np.random.Generator`.
+"""Exact integer noise: the building blocks and the discrete Laplace on the integers, drawn with
+integer arithmetic only from a seeded `np.random.Generator` (the discrete Gaussian, built on
+them, is `discrete_gaussian`).
 
 The algorithms are Canonne, Kamath and Steinke 2020, "The Discrete Gaussian for Differential
 Privacy" (CKS20), vectorised: arrays are worked on in rounds, each round drawing only for the
@@ -13,20 +14,17 @@ elements still undecided, and rejection sampling keeps the accepted candidates i
 - Algorithm 2, the discrete Laplace with scale t (P[y] proportional to exp(-|y| / t)):
   U uniform on {0..t-1} kept with probability exp(-U / t), X = U + t V, a fair sign, -0
   rejected.
-- Algorithm 3, the discrete Gaussian with variance parameter sigma^2 (P[y] proportional to
-  exp(-y^2 / (2 sigma^2))): Y discrete Laplace of scale t, kept with probability
-  exp(-(|Y| - sigma^2 / t)^2 / (2 sigma^2)). CKS20 take t = floor(sigma) + 1 for speed, but the
-  proof holds for every t > 0; here sigma is an integer and t = sigma, so the exponent
-  (|Y| - sigma)^2 / (2 sigma^2) is a ratio of integers (about 76 % of candidates are kept).
+- `lazy_bernoulli`: Bernoulli(p) for a p known through ever tighter rational bounds, the
+  uniform drawn 64 bits at a time until it falls on one side (ties with thresholds, tails).
 
 Exact means: if the generator's bits are uniform, each output has exactly its target
 probability. No float takes part in a decision: each compares a uniform integer (from
 `Generator.integers`, uniform by rejection, not by rounding a float, or raw 64-bit words) with
-an integer; squares that would overflow int64 are done in Python integers; a tie with a
-threshold is settled with more random bits against exp computed by `decimal` (correctly
-rounded) with its error bound. So every integer is a possible output, with no reach and no gaps
-in the tails, and the privacy is the discrete mechanism's exactly. The one limit is int64
-itself: a geometric count or exponent past 2^62 (probability below e^(-2^62)) is capped.
+an integer; a tie with a threshold is settled with more random bits against exp computed by
+`decimal` (correctly rounded) with its error bound. So every integer is a possible output, with
+no reach and no gaps in the tails, and the privacy is the discrete mechanism's exactly. The one
+limit is int64 itself: a draw past 2^63 / scale (about 2^35 scales out, probability below
+e^(-2^35)) does not fit.
 
 The randomness is the generator's: with a PRF-keyed seed (the filter's `_rng`), the owner can
 redraw any release from its secret, which `once` mode needs (a sample's noise is a function of
@@ -38,15 +36,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from decimal import Decimal, localcontext
+from decimal import MIN_EMIN, ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, localcontext
 from fractions import Fraction
 
 import numpy as np
 
-MAX_SCALE = 2**30  # the largest scale or sigma, in lattice steps, kept within int64 below
-_SAFE_ROOT = 3_037_000_499  # floor(sqrt(2^63 - 1)): a larger |a| would overflow a * a
+MAX_SCALE = 2**28  # the largest scale or sigma, in lattice steps: products stay within int64
 _INT64 = 2**63
-_Q_CAP = 2**62  # a geometric count this large is itself an event of probability e^(-2^62)
 
 
 def _exp_floors(count: int) -> np.ndarray:
@@ -75,6 +71,41 @@ def _compare_exp(x: Fraction, v: int, digits: int) -> int:
     if x <= Fraction(d) - ulp:
         return -1
     return 1 if x >= Fraction(d) + ulp else 0
+
+
+def exp_bounds(x: Fraction, digits: int) -> tuple[Fraction, Fraction]:
+    """Rationals lo <= e^-x <= hi, about `digits` significant digits apart: x rounded down and
+    up, then decimal's exp (correctly rounded, so within half a unit of its last digit) widened
+    by a unit. e^-0 is 1 exactly."""
+    if x == 0:
+        return Fraction(1), Fraction(1)
+    with localcontext() as ctx:
+        ctx.prec, ctx.Emin = digits, MIN_EMIN  # no underflow: e^-x keeps its digits, however small
+        ctx.rounding = ROUND_FLOOR
+        x_lo = Decimal(x.numerator) / Decimal(x.denominator)
+        ctx.rounding = ROUND_CEILING
+        x_hi = Decimal(x.numerator) / Decimal(x.denominator)
+        ctx.rounding = ROUND_HALF_EVEN
+        e_lo, e_hi = (-x_hi).exp(), (-x_lo).exp()
+    ulp = Fraction(10) ** (e_hi.adjusted() - digits + 1)
+    return Fraction(e_lo) - ulp, Fraction(e_hi) + ulp
+
+
+def lazy_bernoulli(rng: np.random.Generator, bounds: Callable[[int], tuple[Fraction, Fraction]],
+                   prefix: int = 0, bits: int = 0) -> bool:
+    """Bernoulli(p) exactly, for p known only through `bounds(digits)` -> (lo, hi), lo <= p <= hi,
+    tightening as digits grow: X uniform on [prefix, prefix + 1) / 2^bits (its first `bits`
+    bits already drawn) is compared with p, drawing 64 more bits of X and asking for more digits
+    until X's interval lies on one side. For the rare draws that tie with a precomputed
+    threshold, and for the tail of the discrete Gaussian."""
+    while True:
+        lo, hi = bounds(max(40, bits // 3 + 20))
+        if Fraction(prefix + 1, 1 << bits) <= lo:
+            return True
+        if Fraction(prefix, 1 << bits) >= hi:
+            return False
+        prefix = (prefix << 64) | int(rng.bit_generator.random_raw())
+        bits += 64
 
 
 def _floor_neg_log(rng: np.random.Generator, prefix: int, bits: int) -> int:
@@ -148,13 +179,13 @@ def bernoulli_exp_int(rng: np.random.Generator, q: np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_scale(name: str, value: int) -> None:
+def check_scale(name: str, value: int) -> None:
     if not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_SCALE:
         raise ValueError(f"the {name} must be an integer number of lattice steps in "
                          f"[1, {MAX_SCALE}], got {value!r}: raise the clip or lower the noise")
 
 
-def _rejection(n: int, rate: float, draw: Callable[[int], np.ndarray]) -> np.ndarray:
+def rejection(n: int, rate: float, draw: Callable[[int], np.ndarray]) -> np.ndarray:
     """The first n accepted draws: `draw(m)` returns the accepted among m candidates, in
     order; `rate` (about the acceptance rate) only sizes the batches."""
     parts, need = [], n
@@ -168,7 +199,7 @@ def _rejection(n: int, rate: float, draw: Callable[[int], np.ndarray]) -> np.nda
 def discrete_laplace(rng: np.random.Generator, scale: int, n: int) -> np.ndarray:
     """n draws of the discrete Laplace with integer `scale` t: P[y] = (1 - e^(-1/t)) /
     (1 + e^(-1/t)) exp(-|y| / t) for every integer y (CKS20 Algorithm 2). int64."""
-    _check_scale("discrete Laplace scale", scale)
+    check_scale("discrete Laplace scale", scale)
     t = int(scale)
 
     def draw(m: int) -> np.ndarray:
@@ -179,35 +210,4 @@ def discrete_laplace(rng: np.random.Generator, scale: int, n: int) -> np.ndarray
         y = np.where(negative, -x, x)
         return y[~(negative & (x == 0))]  # -0 would count 0 twice
 
-    return _rejection(n, 0.62, draw)  # 1 - 1/e of the candidates are kept
-
-
-def _divmod_square(a: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """(a^2 // d, a^2 % d) exactly: int64 where a^2 fits, Python integers where it would not."""
-    big = np.abs(a) > _SAFE_ROOT
-    sq = np.where(big, 0, a) if big.any() else a
-    sq = sq * sq
-    q = np.zeros(a.size, dtype=np.int64)
-    over = np.flatnonzero(sq >= d)  # most candidates have a^2 < d: q = 0, r = a^2
-    q[over], sq[over] = np.divmod(sq[over], d)
-    for i in np.flatnonzero(big):  # beyond about 3e9 / sigma standard deviations: rare
-        qi, sq[i] = divmod(int(a[i]) ** 2, d)
-        q[i] = min(qi, _Q_CAP)  # past the cap, e^-q and e^-cap are both below e^(-2^62)
-    return q, sq
-
-
-def discrete_gaussian(rng: np.random.Generator, sigma: int, n: int) -> np.ndarray:
-    """n draws of the discrete Gaussian with integer `sigma`: P[y] proportional to
-    exp(-y^2 / (2 sigma^2)) for every integer y (CKS20 Algorithm 3 with t = sigma). int64."""
-    _check_scale("discrete Gaussian sigma", sigma)
-    s = int(sigma)
-    d = 2 * s * s
-
-    def draw(m: int) -> np.ndarray:
-        y = discrete_laplace(rng, s, m)
-        q, r = _divmod_square(np.abs(y) - s, d)  # exp(-(|y| - s)^2 / d) = e^-q exp(-r / d)
-        kept = bernoulli_exp_int(rng, q)
-        kept[kept] = bernoulli_exp_frac(rng, r[kept], d)
-        return y[kept]
-
-    return _rejection(n, 0.75, draw)  # about 0.76 are kept
+    return rejection(n, 0.62, draw)  # 1 - 1/e of the candidates are kept
