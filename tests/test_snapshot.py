@@ -101,3 +101,23 @@ def test_a_snapshot_of_another_model_is_refused_naming_it():
     other = SegmentTrainer(nn.Sequential(nn.Linear(6, 4)), lr=0.01)
     with pytest.raises(ClicooperError, match="does not fit this stage"):
         snapshot.restore(other, snap.tensors)
+
+
+def test_the_rollback_step_is_the_newest_every_stage_committed_and_the_owner_kept():
+    from clicooper_bus.protocol import Rejoin
+    from clicooper_bus.services.owner.rollback import rollback_step
+
+    a, b, c = "aa" * 32, "bb" * 32, "cc" * 32
+    stages = ["trainer-1", "trainer-2"]
+    rejoin = Rejoin(1, [20, 30], [a, b])
+    # trainer-2 is one snapshot ahead; trainer-1 died before announcing 30: its rejoin commits it
+    committed = {"trainer-1": {10: c, 20: a}, "trainer-2": {10: c, 20: c, 30: c, 40: c}}
+    assert rollback_step("trainer-1", rejoin, committed, stages, {20, 30, 40}) == 30
+    # the owner no longer keeps 30: back to 20
+    assert rollback_step("trainer-1", rejoin, committed, stages, {20, 40}) == 20
+    # a file whose digest is not what the dead process committed is not resumed from
+    committed["trainer-1"][30] = c
+    assert rollback_step("trainer-1", rejoin, committed, stages, {20, 30}) == 20
+    # nothing in common: refused, naming what each holds
+    with pytest.raises(ClicooperError, match=r"no step of them .* trainer-2: \[10, 20, 30, 40\]"):
+        rollback_step("trainer-1", Rejoin(1, [50], [a]), committed, stages, {20, 30})

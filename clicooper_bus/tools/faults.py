@@ -61,6 +61,11 @@ class Kill:
     at_step: int
     restart_s: float
 
+    def __post_init__(self) -> None:
+        if not self.role.startswith("trainer"):
+            raise ValueError(f"a killed {self.role} cannot resume (issue 17 item 3 is not built): "
+                             f"only trainers are killed and restarted")
+
 
 def plan_pauses(seed: int, roles: list[str], steps: int, pause_s: tuple[float, float],
                 first: int = 1) -> list[Pause]:
@@ -180,7 +185,7 @@ class Injector:
         """SIGKILL `pid`, wait `k.restart_s`, start its command line again (same working
         directory and environment; output appended to its telemetry files)."""
         argv, cwd = command_of(pid)
-        t0 = time.monotonic()
+        t0, killed_at = time.monotonic(), time.time()
         os.kill(pid, signal.SIGKILL)
         if self._stop.wait(k.restart_s):
             return
@@ -192,7 +197,8 @@ class Injector:
         self.restarted.append(proc)
         self.done.append({"role": k.role, "pid": pid, "step": step, "killed": True,
                           "restarted_after_s": round(time.monotonic() - t0, 2),
-                          "new_pid": proc.pid})
+                          "new_pid": proc.pid, "killed_at": round(killed_at, 3),
+                          "restarted_at": round(time.time(), 3)})
 
     def reap(self, timeout_s: float = 30.0) -> list[int | None]:
         """Wait for the restarted processes (killing any still running after `timeout_s`);
@@ -206,6 +212,34 @@ class Injector:
                 proc.wait()
                 codes.append(None)
         return codes
+
+
+def restart_timing(run_dir: Path, kill: dict) -> dict:
+    """How long a killed and restarted trainer took to come back, from its telemetry (`kill`:
+    an `Injector.done` record of a kill): from its restart to its `rejoin` (the process's start,
+    its stage built, the notary's tip) and from the kill to its `rolled back` (the run trains
+    again). Empty if the events are not there."""
+    from datetime import datetime
+
+    times: dict[str, float] = {}
+    try:
+        lines = (run_dir / "telemetry" / f"{kill['role']}.jsonl").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            e = json.loads(line)
+            t = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        if t >= kill["killed_at"] and e.get("event") in ("rejoined", "rolled back"):
+            times.setdefault(e["event"], t)
+    if len(times) < 2:
+        return {}
+    return {"restart_to_rejoin_s": round(times["rejoined"] - kill["restarted_at"], 2),
+            "kill_to_resumed_s": round(times["rolled back"] - kill["killed_at"], 2)}
 
 
 def launch(cfg_path: Path, *, timeout_s: float, inject: Injector | None = None,
@@ -364,6 +398,9 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
         if inj is not None and inj.errors:
             outcome, why = "lost", "; ".join(inj.errors)
         tally[outcome] += 1
+        for d in inj.done if inj else []:
+            if d.get("killed"):
+                d.update(restart_timing(cfg.run_dir, d))
         rec = {"run": cfg.run.id, "pause": asdict(pause[0]), "done": inj.done if inj else [],
                "exit": code, "outcome": outcome, "why": why,
                "wall_s": round(time.monotonic() - t0, 1)}
