@@ -7,33 +7,46 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from clicooper_bus.audit import families
 from clicooper_bus.ml.attacks.base import Knowledge, ThreatModelViolation
-from clicooper_bus.ml.attacks.channels import ChannelInference, Rows, received_field
+from clicooper_bus.ml.attacks.channels import (
+    ChannelInference,
+    Rows,
+    merge_pseudo,
+    received_field,
+    stage_field,
+)
 from clicooper_bus.plan import Plan
 
 K, N, EPOCHS = 10, 400, 5
 PLAN = Plan("small-cnn", (1, 28, 28), K, (6,), 0, 1e-3, 40)
+# one stage taking 128-wide rows (the small CNN cut before its last linear layer), and the same
+# with label obfuscation: 2 secret pseudo-classes per class
+PLAN_128 = Plan("small-cnn", (1, 28, 28), K, (8,), 0, 1e-3, 40)
+PLAN_GAMMA = Plan("small-cnn", (1, 28, 28), K, (8,), 0, 1e-3, 40, outputs=2 * K)
 
 
 def _labels(n=N, seed=0):
     return np.random.default_rng(seed).integers(0, K, n)
 
 
-def _released(labels, sigma, d=32, seed=1):
+def _released(labels, sigma, d=32, seed=1, epochs=EPOCHS):
     """Each sample released once per epoch: its class centre plus fresh noise."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(K, d))
-    ids = np.tile(np.arange(len(labels)), EPOCHS)
-    epochs = np.repeat(np.arange(EPOCHS), len(labels))
+    ids = np.tile(np.arange(len(labels)), epochs)
+    epochs = np.repeat(np.arange(epochs), len(labels))
     x = centres[labels[ids]] + sigma * rng.normal(size=(len(ids), d))
     return Rows("fwd", "train", ids, epochs, x.astype(np.float32))
 
 
-def _scored(trainer_rows: dict[str, Rows], labels, trainer="trainer-1"):
-    attack = ChannelInference().for_trainer(trainer)
-    know = Knowledge({"plan": PLAN, received_field(trainer): trainer_rows})
+def _scored(trainer_rows: dict[str, Rows], labels, trainer="trainer-1", plan=PLAN, stage=None,
+            last=False):
+    attack = ChannelInference().for_trainer(trainer, 1, last)
+    know = Knowledge({"plan": plan, received_field(trainer): trainer_rows,
+                      stage_field(trainer): stage})
     out = attack.run(know.view(attack.threat))
     truth = SimpleNamespace(train_labels=labels, test_labels=labels)
     audit = SimpleNamespace(references={"channels_seen": {trainer: {"fwd": N * EPOCHS}}})
@@ -83,9 +96,10 @@ def test_a_non_colluding_trainer_sees_only_its_own_channels():
                       received_field("trainer-2"): {"bwd": _released(labels, 1.0)}})
     attack = ChannelInference().for_trainer("trainer-2")
     view = know.view(attack.threat)
-    assert view.fields == {"plan", received_field("trainer-2")}
-    with pytest.raises(ThreatModelViolation):
-        getattr(view, received_field("trainer-1"))
+    assert view.fields == {"plan", received_field("trainer-2"), stage_field("trainer-2")}
+    for other in (received_field("trainer-1"), stage_field("trainer-1"), "stages"):
+        with pytest.raises(ThreatModelViolation):
+            getattr(view, other)
     assert "non-colluding" in attack.threat.party
 
 
@@ -141,3 +155,96 @@ def test_a_channel_with_too_few_retained_samples_is_left_out():
                 np.random.default_rng(4).normal(size=(5, 8)).astype(np.float32))
     row = _scored({"bwd": rows}, labels)
     assert row["channel"] is None and row["channels"] == {} and row["note"] == "no retained channel"
+
+
+def _pseudo(labels, gamma=2, seed=5):
+    """Label obfuscation as the owner does it: gamma pseudo-classes per class, a sample's
+    fixed by its id, all of them permuted. Returns the pseudo-labels."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(K * gamma)
+    return perm[labels * gamma + rng.integers(0, gamma, len(labels))]
+
+
+def test_perfect_pseudo_labels_are_merged_into_the_classes_before_scoring():
+    """Scored one-to-one, perfect pseudo-labels at gamma 2 read as ARI about 0.5-0.65; the
+    attacker can merge them by the mean activation of their rows, and so the auditor does."""
+    labels = _labels()
+    released = _released(labels, sigma=1.0, d=128, epochs=1)
+    pseudo = _pseudo(labels)
+    got = Rows("labels", "train", released.ids, released.epochs, pseudo[released.ids][:, None])
+    row = _scored({"labels": got, "fwd": released}, labels, plan=PLAN_GAMMA)
+    ch = row["channels"]["labels"]
+    assert ch["strongest"] == "merged by fwd profiles" and ch["ari"] > 0.99, ch
+    from clicooper_bus.audit.scoring import clustering_scores
+
+    one_to_one = clustering_scores(pseudo, labels)["ari"]
+    assert one_to_one < 0.7 and row["ari"] > one_to_one + 0.3
+    # the merge itself: every pseudo-class lands in its true class's group
+    merged = merge_pseudo(pseudo[released.ids], released.x, K)
+    assert clustering_scores(merged, labels[released.ids])["ari"] > 0.99
+
+
+def _logit_stage(centres: np.ndarray) -> torch.nn.Module:
+    """A last stage whose logits are each row's similarity to the class centres."""
+    lin = torch.nn.Linear(centres.shape[1], len(centres))
+    with torch.no_grad():
+        lin.weight.copy_(torch.as_tensor(centres, dtype=torch.float32))
+        lin.bias.zero_()
+    return lin
+
+
+def test_the_last_stage_s_own_outputs_are_attacked():
+    """Its own outputs on the rows it received, recomputed from its stage: the argmax of the
+    logits names the class even where k-means on the inputs does not (noise 3 per coordinate
+    around centres a norm-11 apart)."""
+    labels = _labels()
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(K, 128))
+    released = _released(labels, sigma=3.0, d=128, seed=1, epochs=1)  # the centres of seed 1
+    ev = Rows("eval_fwd", "test", np.arange(N), np.zeros(N, int), released.x[:N])
+    row = _scored({"fwd": released, "eval_fwd": ev}, labels, plan=PLAN_128,
+                  stage=_logit_stage(centres), last=True)
+    own, inputs = row["channels"]["own_out"], row["channels"]["fwd"]
+    assert own["strongest"] == "argmax" and own["ari"] > 0.9, own
+    assert own["ari"] > inputs["ari"] + 0.1, (own, inputs)  # measured 0.956 against 0.793
+    assert own["seen"] == N * EPOCHS and "own_eval_out" in row["channels"]
+    assert "own_out+linked" not in row["channels"]  # one release per sample: nothing to link
+    # not the last stage: its outputs are the next trainer's inputs, attacked there
+    assert "own_out" not in _scored({"fwd": released}, labels, plan=PLAN_128,
+                                    stage=_logit_stage(centres))["channels"]
+
+
+def test_own_logits_under_obfuscation_are_argmaxed_then_merged():
+    labels = _labels()
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(K, 128))
+    released = _released(labels, sigma=1.0, d=128, seed=1, epochs=1)
+    # each class's two pseudo-classes have nearly its logit (the model cannot tell them apart),
+    # in a secret order: the argmax falls on either, their softmax profiles agree
+    siblings = np.repeat(centres, 2, axis=0) + 0.1 * rng.normal(size=(2 * K, 128))
+    stage = _logit_stage(siblings[rng.permutation(2 * K)])
+    row = _scored({"fwd": released}, labels, plan=PLAN_GAMMA, stage=stage, last=True)
+    own = row["channels"]["own_out"]
+    assert own["ari"] > 0.9, own
+
+
+def test_the_colluding_row_is_at_least_each_member_s():
+    """Colluders hold what each of them holds: their row takes the strongest member channel
+    when the joined channel is weaker (here: there is none to join)."""
+    labels = _labels()
+    audit = SimpleNamespace(references={"channels_seen": {"trainer-1": {"fwd": N * EPOCHS},
+                                                          "trainer-2": {"labels": N}}},
+                            results=[])
+    truth = SimpleNamespace(train_labels=labels, test_labels=labels)
+    know = Knowledge({"plan": PLAN,
+                      received_field("trainer-1"): {"fwd": _released(labels, 2.2, epochs=1)},
+                      received_field("trainer-2"): {"labels": Rows(
+                          "labels", "train", np.arange(N), np.zeros(N, int), labels[:, None])}})
+    for attack in ChannelInference().expand(["trainer-1", "trainer-2"]):
+        out = attack.run(know.view(attack.threat))
+        row = families.family("channels").score(attack, out, truth, audit, None)
+        audit.results.append({"name": attack.name, "family": "channels", **row})
+    *members, colluding = audit.results
+    assert all(colluding["ari"] >= m["ari"] for m in members)
+    assert colluding["channel"] == "trainer-2:labels" and colluding["ari"] == pytest.approx(1.0)
+    assert "trainer-1:fwd" in colluding["channels"]

@@ -33,6 +33,12 @@ ROWS = {
                                                     "matched_accuracy": 0.95,
                                                     "matched_accuracy_chance": 0.12,
                                                     "samples": 500, "seen": 4000}}},
+    "completion": {"trainer": "trainer-2", "channel": "fwd", "accuracy": 0.7, "chance": 0.11,
+                   "ari": 0.5, "matched_accuracy": 0.7, "matched_accuracy_chance": 0.12,
+                   "samples": 4096, "seen": 6000, "labelled": 50, "baseline": 0.635,
+                   "baseline_name": "label-spreading", "gain": 0.065, "how": "known plaintext",
+                   "channels": {"fwd": {"accuracy": 0.7, "chance": 0.11, "ari": 0.5,
+                                        "samples": 4096, "seen": 6000}}},
 }
 
 
@@ -93,6 +99,11 @@ def test_the_headline_comes_from_the_registry(monkeypatch):
         "chance 0.100; own-data baseline 0.600 (label-spreading); owner 0.900",
         "-0.100 over the own-data baseline")
     assert families.EXTRACTION.verdict(_row("extraction"))[0] == families.NO_GAIN
+    assert report.headline(_row("completion")) == (
+        "accuracy 0.700, ARI 0.500 on fwd (4096 of 6000 rows trainer-2 received)",
+        "chance 0.110; own-data baseline 0.635 (label-spreading, 50 labels, on images)",
+        "+0.590 over chance, +0.065 over the own-data baseline")
+    assert families.family("completion").verdict(_row("completion"))[0] == families.LEAKS
     assert report.headline(_row("inversion")) == (
         "SSIM 0.400", "mean image 0.100, black 0.010, true class mean 0.300",
         "+0.300 over the mean image, +0.100 over the class mean")
@@ -125,7 +136,8 @@ def test_the_report_table_and_details_come_from_the_families():
 
 def test_the_sweep_fields_of_each_family_are_fixed():
     """Every family gives the same sweep fields whether or not its attacks ran, in order."""
-    assert [f.label for f in families.families()] == ["ARI", "SSIM", "accuracy", "ARI"]
+    assert [f.label for f in families.families()] == ["ARI", "SSIM", "accuracy", "ARI",
+                                                      "accuracy"]
     for fam in families.families():
         rows = [_row(fam.name, n) for n in (["extraction-10", "extraction-50"]
                                             if fam.name == "extraction" else [fam.name])]
@@ -135,6 +147,8 @@ def test_the_sweep_fields_of_each_family_are_fixed():
     assert ext == {"extraction": {"extraction-10": 0.5, "extraction-50": 0.5},
                    "extraction_chance": 0.1,
                    "extraction_baseline": {"extraction-10": 0.6, "extraction-50": 0.6}}
+    assert families.family("completion").frontier([_row("completion")]) == {
+        "completion_accuracy": 0.7, "completion_channel": "trainer-2:fwd"}
     assert families.CLUSTERING.frontier([]) == {"ari": None, "ari_variant": None,
                                                 "success": None, "ari_raw_pixels": None}
 

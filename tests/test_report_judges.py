@@ -64,6 +64,10 @@ def _attacks() -> list[dict]:
              mapping="soft vote of labelled samples"),
         _channel("trainer-1", 0.2, 0.4),
         _channel("trainer-2", 0.0, 0.0, channel=None),
+        _row("completion-trainer-2", "completion", "trainer-2, alone (non-colluding)",
+             trainer="trainer-2", channel="fwd", accuracy=0.7, chance=0.11, ari=0.5,
+             samples=4096, seen=6000, labelled=50, baseline=0.635,
+             baseline_name="label-spreading", gain=0.065, how="known plaintext", channels={}),
     ]
 
 
@@ -95,10 +99,10 @@ def test_the_findings_come_first_and_judge_every_family_and_party():
     headings = [x for x in lines if x.startswith("#")]
     assert headings[:3] == ["# Audit of run `r`", "## Findings", "## Run"]
     block = _findings_block(md)
-    for fam in ("clustering", "inversion", "extraction", "channels"):
+    for fam in ("clustering", "inversion", "extraction", "channels", "completion"):
         assert any(f"({fam}, `" in x for x in block), fam
     # one line per (family, party), the strongest working attack; the broken one on its own
-    assert len(block) == 7
+    assert len(block) == 8
     assert _line(block, "clustering").startswith("- **leaks**: trainer-1 (first stage), alone; "
                                                  "target: the private labels")
     wb = _line(block, "whitebox-decoder")
@@ -110,6 +114,12 @@ def test_the_findings_come_first_and_judge_every_family_and_party():
     t1 = _line(block, "channels-trainer-1")
     assert t1.startswith("- **leaks**: trainer-1, alone") and "on fwd" in t1
     assert _line(block, "channels-trainer-2").startswith("- **nothing attacked**")
+    # model completion: its own line per party, naming the channel it labelled, beside chance
+    # and the own-data line
+    mc = _line(block, "completion-trainer-2")
+    assert mc.startswith("- **leaks**: trainer-2, alone (non-colluding); target: the private "
+                         "labels (completion, `completion-trainer-2`): accuracy 0.700")
+    assert "on fwd (4096 of 6000 rows trainer-2 received)" in mc and "own-data baseline" in mc
     # every row of the attack table carries its verdict too
     assert "| class-mean title | any trainer holding the owner's head weights | SSIM 0.300 |" in md
     assert "+0.000 over the class mean | leaks the class only |" in md

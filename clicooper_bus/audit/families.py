@@ -303,9 +303,10 @@ INVERSION = register(Family("inversion", _score_inversion, _headline_inversion, 
                             0, _plot_inversion, _frontier_inversion,
                             verdict=_verdict_inversion, leaks="the private images"))
 
-# extraction and the per-trainer channels register themselves after these, in this order (their
-# own modules, the same registry): the order is the sweep row's field order
+# extraction, the per-trainer channels and model completion register themselves after these,
+# in this order (their own modules, the same registry): the order is the sweep row's field order
 # isort: off
 from clicooper_bus.audit.family_extraction import EXTRACTION  # noqa: E402, F401
 from clicooper_bus.audit import family_channels  # noqa: E402, F401
+from clicooper_bus.audit import family_completion  # noqa: E402, F401
 # isort: on

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 
 def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track) -> Row:
-    """Each channel's strongest variant; the strongest channel's scores head the row."""
+    """Each channel's strongest variant; the strongest channel's scores head the row. The
+    colluding row also holds each member's channels (`member:channel`): colluders have at
+    least what each of them has, so their row is never weaker than a member's."""
     every = audit.references.get("channels_seen", {})
     # colluders' joined rows: each (sample, epoch) the first stage received once
     seen = every.get(attack.trainer) or {"joined": every.get(getattr(attack, "stages", [""])[0],
@@ -27,15 +29,32 @@ def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track
         labels = (truth.train_labels if ch["split"] == "train" else truth.test_labels)[ch["ids"]]
         variants = {v: scoring.clustering_scores(p, labels) for v, p in ch["variants"].items()}
         best = max(variants, key=lambda v: variants[v]["ari"])
+        # own outputs count against the rows they were computed from
+        source = ch.get("source", name.split("+")[0])
         channels[name] = {"strongest": best, **variants[best], "samples": len(labels),
-                          "seen": seen.get(name.split("+")[0], 0),
+                          "seen": seen.get(source, 0),
                           **({"releases_per_sample": ch["releases"]} if "releases" in ch else {})}
+    channels.update(members_channels(attack, audit, CHANNELS_NAME))
     if not channels:
         return {"trainer": attack.trainer, "channel": None, "samples": 0, "ari": 0.0,
                 "matched_accuracy": 0.0, "matched_accuracy_chance": 0.0, "success_rate": 0.0,
                 "channels": {}, "note": "no retained channel"}
     top = max(channels, key=lambda c: channels[c]["ari"])
     return {"trainer": attack.trainer, "channel": top, **channels[top], "channels": channels}
+
+
+CHANNELS_NAME = "channels"
+
+
+def members_channels(attack: Attack, audit: Audit, family: str) -> dict[str, dict]:
+    """For a colluding attack (one with `stages`), every channel of its members' rows already
+    scored in `audit.results` (same family), named `member:channel`; {} otherwise."""
+    members = getattr(attack, "stages", None)
+    if not members:
+        return {}
+    return {f"{r['trainer']}:{name}": m for r in getattr(audit, "results", [])
+            if r.get("family") == family and r.get("trainer") in members
+            for name, m in (r.get("channels") or {}).items()}
 
 
 def _headline(row: Row) -> tuple[str, str, str]:
@@ -74,5 +93,5 @@ def _frontier(rows: list[Row]) -> dict[str, Any]:
             "channel": f"{top['trainer']}:{top['channel']}" if top else None}
 
 
-CHANNELS = register(Family("channels", _score, _headline, "ari", "ARI", 3, _plot, _frontier,
+CHANNELS = register(Family(CHANNELS_NAME, _score, _headline, "ari", "ARI", 3, _plot, _frontier,
                            _details, leaks="the private labels"))

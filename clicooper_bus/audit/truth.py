@@ -18,6 +18,7 @@ from clicooper_bus.audit.replay import Batch, Replay
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.ml.attacks.base import Knowledge
+from clicooper_bus.ml.attacks.channels import stage_field
 from clicooper_bus.ml.data import Dataset, batch_order, to_float
 from clicooper_bus.ml.privacy.release import ActivationFilter, FilterSpec
 
@@ -89,7 +90,9 @@ def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig, spec: Filt
         "plan": plan, "released": np.concatenate(acts).astype(np.float32),
         "released_labels": np.concatenate(received).astype(np.int64), "eval_pairs": pairs,
         "stages": stages, "release": Release(head, spec), "aux_images": aux,
-        "aux_labels": data.y_test[:half]})
+        "aux_labels": data.y_test[:half],
+        # each trainer's own stage, for the attacks of that trainer alone (roster order)
+        **{stage_field(name): s for name, s in zip(replayed.roster.stages, stages, strict=True)}})
     truth = Truth(index, data.x_train[index].astype(np.float32) / 255.0, data.y_train[index],
                   to_float(data.x_test[half:]), data.y_test[half:], aux.numpy(), data.y_test[:half],
                   data.y_train, data.y_test)

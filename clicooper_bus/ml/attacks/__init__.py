@@ -1,13 +1,15 @@
 """Attacks as plug-ins, each with its threat model (see `base`). `default_attacks` is the
 suite the auditor runs; a new attack is a class with `name`, `family`, `threat` and `run`.
-An attack with `per_trainer = True` is a template: the auditor runs `for_trainer(name)` once
-for every trainer of the roster, each seeing only that trainer's channels."""
+An attack with `per_trainer = True` is a template: the auditor runs `expand(stages)`, one
+attack for every trainer of the roster (each seeing only that trainer's channels and stage) and
+one for them colluding."""
 
 from __future__ import annotations
 
 from clicooper_bus.ml.attacks.base import Attack
 from clicooper_bus.ml.attacks.channels import ChannelInference
 from clicooper_bus.ml.attacks.clustering import ClusteringAttack
+from clicooper_bus.ml.attacks.completion import ModelCompletion
 from clicooper_bus.ml.attacks.extraction import ExtractionAttack
 from clicooper_bus.ml.attacks.inversion import (
     ClassMeanAttack,
@@ -18,9 +20,9 @@ from clicooper_bus.ml.attacks.inversion import (
 
 
 def default_attacks() -> list[Attack]:
-    return [ClusteringAttack(), ChannelInference(), WhiteBoxDecoder(), ClassMeanAttack(),
-            UnSplitInversion(), SDARInversion(), ExtractionAttack(0), ExtractionAttack(10),
-            ExtractionAttack(50)]
+    return [ClusteringAttack(), ChannelInference(), ModelCompletion(), WhiteBoxDecoder(),
+            ClassMeanAttack(), UnSplitInversion(), SDARInversion(), ExtractionAttack(0),
+            ExtractionAttack(10), ExtractionAttack(50)]
 
 
 def expand_per_trainer(attacks: list[Attack], stages: list[str]) -> list[Attack]:

@@ -34,8 +34,12 @@ FIELDS: dict[str, str] = {
     "received/<NAME>": "every tensor channel that the trainer NAME received (fwd, bwd, labels, "
                           "eval_fwd), each row tagged with its sample id from the public batch "
                           "order (`clicooper_bus.audit.channels`)",
+    "stage/<NAME>": "the final weights of trainer NAME's own stage (the segment it delivered): "
+                    "what that trainer holds alone",
 }
-PER_TRAINER = "received/"  # the prefix of the per-trainer fields
+PER_TRAINER = "received/"  # the prefix of the per-trainer channel fields
+STAGE = "stage/"  # the prefix of the per-trainer stage fields
+PREFIXES = (PER_TRAINER, STAGE)  # fields named per trainer: PREFIX + the trainer's name
 
 
 class ThreatModelViolation(ClicooperError):
@@ -50,8 +54,8 @@ class ThreatModel:
     aux_labels: int | None = 0  # labelled aux samples: 0 none, n the first n, None all
 
     def __post_init__(self) -> None:
-        unknown = {f for f in self.sees if f not in FIELDS and not (
-            f.startswith(PER_TRAINER) and len(f) > len(PER_TRAINER))}
+        unknown = {f for f in self.sees if f not in FIELDS and not any(
+            f.startswith(p) and len(f) > len(p) for p in PREFIXES)}
         if unknown:
             raise ValueError(f"threat model names unknown fields {sorted(unknown)}")
         if (self.aux_labels != 0) != ("aux_labels" in self.sees):

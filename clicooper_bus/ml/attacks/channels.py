@@ -7,7 +7,15 @@ A trainer sees more than the first stage's activations: its `fwd` from its prede
 - gradients: cosine k-means on the rows (each row of the gradient the owner's tail sends back
   is V^T (p - e_y) / B: its direction names the label; Li et al. 2022, "Label leakage and
   protection in two-party split learning", arXiv 2102.08504), beside the activation variants;
-- labels: what it received, as is;
+- labels: what it received, as is; under label obfuscation (the plan's outputs are gamma x
+  classes secret pseudo-classes) also merged into classes, as the attacker can merge them: the
+  pseudo-classes of one class share their rows' mean activation and softmax profile (the model
+  cannot tell them apart), so k-means on the pseudo-classes' mean profiles groups them
+  (`merge_pseudo`; as `extraction.group_pseudo_classes` does for softmax profiles);
+- its own outputs (the last stage): its stage applied to the rows it received, `fwd` and
+  `eval_fwd` (what it computes and sends on, recomputed from its delivered segment), clustered
+  with the activation and cosine variants and, when they are the model's logits, argmax'ed
+  (merged under obfuscation);
 - linking (`+linked`): every release of one sample averaged over the epochs it was released
   in (the batch order is a public function of the roster's seed), then clustered: fresh noise
   per release averages out.
@@ -23,11 +31,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from sklearn.cluster import KMeans
-from sklearn.preprocessing import normalize
+from sklearn.preprocessing import StandardScaler, normalize
+from torch import nn
 
-from clicooper_bus.ml.attacks.base import Attack, ThreatModel, Track, View, no_progress
+from clicooper_bus.ml.attacks.base import STAGE, Attack, ThreatModel, Track, View, no_progress
 from clicooper_bus.ml.attacks.clustering import cluster_variants
+from clicooper_bus.ml.attacks.nets import apply
 
 SINGLE = 2000  # single releases clustered per channel (the latest first, one per sample)
 
@@ -50,6 +61,45 @@ class Rows:
 def received_field(trainer: str) -> str:
     """The Knowledge field holding one trainer's channels (`clicooper_bus.audit.channels`)."""
     return f"received/{trainer}"
+
+
+def stage_field(trainer: str) -> str:
+    """The Knowledge field holding one trainer's own final stage."""
+    return f"{STAGE}{trainer}"
+
+
+def stage_input_shape(plan, index: int) -> tuple[int, ...]:
+    """The per-sample shape stage `index` (1: the first trainer's) takes, from the public plan."""
+    from clicooper_bus.ml.models import plan_spec
+
+    return tuple(plan_spec(plan).shapes[plan.cuts[index - 1]])
+
+
+def run_stages(stages: list[nn.Module], shape: tuple[int, ...], x: np.ndarray) -> np.ndarray:
+    """Rows (N x D, flattened as logged) through the stages in order: N x D' float32."""
+    model = nn.Sequential(*stages).eval()
+    out = apply(model, torch.from_numpy(np.array(x, np.float32).reshape(len(x), *shape)))
+    return out.reshape(len(x), -1).numpy()
+
+
+def merge_pseudo(pseudo: np.ndarray, profile: np.ndarray, classes: int, seed: int = 0
+                 ) -> np.ndarray | None:
+    """Pseudo-class ids (N) merged into `classes` groups: k-means on each pseudo-class's mean
+    profile row (`profile`, N x D, standardised), since the pseudo-classes of one class share
+    their rows' distribution; None when fewer than `classes` pseudo-classes occur."""
+    present = np.unique(pseudo)
+    if len(present) <= classes:
+        return None if len(present) < classes else pseudo
+    z = StandardScaler().fit_transform(profile.reshape(len(profile), -1).astype(np.float64))
+    means = np.stack([z[pseudo == j].mean(0) for j in present])
+    groups = KMeans(n_clusters=classes, n_init=10, random_state=seed).fit_predict(means)
+    return groups[np.searchsorted(present, pseudo)].astype(np.int64)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
 
 
 def cosine_variants(x: np.ndarray, k: int, *, seed: int = 0, restarts: int = 5
@@ -80,6 +130,12 @@ def _key(rows) -> np.ndarray:
     return rows.ids.astype(np.int64) * 1_000_003 + rows.epochs.astype(np.int64)
 
 
+def matched(a: Rows, b: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (in a, in b) of the rows a and b hold of the same (sample, epoch)."""
+    common = np.intersect1d(_key(a), _key(b))
+    return _positions(_key(a), common), _positions(_key(b), common)
+
+
 def join(blocks: list, k: int):
     """The training rows several parties hold of the same (sample, epoch), side by side: each
     block standardised and weighted 1/sqrt(width), so every block counts alike. None when fewer
@@ -108,70 +164,127 @@ def _positions(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 
 class ChannelInference(Attack):
-    """Label inference on each channel one trainer received (and linked across epochs)."""
+    """Label inference on each channel one trainer received (and linked across epochs), and,
+    for the last stage, on its own outputs."""
 
     name = "channels"
     family = "channels"
     title = "Label inference on every channel a trainer receives, single and linked"
     per_trainer = True
 
-    def __init__(self, trainer: str = "", seed: int = 0, restarts: int = 3):
+    def __init__(self, trainer: str = "", seed: int = 0, restarts: int = 3, index: int = 0,
+                 last: bool = False):
+        """`index`: the trainer's stage (1 the first), `last`: whether it is the last stage,
+        both from the roster's public stage order (0: unknown, own outputs not attacked)."""
         self.trainer, self.seed, self.restarts = trainer, seed, restarts
+        self.index, self.last = index, last
         if trainer:
             self.name = f"channels-{trainer}"
             self.threat = ThreatModel(
                 f"{trainer}, alone (non-colluding)",
-                frozenset({"plan", received_field(trainer)}),
+                frozenset({"plan", received_field(trainer), stage_field(trainer)}),
                 "none: k is the number of classes, public in the roster's plan; sample ids from "
-                "the public batch order")
+                "the public batch order; its own stage's weights")
 
-    def for_trainer(self, trainer: str) -> ChannelInference:
-        return ChannelInference(trainer, self.seed, self.restarts)
+    def for_trainer(self, trainer: str, index: int = 0, last: bool = False) -> ChannelInference:
+        return ChannelInference(trainer, self.seed, self.restarts, index, last)
 
     def expand(self, stages: list[str]) -> list[Attack]:
         """One attack per trainer, and one for all of them colluding (two or more)."""
-        alone: list[Attack] = [self.for_trainer(s) for s in stages]
+        alone: list[Attack] = [self.for_trainer(s, i, i == len(stages))
+                               for i, s in enumerate(stages, 1)]
         return alone + ([CollusionInference(stages, self.seed, self.restarts)]
                         if len(stages) > 1 else [])
 
     def run(self, view: View, track: Track = no_progress) -> dict[str, dict]:
-        channels = getattr(view, received_field(self.trainer))
+        channels = dict(getattr(view, received_field(self.trainer)) or {})
         k = view.plan.classes
+        own = self._own_outputs(view, channels)
         out: dict[str, dict] = {}
-        for kind, rows in track(sorted(channels.items()), f"channels of {self.trainer}",
-                                len(channels)):
-            out.update(self._channel(kind, rows, k))
+        every = {**channels, **own}
+        for kind, rows in track(sorted(every.items()), f"channels of {self.trainer}",
+                                len(every)):
+            if kind == "labels":
+                out.update(self._labels(rows, own.get("own_out") or channels.get("fwd"),
+                                        view.plan))
+            else:
+                # the model's logits: the last stage's own outputs when the owner keeps no tail
+                logits = kind.startswith("own_") and not view.plan.tail and \
+                    rows.x.shape[1] == view.plan.n_outputs
+                out.update(self._channel(kind, rows, k, logits))
         return out
 
-    def _channel(self, kind: str, rows, k: int) -> dict[str, dict]:
-        if kind == "labels":
-            return {"labels": {"ids": rows.ids, "split": rows.split,
-                               "variants": {"as received": rows.x[:, 0]}}}
+    def _own_outputs(self, view: View, channels: dict[str, Rows]) -> dict[str, Rows]:
+        """The last stage's outputs on the rows it received (`own_out` from fwd, `own_eval_out`
+        from eval_fwd): its delivered segment applied to them, as it computed them."""
+        if not (self.last and self.index):
+            return {}
+        stage = getattr(view, stage_field(self.trainer))
+        if stage is None:
+            return {}
+        shape = stage_input_shape(view.plan, self.index)
+        out = {}
+        for kind, name in (("fwd", "own_out"), ("eval_fwd", "own_eval_out")):
+            rows = channels.get(kind)
+            if rows is not None and len(rows):
+                out[name] = Rows(name, rows.split, rows.ids, rows.epochs,
+                                 run_stages([stage], shape, rows.x))
+        return out
+
+    def _labels(self, rows: Rows, profile: Rows | None, plan) -> dict[str, dict]:
+        """Received labels as they are, and under obfuscation merged by the pseudo-classes'
+        mean profiles over the (sample, epoch) rows this trainer also received activations of
+        (softmax of its own outputs when they are the pseudo-class logits)."""
+        variants = {"as received": rows.x[:, 0]}
+        if plan.n_outputs > plan.classes and profile is not None:
+            ia, ib = matched(rows, profile)
+            x = profile.x[ib]
+            if profile.kind == "own_out" and x.shape[1] == plan.n_outputs and not plan.tail:
+                x = softmax(x)
+            groups = merge_pseudo(rows.x[ia, 0], x, plan.classes, self.seed) \
+                if len(ia) >= 2 * plan.n_outputs else None
+            if groups is not None:  # each pseudo-class's group, applied to every received row
+                lookup = dict(zip(rows.x[ia, 0].tolist(), groups.tolist(), strict=True))
+                if all(int(v) in lookup for v in np.unique(rows.x[:, 0])):
+                    variants[f"merged by {profile.kind} profiles"] = np.array(
+                        [lookup[int(v)] for v in rows.x[:, 0]], np.int64)
+        return {"labels": {"ids": rows.ids, "split": rows.split, "variants": variants}}
+
+    def _channel(self, kind: str, rows, k: int, logits: bool = False) -> dict[str, dict]:
         pick = _latest_once(rows.ids, rows.epochs, SINGLE)
         if len(pick) < 2 * k:  # too few retained samples to cluster into k groups
             return {}
-        out = {kind: {"ids": rows.ids[pick], "split": rows.split,
-                      "variants": self._variants(kind, rows.x[pick], k)}}
+        source = {"own_out": "fwd", "own_eval_out": "eval_fwd"}.get(kind, kind)
+        out = {kind: {"ids": rows.ids[pick], "split": rows.split, "source": source,
+                      "variants": self._variants(kind, rows.x[pick], k, logits)}}
         ids, mean, counts = link(rows.ids, rows.x)
         linked = counts >= 2
         if linked.sum() >= 2 * k:  # one sample's releases in several epochs
             sel = np.flatnonzero(linked)[:SINGLE]
-            out[f"{kind}+linked"] = {"ids": ids[sel], "split": rows.split,
+            out[f"{kind}+linked"] = {"ids": ids[sel], "split": rows.split, "source": source,
                                      "releases": float(counts[sel].mean()),
-                                     "variants": self._variants(kind, mean[sel], k)}
+                                     "variants": self._variants(kind, mean[sel], k, logits)}
         return out
 
-    def _variants(self, kind: str, x: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    def _variants(self, kind: str, x: np.ndarray, k: int, logits: bool = False
+                  ) -> dict[str, np.ndarray]:
         v = cluster_variants(x, k, seed=self.seed, restarts=self.restarts)
-        if kind in ("bwd", "joined"):
+        if kind in ("bwd", "joined", "own_out", "own_eval_out"):
             v.update(cosine_variants(x, k, seed=self.seed, restarts=self.restarts))
+        if logits:  # the model's own prediction; pseudo-classes merged by softmax profile
+            top = x.argmax(1).astype(np.int64)
+            merged = top if x.shape[1] == k else merge_pseudo(top, softmax(x), k, self.seed)
+            if merged is not None:
+                v["argmax" if x.shape[1] == k else "argmax, merged"] = merged
         return v
 
 
 class CollusionInference(ChannelInference):
     """Every trainer colluding: what they received of the same sample in the same epoch
     (activations and gradients of every stage), joined and clustered, single and linked. The
-    channels each holds alone are the non-colluding attacks' rows."""
+    channels each holds alone are the non-colluding attacks' rows; the auditor's colluding row
+    takes the strongest of them beside the joined channel (colluders hold at least what each
+    member holds)."""
 
     def __init__(self, stages: list[str], seed: int = 0, restarts: int = 3):
         super().__init__("", seed, restarts)
