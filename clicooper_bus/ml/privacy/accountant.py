@@ -1,5 +1,6 @@
 """Exact privacy accounting for the owner's activation releases, for the samplers the filter
-uses: the discrete Gaussian and the discrete Laplace on the lattice (`lattice`, `sampler`).
+uses: the discrete Gaussian and the discrete Laplace on the lattice (`lattice`,
+`discrete_gaussian`, `sampler`).
 
 Sensitivity in lattice units: two samples' snapped activations differ by at most
 D = 2 clip / gamma steps (L2 for Gaussian, L1 for Laplace; replace-one adjacency), and the noise
