@@ -111,3 +111,5 @@ def test_the_filter_draws_integer_noise_of_the_scale_rounded_up():
         assert empty(torch.zeros(0, 1568), ids=np.zeros(0, dtype=np.int64)).shape == (0, 1568)
     with pytest.raises(ValueError, match="noise must be positive"):
         lattice.units(0.0, 1.0)
+    with pytest.raises(ValueError, match="300 x clip, above the 256 x clip"):
+        FilterSpec("gaussian", clip=1.0, noise=300.0)  # when the run is set up

@@ -64,7 +64,13 @@ def units(noise: float, clip: float) -> int:
     lattice steps, as the sampler draws it: rounded up, at least 1 step."""
     if not noise > 0:
         raise ValueError(f"the noise must be positive, got {noise!r}")
-    return max(1, math.ceil(noise / step(clip)))
+    steps = max(1, math.ceil(noise / step(clip)))
+    if steps > sampler.MAX_SCALE:
+        top = sampler.MAX_SCALE * 2.0**-LATTICE_BITS
+        raise ValueError(f"noise {noise:g} is {noise / clip:g} x clip, above the {top:g} x clip the "
+                         f"exact sampler takes (its integers would overflow): ask for a larger "
+                         f"epsilon or a smaller noise_multiplier")
+    return steps
 
 
 def sensitivity_units() -> int:

@@ -2,7 +2,7 @@
 
 Every activation the owner sends (training `fwd` and evaluation `eval_fwd`) goes through it:
 per-sample clipping (L2 for Gaussian noise, L1 for Laplace) to `clip`, then exact integer noise
-on a fixed lattice (`lattice`: discrete Gaussian or discrete Laplace, drawn by `sampler`). Clipping is
+on a fixed lattice (`lattice`: a discrete Gaussian or discrete Laplace). Clipping is
 differentiable, so in `per-step` mode the head trains end to end through it; snapping and noise
 are additive and so pass gradients unchanged (straight through).
 
@@ -40,6 +40,7 @@ class FilterSpec:
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS[1:] or self.mode not in MODES:
             raise ValueError(f"bad filter {self}")
+        lattice.units(self.noise, self.clip)  # refused here, before a run, not at its first release
 
 
 class ActivationFilter:
