@@ -31,9 +31,10 @@ float32 sent is post-processing and costs nothing.
 What remains is the generator: numpy's PCG64 seeded from the owner's PRF (so that the owner
 can redraw any release, which `once` mode needs) is a pseudorandom generator, not a source of
 true randomness; the guarantee is against an adversary who cannot predict it without the
-secret, as for every keyed noise here. The cost is speed: 3 to 5 times the float sampler's
-CPU time (a 128 x 1568 batch: Gaussian 14 ms against 2.6, Laplace 15 against 4.4, on a loaded
-2-core machine; `python -m clicooper_bus.ml.privacy.bench_sampler` prints it).
+secret, as for every keyed noise here. The cost is speed: about 3 times the float sampler's
+time (a 128 x 1568 batch on an idle machine: Gaussian 7.8 ms against 2.5, Laplace 13 against
+4.0; the whole filter, forward and backward, 12 ms; `once` 20 ms, its 128 generators' overhead;
+`python -m clicooper_bus.ml.privacy.bench_sampler` prints them).
 """
 
 from __future__ import annotations
