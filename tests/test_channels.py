@@ -117,12 +117,26 @@ def test_an_owner_tail_run_leaks_its_labels_through_the_gradients(tmp_path):
                                  "noise_multiplier": 0.3, "clip": 1.0},
                         log={"retention": "fwd=sample:8,bwd=all,*=all"})
     assert run(str(path), echo=False, timeout_s=300, free_ports=False) == 0
-    audit = audit_run(tmp_path / "runs" / "tail", attacks=select("channels"))
-    rows = {r["trainer"]: r for r in audit.results}
+    audit = audit_run(tmp_path / "runs" / "tail", attacks=select("channels,completion"))
+    rows = {r["trainer"]: r for r in audit.results if r["family"] == "channels"}
     last = rows["trainer-2"]["channels"]
     assert last["bwd"]["ari"] >= 0.9, last["bwd"]
     assert last["bwd"]["samples"] > 0 and last["bwd"]["seen"] >= last["bwd"]["samples"]
     assert set(rows) == {"trainer-1", "trainer-2", "all trainers"}
+    # the last stage's own outputs (the features it sends the owner's tail) are attacked, and
+    # counted against the rows they were computed from
+    assert last["own_out"]["seen"] == last["fwd"]["seen"] > 0 and "own_eval_out" in last
+    assert rows["all trainers"]["ari"] >= max(rows[t]["ari"] for t in ("trainer-1", "trainer-2"))
+    # model completion, per trainer and colluding, on what each received over the bus
+    from clicooper_bus.audit.family_completion import lead
+
+    done = {r["trainer"]: r for r in audit.results if r["family"] == "completion"}
+    assert set(done) == {"trainer-1", "trainer-2", "all trainers"}
+    for t in ("trainer-1", "trainer-2"):
+        assert done[t]["how"].startswith("known plaintext"), done[t]["how"]
+        assert {"fwd", "eval_fwd"} <= set(done[t]["channels"])
+        assert all(0 < m["samples"] <= m["seen"] for m in done[t]["channels"].values())
+        assert lead(done["all trainers"]) >= lead(done[t])
 
 
 def test_colluding_trainers_join_what_they_received_of_each_sample():

@@ -4,9 +4,9 @@ ids: accuracy (the labelled aux samples name the classes), ARI and matched accur
 chance (always the most frequent class of those rows) and the own-data baseline with as many
 labels (`clicooper_bus.audit.baselines`, on the evaluation half: what the aux data alone gives
 for labelling an image; the attacker does not hold the received rows' images, so that line is
-a reference, and the verdict is judged against chance). The strongest channel, named, heads the
-row; the colluding row also holds its members' channels (colluders have at least what each
-has)."""
+a reference, and the verdict is judged against chance). The strongest channel (the largest
+lead over chance beyond noise), named, heads the row; the colluding row also holds its
+members' channels (colluders have at least what each has)."""
 
 from __future__ import annotations
 
@@ -57,9 +57,15 @@ def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track
     if not channels:
         return {**row, "channel": None, "samples": 0, "accuracy": 0.0, "chance": 0.0,
                 "gain": 0.0, "channels": {}, "note": out.how or "no received rows"}
-    top = max(channels, key=lambda c: channels[c]["accuracy"])
+    top = max(channels, key=lambda c: lead(channels[c]))
     return {**row, "channel": top, **channels[top], "gain": channels[top]["accuracy"] -
             base["best"], "channels": channels}
+
+
+def lead(m: Row) -> float:
+    """A channel's lead over chance beyond its noise (three binomial standard deviations): how
+    channels are ranked, so that a channel of 30 linked rows does not head the row on luck."""
+    return m["accuracy"] - m["chance"] - _noise(m["chance"], m["samples"])
 
 
 def _own_data(attack: Attack, truth: Truth, audit: Audit) -> dict[str, Any]:
@@ -121,7 +127,7 @@ def _plot(ax: Any, rows: list[Row]) -> None:
 
 
 def _frontier(rows: list[Row]) -> dict[str, Any]:
-    top = max((r for r in rows if r["channel"]), key=lambda r: r["accuracy"], default=None)
+    top = max((r for r in rows if r["channel"]), key=lead, default=None)
     return {"completion_accuracy": top["accuracy"] if top else None,
             "completion_channel": f"{top['trainer']}:{top['channel']}" if top else None}
 
