@@ -71,8 +71,8 @@ def _details(rows: list[Row]) -> list[str]:
     lines = ["", "### Every channel a trainer received (strongest variant each)", "",
              "| trainer | channel | variant | ARI | matched accuracy | chance | rows used | rows "
              "received |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        for name, m in r["channels"].items():
+    for r in rows:  # a colluding row's `member:channel` entries are the members' own lines
+        for name, m in ((n, m) for n, m in r["channels"].items() if ":" not in n):
             lines.append(f"| {r['trainer']} | {name} | {m['strongest']} | {m['ari']:.3f} | "
                          f"{m['matched_accuracy']:.3f} | {m['matched_accuracy_chance']:.3f} | "
                          f"{m['samples']} | {m['seen']} |")
@@ -80,8 +80,9 @@ def _details(rows: list[Row]) -> list[str]:
 
 
 def _plot(ax: Any, rows: list[Row]) -> None:
-    names = [f"{r['trainer']}:{c}" for r in rows for c in r["channels"]]
-    aris = [m["ari"] for r in rows for m in r["channels"].values()]
+    own = [(f"{r['trainer']}:{c}", m) for r in rows for c, m in r["channels"].items()
+           if ":" not in c]
+    names, aris = [n for n, _ in own], [m["ari"] for _, m in own]
     ax.bar(names, aris, color="tab:purple")
     ax.set_title("channels: ARI per trainer and channel")
     ax.tick_params(axis="x", labelrotation=45, labelsize=6)

@@ -104,20 +104,27 @@ def _verdict(row: Row) -> tuple[str, str]:
     return (WEAK if margin < CLEAR_MARGIN else LEAKS), why
 
 
+def _own(row: Row) -> dict[str, Row]:
+    """A row's own channels (not the members' a colluding row repeats as `member:channel`)."""
+    return {n: m for n, m in row["channels"].items() if ":" not in n}
+
+
 def _details(rows: list[Row]) -> list[str]:
     lines = ["", "### Model completion per channel (a top on the party's stage, few labels)", "",
              "| party | channel | accuracy | chance | ARI | rows used | rows received | "
              "labelled inputs |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        for name, m in r["channels"].items():
+        for name, m in _own(r).items():
             lines.append(f"| {r['trainer']} | {name} | {m['accuracy']:.3f} | {m['chance']:.3f} "
-                         f"| {m['ari']:.3f} | {m['samples']} | {m['seen']} | {r['how']} |")
-    return lines
+                         f"| {m['ari']:.3f} | {m['samples']} | {m['seen']} | "
+                         f"{r['how'].split(';')[0]} |")
+    tops = {r["how"].split("; ", 1)[-1] for r in rows if "; " in r.get("how", "")}
+    return lines + [f"\nThe top: {t}." for t in sorted(tops)]
 
 
 def _plot(ax: Any, rows: list[Row]) -> None:
-    names = [f"{r['trainer']}:{c}" for r in rows for c in r["channels"]]
-    ax.bar(names, [m["accuracy"] for r in rows for m in r["channels"].values()],
+    names = [f"{r['trainer']}:{c}" for r in rows for c in _own(r)]
+    ax.bar(names, [m["accuracy"] for r in rows for m in _own(r).values()],
            color="tab:orange")
     if rows:
         ax.axhline(rows[0]["baseline"], ls="-.", color="tab:gray", lw=1, label="own data")
