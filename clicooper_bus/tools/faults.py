@@ -1,26 +1,28 @@
 """Faults injected into a live run, and a soak (a benchmark) that tallies what they did.
 
 `Injector` pauses (SIGSTOP, then SIGCONT after `pause_s`) one chosen role of a run that is
-running on this machine, or kills a trainer (SIGKILL) and starts the same command line again
+running on this machine, or kills one (SIGKILL) and, a trainer, starts its command line again
 after a seeded delay (`Kill`), at a seeded random training step: the step is read from the owner's
 progress lines in `RUN_DIR/telemetry/owner.out` (`  epoch E step S/N ...`, about ten an epoch),
 so "step k" means "the first progress line at or past k". The processes are found by their
 command line (`clicooper_bus.services.<role> --config RUN_DIR/config.toml`, a trainer's also
 `--name NAME`), which works for `clicooper run` and for tests that start the processes
-themselves; Linux only (`/proc`). Kills are of trainers only (a killed owner, notary or broker
-cannot resume yet: issue 17 item 3). A restarted trainer is a child of the injector's process,
-its output appended to the killed one's telemetry files; `clicooper run` stops the whole run
-when one of its processes dies, so a run with kills is started by `launch` here instead.
+themselves; Linux only (`/proc`). Only a killed trainer is restarted (a killed owner, notary or
+broker cannot resume yet, issue 17 item 3: the run fails, named). A restarted trainer is a child
+of the injector's process, its output appended to the killed one's telemetry files; `clicooper
+run` stops the whole run when one of its processes dies, so a run with kills is started by
+`launch` here instead.
 
     python -m clicooper_bus.tools.faults --runs 20 --seed 1 --out /tmp/soak
 
 runs N quick synthetic runs, each pausing one role (trainer, owner, notary or broker, in turn)
 for a seeded random time between `--min-pause` and `--max-pause` seconds at a seeded random step,
-or (with `--kills`, every other run) killing a trainer at a seeded random step and restarting it
-after `--min-pause` to `--max-pause` seconds, and tallies each run as *completed* (exit 0, log
-verified, the test accuracy equal to an unfaulted run of the same seed), *failed cleanly* (exit
-3 or 1 with the log verifying and the failure named), or *lost* (anything else: a hang, a log
-that does not verify, a different model). Writes `soak.json` under `--out`.
+or (with `--kills`, every other run) killing a role at a seeded random step (a trainer, restarted
+after `--min-pause` to `--max-pause` seconds, every other kill; the owner, the notary and the
+broker in turn between), and tallies each run as *completed* (exit 0, log verified, the test
+accuracy equal to an unfaulted run of the same seed), *failed cleanly* (exit 3 or 1 with the log
+verifying and the failure named), or *lost* (anything else: a hang, a log that does not verify,
+a different model). Writes `soak.json` under `--out`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROLES = ("trainer", "owner", "notary", "broker")
+# what --kills kills in turn: trainers (restarted) half the time, each other role once a round
+KILL_ROLES = ("trainer", "owner", "trainer", "notary", "trainer", "broker")
 PROGRESS = re.compile(r"^\s*epoch (\d+) step (\d+)/(\d+)")
 
 
@@ -54,17 +58,18 @@ class Pause:
 
 @dataclass(frozen=True)
 class Kill:
-    """Kill `role` (a trainer's name) with SIGKILL once the owner reports training step
-    `at_step` or later, and start its command line again `restart_s` seconds later."""
+    """Kill `role` with SIGKILL once the owner reports training step `at_step` or later, and
+    (a trainer) start its command line again `restart_s` seconds later; `restart_s` None: it
+    stays dead (the owner, the notary or the broker cannot resume: the run fails, named)."""
 
     role: str
     at_step: int
-    restart_s: float
+    restart_s: float | None
 
     def __post_init__(self) -> None:
-        if not self.role.startswith("trainer"):
+        if self.restart_s is not None and not self.role.startswith("trainer"):
             raise ValueError(f"a killed {self.role} cannot resume (issue 17 item 3 is not built): "
-                             f"only trainers are killed and restarted")
+                             f"only trainers are restarted; kill it with restart_s None")
 
 
 def plan_pauses(seed: int, roles: list[str], steps: int, pause_s: tuple[float, float],
@@ -187,6 +192,10 @@ class Injector:
         argv, cwd = command_of(pid)
         t0, killed_at = time.monotonic(), time.time()
         os.kill(pid, signal.SIGKILL)
+        if k.restart_s is None:
+            self.done.append({"role": k.role, "pid": pid, "step": step, "killed": True,
+                              "killed_at": round(killed_at, 3)})
+            return
         if self._stop.wait(k.restart_s):
             return
         tel = self.run_dir / "telemetry"
@@ -242,13 +251,31 @@ def restart_timing(run_dir: Path, kill: dict) -> dict:
             "kill_to_resumed_s": round(times["rolled back"] - kill["killed_at"], 2)}
 
 
+def _wait_for_the_run(procs: dict[str, subprocess.Popen], inject: Injector | None,
+                      timeout_s: float) -> int:
+    """The owner's exit code once it exits; if `inject` killed it, once every other process
+    but the broker has exited, 1 if one of them failed (else 0); 124 after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    owner = procs["owner"]
+    others = [p for n, p in procs.items() if n not in ("owner", "broker")]
+    while time.monotonic() < deadline:
+        killed = {d["pid"] for d in (inject.done if inject else []) if d.get("killed")}
+        if owner.poll() is not None and owner.pid not in killed:
+            return owner.returncode
+        if owner.poll() is not None and all(p.poll() is not None for p in others):
+            return int(any(p.returncode != 0 for p in others if p.pid not in killed))
+        time.sleep(0.2)
+    return 124
+
+
 def launch(cfg_path: Path, *, timeout_s: float, inject: Injector | None = None,
            grace_s: float = 20.0) -> int:
     """Start every process of the run at `cfg_path` (as `clicooper run` would, without its
     rule that one process's death stops the run: a killed trainer is restarted by `inject`),
-    wait for the owner, give the others `grace_s` to leave, stop what is left. Returns the
-    owner's exit code, or 1 if another process failed (a restarted one included), or 124 on
-    `timeout_s`."""
+    wait for the owner (for every other process if `inject` killed it), give the others
+    `grace_s` to leave, stop what is left. Returns the owner's exit code (with the owner
+    killed, 1 if any other process failed), or 1 if another process failed (a restarted one
+    included), or 124 on `timeout_s`."""
     from clicooper_bus.tools.run import _commands, prepare
 
     cfg, path = prepare(str(cfg_path), {}, None, free_ports=False)
@@ -266,10 +293,9 @@ def launch(cfg_path: Path, *, timeout_s: float, inject: Injector | None = None,
         if inject is not None:
             inject.run_dir = cfg.run_dir
             inject.start()
-        try:
-            code = procs["owner"].wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return 124
+        code = _wait_for_the_run(procs, inject, timeout_s)
+        if code == 124:
+            return code
         killed = {d["pid"] for d in (inject.done if inject else []) if d.get("killed")}
         deadline = time.monotonic() + grace_s
         for name, p in procs.items():
@@ -331,16 +357,35 @@ def _outcome(cfg, code: int, reference: Path | None) -> tuple[str, str]:
         same = reference is not None and same_weights(layout.model, reference / "model.safetensors")
         return "completed", f"test accuracy {acc}; {'the same' if same else 'other'} weights"
     if code in (1, 3):
-        why = (summary or {}).get("stopped") or f"exit {code}"
+        why = (summary or {}).get("stopped") or _named_failure(layout.telemetry)
+        if why is None:
+            return "lost", f"exit {code} with no process naming why"
         return "failed cleanly", json.dumps(why, sort_keys=True, default=str)
     return "lost", f"exit {code}"
+
+
+def _named_failure(telemetry: Path) -> dict | None:
+    """The first error a process of the run logged, with who logged it (`{by, problem}`), from
+    its telemetry; None if none did."""
+    for path in sorted(telemetry.glob("*.jsonl")):
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("level") == "error" and e.get("error"):
+                return {"by": path.stem, "problem": e["error"]}
+    return None
 
 
 def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
          timeout_s: float, rejoin_timeout_s: float, trainers: int = 2,
          kills: bool = False) -> dict:
     """`runs` faulted quick synthetic runs under `out`, one role paused each (in turn), or with
-    `kills` every other run a trainer killed and restarted after `min_pause`..`max_pause` s;
+    `kills` every other run one killed (`KILL_ROLES` in turn: a trainer restarted after
+    `min_pause`..`max_pause` s, the others not);
     returns the tally and each run's record (also written to `out/soak.json`)."""
     from clicooper_bus.config import load_config
     from clicooper_bus.tools.run import free_port, run
@@ -385,13 +430,15 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
     records, tally = [], {"completed": 0, "failed cleanly": 0, "lost": 0}
     for i in range(runs):
         kill = kills and i % 2 == 1
-        role = "trainer" if kill else ROLES[(i // 2 if kills else i) % len(ROLES)]
+        role = KILL_ROLES[(i // 2) % len(KILL_ROLES)] if kill else \
+            ROLES[(i // 2 if kills else i) % len(ROLES)]
         role = f"trainer-{rng.randint(1, trainers)}" if role == "trainer" else role
         # the owner's last progress line of the epoch is at step 60 (every 6th of 63)
         pause: list[Pause | Kill] = plan_pauses(rng.randrange(1 << 30), [role], 60,
                                                 (min_pause, max_pause), first=2)
-        if kill:
-            pause = [Kill(role, pause[0].at_step, pause[0].pause_s)]
+        if kill:  # a trainer is started again; the others cannot resume (issue 17 item 3)
+            restart = pause[0].pause_s if role.startswith("trainer") else None
+            pause = [Kill(role, pause[0].at_step, restart)]
         t0 = time.monotonic()
         code, cfg, inj = one(f"fault-{i:03d}", pause)
         outcome, why = _outcome(cfg, code, reference)
@@ -399,7 +446,7 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
             outcome, why = "lost", "; ".join(inj.errors)
         tally[outcome] += 1
         for d in inj.done if inj else []:
-            if d.get("killed"):
+            if d.get("killed") and "restarted_at" in d:
                 d.update(restart_timing(cfg.run_dir, d))
         rec = {"run": cfg.run.id, "pause": asdict(pause[0]), "done": inj.done if inj else [],
                "exit": code, "outcome": outcome, "why": why,
@@ -422,8 +469,9 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description="Soak: N quick synthetic runs, each with one role paused (SIGSTOP, then "
-                    "SIGCONT) at a seeded random step, or with --kills every other run a trainer "
-                    "killed (SIGKILL) and restarted; tallies completed, failed cleanly, lost.",
+                    "SIGCONT) at a seeded random step, or with --kills every other run a role "
+                    "killed (SIGKILL; a trainer restarted); tallies completed, failed cleanly, "
+                    "lost.",
         epilog="example: python -m clicooper_bus.tools.faults --runs 20 --seed 1 --out /tmp/soak")
     p.add_argument("--runs", type=int, default=20, help="faulted runs (default 20)")
     p.add_argument("--seed", type=int, default=1, help="seed of the runs and of the faults")
@@ -435,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rejoin-timeout", type=float, default=20.0,
                    help="[bus] rejoin_timeout_s of the runs: gone after this (default 20)")
     p.add_argument("--kills", action="store_true",
-                   help="every other run kills a trainer (SIGKILL) at a seeded step and starts "
-                        "it again after --min-pause..--max-pause s")
+                   help="every other run kills a role (SIGKILL) at a seeded step: every other "
+                        "kill a trainer, started again after --min-pause..--max-pause s; the "
+                        "owner, notary and broker in turn between, which cannot resume")
     args = p.parse_args(argv)
     report = soak(args.runs, args.seed, Path(args.out), min_pause=args.min_pause,
                   max_pause=args.max_pause, timeout_s=args.timeout,

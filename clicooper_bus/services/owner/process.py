@@ -32,7 +32,7 @@ from clicooper_bus.services.common import EXIT_OK, EXIT_STOPPED, identity, open_
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner import artefacts
 from clicooper_bus.services.owner.books import Books
-from clicooper_bus.services.owner.rollback import Rejoined, rollback_step
+from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused, rollback_step
 from clicooper_bus.services.owner.setup import build
 from clicooper_bus.services.owner.training import EVAL_WINDOW, Training
 from clicooper_bus.services.trainer.snapshot import weights_digest
@@ -171,6 +171,9 @@ class Owner:
                                   time.perf_counter() - t0)
             except Refused as exc:  # refused by a trainer
                 return self._stop(exc.stopped, str(exc), time.perf_counter() - t0)
+            except RollbackRefused as exc:  # a trainer came back, but cannot be resumed
+                stopped = {"by": self.cfg.participants.owner, **exc.stopped}
+                return self._stop(stopped, str(exc), time.perf_counter() - t0)
             except Rejoined as exc:  # outside training (joining, delivering): not built
                 stopped = {"by": self.cfg.participants.owner, "rejoined": exc.name,
                            "problem": f"{exc}, outside training: resuming there is not built"}
@@ -291,11 +294,11 @@ class Owner:
         the owner's head back, say `rollback` (signed, in the log: the steps from there on
         appear in it again), drop what trainers send until each says `restored`, and check
         each restored the state it committed. Returns (epoch, batch) to train from. Raises
-        ClicooperError (the run fails, named) when no step can be resumed from."""
+        RollbackRefused (the run stops cleanly, named) when it cannot resume."""
         if self.cfg.watermark.enabled:
-            raise ClicooperError(f"{exc.name} rejoined, but rolling back a run with watermarks "
-                                 f"on is not built (a stage's round marker is not in its "
-                                 f"snapshot)")
+            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but rolling back a run with "
+                                            f"watermarks on is not built (a stage's round "
+                                            f"marker is not in its snapshot)")
         books, name = self.books, exc.name
         # what each trainer committed, by step: its `snapshot`s, and for the rejoined one its
         # `rejoin` too (signed and logged: its newest file may never have been announced)
@@ -321,9 +324,10 @@ class Owner:
                                for n in self.stages))
         for n in self.stages:
             if books.restored[n].state != states[n][step]:
-                raise ClicooperError(f"{n} restored a state of step {step} other than the one "
-                                     f"it committed (sha256 {books.restored[n].state[:16]}... "
-                                     f"for {states[n][step][:16]}...)")
+                raise RollbackRefused(name, f"{n} restored a state of step {step} other than "
+                                            f"the one it committed (sha256 "
+                                            f"{books.restored[n].state[:16]}... for "
+                                            f"{states[n][step][:16]}...)")
         self.mailbox.held.clear()
         epoch = len(self.per_epoch)
         return epoch, step - epoch * per

@@ -28,6 +28,15 @@ class Rejoined(ClicooperError):
         self.name, self.rejoin = name, rejoin
 
 
+class RollbackRefused(ClicooperError):
+    """A rejoined trainer cannot be resumed (no step every stage committed, a restore that is
+    not what was committed, watermarks on): the run stops cleanly, naming it."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(problem)
+        self.stopped = {"rejoined": name, "problem": problem}
+
+
 class OwnerSnapshots:
     """The owner's head (and tail) at the steps the trainers snapshot theirs, in memory: the
     last `KEEP`."""
@@ -58,8 +67,8 @@ def rollback_step(name: str, rejoin: Rejoin, committed: dict[str, dict[int, str]
     """The step to roll back to when trainer `name` rejoins with `rejoin`: the newest of its
     snapshot steps that every other stage in `stages` committed (`committed`: name -> step ->
     state digest of its `snapshot`) and the owner kept (`owner_steps`), and whose state digest
-    is the one `name` committed for it, if it committed one. Raises ClicooperError naming what
-    is missing."""
+    is the one `name` committed for it, if it committed one. Raises RollbackRefused naming
+    what is missing."""
     mine = committed.get(name, {})
     for step, state in sorted(zip(rejoin.steps, rejoin.states, strict=True), reverse=True):
         if step in mine and mine[step] != state:
@@ -67,7 +76,7 @@ def rollback_step(name: str, rejoin: Rejoin, committed: dict[str, dict[int, str]
         others = all(step in committed.get(n, {}) for n in stages if n != name)
         if others and step in owner_steps:
             return step
-    raise ClicooperError(
+    raise RollbackRefused(name,
         f"{name} rejoined with snapshots of steps {rejoin.steps}, but no step of them has "
         f"every stage's committed snapshot and the owner's (owner: {sorted(owner_steps)}; "
         + "; ".join(f"{n}: {sorted(committed.get(n, {}))[-4:]}" for n in stages if n != name)

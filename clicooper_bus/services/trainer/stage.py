@@ -266,10 +266,11 @@ class Trainer:
         their `restored` (each publisher's messages arrive in order)."""
         rb = Rollback.parse(env.document(), sender=self.roster.owner.name)
         snap = self.store.get(rb.step)
-        if snap is None:
-            raise ClicooperError(
-                f"the owner rolls back to step {rb.step}, of which {self.name} has no snapshot "
-                f"(in memory: {sorted(self.store.memory)}, on disk: {self.snapshots.steps()})")
+        if snap is None:  # refused like a poisoned input: the owner stops the run, named
+            raise PoisonedInput(sender=self.roster.owner.name, kind="rollback", step=rb.step,
+                                problem=f"a rollback to step {rb.step}, of which {self.name} "
+                                        f"has no snapshot (in memory: {sorted(self.store.memory)}"
+                                        f", on disk: {self.snapshots.steps()})")
         self.seg = SegmentTrainer(self.segment, lr=self.plan.lr)  # nothing pending
         if self.marker is not None:
             self.seg.regularizer = self.marker.regularizer
