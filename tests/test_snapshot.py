@@ -121,3 +121,66 @@ def test_the_rollback_step_is_the_newest_every_stage_committed_and_the_owner_kep
     # nothing in common: refused, naming what each holds
     with pytest.raises(ClicooperError, match=r"no step of them .* trainer-2: \[10, 20, 30, 40\]"):
         rollback_step("trainer-1", Rejoin(1, [50], [a]), committed, stages, {20, 30})
+
+
+def _scripted_stage(tmp_path, script):
+    """The scripted last stage of tests/test_trainer_order.py (Linear(3, 2), batches of 4),
+    snapshotting every 2 steps into `tmp_path`."""
+    from types import SimpleNamespace
+
+    from tests.test_trainer_order import _last_stage
+
+    t, bus = _last_stage(script, in_flight=1)
+    t.snapshots = RunLayout(tmp_path).snapshots("last")
+    t.store = snapshot.Store(t.snapshots, {})
+    t.cfg = SimpleNamespace(run=SimpleNamespace(snapshot_every=2))
+    t.per, t.segment, t.restored_seen, t.dropped = 0, t.seg.module, {}, 0
+    t.log = SimpleNamespace(warning=lambda *a, **k: None, info=lambda *a, **k: None)
+    return t, bus
+
+
+def _control(kind, sender, doc):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(header=SimpleNamespace(kind=kind, sender=sender, step=doc["step"]),
+                           document=lambda: doc)
+
+
+def test_a_stage_rolls_back_drops_stale_data_and_trains_the_step_again(tmp_path):
+    """Steps 0 to 2, a rollback to step 2 (snapshotted after step 1), a stale activation from
+    the previous stage before it says it restored (dropped), then step 2 again: the stage ends
+    with step 2 applied once, as if nothing happened, and says what it restored."""
+    from tests.test_trainer_order import OWNER, PREV, _message
+
+    torch.manual_seed(1)
+    x = [torch.rand(4, 3) for _ in range(3)]
+    y = [torch.tensor([0, 1, 1, 0]), torch.tensor([1, 1, 0, 0]), torch.tensor([0, 0, 1, 1])]
+    step = [m for s in range(3) for m in (_message("fwd", PREV, s, x[s]),
+                                          _message("labels", OWNER, s, y[s]))]
+    script = [*step, _control("rollback", OWNER, {"step": 2, "rejoined": "prev"}),
+              _message("fwd", PREV, 2, x[2]),  # sent before prev restored: stale
+              _control("restored", PREV, {"step": 2, "state": "ab" * 32}),
+              *step[4:], _message("end", OWNER, 0)]
+    t, bus = _scripted_stage(tmp_path, script)
+    t._serve()
+    assert t.dropped == 1
+    restored = [(k, m) for k, _, m in bus.sent if k == "restored"]
+    assert restored == [("restored", {"step": 2})]
+    assert [m["step"] for k, _, m in bus.sent if k == "snapshot"] == [2]
+    torch.manual_seed(0)  # `_last_stage`'s weights
+    ref = SegmentTrainer(nn.Sequential(nn.Linear(3, 2)), lr=0.1)
+    for s in range(3):
+        ref.forward(x[s], s)
+        ref.loss_backward(y[s], s)
+    for a, b in zip(t.seg.module.parameters(), ref.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_rollback_to_a_step_never_snapshotted_is_refused_naming_the_owner(tmp_path):
+    from clicooper_bus.errors import PoisonedInput
+    from tests.test_trainer_order import OWNER
+
+    t, _ = _scripted_stage(tmp_path, [_control("rollback", OWNER, {"step": 7, "rejoined": "x"})])
+    with pytest.raises(PoisonedInput, match="no snapshot") as e:
+        t._serve()
+    assert (e.value.sender, e.value.kind, e.value.step) == ("owner", "rollback", 7)
