@@ -217,3 +217,31 @@ def test_the_measured_cpu_is_in_the_summary_the_log_and_the_report(audited):
     assert "cannot check" in md  # the report says whose word the CPU numbers are
     out = (audited / "telemetry" / "owner.out").read_text()
     assert f"{s['owner_cpu_share']:.1%} of the training CPU as self-reported" in out
+
+
+def test_a_run_from_before_a_config_field_was_added_still_audits(audited, tmp_path):
+    """The roster's config digest is checked on the file's own keys: equal to the owner's
+    `RunConfig.digest` for every config, and a run written before a field existed (its
+    config.toml lacks it) matches what its roster signed and loads with the default."""
+    import dataclasses
+
+    from clicooper_bus.audit.auditor import file_digest, run_config
+    from clicooper_bus.audit.replay import replay
+    from clicooper_bus.config import load_config
+
+    for path in ("configs/demo.toml", "configs/defended.toml", audited / "config.toml"):
+        cfg = load_config(path)
+        assert file_digest(cfg.to_toml()) == cfg.digest(), path
+    run_dir = _copy(audited, tmp_path / "aud")
+    text = (run_dir / "config.toml").read_text()
+    older = "\n".join(line for line in text.splitlines()
+                      if not line.startswith("trainer_memory_mb"))
+    assert older != text
+    (run_dir / "config.toml").write_text(older)
+    r = replay(run_dir / "log")
+    with pytest.raises(Exception, match="not the configuration the roster commits to"):
+        run_config(run_dir, r)  # this run's roster signed the whole file
+    old_roster = dataclasses.replace(r.roster, meta={**r.roster.meta,
+                                                     "config": file_digest(older)})
+    cfg = run_config(run_dir, dataclasses.replace(r, roster=old_roster))
+    assert cfg.run.trainer_memory_mb == load_config(None).run.trainer_memory_mb

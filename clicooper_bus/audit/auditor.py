@@ -14,6 +14,7 @@ import hashlib
 import json
 import sys
 import time
+import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,12 +124,24 @@ def run_config(run_dir: Path, replayed: Replay) -> RunConfig:
     if not path.exists():
         raise ClicooperError(f"{path} is missing: the owner writes it at the start of a run; "
                              f"without it the auditor cannot load the run's dataset")
-    cfg = load_config(path)
+    text = path.read_text()
     committed = replayed.roster.meta.get("config", "")
-    if cfg.digest() != committed:
+    if file_digest(text) != committed:
         raise ClicooperError(f"{path} is not the configuration the roster commits to (digest "
-                             f"{cfg.digest()[:16]}..., roster {committed[:16]}...)")
-    return cfg
+                             f"{file_digest(text)[:16]}..., roster {committed[:16]}...)")
+    return load_config(path)
+
+
+def file_digest(text: str) -> str:
+    """The roster's config digest (`RunConfig.digest`) recomputed from the file's own keys:
+    the owner writes every field it has, so this equals its digest, and a run written by an
+    older version (before a field was added, which loading now fills with its default) still
+    matches what its roster signed. Raises ClicooperError if the file is not TOML."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ClicooperError(f"the run's config.toml is not TOML: {exc}") from None
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def load_model(run_dir: Path, plan, ack: dict | None
