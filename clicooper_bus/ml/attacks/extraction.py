@@ -19,6 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from torch import nn
 
+from clicooper_bus.ml.attacks import memo
 from clicooper_bus.ml.attacks.base import Attack, ThreatModel, Track, View, no_progress
 from clicooper_bus.ml.attacks.inversion import train_simulator
 from clicooper_bus.ml.attacks.nets import apply, batches, head_clone, seeded
@@ -62,6 +63,17 @@ def group_pseudo_classes(tail: nn.Module, released: np.ndarray, received: np.nda
 
 
 def fit_head(view: View, seed: int, track: Track) -> tuple[nn.Module, str]:
+    """The colluders' stand-in for the owner's head, and how it was made; the same for every
+    extraction attack of an audit (they differ only in the labels that name its outputs), so
+    fitted once (`memo`)."""
+    pairs = view.eval_pairs
+    key = memo.digest("fit_head", seed, repr(view.plan), *(pairs if pairs is not None else ()),
+                      np.asarray(view.released), *[p for s in view.stages
+                                                   for p in s.state_dict().values()])
+    return memo.once(key, lambda: _fit_head(view, seed, track))
+
+
+def _fit_head(view: View, seed: int, track: Track) -> tuple[nn.Module, str]:
     pairs = view.eval_pairs
     if pairs is not None and len(pairs[0]) >= 64:
         x, a = pairs
