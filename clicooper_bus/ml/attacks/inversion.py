@@ -38,7 +38,7 @@ class WhiteBoxDecoder(Attack):
                          frozenset({"plan", "released", "release", "aux_images"}),
                          "public aux images, released through the owner's own mechanism")
 
-    def __init__(self, targets: int = 500, epochs: int = 8, seed: int = 0):
+    def __init__(self, targets: int = 500, epochs: int = 10, seed: int = 0):
         self.targets, self.epochs, self.seed = targets, epochs, seed
 
     def run(self, view: View, track: Track = no_progress) -> np.ndarray:

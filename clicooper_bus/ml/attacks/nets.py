@@ -22,9 +22,14 @@ def head_clone(plan, seed: int) -> nn.Sequential:
 
 class Decoder(nn.Module):
     """Activation (C x h x w, or flat) -> image in [0, 1]: transposed convolutions doubling the
-    side until it reaches the image's, then a sigmoid."""
+    side until it reaches the image's, then a sigmoid.
 
-    def __init__(self, act_shape: tuple[int, ...], img_shape: tuple[int, int, int], width: int = 48):
+    `width` 32: on the demo's offloading cut (16 x 14 x 14 releases), 32 channels trained 10
+    epochs reconstructed better than 48 trained 8 (white-box SSIM 0.868 against 0.863) in 70 %
+    of the time, and SDAR's decoder at 32 scored 0.550 against 0.544 in 72 % (the decoder's
+    full-resolution layers are most of both attacks' cost)."""
+
+    def __init__(self, act_shape: tuple[int, ...], img_shape: tuple[int, int, int], width: int = 32):
         super().__init__()
         c, h, w = img_shape
         if len(act_shape) == 1:
