@@ -131,7 +131,8 @@ def test_no_field_carries_the_truth():
 
 def test_declared_views_only(syn):
     knowledge, _, _ = syn
-    with_labels = {"class-mean", "sdar", "extraction-10", "extraction-50"}
+    with_labels = {"class-mean", "sdar", "extraction-10", "extraction-50",
+                   "completion-trainer-1", "completion-trainer-2", "completion-colluding"}
     with_release = {"whitebox-decoder", "class-mean"}
     for attack in expand_per_trainer(default_attacks(), ["trainer-1", "trainer-2"]):
         view = knowledge.view(attack.threat)
