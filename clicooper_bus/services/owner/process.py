@@ -89,6 +89,7 @@ class Owner:
         self.rounds = 0
         self.evaluations = 0
         self.per_epoch: list[dict] = []  # each finished epoch's row (kept for a stopped run)
+        self.delivered: set[str] = set()  # trainers whose segment the owner has loaded
 
     def _routes(self) -> None:
         """The handler table: who may send the owner each kind, and what it does with it."""
@@ -140,6 +141,11 @@ class Owner:
         announced by the process that died."""
         name = self.books.names[env.header.sender]
         rejoin = Rejoin.parse(env.document(), sender=name)
+        if name in self.delivered:  # killed after its part was done: the run goes on
+            self.log.warning("rejoin after the segment was delivered ignored", trainer=name)
+            print(f"owner: {name} rejoined after delivering its segment: nothing to resume",
+                  flush=True)
+            return
         if rejoin.stage != self.stages.index(name) + 1:
             raise ClicooperError(f"{name} rejoined as stage {rejoin.stage}; it is stage "
                                  f"{self.stages.index(name) + 1}")
@@ -391,6 +397,7 @@ class Owner:
             check_weights(self.setup.segments[i].state_dict().items(), sender=name,
                           kind="segment")
             self._check_last_commitment(name, i)
+            self.delivered.add(name)
             for k, v in seg.sent.items():  # counted before the segment was sent
                 sent[k] = sent.get(k, 0) + v
             sent["segment"] = sent.get("segment", 0) + 1
