@@ -102,9 +102,14 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def cosine_variants(x: np.ndarray, k: int, *, seed: int = 0, restarts: int = 5
+COSINE_RESTARTS = 10  # k-means starts for cosine clustering (see `cosine_variants`)
+
+
+def cosine_variants(x: np.ndarray, k: int, *, seed: int = 0, restarts: int = COSINE_RESTARTS
                     ) -> dict[str, np.ndarray]:
-    """k-means on the rows' directions (unit L2 norm): cosine clustering."""
+    """k-means on the rows' directions (unit L2 norm): cosine clustering. Ten starts: on the
+    offloading demo's trainer-1 gradients three starts ended in a local optimum with two
+    classes merged (ARI 0.860) where ten found every label (0.999), for about 8 s more."""
     unit = normalize(x.reshape(len(x), -1).astype(np.float64))
     km = KMeans(n_clusters=k, n_init=restarts, random_state=seed)
     return {"cosine": km.fit_predict(unit).astype(np.int64)}
@@ -270,7 +275,8 @@ class ChannelInference(Attack):
                   ) -> dict[str, np.ndarray]:
         v = cluster_variants(x, k, seed=self.seed, restarts=self.restarts)
         if kind in ("bwd", "joined", "own_out", "own_eval_out"):
-            v.update(cosine_variants(x, k, seed=self.seed, restarts=self.restarts))
+            v.update(cosine_variants(x, k, seed=self.seed,
+                                     restarts=max(self.restarts, COSINE_RESTARTS)))
         if logits:  # the model's own prediction; pseudo-classes merged by softmax profile
             top = x.argmax(1).astype(np.int64)
             merged = top if x.shape[1] == k else merge_pseudo(top, softmax(x), k, self.seed)
