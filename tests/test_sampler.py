@@ -133,14 +133,22 @@ def test_a_large_scale_has_the_continuous_moments():
     assert lap.var() == pytest.approx(2.0, rel=0.03)
 
 
-def test_the_same_seed_draws_the_same_noise():
-    a = sampler.discrete_laplace(_rng(7), 1000, 5000)
-    assert np.array_equal(a, sampler.discrete_laplace(_rng(7), 1000, 5000))
-    assert not np.array_equal(a, sampler.discrete_laplace(_rng(8), 1000, 5000))
-    assert a.dtype == np.int64 and sampler.discrete_laplace(_rng(9), 5, 0).size == 0
+def _samplers():
+    from clicooper_bus.ml.privacy.discrete_gaussian import discrete_gaussian
+
+    return [sampler.discrete_laplace, discrete_gaussian]
 
 
+@pytest.mark.parametrize("draw", _samplers(), ids=["laplace", "gaussian"])
+def test_the_same_seed_draws_the_same_noise(draw):
+    a = draw(_rng(7), 1000, 5000)
+    assert np.array_equal(a, draw(_rng(7), 1000, 5000))
+    assert not np.array_equal(a, draw(_rng(8), 1000, 5000))
+    assert a.dtype == np.int64 and draw(_rng(9), 5, 0).size == 0
+
+
+@pytest.mark.parametrize("draw", _samplers(), ids=["laplace", "gaussian"])
 @pytest.mark.parametrize("bad", [0, -3, 2.5, sampler.MAX_SCALE + 1])
-def test_a_scale_out_of_range_is_named(bad):
+def test_a_scale_out_of_range_is_named(draw, bad):
     with pytest.raises(ValueError, match="lattice steps"):
-        sampler.discrete_laplace(_rng(), bad, 10)
+        draw(_rng(), bad, 10)

@@ -112,17 +112,7 @@ def test_the_tail_bucket_is_exact_and_never_kept_where_f_is_negligible():
     assert all(dg._tail(rng, t) is None for _ in range(200))
 
 
-def test_the_same_seed_draws_the_same_noise():
-    a = dg.discrete_gaussian(_rng(7), 1000, 5000)
-    assert np.array_equal(a, dg.discrete_gaussian(_rng(7), 1000, 5000))
-    assert not np.array_equal(a, dg.discrete_gaussian(_rng(8), 1000, 5000))
-    assert a.dtype == np.int64 and dg.discrete_gaussian(_rng(9), 5, 0).size == 0
-
-
-@pytest.mark.parametrize("bad", [0, -3, 2.5, sampler.MAX_SCALE + 1])
-def test_a_sigma_out_of_range_is_named(bad):
-    with pytest.raises(ValueError, match="lattice steps"):
-        dg.discrete_gaussian(_rng(), bad, 10)
+# seeding and the scale's range: tests/test_sampler.py, for both samplers
 
 
 def test_sigma_one_has_the_discrete_variance():
