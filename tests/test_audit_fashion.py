@@ -1,4 +1,4 @@
-"""Acceptance of the attack suite on the real task: an undefended small CNN trained three
+"""Acceptance of the attack suite on the real task: an undefended small CNN trained two
 epochs on half of Fashion-MNIST's training set over the bus, audited by an auditor following
 the run, and extraction behind label expansion (gamma 10, permuted) trained in process. The
 pins keep an attack from silently weakening; the measured values are in the comments."""
@@ -28,12 +28,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 def fashion_run(tmp_path_factory) -> tuple[dict, Path]:
     """The audited run: (its report, its run directory)."""
     tmp = tmp_path_factory.mktemp("fashion")
-    # half the training set (three epochs): the pins below hold with margin, in half the time;
+    # half the training set, two epochs: the pins below hold with margin, in a third of the time;
     # cut after both convolutions, where the owner computes them and a step costs half what it
     # costs at the offloading default (the suite's time; the demo audits the default's cut,
     # and tests/test_channels.py attacks it over the bus)
     cfg = write_config(tmp, run_id="fm3", trainers=2,
-                       run={"epochs": 3, "batch_size": 128, "threads": 2},
+                       run={"epochs": 2, "batch_size": 128, "threads": 2},
                        data={"name": "fashion-mnist", "train_limit": 30000},
                        model={"cuts": [6, 8]})
     # the attacks pinned below. The channel attacks on this data are the demo's (and
@@ -60,7 +60,7 @@ def test_undefended_run_leaks_as_measured(report):
     assert report["integrity"]["ok"] and not report["forced"]
     assert report["settings"]["released_samples"] >= 2000
     clus = _attack(report, "clustering")
-    assert clus["ari"] >= 0.38  # measured here 0.47; raw pixels 0.36
+    assert clus["ari"] >= 0.38  # measured here 0.45 (two epochs; 0.48 after three); raw pixels 0.36
     assert clus["matched_accuracy"] > clus["matched_accuracy_chance"] + 0.3
     cm = _attack(report, "class-mean")
     floors = cm["floors"]
