@@ -112,7 +112,7 @@ def test_an_owner_tail_run_leaks_its_labels_through_the_gradients(tmp_path):
     from clicooper_bus.tools.run import run
     from tests.busrun import write_config
 
-    path = write_config(tmp_path, run_id="tail", trainers=2, run={"epochs": 2},
+    path = write_config(tmp_path, run_id="tail", trainers=2, run={"epochs": 1},
                         privacy={"owner_tail": True, "mechanism": "gaussian",
                                  "noise_multiplier": 0.3, "clip": 1.0},
                         log={"retention": "fwd=sample:8,bwd=all,*=all"})
