@@ -184,3 +184,28 @@ def test_a_rollback_to_a_step_never_snapshotted_is_refused_naming_the_owner(tmp_
     with pytest.raises(PoisonedInput, match="no snapshot") as e:
         t._serve()
     assert (e.value.sender, e.value.kind, e.value.step) == ("owner", "rollback", 7)
+
+
+@pytest.mark.parametrize("noise,done,said", [
+    (True, 0, "activation protection on is not built"),
+    (False, 3, "already rolled back 3 times"),
+])
+def test_a_rollback_is_refused_under_noise_and_past_the_limit(noise, done, said):
+    """Review: a replayed step's release reuses that step's noise (on a different activation
+    the two releases' difference has none), and any member may say rejoin at any time; so the
+    owner refuses to roll back a run with activation protection, and after MAX_ROLLBACKS."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.protocol import Rejoin
+    from clicooper_bus.services.owner.process import MAX_ROLLBACKS, Owner
+    from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused
+
+    assert MAX_ROLLBACKS == 3
+    owner = SimpleNamespace(
+        cfg=SimpleNamespace(watermark=SimpleNamespace(enabled=False)),
+        setup=SimpleNamespace(defences=SimpleNamespace(filter=object() if noise else None)),
+        rollbacks=done)
+    exc = Rejoined("trainer-1", Rejoin(1, [20], ["00" * 32]))
+    with pytest.raises(RollbackRefused, match=said) as info:
+        Owner._roll_back(owner, exc)
+    assert info.value.stopped["rejoined"] == "trainer-1" and owner.rollbacks == done

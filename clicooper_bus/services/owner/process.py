@@ -49,6 +49,8 @@ CPU_NOTE = ("time.process_time() of each process (user + system CPU seconds of a
             "step's start to its last one's end; the notary's cpu_s runs to the owner's ack; "
             "the broker's cpu_s is in its telemetry line 'broker stopped' (telemetry/broker.jsonl)")
 
+MAX_ROLLBACKS = 3  # rejoins a run rolls back for; past it, the next stops the run cleanly
+
 
 class Refused(ClicooperError):
     """A trainer refused poisoned input (its signed `end` with `refused`): the run stops."""
@@ -88,6 +90,7 @@ class Owner:
                                  self.kid)
         self.rounds = 0
         self.evaluations = 0
+        self.rollbacks = 0  # rollbacks so far (at most MAX_ROLLBACKS)
         self.per_epoch: list[dict] = []  # each finished epoch's row (kept for a stopped run)
         self.delivered: set[str] = set()  # trainers whose segment the owner has loaded
 
@@ -305,6 +308,20 @@ class Owner:
             raise RollbackRefused(exc.name, f"{exc.name} rejoined, but rolling back a run with "
                                             f"watermarks on is not built (a stage's round "
                                             f"marker is not in its snapshot)")
+        if self.setup.defences.filter is not None:
+            # a replayed step's noise is keyed by its step: on an activation that differs from
+            # the first release (a pipelined window, or a member sending other gradients after
+            # the rollback) the difference of the two releases has no noise at all, and the
+            # accountant counts neither
+            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but rolling back a run with "
+                                            f"activation protection on is not built (a replayed "
+                                            f"release would reuse its step's noise)")
+        if self.rollbacks >= MAX_ROLLBACKS:
+            # a member may say rejoin at any time: each costs replayed steps, so it is bounded
+            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but the run has already "
+                                            f"rolled back {self.rollbacks} times (at most "
+                                            f"{MAX_ROLLBACKS})")
+        self.rollbacks += 1
         books, name = self.books, exc.name
         # what each trainer committed, by step: its `snapshot`s, and for the rejoined one its
         # `rejoin` too (signed and logged: its newest file may never have been announced)
