@@ -32,7 +32,7 @@ from clicooper_bus.audit.truth import CLUSTER_SAMPLES, Release, Truth, gather
 from clicooper_bus.config import RunConfig, load_config
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
-from clicooper_bus.ml.attacks import default_attacks, expand_per_trainer
+from clicooper_bus.ml.attacks import default_attacks, expand_per_trainer, memo
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.attacks.channels import received_field
 from clicooper_bus.ml.compute import compute_plan
@@ -139,9 +139,12 @@ def file_digest(text: str) -> str:
     matches what its roster signed. Raises ClicooperError if the file is not TOML."""
     try:
         doc = tomllib.loads(text)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
     except tomllib.TOMLDecodeError as exc:
         raise ClicooperError(f"the run's config.toml is not TOML: {exc}") from None
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    except (TypeError, ValueError) as exc:  # a date or time: no config key has one
+        raise ClicooperError(f"the run's config.toml holds a value no configuration has "
+                             f"({exc})") from None
 
 
 def load_model(run_dir: Path, plan, ack: dict | None
@@ -213,6 +216,7 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     files are missing or do not match its log)."""
     run = RunLayout(run_dir)
     t0 = time.perf_counter()
+    memo.clear()  # what an earlier audit in this process computed is not this run's
     audit = _verified(run, owner, list(witnessed or []), force)
     try:
         replayed = replay(run.log)

@@ -68,8 +68,8 @@ def fit_head(view: View, seed: int, track: Track) -> tuple[nn.Module, str]:
     fitted once (`memo`)."""
     pairs = view.eval_pairs
     key = memo.digest("fit_head", seed, repr(view.plan), *(pairs if pairs is not None else ()),
-                      np.asarray(view.released), *[p for s in view.stages
-                                                   for p in s.state_dict().values()])
+                      np.asarray(view.released), view.aux_images,
+                      *[p for s in view.stages for p in s.state_dict().values()])
     return memo.once(key, lambda: _fit_head(view, seed, track))
 
 
