@@ -7,6 +7,11 @@ significant bits for differential privacy"). Measured on the first Laplace filte
 scale 20, stated epsilon 0.1): every release of 0 fell in the output set of 0, but only 18.3 %
 of the releases of 0.5 did, so epsilon was at least 1.70.
 
+The integer k + z below is the mechanism's output; the float32 value sent is that integer
+times gamma, rounded once: exactly on the lattice when the clip is a power of two (gamma is
+then one too), otherwise a fixed function of the integer, which is post-processing and leaves
+epsilon as it is (a review found 20 % of releases exactly on gamma Z at clip 0.3).
+
 Here a release is `gamma * (k + z)`: k = round(x / gamma) is the clipped activation snapped to
 the lattice gamma Z (gamma = clip * 2^-LATTICE_BITS), z integer noise drawn exactly: the
 discrete Gaussian N_Z(0, s^2) for `gaussian` (`discrete_gaussian`), the discrete Laplace of
