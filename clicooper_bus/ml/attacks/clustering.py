@@ -13,7 +13,6 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-from clicooper_bus.ml.attacks import memo
 from clicooper_bus.ml.attacks.base import Attack, ThreatModel, Track, View, no_progress
 
 VARIANTS = ("plain", "standardised", "pca10", "pca50", "standardised+pca10",
@@ -38,8 +37,7 @@ def all_features(x: np.ndarray, seed: int = 0, variants: tuple[str, ...] = VARIA
     out: dict[str, np.ndarray] = {}
     for name, base in bases.items():
         prefix = "" if name == "plain" else name + "+"
-        wanted = [v for v in variants if v.startswith(prefix + "pca")] if prefix \
-            else [v for v in variants if v.startswith("pca")]
+        wanted = [v for v in variants if v.startswith(prefix + "pca")]
         if name in variants:
             out[name] = base
         if wanted:
@@ -52,16 +50,10 @@ def all_features(x: np.ndarray, seed: int = 0, variants: tuple[str, ...] = VARIA
 
 def cluster_variants(x: np.ndarray, k: int, *, seed: int = 0, restarts: int = 5,
                      track: Track = no_progress, desc: str = "clustering") -> dict[str, np.ndarray]:
-    """Cluster assignments of every variant (k clusters, `restarts` k-means initialisations);
-    computed once per audit for the same rows (`memo`: the clustering attack and the first
-    trainer's channel attack both cluster the released activations)."""
-    def compute() -> dict[str, np.ndarray]:
-        feats = all_features(x, seed)
-        return {v: KMeans(n_clusters=k, n_init=restarts, random_state=seed).fit_predict(
-            feats[v]).astype(np.int64) for v in track(VARIANTS, desc, len(VARIANTS))}
-
-    return dict(memo.once(memo.digest("cluster_variants", x, k, seed, restarts, VARIANTS),
-                          compute))
+    """Cluster assignments of every variant (k clusters, `restarts` k-means initialisations)."""
+    feats = all_features(x, seed)
+    return {v: KMeans(n_clusters=k, n_init=restarts, random_state=seed).fit_predict(
+        feats[v]).astype(np.int64) for v in track(VARIANTS, desc, len(VARIANTS))}
 
 
 class ClusteringAttack(Attack):

@@ -1,7 +1,6 @@
 """Pure steps that several attacks of one audit repeat on the same inputs, computed once.
 
-The clustering attack and the first trainer's channel attack cluster the same released rows;
-the three extraction attacks fit the same head simulator before they differ in how many
+The three extraction attacks fit the same head simulator before they differ in how many
 labels name its outputs. Each such step is a deterministic function of its inputs (arrays,
 seeds, settings), so its result is kept under a SHA-256 digest of them, and a second attack
 gets the first one's result instead of recomputing it. The cache is per process and small
