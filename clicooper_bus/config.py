@@ -146,6 +146,9 @@ class ParticipantsSection:
     observers: list = _doc([], "auditors following the run (`clicooper_bus.services.auditor --follow --name "
                                "NAME`): the owner starts only once they watch, and the notary "
                                "keeps the finished run open until they are done")
+    standby: list = _doc([], "standby trainers: roster members with no stage, each ready to "
+                             "take over the stage of a trainer gone past rejoin_timeout_s "
+                             "(their order is the order of takeover)")
 
 
 @dataclass
@@ -184,6 +187,10 @@ class BusSection:
     audit_timeout_s: float = _doc(600.0, "how long the notary keeps a finished run open for an "
                                           "auditor following it (`clicooper_bus.services.auditor --follow`) "
                                           "to finish its audit", min=1.0)
+    codec: str = _doc("fp32", "how activations and gradients travel, applied after the privacy "
+                              "filter (post-processing: epsilon unchanged) and part of the "
+                              "signed plan: fp32 (as computed), fp16, bf16, or int8 (one "
+                              "float32 scale per row)", choices=("fp32", "fp16", "bf16", "int8"))
 
 
 @dataclass
@@ -369,7 +376,7 @@ def _cross_checks(cfg: RunConfig, name: str) -> None:
     try:
         check_name(cfg.run.id, "run id")
         p = cfg.participants
-        names = [p.owner, p.notary, *p.trainers, *p.observers, p.broker]
+        names = [p.owner, p.notary, *p.trainers, *p.standby, *p.observers, p.broker]
         for n in names:
             check_name(n, "participant name")
     except ValueError as exc:
