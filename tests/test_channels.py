@@ -48,7 +48,8 @@ def _scored(trainer_rows: dict[str, Rows], labels, trainer="trainer-1", plan=PLA
     know = Knowledge({"plan": plan, received_field(trainer): trainer_rows,
                       stage_field(trainer): stage})
     out = attack.run(know.view(attack.threat))
-    truth = SimpleNamespace(train_labels=labels, test_labels=labels)
+    truth = SimpleNamespace(train_labels=labels, test_labels=labels, aux=np.zeros((0, 1)),
+                            aux_labels=np.arange(K))
     audit = SimpleNamespace(references={"channels_seen": {trainer: {"fwd": N * EPOCHS}}})
     return families.family("channels").score(attack, out, truth, audit, None)
 
@@ -126,6 +127,8 @@ def test_an_owner_tail_run_leaks_its_labels_through_the_gradients(tmp_path):
     # the last stage's own outputs (the features it sends the owner's tail) are attacked, and
     # counted against the rows they were computed from
     assert last["own_out"]["seen"] == last["fwd"]["seen"] > 0 and "own_eval_out" in last
+    # evaluation rows are scored on the private half of the test split, not the aux images
+    assert last["own_eval_out"]["rows_of"] == "private evaluation images"
     assert rows["all trainers"]["ari"] >= max(rows[t]["ari"] for t in ("trainer-1", "trainer-2"))
     # model completion, per trainer and colluding, on what each received over the bus
     from clicooper_bus.audit.family_completion import lead
@@ -155,7 +158,8 @@ def test_colluding_trainers_join_what_they_received_of_each_sample():
     view = know.view(colluding.threat)
     assert view.fields == {"plan", received_field("trainer-1"), received_field("trainer-2")}
     out = colluding.run(view)
-    truth = SimpleNamespace(train_labels=labels, test_labels=labels)
+    truth = SimpleNamespace(train_labels=labels, test_labels=labels, aux=np.zeros((0, 1)),
+                            aux_labels=np.arange(K))
     audit = SimpleNamespace(references={"channels_seen": {"trainer-1": {"fwd": N * EPOCHS}}})
     row = families.family("channels").score(colluding, out, truth, audit, None)
     alone = _scored({"fwd": a}, labels)["channels"]["fwd"]["ari"]
@@ -249,7 +253,8 @@ def test_the_colluding_row_is_at_least_each_member_s():
     audit = SimpleNamespace(references={"channels_seen": {"trainer-1": {"fwd": N * EPOCHS},
                                                           "trainer-2": {"labels": N}}},
                             results=[])
-    truth = SimpleNamespace(train_labels=labels, test_labels=labels)
+    truth = SimpleNamespace(train_labels=labels, test_labels=labels, aux=np.zeros((0, 1)),
+                            aux_labels=np.arange(K))
     know = Knowledge({"plan": PLAN,
                       received_field("trainer-1"): {"fwd": _released(labels, 2.2, epochs=1)},
                       received_field("trainer-2"): {"labels": Rows(
@@ -262,3 +267,38 @@ def test_the_colluding_row_is_at_least_each_member_s():
     assert all(colluding["ari"] >= m["ari"] for m in members)
     assert colluding["channel"] == "trainer-2:labels" and colluding["ari"] == pytest.approx(1.0)
     assert "trainer-1:fwd" in colluding["channels"]
+
+
+def test_evaluation_rows_are_scored_on_the_private_half_only():
+    """Rows of the public aux images (which every trainer holds) measure nothing private: a
+    channel whose private rows are all wrong scores low even when its aux rows are right."""
+    from clicooper_bus.audit.family_channels import private_rows
+
+    labels = _labels(200, seed=4)
+    ids = np.arange(200)
+    pred = labels.copy()
+    pred[100:] = (labels[100:] + 1 + ids[100:] % 3) % K  # wrong, and not a relabelling
+    ch = {"ids": ids, "split": "test", "source": "eval_fwd", "variants": {"plain": pred}}
+    scored, what = private_rows(ch, 100, K)
+    assert what == "private evaluation images" and scored.sum() == 100 and not scored[:100].any()
+    truth = SimpleNamespace(train_labels=labels, test_labels=labels, aux=np.zeros((100, 1)),
+                            aux_labels=np.arange(K))
+    audit = SimpleNamespace(references={"channels_seen": {"trainer-1": {"eval_fwd": 200}}})
+    attack = ChannelInference().for_trainer("trainer-1", 1, False)
+    row = families.family("channels").score(attack, {"eval_fwd": ch}, truth, audit, None)
+    assert row["channels"]["eval_fwd"]["samples"] == 100
+    assert row["channels"]["eval_fwd"]["matched_accuracy"] < 0.6
+    # too few private rows: every row is scored, and the row says they were public images
+    scored, what = private_rows({**ch, "ids": ids[:110]}, 100, K)
+    assert scored.all() and what.startswith("public aux images only")
+    assert private_rows({**ch, "split": "train"}, 100, K)[1] == "training samples"
+
+
+def test_fully_retained_evaluation_keeps_rows_of_both_halves():
+    from clicooper_bus.audit.channels import TARGETS, _Sampler
+
+    sampler = _Sampler(PLAN, 1000, 10000, {"eval_fwd"})
+    ids = np.arange(10000)
+    kept = ids[sampler.keep("eval_fwd", ids)]
+    assert len(kept) == TARGETS
+    assert (kept < 5000).sum() == (kept >= 5000).sum() == TARGETS // 2

@@ -9,8 +9,9 @@ batches by position in the test split. That tag is what lets an attacker link on
 releases across epochs.
 
 Memory is bounded per channel: where every body of a kind is retained, only the rows of a fixed
-subset of `TARGETS` sample ids are kept (in every epoch, so linking stays possible); otherwise
-every retained row is kept, up to `MAX_ROWS` (the latest epochs first).
+subset of `TARGETS` sample ids are kept (in every epoch, so linking stays possible; for
+evaluation, half from the public aux half of the test split and half from the private half);
+otherwise every retained row is kept, up to `MAX_ROWS` (the latest epochs first).
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ class _Sampler:
         if kind in self.full and kind != "eval_fwd":
             return self.targets[ids]
         if kind in self.full:
-            return ids < TARGETS
+            # both halves of the test split: the public aux images' rows are an attacker's
+            # known plaintext (completion labels them), the private half's are what it attacks
+            half, each = self.n_test // 2, TARGETS // 2
+            return (ids < each) | ((ids >= half) & (ids < half + each))
         return np.ones(len(ids), bool)
 
 

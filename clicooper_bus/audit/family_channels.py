@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from clicooper_bus.audit import scoring
 from clicooper_bus.audit.families import Family, Row, register
 
@@ -26,13 +28,16 @@ def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track
                                                              {}).get("fwd", 0)}
     channels = {}
     for name, ch in out.items():
-        labels = (truth.train_labels if ch["split"] == "train" else truth.test_labels)[ch["ids"]]
-        variants = {v: scoring.clustering_scores(p, labels) for v, p in ch["variants"].items()}
+        scored, rows_of = private_rows(ch, len(truth.aux), len(np.unique(truth.aux_labels)))
+        labels = (truth.train_labels if ch["split"] == "train" else truth.test_labels)[
+            ch["ids"][scored]]
+        variants = {v: scoring.clustering_scores(p[scored], labels)
+                    for v, p in ch["variants"].items()}
         best = max(variants, key=lambda v: variants[v]["ari"])
         # own outputs count against the rows they were computed from
         source = ch.get("source", name.split("+")[0])
         channels[name] = {"strongest": best, **variants[best], "samples": len(labels),
-                          "seen": seen.get(source, 0),
+                          "seen": seen.get(source, 0), "rows_of": rows_of,
                           **({"releases_per_sample": ch["releases"]} if "releases" in ch else {})}
     channels.update(members_channels(attack, audit, CHANNELS_NAME))
     if not channels:
@@ -44,6 +49,20 @@ def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track
 
 
 CHANNELS_NAME = "channels"
+
+
+def private_rows(ch: dict, n_aux: int, classes: int) -> tuple[np.ndarray, str]:
+    """(mask of the rows of channel `ch` to score, what they are). Evaluation rows (split
+    `test`) of the public aux images, which every trainer holds, measure nothing private: only
+    the private half's rows (position >= `n_aux`) are scored, when at least 2 per class were
+    received; otherwise every row is, and the result says they were public images."""
+    ids = np.asarray(ch["ids"])
+    if ch["split"] != "test":
+        return np.ones(len(ids), bool), "training samples"
+    private = ids >= n_aux
+    if private.sum() >= 2 * classes:
+        return private, "private evaluation images"
+    return np.ones(len(ids), bool), "public aux images only (no private evaluation row kept)"
 
 
 def members_channels(attack: Attack, audit: Audit, family: str) -> dict[str, dict]:
@@ -70,12 +89,12 @@ def _headline(row: Row) -> tuple[str, str, str]:
 def _details(rows: list[Row]) -> list[str]:
     lines = ["", "### Every channel a trainer received (strongest variant each)", "",
              "| trainer | channel | variant | ARI | matched accuracy | chance | rows used | rows "
-             "received |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "received | scored on |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:  # a colluding row's `member:channel` entries are the members' own lines
         for name, m in ((n, m) for n, m in r["channels"].items() if ":" not in n):
             lines.append(f"| {r['trainer']} | {name} | {m['strongest']} | {m['ari']:.3f} | "
                          f"{m['matched_accuracy']:.3f} | {m['matched_accuracy_chance']:.3f} | "
-                         f"{m['samples']} | {m['seen']} |")
+                         f"{m['samples']} | {m['seen']} | {m.get('rows_of', '-')} |")
     return lines
 
 
