@@ -302,3 +302,23 @@ def test_fully_retained_evaluation_keeps_rows_of_both_halves():
     kept = ids[sampler.keep("eval_fwd", ids)]
     assert len(kept) == TARGETS
     assert (kept < 5000).sum() == (kept >= 5000).sum() == TARGETS // 2
+
+
+def test_a_step_replayed_after_a_rollback_is_read_once():
+    """A rolled-back step re-sends what it sent the first time: the receiver learns nothing
+    new, so the auditor counts and attacks it once (linking would otherwise see one sample
+    released twice in an epoch). The same step with a different body is a new release."""
+    from clicooper_bus.audit.replay import resent
+
+    def header(body: bytes, step=7, kind="fwd"):
+        return SimpleNamespace(sender="o", to="trainer-1", kind=kind, epoch=0, batch=3,
+                               step=step, body_sha256=body)
+
+    sent: set = set()
+    assert not resent(header(b"a"), sent)
+    assert resent(header(b"a"), sent)
+    assert not resent(header(b"b"), sent)  # a different release of the same step
+    assert not resent(header(b"a", step=8), sent)
+    assert not resent(header(b"a", kind="bwd"), sent)
+    # control messages without a step are never folded
+    assert not resent(header(b"c", step=None), sent) and not resent(header(b"c", step=None), sent)

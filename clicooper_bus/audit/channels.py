@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clicooper_bus.audit.replay import resent
 from clicooper_bus.ml.attacks.channels import Rows
 from clicooper_bus.ml.data import batch_order
 from clicooper_bus.net.roster import Roster
@@ -88,10 +89,10 @@ def read_channels(directory: str | os.PathLike[str], n_train: int, n_test: int,
         roster = Roster.open(plog.roster_bytes)
         plan = Plan.from_meta(roster.meta["plan"])
         sampler = _Sampler(plan, n_train, n_test, full)
-        stages = set(roster.stages)
+        stages, sent = set(roster.stages), set()
         for i in range(plog.size):
             h = parse_header(split_leaf(plog.leaf(i))[0], plog.limits)
-            if h.kind not in KINDS or h.to not in stages or not h.shape:
+            if h.kind not in KINDS or h.to not in stages or not h.shape or resent(h, sent):
                 continue
             seen = out.seen.setdefault(h.to, {})
             seen[h.kind] = seen.get(h.kind, 0) + h.shape[0]

@@ -62,10 +62,12 @@ def replay(directory: str | os.PathLike[str]) -> Replay:
         roster = Roster.open(plog.roster_bytes)
         plan = Plan.from_meta(roster.meta["plan"])
         out = Replay(roster, plan)
-        owner = roster.owner.key_id
+        owner, sent = roster.owner.key_id, set()
         for i in range(plog.size):
             raw, _sig = split_leaf(plog.leaf(i))
             h = parse_header(raw, plog.limits)
+            if resent(h, sent):
+                continue
             out.headers[h.kind] = out.headers.get(h.kind, 0) + 1
             if h.sender != owner or h.kind not in (*_STREAMS, "ack"):
                 continue
@@ -86,3 +88,17 @@ def replay(directory: str | os.PathLike[str]) -> Replay:
             getattr(out, _STREAMS[h.kind]).append(
                 Batch(h.kind, int(h.epoch), int(h.batch), int(h.step), arr))
     return out
+
+
+def resent(h, sent: set) -> bool:
+    """Whether header `h` repeats a message already read: the same sender, addressee, kind,
+    coordinates and body digest (a step replayed after a rollback re-sends what it sent the
+    first time). The receiver learns nothing new from it, so it counts, and is attacked, once;
+    a replay that sent a different body is a new release and counts. Adds `h` to `sent`."""
+    if h.step is None:
+        return False
+    key = (h.sender, h.to, h.kind, h.epoch, h.batch, h.step, h.body_sha256)
+    if key in sent:
+        return True
+    sent.add(key)
+    return False
