@@ -113,3 +113,18 @@ def test_the_filter_draws_integer_noise_of_the_scale_rounded_up():
         lattice.units(0.0, 1.0)
     with pytest.raises(ValueError, match="300 x clip, above the 256 x clip"):
         FilterSpec("gaussian", clip=1.0, noise=300.0)  # when the run is set up
+
+
+def test_a_huge_release_keeps_its_signal_and_stays_within_the_clip():
+    """At 2^21 coordinates the L1 snapping slack alone reaches the clip: the tightening is
+    capped at half the clip, and the integer check keeps the snapped release within."""
+    dim = 2**21 + 64
+    assert lattice.slack("laplace", 1.0, dim) == 0.5
+    assert lattice.slack("gaussian", 1.0, 1568) < 1e-4  # far below the cap: unchanged
+    f = ActivationFilter(FilterSpec("laplace", clip=1.0, noise=1e-9))
+    a = torch.rand(1, dim)
+    clipped = f.clip(a, 1.0 - lattice.slack("laplace", 1.0, dim))
+    assert (clipped >= 0).all() and float(clipped.abs().sum()) == pytest.approx(0.5, rel=1e-3)
+    k = np.rint(clipped.double().numpy() / lattice.step(1.0)).astype(np.int64)
+    kept = lattice.within_clip(k, "laplace")
+    assert 0 < np.abs(kept).sum() <= 2**lattice.LATTICE_BITS

@@ -59,10 +59,15 @@ def step(clip: float) -> float:
 
 
 def slack(mechanism: str, clip: float, dim: int) -> float:
-    """How much snapping can lengthen a `dim`-coordinate vector: half a step per coordinate,
-    summed in L1 (Laplace) or in L2 (Gaussian)."""
+    """How much the clip is tightened before snapping a `dim`-coordinate vector: what snapping
+    can lengthen it by (half a step per coordinate, summed in L1 for Laplace, in L2 for
+    Gaussian), but never more than half the clip. In L1 the worst case reaches the clip itself
+    at 2^21 coordinates, which would clip everything to nothing; past half the clip,
+    `within_clip` alone keeps the snapped vector within (the sensitivity stays exact either
+    way: the tightening only makes `within_clip` rarely act)."""
     half = step(clip) / 2
-    return half * dim if mechanism == "laplace" else half * math.sqrt(dim)
+    worst = half * dim if mechanism == "laplace" else half * math.sqrt(dim)
+    return min(worst, clip / 2)
 
 
 def units(noise: float, clip: float) -> int:
