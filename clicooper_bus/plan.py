@@ -28,6 +28,7 @@ from typing import Any
 
 from clicooper_bus.config import MAX_BATCH_SIZE, MAX_IN_FLIGHT
 from clicooper_bus.errors import RosterError
+from clicooper_bus.net.encoding import CODECS
 
 # --- limits (a plan outside them is refused: `Plan.check`) ---------------------------------------
 MAX_PLAN_BYTES = 1 << 20  # a plan's JSON text, bytes (the built-ins' are under 10 kB)
@@ -118,6 +119,9 @@ class Plan:
     train_size: int = 0
     test_size: int = 0
     max_steps: int = 0
+    # how float tensors travel ([bus] codec, `net.encoding`): every sender encodes with it and
+    # every receiver refuses another encoding; fp32 in plans from before it was carried
+    codec: str = "fp32"
 
     def __post_init__(self) -> None:
         self.check()
@@ -129,7 +133,8 @@ class Plan:
         increasing from 1, before the tail and (with layers) inside the model; tail 0 or after
         the last cut and inside the model; seed in 0..2**64-1 (torch's manual_seed); lr finite
         and >= 0; batch_size in 1..MAX_BATCH_SIZE; in_flight in 1..MAX_IN_FLIGHT; train_size,
-        test_size and max_steps in 0..MAX_SAMPLES; layers as `check_layers`. Raises
+        test_size and max_steps in 0..MAX_SAMPLES; codec one of `net.encoding.CODECS`;
+        layers as `check_layers`. Raises
         RosterError naming the field, its value and the limit."""
         put = object.__setattr__
         if not isinstance(self.model, str) or not 0 < len(self.model) <= MAX_NAME:
@@ -177,6 +182,9 @@ class Plan:
         put(self, "in_flight", _int("in_flight", self.in_flight, 1, MAX_IN_FLIGHT))
         for name in ("train_size", "test_size", "max_steps"):
             put(self, name, _int(name, getattr(self, name), 0, MAX_SAMPLES))
+        if self.codec not in CODECS:
+            raise RosterError(f"roster plan: codec {self.codec!r:.40} is not one of "
+                              f"{', '.join(CODECS)}")
 
     @property
     def n_outputs(self) -> int:

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clicooper_bus.audit.replay import resent
+from clicooper_bus.errors import BadTensor
 from clicooper_bus.ml.attacks.channels import Rows
 from clicooper_bus.ml.data import batch_order
 from clicooper_bus.net.roster import Roster
-from clicooper_bus.net.wire import DTYPES, parse_header, split_leaf
+from clicooper_bus.net.wire import array_of, parse_header, split_leaf
 from clicooper_bus.plan import Plan
 from clicooper_bus.tlog.log import ProvenanceLog
 
@@ -102,7 +103,10 @@ def read_channels(directory: str | os.PathLike[str], n_train: int, n_test: int,
             ids = sampler.ids(h.kind, int(h.epoch), int(h.batch), h.shape[0])
             if ids is None:
                 continue
-            x = np.frombuffer(bytes(body), dtype=DTYPES[h.dtype]).reshape(h.shape[0], -1)
+            try:
+                x = array_of(h.dtype, h.shape, bytes(body), h.sender).reshape(h.shape[0], -1)
+            except BadTensor:  # an encoding its receiver refused (the run stopped on it)
+                continue
             keep = sampler.keep(h.kind, ids)
             if keep.any():
                 parts.setdefault((h.to, h.kind), []).append((ids[keep], int(h.epoch), x[keep]))

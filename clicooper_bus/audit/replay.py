@@ -18,7 +18,7 @@ import numpy as np
 
 from clicooper_bus.net.codec import unpack
 from clicooper_bus.net.roster import Roster
-from clicooper_bus.net.wire import DTYPES, parse_header, split_leaf
+from clicooper_bus.net.wire import array_of, parse_header, split_leaf
 from clicooper_bus.plan import Plan
 from clicooper_bus.tlog.log import ProvenanceLog
 
@@ -84,7 +84,7 @@ def replay(directory: str | os.PathLike[str]) -> Replay:
                 out.skipped += 1
                 continue
             out.bodies[h.kind] = out.bodies.get(h.kind, 0) + 1
-            arr = np.frombuffer(bytes(body), dtype=DTYPES[h.dtype]).reshape(h.shape)
+            arr = array_of(h.dtype, h.shape, bytes(body), h.sender)  # decoded: what was received
             getattr(out, _STREAMS[h.kind]).append(
                 Batch(h.kind, int(h.epoch), int(h.batch), int(h.step), arr))
     return out

@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from clicooper_bus.errors import PoisonedInput
+from clicooper_bus.errors import BadTensor, PoisonedInput
+from clicooper_bus.net.encoding import FLOAT_WIRE, decode, wire_dtype
 from clicooper_bus.net.wire import Envelope
 
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
@@ -18,7 +19,9 @@ NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 def tensor(env: Envelope) -> torch.Tensor:
     """The envelope's tensor body (dtype and shape from its verified header) as a torch tensor
-    in memory torch allocated (one copy, about 0.1 ms for 0.8 MB).
+    in memory torch allocated (one copy, about 0.1 ms for 0.8 MB); a float one of the codec's
+    encodings (`net.encoding`: float16, bfloat16, int8/row) decoded to float32. Raises
+    BadTensor for an encoded body the encoder cannot have produced (`encoding.decode`).
 
     Why not zero-copy: a ZeroMQ frame can start at any address, and on an AMD EPYC machine the
     BLAS kernels gave results that differ in the last bits for the same values at a different
@@ -26,6 +29,9 @@ def tensor(env: Envelope) -> torch.Tensor:
     the same test to 1e-5) when stages computed on the frame's buffer in place, and matched
     once each received tensor was copied into torch's (aligned) memory. Deterministic,
     replayable training needs the copy."""
+    h = env.header
+    if h.dtype in FLOAT_WIRE and h.dtype != "float32" and h.shape is not None:
+        return torch.from_numpy(decode(h.dtype, h.shape, env.body))  # new, aligned memory
     return torch.from_numpy(env.array()).clone()
 
 
@@ -57,15 +63,26 @@ class Expected:
 
 def received(env: Envelope, expected: Expected, sender: str) -> torch.Tensor:
     """The envelope's tensor once it passed the receive check: the dtype and shape `expected`
-    (from the signed plan), and only finite values (NaN or infinity poisons every weight it
-    touches). Raises PoisonedInput naming `sender`, the kind, the step and the problem; costs
-    one pass over the values (about 0.03 ms for a 128 x 1568 float32 batch, as the copy)."""
+    (from the signed plan), sent in the wire encoding of the plan's codec (`env.float_codec`: a
+    float32 tensor travels as `encoding.wire_dtype`), a well-formed encoding, and only finite
+    values once decoded (NaN or infinity poisons every weight it touches). Returns float32
+    for a float tensor whatever the codec. Raises PoisonedInput naming `sender`, the kind, the
+    step and the problem; costs one pass over the values (about 0.03 ms for a 128 x 1568
+    float32 batch, as the copy; decoding int8 adds about as much again)."""
     h = env.header
-    if h.dtype != expected.dtype or not expected.fits(h.shape):
+    codec = getattr(env, "float_codec", "fp32")  # (a scripted test's stand-in has none)
+    wire = wire_dtype(expected.dtype, codec)
+    if h.dtype != wire or not expected.fits(h.shape):
+        how = f" sent as {wire} (the signed plan's codec {codec})" if wire != \
+            expected.dtype else ""
         raise PoisonedInput(sender=sender, kind=h.kind, step=h.step, problem=(
-            f"a tensor of {h.dtype} {list(h.shape or ())}, expected {expected.describe()} "
+            f"a tensor of {h.dtype} {list(h.shape or ())}, expected {expected.describe()}{how} "
             f"by the signed plan"))
-    t = tensor(env)
+    try:
+        t = tensor(env)
+    except BadTensor as exc:
+        raise PoisonedInput(sender=sender, kind=h.kind, step=h.step,
+                            problem=f"a malformed {h.dtype} body: {exc}") from None
     if t.is_floating_point():
         finite_problem(t, sender=sender, kind=h.kind, step=h.step)
     return t

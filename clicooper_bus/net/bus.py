@@ -18,6 +18,10 @@ Sockets (see FACTS.md for why each option is set):
   public key, unless the run is plaintext (`broker=None`, loopback only).
 - A receive pass reads at most `PUMP_BATCH` messages, so that under any inbound rate the
   caller gets back to its beats and timeouts.
+- Float tensors travel in the codec of the run's signed plan (`[bus] codec`, `net.encoding`),
+  known once the roster is bound (`bind`; fp32 before): `send_array` encodes with it, and every
+  envelope `recv` hands out carries it (`Envelope.float_codec`), for the receive check to refuse a
+  tensor sent in another encoding (`ml.tensors.received`).
 
 Readiness and shutdown use subscriptions as signals, never extra messages: a participant
 subscribes to its data topics first and to `run/<id>/hello/<name>` last (`announce`), and to
@@ -37,6 +41,7 @@ import zmq
 
 from clicooper_bus.errors import ClicooperError, RejectedMessage
 from clicooper_bus.net.curve import make_client
+from clicooper_bus.net.encoding import plan_codec
 from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM, tcp_keepalive
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.roster import Roster
@@ -74,11 +79,13 @@ class Bus:
                  *, name: str | None = None, hwm: int = 16, beat_s: float = 1.0,
                  timeout_s: float = 5.0, join_timeout_s: float = 120.0,
                  rejoin_timeout_s: float | None = None, broker: PublicIdentity | None = None,
-                 notice: Callable[[str], None] | None = None):
+                 notice: Callable[[str], None] | None = None, codec: str = "fp32"):
         """`timeout_s`: a watched peer silent this long is suspected; `rejoin_timeout_s`
         (default, and at least, `timeout_s`): silent this long, it is gone. `notice`: where the
-        suspicions go besides the log (the process's console)."""
+        suspicions go besides the log (the process's console). `codec`: how float tensors
+        travel until `bind` sets the roster's (for a bus without a roster: benchmarks)."""
         self.identity = identity
+        self.codec = codec
         self.name = name or identity.name
         self.run_id = run_id
         self.topics = Topics(run_id)
@@ -125,7 +132,10 @@ class Bus:
 
     def bind(self, roster: Roster) -> None:
         """Bind to the run `roster` describes: trust its keys, stamp its nonce on every header
-        sent from now on, and refuse every received message without it."""
+        sent from now on, and refuse every received message without it; float tensors travel
+        in the codec its plan signs from now on. Raises RosterError for a plan that does not
+        check."""
+        self.codec = plan_codec(roster.meta)
         self.sender.nonce = roster.nonce
         self.verifier.use_roster(roster)
 
@@ -222,7 +232,13 @@ class Bus:
         self.sent[env.header.kind] = self.sent.get(env.header.kind, 0) + 1
 
     def send_array(self, kind: str, to: str, array: Any, **meta: Any) -> Envelope:
-        env = self.sender.seal_array(kind, to, array, **meta)
+        """Seal and publish a tensor, a float one encoded with the bus's `codec`; values the
+        codec saturated (fp16 beyond 65504) are logged, as a warning."""
+        before = self.sender.clamped
+        env = self.sender.seal_array(kind, to, array, codec=self.codec, **meta)
+        if self.sender.clamped > before:
+            log.warning("values saturated by the codec", kind=kind, codec=self.codec,
+                        step=meta.get("step"), clamped=self.sender.clamped - before)
         self.publish(env)
         return env
 
@@ -342,7 +358,7 @@ class Bus:
                 return None
             self._pump(int(min(left, self.beat_s) * 1000) + 1)
             self.check_watched()
-        return self.inbox.popleft()
+        return self.inbox.popleft().expecting(self.codec)
 
     def start_beating(self) -> None:
         """Beat from now on, and count peers' silence from now (call once the roster is known:
@@ -367,7 +383,8 @@ class Bus:
 
     def close(self) -> None:
         log.info("bus closed", sent=sum(self.sent.values()), stalls=self.stalls,
-                 rejected=dict(self.verifier.rejected))
+                 rejected=dict(self.verifier.rejected), codec=self.codec,
+                 clamped=self.sender.clamped)
         self.pub.close()
         self.sub.close()
         self.ctx.term()

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from clicooper_bus.errors import (
     TopicMismatch,
     UnknownVersion,
 )
-from clicooper_bus.net import codec
+from clicooper_bus.net import codec, encoding
 from clicooper_bus.net.identity import Identity, check_name
 from clicooper_bus.protocol import Topics
 
@@ -54,6 +54,8 @@ DTYPES: dict[str, np.dtype] = {
     }.items()
 }
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+# every dtype a header may name: numpy's, and the float encodings of `[bus] codec`
+WIRE_DTYPES = (*DTYPES, *encoding.ENCODED)
 
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{8}$")
 _REQUIRED = {
@@ -114,6 +116,17 @@ class Header:
         return Topics(self.run).to(self.kind, self.to)
 
 
+def tensor_bytes(dtype: str, shape: tuple[int, ...], sender: str | None = None) -> int:
+    """Bytes of a tensor body of a whitelisted wire `dtype` and `shape` (Python ints: no
+    overflow). Raises BadTensor naming `sender` for a shape the dtype cannot have (an int8/row
+    tensor without rows)."""
+    try:
+        n = encoding.body_len(dtype, shape)
+    except BadTensor as exc:
+        raise BadTensor(str(exc), sender=sender, field="shape") from None
+    return n if n is not None else math.prod(shape) * DTYPES[dtype].itemsize
+
+
 def signed_bytes(header_raw: bytes) -> bytes:
     """What the Ed25519 signature covers: the domain tag, then the exact header bytes."""
     return DOMAIN + header_raw
@@ -170,9 +183,9 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
     if ("dtype" in doc) != ("shape" in doc):
         raise MalformedMessage("dtype and shape come together", sender=sender, field="shape")
     if "dtype" in doc:
-        if doc["dtype"] not in DTYPES:
-            raise BadTensor(f"dtype {doc['dtype']!r} is not in the whitelist {sorted(DTYPES)}",
-                            sender=sender, field="dtype")
+        if doc["dtype"] not in WIRE_DTYPES:
+            raise BadTensor(f"dtype {doc['dtype']!r} is not in the whitelist "
+                            f"{sorted(WIRE_DTYPES)}", sender=sender, field="dtype")
         dims = doc["shape"]
         if len(dims) > limits.max_ndim or any(type(d) is not int or not 0 <= d < MAX_DIM
                                               for d in dims):
@@ -180,10 +193,10 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
                             sender=sender, field="shape")
         shape = tuple(dims)
         # even an empty tensor must have a shape numpy and torch can hold
-        if math.prod(max(d, 1) for d in shape) * DTYPES[doc["dtype"]].itemsize > limits.max_body:
+        if tensor_bytes(doc["dtype"], tuple(max(d, 1) for d in shape), sender) > limits.max_body:
             raise BadTensor(f"shape {list(shape)} is larger than the body limit",
                             sender=sender, field="shape")
-        expected = math.prod(shape) * DTYPES[doc["dtype"]].itemsize  # Python ints: no overflow
+        expected = tensor_bytes(doc["dtype"], shape, sender)
         if expected != doc["len"]:
             raise BadTensor(f"shape {list(shape)} of {doc['dtype']} needs {expected} bytes, "
                             f"header says {doc['len']}", sender=sender, field="shape")
@@ -198,12 +211,21 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
 @dataclass(frozen=True)
 class Envelope:
     """One message: topic, parsed header, signature, body. Build with `Sender`, read with
-    `Verifier`; a bare `Envelope` has not been verified."""
+    `Verifier`; a bare `Envelope` has not been verified.
+
+    `float_codec` is not on the wire: it is the codec the receiver's signed plan sets
+    (`Bus.recv` stamps it; fp32 until a roster is bound), against which
+    `ml.tensors.received` checks the header's dtype."""
 
     topic: str
     header: Header
     signature: bytes
     body: bytes | memoryview
+    float_codec: str = "fp32"
+
+    def expecting(self, codec: str) -> Envelope:
+        """This envelope, to be checked against the float `codec` of the receiver's plan."""
+        return self if codec == self.float_codec else replace(self, float_codec=codec)
 
     @property
     def leaf(self) -> bytes:
@@ -214,11 +236,12 @@ class Envelope:
         return [self.topic.encode(), self.header.raw, self.signature, self.body]
 
     def array(self) -> np.ndarray:
-        """The tensor body as a read-only numpy array, without copying."""
+        """The tensor body as a numpy array (`array_of`). Raises BadTensor naming the sender
+        for a message without a tensor or a malformed encoded body."""
         h = self.header
         if h.dtype is None or h.shape is None:
             raise BadTensor("message has no tensor body", sender=h.sender, field="dtype")
-        return np.frombuffer(self.body, dtype=DTYPES[h.dtype]).reshape(h.shape)
+        return array_of(h.dtype, h.shape, self.body, h.sender)
 
     def document(self, max_depth: int = codec.MAX_DEPTH) -> Any:
         """The body as a strict msgpack document."""
@@ -226,6 +249,20 @@ class Envelope:
             return codec.unpack(self.body, max_depth=max_depth)
         except DecodeError as exc:
             raise MalformedMessage(f"body: {exc}", sender=self.header.sender, field="body") from None
+
+
+def array_of(dtype: str, shape: Sequence[int], body: bytes | memoryview,
+             sender: str | None = None) -> np.ndarray:
+    """A tensor body of a whitelisted wire `dtype` and `shape` (whose length the header check
+    matched): a read-only view of `body` for numpy's dtypes, decoded float32 values (new
+    memory) for the codec's encodings (`encoding.ENCODED`). Raises BadTensor naming `sender`
+    for an encoded body the encoder cannot have produced (`encoding.decode`)."""
+    if dtype in DTYPES:
+        return np.frombuffer(body, dtype=DTYPES[dtype]).reshape(tuple(shape))
+    try:
+        return encoding.decode(dtype, shape, body)
+    except BadTensor as exc:
+        raise BadTensor(str(exc), sender=sender, field=exc.field) from None
 
 
 def split_leaf(leaf: bytes) -> tuple[bytes, bytes]:
@@ -271,6 +308,7 @@ class Sender:
     def __init__(self, identity: Identity, run_id: str, *, seq: int = 0, prev: bytes = ZERO_HASH,
                  nonce: bytes | None = None):
         check_name(run_id, "run id")
+        self.clamped = 0  # float values saturated by a codec (`encoding`), in all
         self.identity = identity
         self.run_id = run_id
         self.seq = seq
@@ -303,11 +341,20 @@ class Sender:
         self.prev = header.digest
         return Envelope(header.topic, header, signature, body)
 
-    def seal_array(self, kind: str, to: str, array: Any, **meta: Any) -> Envelope:
-        """Seal a numpy array or torch tensor as raw little-endian bytes with dtype and shape."""
+    def seal_array(self, kind: str, to: str, array: Any, *, codec: str = "fp32",
+                   **meta: Any) -> Envelope:
+        """Seal a numpy array or torch tensor as raw little-endian bytes with dtype and shape;
+        a float one encoded with `codec` (`encoding.encode`: fp32 keeps float16 and float64
+        as they are, every other codec takes any float as float32). Values the codec
+        saturated are added to `clamped`. Raises BadTensor for a dtype outside the whitelist,
+        ValueError for an unknown codec."""
         if hasattr(array, "detach"):  # torch tensor, without importing torch
             array = array.detach().cpu().contiguous().numpy()
         arr = np.ascontiguousarray(array)
+        if encoding.check_codec(codec) != "fp32" and arr.dtype.kind == "f":
+            enc = encoding.encode(arr, codec)
+            self.clamped += enc.clamped
+            return self.seal(kind, to, enc.body, dtype=enc.dtype, shape=enc.shape, **meta)
         name = _DTYPE_NAMES.get(arr.dtype.newbyteorder("<"))
         if name is None:
             raise BadTensor(f"dtype {arr.dtype} is not in the whitelist {sorted(DTYPES)}",
