@@ -308,15 +308,25 @@ def _check(where: str, f: Any, value: Any) -> Any:
 def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None
                 ) -> RunConfig:
     """Read a TOML config (None: all defaults), then apply `overrides` the same way."""
-    raw: dict[str, Any] = {}
+    if not path:
+        return config_from_text("", None, overrides)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    return config_from_text(text, path, overrides)
+
+
+def config_from_text(text: str, path: str | Path | None,
+                     overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """`load_config` of a file's `text` already read (a reader that checked the bytes against
+    a digest configures from those bytes, not from a second read); `path` names it in errors
+    and anchors a relative [model] spec."""
     name = str(path) if path else "defaults"
-    if path:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     cfg = RunConfig()
     spec_dir, named = Path("."), False  # where [model] spec is relative to; name given?
     for source, doc in ((name, raw), ("overrides", overrides or {})):
@@ -339,6 +349,16 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
     _model_checks(cfg.model, name, spec_dir, named)
     _cross_checks(cfg, name)
     return cfg
+
+
+def missing_keys(text: str) -> list[str]:
+    """`section.key` of every key a config file's `text` does not set (loading fills them
+    with today's defaults): a run written by an older version lacks the keys added since.
+    The text must be TOML (`config_from_text` checks it)."""
+    doc = tomllib.loads(text)
+    return [f"{f.name}.{k.name}" for f in fields(RunConfig)
+            for k in fields(getattr(RunConfig(), f.name))
+            if k.name not in (doc.get(f.name) or {})]
 
 
 def _model_checks(m: ModelSection, name: str, spec_dir: Path, named: bool) -> None:

@@ -153,7 +153,8 @@ def test_replay_aligns_releases_with_their_samples(audited):
     from clicooper_bus.ml.data import load_dataset
 
     r = replay(audited / "log")
-    cfg = run_config(audited, r)
+    cfg, defaulted = run_config(audited, r)
+    assert defaulted == []  # the owner writes every key
     data = load_dataset(cfg.data.name, None, cfg.run.seed)
     knowledge, truth, info = gather(r, data, load_model(audited, r.plan, r.ack)[0], cfg, None)
     # fwd=sample:16 at batch 32, both epochs (the latest first), fewer than the 2,000 wanted
@@ -243,5 +244,6 @@ def test_a_run_from_before_a_config_field_was_added_still_audits(audited, tmp_pa
         run_config(run_dir, r)  # this run's roster signed the whole file
     old_roster = dataclasses.replace(r.roster, meta={**r.roster.meta,
                                                      "config": file_digest(older)})
-    cfg = run_config(run_dir, dataclasses.replace(r, roster=old_roster))
+    cfg, defaulted = run_config(run_dir, dataclasses.replace(r, roster=old_roster))
     assert cfg.run.trainer_memory_mb == load_config(None).run.trainer_memory_mb
+    assert defaulted == ["run.trainer_memory_mb"]  # and the report will say so

@@ -239,3 +239,11 @@ def test_a_family_without_a_rule_of_its_own_is_not_judged(monkeypatch):
     block = _findings_block(report.to_markdown(_doc([_row("odd-1", "odd", "p", odd_score=1.0)])))
     assert block == ["- **not judged**: p; target: odd-1 title (odd, `odd-1`): S 1 against F 0 "
                      "(M +1). Why: its family has no verdict rule for these scores."]
+
+
+def test_a_run_of_an_older_version_is_said_to_be_audited_under_today_s_defaults():
+    doc = _doc(_attacks())
+    assert "older version" not in report.to_markdown(doc)
+    doc["settings"]["config_defaulted"] = ["bus.codec", "participants.standby"]
+    line = next(x for x in report.to_markdown(doc).splitlines() if "older version" in x)
+    assert "bus.codec, participants.standby" in line and "today's defaults" in line

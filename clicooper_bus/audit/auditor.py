@@ -29,7 +29,7 @@ from clicooper_bus.audit.channels import read_channels
 from clicooper_bus.audit.families import INVERT_SAMPLES
 from clicooper_bus.audit.replay import Replay, replay
 from clicooper_bus.audit.truth import CLUSTER_SAMPLES, Release, Truth, gather
-from clicooper_bus.config import RunConfig, load_config
+from clicooper_bus.config import RunConfig, config_from_text, missing_keys
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.attacks import default_attacks, expand_per_trainer, memo
@@ -117,9 +117,11 @@ class Audit:
     wall_s: float = 0.0
 
 
-def run_config(run_dir: Path, replayed: Replay) -> RunConfig:
-    """The run's config.toml, checked against the digest the signed roster commits to.
-    Raises ClicooperError if it is missing or is not that configuration."""
+def run_config(run_dir: Path, replayed: Replay) -> tuple[RunConfig, list[str]]:
+    """The run's config.toml, checked against the digest the signed roster commits to, and
+    the `section.key`s it does not set (a run of an older version: they load with today's
+    defaults, and the report says so). Raises ClicooperError if it is missing or is not that
+    configuration."""
     path = RunLayout(run_dir).config
     if not path.exists():
         raise ClicooperError(f"{path} is missing: the owner writes it at the start of a run; "
@@ -129,7 +131,8 @@ def run_config(run_dir: Path, replayed: Replay) -> RunConfig:
     if file_digest(text) != committed:
         raise ClicooperError(f"{path} is not the configuration the roster commits to (digest "
                              f"{file_digest(text)[:16]}..., roster {committed[:16]}...)")
-    return load_config(path)
+    # configured from the bytes checked, not from a second read of the file
+    return config_from_text(text, path), missing_keys(text)
 
 
 def file_digest(text: str) -> str:
@@ -222,7 +225,7 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
         replayed = replay(run.log)
     except (ClicooperError, ValueError) as exc:
         raise ClicooperError(f"the log cannot be read even with --force: {exc}") from None
-    cfg = run_config(run.root, replayed)
+    cfg, defaulted = run_config(run.root, replayed)
     audit.config = cfg
     audit.classes = replayed.plan.classes  # true classes (the model may output pseudo-classes)
     audit.summary = json.loads(run.summary.read_text()) if run.summary.exists() else {}
@@ -237,6 +240,7 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     owner_acc = scoring.accuracy(_predict(owner_model, truth.eval_images, groups),
                                  truth.eval_labels)
     audit.settings = _settings(audit, replayed, cfg, spec, owner_acc, info)
+    audit.settings["config_defaulted"] = defaulted
     audit.settings["cpu"] = measured_cpu(run.log)
     audit.settings["owner_cpu_share"] = audit.settings["cpu"]["owner_cpu_share"]
     for attack in expand_per_trainer(attacks if attacks is not None else default_attacks(),

@@ -184,6 +184,9 @@ def to_markdown(doc: dict[str, Any], figure_files: Sequence[str] = ()) -> str:
               f"{s.get('aux_samples')} public images (first half of the test split); "
               f"evaluation {s.get('eval_samples')} (second half); {s.get('eval_pairs')} "
               f"evaluation releases of aux images in the log",
+              *([f"- the run's config.toml does not set {', '.join(s['config_defaulted'])} "
+                 f"(written by an older version): audited with today's defaults for them"]
+                if s.get("config_defaulted") else []),
               "", "## Integrity", "",
               f"- entries {integ['entries']}, body records {integ['body_records']}, checkpoints "
               f"{integ['checkpoints']}, uncovered entries {integ['uncovered']}",
