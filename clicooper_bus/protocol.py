@@ -34,7 +34,8 @@ Control messages (the msgpack bodies of the kinds below; tensors are `fwd`, `bwd
 | `snapshot`   | trainer → owner      | `Snapshot`: it snapshotted its stage at a step: the |
 |              |                      | step and the digests of its weights and its state   |
 | `tip`        | notary → trainer     | `ChainTip`: the last seq and header digest of the   |
-|              |                      | trainer the log holds (a restarted one continues)   |
+|              |                      | trainer the log holds (a restarted one continues),  |
+|              |                      | and its watermark chain's newest logged messages    |
 | `rejoin`     | trainer → owner      | `Rejoin`: a restarted trainer, with the snapshots   |
 |              |                      | (steps, state digests) it can restore               |
 | `rollback`   | owner → all          | `Rollback`: everyone restores the step's snapshot;  |
@@ -401,18 +402,30 @@ class ChainTip(Control):
     holds and the digest of that message's header (`prev`, 32 bytes). A restarted trainer
     (the same key, a new process) continues its signed chain from there, so the log's chain
     of that sender stays unbroken; only the notary knows which of the dead process's last
-    messages reached the log."""
+    messages reached the log. `marks` (sent only with watermarks on): where the member's
+    watermark chain stands, as `[leaf, body]` pairs of logged messages (its newest `wm_commit`
+    and `wm_claim`, the previous stage's next `wm_commit`; `chain.resume` checks each)."""
 
     KIND: ClassVar[str] = "tip"
     member: str
     seq: int
     prev: bytes
+    marks: list[list[bytes]] | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"member": self.member, "seq": self.seq, "prev": self.prev}
+        if self.marks is not None:
+            doc["marks"] = [list(m) for m in self.marks]
+        return doc
 
     def _checked(self, sender: str | None) -> ChainTip:
         if self.seq < 0:
             raise self._refuse("seq is negative", "seq", sender)
         if len(self.prev) != 32:
             raise self._refuse("prev is not 32 bytes", "prev", sender)
+        if self.marks is not None and (len(self.marks) > 3 or
+                                       any(len(m) != 2 for m in self.marks)):
+            raise self._refuse("marks must be at most 3 [leaf, body] pairs", "marks", sender)
         return self
 
 

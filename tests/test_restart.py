@@ -75,3 +75,34 @@ def test_a_killed_trainer_restarts_and_the_run_completes(tmp_path):
     assert abs(summary["test_accuracy"] - ref.test_accuracy) <= 0.01
     console = _console(cfg)
     assert "owner: rolling back to step" in console and "trainer-1: rejoined at seq" in console
+
+
+def test_a_killed_trainer_rejoins_a_watermarked_run(tmp_path):
+    """Watermarks on (each epoch a round), trainer-1 killed in round 1 and restarted: it takes
+    its watermark chain up from the notary's tip (its round-1 commitment, hence its key and
+    mark, and its round-0 claim), the run rolls back no further than the end of round 0 and
+    completes; the log verifies and `model verify` passes against the log, naming trainer-1
+    for stage 1 in both rounds."""
+    from clicooper_bus.ml.watermark.verify import verify_model
+
+    path = write_config(tmp_path, run_id="wm-killed", trainers=2, bus=BUS,
+                        run={"seed": 3, "snapshot_every": 5, "epochs": 2},
+                        data={"train_limit": 320, "test_limit": 64},
+                        watermark={"enabled": True})
+    cfg = load_config(path)
+    per = 10  # 320 samples at batch size 32
+    inj = Injector(cfg.run_dir, [Kill("trainer-1", per + 3, 1.0)], per)
+    code = launch(path, timeout_s=300, inject=inj)
+    assert not inj.errors, inj.errors
+    assert code == 0, _console(cfg)
+    r = verify_log(cfg.run_dir / "log")
+    assert r.ok, r.failure
+    assert r.per_kind.get("rollback") == 1 and r.per_kind.get("rejoin") == 1, r.per_kind
+    assert r.per_kind.get("wm_commit") == 4 and r.per_kind.get("wm_claim") == 4, r.per_kind
+    v = verify_model(cfg.run_dir / "model.safetensors", cfg.run_dir / "provenance",
+                     log_dir=cfg.run_dir / "log", exact=True)
+    assert v.ok, v.failure
+    assert [(s.stage, s.trainer, s.rounds) for s in v.stages] == [(1, "trainer-1", 2),
+                                                                  (2, "trainer-2", 2)]
+    console = _console(cfg)
+    assert "trainer-1: rejoined at seq" in console and "owner: rolling back to step" in console

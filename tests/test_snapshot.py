@@ -121,6 +121,25 @@ def test_the_rollback_step_is_the_newest_every_stage_committed_and_the_owner_kep
     # nothing in common: refused, naming what each holds
     with pytest.raises(ClicooperError, match=r"no step of them .* trainer-2: \[10, 20, 30, 40\]"):
         rollback_step("trainer-1", Rejoin(1, [50], [a]), committed, stages, {20, 30})
+    # watermarks on: never behind the end of a claimed round (step 30 here)
+    committed["trainer-1"][30] = b
+    assert rollback_step("trainer-1", rejoin, committed, stages, {20, 30}, floor=30) == 30
+    with pytest.raises(ClicooperError, match="none may come before step 40"):
+        rollback_step("trainer-1", rejoin, committed, stages, {20, 30}, floor=40)
+
+
+def test_only_a_restarted_process_rolls_the_run_back():
+    """Review: a live member could say rejoin (up to the cap) and roll the run back for
+    nothing. A restarted process's rejoin is the first message of its chain after the notary's
+    tip; anything else is refused (ignored, logged, said on the console)."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.services.owner.rejoins import Rejoins
+
+    owner = SimpleNamespace(tips={"trainer-2": 41})
+    assert "never silent" in Rejoins._not_restarted(owner, "trainer-1", 12)
+    assert "does not follow the notary's tip" in Rejoins._not_restarted(owner, "trainer-2", 50)
+    assert Rejoins._not_restarted(owner, "trainer-2", 42) is None
 
 
 def _scripted_stage(tmp_path, script):
@@ -197,7 +216,8 @@ def test_a_rollback_is_refused_under_noise_and_past_the_limit(noise, done, said)
     from types import SimpleNamespace
 
     from clicooper_bus.protocol import Rejoin
-    from clicooper_bus.services.owner.process import MAX_ROLLBACKS, Owner
+    from clicooper_bus.services.owner.process import Owner
+    from clicooper_bus.services.owner.rejoins import MAX_ROLLBACKS
     from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused
 
     assert MAX_ROLLBACKS == 3

@@ -65,6 +65,27 @@ class WatermarkRegistry:
             self.refused.append(f"{h.kind} at index {index}: {exc}")
             return None
 
+    def marks_of(self, stage: int) -> list[list[bytes]]:
+        """What a restarted trainer of `stage` needs of the chain (`chain.resume`), each as
+        logged, `[leaf, body]`: its newest registered commitment and claim, and the previous
+        stage's commitment of the round after its newest commitment (the one it has yet to
+        make). At most three entries, whatever the number of rounds."""
+        out: list[list[bytes]] = []
+        mine = [t for (k, t) in self.commits if k == stage]
+        if mine:
+            out.append(self._entry(self.commits[(stage, max(mine))][1]))
+        claimed = [t for (k, t) in self.claims if k == stage]
+        if claimed:
+            out.append(self._entry(self.claims[(stage, max(claimed))]))
+        nxt = max(mine) + 1 if mine else 0
+        if stage > 1 and (stage - 1, nxt) in self.commits:
+            out.append(self._entry(self.commits[(stage - 1, nxt)][1]))
+        return out
+
+    @staticmethod
+    def _entry(logged: Logged) -> list[bytes]:
+        return [logged.leaf, logged.body]
+
     def _commit(self, env: Envelope, logged: Logged) -> None:
         c = Commit.from_doc(env.document())
         stage = self._stage_of(env.header.sender)

@@ -52,8 +52,9 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("wm_cert", "msgpack", SMALL, "the notary's certificate of a claim"),
         KindSpec("snapshot", "msgpack", 1024, "a trainer commits to its stage's snapshot at a "
                                               "step: weights and state digests"),
-        KindSpec("tip", "msgpack", 1024, "the notary tells a silent trainer where its signed "
-                                         "chain stands in the log (for a restarted process)"),
+        KindSpec("tip", "msgpack", 16 * 1024, "the notary tells a silent trainer where its "
+                                              "signed chain (and watermark chain) stands in the "
+                                              "log (for a restarted process)"),
         KindSpec("rejoin", "msgpack", 64 * 1024, "a restarted trainer is back: the snapshots "
                                                  "it can restore"),
         KindSpec("rollback", "msgpack", 1024, "the owner rolls the run back to a step every "

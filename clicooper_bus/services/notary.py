@@ -16,7 +16,10 @@ A trainer silent past `[bus] timeout_s` is sent a `tip` every `timeout_s` while 
 silent: the last seq of its signed chain the log holds and that message's header digest. A
 process of that trainer restarted after a crash continues its chain from there (only the notary
 knows which of the dead process's last messages reached the log), so the log's chains stay
-whole; a paused trainer that resumes ignores them. The tips are logged like every message.
+whole; a paused trainer that resumes ignores them. With watermarks on, a tip also carries the
+trainer's newest logged watermark commitment and claim and the previous stage's next
+commitment (`WatermarkRegistry.marks_of`), from which the restarted process recovers its
+marker (`chain.resume`). The tips are logged like every message.
 
     python -m clicooper_bus.services.notary --config FILE
 """
@@ -218,7 +221,10 @@ class Notary:
                 continue
             self.tipped[kid] = now
             seq, prev = self.chains.get(kid, (0, bytes(32)))
-            bus.send_doc("tip", name, ChainTip(name, seq, prev).to_doc())
+            marks = None  # with watermarks on: where its watermark chain stands (chain.resume)
+            if self.roster.meta.get("watermark"):
+                marks = self.registry.marks_of(self.roster.stages.index(name) + 1)
+            bus.send_doc("tip", name, ChainTip(name, seq, prev, marks).to_doc())
             self.log.info("chain tip sent", member=name, seq=seq)
 
     def _stops(self, env: Envelope) -> bool:

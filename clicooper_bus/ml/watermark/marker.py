@@ -5,6 +5,7 @@ commitment of round t (stage 1 links to the roster), it derives the key from the
 latest checkpoint it saw, starts embedding that key's mark, and hands back the commitment to
 publish. After round t (`round end`) it claims: its weights' hash and the bits they carry.
 The owner's roster says whether watermarks are on, and with how many bits and what strength.
+A process started again after a crash takes the chain up where the log has it (`resume`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from clicooper_bus.chain import key as wk
 from clicooper_bus.chain.documents import Claim, Commit, roster_digest
+from clicooper_bus.chain.resume import ChainState
 from clicooper_bus.errors import RosterError
 from clicooper_bus.ml.watermark import mark as wm
 from clicooper_bus.ml.watermark.claim import make_claim
@@ -48,6 +50,7 @@ class Marker:
         self.last_claim: bytes | None = None  # digest of our claim of the previous round
         self.pending: int | None = None
         self.current: tuple[Commit, bytes] | None = None
+        self.claimed_round = -1  # the newest round this stage claimed
         self.mark: wm.Watermark | None = None
 
     @classmethod
@@ -69,7 +72,37 @@ class Marker:
             self.prev_commits[c.round] = c.commitment
 
     def start(self, round_: int) -> None:
+        """Round `round_` begins: commit once its links are known. A round already committed
+        (the owner says `start` again after a rollback, for a restarted stage) is ignored."""
+        if self.current is not None and self.current[0].round >= round_:
+            return
         self.pending = round_
+
+    def has_claimed(self, round_: int) -> bool:
+        return self.claimed_round >= round_
+
+    def resume(self, state: ChainState) -> None:
+        """A restarted process: take up the chain where the log has it (`state`, from the
+        notary's tip, each message checked by `chain.resume.open_marks`): the newest round we
+        committed to, with its key recomputed from the commitment's own inputs (and its mark
+        embedded again from there), our newest claim, and the previous stage's commitments.
+        Raises ValueError if our logged commitment is not to the key its inputs derive (not
+        this trainer's, or not this run's)."""
+        for t, c in state.previous.items():
+            self.prev_commits[t] = c.commitment
+        if state.claims:
+            self.claimed_round = max(state.claims)
+            self.last_claim = state.claims[self.claimed_round]
+        if state.commits:
+            commit = state.commits[max(state.commits)]
+            key = commit.link(self.run_id, self.trainer_key).key()
+            if wk.commitment(key) != commit.commitment:
+                raise ValueError(f"the logged commitment of round {commit.round} is not to the "
+                                 f"key its inputs derive for this trainer")
+            self.current, self.pending = (commit, key), None
+            self.saw_checkpoint(commit.log_size, commit.log_root)
+            if wm.carrier(self.module) is not None:
+                self.mark = wm.Watermark(key, self.module, t=self.nbits, strength=self.strength)
 
     def ready_commit(self) -> Commit | None:
         """The commitment to publish, once everything it links to is known."""
@@ -99,4 +132,6 @@ class Marker:
         return make_claim(commit, key, self.module, self.nbits)
 
     def claimed(self, leaf: bytes) -> None:
+        """Our claim of the current round went out as `leaf` (header and signature)."""
         self.last_claim = hashlib.sha256(leaf).digest()
+        self.claimed_round = self.current[0].round

@@ -27,12 +27,13 @@ from clicooper_bus.ml.tensors import check_weights
 from clicooper_bus.net.bus import Bus, BusError, PeersGone
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.plan import schedule
-from clicooper_bus.protocol import Ack, End, Rejoin, Rollback, Round, Segment, Usage, cpu_table
+from clicooper_bus.protocol import Ack, End, Round, Segment, Usage, cpu_table
 from clicooper_bus.services.common import EXIT_OK, EXIT_STOPPED, identity, open_bus, public
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner import artefacts
 from clicooper_bus.services.owner.books import Books
-from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused, rollback_step
+from clicooper_bus.services.owner.rejoins import Rejoins
+from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused
 from clicooper_bus.services.owner.setup import build
 from clicooper_bus.services.owner.training import EVAL_WINDOW, Training
 from clicooper_bus.services.trainer.snapshot import weights_digest
@@ -49,8 +50,6 @@ CPU_NOTE = ("time.process_time() of each process (user + system CPU seconds of a
             "step's start to its last one's end; the notary's cpu_s runs to the owner's ack; "
             "the broker's cpu_s is in its telemetry line 'broker stopped' (telemetry/broker.jsonl)")
 
-MAX_ROLLBACKS = 3  # rejoins a run rolls back for; past it, the next stops the run cleanly
-
 
 class Refused(ClicooperError):
     """A trainer refused poisoned input (its signed `end` with `refused`): the run stops."""
@@ -62,7 +61,7 @@ class Refused(ClicooperError):
         self.stopped = {"by": by, **what.to_doc()}
 
 
-class Owner:
+class Owner(Rejoins):
     def __init__(self, cfg: RunConfig, log):
         self.cfg, self.log = cfg, log
         p = cfg.participants
@@ -93,6 +92,7 @@ class Owner:
         self.rollbacks = 0  # rollbacks so far (at most MAX_ROLLBACKS)
         self.per_epoch: list[dict] = []  # each finished epoch's row (kept for a stopped run)
         self.delivered: set[str] = set()  # trainers whose segment the owner has loaded
+        self.tips: dict[str, int] = {}  # trainer -> the seq of the notary's latest tip to it
 
     def _routes(self) -> None:
         """The handler table: who may send the owner each kind, and what it does with it."""
@@ -120,6 +120,7 @@ class Owner:
         route("snapshot", stages, b.on_snapshot)
         route("restored", stages, b.on_restored)
         route("rejoin", stages, self._on_rejoin)
+        route("tip", {notary}, self._on_tip)
         if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
             route("fwd", {last}, keep)
             route("eval_fwd", {last}, self._on_eval_out)
@@ -137,24 +138,6 @@ class Owner:
             self.log.warning("an end from a trainer without a refusal ignored", sender=name)
             return
         raise Refused(name, end.refused)
-
-    def _on_rejoin(self, env) -> None:
-        """A restarted trainer is back (raises Rejoined: training rolls back, see `_train`).
-        Its snapshots are commitments too (signed, logged): the newest may never have been
-        announced by the process that died."""
-        name = self.books.names[env.header.sender]
-        rejoin = Rejoin.parse(env.document(), sender=name)
-        if name in self.delivered:  # killed after its part was done: the run goes on
-            self.log.warning("rejoin after the segment was delivered ignored", trainer=name)
-            print(f"owner: {name} rejoined after delivering its segment: nothing to resume",
-                  flush=True)
-            return
-        if rejoin.stage != self.stages.index(name) + 1:
-            raise ClicooperError(f"{name} rejoined as stage {rejoin.stage}; it is stage "
-                                 f"{self.stages.index(name) + 1}")
-        self.log.warning("trainer rejoined", trainer=name, steps=rejoin.steps)
-        print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
-        raise Rejoined(name, rejoin)
 
     def until(self, what: str, ready) -> None:
         self.training.wait(what, ready)
@@ -259,7 +242,7 @@ class Owner:
                      "snapshot", "rejoin"):
             bus.subscribe(topics.to(kind, owner))
         for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert",
-                     "restored"):
+                     "restored", "tip"):
             bus.subscribe(topics.kind(kind))
         bus.announce()
         everyone = self.stages + [cfg.participants.notary]
@@ -286,91 +269,20 @@ class Owner:
         """A hello after everyone joined changes nothing (a trainer's retry): noted, ignored."""
         self.log.warning("hello after the join ignored", sender=self.books.names[env.header.sender])
 
-    def _train(self) -> tuple[list[dict], int]:
-        """Every epoch; a trainer that rejoins after a restart rolls the run back (`_roll_back`)
-        and training goes on from the step it rolled back to."""
-        resume, rejoined = (0, 0), None
-        while True:
-            try:
-                if rejoined is not None:
-                    resume, rejoined = self._roll_back(rejoined), None
-                return self._train_from(*resume)
-            except Rejoined as exc:  # (also one that rejoins while we roll back)
-                rejoined = exc
-
-    def _roll_back(self, exc: Rejoined) -> tuple[int, int]:
-        """Roll the run back for `exc.name`'s restart: choose the step (`rollback_step`), put
-        the owner's head back, say `rollback` (signed, in the log: the steps from there on
-        appear in it again), drop what trainers send until each says `restored`, and check
-        each restored the state it committed. Returns (epoch, batch) to train from. Raises
-        RollbackRefused (the run stops cleanly, named) when it cannot resume."""
-        if self.cfg.watermark.enabled:
-            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but rolling back a run with "
-                                            f"watermarks on is not built (a stage's round "
-                                            f"marker is not in its snapshot)")
-        if self.setup.defences.filter is not None:
-            # a replayed step's noise is keyed by its step: on an activation that differs from
-            # the first release (a pipelined window, or a member sending other gradients after
-            # the rollback) the difference of the two releases has no noise at all, and the
-            # accountant counts neither
-            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but rolling back a run with "
-                                            f"activation protection on is not built (a replayed "
-                                            f"release would reuse its step's noise)")
-        if self.rollbacks >= MAX_ROLLBACKS:
-            # a member may say rejoin at any time: each costs replayed steps, so it is bounded
-            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but the run has already "
-                                            f"rolled back {self.rollbacks} times (at most "
-                                            f"{MAX_ROLLBACKS})")
-        self.rollbacks += 1
-        books, name = self.books, exc.name
-        # what each trainer committed, by step: its `snapshot`s, and for the rejoined one its
-        # `rejoin` too (signed and logged: its newest file may never have been announced)
-        states = {n: {k: v.state for k, v in books.snapshots.get(n, {}).items()}
-                  for n in self.stages}
-        step = rollback_step(name, exc.rejoin, states, self.stages,
-                             set(self.training.snapshots.kept))
-        states[name].setdefault(step, exc.rejoin.states[exc.rejoin.steps.index(step)])
-        self.training.roll_back(step)
-        per = self.training.per
-        # an epoch's row stays if all its steps (and its evaluation, at its end) come before
-        kept = [row for row in self.per_epoch if row["epoch"] * per + row["steps"] <= step]
-        self.evaluations -= sum("accuracy" in row for row in self.per_epoch[len(kept):])
-        self.per_epoch[:] = kept
-        books.fenced = {self.kid[n] for n in self.stages}
-        books.restored = {}
-        self.bus.send_doc("rollback", "all", Rollback(step, name).to_doc(), step=step)
-        self.log.warning("rolled back", step=step, rejoined=name)
-        print(f"owner: rolling back to step {step} for {name}: steps from {step} on are "
-              f"trained again", flush=True)
-        self.until("every trainer's restored snapshot",
-                   lambda: all(n in books.restored and books.restored[n].step == step
-                               for n in self.stages))
-        for n in self.stages:
-            if books.restored[n].state != states[n][step]:
-                raise RollbackRefused(name, f"{n} restored a state of step {step} other than "
-                                            f"the one it committed (sha256 "
-                                            f"{books.restored[n].state[:16]}... for "
-                                            f"{states[n][step][:16]}...)")
-        self.mailbox.held.clear()
-        epoch = len(self.per_epoch)
-        return epoch, step - epoch * per
-
     def _train_from(self, first: int, start: int) -> tuple[list[dict], int]:
         """Epochs from epoch `first`, its batch `start` on."""
         cfg, wm_on, per_epoch = self.cfg, self.cfg.watermark.enabled, self.per_epoch
         step = first * self.training.per + start
         for epoch in range(first, cfg.run.epochs):
-            if wm_on:  # every trainer commits to its round key before the round
-                self.training.hold()
-                self.bus.send_doc("round", "all", Round(epoch, "start").to_doc())
-                self.until(f"watermark commitments of round {epoch}",
-                           lambda e=epoch: self.books.have(self.books.commits, e))
+            # every trainer commits to its round key before the round, and claims it once its
+            # last step is done; after a rollback, a round every stage committed (or claimed)
+            # is not started (or ended) again, and one only some did is said again: those
+            # that did ignore it, a restarted stage that had not does it
+            if wm_on:
+                self._round(epoch, "start", self.books.commits, "commitments")
             row, step = self.training.epoch(epoch, step, start if epoch == first else 0)
-            if wm_on:  # ... and claims it once its last step is done
-                self.training.hold()
-                self.bus.send_doc("round", "all", Round(epoch, "end").to_doc())
-                self.until(f"watermark claims of round {epoch}",
-                           lambda e=epoch: self.books.have(self.books.claims, e))
+            if wm_on:
+                self._round(epoch, "end", self.books.claims, "claims")
                 self.rounds = epoch + 1
             stop = bool(cfg.run.max_steps) and step >= cfg.run.max_steps
             last = stop or epoch == cfg.run.epochs - 1  # the run ends: always evaluate
@@ -387,6 +299,16 @@ class Owner:
             if stop:
                 break
         return per_epoch, step
+
+    def _round(self, epoch: int, phase: str, table: dict, what: str) -> None:
+        """Say `round {epoch, phase}` and wait for every stage's `what` in `table`, unless
+        every stage's is already in (a rollback's replay)."""
+        if self.books.have(table, epoch):
+            return
+        self.training.hold()
+        self.bus.send_doc("round", "all", Round(epoch, phase).to_doc())
+        self.until(f"watermark {what} of round {epoch}",
+                   lambda: self.books.have(table, epoch))
 
     def _accuracy_text(self, row: dict) -> str:
         if "accuracy" in row:

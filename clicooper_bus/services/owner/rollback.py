@@ -30,7 +30,8 @@ class Rejoined(ClicooperError):
 
 class RollbackRefused(ClicooperError):
     """A rejoined trainer cannot be resumed (no step every stage committed, a restore that is
-    not what was committed, watermarks on): the run stops cleanly, naming it."""
+    not what was committed, a claimed watermark round behind it): the run stops cleanly,
+    naming it."""
 
     def __init__(self, name: str, problem: str):
         super().__init__(problem)
@@ -63,16 +64,18 @@ class OwnerSnapshots:
 
 
 def rollback_step(name: str, rejoin: Rejoin, committed: dict[str, dict[int, str]],
-                  stages: list[str], owner_steps: set[int]) -> int:
+                  stages: list[str], owner_steps: set[int], floor: int = 0) -> int:
     """The step to roll back to when trainer `name` rejoins with `rejoin`: the newest of its
     snapshot steps that every other stage in `stages` committed (`committed`: name -> step ->
     state digest of its `snapshot`) and the owner kept (`owner_steps`), and whose state digest
-    is the one `name` committed for it, if it committed one. Raises RollbackRefused naming
-    what is missing."""
+    is the one `name` committed for it, if it committed one; none before `floor` (the end of
+    the newest watermark round claimed). Raises RollbackRefused naming what is missing."""
     mine = committed.get(name, {})
     for step, state in sorted(zip(rejoin.steps, rejoin.states, strict=True), reverse=True):
         if step in mine and mine[step] != state:
             continue  # the file on disk is not what the process committed: not this one
+        if step < floor:
+            break  # a claimed watermark round would have to be trained (and claimed) again
         others = all(step in committed.get(n, {}) for n in stages if n != name)
         if others and step in owner_steps:
             return step
@@ -80,4 +83,5 @@ def rollback_step(name: str, rejoin: Rejoin, committed: dict[str, dict[int, str]
         f"{name} rejoined with snapshots of steps {rejoin.steps}, but no step of them has "
         f"every stage's committed snapshot and the owner's (owner: {sorted(owner_steps)}; "
         + "; ".join(f"{n}: {sorted(committed.get(n, {}))[-4:]}" for n in stages if n != name)
-        + "): the run cannot resume")
+        + (f"; none may come before step {floor}, the end of the newest watermark round "
+           f"claimed" if floor else "") + "): the run cannot resume")

@@ -7,27 +7,20 @@ can read them. Every message goes through one receive loop (`Dispatcher`) and it
 table (`_routes`): messages from anyone but its neighbours in the roster's stage order are
 refused.
 
-Snapshots and restarts (issue 17): every `[run] snapshot_every` steps and at each epoch boundary
-the stage is snapshotted (`snapshot.Store`: weights, Adam's state, RNG, step) to
-`<run>/snapshots/<name>/` and committed in a signed `snapshot` message. A process started again
-with the same name, key and config finds its snapshots and the roster it joined with there
-(`_rejoin`): it continues its signed chain from where the notary's log has it (the notary's
-`tip`), restores its newest snapshot and says `rejoin`; the owner rolls everyone back
-(`rollback`) to a step every stage has a committed snapshot of, each trainer restores it and
-says `restored`, and the owner trains from there again.
+Snapshots, restarts and rollbacks (issue 17) are `restart.Restarts`; the watermark chain's
+commitments and claims are `marks.Marks`; both are parts of this class.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from collections import deque
 
 import torch
 from safetensors.torch import save as st_save
 
 from clicooper_bus.config import MAX_IN_FLIGHT
-from clicooper_bus.errors import ClicooperError, ConfigError, PoisonedInput, RosterError
+from clicooper_bus.errors import ConfigError, PoisonedInput, RosterError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import batch_rows, batches
 from clicooper_bus.ml.models import build_segment, check_stage_memory, plan_spec
@@ -47,17 +40,10 @@ from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import (
-    ChainTip,
-    CheckpointMessage,
     End,
     Hello,
     Metrics,
-    Rejoin,
-    Restored,
-    Rollback,
-    Round,
     Segment,
-    Snapshot,
 )
 from clicooper_bus.services.common import (
     EXIT_OK,
@@ -69,14 +55,14 @@ from clicooper_bus.services.common import (
 )
 from clicooper_bus.services.dispatch import Dispatcher
 from clicooper_bus.services.trainer import snapshot
+from clicooper_bus.services.trainer.marks import Marks
+from clicooper_bus.services.trainer.restart import Restarts
 from clicooper_bus.services.usage import CpuMeter
-from clicooper_bus.tlog.checkpoint import open_checkpoint
-from clicooper_bus.tlog.log import default_origin
 
 FOREVER = float("inf")
 
 
-class Trainer:
+class Trainer(Restarts, Marks):
     store: snapshot.Store | None = None  # our snapshots, once the roster is known (None: none)
     fence: set[str] | frozenset[str] = frozenset()  # neighbours whose data is stale (a rollback)
 
@@ -186,126 +172,6 @@ class Trainer:
             "run_id": self.cfg.run.id, "stage": str(self.index + 1), "name": self.name,
             "nonce": roster.nonce.hex()})
 
-    # --- snapshots, restarts and rollbacks -----------------------------------------------------
-
-    def _snapshot(self, step: int) -> None:
-        """Snapshot the stage at `step` (the state after steps 0 .. step - 1) to disk, then
-        commit to it in a signed `snapshot` message (the log holds the commitment; a process
-        killed between the two resumes from a file whose commitment its `rejoin` carries)."""
-        t0 = time.perf_counter()
-        snap = snapshot.take(self.seg, step)
-        size = self.store.keep(snap)
-        self.bus.send_doc("snapshot", self.roster.owner.name,
-                          Snapshot(step, snap.weights, snap.state).to_doc(), step=step)
-        self.log.info("snapshot", step=step, bytes=size,
-                      ms=round((time.perf_counter() - t0) * 1000, 2))
-
-    def _after_update(self, step: int) -> None:
-        """After step `step`'s update: snapshot if `step + 1` is due (every `[run]
-        snapshot_every` steps, and at each epoch boundary: a watermark round's)."""
-        nxt = step + 1
-        if self.store is None:
-            return
-        if nxt % self.cfg.run.snapshot_every == 0 or (self.per and nxt % self.per == 0):
-            self._snapshot(nxt)
-
-    def _rejoin(self) -> None:
-        """A restarted process: rejoin the run our snapshots belong to. The roster is the one
-        we joined with (signed by the owner, checked again); our signed chain goes on from the
-        last message of ours the notary logged (its `tip`: which of a dead process's last
-        messages reached the log only the notary knows, so nothing we could have saved says
-        it); then we restore our newest snapshot and tell the owner which ones we hold."""
-        raw = self.snapshots.roster.read_bytes()
-        roster = Roster.open(raw, owner=self.owner_key)  # RosterError: not the owner's
-        if self.name not in roster.stages:
-            raise RosterError(f"the roster saved in {self.snapshots.root} does not list "
-                              f"'{self.name}'; remove that directory to join a new run")
-        if roster.notary is None:
-            raise RosterError("the saved roster has no notary: nobody can say where our "
-                              "signed chain stands, so a restarted trainer cannot rejoin")
-        self.roster, self.roster_bytes = roster, raw
-        self._build()
-        if self.marker is not None:
-            raise ClicooperError("rejoining a run with watermarks on is not built (the round's "
-                                 "marker state is not in the snapshot); the run cannot resume "
-                                 "this stage")
-        steps = self.snapshots.steps()
-        print(f"{self.name}: found snapshots of steps {steps} in {self.snapshots.root}; "
-              f"rejoining run '{self.cfg.run.id}': waiting for the notary's chain tip",
-              flush=True)
-        tips: list[ChainTip] = []
-
-        def on_tip(env: Envelope) -> None:
-            tip = ChainTip.parse(env.document(), sender=roster.notary.name)
-            if tip.member == self.name:
-                tips.append(tip)
-
-        self.loop.route("tip", {self.notary_kid}, on_tip)
-        wait = self.cfg.bus.join_timeout_s + self.cfg.bus.rejoin_timeout_s
-        self.loop.until(lambda: bool(tips), timeout_s=wait, timed_out=lambda: (
-            f"no chain tip from the notary within {wait:.0f} s: is run '{self.cfg.run.id}' "
-            f"still going? (to join a new run instead, remove {self.snapshots.root})"))
-        self.bus.sender.seq, self.bus.sender.prev = tips[-1].seq, tips[-1].prev
-        snaps = [self.store.get(s) for s in steps]
-        snapshot.restore(self.seg, snaps[-1].tensors)
-        self.trained = snaps[-1].step - 1
-        for snap in snaps:
-            self.store.keep(snap, write=False)
-        self.bus.send_doc("rejoin", roster.owner.name, Rejoin(
-            self.index + 1, steps, [s.state for s in snaps]).to_doc())
-        self.bus.start_beating()
-        self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
-        self._routes()
-        self.log.info("rejoined", stage=self.index + 1, seq=tips[-1].seq, steps=steps)
-        print(f"{self.name}: rejoined at seq {tips[-1].seq + 1} with snapshots of steps "
-              f"{steps}; waiting for the owner's rollback", flush=True)
-
-    def _on_rollback(self, env: Envelope) -> None:
-        """Restore our snapshot of the rollback's step, drop everything in progress, and say
-        `restored`. Our neighbours' data sent before they restored is stale: dropped until
-        their `restored` (each publisher's messages arrive in order)."""
-        rb = Rollback.parse(env.document(), sender=self.roster.owner.name)
-        snap = self.store.get(rb.step)
-        if snap is None:  # refused like a poisoned input: the owner stops the run, named
-            raise PoisonedInput(sender=self.roster.owner.name, kind="rollback", step=rb.step,
-                                problem=f"a rollback to step {rb.step}, of which {self.name} "
-                                        f"has no snapshot (in memory: {sorted(self.store.memory)}"
-                                        f", on disk: {self.snapshots.steps()})")
-        self.seg = SegmentTrainer(self.segment, lr=self.plan.lr)  # nothing pending
-        if self.marker is not None:
-            self.seg.regularizer = self.marker.regularizer
-        snapshot.restore(self.seg, snap.tensors)
-        self.queued.clear()
-        self.given.clear()
-        self.labels.clear()
-        self.waiting_logits.clear()
-        self.trained = rb.step - 1
-        per = self.per or 1
-        self.eval_seen = {(e, b) for e, b in self.eval_seen if (e + 1) * per < rb.step}
-        self.meter.steps = rb.step  # replayed steps are counted once, as the owner counts them
-        stages = set(self.roster.stages)
-        self.fence = {self.kid[n] for n in (self.prev, self.next) if n in stages
-                      and self.restored_seen.get(self.kid[n]) != rb.step}
-        self.bus.send_doc("restored", "all", Restored(rb.step, snap.state).to_doc(), step=rb.step)
-        self.log.warning("rolled back", step=rb.step, rejoined=rb.rejoined,
-                         fenced=sorted(self.loop.names.get(k, k) for k in self.fence))
-        print(f"{self.name}: rolled back to step {rb.step} ({rb.rejoined} rejoined)", flush=True)
-
-    def _on_restored(self, env: Envelope) -> None:
-        """A neighbour restored: what it sends from now on is of the rolled-back run."""
-        sender = env.header.sender
-        done = Restored.parse(env.document(), sender=self.loop.names.get(sender))
-        self.restored_seen[sender] = done.step
-        self.fence = set(self.fence) - {sender}
-
-    def _fenced(self, env: Envelope) -> bool:
-        """Whether `env` is stale data from a neighbour that has not restored yet."""
-        if env.header.sender in self.fence:
-            self.dropped += 1
-            self.log.info("stale message dropped", kind=env.header.kind, step=env.header.step)
-            return True
-        return False
-
     def _on_roster(self, env: Envelope) -> None:
         if self.roster is not None:
             return
@@ -348,12 +214,7 @@ class Trainer:
         route("rollback", {owner}, self._on_rollback)
         route("restored", {k[n] for n in self.roster.stages if n != self.name},
               self._on_restored)
-        if self.notary_kid is not None:
-            route("checkpoint", {self.notary_kid}, self._on_checkpoint)
-        if self.marker is not None:
-            route("round", {owner}, self._on_round)
-            # every stage's commitments pass by; only the previous stage's link to ours
-            route("wm_commit", {k[n] for n in self.roster.stages}, self._on_commit)
+        self._mark_routes()
 
     def _serve(self) -> None:
         """Until the owner ends training. A neighbour gone past the rejoin timeout is dropped
@@ -539,52 +400,6 @@ class Trainer:
         self.bus.send_doc("metrics", self.roster.owner.name, Metrics(r.loss, r.correct).to_doc(),
                           step=step, batch=h.batch, epoch=h.epoch)
         self._after_update(step)
-
-    # --- the watermark chain -------------------------------------------------------------------
-
-    def _on_checkpoint(self, env: Envelope) -> None:
-        """A checkpoint the notary signed: our marks key to its root; the final one lets us go.
-        One that does not verify is refused, with a warning."""
-        try:
-            msg = CheckpointMessage.parse(env.document(), sender=self.roster.notary.name)
-            cp = open_checkpoint(msg.note, self.roster.notary.identity,
-                                 default_origin(self.cfg.run.id))
-        except ClicooperError as exc:
-            self.log.warning("bad checkpoint from the notary", error=str(exc))
-            return
-        if self.marker is not None:
-            self.marker.saw_checkpoint(cp.size, cp.root)
-            self._commit()
-        self.final_seen = self.final_seen or msg.final
-
-    def _on_commit(self, env: Envelope) -> None:
-        if self.index == 0 or env.header.sender != self.kid[self.prev]:
-            return
-        try:
-            self.marker.saw_previous_commit(env.document())
-        except ValueError as exc:
-            raise ClicooperError(f"{self.prev} sent a malformed wm_commit message: {exc}") from None
-        self._commit()
-
-    def _on_round(self, env: Envelope) -> None:
-        """Commit before a round, claim after it."""
-        r = Round.parse(env.document(), sender=self.roster.owner.name)
-        if r.phase == "start":
-            self.marker.start(r.round)
-        else:
-            claim = self.marker.claim(r.round)
-            sent = self.bus.send_doc("wm_claim", "all", claim.to_doc())
-            self.marker.claimed(sent.leaf)
-            self.log.info("watermark claimed", round=claim.round, bit_errors=claim.bit_errors,
-                          bits=claim.nbits)
-        self._commit()
-
-    def _commit(self) -> None:
-        """Publish our commitment as soon as everything it links to is known."""
-        commit = self.marker.ready_commit()
-        if commit is not None:
-            self.bus.send_doc("wm_commit", "all", commit.to_doc())
-            self.log.info("watermark committed", round=commit.round)
 
     # --- the end -------------------------------------------------------------------------------
 

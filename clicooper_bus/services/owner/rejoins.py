@@ -1,0 +1,138 @@
+"""The owner's side of a trainer's restart, as a part of `process.Owner`: a `rejoin` from a
+process started again after a crash interrupts training, the run rolls back to a step every
+stage committed a snapshot of (`rollback.rollback_step`), and training goes on from there.
+
+Only a restarted process may rejoin: the notary tells a trainer silent past `timeout_s` where
+its signed chain stands (`tip`, which the owner reads too), and a restarted process's `rejoin`
+is the first message of its chain after that tip (its seq is the tip's + 1). A live member's
+`rejoin` is refused (logged, ignored): it would roll the run back for nothing. With watermarks
+on, the run never rolls back behind the end of a round any stage claimed (its claim is in the
+log and cannot be made again), nor, hence, into a round before one that began.
+"""
+
+from __future__ import annotations
+
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.protocol import ChainTip, Rejoin, Rollback
+from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused, rollback_step
+
+MAX_ROLLBACKS = 3  # rejoins a run rolls back for; past it, the next stops the run cleanly
+
+
+class Rejoins:
+    """The rejoin and rollback methods of `process.Owner` (a mixin: it uses the owner's bus,
+    loop, books, training and stages)."""
+
+    def _on_tip(self, env) -> None:
+        """The notary told a silent trainer where its chain stands: a `rejoin` that continues
+        from there is a restarted process's."""
+        tip = ChainTip.parse(env.document(), sender=self.cfg.participants.notary)
+        if tip.member in self.stages:
+            self.tips[tip.member] = tip.seq
+
+    def _not_restarted(self, name: str, seq: int) -> str | None:
+        """Why `name`'s rejoin (header seq `seq`) is not a restarted process's, or None."""
+        if name not in self.tips:
+            return ("it was never silent long enough for the notary to send it its chain's tip: "
+                    "a live process does not rejoin")
+        if seq != self.tips[name] + 1:
+            return (f"its rejoin (seq {seq}) does not follow the notary's tip (seq "
+                    f"{self.tips[name]}): a restarted process says rejoin first")
+        return None
+
+    def _claimed_floor(self) -> int:
+        """The earliest step a rollback may go to: the end of the newest round any stage
+        claimed (watermarks on), else 0."""
+        claimed = [t for (_, t) in self.books.claims]
+        if not claimed:
+            return 0
+        end = (max(claimed) + 1) * self.training.per
+        return min(end, self.cfg.run.max_steps) if self.cfg.run.max_steps else end
+
+    def _on_rejoin(self, env) -> None:
+        """A restarted trainer is back (raises Rejoined: training rolls back, see `_train`).
+        Its snapshots are commitments too (signed, logged): the newest may never have been
+        announced by the process that died."""
+        name = self.books.names[env.header.sender]
+        rejoin = Rejoin.parse(env.document(), sender=name)
+        why = self._not_restarted(name, env.header.seq)
+        if why:  # only a process started again after a crash rolls the run back
+            self.log.warning("rejoin refused", trainer=name, problem=why)
+            print(f"owner: refused {name}'s rejoin: {why}", flush=True)
+            return
+        if name in self.delivered:  # killed after its part was done: the run goes on
+            self.log.warning("rejoin after the segment was delivered ignored", trainer=name)
+            print(f"owner: {name} rejoined after delivering its segment: nothing to resume",
+                  flush=True)
+            return
+        if rejoin.stage != self.stages.index(name) + 1:
+            raise ClicooperError(f"{name} rejoined as stage {rejoin.stage}; it is stage "
+                                 f"{self.stages.index(name) + 1}")
+        self.log.warning("trainer rejoined", trainer=name, steps=rejoin.steps)
+        print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
+        raise Rejoined(name, rejoin)
+
+    def _train(self) -> tuple[list[dict], int]:
+        """Every epoch; a trainer that rejoins after a restart rolls the run back (`_roll_back`)
+        and training goes on from the step it rolled back to."""
+        resume, rejoined = (0, 0), None
+        while True:
+            try:
+                if rejoined is not None:
+                    resume, rejoined = self._roll_back(rejoined), None
+                return self._train_from(*resume)
+            except Rejoined as exc:  # (also one that rejoins while we roll back)
+                rejoined = exc
+
+    def _roll_back(self, exc: Rejoined) -> tuple[int, int]:
+        """Roll the run back for `exc.name`'s restart: choose the step (`rollback_step`), put
+        the owner's head back, say `rollback` (signed, in the log: the steps from there on
+        appear in it again), drop what trainers send until each says `restored`, and check
+        each restored the state it committed. Returns (epoch, batch) to train from. Raises
+        RollbackRefused (the run stops cleanly, named) when it cannot resume."""
+        if self.setup.defences.filter is not None:
+            # a replayed step's noise is keyed by its step: on an activation that differs from
+            # the first release (a pipelined window, or a member sending other gradients after
+            # the rollback) the difference of the two releases has no noise at all, and the
+            # accountant counts neither
+            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but rolling back a run with "
+                                            f"activation protection on is not built (a replayed "
+                                            f"release would reuse its step's noise)")
+        if self.rollbacks >= MAX_ROLLBACKS:
+            # a member may say rejoin at any time: each costs replayed steps, so it is bounded
+            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but the run has already "
+                                            f"rolled back {self.rollbacks} times (at most "
+                                            f"{MAX_ROLLBACKS})")
+        self.rollbacks += 1
+        books, name = self.books, exc.name
+        # what each trainer committed, by step: its `snapshot`s, and for the rejoined one its
+        # `rejoin` too (signed and logged: its newest file may never have been announced)
+        states = {n: {k: v.state for k, v in books.snapshots.get(n, {}).items()}
+                  for n in self.stages}
+        step = rollback_step(name, exc.rejoin, states, self.stages,
+                             set(self.training.snapshots.kept), floor=self._claimed_floor())
+        states[name].setdefault(step, exc.rejoin.states[exc.rejoin.steps.index(step)])
+        self.training.roll_back(step)
+        per = self.training.per
+        # an epoch's row stays if all its steps (and its evaluation, at its end) come before
+        kept = [row for row in self.per_epoch if row["epoch"] * per + row["steps"] <= step]
+        self.evaluations -= sum("accuracy" in row for row in self.per_epoch[len(kept):])
+        self.per_epoch[:] = kept
+        books.fenced = {self.kid[n] for n in self.stages}
+        books.restored = {}
+        self.bus.send_doc("rollback", "all", Rollback(step, name).to_doc(), step=step)
+        self.log.warning("rolled back", step=step, rejoined=name)
+        print(f"owner: rolling back to step {step} for {name}: steps from {step} on are "
+              f"trained again", flush=True)
+        self.until("every trainer's restored snapshot",
+                   lambda: all(n in books.restored and books.restored[n].step == step
+                               for n in self.stages))
+        for n in self.stages:
+            if books.restored[n].state != states[n][step]:
+                raise RollbackRefused(name, f"{n} restored a state of step {step} other than "
+                                            f"the one it committed (sha256 "
+                                            f"{books.restored[n].state[:16]}... for "
+                                            f"{states[n][step][:16]}...)")
+        self.mailbox.held.clear()
+        epoch = len(self.per_epoch)
+        return epoch, step - epoch * per
