@@ -247,3 +247,25 @@ def test_a_run_from_before_a_config_field_was_added_still_audits(audited, tmp_pa
     cfg, defaulted = run_config(run_dir, dataclasses.replace(r, roster=old_roster))
     assert cfg.run.trainer_memory_mb == load_config(None).run.trainer_memory_mb
     assert defaulted == ["run.trainer_memory_mb"]  # and the report will say so
+
+
+def test_a_sampled_fwd_stream_is_simulated_white_box_and_said_so(audited, tmp_path, monkeypatch):
+    """The run keeps 16 fwd batches an epoch: the trainers' channels also get the white-box
+    simulation of their fwd for the followed samples in both epochs, which the linking attack
+    can link (each sample twice), and the report names it. (Trainer 1's channels only: the
+    simulation is the same for every stage, and the attack costs seconds per channel.)"""
+    from clicooper_bus.audit.auditor import audit_run
+    from clicooper_bus.audit.report import to_json, to_markdown
+    from clicooper_bus.ml.attacks.channels import ChannelInference
+
+    monkeypatch.setattr("clicooper_bus.audit.channels.TARGETS", 300)  # followed: 300, not 2,000
+    attack = ChannelInference().for_trainer("trainer-1", 1, False)
+    attack.per_trainer = False  # this trainer's attack alone, not one per trainer
+    audit = audit_run(_copy(audited, tmp_path / "sim"), attacks=[attack])
+    (row,) = audit.results
+    sim = row["channels"]["fwd (simulated)+linked"]
+    assert sim["releases_per_sample"] == 2.0 and sim["samples"] == 300
+    assert row["channels"]["fwd (simulated)"]["seen"] == row["channels"]["fwd"]["seen"] > 0
+    ref = audit.references["simulated"]
+    assert ref["epochs"] == [0, 1] and "sample:16" in ref["why"]
+    assert "- simulated: `fwd (simulated)`" in to_markdown(to_json(audit))

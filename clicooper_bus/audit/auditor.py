@@ -25,9 +25,10 @@ import torch
 
 from clicooper_bus.audit import families, scoring
 from clicooper_bus.audit.channels import KINDS as CHANNEL_KINDS
-from clicooper_bus.audit.channels import read_channels
+from clicooper_bus.audit.channels import followed, read_channels
 from clicooper_bus.audit.families import INVERT_SAMPLES
 from clicooper_bus.audit.replay import Replay, replay
+from clicooper_bus.audit.simulated import SIMULATED, simulate_fwd
 from clicooper_bus.audit.truth import CLUSTER_SAMPLES, Release, Truth, gather
 from clicooper_bus.config import RunConfig, config_from_text, missing_keys
 from clicooper_bus.errors import ClicooperError
@@ -36,7 +37,7 @@ from clicooper_bus.ml.attacks import default_attacks, expand_per_trainer, memo
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.attacks.channels import received_field
 from clicooper_bus.ml.compute import compute_plan
-from clicooper_bus.ml.data import load_dataset
+from clicooper_bus.ml.data import load_dataset, to_float
 from clicooper_bus.ml.models import plan_spec, segments_from_state_dict
 from clicooper_bus.ml.privacy import defences
 from clicooper_bus.ml.privacy.labels import group_sum
@@ -236,6 +237,8 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     knowledge, truth, info = gather(replayed, data, segments, cfg, spec)
     stages = list(replayed.roster.stages)
     _add_channels(knowledge, audit, run, cfg, data, stages)
+    _add_simulated(knowledge, audit, cfg, data, stages, spec,
+                   sorted(replayed.owner_epochs.get("fwd", ())))
     owner_model = inference_model(segments, spec)
     owner_acc = scoring.accuracy(_predict(owner_model, truth.eval_images, groups),
                                  truth.eval_labels)
@@ -319,6 +322,25 @@ def _add_channels(knowledge: Knowledge, audit: Audit, run: RunLayout, cfg: RunCo
         knowledge.values[received_field(s)] = ch.of(s)
     audit.references["channels_seen"] = ch.seen
     audit.references["released_seen"] = ch.seen.get(stages[0], {}).get("fwd", 0)
+
+
+def _add_simulated(knowledge: Knowledge, audit: Audit, cfg: RunConfig, data, stages: list[str],
+                   spec: FilterSpec | None, epochs: list[int]) -> None:
+    """Where the log keeps only a sample of the `fwd` streams, each trainer's channels also
+    get the white-box simulation of its `fwd` for the followed samples in every epoch
+    (`audit.simulated`); the report names which channels were simulated."""
+    if Retention.parse(cfg.log.retention).limit("fwd") is None or not epochs:
+        return
+    ids = followed(len(data.x_train))
+    head = knowledge.values["release"].head
+    rows = simulate_fwd(head, knowledge.values["stages"], spec, to_float(data.x_train[ids]),
+                        ids, epochs)
+    for s, r in zip(stages, rows, strict=True):
+        knowledge.values[received_field(s)][SIMULATED] = r
+    audit.references["simulated"] = {
+        "channel": SIMULATED, "samples": len(ids), "epochs": epochs,
+        "why": f"[log] retention `{cfg.log.retention}` keeps only a sample of the fwd streams",
+        "how": "white-box: the delivered head and stages, the privacy filter with fresh noise"}
 
 
 def _attack(attack: Attack, knowledge: Knowledge, truth: Truth, audit: Audit,

@@ -47,14 +47,20 @@ class Channels:
         return self.rows.get(trainer, {})
 
 
+def followed(n_train: int) -> np.ndarray:
+    """The training sample ids followed through every epoch (sorted; a fixed draw, the same in
+    every audit): where a kind is retained in full, and in the white-box simulation."""
+    rng = np.random.default_rng(0)
+    return np.sort(rng.choice(n_train, min(TARGETS, n_train), replace=False))
+
+
 class _Sampler:
     """Which rows of a batch to keep, and their sample ids."""
 
     def __init__(self, plan: Plan, n_train: int, n_test: int, full: set[str]):
         self.plan, self.n_train, self.n_test, self.full = plan, n_train, n_test, full
-        rng = np.random.default_rng(0)
         self.targets = np.zeros(n_train, bool)
-        self.targets[rng.choice(n_train, min(TARGETS, n_train), replace=False)] = True
+        self.targets[followed(n_train)] = True
         self.orders: dict[int, list[np.ndarray]] = {}
 
     def ids(self, kind: str, epoch: int, batch: int, n: int) -> np.ndarray | None:

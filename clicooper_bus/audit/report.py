@@ -127,6 +127,14 @@ def cpu_text(cpu: dict[str, Any] | None) -> str:
             f"{rows or 'none'}{missing})")
 
 
+def simulated_text(sim: dict[str, Any]) -> str:
+    """The report's line on the white-box simulated channel (`audit.simulated`)."""
+    return (f"- simulated: `{sim['channel']}` in every trainer's channels, {sim['samples']} "
+            f"followed training samples in epoch(s) {sim['epochs']}, because {sim['why']}; "
+            f"{sim['how']} (the final weights stand in for every epoch's: read it beside the "
+            f"retained channels, not instead of them)")
+
+
 def epsilon_text(e: dict[str, Any] | None) -> str:
     """The privacy spent, as the auditor recomputed it, with what it holds for."""
     if not e or e.get("epsilon") is None and e.get("mechanism") in (None, "none"):
@@ -184,6 +192,8 @@ def to_markdown(doc: dict[str, Any], figure_files: Sequence[str] = ()) -> str:
               f"{s.get('aux_samples')} public images (first half of the test split); "
               f"evaluation {s.get('eval_samples')} (second half); {s.get('eval_pairs')} "
               f"evaluation releases of aux images in the log",
+              *([simulated_text(doc["references"]["simulated"])]
+                if (doc.get("references") or {}).get("simulated") else []),
               *([f"- the run's config.toml does not set {', '.join(s['config_defaulted'])} "
                  f"(written by an older version): audited with today's defaults for them"]
                 if s.get("config_defaulted") else []),

@@ -259,7 +259,8 @@ class ChannelInference(Attack):
         pick = _latest_once(rows.ids, rows.epochs, SINGLE)
         if len(pick) < 2 * k:  # too few retained samples to cluster into k groups
             return {}
-        source = {"own_out": "fwd", "own_eval_out": "eval_fwd"}.get(kind, kind)
+        source = {"own_out": "fwd", "own_eval_out": "eval_fwd",
+                  "fwd (simulated)": "fwd"}.get(kind, kind)
         out = {kind: {"ids": rows.ids[pick], "split": rows.split, "source": source,
                       "variants": self._variants(kind, rows.x[pick], k, logits)}}
         ids, mean, counts = link(rows.ids, rows.x)
