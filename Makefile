@@ -67,6 +67,13 @@ bench: setup
 	$(PY) -m clicooper_bus.tools.bench_transport
 	$(PY) -m clicooper_bus.tools.bench_privacy
 
+# Edge links (issue 18; docs/BENCHMARKS.md): the trainers behind a veth pair rate-limited with
+# tbf at 1 Gbit/s, 100 Mbit/s and 20 Mbit/s, each codec and in_flight, and K = 1..4 trainers.
+# Needs root (network namespaces); about an hour on 2 cores. BENCH_EDGE_ARGS=--quick: a smoke run.
+.PHONY: bench-edge
+bench-edge: setup
+	$(PY) -m clicooper_bus.tools.bench_edge --json runs/bench-edge.json $(BENCH_EDGE_ARGS)
+
 # Privacy: the paper table (undefended, the paper's configuration, ours; docs/RESULTS.md) and
 # the frontier of defences and levels (docs/PRIVACY.md). Each trains over the bus and audits;
 # finished runs are reused, so an interrupted target resumes.

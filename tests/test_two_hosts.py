@@ -30,6 +30,7 @@ import pytest
 
 from clicooper_bus.config import load_config
 from clicooper_bus.tlog.logverify import verify_log
+from clicooper_bus.tools import netns
 from clicooper_bus.tools.cli import main as cli
 from tests.busrun import write_config
 from tests.test_join import BLOCKER
@@ -38,51 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 OWNER_IP, DEVICE_IP = "10.77.0.1", "10.77.0.2"
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
-def _missing() -> str | None:
-    """Why this machine cannot make two namespaces, or None."""
-    if os.geteuid() != 0:
-        return "not root: network namespaces need root (CI runs this test as root)"
-    if shutil.which("ip") is None:
-        return "no `ip` command (iproute2) on PATH"
-    probe = f"cco-probe-{uuid.uuid4().hex[:8]}"
-    made = _ip("netns", "add", probe)
-    _ip("netns", "del", probe)
-    if made.returncode != 0:
-        return f"network namespaces not permitted here: `ip netns add` said {made.stderr.strip()!r}"
-    return None
-
-
 @pytest.fixture
 def link():
     """Two namespaces (owner, device) joined by a veth pair; yields their names. Deletes both,
-    and the pair, however the test ends."""
-    reason = _missing()
+    and the pair, however the test ends (`tools/netns.py`)."""
+    reason = netns.missing()
     if reason:
         pytest.skip(reason)
-    tag = uuid.uuid4().hex[:6]
-    owner, device, va, vb = f"cco-{tag}-o", f"cco-{tag}-d", f"cco{tag}a", f"cco{tag}b"
-    steps = [("netns", "add", owner), ("netns", "add", device),
-             ("link", "add", va, "type", "veth", "peer", "name", vb),
-             ("link", "set", va, "netns", owner), ("link", "set", vb, "netns", device),
-             ("-n", owner, "addr", "add", f"{OWNER_IP}/24", "dev", va),
-             ("-n", device, "addr", "add", f"{DEVICE_IP}/24", "dev", vb),
-             ("-n", owner, "link", "set", va, "up"), ("-n", device, "link", "set", vb, "up"),
-             ("-n", owner, "link", "set", "lo", "up"), ("-n", device, "link", "set", "lo", "up")]
-    try:
-        for step in steps:
-            done = _ip(*step)
-            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
-        yield owner, device
-    finally:
-        _ip("netns", "del", owner)
-        _ip("netns", "del", device)
-        _ip("link", "del", va)  # only if it never left the root namespace
-        left = _ip("netns", "list").stdout + _ip("link", "show").stdout
-        assert tag not in left, f"namespace or link {tag} left behind"
+    with netns.pair(OWNER_IP, DEVICE_IP) as made:
+        yield made.owner, made.device
+    assert not netns.leftovers(made.tag), f"namespace or link {made.tag} left behind"
 
 
 class Proc:
@@ -185,7 +151,7 @@ def test_a_trainer_joins_from_another_host_and_strangers_get_nothing(link, tmp_p
 
 def test_the_skip_names_what_is_missing(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert _missing().startswith("not root")
+    assert netns.missing().startswith("not root")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert _missing() == "no `ip` command (iproute2) on PATH"
+    assert netns.missing() == "no `ip` command (iproute2) on PATH"
