@@ -322,3 +322,28 @@ def test_a_step_replayed_after_a_rollback_is_read_once():
     assert not resent(header(b"a", kind="bwd"), sent)
     # control messages without a step are never folded
     assert not resent(header(b"c", step=None), sent) and not resent(header(b"c", step=None), sent)
+
+
+def test_a_median_over_releases_resists_heavy_tailed_noise():
+    """Linking by mean is undone by heavy-tailed noise (one wild draw moves a mean); the
+    coordinate-wise median of a sample's five releases is not, and the channel reports the
+    stronger of the two."""
+    labels = _labels()
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(K, 32))
+    ids = np.tile(np.arange(N), EPOCHS)
+    x = centres[labels[ids]] + 0.6 * rng.standard_cauchy(size=(len(ids), 32))
+    rows = Rows("fwd", "train", ids, np.repeat(np.arange(EPOCHS), N), x.astype(np.float32))
+    ch = _scored({"fwd": rows}, labels)["channels"]
+    assert ch["fwd+linked-median"]["releases_per_sample"] == EPOCHS
+    assert ch["fwd+linked-median"]["ari"] > ch["fwd+linked"]["ari"] + 0.2, ch
+
+
+def test_link_median_groups_each_sample_s_releases():
+    from clicooper_bus.ml.attacks.channels import link_median
+
+    ids = np.array([3, 1, 3, 1, 3, 1, 2, 2])
+    x = np.array([[1.0], [10], [2], [30], [100], [20], [5], [6]], np.float32)
+    got_ids, med = link_median(ids, x)
+    got = dict(zip(got_ids.tolist(), med[:, 0].tolist(), strict=True))
+    assert got == {1: 20.0, 3: 2.0}  # sample 2 has too few releases

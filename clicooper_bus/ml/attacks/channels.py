@@ -18,7 +18,8 @@ A trainer sees more than the first stage's activations: its `fwd` from its prede
   (merged under obfuscation);
 - linking (`+linked`): every release of one sample averaged over the epochs it was released
   in (the batch order is a public function of the roster's seed), then clustered: fresh noise
-  per release averages out.
+  per release averages out; on activation channels also the coordinate-wise median of three
+  or more releases (`+linked-median`: the location estimate that Laplace noise does not move).
 The auditor scores each channel and reports the strongest, naming the channel. One instance
 per trainer, non-colluding: its view holds only that trainer's channels; and, with two or more
 trainers, one for all of them colluding, which joins what they received of the same sample in
@@ -41,6 +42,7 @@ from clicooper_bus.ml.attacks.clustering import cluster_variants
 from clicooper_bus.ml.attacks.nets import apply
 
 SINGLE = 2000  # single releases clustered per channel (the latest first, one per sample)
+ACTIVATIONS = ("fwd", "fwd (simulated)", "eval_fwd")  # the channels privacy noise is added to
 
 
 @dataclass
@@ -122,6 +124,25 @@ def link(ids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     sums = np.zeros((len(uniq), flat.shape[1]))
     np.add.at(sums, inverse, flat)
     return uniq, (sums / counts[:, None]).astype(np.float32), counts
+
+
+def link_median(ids: np.ndarray, x: np.ndarray, least: int = 3
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample with at least `least` releases: its rows' coordinate-wise median, the
+    maximum-likelihood location under Laplace noise, where the mean is not (a heavy-tailed
+    draw moves a mean, not a median). (sample ids, median rows N x D float32)."""
+    flat = x.reshape(len(x), -1)
+    order = np.argsort(ids, kind="stable")
+    uniq, start, counts = np.unique(ids[order], return_index=True, return_counts=True)
+    out_ids, out = [], []
+    for c in np.unique(counts[counts >= least]):  # samples of equal release count at once
+        sel = np.flatnonzero(counts == c)
+        rows = order[(start[sel][:, None] + np.arange(c)).ravel()]
+        out.append(np.median(flat[rows].reshape(len(sel), c, -1), axis=1))
+        out_ids.append(uniq[sel])
+    if not out:
+        return np.zeros(0, ids.dtype), np.zeros((0, flat.shape[1]), np.float32)
+    return np.concatenate(out_ids), np.concatenate(out).astype(np.float32)
 
 
 def _latest_once(ids: np.ndarray, epochs: np.ndarray, limit: int) -> np.ndarray:
@@ -270,6 +291,14 @@ class ChannelInference(Attack):
             out[f"{kind}+linked"] = {"ids": ids[sel], "split": rows.split, "source": source,
                                      "releases": float(counts[sel].mean()),
                                      "variants": self._variants(kind, mean[sel], k, logits)}
+        if kind in ACTIVATIONS:  # noise on a release: a median resists Laplace's tails
+            ids, median = link_median(rows.ids, rows.x)
+            if len(ids) >= 2 * k:
+                releases = np.unique(rows.ids, return_counts=True)[1]
+                out[f"{kind}+linked-median"] = {
+                    "ids": ids[:SINGLE], "split": rows.split, "source": source,
+                    "releases": float(releases[releases >= 3].mean()),
+                    "variants": self._variants(kind, median[:SINGLE], k, logits)}
         return out
 
     def _variants(self, kind: str, x: np.ndarray, k: int, logits: bool = False
