@@ -15,7 +15,8 @@ atomic writer every artefact goes through.
       telemetry/           each process's structlog JSON lines (`clicooper run`)
       sweep-entry.json     what `clicooper sweep` ran here
       INTERRUPTED          `clicooper run` was stopped by a signal (which, when)
-      snapshots/NAME/      a trainer's own snapshots (`SnapshotLayout`): what it resumes from
+      snapshots/NAME/      a trainer's own snapshots (`SnapshotLayout`): what it resumes from;
+                           the owner's round snapshots under its own name
         roster.msgpack  step-000000050.safetensors ...
 
 In the spirit of Tessera's layout module: paths are computed here and nowhere else, so a

@@ -55,8 +55,9 @@ def test_a_stop_signal_to_clicooper_run_stops_every_process_of_the_run(tmp_path,
     assert proc.returncode == 128 + sig, (proc.returncode, err[-500:])
     assert err.strip().splitlines() == [f"clicooper run: stopped by {name}: every process of the "
                                         f"run was stopped; what the notary logged so far is in "
-                                        f"the run directory; marked INTERRUPTED (run again with "
-                                        f"--force to start over)"], err[-800:]
+                                        f"the run directory; marked INTERRUPTED (--resume "
+                                        f"RUN_DIR takes it up again, --force starts over)"], \
+        err[-800:]
     gone_by = time.monotonic() + 5
     while (left := [pid for pid, cmd in _command_lines().items() if str(cfg.run_dir) in cmd]):
         assert time.monotonic() < gone_by, f"orphaned processes: {left}"
@@ -68,7 +69,7 @@ def test_a_stop_signal_to_clicooper_run_stops_every_process_of_the_run(tmp_path,
     assert main(["run", "--config", str(path)]) == 1
     said = capsys.readouterr().err
     assert f"run term was interrupted by {name}" in said and "--force" in said, said
-    assert "Resuming is not built yet" in said
+    assert f"clicooper run --resume {cfg.run_dir}" in said
     check_run_dir(cfg.run_dir, force=True)  # what --force does before anything starts
     assert not cfg.run_dir.exists()
 

@@ -89,11 +89,29 @@ def test_the_store_keeps_two_on_disk_three_in_memory_and_reads_back_what_it_wrot
     got = again.get(20)
     assert (got.state, got.weights) == (taken[20].state, taken[20].weights)
     assert again.get(10) is None
-    store.save_roster(b"roster")
-    assert layout.roster.read_bytes() == b"roster"
+    store.save_roster(b"roster")  # a new run joined: no file of an earlier run's is kept
+    assert layout.roster.read_bytes() == b"roster" and layout.steps() == []
     layout.state(30).write_bytes(b"not safetensors")
     with pytest.raises(ClicooperError, match="cannot be read"):
         again.get(30)
+
+
+def test_the_store_keeps_round_boundaries_forgets_an_abandoned_timeline_and_its_runs_own(
+        tmp_path):
+    """Review and resume: the newest two round boundaries stay on disk beside the newest two
+    snapshots (a resumed run goes back to the last round snapshot); a rollback forgets the
+    snapshots after its step (the abandoned timeline's); a file of another run (another run
+    nonce) is never read as ours."""
+    layout = RunLayout(tmp_path).snapshots("trainer-1")
+    store = snapshot.Store(layout, {"nonce": "aa"}, boundary=lambda s: s % 20 == 0)
+    seg = _segment()
+    for step in (0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50):
+        store.keep(snapshot.take(seg, step))
+    assert layout.steps() == [20, 40, 45, 50]
+    store.drop_after(40)
+    assert layout.steps() == [20, 40] and sorted(store.memory) == [40]
+    with pytest.raises(ClicooperError, match="of another run"):
+        snapshot.Store(layout, {"nonce": "bb"}).get(20)
 
 
 def test_a_snapshot_of_another_model_is_refused_naming_it():

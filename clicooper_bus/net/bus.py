@@ -369,6 +369,14 @@ class Bus:
         self.last_seen.clear()
         self.beat(force=True)
 
+    def presume_heard(self, key_ids: Iterable[str]) -> None:
+        """Count these peers' silence from now, as if just heard (a resumed process whose
+        peers were in the run before: silent past `timeout_s` from here they are suspected,
+        rather than given the join timeout of a peer never heard)."""
+        now = time.monotonic()
+        for k in key_ids:
+            self.last_seen.setdefault(k, now)
+
     def silent_peers(self, key_ids: Iterable[str]) -> list[str]:
         """Key ids silent for longer than the timeout since we last heard them; a peer not
         heard at all since `start_beating` gets the join timeout (it may still be starting)."""

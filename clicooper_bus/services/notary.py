@@ -33,7 +33,7 @@ import time
 from clicooper_bus.chain.certificate import Certificate, issue
 from clicooper_bus.chain.registry import WatermarkRegistry
 from clicooper_bus.config import RunConfig
-from clicooper_bus.errors import ClicooperError, LogFull
+from clicooper_bus.errors import ClicooperError, LogCorrupted, LogFull, RejectedMessage
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.bus import Bus, BusError, PeersGone
 from clicooper_bus.net.roster import Roster
@@ -56,8 +56,8 @@ from clicooper_bus.tlog.log import ProvenanceLog
 
 
 class Notary:
-    def __init__(self, cfg: RunConfig, log):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: RunConfig, log, resume: bool = False):
+        self.cfg, self.log, self.resume = cfg, log, resume
         self.ident = identity(cfg, cfg.participants.notary)
         self.owner_key = public(cfg, cfg.participants.owner)
         verifier = Verifier({self.owner_key.key_id: self.owner_key}, cfg.run.id,
@@ -81,9 +81,12 @@ class Notary:
         bus = self.bus
         bus.subscribe(bus.topics.all)
         bus.announce()
-        self.log.info("notary waiting for the roster", run_id=self.cfg.run.id)
         deadline = time.monotonic() + self.cfg.bus.join_timeout_s
         try:
+            if self.resume:
+                self._reopen()
+            else:
+                self.log.info("notary waiting for the roster", run_id=self.cfg.run.id)
             while self.roster is None:
                 env = bus.recv(1.0)
                 if env is not None:
@@ -127,6 +130,53 @@ class Notary:
         # signed at once, over the roster: a notary killed at any later moment leaves a log
         # with a signed checkpoint (a short run's first periodic one came only at its end)
         self._checkpoint()
+
+    def _reopen(self) -> None:
+        """`--resume`: go on with the run's log, as it is on disk (a torn tail cut, nothing
+        covered by a signed checkpoint lost, else LogCorrupted). Every entry is verified again
+        and replayed: each sender's chain (so the next message must continue it, and a
+        restarted member's `tip` says where), the watermark register, the training steps. Our
+        own chain goes on from our last logged message. A checkpoint is signed and published
+        at once (the first thing a resumed run sees), and members silent past `timeout_s` are
+        sent their tips as in a running run."""
+        path = RunLayout(self.cfg.run_dir).log
+        self.plog = plog = ProvenanceLog.open(path, writable=True, fsync=self.cfg.log.fsync,
+                                              signer=self.ident)
+        roster = Roster.open(plog.roster_bytes, owner=self.owner_key)  # RosterError: not ours
+        self.roster = roster
+        self.bus.bind(roster)
+        self.registry = WatermarkRegistry(
+            roster, plog.roster_bytes,
+            root_at=lambda n: plog.tree.root(n) if n <= plog.size else None)
+        for i in range(plog.size):
+            h, sig, body = plog.entry(i)
+            try:
+                self.bus.verifier.verify_leaf(h.raw + sig, body)
+            except RejectedMessage as exc:
+                raise LogCorrupted(f"entry {i} of {path} does not verify on resuming ({exc}): "
+                                   f"run `clicooper log verify {path}`") from None
+            self.chains[h.sender] = (h.seq, h.digest)
+            if h.kind in ("wm_commit", "wm_claim") and body is None:
+                raise ClicooperError(f"the log did not keep the body of entry {i} ({h.kind}), "
+                                     f"which the watermark register needs: this run cannot "
+                                     f"be resumed ([log] retention)")
+            if h.kind in ("wm_commit", "wm_claim", "fwd"):
+                self.registry.observe(Envelope(h.topic, h, sig, body or b""), i)
+            if h.kind == "fwd" and h.sender == roster.owner.key_id and h.step is not None:
+                self.logged_steps.add(h.step)
+        if self.ident.key_id in self.chains:
+            self.bus.sender.seq, self.bus.sender.prev = self.chains[self.ident.key_id]
+        self.last_cp_size = plog.checkpoint_at(plog.checkpoint_count - 1).size \
+            if plog.checkpoint_count else 0
+        self.bus.start_beating()
+        others = {m.key_id: m.name for m in roster.members if m.role != "notary"}
+        self.bus.watch(others)
+        self.bus.presume_heard(others)  # members of the run: tipped once silent past timeout_s
+        self.log.info("log reopened", path=str(path), entries=plog.size,
+                      torn=plog.torn, chains=len(self.chains))
+        print(f"notary: resuming run '{self.cfg.run.id}' on its log ({plog.size} entries"
+              f"{', torn tail cut' if plog.torn else ''})", flush=True)
+        self._checkpoint(force=True)
 
     def _serve(self) -> int:
         bus, roster = self.bus, self.roster
@@ -209,20 +259,20 @@ class Notary:
         return index
 
     def _tips(self) -> None:
-        """Each trainer suspected now (silent past timeout_s, not gone) is told, every
-        timeout_s, where its chain stands in the log: a process of it restarted after a crash
-        continues from there (`ChainTip`)."""
+        """Each trainer or the owner, suspected now (silent past timeout_s, not gone), is told
+        every timeout_s where its chain stands in the log: a process of it restarted after a
+        crash (or in a resumed run) continues from there (`ChainTip`)."""
         now, bus = time.monotonic(), self.bus
-        trainers = {m.key_id for m in self.roster.members if m.role == "trainer"}
+        roles = {m.key_id: m.role for m in self.roster.members if m.role in ("trainer", "owner")}
         for kid in list(bus.suspected):
             name = bus.watched.get(kid)
-            if kid not in trainers or name is None or name in self.gone or \
+            if kid not in roles or name is None or name in self.gone or \
                     now - self.tipped.get(kid, 0.0) < self.cfg.bus.timeout_s:
                 continue
             self.tipped[kid] = now
             seq, prev = self.chains.get(kid, (0, bytes(32)))
             marks = None  # with watermarks on: where its watermark chain stands (chain.resume)
-            if self.roster.meta.get("watermark"):
+            if self.roster.meta.get("watermark") and roles[kid] == "trainer":
                 marks = self.registry.marks_of(self.roster.stages.index(name) + 1)
             bus.send_doc("tip", name, ChainTip(name, seq, prev, marks).to_doc())
             self.log.info("chain tip sent", member=name, seq=seq)
@@ -315,9 +365,13 @@ class Notary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the run's existing log (`clicooper run --resume`, or a "
+                        "notary started again after a crash) instead of waiting for a roster")
+    args = p.parse_args(argv)
 
-    return run_main("notary", lambda log: Notary(load(args), log).run(), argv)
+    return run_main("notary", lambda log: Notary(load(args), log, args.resume).run(), argv)
 
 
 if __name__ == "__main__":

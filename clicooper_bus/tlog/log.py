@@ -381,6 +381,13 @@ class ProvenanceLog:
                                path=str(self.bodies.path), index=i)
         return data
 
+    def entry(self, index: int) -> tuple[Header, bytes, bytes | memoryview | None]:
+        """Entry `index` as it was received: its parsed header, signature and body (b"" for an
+        empty body, None when the retention policy did not keep it)."""
+        raw, sig = split_leaf(self.leaf(index))
+        h = parse_header(raw, self.limits)
+        return h, sig, (b"" if h.body_len == 0 else self.body(h.body_sha256))
+
     def has_body(self, sha256: bytes) -> bool:
         return sha256 in self._body_index
 

@@ -79,15 +79,24 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from clicooper_bus.tools.run import RunStopped, parse_sets, run
+    from clicooper_bus.tools.run import RunStopped, parse_sets, resume, run
 
-    overrides = parse_sets(args.set, args.config)
     try:
+        if args.resume:
+            given = [f for f, v in (("--config", args.config), ("--quick", args.quick),
+                                    ("--out", args.out), ("--run-id", args.run_id),
+                                    ("--set", args.set), ("--force", args.force),
+                                    ("--audit", args.audit)) if v]
+            if given:
+                raise ClicooperError(f"--resume takes the run's own config.toml as it is: "
+                                     f"{', '.join(given)} cannot go with it")
+            return resume(args.resume)
+        overrides = parse_sets(args.set, args.config)
         return run(args.config, quick=args.quick, out=args.out, run_id=args.run_id,
                    audit=args.audit, overrides=overrides, force=args.force)
     except RunStopped as exc:  # one line, no traceback; the run directory is marked
-        print(f"clicooper run: {exc}; marked INTERRUPTED (run again with --force to start "
-              f"over)", file=sys.stderr)
+        print(f"clicooper run: {exc}; marked INTERRUPTED (--resume RUN_DIR takes it up again, "
+              f"--force starts over)", file=sys.stderr)
         return exc.code
 
 
@@ -104,11 +113,13 @@ def _run_epilog() -> str:
         "  clicooper run --config configs/demo.toml --set run.epochs=3 --set run.lr=0.05\n"
         "  clicooper run --config configs/demo.toml --set data.name=synthetic --audit\n"
         "  clicooper run --config configs/demo.toml --force   delete RUN_DIR of this id first\n"
+        "  clicooper run --resume runs/demo           take an interrupted run up again\n"
         "\nexit codes:\n" + codes + "\n"
         "\n" + textwrap.fill(
             "Ctrl-C, SIGTERM and SIGHUP stop every process of the run and mark RUN_DIR with an "
             "INTERRUPTED file; running the same id again refuses until you choose another "
-            "--run-id or pass --force (resuming an interrupted run is not built yet).", 92))
+            "--run-id or pass --force, or take it up again with --resume RUN_DIR (from its "
+            "last round snapshot; not for a run with privacy defences).", 92))
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -344,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delete an existing run directory of the same id (an interrupted or "
                         "finished run) and start over; a directory clicooper run did not make "
                         "is never deleted")
+    r.add_argument("--resume", metavar="RUN_DIR",
+                   help="take an interrupted run up again from its last round snapshot, with "
+                        "its own config.toml (no other flag); not a run with privacy defences")
     r.set_defaults(func=cmd_run)
     pl = sub.add_parser("plan", help="who computes what: FLOPs, parameters and bytes per "
                                      "sample of each participant, and the owner's share")

@@ -56,20 +56,25 @@ class Pause:
     pause_s: float
 
 
+RESUMING = ("owner", "notary")  # restarted with --resume (a trainer finds its snapshots itself)
+
+
 @dataclass(frozen=True)
 class Kill:
     """Kill `role` with SIGKILL once the owner reports training step `at_step` or later, and
-    (a trainer) start its command line again `restart_s` seconds later; `restart_s` None: it
-    stays dead (the owner, the notary or the broker cannot resume: the run fails, named)."""
+    start its command line again `restart_s` seconds later (the owner and the notary with
+    `--resume`: they take the run up again; a trainer rejoins from its snapshots; the broker
+    binds the same addresses); `restart_s` None: it stays dead (the run fails, named)."""
 
     role: str
     at_step: int
     restart_s: float | None
 
     def __post_init__(self) -> None:
-        if self.restart_s is not None and not self.role.startswith("trainer"):
-            raise ValueError(f"a killed {self.role} cannot resume (issue 17 item 3 is not built): "
-                             f"only trainers are restarted; kill it with restart_s None")
+        if self.restart_s is not None and not (self.role.startswith("trainer") or
+                                               self.role in (*RESUMING, "broker")):
+            raise ValueError(f"cannot restart {self.role!r}: roles are trainers, owner, "
+                             f"notary, broker")
 
 
 def plan_pauses(seed: int, roles: list[str], steps: int, pause_s: tuple[float, float],
@@ -140,6 +145,7 @@ class Injector:
     done: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     restarted: list[subprocess.Popen] = field(default_factory=list)  # ours to reap
+    by_role: dict[str, subprocess.Popen] = field(default_factory=dict)  # the restarted ones
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -191,23 +197,30 @@ class Injector:
         directory and environment; output appended to its telemetry files)."""
         argv, cwd = command_of(pid)
         t0, killed_at = time.monotonic(), time.time()
+        record = {"role": k.role, "pid": pid, "step": step, "killed": True,
+                  "killed_at": round(killed_at, 3)}
+        if k.restart_s is not None:
+            record["restart_pending"] = True
+        self.done.append(record)  # before the kill: whoever waits sees it was ours
         os.kill(pid, signal.SIGKILL)
-        if k.restart_s is None:
-            self.done.append({"role": k.role, "pid": pid, "step": step, "killed": True,
-                              "killed_at": round(killed_at, 3)})
-            return
-        if self._stop.wait(k.restart_s):
+        if k.restart_s is None or self._stop.wait(k.restart_s):
             return
         tel = self.run_dir / "telemetry"
         tel.mkdir(parents=True, exist_ok=True)
+        if k.role in RESUMING and "--resume" not in argv:
+            argv = [*argv, "--resume"]
         proc = subprocess.Popen(argv, cwd=cwd, stdout=open(tel / f"{k.role}.out", "a"),
                                 stderr=open(tel / f"{k.role}.jsonl", "a"),
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.restarted.append(proc)
-        self.done.append({"role": k.role, "pid": pid, "step": step, "killed": True,
-                          "restarted_after_s": round(time.monotonic() - t0, 2),
-                          "new_pid": proc.pid, "killed_at": round(killed_at, 3),
-                          "restarted_at": round(time.time(), 3)})
+        self.by_role[k.role] = proc
+        record.pop("restart_pending")
+        record.update({"restarted_after_s": round(time.monotonic() - t0, 2),
+                       "new_pid": proc.pid, "restarted_at": round(time.time(), 3)})
+
+    def kills_pending(self, role: str) -> bool:
+        """Whether `role` was killed and is still to be started again."""
+        return any(d["role"] == role and d.get("restart_pending") for d in self.done)
 
     def reap(self, timeout_s: float = 30.0) -> list[int | None]:
         """Wait for the restarted processes (killing any still running after `timeout_s`);
@@ -253,13 +266,17 @@ def restart_timing(run_dir: Path, kill: dict) -> dict:
 
 def _wait_for_the_run(procs: dict[str, subprocess.Popen], inject: Injector | None,
                       timeout_s: float) -> int:
-    """The owner's exit code once it exits; if `inject` killed it, once every other process
-    but the broker has exited, 1 if one of them failed (else 0); 124 after `timeout_s`."""
+    """The owner's exit code once it exits (the restarted owner's, if `inject` restarted
+    it); if `inject` killed it for good, once every other process but the broker has exited,
+    1 if one of them failed (else 0); 124 after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    owner = procs["owner"]
     others = [p for n, p in procs.items() if n not in ("owner", "broker")]
     while time.monotonic() < deadline:
+        owner = inject.by_role.get("owner", procs["owner"]) if inject else procs["owner"]
         killed = {d["pid"] for d in (inject.done if inject else []) if d.get("killed")}
+        if inject is not None and inject.kills_pending("owner"):  # to be started again
+            time.sleep(0.2)
+            continue
         if owner.poll() is not None and owner.pid not in killed:
             return owner.returncode
         if owner.poll() is not None and all(p.poll() is not None for p in others):

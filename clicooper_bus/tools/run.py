@@ -195,8 +195,9 @@ def check_run_dir(run_dir: Path, force: bool = False) -> None:
             when = ""
         raise ClicooperError(
             f"run {run_dir.name} was interrupted{when} ({marker}); its log holds what was logged "
-            f"until then. Resuming is not built yet: run again with --force to delete {run_dir} "
-            f"and start over under the same id, or choose another --run-id")
+            f"until then. `clicooper run --resume {run_dir}` takes it up again from its last "
+            f"round snapshot; run again with --force to delete it and start over under the same "
+            f"id, or choose another --run-id")
     raise ClicooperError(f"{run_dir} already exists and is not empty: choose another run id "
                          f"(--run-id) or output directory (--out), or --force to delete it and "
                          f"start over")
@@ -241,16 +242,19 @@ def prepare(config: str | None, overrides: dict, out: str | None,
 AUDITOR = "auditor"  # the observer `clicooper run` starts itself (a following auditor)
 
 
-def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False
-              ) -> list[tuple[str, list[str]]]:
-    """The processes of a run; `audit` adds a following auditor (a string: its --attacks)."""
+def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False,
+              resume: bool = False) -> list[tuple[str, list[str]]]:
+    """The processes of a run; `audit` adds a following auditor (a string: its --attacks);
+    `resume`: the notary and the owner take up the run in its directory (`--resume`; trainers
+    find their snapshots by themselves)."""
     py, c = sys.executable, ["--config", str(config_path)]
+    again = ["--resume"] if resume else []
     cmds = [("broker", [py, "-m", "clicooper_bus.services.broker", *c])]
     if audit:  # first, so that it is watching before the run can end
         names = ["--attacks", audit] if isinstance(audit, str) else []
         cmds.append((AUDITOR, [py, "-m", "clicooper_bus.services.auditor", "--follow", *c, *names]))
-    cmds += [("notary", [py, "-m", "clicooper_bus.services.notary", *c]),
-             ("owner", [py, "-m", "clicooper_bus.services.owner", *c])]
+    cmds += [("notary", [py, "-m", "clicooper_bus.services.notary", *c, *again]),
+             ("owner", [py, "-m", "clicooper_bus.services.owner", *c, *again])]
     cmds += [(t, [py, "-m", "clicooper_bus.services.trainer", *c, "--name", t])
              for t in cfg.participants.trainers if t not in cfg.participants.remote]
     return cmds
@@ -275,14 +279,16 @@ def mark_interrupted(run_dir: Path, stopped: RunStopped) -> Path:
     """Write `RUN_DIR/INTERRUPTED` (atomically): which signal stopped the run, and when."""
     marker = RunLayout(run_dir).interrupted
     doc = {"signal": stopped.signal, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "note": "clicooper run was stopped before the run finished; resuming is not built "
-                   "yet: `clicooper run --force` deletes this directory and starts over"}
+           "note": "clicooper run was stopped before the run finished: `clicooper run --resume "
+                   "RUN_DIR` takes it up again from its last round snapshot, `clicooper run "
+                   "--force` deletes this directory and starts over"}
     write_atomic(marker, json.dumps(doc, indent=2) + "\n")
     return marker
 
 
 def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
-           timeout_s: float | None = None, audit: bool | str = False) -> int:
+           timeout_s: float | None = None, audit: bool | str = False,
+           resume: bool = False) -> int:
     """Run every process; returns 0 if all succeeded, EXIT_STOPPED (3) if the owner stopped
     the run on a refusal (every process then leaves by itself once the log is closed), 1 if
     one failed. Raises RunStopped on SIGINT, SIGTERM or SIGHUP, after stopping them all (each
@@ -302,17 +308,18 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
     previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, _stop_on_signal) for s in STOP_SIGNALS}
+    mode = "a" if resume else "w"  # a resumed run's telemetry goes on after the first's
     try:
-        for name, cmd in _commands(cfg, config_path, audit):
+        for name, cmd in _commands(cfg, config_path, audit, resume):
             procs[name] = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE if name == "owner" else open(tel / f"{name}.out", "w"),
-                stderr=open(tel / f"{name}.jsonl", "w"), env=env, text=True,
+                cmd, stdout=subprocess.PIPE if name == "owner" else open(tel / f"{name}.out", mode),
+                stderr=open(tel / f"{name}.jsonl", mode), env=env, text=True,
                 start_new_session=True)
             if name == "broker":
                 time.sleep(0.3)
                 if procs[name].poll() is not None:
                     break
-        owner_out = open(tel / "owner.out", "w")
+        owner_out = open(tel / "owner.out", mode)
 
         def pump():
             for line in procs["owner"].stdout:
@@ -417,6 +424,49 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
     except RunStopped as exc:
         mark_interrupted(cfg.run_dir, exc)
         raise
+    return _conclude(cfg, code, audit, t0)
+
+
+def resume(run_dir: str, *, echo: bool = True, timeout_s: float | None = None) -> int:
+    """`clicooper run --resume RUN_DIR`: take an interrupted run up again, every process
+    started as before with the run's own `config.toml` (the roster signed its digest; same
+    addresses): the notary goes on with the log, the owner from its newest round snapshot,
+    trainers from theirs (`services/owner/resume.py`). Returns an exit code of `EXIT_CODES`;
+    raises RunStopped on a stop signal (the directory marked INTERRUPTED again), and
+    ClicooperError, before anything starts, for a directory that holds no resumable run."""
+    layout = RunLayout(Path(run_dir))
+    if not looks_like_a_run(layout.root) or not (layout.log / "log.json").exists():
+        raise ClicooperError(f"{run_dir} holds no run to resume (no config.toml beside a log/ "
+                             f"made by clicooper run)")
+    if layout.summary.exists():
+        raise ClicooperError(f"{layout.summary} exists: run {layout.root.name} finished (or "
+                             f"stopped); there is nothing to resume")
+    cfg = load_config(layout.config)
+    if cfg.run_dir.resolve() != layout.root.resolve():
+        raise ClicooperError(f"{layout.config} puts its run in {cfg.run_dir} (its out_dir "
+                             f"{cfg.run.out_dir!r} is relative to where the run was started): "
+                             f"resume from that directory")
+    if cfg.privacy.on:
+        raise ClicooperError("a run with privacy defences cannot be resumed: the run key behind "
+                             "its noise and pseudo-labels was never stored (by design); start it "
+                             "over with --force")
+    if layout.interrupted.exists():
+        layout.interrupted.unlink()
+    print(f"clicooper run: resuming run {cfg.run.id} in {layout.root}", flush=True)
+    audit = AUDITOR in cfg.participants.observers
+    t0 = time.perf_counter()
+    try:
+        code = launch(cfg, layout.config, echo=echo, timeout_s=timeout_s, audit=audit,
+                      resume=True)
+    except RunStopped as exc:
+        mark_interrupted(cfg.run_dir, exc)
+        raise
+    return _conclude(cfg, code, audit, t0)
+
+
+def _conclude(cfg: RunConfig, code: int, audit: bool | str, t0: float) -> int:
+    """After the run's processes left: verify the log and say how the run ended; the exit
+    code (`EXIT_CODES`)."""
     if code not in (0, EXIT_STOPPED):
         return code
     owner_key = Path(cfg.participants.keys) / f"{cfg.participants.owner}.pub"

@@ -21,8 +21,13 @@ from clicooper_bus.services.common import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = base_parser("The owner process: holds the data, the labels and the head; drives "
-                       "the run.").parse_args(argv)
+    p = base_parser("The owner process: holds the data, the labels and the head; drives the "
+                    "run.")
+    p.add_argument("--resume", action="store_true",
+                   help="take up the run in the config's run directory again from its newest "
+                        "round snapshot (`clicooper run --resume`, or an owner started again "
+                        "after a crash), instead of starting a new one")
+    args = p.parse_args(argv)
     openmp_policy(None if configured_in_flight(args.config) > 1 else "PASSIVE")
 
     def body(log) -> int:
@@ -30,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load(args)
         set_threads(cfg.run.threads)
-        return Owner(cfg, log).run()
+        return Owner(cfg, log, args.resume).run()
 
     return run_main("owner", body, argv)
 

@@ -33,6 +33,7 @@ from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner import artefacts
 from clicooper_bus.services.owner.books import Books
 from clicooper_bus.services.owner.rejoins import Rejoins
+from clicooper_bus.services.owner.resume import Resumes, RoundStore, resumed_roster
 from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused
 from clicooper_bus.services.owner.setup import build
 from clicooper_bus.services.owner.training import EVAL_WINDOW, Training
@@ -61,19 +62,27 @@ class Refused(ClicooperError):
         self.stopped = {"by": by, **what.to_doc()}
 
 
-class Owner(Rejoins):
-    def __init__(self, cfg: RunConfig, log):
-        self.cfg, self.log = cfg, log
+class Owner(Rejoins, Resumes):
+    def __init__(self, cfg: RunConfig, log, resume: bool = False):
+        self.cfg, self.log, self.resume = cfg, log, resume
         p = cfg.participants
         self.ident = identity(cfg, p.owner)
         self.notary_key = public(cfg, p.notary)
         self.setup = build(cfg, self.ident, [public(cfg, n) for n in p.trainers], self.notary_key)
         self.layout = RunLayout(cfg.run_dir)
-        if self.layout.made():
+        if resume:  # the run's own roster (its nonce binds every message), from its log
+            if cfg.privacy.on:
+                raise ConfigError("a run with privacy defences cannot be resumed: the run key "
+                                  "behind its noise and pseudo-labels was never stored (by "
+                                  "design); start it over with --force")
+            self.setup.roster, self.roster_bytes = resumed_roster(self.layout.log, self.ident,
+                                                                  self.setup.roster)
+        elif self.layout.made():
             raise ConfigError(f"{self.layout.made()[0]} exists: a run with id '{cfg.run.id}' was "
                               f"already made here; choose another run id or remove "
                               f"{self.layout.root}")
-        artefacts.write_config(self.layout, cfg)
+        else:
+            artefacts.write_config(self.layout, cfg)
         roster = self.setup.roster
         self.bus: Bus = open_bus(cfg, self.ident, Verifier(roster, cfg.run.id, partial=True))
         self.bus.bind(roster)
@@ -93,6 +102,9 @@ class Owner(Rejoins):
         self.per_epoch: list[dict] = []  # each finished epoch's row (kept for a stopped run)
         self.delivered: set[str] = set()  # trainers whose segment the owner has loaded
         self.tips: dict[str, int] = {}  # trainer -> the seq of the notary's latest tip to it
+        self.own_tip = None  # the notary's tip to us (a resumed owner continues from it)
+        self.pending_row: dict | None = None  # a resumed epoch trained but not finished
+        self.rounds_store = RoundStore(self.layout.snapshots(p.owner), roster.nonce.hex())
 
     def _routes(self) -> None:
         """The handler table: who may send the owner each kind, and what it does with it."""
@@ -148,8 +160,13 @@ class Owner(Rejoins):
         t0 = time.perf_counter()
         try:
             try:
-                self._join()
-                per_epoch, step = self._train()
+                if self.resume:
+                    start = self._resume()
+                else:
+                    self._join()
+                    self._save_round(0)
+                    start = (0, 0)
+                per_epoch, step = self._train(start)
                 sent = self._collect_segments()
                 if self.cfg.privacy.evaluate == "owner":  # on the delivered model, nothing released
                     per_epoch[-1]["accuracy"] = self.training.evaluate_locally()
@@ -280,7 +297,11 @@ class Owner(Rejoins):
             # that did ignore it, a restarted stage that had not does it
             if wm_on:
                 self._round(epoch, "start", self.books.commits, "commitments")
-            row, step = self.training.epoch(epoch, step, start if epoch == first else 0)
+            if self.pending_row is not None and self.pending_row["epoch"] == epoch:
+                row, self.pending_row = self.pending_row, None  # resumed: trained already
+            else:
+                row, step = self.training.epoch(epoch, step, start if epoch == first else 0)
+                self._save_round(step, pending=row)
             if wm_on:
                 self._round(epoch, "end", self.books.claims, "claims")
                 self.rounds = epoch + 1
@@ -291,6 +312,7 @@ class Owner(Rejoins):
                 row["accuracy"] = self.training.evaluate(epoch)
                 self.evaluations += 1
             per_epoch.append(row)
+            self._save_round(step)
             self.log.info("epoch done", **row)
             print(f"epoch {epoch + 1}/{cfg.run.epochs}: loss {row['loss']:.4f}, "
                   f"train accuracy{' (on pseudo-labels)' if self.setup.defences.codec else ''} "

@@ -29,6 +29,8 @@ class Rejoins:
         tip = ChainTip.parse(env.document(), sender=self.cfg.participants.notary)
         if tip.member in self.stages:
             self.tips[tip.member] = tip.seq
+        elif tip.member == self.cfg.participants.owner:
+            self._on_own_tip(tip)
 
     def _not_restarted(self, name: str, seq: int) -> str | None:
         """Why `name`'s rejoin (header seq `seq`) is not a restarted process's, or None."""
@@ -72,10 +74,11 @@ class Rejoins:
         print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
         raise Rejoined(name, rejoin)
 
-    def _train(self) -> tuple[list[dict], int]:
-        """Every epoch; a trainer that rejoins after a restart rolls the run back (`_roll_back`)
-        and training goes on from the step it rolled back to."""
-        resume, rejoined = (0, 0), None
+    def _train(self, resume: tuple[int, int] = (0, 0)) -> tuple[list[dict], int]:
+        """Every epoch from `resume` (epoch, batch); a trainer that rejoins after a restart
+        rolls the run back (`_roll_back`) and training goes on from the step it rolled back
+        to."""
+        rejoined = None
         while True:
             try:
                 if rejoined is not None:
@@ -112,6 +115,19 @@ class Rejoins:
         step = rollback_step(name, exc.rejoin, states, self.stages,
                              set(self.training.snapshots.kept), floor=self._claimed_floor())
         states[name].setdefault(step, exc.rejoin.states[exc.rejoin.steps.index(step)])
+        return self._rollback_to(step, name, states)
+
+    def _rollback_to(self, step: int, name: str, states: dict[str, dict[int, str]]
+                     ) -> tuple[int, int]:
+        """Everyone back to `step` (for `name`, who came back): the owner's head (and tail)
+        from its snapshot, `rollback` said (signed, logged), every trainer's `restored` awaited
+        and checked against `states` (name -> step -> the state digest it committed), what
+        the abandoned timeline committed after `step` forgotten. Returns (epoch, batch) to
+        train from. Raises RollbackRefused naming a restore that is not what was committed."""
+        books = self.books
+        for n in self.stages:  # commitments of steps that will be trained again
+            books.snapshots[n] = {k: v for k, v in books.snapshots.get(n, {}).items()
+                                  if k <= step}
         self.training.roll_back(step)
         per = self.training.per
         # an epoch's row stays if all its steps (and its evaluation, at its end) come before
@@ -122,8 +138,9 @@ class Rejoins:
         books.restored = {}
         self.bus.send_doc("rollback", "all", Rollback(step, name).to_doc(), step=step)
         self.log.warning("rolled back", step=step, rejoined=name)
-        print(f"owner: rolling back to step {step} for {name}: steps from {step} on are "
-              f"trained again", flush=True)
+        why = "resumed" if name == self.cfg.participants.owner else f"for {name}"
+        print(f"owner: rolling back to step {step} ({why}): steps from {step} on are trained "
+              f"again", flush=True)
         self.until("every trainer's restored snapshot",
                    lambda: all(n in books.restored and books.restored[n].step == step
                                for n in self.stages))

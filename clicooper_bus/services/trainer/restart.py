@@ -119,6 +119,7 @@ class Restarts:
         if self.marker is not None:
             self.seg.regularizer = self.marker.regularizer
         snapshot.restore(self.seg, snap.tensors)
+        self.store.drop_after(rb.step)  # the abandoned timeline's: those steps come again
         self.queued.clear()
         self.given.clear()
         self.labels.clear()
@@ -133,7 +134,9 @@ class Restarts:
         self.bus.send_doc("restored", "all", Restored(rb.step, snap.state).to_doc(), step=rb.step)
         self.log.warning("rolled back", step=rb.step, rejoined=rb.rejoined,
                          fenced=sorted(self.loop.names.get(k, k) for k in self.fence))
-        print(f"{self.name}: rolled back to step {rb.step} ({rb.rejoined} rejoined)", flush=True)
+        why = "the owner resumed" if rb.rejoined == self.roster.owner.name else \
+            f"{rb.rejoined} rejoined"
+        print(f"{self.name}: rolled back to step {rb.step} ({why})", flush=True)
 
     def _on_restored(self, env: Envelope) -> None:
         """A neighbour restored: what it sends from now on is of the rolled-back run."""

@@ -25,8 +25,10 @@ against the last commitment (`weights_digest`).
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,20 @@ from clicooper_bus.ml.split import SegmentTrainer
 SCHEME = b"clicooper-snapshot-v1\n"
 KEEP_ON_DISK = 2  # the newest may have no commitment in the log (killed before sending it)
 KEEP_IN_MEMORY = 3  # neighbours may be one snapshot ahead of a stage that died
+# ... and the newest round boundaries (epoch ends) besides: a resumed run goes back to the last
+# round snapshot the owner kept (`clicooper run --resume`), which may be one round behind
+KEEP_BOUNDARIES = 2
+
+
+def safe_open_metadata(raw: bytes) -> dict[str, str]:
+    """The `__metadata__` map of safetensors bytes (the header is a length-prefixed JSON
+    object); empty when there is none. Raises SafetensorError when the header is not one."""
+    try:
+        (n,) = struct.unpack_from("<Q", raw)
+        meta = json.loads(raw[8:8 + n]).get("__metadata__") or {}
+    except (struct.error, ValueError, AttributeError) as exc:
+        raise SafetensorError(f"unreadable safetensors header: {exc}") from None
+    return meta if isinstance(meta, dict) else {}
 
 
 def canonical_digest(tensors: Mapping[str, torch.Tensor], step: int | None = None) -> str:
@@ -119,16 +135,32 @@ def take(seg: SegmentTrainer, step: int) -> Taken:
 
 class Store:
     """A trainer's snapshots: the last `KEEP_IN_MEMORY` in memory (a rollback restores from
-    them), the last `KEEP_ON_DISK` in its `SnapshotLayout` (a restarted process does), and the
-    roster it joined with."""
+    them), the last `KEEP_ON_DISK` and the last `KEEP_BOUNDARIES` round boundaries
+    (`boundary(step)`) in its `SnapshotLayout` (a restarted process, or a resumed run, does),
+    and the roster it joined with. Every file carries the roster's run nonce (`metadata`), and
+    one of another run is never read as ours."""
 
-    def __init__(self, layout: SnapshotLayout, metadata: Mapping[str, str]):
-        self.layout, self.metadata = layout, dict(metadata)
+    def __init__(self, layout: SnapshotLayout, metadata: Mapping[str, str],
+                 boundary: Callable[[int], bool] = lambda step: False):
+        self.layout, self.metadata, self.boundary = layout, dict(metadata), boundary
         self.memory: dict[int, Taken] = {}
 
     def save_roster(self, roster: bytes) -> None:
+        """A new run joined: its roster, and no file of an earlier run's (a run of the same
+        id) left beside it, which a restart would otherwise take for its own."""
         self.layout.root.mkdir(parents=True, exist_ok=True)
+        for old in self.layout.steps():
+            self.layout.state(old).unlink(missing_ok=True)
         write_atomic(self.layout.roster, roster, mode=0o600)
+
+    def drop_after(self, step: int) -> None:
+        """Forget every snapshot after `step` (a rollback to it: they are of a timeline that
+        was abandoned, and the same steps will be snapshotted again)."""
+        for s in [s for s in self.memory if s > step]:
+            del self.memory[s]
+        for s in self.layout.steps():
+            if s > step:
+                self.layout.state(s).unlink(missing_ok=True)
 
     def keep(self, snap: Taken, *, write: bool = True) -> int:
         """Keep `snap` in memory and (`write`) on disk, atomically, dropping the oldest beyond
@@ -143,8 +175,11 @@ class Store:
         raw = st_save(snap.tensors, metadata=meta)
         self.layout.root.mkdir(parents=True, exist_ok=True)
         write_atomic(self.layout.state(snap.step), raw, mode=0o600)
-        for old in self.layout.steps()[:-KEEP_ON_DISK]:
-            self.layout.state(old).unlink(missing_ok=True)
+        steps = self.layout.steps()
+        keep = {*steps[-KEEP_ON_DISK:], *[s for s in steps if self.boundary(s)][-KEEP_BOUNDARIES:]}
+        for old in steps:
+            if old not in keep:
+                self.layout.state(old).unlink(missing_ok=True)
         return len(raw)
 
     def get(self, step: int) -> Taken | None:
@@ -157,10 +192,15 @@ class Store:
         if not path.exists():
             return None
         try:
-            tensors = st_load(path.read_bytes())
+            raw = path.read_bytes()
+            tensors = st_load(raw)
+            nonce = safe_open_metadata(raw).get("nonce")
         except (OSError, SafetensorError) as exc:
             raise ClicooperError(f"snapshot {path} cannot be read: {exc}; remove it to "
                                  f"resume from an older one") from None
+        if nonce != self.metadata.get("nonce"):
+            raise ClicooperError(f"snapshot {path} is of another run (nonce {nonce}, this run's "
+                                 f"{self.metadata.get('nonce')}): remove it")
         weights = canonical_digest({k.removeprefix("weights/"): v for k, v in tensors.items()
                                     if k.startswith("weights/")})
         return Taken(step, weights, canonical_digest(tensors, step), tensors)

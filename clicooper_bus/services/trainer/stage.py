@@ -168,9 +168,10 @@ class Trainer(Restarts, Marks):
         if self.marker is not None:
             self.seg.regularizer = self.marker.regularizer
         self.per = batches(plan.train_size, plan.batch_size) if plan.train_size else 0
+        per = self.per
         self.store = snapshot.Store(self.snapshots, {
             "run_id": self.cfg.run.id, "stage": str(self.index + 1), "name": self.name,
-            "nonce": roster.nonce.hex()})
+            "nonce": roster.nonce.hex()}, boundary=lambda step: bool(per) and step % per == 0)
 
     def _on_roster(self, env: Envelope) -> None:
         if self.roster is not None:

@@ -1,0 +1,249 @@
+"""The owner's side of a resumed run, as a part of `process.Owner`: `clicooper run --resume
+RUN_DIR` after the whole run was interrupted, or an owner process started again with
+`--resume` after a crash while the others wait for it.
+
+At every round boundary (each epoch's end, and step 0) the owner writes its state to
+`RUN_DIR/snapshots/<owner>/step-NNNNNNNNN.safetensors` (`RoundStore`: its head and tail with
+their optimiser state, the finished epochs' rows, and the row of an epoch whose training is
+done but whose round end or evaluation is not), the newest two kept; trainers keep their
+newest two round boundaries on disk too. A resumed owner (`_resume`) takes the roster from the
+run's log (the same run nonce, so every member's messages stay bound to it), reads the log
+for what its books held (each trainer's snapshot commitments, the watermark chain, the
+checkpoints; `_replay_log`), continues its own signed chain from the notary's `tip` (which
+only the notary can give: which of the dead process's last messages reached the log), waits
+until it has heard every trainer (a live one's beats, a restarted one's `rejoin`), and rolls
+everyone back to the newest round boundary it holds that every trainer committed and can
+restore: the same `rollback` as for a trainer's restart. With in_flight 1 and no privacy
+filter the resumed run's model is bit for bit an uninterrupted run's.
+
+Not resumable: a run with privacy defences (the run key behind the noise and the pseudo-labels
+is drawn fresh in memory and never stored, by design), a finished or stopped run (its log holds
+the final checkpoint), a run whose log did not keep the bodies replayed here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from clicooper_bus.errors import ClicooperError, ConfigError
+from clicooper_bus.layout import SnapshotLayout, write_atomic
+from clicooper_bus.ml.split import SegmentTrainer
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.wire import Envelope
+from clicooper_bus.protocol import ChainTip, Rejoin, Rollback, Snapshot
+from clicooper_bus.services.trainer import snapshot
+from clicooper_bus.services.trainer.snapshot import safe_open_metadata
+from clicooper_bus.tlog.log import ProvenanceLog
+
+KEEP = 2  # round snapshots of the owner kept on disk
+
+
+@dataclass
+class Saved:
+    """The owner at one round boundary."""
+
+    step: int
+    head: dict[str, torch.Tensor]
+    tail: dict[str, torch.Tensor] | None
+    rows: list[dict]  # the finished epochs' rows
+    pending: dict | None  # the row of an epoch trained but not finished (round end, evaluation)
+
+
+class RoundStore:
+    """The owner's round snapshots in `layout`, tied to the run by its nonce."""
+
+    def __init__(self, layout: SnapshotLayout, nonce: str):
+        self.layout, self.nonce = layout, nonce
+
+    def write(self, step: int, head: SegmentTrainer, tail: SegmentTrainer | None,
+              rows: list[dict], pending: dict | None) -> None:
+        tensors = {f"head/{k}": v for k, v in snapshot.stage_state(head).items()}
+        if tail is not None:
+            tensors.update({f"tail/{k}": v for k, v in snapshot.stage_state(tail).items()})
+        meta = {"nonce": self.nonce, "step": str(step), "rows": json.dumps(rows),
+                "pending": json.dumps(pending)}
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.layout.state(step), st_save(tensors, metadata=meta), mode=0o600)
+        for old in self.layout.steps()[:-KEEP]:
+            self.layout.state(old).unlink(missing_ok=True)
+
+    def steps(self) -> list[int]:
+        return self.layout.steps()
+
+    def read(self, step: int) -> Saved:
+        """The snapshot of `step`. Raises ClicooperError naming a file that cannot be read or
+        is of another run."""
+        path = self.layout.state(step)
+        try:
+            raw = path.read_bytes()
+            meta, tensors = safe_open_metadata(raw), st_load(raw)
+            rows, pending = json.loads(meta["rows"]), json.loads(meta["pending"])
+        except (OSError, SafetensorError, KeyError, ValueError) as exc:
+            raise ClicooperError(f"the owner's round snapshot {path} cannot be read: {exc}") \
+                from None
+        if meta.get("nonce") != self.nonce:
+            raise ClicooperError(f"{path} is of another run (nonce {meta.get('nonce')})")
+        part = {p: {k.removeprefix(p): v for k, v in tensors.items() if k.startswith(p)}
+                for p in ("head/", "tail/")}
+        return Saved(step, part["head/"], part["tail/"] or None, rows, pending)
+
+
+def resumed_roster(log_dir, owner_ident, fresh: Roster) -> tuple[Roster, bytes]:
+    """The roster of the run whose log is in `log_dir`, checked: signed by us, and signing the
+    same plan, model and config as `fresh` (what this config builds now). Raises ConfigError
+    naming what differs (resume with the run's own config.toml)."""
+    with ProvenanceLog.open(log_dir) as plog:
+        raw = plog.roster_bytes
+    roster = Roster.open(raw, owner=owner_ident.public)
+    for key in ("plan", "model_spec", "config", "watermark"):
+        if roster.meta.get(key) != fresh.meta.get(key):
+            raise ConfigError(f"the run's roster signed another {key} than this config gives: "
+                              f"resume with the run's own config.toml, unchanged")
+    return roster, raw
+
+
+class Resumes:
+    """The resume methods of `process.Owner` (a mixin: it uses the owner's bus, loop, books,
+    training, layout and stages)."""
+
+    def _save_round(self, step: int, pending: dict | None = None) -> None:
+        """Our state at round boundary `step` (see `RoundStore`)."""
+        self.rounds_store.write(step, self.setup.head, self.setup.tail, self.per_epoch, pending)
+
+    def _replay_log(self) -> None:
+        """Our books from the run's log (read only; the notary appends meanwhile): each
+        trainer's snapshot commitments (those of a timeline a logged rollback abandoned
+        dropped), the watermark chain, the checkpoints, the hellos, each trainer's last logged
+        seq (a restarted one's `rejoin` follows it) and the rollbacks so far. Raises
+        ClicooperError for a run that finished or stopped, or whose log did not keep a body
+        needed here."""
+        b, owner = self.books, self.cfg.participants.owner
+        handlers = {"snapshot": b.on_snapshot, "wm_commit": b.on_commit, "wm_claim": b.on_claim,
+                    "wm_cert": b.on_certificate, "checkpoint": b.on_checkpoint,
+                    "hello": b.on_hello, "rejoin": self._replayed_rejoin,
+                    "rollback": self._replayed_rollback}
+        with ProvenanceLog.open(self.layout.log) as plog:
+            for i in range(plog.size):
+                h, sig, body = plog.entry(i)
+                name = b.names.get(h.sender)
+                if name in self.stages:
+                    self.tips[name] = h.seq
+                if h.kind == "end" and name == owner:
+                    raise ClicooperError(f"the log holds the owner's end (entry {i}): the run "
+                                         f"finished or stopped; there is nothing to resume")
+                if h.kind not in handlers:
+                    continue
+                if body is None:
+                    raise ClicooperError(f"the log did not keep the body of entry {i} "
+                                         f"({h.kind}), which a resumed owner needs ([log] "
+                                         f"retention): this run cannot be resumed")
+                handlers[h.kind](Envelope(h.topic, h, sig, body))
+        b.final_note = None
+
+    def _replayed_rejoin(self, env) -> None:
+        """A logged `rejoin`: its snapshot digests are that trainer's commitments too."""
+        name = self.books.names[env.header.sender]
+        rejoin = Rejoin.parse(env.document(), sender=name)
+        mine = self.books.snapshots.setdefault(name, {})
+        for step, state in zip(rejoin.steps, rejoin.states, strict=True):
+            mine.setdefault(step, Snapshot(step, "", state))
+
+    def _replayed_rollback(self, env) -> None:
+        if self.books.names[env.header.sender] != self.cfg.participants.owner:
+            return
+        rb = Rollback.parse(env.document(), sender=self.cfg.participants.owner)
+        for n in self.stages:
+            self.books.snapshots[n] = {k: v for k, v in self.books.snapshots.get(n, {}).items()
+                                       if k <= rb.step}
+        self.rollbacks += rb.rejoined != self.cfg.participants.owner  # a resume is not one
+
+    def _resume(self) -> tuple[int, int]:
+        """Take the run up again (see the module docstring). Returns (epoch, batch) to train
+        from. Raises ClicooperError when it cannot be resumed, naming why."""
+        cfg, bus = self.cfg, self.bus
+        owner = cfg.participants.owner
+        steps = self.rounds_store.steps()
+        if not steps:
+            raise ClicooperError(f"no round snapshot of the owner in "
+                                 f"{self.rounds_store.layout.root}: nothing to resume from")
+        self._replay_log()
+        for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd", "end",
+                     "snapshot", "rejoin"):
+            bus.subscribe(bus.topics.to(kind, owner))
+        for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert",
+                     "restored", "tip"):
+            bus.subscribe(bus.topics.kind(kind))
+        bus.announce()
+        print(f"owner: resuming run '{cfg.run.id}' (round snapshots of steps {steps}): waiting "
+              f"for the notary's chain tip", flush=True)
+        wait = cfg.bus.join_timeout_s + cfg.bus.rejoin_timeout_s
+        self.loop.until(lambda: self.own_tip is not None, timeout_s=wait, timed_out=lambda: (
+            f"no chain tip from the notary within {wait:.0f} s: is its notary running (started "
+            f"with --resume)?"))
+        bus.sender.seq, bus.sender.prev = self.own_tip.seq, self.own_tip.prev
+        bus.start_beating()
+        everyone = [*self.stages, cfg.participants.notary]
+        bus.watch({self.kid[n]: n for n in everyone})
+        rejoined: dict[str, Rejoin] = {}
+        self.loop.route("rejoin", {self.kid[n] for n in self.stages},
+                        lambda env: self._resume_rejoin(env, rejoined))
+        self.loop.route("hello", {self.kid[n] for n in self.stages}, self._late_hello)
+        heard = lambda: all(self.kid[n] in bus.last_seen for n in self.stages)  # noqa: E731
+        self.loop.until(heard, timeout_s=cfg.bus.join_timeout_s, timed_out=lambda: (
+            f"trainers {[n for n in self.stages if self.kid[n] not in bus.last_seen]} were not "
+            f"heard within {cfg.bus.join_timeout_s:.0f} s of resuming"))
+        step, states = self._resume_step(steps, rejoined)
+        saved = self.rounds_store.read(step)
+        self.per_epoch[:] = saved.rows
+        self.pending_row = saved.pending
+        self.evaluations = sum("accuracy" in row for row in saved.rows)
+        self.rounds = len(saved.rows) if cfg.watermark.enabled else 0
+        self.training.snapshots.kept[step] = (saved.head, saved.tail)
+        self.loop.route("rejoin", {self.kid[n] for n in self.stages}, self._on_rejoin)
+        return self._rollback_to(step, owner, states)
+
+    def _on_own_tip(self, tip: ChainTip) -> None:
+        self.own_tip = tip
+
+    def _resume_rejoin(self, env, rejoined: dict[str, Rejoin]) -> None:
+        """A restarted trainer's `rejoin` while we resume: noted (the rollback comes once
+        everyone is heard)."""
+        name = self.books.names[env.header.sender]
+        rejoin = Rejoin.parse(env.document(), sender=name)
+        why = self._not_restarted(name, env.header.seq)
+        if why:
+            self.log.warning("rejoin refused", trainer=name, problem=why)
+            return
+        rejoined[name] = rejoin
+        print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
+
+    def _resume_step(self, steps: list[int], rejoined: dict[str, Rejoin]
+                     ) -> tuple[int, dict[str, dict[int, str]]]:
+        """The newest of our round snapshots (`steps`) that every trainer committed (a
+        restarted one: among its `rejoin`'s, the digest matching any earlier commitment),
+        at or after the end of the newest watermark round claimed; with each trainer's
+        committed state digests by step. Raises ClicooperError naming each trainer's steps."""
+        states = {n: {k: v.state for k, v in self.books.snapshots.get(n, {}).items()}
+                  for n in self.stages}
+        for n, r in rejoined.items():
+            for s, d in zip(r.steps, r.states, strict=True):
+                states[n].setdefault(s, d)
+        floor = self._claimed_floor()
+        for step in sorted(steps, reverse=True):
+            ok = step >= floor and all(step in states[n] for n in self.stages)
+            for n, r in rejoined.items():
+                ok = ok and step in r.steps and states[n][step] == r.states[r.steps.index(step)]
+            if ok:
+                return step, states
+        raise ClicooperError(
+            f"no round snapshot of the owner (steps {steps}) that every trainer committed"
+            + (f" at or after step {floor} (the end of the newest watermark round claimed)"
+               if floor else "") + ": "
+            + "; ".join(f"{n}: {sorted(states[n])[-4:]}" for n in self.stages)
+            + "; the run cannot be resumed")
