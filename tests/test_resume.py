@@ -136,3 +136,32 @@ def test_a_killed_owner_restarts_and_the_run_completes(tmp_path):
     got, want = load_file(layout.model), state_dict_with_prefix(ref.segments)
     worst = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert worst == 0.0, f"max abs weight difference {worst} from the uninterrupted reference"
+
+
+def test_a_killed_notary_restarts_on_its_log_and_the_run_completes(tmp_path):
+    """The notary killed mid-run and started again with --resume: it goes on with the same log
+    (same tree: every checkpoint before is consistent with the final one), tells every member
+    where its chain stands, and each sends again what it published while the notary was down,
+    so the log has no gap. The owner held meanwhile: the model is the unfaulted one."""
+    from clicooper_bus.tools.faults import Injector, Kill, launch
+
+    path = write_config(tmp_path, run_id="notary-killed", trainers=2,
+                        run={"seed": 3, "epochs": 2, "snapshot_every": 5},
+                        data={"train_limit": PER * 32, "test_limit": 64},
+                        bus={"timeout_s": 1.0, "beat_s": 0.25, "rejoin_timeout_s": 30.0})
+    cfg = load_config(path)
+    inj = Injector(cfg.run_dir, [Kill("notary", PER + 3, 1.0)], PER)
+    code = launch(path, timeout_s=300, inject=inj)
+    assert not inj.errors, inj.errors
+    assert code == 0, _console(cfg)
+    layout = RunLayout(cfg.run_dir)
+    r = verify_log(layout.log, witnessed=[layout.checkpoint.read_text()])
+    assert r.ok, r.failure
+    assert r.per_kind.get("tip", 0) >= 3, r.per_kind  # the owner's and both trainers'
+    console = _console(cfg)
+    assert "notary: resuming run 'notary-killed' on its log" in console
+    assert "message(s) again for the notary" in console
+    ref = _reference(cfg)
+    got, want = load_file(layout.model), state_dict_with_prefix(ref.segments)
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst == 0.0, f"max abs weight difference {worst} from the unfaulted reference"

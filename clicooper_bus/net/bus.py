@@ -23,6 +23,10 @@ Sockets (see FACTS.md for why each option is set):
   envelope `recv` hands out carries it (`Envelope.float_codec`), for the receive check to refuse a
   tensor sent in another encoding (`ml.tensors.received`).
 
+- The last messages sent are kept (`KEEP_SENT` of them, at most `KEEP_SENT_BYTES`): a notary
+  started again after a crash tells each member where its chain stands in the log (its `tip`),
+  and `resend_after` publishes again what the dead notary never logged, so the log has no gap.
+
 Readiness and shutdown use subscriptions as signals, never extra messages: a participant
 subscribes to its data topics first and to `run/<id>/hello/<name>` last (`announce`), and to
 `run/<id>/done/<name>` once it has read everything it needs (`mark_done`).
@@ -33,7 +37,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -51,6 +55,10 @@ from clicooper_bus.protocol import SIGNALS, Topics
 
 log = structlog.get_logger("clicooper.bus")
 PUMP_BATCH = 256
+# messages kept for a notary started again (`resend_after`): what a member sends while the
+# notary is down (beats; the steps in flight: the owner holds) is far less
+KEEP_SENT, KEEP_SENT_BYTES = 4096, 64 << 20
+GAPS = ("seq_gap", "broken_chain")  # refusals that leave a hole in a sender's chain
 
 
 class BusError(ClicooperError):
@@ -129,6 +137,11 @@ class Bus:
         self.started = time.monotonic()
         self.last_check = self.started  # when we last judged peers' silence
         self.away_s = 0.0  # time we were not listening ourselves (stopped, or blocked), in all
+        self.kept: deque[Envelope] = deque()  # our last messages, for `resend_after`
+        # sender -> when we last refused one of its messages for a gap in its chain (a full
+        # verifier's: the notary's), which only that sender's sending again can close
+        self.gap_refused: dict[str, float] = {}
+        self.kept_bytes = 0
 
     def bind(self, roster: Roster) -> None:
         """Bind to the run `roster` describes: trust its keys, stamp its nonce on every header
@@ -204,7 +217,44 @@ class Bus:
     # --- sending ---------------------------------------------------------------------------
 
     def publish(self, env: Envelope) -> None:
-        """Send, reading inbound traffic while the bus pushes back; never drops."""
+        """Send, reading inbound traffic while the bus pushes back; never drops. The message
+        is kept for `resend_after`."""
+        self._publish(env)
+        self.sent[env.header.kind] = self.sent.get(env.header.kind, 0) + 1
+        if isinstance(env.body, memoryview):  # a tensor's memory: kept as it was sent
+            env = replace(env, body=bytes(env.body))
+        self.kept.append(env)
+        self.kept_bytes += len(env.body)
+        while len(self.kept) > KEEP_SENT or self.kept_bytes > KEEP_SENT_BYTES:
+            self.kept_bytes -= len(self.kept.popleft().body)
+
+    def resend_after(self, seq: int, prev: bytes) -> int:
+        """Publish again, in order, each of our messages after `seq`: the notary's log holds
+        our chain up to `seq`, whose header digest is `prev` (its `tip`, from a notary started
+        again after a crash, which never received what we sent while it was down). A message
+        it had after all is refused there as a replay, and by everyone else as one; nothing is
+        lost by sending too much. Returns how many were sent. Raises BusError when a message
+        after `seq` is no longer kept, or `prev` is not the digest of ours at `seq` (the log
+        holds another chain than ours): the log cannot be completed."""
+        if seq >= self.sender.seq:
+            return 0
+        todo = [e for e in self.kept if e.header.seq > seq]
+        if not todo or todo[0].header.seq != seq + 1:
+            have = f"{self.kept[0].header.seq}..{self.kept[-1].header.seq}" if self.kept else \
+                "none"
+            raise BusError(f"the notary's log holds our messages up to seq {seq} of "
+                           f"{self.sender.seq}, and we keep seqs {have} only: the rest cannot be "
+                           f"sent again, so the log cannot be complete")
+        if todo[0].header.prev != prev:
+            raise BusError(f"the notary's log holds another message at our seq {seq} than ours "
+                           f"(a forked chain): the log cannot be completed")
+        for env in todo:
+            self._publish(env)
+        log.warning("sent again to the notary", first=seq + 1, last=todo[-1].header.seq,
+                    count=len(todo))
+        return len(todo)
+
+    def _publish(self, env: Envelope) -> None:
         frames = env.frames()
         deadline = None
         while True:
@@ -229,7 +279,6 @@ class Bus:
                                    f"bus pushes back and does not drain (a reader or the broker "
                                    f"is stuck)") from None
                 self._pump(10)
-        self.sent[env.header.kind] = self.sent.get(env.header.kind, 0) + 1
 
     def send_array(self, kind: str, to: str, array: Any, **meta: Any) -> Envelope:
         """Seal and publish a tensor, a float one encoded with the bus's `codec`; values the
@@ -276,6 +325,8 @@ class Bus:
             except RejectedMessage as exc:
                 log.warning("message rejected", reason=exc.code, detail=str(exc),
                             sender=exc.sender, field=exc.field)
+                if exc.code in GAPS and exc.sender:
+                    self.gap_refused[exc.sender] = time.monotonic()
                 continue
             self.last_seen[env.header.sender] = time.monotonic()
             self.inbox.append(env)
@@ -368,6 +419,11 @@ class Bus:
         self.started = self.last_check = time.monotonic()
         self.last_seen.clear()
         self.beat(force=True)
+
+    def open_gaps(self) -> list[str]:
+        """Key ids whose last message was refused for a gap in their chain (nothing of theirs
+        accepted since): what they sent is missing here until they send it again."""
+        return [k for k, t in self.gap_refused.items() if t >= self.last_seen.get(k, -1.0)]
 
     def presume_heard(self, key_ids: Iterable[str]) -> None:
         """Count these peers' silence from now, as if just heard (a resumed process whose

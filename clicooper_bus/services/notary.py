@@ -72,6 +72,7 @@ class Notary:
         self.gone: set[str] = set()  # members silent past the rejoin timeout (not the owner)
         self.chains: dict[str, tuple[int, bytes]] = {}  # key id -> (seq, header digest) logged
         self.tipped: dict[str, float] = {}  # key id -> when we last sent it its chain's tip
+        self.gap_grace_until = 0.0  # resumed: until then, members fill the gaps we left
 
     def run(self) -> int:
         if self.cfg.log.notary_nice:
@@ -168,15 +169,26 @@ class Notary:
             self.bus.sender.seq, self.bus.sender.prev = self.chains[self.ident.key_id]
         self.last_cp_size = plog.checkpoint_at(plog.checkpoint_count - 1).size \
             if plog.checkpoint_count else 0
+        self.log.info("log reopened", path=str(path), entries=plog.size,
+                      torn=plog.torn, chains=len(self.chains))
+        print(f"notary: resuming run '{self.cfg.run.id}' on its log ({plog.size} entries"
+              f"{', torn tail cut' if plog.torn else ''}); waiting for its members",
+              flush=True)
+        signing = {m.key_id: m.name for m in roster.members if m.role in ("owner", "trainer")}
+        # their subscriptions live (the broker passes the hellos it has to a new connection),
+        # so that what we send now reaches them
+        self.bus.wait_for_subscribers("hello", signing.values(), self.cfg.bus.join_timeout_s)
         self.bus.start_beating()
         others = {m.key_id: m.name for m in roster.members if m.role != "notary"}
         self.bus.watch(others)
         self.bus.presume_heard(others)  # members of the run: tipped once silent past timeout_s
-        self.log.info("log reopened", path=str(path), entries=plog.size,
-                      torn=plog.torn, chains=len(self.chains))
-        print(f"notary: resuming run '{self.cfg.run.id}' on its log ({plog.size} entries"
-              f"{', torn tail cut' if plog.torn else ''})", flush=True)
         self._checkpoint(force=True)
+        # everyone learns where its chain stands in the log: a live member sends again what
+        # we never logged (`Bus.resend_after`), a restarted one goes on from there; until
+        # each has, its next messages leave gaps, which are forgiven meanwhile
+        for kid, name in signing.items():
+            self._send_tip(kid, name)
+        self.gap_grace_until = time.monotonic() + self.cfg.bus.rejoin_timeout_s
 
     def _serve(self) -> int:
         bus, roster = self.bus, self.roster
@@ -202,7 +214,7 @@ class Notary:
                 self.log.error("peers silent", error=str(exc))
                 print(f"notary: error: {exc}; the log is kept up to here", file=sys.stderr)
                 return EXIT_FAIL
-            if bus.verifier.rejected.get("seq_gap") or bus.verifier.rejected.get("broken_chain"):
+            if self._chain_gap():
                 # only a genuinely signed message can show a gap: one was lost on its way here,
                 # or the broker refused one of the sender's own (an oversized body, say)
                 print("notary: error: a sender's chain has a gap: messages were lost before "
@@ -245,12 +257,38 @@ class Notary:
         drain_until = time.monotonic() + 2.0
         while time.monotonic() < drain_until and (env := bus.recv(0.3)) is not None:
             self._append(env)
+        if bus.open_gaps():  # a member never sent again what we missed: not a complete log
+            print("notary: error: a sender's chain has a gap the log cannot close (messages "
+                  "sent while the notary was down and never sent again); not closing the log "
+                  "as complete", file=sys.stderr)
+            self.log.error("chain gap at closing", senders=bus.open_gaps())
+            return EXIT_FAIL
         self._checkpoint(closing=True)
         self._wait_for_observers()
         bus.subscribe(bus.topics.closed(self.cfg.participants.notary))
         time.sleep(0.3)
         self.log.info("notary done", entries=self.plog.size)
         return EXIT_OK
+
+    def _chain_gap(self) -> bool:
+        """Whether a sender's chain has a gap the log cannot close: its last message was
+        refused for a missing predecessor or a broken `prev`, and nothing of it accepted since.
+        For `rejoin_timeout_s` after we resumed such a sender is tipped again (every
+        `timeout_s`) instead: members send again what we never logged, and their messages are
+        refused until they have."""
+        now, bus = time.monotonic(), self.bus
+        gaps = bus.open_gaps()
+        if gaps and now < self.gap_grace_until:
+            names = {m.key_id: m.name for m in self.roster.members
+                     if m.role in ("owner", "trainer")}
+            for kid in gaps:
+                if kid in names and now - self.tipped.get(kid, 0.0) >= self.cfg.bus.timeout_s:
+                    self._send_tip(kid, names[kid])
+            return False
+        if gaps:
+            self.log.error("chain gap", senders=[self.roster.by_key_id(k).name for k in gaps
+                                                 if self.roster.by_key_id(k)])
+        return bool(gaps)
 
     def _append(self, env: Envelope) -> int:
         """Append `env` to the log (its index), and remember where its sender's chain stands."""
@@ -269,13 +307,18 @@ class Notary:
             if kid not in roles or name is None or name in self.gone or \
                     now - self.tipped.get(kid, 0.0) < self.cfg.bus.timeout_s:
                 continue
-            self.tipped[kid] = now
-            seq, prev = self.chains.get(kid, (0, bytes(32)))
-            marks = None  # with watermarks on: where its watermark chain stands (chain.resume)
-            if self.roster.meta.get("watermark") and roles[kid] == "trainer":
-                marks = self.registry.marks_of(self.roster.stages.index(name) + 1)
-            bus.send_doc("tip", name, ChainTip(name, seq, prev, marks).to_doc())
-            self.log.info("chain tip sent", member=name, seq=seq)
+            self._send_tip(kid, name)
+
+    def _send_tip(self, kid: str, name: str) -> None:
+        """Tell `name` where its chain stands in the log (and, a trainer with watermarks on,
+        its watermark chain: `chain.resume`)."""
+        self.tipped[kid] = time.monotonic()
+        seq, prev = self.chains.get(kid, (0, bytes(32)))
+        marks = None
+        if self.roster.meta.get("watermark") and name in self.roster.stages:
+            marks = self.registry.marks_of(self.roster.stages.index(name) + 1)
+        self.bus.send_doc("tip", name, ChainTip(name, seq, prev, marks).to_doc())
+        self.log.info("chain tip sent", member=name, seq=seq)
 
     def _stops(self, env: Envelope) -> bool:
         """Whether `env` is the owner's `end` that stops the run early."""

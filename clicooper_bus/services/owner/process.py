@@ -205,7 +205,7 @@ class Owner(Rejoins, Resumes):
               f"why)", file=sys.stderr, flush=True)
         self.log.error("run stopped", **stopped)
         bus, books, notary = self.bus, self.books, self.cfg.participants.notary
-        self.loop.only("checkpoint")  # nothing poisoned is taken any more
+        self.loop.only("checkpoint", "tip")  # nothing poisoned is taken any more
         bus.unwatch(gone)  # the run ends without them
         cp = None
         try:

@@ -209,7 +209,16 @@ class Resumes:
         return self._rollback_to(step, owner, states)
 
     def _on_own_tip(self, tip: ChainTip) -> None:
-        self.own_tip = tip
+        """The notary's tip to us: where a resumed owner's chain goes on from (before it
+        beats); to a live one, from a notary started again after a crash, what to send again
+        (`Bus.resend_after`; BusError when it cannot: the log cannot be complete)."""
+        if self.resume and not self.bus.beating:
+            self.own_tip = tip
+            return
+        sent = self.bus.resend_after(tip.seq, tip.prev)
+        if sent:
+            print(f"owner: sent {sent} message(s) again for the notary, which had our chain up "
+                  f"to seq {tip.seq}", flush=True)
 
     def _resume_rejoin(self, env, rejoined: dict[str, Rejoin]) -> None:
         """A restarted trainer's `rejoin` while we resume: noted (the rollback comes once

@@ -138,6 +138,18 @@ class Restarts:
             f"{rb.rejoined} rejoined"
         print(f"{self.name}: rolled back to step {rb.step} ({why})", flush=True)
 
+    def _on_tip(self, env: Envelope) -> None:
+        """The notary's tip to a live process: after a notary restart, what it never logged of
+        ours is sent again (`Bus.resend_after`; BusError when it cannot: the log cannot be
+        complete). A paused process's tips (its chain whole in the log) send nothing."""
+        tip = ChainTip.parse(env.document(), sender=self.roster.notary.name)
+        if tip.member != self.name:
+            return
+        sent = self.bus.resend_after(tip.seq, tip.prev)
+        if sent:
+            print(f"{self.name}: sent {sent} message(s) again for the notary, which had our "
+                  f"chain up to seq {tip.seq}", flush=True)
+
     def _on_restored(self, env: Envelope) -> None:
         """A neighbour restored: what it sends from now on is of the rolled-back run."""
         sender = env.header.sender

@@ -216,6 +216,8 @@ class Trainer(Restarts, Marks):
         route("restored", {k[n] for n in self.roster.stages if n != self.name},
               self._on_restored)
         self._mark_routes()
+        if self.notary_kid is not None:
+            route("tip", {self.notary_kid}, self._on_tip)
 
     def _serve(self) -> None:
         """Until the owner ends training. A neighbour gone past the rejoin timeout is dropped
@@ -419,7 +421,8 @@ class Trainer(Restarts, Marks):
         past the rejoin timeout: the owner stops a run whose notary is gone), say we are done,
         and leave once the notary closes the log. Returns `code`."""
         bus = self.bus
-        self.loop.only("checkpoint")  # nothing else is served
+        self.loop.only("checkpoint", "tip")  # nothing else is served (a notary restarted
+        # meanwhile still gets what it missed of ours)
         if self.notary_kid is not None:
             bus.watch({**bus.watched, self.notary_kid: self.roster.notary.name})
         while True:
