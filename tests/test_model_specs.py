@@ -326,3 +326,15 @@ def test_resnet8_spec_file_trains_over_the_bus_on_32x32x3(tmp_path):
     assert verified.ok, verified.failure
     print(f"resnet-8 over the bus, 32x32x3 npz: test accuracy {acc:.3f}")
     assert acc >= 0.6, f"test accuracy {acc}"  # chance: 0.25
+
+
+def test_a_laplace_release_too_wide_for_the_lattice_is_refused_before_the_run():
+    wide = [{"op": "conv2d", "out": 1400, "kernel": 3, "padding": 1}, {"op": "flatten"},
+            {"op": "linear", "out": "classes"}]
+    over = {"model": {"layers": wide, "default_cut": 1}, "run": {"batch_size": 8},
+            "privacy": {"mechanism": "laplace", "noise_multiplier": 1.0}}
+    with pytest.raises(ConfigError, match=r"\[privacy\] at cut 1: a Laplace release of 1097600 "
+                                          r"values"):
+        configured_split(load_config(None, over), (1, 28, 28), 10)
+    over["privacy"]["mechanism"] = "gaussian"  # L2: no such limit
+    configured_split(load_config(None, over), (1, 28, 28), 10)

@@ -457,6 +457,7 @@ def configured_split(cfg: RunConfig, input_shape: tuple[int, ...], classes: int
             else default_cuts(spec, stages, tail)
         seg_cuts = (*cuts, tail) if tail else cuts
         check_wire(spec, seg_cuts, cfg.run.batch_size)
+        _check_release(pv.mechanism, spec, cuts[0])
         for index in range(1, stages + 1):  # what trainers started from this config allow
             why = _over_budget(spec, seg_cuts, index, cfg.run.batch_size, cfg.run.in_flight,
                                cfg.run.trainer_memory_mb)[1]
@@ -466,6 +467,16 @@ def configured_split(cfg: RunConfig, input_shape: tuple[int, ...], classes: int
         raise ConfigError(f"[model] on {shape_str(input_shape)} images, {outputs} outputs: "
                           f"{exc}") from None
     return spec, cuts, tail
+
+
+def _check_release(mechanism: str, spec: ModelSpec, cut: int) -> None:
+    """The privacy mechanism can release the head's activations (`lattice.check_dim`)."""
+    from clicooper_bus.ml.privacy.lattice import check_dim
+
+    try:
+        check_dim(mechanism, math.prod(spec.shapes[cut]))
+    except ValueError as exc:
+        raise ConfigError(f"[privacy] at cut {cut}: {exc}") from None
 
 
 def check_wire(spec: ModelSpec, segment_cuts: tuple[int, ...], batch_size: int,

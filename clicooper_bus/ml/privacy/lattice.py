@@ -24,7 +24,8 @@ integer). So
 - the set-of-outputs test that showed the leak cannot tell 0 from 0.5: both give every lattice
   point (tests/test_lattice.py);
 - the sensitivity is exact in lattice units: the clip is tightened by the snapping's worst
-  case (half a step per coordinate) and the snapped integers are then checked, in integer
+  case (half a step per coordinate, at most half the clip; a Laplace release is refused past
+  MAX_LAPLACE_DIM coordinates, `check_dim`) and the snapped integers are then checked, in integer
   arithmetic, to lie within clip / gamma (`within_clip`), so two samples' snapped activations
   differ by at most 2 clip / gamma = 2^(LATTICE_BITS + 1) steps (L2 for Gaussian, L1 for
   Laplace).
@@ -56,6 +57,21 @@ LATTICE_BITS = 20  # the lattice step is clip * 2^-20
 def step(clip: float) -> float:
     """The lattice step gamma for a clipping norm."""
     return clip * 2.0 ** -LATTICE_BITS
+
+
+MAX_LAPLACE_DIM = 2**LATTICE_BITS  # coordinates a Laplace release can carry (slack <= clip / 2)
+
+
+def check_dim(mechanism: str, dim: int) -> None:
+    """Refuse a Laplace release of more than MAX_LAPLACE_DIM coordinates per sample: its L1
+    clip spread over them leaves an average coordinate under a quarter of a lattice step at
+    2^21, so snapping rounds a dense activation to nothing (the release would carry only
+    noise while the run trained on it). Raises ValueError naming the fix."""
+    if mechanism == "laplace" and dim > MAX_LAPLACE_DIM:
+        raise ValueError(f"a Laplace release of {dim} values per sample is over the "
+                         f"{MAX_LAPLACE_DIM} the lattice carries (L1 clip / gamma = "
+                         f"2^{LATTICE_BITS} steps in all): cut where the activations are "
+                         f"smaller, or use mechanism = \"gaussian\" (L2)")
 
 
 def slack(mechanism: str, clip: float, dim: int) -> float:

@@ -84,6 +84,8 @@ class ActivationFilter:
         """The release of activations `a` (N x ...): clipped within the lattice's slack,
         snapped to the lattice, plus integer lattice noise; float32, gradients as the clip's."""
         s = self.spec
+        if len(a):
+            lattice.check_dim(s.mechanism, a[0].numel())
         gamma = lattice.step(s.clip)
         margin = lattice.slack(s.mechanism, s.clip, a[0].numel()) if len(a) else 0.0
         clipped = self.clip(a, s.clip - margin)
