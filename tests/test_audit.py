@@ -250,10 +250,12 @@ def test_a_run_from_before_a_config_field_was_added_still_audits(audited, tmp_pa
 
 
 def test_a_sampled_fwd_stream_is_simulated_white_box_and_said_so(audited, tmp_path, monkeypatch):
-    """The run keeps 16 fwd batches an epoch: the trainers' channels also get the white-box
-    simulation of their fwd for the followed samples in both epochs, which the linking attack
-    can link (each sample twice), and the report names it. (Trainer 1's channels only: the
-    simulation is the same for every stage, and the attack costs seconds per channel.)"""
+    """The run keeps 16 fwd and 2 eval_fwd batches an epoch (none of the private half): the
+    trainers' channels also get the white-box simulation of their fwd for the followed samples
+    and of their eval_fwd for private evaluation images, one epoch each (the run is
+    undefended: every epoch's release would be the same), and the report names them and never
+    counts them as received rows. (Trainer 1's channels only: the simulation is the same for
+    every stage, and the attack costs seconds per channel.)"""
     from clicooper_bus.audit.auditor import audit_run
     from clicooper_bus.audit.report import to_json, to_markdown
     from clicooper_bus.ml.attacks.channels import ChannelInference
@@ -263,9 +265,15 @@ def test_a_sampled_fwd_stream_is_simulated_white_box_and_said_so(audited, tmp_pa
     attack.per_trainer = False  # this trainer's attack alone, not one per trainer
     audit = audit_run(_copy(audited, tmp_path / "sim"), attacks=[attack])
     (row,) = audit.results
-    sim = row["channels"]["fwd (simulated)+linked"]
-    assert sim["releases_per_sample"] == 2.0 and sim["samples"] == 300
-    assert row["channels"]["fwd (simulated)"]["seen"] == row["channels"]["fwd"]["seen"] > 0
-    ref = audit.references["simulated"]
-    assert ref["epochs"] == [0, 1] and "sample:16" in ref["why"]
-    assert "- simulated: `fwd (simulated)`" in to_markdown(to_json(audit))
+    ch = row["channels"]
+    assert ch["fwd (simulated)"]["samples"] == 300 and "fwd (simulated)+linked" not in ch
+    assert ch["fwd (simulated)"]["rows_of"].startswith("simulated white-box")
+    assert ch["eval_fwd (simulated)"]["rows_of"] == ("simulated white-box (final weights), "
+                                                    "private evaluation images: not rows received")
+    assert ch["eval_fwd"]["rows_of"].startswith("public aux images only")
+    assert row["channel"] != "eval_fwd"  # public images never head the row
+    sims = {c["channel"]: c for c in audit.references["simulated"]["channels"]}
+    assert sims["fwd (simulated)"]["epochs"] == [1] and sims["fwd (simulated)"]["released_in"] == [0, 1]
+    assert "sample:16" in audit.references["simulated"]["why"]
+    md = to_markdown(to_json(audit))
+    assert "- simulated, in every trainer's channels: `fwd (simulated)` (300 samples" in md

@@ -312,7 +312,7 @@ def test_a_step_replayed_after_a_rollback_is_read_once():
 
     def header(body: bytes, step=7, kind="fwd"):
         return SimpleNamespace(sender="o", to="trainer-1", kind=kind, epoch=0, batch=3,
-                               step=step, body_sha256=body)
+                               step=step, dtype="float32", shape=(2, 4), body_sha256=body)
 
     sent: set = set()
     assert not resent(header(b"a"), sent)
@@ -344,6 +344,6 @@ def test_link_median_groups_each_sample_s_releases():
 
     ids = np.array([3, 1, 3, 1, 3, 1, 2, 2])
     x = np.array([[1.0], [10], [2], [30], [100], [20], [5], [6]], np.float32)
-    got_ids, med = link_median(ids, x)
+    got_ids, med, counts = link_median(ids, x)
     got = dict(zip(got_ids.tolist(), med[:, 0].tolist(), strict=True))
-    assert got == {1: 20.0, 3: 2.0}  # sample 2 has too few releases
+    assert got == {1: 20.0, 3: 2.0} and counts.tolist() == [3, 3]  # 2: too few releases

@@ -25,10 +25,10 @@ import torch
 
 from clicooper_bus.audit import families, scoring
 from clicooper_bus.audit.channels import KINDS as CHANNEL_KINDS
-from clicooper_bus.audit.channels import followed, read_channels
+from clicooper_bus.audit.channels import MAX_ROWS, TARGETS, followed, read_channels
 from clicooper_bus.audit.families import INVERT_SAMPLES
 from clicooper_bus.audit.replay import Replay, replay
-from clicooper_bus.audit.simulated import SIMULATED, simulate_fwd
+from clicooper_bus.audit.simulated import Stream, fresh_per_epoch, simulate
 from clicooper_bus.audit.truth import CLUSTER_SAMPLES, Release, Truth, gather
 from clicooper_bus.config import RunConfig, config_from_text, missing_keys
 from clicooper_bus.errors import ClicooperError
@@ -237,8 +237,8 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     knowledge, truth, info = gather(replayed, data, segments, cfg, spec)
     stages = list(replayed.roster.stages)
     _add_channels(knowledge, audit, run, cfg, data, stages)
-    _add_simulated(knowledge, audit, cfg, data, stages, spec,
-                   sorted(replayed.owner_epochs.get("fwd", ())))
+    suite = expand_per_trainer(attacks if attacks is not None else default_attacks(), stages)
+    _add_simulated(knowledge, audit, cfg, data, stages, spec, replayed, suite)
     owner_model = inference_model(segments, spec)
     owner_acc = scoring.accuracy(_predict(owner_model, truth.eval_images, groups),
                                  truth.eval_labels)
@@ -246,8 +246,7 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     audit.settings["config_defaulted"] = defaulted
     audit.settings["cpu"] = measured_cpu(run.log)
     audit.settings["owner_cpu_share"] = audit.settings["cpu"]["owner_cpu_share"]
-    for attack in expand_per_trainer(attacks if attacks is not None else default_attacks(),
-                                     stages):
+    for attack in suite:
         audit.results.append(_attack(attack, knowledge, truth, audit, progress))
     audit.wall_s = time.perf_counter() - t0
     return audit
@@ -325,22 +324,37 @@ def _add_channels(knowledge: Knowledge, audit: Audit, run: RunLayout, cfg: RunCo
 
 
 def _add_simulated(knowledge: Knowledge, audit: Audit, cfg: RunConfig, data, stages: list[str],
-                   spec: FilterSpec | None, epochs: list[int]) -> None:
-    """Where the log keeps only a sample of the `fwd` streams, each trainer's channels also
-    get the white-box simulation of its `fwd` for the followed samples in every epoch
-    (`audit.simulated`); the report names which channels were simulated."""
-    if Retention.parse(cfg.log.retention).limit("fwd") is None or not epochs:
+                   spec: FilterSpec | None, replayed: Replay, attacks: list[Attack]) -> None:
+    """Where the log keeps only a sample of the `fwd` or `eval_fwd` streams, each trainer's
+    channels also get their white-box simulation (`audit.simulated`), when an attack reads
+    the trainers' channels; the report names which were simulated, and why."""
+    if not any(f.startswith("received/") for a in attacks for f in a.threat.sees):
         return
-    ids = followed(len(data.x_train))
-    head = knowledge.values["release"].head
-    rows = simulate_fwd(head, knowledge.values["stages"], spec, to_float(data.x_train[ids]),
-                        ids, epochs)
-    for s, r in zip(stages, rows, strict=True):
-        knowledge.values[received_field(s)][SIMULATED] = r
-    audit.references["simulated"] = {
-        "channel": SIMULATED, "samples": len(ids), "epochs": epochs,
-        "why": f"[log] retention `{cfg.log.retention}` keeps only a sample of the fwd streams",
-        "how": "white-box: the delivered head and stages, the privacy filter with fresh noise"}
+    retention = Retention.parse(cfg.log.retention)
+    half = len(data.x_test) // 2
+    private = np.arange(half, min(len(data.x_test), half + TARGETS // 2))
+    train = followed(len(data.x_train))
+    streams = [Stream(kind, split, ids, to_float(x[ids]), sorted(replayed.owner_epochs.get(
+                   kind, ())))
+               for kind, split, ids, x in (("fwd", "train", train, data.x_train),
+                                           ("eval_fwd", "test", private, data.x_test))
+               if retention.limit(kind) is not None and len(ids)]
+    head, done = knowledge.values["release"].head, []
+    for stream in (s for s in streams if s.epochs):
+        rows = simulate(head, knowledge.values["stages"], spec, stream, MAX_ROWS)
+        for s, r in zip(stages, rows, strict=True):
+            knowledge.values[received_field(s)][r.kind] = r
+        done.append({"channel": rows[0].kind, "samples": len(np.unique(rows[0].ids)),
+                     "epochs": sorted({int(e) for e in rows[0].epochs}),
+                     "released_in": list(stream.epochs)})
+    if done:
+        audit.references["simulated"] = {
+            "channels": done,
+            "why": f"[log] retention `{cfg.log.retention}` keeps only a sample of these streams",
+            "how": "white-box: the delivered head and stages, the privacy filter with fresh "
+                   "noise, no bus codec" + ("" if fresh_per_epoch(spec) else
+                                           "; one epoch, since every epoch's release is the "
+                                           "same without per-step noise")}
 
 
 def _attack(attack: Attack, knowledge: Knowledge, truth: Truth, audit: Audit,

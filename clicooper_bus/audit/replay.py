@@ -97,7 +97,7 @@ def resent(h, sent: set) -> bool:
     a replay that sent a different body is a new release and counts. Adds `h` to `sent`."""
     if h.step is None:
         return False
-    key = (h.sender, h.to, h.kind, h.epoch, h.batch, h.step, h.body_sha256)
+    key = (h.sender, h.to, h.kind, h.epoch, h.batch, h.step, h.dtype, h.shape, h.body_sha256)
     if key in sent:
         return True
     sent.add(key)

@@ -128,11 +128,12 @@ def cpu_text(cpu: dict[str, Any] | None) -> str:
 
 
 def simulated_text(sim: dict[str, Any]) -> str:
-    """The report's line on the white-box simulated channel (`audit.simulated`)."""
-    return (f"- simulated: `{sim['channel']}` in every trainer's channels, {sim['samples']} "
-            f"followed training samples in epoch(s) {sim['epochs']}, because {sim['why']}; "
-            f"{sim['how']} (the final weights stand in for every epoch's: read it beside the "
-            f"retained channels, not instead of them)")
+    """The report's line on the white-box simulated channels (`audit.simulated`)."""
+    chans = "; ".join(f"`{c['channel']}` ({c['samples']} samples, epoch(s) {c['epochs']})"
+                      for c in sim["channels"])
+    return (f"- simulated, in every trainer's channels: {chans}, because {sim['why']}; "
+            f"{sim['how']} (the final weights stand in for every epoch's: at least as strong "
+            f"as what was sent; read beside the retained channels)")
 
 
 def epsilon_text(e: dict[str, Any] | None) -> str:

@@ -42,7 +42,27 @@ from clicooper_bus.ml.attacks.clustering import cluster_variants
 from clicooper_bus.ml.attacks.nets import apply
 
 SINGLE = 2000  # single releases clustered per channel (the latest first, one per sample)
-ACTIVATIONS = ("fwd", "fwd (simulated)", "eval_fwd")  # the channels privacy noise is added to
+# channels whose rows carry the privacy noise (or are computed from noisy rows): linked by
+# median as well as by mean
+MEDIAN_LINKED = ("fwd", "eval_fwd", "own_out", "own_eval_out", "joined")
+SIMULATED = " (simulated)"  # suffix of a channel the auditor simulated (audit.simulated)
+
+
+def simulated(kind: str) -> str:
+    """The name of the white-box simulation of channel `kind`."""
+    return kind + SIMULATED
+
+
+def base_kind(kind: str) -> str:
+    """The channel a simulated one stands in for (`fwd (simulated)` -> `fwd`)."""
+    return kind.removesuffix(SIMULATED)
+
+
+def source_of(kind: str) -> str:
+    """The received channel a channel's rows count against: own outputs against the rows they
+    were computed from, a simulation against the channel it simulates."""
+    kind = base_kind(kind)
+    return {"own_out": "fwd", "own_eval_out": "eval_fwd"}.get(kind, kind)
 
 
 @dataclass
@@ -127,22 +147,32 @@ def link(ids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def link_median(ids: np.ndarray, x: np.ndarray, least: int = 3
-                ) -> tuple[np.ndarray, np.ndarray]:
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each sample with at least `least` releases: its rows' coordinate-wise median, the
     maximum-likelihood location under Laplace noise, where the mean is not (a heavy-tailed
-    draw moves a mean, not a median). (sample ids, median rows N x D float32)."""
+    draw moves a mean, not a median). (sample ids, median rows N x D float32, releases)."""
     flat = x.reshape(len(x), -1)
     order = np.argsort(ids, kind="stable")
     uniq, start, counts = np.unique(ids[order], return_index=True, return_counts=True)
-    out_ids, out = [], []
+    out_ids, out, out_counts = [], [], []
     for c in np.unique(counts[counts >= least]):  # samples of equal release count at once
         sel = np.flatnonzero(counts == c)
         rows = order[(start[sel][:, None] + np.arange(c)).ravel()]
         out.append(np.median(flat[rows].reshape(len(sel), c, -1), axis=1))
         out_ids.append(uniq[sel])
+        out_counts.append(counts[sel])
     if not out:
-        return np.zeros(0, ids.dtype), np.zeros((0, flat.shape[1]), np.float32)
-    return np.concatenate(out_ids), np.concatenate(out).astype(np.float32)
+        return (np.zeros(0, ids.dtype), np.zeros((0, flat.shape[1]), np.float32),
+                np.zeros(0, np.int64))
+    return (np.concatenate(out_ids), np.concatenate(out).astype(np.float32),
+            np.concatenate(out_counts))
+
+
+def _most_linked(counts: np.ndarray, least: int) -> np.ndarray:
+    """Positions of the samples with at least `least` releases, the most released first, at
+    most SINGLE of them (the attack keeps the samples averaging gives most to)."""
+    order = np.argsort(-counts, kind="stable")
+    return order[counts[order] >= least][:SINGLE]
 
 
 def _latest_once(ids: np.ndarray, epochs: np.ndarray, limit: int) -> np.ndarray:
@@ -251,10 +281,11 @@ class ChannelInference(Attack):
         shape = stage_input_shape(view.plan, self.index)
         out = {}
         for kind, name in (("fwd", "own_out"), ("eval_fwd", "own_eval_out")):
-            rows = channels.get(kind)
-            if rows is not None and len(rows):
-                out[name] = Rows(name, rows.split, rows.ids, rows.epochs,
-                                 run_stages([stage], shape, rows.x))
+            for suffix in ("", SIMULATED):
+                rows = channels.get(kind + suffix)
+                if rows is not None and len(rows):
+                    out[name + suffix] = Rows(name + suffix, rows.split, rows.ids, rows.epochs,
+                                              run_stages([stage], shape, rows.x))
         return out
 
     def _labels(self, rows: Rows, profile: Rows | None, plan) -> dict[str, dict]:
@@ -280,31 +311,29 @@ class ChannelInference(Attack):
         pick = _latest_once(rows.ids, rows.epochs, SINGLE)
         if len(pick) < 2 * k:  # too few retained samples to cluster into k groups
             return {}
-        source = {"own_out": "fwd", "own_eval_out": "eval_fwd",
-                  "fwd (simulated)": "fwd"}.get(kind, kind)
+        source = source_of(kind)
         out = {kind: {"ids": rows.ids[pick], "split": rows.split, "source": source,
                       "variants": self._variants(kind, rows.x[pick], k, logits)}}
         ids, mean, counts = link(rows.ids, rows.x)
-        linked = counts >= 2
-        if linked.sum() >= 2 * k:  # one sample's releases in several epochs
-            sel = np.flatnonzero(linked)[:SINGLE]
+        sel = _most_linked(counts, 2)
+        if len(sel) >= 2 * k:  # one sample's releases in several epochs
             out[f"{kind}+linked"] = {"ids": ids[sel], "split": rows.split, "source": source,
                                      "releases": float(counts[sel].mean()),
                                      "variants": self._variants(kind, mean[sel], k, logits)}
-        if kind in ACTIVATIONS:  # noise on a release: a median resists Laplace's tails
-            ids, median = link_median(rows.ids, rows.x)
-            if len(ids) >= 2 * k:
-                releases = np.unique(rows.ids, return_counts=True)[1]
+        if base_kind(kind) in MEDIAN_LINKED:  # noisy rows: a median resists Laplace's tails
+            ids, median, counts = link_median(rows.ids, rows.x)
+            sel = _most_linked(counts, 3)
+            if len(sel) >= 2 * k:
                 out[f"{kind}+linked-median"] = {
-                    "ids": ids[:SINGLE], "split": rows.split, "source": source,
-                    "releases": float(releases[releases >= 3].mean()),
-                    "variants": self._variants(kind, median[:SINGLE], k, logits)}
+                    "ids": ids[sel], "split": rows.split, "source": source,
+                    "releases": float(counts[sel].mean()),
+                    "variants": self._variants(kind, median[sel], k, logits)}
         return out
 
     def _variants(self, kind: str, x: np.ndarray, k: int, logits: bool = False
                   ) -> dict[str, np.ndarray]:
         v = cluster_variants(x, k, seed=self.seed, restarts=self.restarts)
-        if kind in ("bwd", "joined", "own_out", "own_eval_out"):
+        if base_kind(kind) in ("bwd", "joined", "own_out", "own_eval_out"):
             v.update(cosine_variants(x, k, seed=self.seed,
                                      restarts=max(self.restarts, COSINE_RESTARTS)))
         if logits:  # the model's own prediction; pseudo-classes merged by softmax profile
