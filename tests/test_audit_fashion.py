@@ -90,23 +90,25 @@ def test_the_delivered_model_reproduces_the_runs_accuracy(fashion_run, tmp_path)
 def test_extraction_behind_label_expansion():
     data = load_fashion()
     pseudo, decode = expand(data.y_train, 10, 10, seed=3)
-    trained = Dataset("fashion-mnist", data.x_train, pseudo, data.x_test, data.y_test, 100)
+    n = 30_000  # half the training set, at twice the learning rate: half the test's time
+    trained = Dataset("fashion-mnist", data.x_train[:n], pseudo[:n], data.x_test, data.y_test,
+                      100)
     spec = model_spec("small-cnn", data.input_shape, 100)
     # after both convolutions, where the 0.893 below was measured: the extraction attack's
     # head simulator regresses on 1,568 values a release there, twice as fast as at the
     # offloading default's 3,136 (this test is about the label expansion, not the cut)
     cuts = check_cuts(spec, (6, 8, 9), 3)
-    r = train_reference(trained, spec, cuts, seed=0, epochs=2, batch_size=128, lr=1e-3,
+    r = train_reference(trained, spec, cuts, seed=0, epochs=2, batch_size=128, lr=2e-3,
                         evaluate_each_epoch=False)
     plan = Plan("small-cnn", data.input_shape, 10, cuts, 0, 1e-3, 128)
     k, truth, audit = attack_harness.build(data, plan, r.segments, released=2048,
                                            received=pseudo, decode=decode)
     owner = audit.settings["owner_accuracy_eval_half"]
-    assert owner > 0.85  # gamma 10: 0.878 to 0.893 measured after 3 epochs
+    assert owner > 0.83  # gamma 10: 0.845 measured (0.878 to 0.893 after 3 full epochs)
     from clicooper_bus.ml.attacks.extraction import ExtractionAttack
 
     s50 = attack_harness.run(ExtractionAttack(50), k, truth, audit)
-    assert s50["accuracy"] >= owner - 0.02, (s50, owner)  # measured 0.893 vs 0.893
+    assert s50["accuracy"] >= owner - 0.02, (s50, owner)  # measured 0.839 vs 0.845
     s0 = attack_harness.run(ExtractionAttack(0), k, truth, audit)
     print(f"owner {owner:.3f}; extraction, no labels {s0['accuracy']:.3f}; 50 labels "
           f"{s50['accuracy']:.3f}")
