@@ -161,3 +161,22 @@ def test_without_evaluation_traffic_it_simulates_the_layers_before_its_stage(run
     row = _scored(attack, Knowledge(values), truth, audit)
     assert "simulator" in row["how"] and set(row["channels"]) == {"fwd", "fwd+linked"}
     assert row["accuracy"] >= 0.9, row
+
+
+def test_simulated_channels_are_completed_with_the_same_top(run):
+    """The white-box simulated streams (`fwd (simulated)`, `eval_fwd (simulated)`) are labelled
+    by the same completed top as the received rows, and counted against the rows received."""
+    from clicooper_bus.ml.attacks.channels import simulated
+
+    know, truth, audit = run
+    audit.results.clear()
+    mine = dict(know.values[received_field("trainer-1")])
+    sim = {simulated(k): Rows(simulated(k), r.split, r.ids, r.epochs, r.x)
+           for k, r in mine.items()}
+    values = {**know.values, received_field("trainer-1"): {**mine, **sim}}
+    attack = ModelCompletion("trainer-1", 1)
+    row = _scored(attack, Knowledge(values), truth, audit)
+    ch = row["channels"]
+    assert {"fwd (simulated)", "fwd (simulated)+linked", "eval_fwd (simulated)"} <= set(ch)
+    assert ch["fwd (simulated)"]["accuracy"] == ch["fwd"]["accuracy"]
+    assert ch["fwd (simulated)"]["seen"] == ch["fwd"]["seen"] == 5000

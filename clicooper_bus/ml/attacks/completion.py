@@ -52,6 +52,7 @@ from clicooper_bus.ml.attacks.channels import (
     link,
     received_field,
     run_stages,
+    simulated,
     softmax,
     stage_field,
     stage_input_shape,
@@ -220,14 +221,34 @@ class ModelCompletion(Attack):
             out.channels["fwd+linked"] = {"ids": ids[several], "split": "train", "source": "fwd",
                                           "releases": float(counts[several].mean()),
                                           "pred": mean[several].argmax(1)}
-        ev = channels.get("eval_fwd")
-        if ev is not None:  # the test split's private half: not the attacker's aux images
-            pos = latest_once(ev, ROWS, ev.ids >= len(aux))
-            if len(pos) >= 2 * k:
-                p = top.proba(run_stages(stages, shape, ev.x[pos]))
-                out.channels["eval_fwd"] = {"ids": ev.ids[pos], "split": "test",
-                                            "source": "eval_fwd", "pred": p.argmax(1)}
+        for kind in ("eval_fwd", simulated("eval_fwd")):
+            ev = channels.get(kind)
+            if ev is not None:  # the test split's private half: not the attacker's aux images
+                pos = latest_once(ev, ROWS, ev.ids >= len(aux))
+                if len(pos) >= 2 * k:
+                    p = top.proba(run_stages(stages, shape, ev.x[pos]))
+                    out.channels[kind] = {"ids": ev.ids[pos], "split": "test",
+                                          "source": "eval_fwd", "pred": p.argmax(1)}
+        sim = channels.get(simulated("fwd"))
+        if sim is not None and len(sim) >= 2 * k:  # the white-box simulated stream, same top
+            self._linked(out, simulated("fwd"), sim, top.proba(run_stages(stages, shape, sim.x)))
         return out
+
+    @staticmethod
+    def _linked(out: Completed, kind: str, rows: Rows, probs: np.ndarray) -> None:
+        """Channel `kind` (single releases) and `kind+linked` (each sample's mean probability
+        over its releases) from the top's probabilities on `rows`."""
+        pick = latest_once(rows, ROWS)
+        out.channels[kind] = {"ids": rows.ids[pick], "split": "train", "source": "fwd",
+                              "pred": probs[pick].argmax(1)}
+        ids, mean, counts = link(rows.ids, probs)
+        several = np.argsort(-counts, kind="stable")
+        several = several[counts[several] >= 2][:ROWS]
+        if len(several) >= 2 * probs.shape[1]:
+            out.channels[f"{kind}+linked"] = {"ids": ids[several], "split": "train",
+                                              "source": "fwd",
+                                              "releases": float(counts[several].mean()),
+                                              "pred": mean[several].argmax(1)}
 
     def _labelled_inputs(self, ev: Rows | None, n: int):
         """((activations at the stage's input of the labelled aux images it has, their
