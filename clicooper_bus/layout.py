@@ -9,7 +9,7 @@ atomic writer every artefact goes through.
       label_groups.json    pseudo-class -> true class (owner-only: mode 0600)
       summary.json         the owner's summary of the run
       provenance/          the watermark bundle `clicooper model verify` reads
-        manifest.json  roster.msgpack  checkpoint.txt  checkpoints.json
+        manifest.json  roster.msgpack  checkpoint.txt  checkpoints.json  [handovers.msgpack]
         certificates/stage-K-round-T.cert
       audit/               the auditor's report.json, report.md and figures
       telemetry/           each process's structlog JSON lines (`clicooper run`)
@@ -117,6 +117,12 @@ class ProvenanceLayout:
 
     def certificate(self, stage: int, round_: int) -> Path:
         return self.certificates / f"stage-{stage}-round-{round_}.cert"
+
+    @property
+    def handovers(self) -> Path:
+        """`handovers.msgpack`: each handover of a stage to a standby, as logged ([leaf, body]
+        pairs); absent when there was none."""
+        return self.root / "handovers.msgpack"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,10 @@ Control messages (the msgpack bodies of the kinds below; tensors are `fwd`, `bwd
 | `rollback`   | owner → all          | `Rollback`: everyone restores the step's snapshot;  |
 |              |                      | steps from it on are trained (and logged) again     |
 | `restored`   | trainer → all        | `Restored`: it restored that step (state digest)    |
+| `stage_state`| trainer → owner      | `StageState`: its whole stage state at a round      |
+|              |                      | boundary, sealed to the owner (with standbys only)  |
+| `handover`   | owner → all          | `Handover`: a gone trainer's stage goes to a        |
+|              |                      | standby, with its committed state sealed to it      |
 
 Each document is parsed strictly from the *verified* body: it must be a map with exactly the
 documented fields, each of its exact type (msgpack's True is not an int here, nor 1 a float); an
@@ -404,18 +408,23 @@ class ChainTip(Control):
     of that sender stays unbroken; only the notary knows which of the dead process's last
     messages reached the log. `marks` (sent only with watermarks on): where the member's
     watermark chain stands, as `[leaf, body]` pairs of logged messages (its newest `wm_commit`
-    and `wm_claim`, the previous stage's next `wm_commit`; `chain.resume` checks each)."""
+    and `wm_claim`, the previous stage's next `wm_commit`; `chain.resume` checks each).
+    `resend` (sent only when true): the log misses what the member sent after `seq` (a notary
+    started again, or a gap after a broker restart): a live member sends it again."""
 
     KIND: ClassVar[str] = "tip"
     member: str
     seq: int
     prev: bytes
     marks: list[list[bytes]] | None = None
+    resend: bool = False
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"member": self.member, "seq": self.seq, "prev": self.prev}
         if self.marks is not None:
             doc["marks"] = [list(m) for m in self.marks]
+        if self.resend:
+            doc["resend"] = True
         return doc
 
     def _checked(self, sender: str | None) -> ChainTip:
@@ -485,6 +494,49 @@ class Restored(Control):
         return self
 
 
+@dataclass(frozen=True)
+class StageState(Control):
+    """A trainer's whole stage state at round boundary `step` (the tensors of its snapshot,
+    safetensors bytes sealed to the owner's key), sent after its `Snapshot` of that step when
+    the roster has standbys: the owner checks it against that commitment and keeps it, for a
+    standby to take the stage over if the trainer goes for good."""
+
+    KIND: ClassVar[str] = "stage_state"
+    step: int
+    sealed: bytes
+
+    def _checked(self, sender: str | None) -> StageState:
+        if self.step < 0:
+            raise self._refuse("step is negative", "step", sender)
+        return self
+
+
+@dataclass(frozen=True)
+class Handover(Control):
+    """The owner hands stage `stage` of `replaced` (gone past rejoin_timeout_s) to standby
+    `by` from round boundary `step` (watermark round `round` starts again there, every stage
+    committing anew): `sealed` is the stage state `replaced` committed at `step`, sealed to
+    `by`'s key; `prev_claim` the digest of the stage's logged claim of the round before (empty
+    in round 0), which `by`'s first commitment links to. Signed and logged: the roster's
+    amendment, from which every member takes `by` for `replaced`."""
+
+    KIND: ClassVar[str] = "handover"
+    stage: int
+    round: int
+    step: int
+    replaced: str
+    by: str
+    sealed: bytes
+    prev_claim: bytes
+
+    def _checked(self, sender: str | None) -> Handover:
+        if self.stage < 1 or self.round < 0 or self.step < 0:
+            raise self._refuse("stage, round or step out of range", "stage", sender)
+        if len(self.prev_claim) not in (0, 32):
+            raise self._refuse("prev_claim is not a 32-byte digest", "prev_claim", sender)
+        return self
+
+
 CONTROL: dict[str, type[Control]] = {c.KIND: c for c in (
     Hello, Metrics, Round, End, Segment, Usage, Ack, CheckpointMessage, WatermarkCertificate,
-    Beat, Snapshot, ChainTip, Rejoin, Rollback, Restored)}
+    Beat, Snapshot, ChainTip, Rejoin, Rollback, Restored, StageState, Handover)}

@@ -172,6 +172,7 @@ def _scripted_stage(tmp_path, script):
     t.store = snapshot.Store(t.snapshots, {})
     t.cfg = SimpleNamespace(run=SimpleNamespace(snapshot_every=2))
     t.per, t.segment, t.restored_seen, t.dropped = 0, t.seg.module, {}, 0
+    t.roster.standby = ()
     t.log = SimpleNamespace(warning=lambda *a, **k: None, info=lambda *a, **k: None)
     return t, bus
 

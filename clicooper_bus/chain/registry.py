@@ -39,12 +39,34 @@ class WatermarkRegistry:
     claims: dict[tuple[int, int], Logged] = field(default_factory=dict)
     round_start: dict[int, int] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)  # the stage order, as handovers amend it
+
+    def __post_init__(self) -> None:
+        self.stages = list(self.roster.stages)
 
     def _stage_of(self, sender: str) -> int | None:
         m = self.roster.by_key_id(sender)
-        if m is None or m.name not in self.roster.stages:
+        if m is None or m.name not in self.stages:
             return None
-        return self.roster.stages.index(m.name) + 1
+        return self.stages.index(m.name) + 1
+
+    def hand_over(self, stage: int, round_: int, replaced: str, by: str) -> None:
+        """The owner handed `stage` of `replaced` to standby `by` (its logged `handover`):
+        from now on the stage's commitments and claims are `by`'s, and round `round_` starts
+        again, every stage's commitment of it void (none was claimed: a handover never goes
+        behind a claimed round) and its start to be seen again. Raises ValueError when the
+        handover does not fit the roster (refused, the stage unchanged)."""
+        if not 1 <= stage <= len(self.stages) or self.stages[stage - 1] != replaced:
+            raise ValueError(f"a handover of stage {stage} from {replaced}, which is not that "
+                             f"stage's trainer")
+        if by not in self.roster.standby or by in self.stages:
+            raise ValueError(f"a handover to {by}, not a standby of the roster free to take it")
+        if any(t == round_ for (_, t) in self.claims):
+            raise ValueError(f"a handover restarting round {round_}, which was claimed")
+        self.stages[stage - 1] = by
+        for key in [key for key in self.commits if key[1] == round_]:
+            del self.commits[key]
+        self.round_start.pop(round_, None)
 
     def observe(self, env: Envelope, index: int) -> Certifiable | None:
         """Register one logged message; returns a claim to certify, if it is one that holds."""

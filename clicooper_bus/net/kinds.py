@@ -61,5 +61,10 @@ KINDS: dict[str, KindSpec] = {
                                               "stage committed a snapshot of"),
         KindSpec("restored", "msgpack", 1024, "a trainer restored its snapshot of the "
                                               "rollback's step"),
+        KindSpec("stage_state", "msgpack", None, "a trainer's whole stage state at a round "
+                                                 "boundary, sealed to the owner (for a standby "
+                                                 "to take it over)"),
+        KindSpec("handover", "msgpack", None, "the owner hands a gone trainer's stage to a "
+                                              "standby: its committed state, sealed to it"),
     )
 }

@@ -8,6 +8,10 @@ public keys), so a log and its roster can be verified anywhere; pin the owner's 
 Each roster carries a fresh random run `nonce`. Every message header of the run commits to it,
 and receivers refuse a message with another nonce (`WrongRun`): a message captured in an
 earlier run with the same id and keys is not accepted in this one.
+
+A `standby` member holds no stage: in roster order, each is ready to take over the stage of a
+trainer gone for good, when the owner hands it over (a signed, logged `handover`, which is the
+roster's amendment: from then on that stage is the standby's).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from clicooper_bus.net.identity import Identity, PublicIdentity, check_name
 from clicooper_bus.net.wire import NONCE_LEN
 
 DOC_TYPE = "clicooper/roster/v1"
-ROLES = ("owner", "trainer", "notary", "auditor")
+ROLES = ("owner", "trainer", "notary", "auditor", "standby")
 
 
 @dataclass(frozen=True)
@@ -85,19 +89,26 @@ class Roster:
     @classmethod
     def build(cls, run_id: str, *, owner: PublicIdentity, trainers: Iterable[PublicIdentity],
               notary: PublicIdentity | None = None, auditors: Iterable[PublicIdentity] = (),
-              meta: Mapping[str, str] | None = None) -> Roster:
+              meta: Mapping[str, str] | None = None,
+              standby: Iterable[PublicIdentity] = ()) -> Roster:
         """A roster whose stage order is the order of `trainers`, with a fresh run nonce."""
         trainers = list(trainers)
         members = [Member("owner", owner)] + [Member("trainer", t) for t in trainers]
         if notary is not None:
             members.append(Member("notary", notary))
         members += [Member("auditor", a) for a in auditors]
+        members += [Member("standby", s) for s in standby]
         return cls(run_id, tuple(members), tuple(t.name for t in trainers), time.time_ns(),
                    dict(meta or {}), os.urandom(NONCE_LEN))
 
     @property
     def owner(self) -> Member:
         return next(m for m in self.members if m.role == "owner")
+
+    @property
+    def standby(self) -> tuple[str, ...]:
+        """The standby members' names, in roster order (the order of takeover)."""
+        return tuple(m.name for m in self.members if m.role == "standby")
 
     @property
     def notary(self) -> Member | None:

@@ -119,9 +119,11 @@ def broker_key(cfg: RunConfig) -> PublicIdentity | None:
 
 def members(cfg: RunConfig) -> list[Member]:
     """Every member of the run with its key, as the broker admits them: the roster's members
-    (owner, trainers, notary) and the observers. Raises KeyFileError naming a missing key."""
+    (owner, trainers, notary; a standby as a trainer, whose stage it may take over) and the
+    observers. Raises KeyFileError naming a missing key."""
     p = cfg.participants
-    roles = [(p.owner, "owner"), (p.notary, "notary"), *((t, "trainer") for t in p.trainers),
+    roles = [(p.owner, "owner"), (p.notary, "notary"),
+             *((t, "trainer") for t in (*p.trainers, *p.standby)),
              *((o, "auditor") for o in p.observers)]
     return [Member(name, role, public(cfg, name)) for name, role in roles]
 

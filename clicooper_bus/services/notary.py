@@ -39,7 +39,7 @@ from clicooper_bus.net.bus import Bus, BusError, PeersGone
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import ChainTip, CheckpointMessage, End, WatermarkCertificate
+from clicooper_bus.protocol import ChainTip, CheckpointMessage, End, Handover, WatermarkCertificate
 from clicooper_bus.services.common import (
     EXIT_FAIL,
     EXIT_OK,
@@ -163,6 +163,8 @@ class Notary:
                                      f"be resumed ([log] retention)")
             if h.kind in ("wm_commit", "wm_claim", "fwd"):
                 self.registry.observe(Envelope(h.topic, h, sig, body or b""), i)
+            if h.kind == "handover" and body is not None:
+                self._handed_over(Envelope(h.topic, h, sig, body))
             if h.kind == "fwd" and h.sender == roster.owner.key_id and h.step is not None:
                 self.logged_steps.add(h.step)
         if self.ident.key_id in self.chains:
@@ -174,7 +176,8 @@ class Notary:
         print(f"notary: resuming run '{self.cfg.run.id}' on its log ({plog.size} entries"
               f"{', torn tail cut' if plog.torn else ''}); waiting for its members",
               flush=True)
-        signing = {m.key_id: m.name for m in roster.members if m.role in ("owner", "trainer")}
+        signing = {m.key_id: m.name for m in roster.members
+                   if m.role in ("owner", "trainer", "standby")}
         # their subscriptions live (the broker passes the hellos it has to a new connection),
         # so that what we send now reaches them
         self.bus.wait_for_subscribers("hello", signing.values(), self.cfg.bus.join_timeout_s)
@@ -187,7 +190,7 @@ class Notary:
         # we never logged (`Bus.resend_after`), a restarted one goes on from there; until
         # each has, its next messages leave gaps, which are forgiven meanwhile
         for kid, name in signing.items():
-            self._send_tip(kid, name)
+            self._send_tip(kid, name, resend=True)
         self.gap_grace_until = time.monotonic() + self.cfg.bus.rejoin_timeout_s
 
     def _serve(self) -> int:
@@ -280,10 +283,10 @@ class Notary:
         gaps = bus.open_gaps()
         if gaps and now < self.gap_grace_until:
             names = {m.key_id: m.name for m in self.roster.members
-                     if m.role in ("owner", "trainer")}
+                     if m.role in ("owner", "trainer", "standby")}
             for kid in gaps:
                 if kid in names and now - self.tipped.get(kid, 0.0) >= self.cfg.bus.timeout_s:
-                    self._send_tip(kid, names[kid])
+                    self._send_tip(kid, names[kid], resend=True)
             return False
         if gaps:
             self.log.error("chain gap", senders=[self.roster.by_key_id(k).name for k in gaps
@@ -301,7 +304,8 @@ class Notary:
         every timeout_s where its chain stands in the log: a process of it restarted after a
         crash (or in a resumed run) continues from there (`ChainTip`)."""
         now, bus = time.monotonic(), self.bus
-        roles = {m.key_id: m.role for m in self.roster.members if m.role in ("trainer", "owner")}
+        roles = {m.key_id: m.role for m in self.roster.members
+                 if m.role in ("trainer", "owner", "standby")}
         for kid in list(bus.suspected):
             name = bus.watched.get(kid)
             if kid not in roles or name is None or name in self.gone or \
@@ -309,15 +313,15 @@ class Notary:
                 continue
             self._send_tip(kid, name)
 
-    def _send_tip(self, kid: str, name: str) -> None:
+    def _send_tip(self, kid: str, name: str, resend: bool = False) -> None:
         """Tell `name` where its chain stands in the log (and, a trainer with watermarks on,
-        its watermark chain: `chain.resume`)."""
+        its watermark chain: `chain.resume`); `resend`: the log misses what it sent after."""
         self.tipped[kid] = time.monotonic()
         seq, prev = self.chains.get(kid, (0, bytes(32)))
         marks = None
-        if self.roster.meta.get("watermark") and name in self.roster.stages:
-            marks = self.registry.marks_of(self.roster.stages.index(name) + 1)
-        self.bus.send_doc("tip", name, ChainTip(name, seq, prev, marks).to_doc())
+        if self.roster.meta.get("watermark") and name in self.registry.stages:
+            marks = self.registry.marks_of(self.registry.stages.index(name) + 1)
+        self.bus.send_doc("tip", name, ChainTip(name, seq, prev, marks, resend).to_doc())
         self.log.info("chain tip sent", member=name, seq=seq)
 
     def _stops(self, env: Envelope) -> bool:
@@ -354,8 +358,23 @@ class Notary:
         self.bus.send_doc("usage", self.roster.owner.name, usage.to_doc())
         self.log.info("usage reported", **usage.to_doc())
 
+    def _handed_over(self, env: Envelope) -> None:
+        """The owner's `handover`: the register takes the standby for the gone trainer."""
+        if env.header.sender != self.roster.owner.key_id:
+            return
+        try:
+            h = Handover.parse(env.document(), sender=self.roster.owner.name)
+            self.registry.hand_over(h.stage, h.round, h.replaced, h.by)
+        except (ClicooperError, ValueError) as exc:
+            self.log.warning("handover refused", error=str(exc))
+            print(f"notary: refused a handover: {exc}", flush=True)
+            return
+        self.log.warning("stage handed over", stage=h.stage, replaced=h.replaced, by=h.by)
+
     def _register(self, env: Envelope, index: int) -> None:
         """Watermark commitments and claims: a claim that holds is certified at once."""
+        if env.header.kind == "handover":
+            self._handed_over(env)
         refused = len(self.registry.refused)
         todo = self.registry.observe(env, index)
         for reason in self.registry.refused[refused:]:

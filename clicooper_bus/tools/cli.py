@@ -208,6 +208,10 @@ def _print_verdict(v) -> None:
             rate = "" if s.bit_error_rate is None else f"{s.bit_error_rate:.1%}"
             print(f"{s.stage:>5}  {s.trainer:<14} {s.rounds:>6}  {ber:>10}  {rate:>6}  "
                   f"{'as claimed' if s.weights_as_claimed else 'changed since the claim'}")
+            if len(s.trainers) > 1:  # handed over to a standby: who trained which rounds
+                print("       " + "; ".join(
+                    f"{name} rounds {', '.join(map(str, rounds))}"
+                    for name, rounds in s.trainers.items()))
     if v.ok:
         print(f"OK: run {v.run_id}: {v.certificates} certificates, every chain link, signature "
               f"and inclusion proof holds{'; checked against the log' if v.log_checked else ''}; "

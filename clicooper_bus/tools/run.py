@@ -232,7 +232,7 @@ def prepare(config: str | None, overrides: dict, out: str | None,
     run_dir = cfg.run_dir
     check_run_dir(run_dir, force)
     local = [t for t in p.trainers if t not in p.remote]  # a remote one brings its own key
-    ensure_keys(Path(p.keys), [p.owner, p.notary, p.broker, *local, *p.observers])
+    ensure_keys(Path(p.keys), [p.owner, p.notary, p.broker, *local, *p.standby, *p.observers])
     run_dir.mkdir(parents=True, exist_ok=True)
     path = RunLayout(run_dir).config
     write_atomic(path, cfg.to_toml())
@@ -255,8 +255,9 @@ def _commands(cfg: RunConfig, config_path: Path, audit: bool | str = False,
         cmds.append((AUDITOR, [py, "-m", "clicooper_bus.services.auditor", "--follow", *c, *names]))
     cmds += [("notary", [py, "-m", "clicooper_bus.services.notary", *c, *again]),
              ("owner", [py, "-m", "clicooper_bus.services.owner", *c, *again])]
+    p = cfg.participants
     cmds += [(t, [py, "-m", "clicooper_bus.services.trainer", *c, "--name", t])
-             for t in cfg.participants.trainers if t not in cfg.participants.remote]
+             for t in (*p.trainers, *p.standby) if t not in p.remote]
     return cmds
 
 
@@ -310,7 +311,9 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
         previous = {s: signal.signal(s, _stop_on_signal) for s in STOP_SIGNALS}
     mode = "a" if resume else "w"  # a resumed run's telemetry goes on after the first's
     try:
-        for name, cmd in _commands(cfg, config_path, audit, resume):
+        cmds = _commands(cfg, config_path, audit, resume=True) if resume else \
+            _commands(cfg, config_path, audit)
+        for name, cmd in cmds:
             procs[name] = subprocess.Popen(
                 cmd, stdout=subprocess.PIPE if name == "owner" else open(tel / f"{name}.out", mode),
                 stderr=open(tel / f"{name}.jsonl", mode), env=env, text=True,

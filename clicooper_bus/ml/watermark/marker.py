@@ -131,6 +131,24 @@ class Marker:
         commit, key = self.current
         return make_claim(commit, key, self.module, self.nbits)
 
+    def void_round(self, round_: int) -> None:
+        """Round `round_` starts again (a stage was handed over to a standby): our commitment
+        to it, unclaimed, and the previous stage's are void; we commit anew when it starts."""
+        if self.current is not None and self.current[0].round == round_ and \
+                self.claimed_round < round_:
+            self.current, self.mark = None, None
+        if self.pending == round_:
+            self.pending = None
+        self.prev_commits.pop(round_, None)
+
+    def resume_handover(self, round_: int, prev_claim: bytes) -> None:
+        """A standby taking this stage over before round `round_`: its chain goes on from the
+        stage's claim of the round before (`prev_claim`, its logged digest; empty in round 0),
+        which our first commitment links to: the handover is a link of the chain."""
+        self.claimed_round = round_ - 1
+        self.last_claim = prev_claim or None
+        self.current, self.pending, self.mark = None, None, None
+
     def claimed(self, leaf: bytes) -> None:
         """Our claim of the current round went out as `leaf` (header and signature)."""
         self.last_claim = hashlib.sha256(leaf).digest()

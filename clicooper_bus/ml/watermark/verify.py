@@ -6,6 +6,11 @@ manifest. `verify_model` recomputes every key of the chain from the bundle (and 
 given), checks every signature and inclusion proof and the order commitment < round start <
 claim, extracts each stage's bits for its last round from the model and checks the bit error
 rate against the threshold. The first failure is reported with its stage, round and reason.
+
+A stage handed over to a standby (`handovers.msgpack` in the bundle: the owner's signed,
+logged `handover` messages) is the standby's from the handover's round on: its commitments and
+claims must be the standby's, the first linking to the stage's last claim before it, and the
+verdict names every trainer of a stage with its rounds.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import ProvenanceLayout, RunLayout
 from clicooper_bus.ml.watermark import mark as wm
 from clicooper_bus.ml.watermark.claim import weights_digest
+from clicooper_bus.ml.watermark.handovers import Handed, HandoverRefused, open_handovers, trainer_of
+from clicooper_bus.net import codec
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.net.roster import Roster
-from clicooper_bus.net.wire import signed_bytes, split_leaf
+from clicooper_bus.net.wire import parse_header, signed_bytes, split_leaf
 from clicooper_bus.plan import Plan
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 from clicooper_bus.tlog.log import default_origin
@@ -50,6 +57,7 @@ class StageResult:
     bit_error_rate: float | None
     weights_as_claimed: bool  # the delivered stage is byte for byte the one last claimed
     certified_ns: int  # when the notary certified the last round's claim
+    trainers: dict[str, list[int]] = field(default_factory=dict)  # who trained which rounds
 
 
 @dataclass
@@ -76,6 +84,7 @@ class Bundle:
     certificates: list[tuple[str, bytes]]  # (file name, signed document)
     checkpoints: list[str]
     final_note: str
+    handovers: list[tuple[bytes, bytes]] = field(default_factory=list)  # (leaf, body) as logged
 
 
 def load_bundle(directory: str | os.PathLike[str], owner: PublicIdentity | None = None) -> Bundle:
@@ -90,16 +99,23 @@ def load_bundle(directory: str | os.PathLike[str], owner: PublicIdentity | None 
         certs = [(p.name, p.read_bytes()) for p in sorted(bundle.certificates.glob("*.cert"))]
         checkpoints = json.loads(bundle.checkpoints.read_text())
         final = bundle.checkpoint.read_text()
+        handovers = codec.unpack(bundle.handovers.read_bytes()) if bundle.handovers.exists() \
+            else []
+        if type(handovers) is not list or not all(
+                type(h) is list and len(h) == 2 and all(type(b) is bytes for b in h)
+                for h in handovers):
+            raise ValueError("handovers.msgpack must be a list of [leaf, body] pairs")
         if type(manifest) is not dict or type(checkpoints) is not list or \
                 not all(type(c) is str for c in checkpoints):
             raise ValueError("manifest.json must be a map and checkpoints.json a list of notes")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ClicooperError) as exc:
         raise VerifyFailed(f"the bundle {d} is incomplete or unreadable: {exc}") from None
     try:
         roster = Roster.open(roster_bytes, owner=owner)
     except ClicooperError as exc:
         raise VerifyFailed(f"the bundle's roster does not verify: {exc}") from None
-    return Bundle(d, manifest, roster_bytes, roster, certs, list(checkpoints), final)
+    return Bundle(d, manifest, roster_bytes, roster, certs, list(checkpoints), final,
+                  [(h[0], h[1]) for h in handovers])
 
 
 def load_model(path: str | os.PathLike[str], plan: Plan):
@@ -114,20 +130,23 @@ def load_model(path: str | os.PathLike[str], plan: Plan):
         raise VerifyFailed(f"{path} is not a model of this run's plan: {exc}") from None
 
 
-def _leaf_check(logged, kind: str, roster: Roster, stage: int, round_: int) -> None:
+def _leaf_check(logged, kind: str, roster: Roster, stage: int, round_: int,
+                handed: list[Handed] = ()) -> None:
     h = logged.header
-    trainer = roster.by_name(roster.stages[stage - 1])
+    trainer = roster.by_name(trainer_of(roster, handed, stage, round_))
     if h.kind != kind or h.run != roster.run_id:
         raise VerifyFailed(f"the certified {kind} is a {h.kind} of run {h.run!r}", stage, round_)
     if h.sender != trainer.key_id:
         raise VerifyFailed(f"the {kind} was not sent by {trainer.name}, the trainer of stage "
-                           f"{stage} in the roster", stage, round_)
+                           f"{stage} in that round by the roster and its handovers", stage,
+                           round_)
     header, sig = split_leaf(logged.leaf)
     if not trainer.identity.verify(signed_bytes(header), sig):
         raise VerifyFailed(f"the {kind}'s signature does not verify", stage, round_)
 
 
-def _open_all(bundle: Bundle) -> dict[tuple[int, int], Certificate]:
+def _open_all(bundle: Bundle, handed: list[Handed] = ()
+              ) -> dict[tuple[int, int], Certificate]:
     roster, notary = bundle.roster, bundle.roster.notary
     if notary is None:
         raise VerifyFailed("the roster names no notary")
@@ -146,8 +165,8 @@ def _open_all(bundle: Bundle) -> dict[tuple[int, int], Certificate]:
         if (cert.stage, cert.round) in certs:
             raise VerifyFailed("two certificates for the same stage and round", cert.stage,
                                cert.round)
-        _leaf_check(cert.commit, "wm_commit", roster, cert.stage, cert.round)
-        _leaf_check(cert.claim, "wm_claim", roster, cert.stage, cert.round)
+        _leaf_check(cert.commit, "wm_commit", roster, cert.stage, cert.round, handed)
+        _leaf_check(cert.claim, "wm_claim", roster, cert.stage, cert.round, handed)
         if not cert.commit.index < cert.round_start < cert.claim.index:
             raise VerifyFailed(f"the commitment (index {cert.commit.index}) was not logged before "
                                f"the round began (index {cert.round_start}) and the claim "
@@ -209,23 +228,29 @@ def _verify(v: Verdict, model, bundle_dir, log_dir, owner) -> None:
     v.threshold, nbits = marks["threshold"], marks["bits"]
     plan = Plan.from_meta(roster.meta["plan"])
     segments = load_model(model, plan)
-    certs = _open_all(bundle)
+    try:
+        handed = open_handovers(bundle.roster, bundle.handovers)
+    except HandoverRefused as exc:
+        raise VerifyFailed(exc.reason, exc.stage, exc.round) from None
+    certs = _open_all(bundle, handed)
     v.certificates = len(certs)
     if log_dir is None:
-        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, None), marks["rounds"])
+        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, None), marks["rounds"],
+                     handed)
         return
     from clicooper_bus.tlog.log import ProvenanceLog
 
     with ProvenanceLog.open(log_dir) as plog:
         if plog.roster_bytes != bundle.roster_bytes:
             raise VerifyFailed("the log's roster is not the bundle's")
-        _check_against_log(certs, plog)
+        _check_against_log(certs, plog, handed)
         v.log_checked = True
-        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, plog), marks["rounds"])
+        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, plog), marks["rounds"],
+                     handed)
 
 
 def _check_chain(v: Verdict, bundle: Bundle, certs, segments, nbits: int, root_at,
-                 planned: int) -> None:
+                 planned: int, handed: list[Handed] = ()) -> None:
     roster = bundle.roster
     stages = len(roster.stages)
     rounds = 1 + max((t for (_, t) in certs), default=-1)
@@ -250,7 +275,7 @@ def _check_chain(v: Verdict, bundle: Bundle, certs, segments, nbits: int, root_a
                 raise VerifyFailed("the certified messages name another stage or round", k, t)
             if claim.commitment != commit.commitment:
                 raise VerifyFailed("the claim names another commitment", k, t)
-            trainer = roster.by_name(roster.stages[k - 1]).identity.public_key
+            trainer = roster.by_name(trainer_of(roster, handed, k, t)).identity.public_key
             prev = certs.get((k - 1, t))
             before = certs.get((k, t - 1))
             why = check_commit(commit, run_id=roster.run_id, trainer_key=trainer,
@@ -268,11 +293,13 @@ def _check_chain(v: Verdict, bundle: Bundle, certs, segments, nbits: int, root_a
     for k in range(1, stages + 1):
         cert = certs[(k, last)]
         claim = Claim.from_doc(cert.claim.document())
-        trainer = roster.by_name(roster.stages[k - 1])
+        trainer = roster.by_name(trainer_of(roster, handed, k, last))
         key = certified_key(roster, cert)
         seg = segments[k]
         row = StageResult(k, trainer.name, rounds, last, nbits, None, None,
                           weights_digest(seg) == claim.weights_sha256, cert.issued_ns)
+        for t in range(rounds):
+            row.trainers.setdefault(trainer_of(roster, handed, k, t), []).append(t)
         if wm.carrier(seg) is not None:
             got = wm.extract(key, seg, nbits)
             row.bit_errors = int((got != wk.bits(key, nbits)).sum())
@@ -285,23 +312,34 @@ def _check_chain(v: Verdict, bundle: Bundle, certs, segments, nbits: int, root_a
 
 
 def certified_key(roster: Roster, cert: Certificate) -> bytes:
-    """The mark key a certificate's commitment derives (every input is in the commitment)."""
-    trainer = roster.by_name(roster.stages[cert.stage - 1]).identity.public_key
+    """The mark key a certificate's commitment derives (every input is in the commitment,
+    the trainer's key in the roster under the commitment's signer, checked by `_leaf_check`)."""
+    member = roster.by_key_id(cert.commit.header.sender)
+    if member is None:
+        raise VerifyFailed("a certified commitment from a key the roster does not list",
+                           cert.stage, cert.round)
+    trainer = member.identity.public_key
     return Commit.from_doc(cert.commit.document()).link(roster.run_id, trainer).key()
 
 
-def _check_against_log(certs: dict[tuple[int, int], Certificate], plog) -> None:
-    """With the log: every certified message is the log's entry at its index, every
-    certificate's checkpoint is a tree the log has, and each round began where it says."""
-    from clicooper_bus.net.wire import parse_header
-
+def _check_against_log(certs: dict[tuple[int, int], Certificate], plog,
+                       handed: list[Handed] = ()) -> None:
+    """With the log: every certified message and every handover is the log's entry at its
+    index, every certificate's checkpoint is a tree the log has, and each round began where it
+    says (a round a handover started again: at its first activation after the handover)."""
     roster = Roster.open(plog.roster_bytes)
     owner, origin = roster.owner.key_id, default_origin(roster.run_id)
     first_fwd: dict[int, int] = {}  # epoch -> index of the owner's first activation in it
+    restarts = {h.leaf: h.round for h in handed}
     for i in range(plog.size):
-        h = parse_header(split_leaf(plog.leaf(i))[0])
+        leaf = plog.leaf(i)
+        h = parse_header(split_leaf(leaf)[0])
         if h.kind == "fwd" and h.sender == owner and h.epoch is not None:
             first_fwd.setdefault(h.epoch, i)
+        elif leaf in restarts:
+            first_fwd.pop(restarts.pop(leaf), None)
+    if restarts:
+        raise VerifyFailed(f"{len(restarts)} handover(s) of the bundle are not in the log")
     for (k, t), cert in sorted(certs.items()):
         for what, logged in (("commitment", cert.commit), ("claim", cert.claim)):
             if logged.index >= plog.size or plog.leaf(logged.index) != logged.leaf:

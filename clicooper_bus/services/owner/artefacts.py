@@ -13,6 +13,7 @@ from clicooper_bus.config import RunConfig
 from clicooper_bus.layout import RunLayout, json_text, write_atomic
 from clicooper_bus.ml.delivered import model_metadata
 from clicooper_bus.ml.models import state_dict_with_prefix
+from clicooper_bus.net import codec
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.services.owner.setup import OwnerSetup
 
@@ -53,11 +54,14 @@ def write_summary(layout: RunLayout, summary: dict) -> None:
 def write_provenance(layout: RunLayout, *, cfg: RunConfig, stages: list[str], rounds: int,
                      roster_bytes: bytes, certs: dict[tuple[int, int], bytes], final_note: str,
                      checkpoints: list[str], model_sha: str, owner: PublicIdentity,
-                     notary: PublicIdentity) -> None:
-    """`provenance/`: what `clicooper model verify` needs beside the model."""
+                     notary: PublicIdentity, handovers: list[list[bytes]] = ()) -> None:
+    """`provenance/`: what `clicooper model verify` needs beside the model (`handovers`:
+    each logged handover, [leaf, body], when a standby took a stage over)."""
     bundle = layout.provenance
     bundle.certificates.mkdir(parents=True, exist_ok=True)
     write_atomic(bundle.roster, roster_bytes)
+    if handovers:
+        write_atomic(bundle.handovers, codec.pack([list(h) for h in handovers]))
     for (k, t), raw in sorted(certs.items()):
         write_atomic(bundle.certificate(k, t), raw)
     write_atomic(bundle.checkpoint, final_note)

@@ -5,6 +5,7 @@ and certificates."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import structlog
@@ -41,6 +42,8 @@ class Books:
     final_note: str | None = None
     commits: dict[tuple[int, int], Commit] = field(default_factory=dict)
     claims: dict[tuple[int, int], Claim] = field(default_factory=dict)
+    # (stage, round) -> SHA-256 of the claim's leaf: what the next round's commitment links to
+    claim_digests: dict[tuple[int, int], bytes] = field(default_factory=dict)
     certs: dict[tuple[int, int], bytes] = field(default_factory=dict)
     usage: dict[str, Usage] = field(default_factory=dict)  # name -> the CPU it reported
     sent: int = 0  # training steps the owner has sent (0 .. sent - 1)
@@ -148,6 +151,7 @@ class Books:
     def on_claim(self, env: Envelope) -> None:
         c = self._document(env, Claim)
         self.claims[(self._stage(env), c.round)] = c
+        self.claim_digests[(self._stage(env), c.round)] = hashlib.sha256(env.leaf).digest()
 
     def on_certificate(self, env: Envelope) -> None:
         msg = WatermarkCertificate.parse(env.document(), sender=self.names[env.header.sender])

@@ -32,6 +32,7 @@ from clicooper_bus.services.common import EXIT_OK, EXIT_STOPPED, identity, open_
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner import artefacts
 from clicooper_bus.services.owner.books import Books
+from clicooper_bus.services.owner.handover import Handovers
 from clicooper_bus.services.owner.rejoins import Rejoins
 from clicooper_bus.services.owner.resume import Resumes, RoundStore, resumed_roster
 from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused
@@ -62,7 +63,7 @@ class Refused(ClicooperError):
         self.stopped = {"by": by, **what.to_doc()}
 
 
-class Owner(Rejoins, Resumes):
+class Owner(Rejoins, Resumes, Handovers):
     def __init__(self, cfg: RunConfig, log, resume: bool = False):
         self.cfg, self.log, self.resume = cfg, log, resume
         p = cfg.participants
@@ -104,6 +105,9 @@ class Owner(Rejoins, Resumes):
         self.tips: dict[str, int] = {}  # trainer -> the seq of the notary's latest tip to it
         self.own_tip = None  # the notary's tip to us (a resumed owner continues from it)
         self.pending_row: dict | None = None  # a resumed epoch trained but not finished
+        self.held_states: dict[str, dict[int, bytes]] = {}  # trainer -> step -> its state
+        self.used_standby: set[str] = set()  # standbys that took a stage over
+        self.handovers: list[list[bytes]] = []  # [leaf, body] of each handover we said
         self.rounds_store = RoundStore(self.layout.snapshots(p.owner), roster.nonce.hex())
 
     def _routes(self) -> None:
@@ -132,6 +136,7 @@ class Owner(Rejoins, Resumes):
         route("snapshot", stages, b.on_snapshot)
         route("restored", stages, b.on_restored)
         route("rejoin", stages, self._on_rejoin)
+        route("stage_state", stages, self._on_stage_state)
         route("tip", {notary}, self._on_tip)
         if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
             route("fwd", {last}, keep)
@@ -256,15 +261,18 @@ class Owner(Rejoins, Resumes):
         bus, cfg, topics = self.bus, self.cfg, self.bus.topics
         owner = cfg.participants.owner
         for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd", "end",
-                     "snapshot", "rejoin"):
+                     "snapshot", "rejoin", "stage_state"):
             bus.subscribe(topics.to(kind, owner))
         for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert",
                      "restored", "tip"):
             bus.subscribe(topics.kind(kind))
         bus.announce()
         everyone = self.stages + [cfg.participants.notary]
-        print(f"owner: waiting for {', '.join(everyone)} to join run '{cfg.run.id}'", flush=True)
-        bus.wait_for_subscribers("hello", everyone, cfg.bus.join_timeout_s)
+        print(f"owner: waiting for {', '.join(everyone + list(cfg.participants.standby))} to "
+              f"join run '{cfg.run.id}'", flush=True)
+        # standbys too: the roster is published once, and a standby must have it
+        bus.wait_for_subscribers("hello", everyone + list(cfg.participants.standby),
+                                 cfg.bus.join_timeout_s)
         if cfg.participants.observers:  # so that the notary knows to wait for them
             bus.wait_for_subscribers("watching", cfg.participants.observers, cfg.bus.join_timeout_s)
         self.roster_bytes = self.setup.roster.sign(self.ident)
@@ -457,6 +465,7 @@ class Owner(Rejoins, Resumes):
         artefacts.write_provenance(
             self.layout, cfg=self.cfg, stages=self.stages, rounds=self.rounds,
             roster_bytes=self.roster_bytes, certs=self.books.certs, final_note=self.books.final_note,
+            handovers=self.handovers,
             checkpoints=self.books.checkpoints, model_sha=self.model_sha, owner=self.ident.public,
             notary=self.notary_key)
 

@@ -13,6 +13,7 @@ log and cannot be made again), nor, hence, into a round before one that began.
 from __future__ import annotations
 
 from clicooper_bus.errors import ClicooperError
+from clicooper_bus.net.bus import PeersGone
 from clicooper_bus.protocol import ChainTip, Rejoin, Rollback
 from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused, rollback_step
 
@@ -78,14 +79,20 @@ class Rejoins:
         """Every epoch from `resume` (epoch, batch); a trainer that rejoins after a restart
         rolls the run back (`_roll_back`) and training goes on from the step it rolled back
         to."""
-        rejoined = None
+        rejoined, gone = None, None
         while True:
             try:
                 if rejoined is not None:
                     resume, rejoined = self._roll_back(rejoined), None
+                elif gone is not None:
+                    resume, gone = self._hand_over(gone), None
                 return self._train_from(*resume)
             except Rejoined as exc:  # (also one that rejoins while we roll back)
                 rejoined = exc
+            except PeersGone as exc:  # a standby takes a gone trainer's stage over, if it can
+                if not self._can_hand_over(exc.names):
+                    raise
+                gone = exc.names
 
     def _roll_back(self, exc: Rejoined) -> tuple[int, int]:
         """Roll the run back for `exc.name`'s restart: choose the step (`rollback_step`), put

@@ -174,7 +174,7 @@ class Resumes:
                                  f"{self.rounds_store.layout.root}: nothing to resume from")
         self._replay_log()
         for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd", "end",
-                     "snapshot", "rejoin"):
+                     "snapshot", "rejoin", "stage_state"):
             bus.subscribe(bus.topics.to(kind, owner))
         for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert",
                      "restored", "tip"):
@@ -214,6 +214,8 @@ class Resumes:
         (`Bus.resend_after`; BusError when it cannot: the log cannot be complete)."""
         if self.resume and not self.bus.beating:
             self.own_tip = tip
+            return
+        if not tip.resend:
             return
         sent = self.bus.resend_after(tip.seq, tip.prev)
         if sent:

@@ -60,8 +60,17 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
         cfg.run.id, owner=ident.public, trainers=trainer_keys, notary=notary_key,
         meta={"plan": plan.to_meta(), "model_spec": spec.digest(plan.segment_cuts),
               "config": cfg.digest(), "dataset": data.name, "model": spec.name,
-              **watermark_meta(cfg, len(data.x_train))})
+              **watermark_meta(cfg, len(data.x_train))},
+        standby=[public_key(p.keys, n) for n in p.standby])
     return OwnerSetup(data, spec, cuts, plan, segments, defences, head, tail, roster)
+
+
+def public_key(keys: str, name: str) -> PublicIdentity:
+    from pathlib import Path
+
+    from clicooper_bus.net.identity import load_public
+
+    return load_public(Path(keys) / f"{name}.pub")
 
 
 def watermark_meta(cfg: RunConfig, n_train: int) -> dict[str, str]:

@@ -18,6 +18,8 @@ class Marks:
     """The watermark chain methods of `stage.Trainer` (a mixin: it uses the trainer's bus,
     loop, roster and `marker`)."""
 
+    seen_checkpoint = False  # a checkpoint of the notary's came (it has bound the roster)
+
     def _mark_routes(self) -> None:
         """Checkpoints from the notary; with marks on, rounds from the owner and the previous
         stage's commitments (every stage's pass by; only the previous stage's link to ours)."""
@@ -26,7 +28,7 @@ class Marks:
             route("checkpoint", {self.notary_kid}, self._on_checkpoint)
         if self.marker is not None:
             route("round", {k[self.roster.owner.name]}, self._on_round)
-            route("wm_commit", {k[n] for n in self.roster.stages}, self._on_commit)
+            route("wm_commit", {k[n] for n in self.stages}, self._on_commit)
 
     def _resume_marks(self, tip: ChainTip) -> None:
         """A restarted process: our marker from where the notary's log has our chain. Raises
@@ -53,6 +55,7 @@ class Marks:
         except ClicooperError as exc:
             self.log.warning("bad checkpoint from the notary", error=str(exc))
             return
+        self.seen_checkpoint = True
         if self.marker is not None:
             self.marker.saw_checkpoint(cp.size, cp.root)
             self._commit()

@@ -39,6 +39,8 @@ class Restarts:
         size = self.store.keep(snap)
         self.bus.send_doc("snapshot", self.roster.owner.name,
                           Snapshot(step, snap.weights, snap.state).to_doc(), step=step)
+        if self.roster.standby and self.store.boundary(step):
+            self._send_state(snap)
         self.log.info("snapshot", step=step, bytes=size,
                       ms=round((time.perf_counter() - t0) * 1000, 2))
 
@@ -128,7 +130,7 @@ class Restarts:
         per = self.per or 1
         self.eval_seen = {(e, b) for e, b in self.eval_seen if (e + 1) * per < rb.step}
         self.meter.steps = rb.step  # replayed steps are counted once, as the owner counts them
-        stages = set(self.roster.stages)
+        stages = set(self.stages)
         self.fence = {self.kid[n] for n in (self.prev, self.next) if n in stages
                       and self.restored_seen.get(self.kid[n]) != rb.step}
         self.bus.send_doc("restored", "all", Restored(rb.step, snap.state).to_doc(), step=rb.step)
@@ -139,11 +141,12 @@ class Restarts:
         print(f"{self.name}: rolled back to step {rb.step} ({why})", flush=True)
 
     def _on_tip(self, env: Envelope) -> None:
-        """The notary's tip to a live process: after a notary restart, what it never logged of
-        ours is sent again (`Bus.resend_after`; BusError when it cannot: the log cannot be
-        complete). A paused process's tips (its chain whole in the log) send nothing."""
+        """The notary's tip to a live process saying the log misses what we sent after its
+        seq (`resend`: a notary started again, a gap): sent again (`Bus.resend_after`;
+        BusError when it cannot: the log cannot be complete). A paused process's tips send
+        nothing."""
         tip = ChainTip.parse(env.document(), sender=self.roster.notary.name)
-        if tip.member != self.name:
+        if tip.member != self.name or not tip.resend:
             return
         sent = self.bus.resend_after(tip.seq, tip.prev)
         if sent:

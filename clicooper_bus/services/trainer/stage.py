@@ -57,13 +57,27 @@ from clicooper_bus.services.dispatch import Dispatcher
 from clicooper_bus.services.trainer import snapshot
 from clicooper_bus.services.trainer.marks import Marks
 from clicooper_bus.services.trainer.restart import Restarts
+from clicooper_bus.services.trainer.standby import Standby
 from clicooper_bus.services.usage import CpuMeter
 
 FOREVER = float("inf")
 
 
-class Trainer(Restarts, Marks):
+class Trainer(Restarts, Marks, Standby):
     store: snapshot.Store | None = None  # our snapshots, once the roster is known (None: none)
+    marker = None  # our side of the watermark chain, once we hold a stage (None: marks off)
+    _stages: list[str] | None = None
+
+    @property
+    def stages(self) -> list[str]:
+        """The roster's stage order, as handovers amend it (`standby.Standby`)."""
+        if self._stages is None:
+            self._stages = list(self.roster.stages)
+        return self._stages
+
+    @stages.setter
+    def stages(self, names: list[str]) -> None:
+        self._stages = names
     fence: set[str] | frozenset[str] = frozenset()  # neighbours whose data is stale (a rollback)
 
     def __init__(self, cfg, name: str, log, owner_key: PublicIdentity | None = None):
@@ -93,7 +107,7 @@ class Trainer(Restarts, Marks):
     def run(self) -> int:
         bus, topics = self.bus, self.bus.topics
         for kind in ("roster", "end", "ack", "checkpoint", "beat", "round", "wm_commit",
-                     "rollback", "restored"):
+                     "rollback", "restored", "handover"):
             bus.subscribe(topics.kind(kind))
         for kind in ("fwd", "bwd", "labels", "eval_fwd", "tip"):
             bus.subscribe(topics.to(kind, self.name))
@@ -103,6 +117,9 @@ class Trainer(Restarts, Marks):
                 self._rejoin()
             else:
                 self._join()
+                if self.name in self.roster.standby and not self._stand_by():
+                    # a standby the run never needed
+                    return self._leave(EXIT_STOPPED if self.stopped else EXIT_OK)
             try:
                 self._serve()
             except PoisonedInput as exc:
@@ -116,11 +133,14 @@ class Trainer(Restarts, Marks):
     # --- joining -------------------------------------------------------------------------------
 
     def _join(self) -> None:
-        """Wait for a roster signed by the owner that names us, build our stage, say hello."""
+        """Wait for a roster signed by the owner that names us, build our stage, say hello (a
+        standby builds nothing: `_stand_by`)."""
         self.loop.route("roster", {self.owner_key.key_id}, self._on_roster)
         timeout = self.cfg.bus.join_timeout_s
         self.loop.until(lambda: self.roster is not None, timeout_s=timeout, timed_out=lambda: (
             f"no roster naming '{self.name}' from the owner within {timeout:.0f} s"))
+        if self.name in self.roster.standby:
+            return
         self._build()
         self.store.save_roster(self.roster_bytes)
         roster, plan = self.roster, self.plan
@@ -179,16 +199,16 @@ class Trainer(Restarts, Marks):
         roster = open_roster(env, self.owner_key, self.log)
         if roster is None:
             return
-        if self.name not in roster.stages:
+        if self.name not in roster.stages and self.name not in roster.standby:
             self.log.warning("roster does not list us", stages=list(roster.stages))
             return
         self.roster, self.roster_bytes = roster, bytes(env.body)
 
     def _place(self, roster: Roster) -> None:
-        """Our neighbours in the stage order. With an owner tail (U-shaped split) the final
-        stage sends its output to the owner, which holds the last layer and the loss: no stage
-        ever gets labels."""
-        names = roster.stages
+        """Our neighbours in the stage order (`stages`: the roster's, as handovers amended
+        it). With an owner tail (U-shaped split) the final stage sends its output to the owner,
+        which holds the last layer and the loss: no stage ever gets labels."""
+        names = self.stages
         self.index = names.index(self.name)
         final = self.index == len(names) - 1
         self.last = final and not self.plan.tail
@@ -213,8 +233,9 @@ class Trainer(Restarts, Marks):
             route("labels", {owner}, self._on_labels)
         route("end", {owner}, self._on_end)
         route("rollback", {owner}, self._on_rollback)
-        route("restored", {k[n] for n in self.roster.stages if n != self.name},
+        route("restored", {k[n] for n in self.stages if n != self.name},
               self._on_restored)
+        route("handover", {owner}, self._on_handover)
         self._mark_routes()
         if self.notary_kid is not None:
             route("tip", {self.notary_kid}, self._on_tip)
