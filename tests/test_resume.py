@@ -165,3 +165,32 @@ def test_a_killed_notary_restarts_on_its_log_and_the_run_completes(tmp_path):
     got, want = load_file(layout.model), state_dict_with_prefix(ref.segments)
     worst = max(float((got[k] - want[k]).abs().max()) for k in want)
     assert worst == 0.0, f"max abs weight difference {worst} from the unfaulted reference"
+
+
+def test_a_killed_broker_restarts_on_its_addresses_and_the_run_completes(tmp_path):
+    """The broker killed mid-run and started again on the same addresses: every participant's
+    connection comes back by itself (same CURVE keys); what was in flight is lost, so the notary
+    tips every sender whose chain has a gap (each sends again what it missed: the log has no
+    hole) and the owner rolls everyone back to a step all committed. The model is the unfaulted
+    run's, bit for bit."""
+    from clicooper_bus.tools.faults import Injector, Kill, launch
+
+    path = write_config(tmp_path, run_id="broker-killed", trainers=2,
+                        run={"seed": 3, "epochs": 2, "snapshot_every": 5},
+                        data={"train_limit": PER * 32, "test_limit": 64},
+                        bus={"timeout_s": 1.0, "beat_s": 0.25, "rejoin_timeout_s": 30.0})
+    cfg = load_config(path)
+    inj = Injector(cfg.run_dir, [Kill("broker", PER + 3, 1.0)], PER)
+    code = launch(path, timeout_s=300, inject=inj)
+    assert not inj.errors, inj.errors
+    assert code == 0, _console(cfg)
+    layout = RunLayout(cfg.run_dir)
+    r = verify_log(layout.log, witnessed=[layout.checkpoint.read_text()])
+    assert r.ok, r.failure
+    assert r.per_kind.get("rollback") == 1, r.per_kind
+    console = _console(cfg)
+    assert "owner: the broker connection came back" in console
+    ref = _reference(cfg)
+    got, want = load_file(layout.model), state_dict_with_prefix(ref.segments)
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst == 0.0, f"max abs weight difference {worst} from the unfaulted reference"

@@ -244,6 +244,7 @@ def test_a_rollback_is_refused_under_noise_and_past_the_limit(noise, done, said)
         cfg=SimpleNamespace(watermark=SimpleNamespace(enabled=False)),
         setup=SimpleNamespace(defences=SimpleNamespace(filter=object() if noise else None)),
         rollbacks=done)
+    owner._refuse_rollback = lambda name: Owner._refuse_rollback(owner, name)
     exc = Rejoined("trainer-1", Rejoin(1, [20], ["00" * 32]))
     with pytest.raises(RollbackRefused, match=said) as info:
         Owner._roll_back(owner, exc)

@@ -42,6 +42,7 @@ from typing import Any
 
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from clicooper_bus.errors import ClicooperError, RejectedMessage
 from clicooper_bus.net.curve import make_client
@@ -122,6 +123,13 @@ class Bus:
                 make_client(sock, identity, broker)
         self.pub.connect(address.pub)
         self.sub.connect(address.sub)
+        # the connection to the broker, watched: a broker killed and started again on the same
+        # address drops it and ZeroMQ connects again by itself; what was in flight is lost
+        self.monitor = self.sub.get_monitor_socket(zmq.EVENT_DISCONNECTED |
+                                                   zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.reconnects = 0  # times the broker connection came back after being lost
+        self.lost_at: float | None = None  # when it was lost, while it is
+        self.resubscribed: set[str] = set()  # presence signals seen since it last came back
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)
         self.inbox: deque[Envelope] = deque()
@@ -200,6 +208,7 @@ class Bus:
                 whole = self.topics.parse(topic)
                 if whole is not None and whole[0] in SIGNALS:
                     self.seen_subscriptions.add(topic)
+                    self.resubscribed.add(topic)
 
     def wait_for_subscribers(self, kind: str, names: Iterable[str], timeout_s: float) -> None:
         """Block until every name has subscribed to `run/<id>/<kind>/<name>`."""
@@ -310,8 +319,29 @@ class Bus:
 
     # --- receiving -------------------------------------------------------------------------
 
+    def _watch_broker(self) -> None:
+        """Note the broker connection's losses and returns (its monitor's events)."""
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED and self.lost_at is None:
+                self.lost_at = time.monotonic()
+                self.resubscribed.clear()
+                log.warning("broker connection lost")
+                self._say("the broker connection was lost; ZeroMQ connects again by itself")
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.lost_at is not None:
+                down = time.monotonic() - self.lost_at
+                self.lost_at = None
+                self.reconnects += 1
+                log.warning("broker connection back", down_s=round(down, 2))
+                self._say(f"connected to the broker again after {down:.1f} s (what was in "
+                          f"flight meanwhile is lost)")
+
     def _pump(self, timeout_ms: int) -> None:
         """Move whatever arrives within `timeout_ms` into the inbox, verified."""
+        self._watch_broker()
         self._drain_subscriptions()
         if not self.poller.poll(timeout_ms):
             return
@@ -449,6 +479,8 @@ class Bus:
         log.info("bus closed", sent=sum(self.sent.values()), stalls=self.stalls,
                  rejected=dict(self.verifier.rejected), codec=self.codec,
                  clamped=self.sender.clamped)
+        self.sub.disable_monitor()
+        self.monitor.close(linger=0)
         self.pub.close()
         self.sub.close()
         self.ctx.term()

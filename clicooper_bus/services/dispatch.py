@@ -38,6 +38,9 @@ class Dispatcher:
         self.bus, self.names = bus, names
         self.log = log or structlog.get_logger("clicooper.dispatch")
         self.routes: dict[str, Route] = {}
+        # called on every pass of `until`: may raise to interrupt whatever waits (the owner's
+        # check that the broker connection came back)
+        self.interrupt: Callable[[], None] | None = None
 
     def only(self, *kinds: str) -> None:
         """Drop every route but those of `kinds` (a process that finished its part)."""
@@ -90,6 +93,8 @@ class Dispatcher:
                 raise BusError(timed_out())
             asked = min(1.0, left) or 0.01
             self.pump(asked)
+            if self.interrupt is not None:
+                self.interrupt()
         return True
 
     def hold(self, who: str) -> None:

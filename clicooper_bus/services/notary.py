@@ -72,7 +72,7 @@ class Notary:
         self.gone: set[str] = set()  # members silent past the rejoin timeout (not the owner)
         self.chains: dict[str, tuple[int, bytes]] = {}  # key id -> (seq, header digest) logged
         self.tipped: dict[str, float] = {}  # key id -> when we last sent it its chain's tip
-        self.gap_grace_until = 0.0  # resumed: until then, members fill the gaps we left
+        self.gap_since: dict[str, float] = {}  # key id -> since when its chain has a gap
 
     def run(self) -> int:
         if self.cfg.log.notary_nice:
@@ -188,10 +188,9 @@ class Notary:
         self._checkpoint(force=True)
         # everyone learns where its chain stands in the log: a live member sends again what
         # we never logged (`Bus.resend_after`), a restarted one goes on from there; until
-        # each has, its next messages leave gaps, which are forgiven meanwhile
+        # each has, its next messages are refused for a gap (`_chain_gap`)
         for kid, name in signing.items():
             self._send_tip(kid, name, resend=True)
-        self.gap_grace_until = time.monotonic() + self.cfg.bus.rejoin_timeout_s
 
     def _serve(self) -> int:
         bus, roster = self.bus, self.roster
@@ -220,10 +219,11 @@ class Notary:
             if self._chain_gap():
                 # only a genuinely signed message can show a gap: one was lost on its way here,
                 # or the broker refused one of the sender's own (an oversized body, say)
-                print("notary: error: a sender's chain has a gap: messages were lost before "
-                      "reaching the log, or the broker refused one of that sender's own (see "
-                      "its 'message refused' lines), so the log cannot be complete; stopping "
-                      "the run", file=sys.stderr)
+                print(f"notary: error: a sender's chain has had a gap for "
+                      f"{self.cfg.bus.rejoin_timeout_s:.0f} s (rejoin_timeout_s): messages were "
+                      f"lost before reaching the log and not sent again, or the broker refuses "
+                      f"one of that sender's own (see its 'message refused' lines), so the log "
+                      f"cannot be complete; stopping the run", file=sys.stderr)
                 self.log.error("chain gap", rejected=dict(bus.verifier.rejected))
                 return EXIT_FAIL
             if env is not None:
@@ -274,24 +274,26 @@ class Notary:
         return EXIT_OK
 
     def _chain_gap(self) -> bool:
-        """Whether a sender's chain has a gap the log cannot close: its last message was
-        refused for a missing predecessor or a broken `prev`, and nothing of it accepted since.
-        For `rejoin_timeout_s` after we resumed such a sender is tipped again (every
-        `timeout_s`) instead: members send again what we never logged, and their messages are
-        refused until they have."""
+        """Whether a sender's chain has a gap the log cannot close: its messages are refused
+        for a missing predecessor (or a broken `prev`), nothing of it accepted since, for
+        longer than `rejoin_timeout_s`. Meanwhile it is sent a tip (`resend`, every
+        `timeout_s`): what we never received (we were restarted, or the broker was, or it
+        refused one of the sender's own) it sends again, and the gap closes."""
         now, bus = time.monotonic(), self.bus
         gaps = bus.open_gaps()
-        if gaps and now < self.gap_grace_until:
-            names = {m.key_id: m.name for m in self.roster.members
-                     if m.role in ("owner", "trainer", "standby")}
-            for kid in gaps:
-                if kid in names and now - self.tipped.get(kid, 0.0) >= self.cfg.bus.timeout_s:
-                    self._send_tip(kid, names[kid], resend=True)
-            return False
-        if gaps:
-            self.log.error("chain gap", senders=[self.roster.by_key_id(k).name for k in gaps
-                                                 if self.roster.by_key_id(k)])
-        return bool(gaps)
+        for kid in [k for k in self.gap_since if k not in gaps]:
+            del self.gap_since[kid]
+        names = {m.key_id: m.name for m in self.roster.members
+                 if m.role in ("owner", "trainer", "standby")}
+        fatal = []
+        for kid in gaps:
+            if now - self.gap_since.setdefault(kid, now) > self.cfg.bus.rejoin_timeout_s:
+                fatal.append(names.get(kid, kid))
+            elif kid in names and now - self.tipped.get(kid, 0.0) >= self.cfg.bus.timeout_s:
+                self._send_tip(kid, names[kid], resend=True)
+        if fatal:
+            self.log.error("chain gap", senders=fatal)
+        return bool(fatal)
 
     def _append(self, env: Envelope) -> int:
         """Append `env` to the log (its index), and remember where its sender's chain stands."""

@@ -224,9 +224,15 @@ class Injector:
 
     def reap(self, timeout_s: float = 30.0) -> list[int | None]:
         """Wait for the restarted processes (killing any still running after `timeout_s`);
-        their exit codes."""
+        their exit codes. A restarted broker, which runs until it is stopped, is stopped (and
+        not counted)."""
         codes = []
+        broker = self.by_role.get("broker")
         for proc in self.restarted:
+            if proc is broker:
+                proc.terminate()
+                proc.wait()
+                continue
             try:
                 codes.append(proc.wait(timeout_s))
             except subprocess.TimeoutExpired:

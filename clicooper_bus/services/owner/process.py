@@ -108,6 +108,7 @@ class Owner(Rejoins, Resumes, Handovers):
         self.held_states: dict[str, dict[int, bytes]] = {}  # trainer -> step -> its state
         self.used_standby: set[str] = set()  # standbys that took a stage over
         self.handovers: list[list[bytes]] = []  # [leaf, body] of each handover we said
+        self.broker_seen = 0  # broker reconnections the run has rolled back for
         self.rounds_store = RoundStore(self.layout.snapshots(p.owner), roster.nonce.hex())
 
     def _routes(self) -> None:

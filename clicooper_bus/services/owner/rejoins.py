@@ -15,7 +15,12 @@ from __future__ import annotations
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net.bus import PeersGone
 from clicooper_bus.protocol import ChainTip, Rejoin, Rollback
-from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused, rollback_step
+from clicooper_bus.services.owner.rollback import (
+    BrokerBack,
+    Rejoined,
+    RollbackRefused,
+    rollback_step,
+)
 
 MAX_ROLLBACKS = 3  # rejoins a run rolls back for; past it, the next stops the run cleanly
 
@@ -42,6 +47,22 @@ class Rejoins:
             return (f"its rejoin (seq {seq}) does not follow the notary's tip (seq "
                     f"{self.tips[name]}): a restarted process says rejoin first")
         return None
+
+    def _refuse_rollback(self, name: str) -> None:
+        """Raises RollbackRefused when the run may not roll back (for `name`)."""
+        if self.setup.defences.filter is not None:
+            # a replayed step's noise is keyed by its step: on an activation that differs from
+            # the first release (a pipelined window, or a member sending other gradients after
+            # the rollback) the difference of the two releases has no noise at all, and the
+            # accountant counts neither
+            raise RollbackRefused(name, f"{name} came back, but rolling back a run with "
+                                        f"activation protection on is not built (a replayed "
+                                        f"release would reuse its step's noise)")
+        if self.rollbacks >= MAX_ROLLBACKS:
+            # a member may say rejoin at any time: each costs replayed steps, so it is bounded
+            raise RollbackRefused(name, f"{name} came back, but the run has already rolled "
+                                        f"back {self.rollbacks} times (at most "
+                                        f"{MAX_ROLLBACKS})")
 
     def _claimed_floor(self) -> int:
         """The earliest step a rollback may go to: the end of the newest round any stage
@@ -76,23 +97,65 @@ class Rejoins:
         raise Rejoined(name, rejoin)
 
     def _train(self, resume: tuple[int, int] = (0, 0)) -> tuple[list[dict], int]:
-        """Every epoch from `resume` (epoch, batch); a trainer that rejoins after a restart
-        rolls the run back (`_roll_back`) and training goes on from the step it rolled back
-        to."""
-        rejoined, gone = None, None
-        while True:
-            try:
-                if rejoined is not None:
-                    resume, rejoined = self._roll_back(rejoined), None
-                elif gone is not None:
-                    resume, gone = self._hand_over(gone), None
-                return self._train_from(*resume)
-            except Rejoined as exc:  # (also one that rejoins while we roll back)
-                rejoined = exc
-            except PeersGone as exc:  # a standby takes a gone trainer's stage over, if it can
-                if not self._can_hand_over(exc.names):
-                    raise
-                gone = exc.names
+        """Every epoch from `resume` (epoch, batch). A trainer that rejoins after a restart
+        (`_roll_back`), a standby taking a gone trainer's stage over (`_hand_over`) or the
+        broker connection coming back (`_after_broker`) roll the run back, and training goes
+        on from the step it rolled back to."""
+        rejoined, gone, broker = None, None, False
+        self.loop.interrupt = self._broker_check
+        try:
+            while True:
+                try:
+                    if rejoined is not None:
+                        resume, rejoined = self._roll_back(rejoined), None
+                    elif gone is not None:
+                        resume, gone = self._hand_over(gone), None
+                    elif broker:
+                        resume, broker = self._after_broker(), False
+                    return self._train_from(*resume)
+                except Rejoined as exc:  # (also one that rejoins while we roll back)
+                    rejoined = exc
+                except BrokerBack:
+                    broker = True
+                except PeersGone as exc:  # a standby takes a gone trainer's stage over
+                    if not self._can_hand_over(exc.names):
+                        raise
+                    gone = exc.names
+        finally:
+            self.loop.interrupt = None
+
+    def _broker_check(self) -> None:
+        """Raises BrokerBack once per time the broker connection came back."""
+        if self.bus.reconnects > self.broker_seen:
+            self.broker_seen = self.bus.reconnects
+            raise BrokerBack("the broker connection came back")
+
+    def _after_broker(self) -> tuple[int, int]:
+        """The broker was started again: once every trainer and the notary have subscribed
+        again (their hello, the last subscription each makes) and are heard, roll everyone back
+        to the newest step every stage committed and the owner kept (what was in flight is
+        lost). Returns (epoch, batch) to train from. Raises RollbackRefused when it cannot."""
+        cfg, bus, broker = self.cfg, self.bus, self.cfg.participants.broker
+        print("owner: the broker connection came back: what was in flight is lost; rolling the "
+              "run back once everyone is connected again", flush=True)
+        self._refuse_rollback(broker)
+        want = {bus.topics.hello(n) for n in [*self.stages, cfg.participants.notary]}
+        wait = cfg.bus.join_timeout_s
+        self.loop.until(lambda: want <= bus.resubscribed and not bus.suspected, timeout_s=wait,
+                        timed_out=lambda: f"not everyone connected again within {wait:.0f} s of "
+                                          f"the broker's return")
+        states = {n: {k: v.state for k, v in self.books.snapshots.get(n, {}).items()}
+                  for n in self.stages}
+        floor = self._claimed_floor()
+        fits = [s for s in sorted(self.training.snapshots.kept, reverse=True)
+                if s >= floor and all(s in states[n] for n in self.stages)]
+        if not fits:
+            raise RollbackRefused(broker, f"the broker came back, but no step every stage "
+                                          f"committed and the owner kept (owner: "
+                                          f"{sorted(self.training.snapshots.kept)}) at or after "
+                                          f"step {floor}: the run cannot go on")
+        self.rollbacks += 1
+        return self._rollback_to(fits[0], broker, states)
 
     def _roll_back(self, exc: Rejoined) -> tuple[int, int]:
         """Roll the run back for `exc.name`'s restart: choose the step (`rollback_step`), put
@@ -100,19 +163,7 @@ class Rejoins:
         appear in it again), drop what trainers send until each says `restored`, and check
         each restored the state it committed. Returns (epoch, batch) to train from. Raises
         RollbackRefused (the run stops cleanly, named) when it cannot resume."""
-        if self.setup.defences.filter is not None:
-            # a replayed step's noise is keyed by its step: on an activation that differs from
-            # the first release (a pipelined window, or a member sending other gradients after
-            # the rollback) the difference of the two releases has no noise at all, and the
-            # accountant counts neither
-            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but rolling back a run with "
-                                            f"activation protection on is not built (a replayed "
-                                            f"release would reuse its step's noise)")
-        if self.rollbacks >= MAX_ROLLBACKS:
-            # a member may say rejoin at any time: each costs replayed steps, so it is bounded
-            raise RollbackRefused(exc.name, f"{exc.name} rejoined, but the run has already "
-                                            f"rolled back {self.rollbacks} times (at most "
-                                            f"{MAX_ROLLBACKS})")
+        self._refuse_rollback(exc.name)
         self.rollbacks += 1
         books, name = self.books, exc.name
         # what each trainer committed, by step: its `snapshot`s, and for the rejoined one its

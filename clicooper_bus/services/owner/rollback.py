@@ -28,6 +28,12 @@ class Rejoined(ClicooperError):
         self.name, self.rejoin = name, rejoin
 
 
+class BrokerBack(ClicooperError):
+    """The connection to the broker was lost and came back (a broker killed and started
+    again): what was in flight meanwhile is lost, so training is interrupted and the run rolls
+    back to a step every stage committed."""
+
+
 class RollbackRefused(ClicooperError):
     """A rejoined trainer cannot be resumed (no step every stage committed, a restore that is
     not what was committed, a claimed watermark round behind it): the run stops cleanly,
