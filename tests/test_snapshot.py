@@ -249,3 +249,23 @@ def test_a_rollback_is_refused_under_noise_and_past_the_limit(noise, done, said)
     with pytest.raises(RollbackRefused, match=said) as info:
         Owner._roll_back(owner, exc)
     assert info.value.stopped["rejoined"] == "trainer-1" and owner.rollbacks == done
+
+
+def test_a_restarted_trainers_usage_carries_the_dead_process_figures(tmp_path):
+    """Review: a restarted trainer reported only its new process's CPU. Each snapshot keeps
+    the process's usage then; the restarted one carries it on (what the dead process spent
+    after its last snapshot is lost with it)."""
+    from clicooper_bus.protocol import Usage
+    from clicooper_bus.services.usage import CpuMeter
+
+    layout = RunLayout(tmp_path).snapshots("trainer-1")
+    store = snapshot.Store(layout, {})
+    store.keep(snapshot.take(_segment(), 10), usage=Usage(5.0, 3.0, 4.0, 10).to_doc())
+    again = snapshot.Store(layout, {})
+    meter = CpuMeter()
+    meter.carry(Usage.parse(again.usage_of(10)))
+    meter.steps = 10
+    meter.step_done()
+    got = meter.usage()
+    assert got.cpu_s >= 5.0 and 3.0 <= got.train_cpu_s <= got.cpu_s and got.steps == 11
+    assert again.usage_of(99) is None

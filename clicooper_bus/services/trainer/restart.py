@@ -20,7 +20,15 @@ from clicooper_bus.errors import PoisonedInput, RosterError
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import ChainTip, Rejoin, Restored, Rollback, Snapshot
+from clicooper_bus.protocol import (
+    ChainTip,
+    ProtocolError,
+    Rejoin,
+    Restored,
+    Rollback,
+    Snapshot,
+    Usage,
+)
 from clicooper_bus.services.trainer import snapshot
 
 
@@ -36,7 +44,7 @@ class Restarts:
         killed between the two resumes from a file whose commitment its `rejoin` carries)."""
         t0 = time.perf_counter()
         snap = snapshot.take(self.seg, step)
-        size = self.store.keep(snap)
+        size = self.store.keep(snap, usage=self.meter.usage().to_doc())
         self.bus.send_doc("snapshot", self.roster.owner.name,
                           Snapshot(step, snap.weights, snap.state).to_doc(), step=step)
         if self.roster.standby and self.store.boundary(step):
@@ -97,6 +105,12 @@ class Restarts:
         self.trained = snaps[-1].step - 1
         for snap in snaps:
             self.store.keep(snap, write=False)
+        earlier = self.store.usage_of(steps[-1])
+        if earlier is not None:  # the dead process's figures as of its last snapshot
+            try:
+                self.meter.carry(Usage.parse(earlier, sender=self.name))
+            except ProtocolError as exc:
+                self.log.warning("earlier usage unreadable", error=str(exc))
         self.bus.send_doc("rejoin", roster.owner.name, Rejoin(
             self.index + 1, steps, [s.state for s in snaps]).to_doc())
         self.bus.start_beating()

@@ -162,9 +162,10 @@ class Store:
             if s > step:
                 self.layout.state(s).unlink(missing_ok=True)
 
-    def keep(self, snap: Taken, *, write: bool = True) -> int:
+    def keep(self, snap: Taken, *, write: bool = True, usage: Mapping | None = None) -> int:
         """Keep `snap` in memory and (`write`) on disk, atomically, dropping the oldest beyond
-        the limits. Returns the bytes written."""
+        the limits; `usage`: the process's `Usage` document then, kept in the file's metadata
+        (`usage_of`). Returns the bytes written."""
         self.memory[snap.step] = snap
         for old in sorted(self.memory)[:-KEEP_IN_MEMORY]:
             del self.memory[old]
@@ -172,6 +173,8 @@ class Store:
             return 0
         meta = {**self.metadata, "step": str(snap.step), "weights_sha256": snap.weights,
                 "state_sha256": snap.state, "digest": SCHEME.decode().strip()}
+        if usage is not None:
+            meta["usage"] = json.dumps(dict(usage))
         raw = st_save(snap.tensors, metadata=meta)
         self.layout.root.mkdir(parents=True, exist_ok=True)
         write_atomic(self.layout.state(snap.step), raw, mode=0o600)
@@ -181,6 +184,14 @@ class Store:
             if old not in keep:
                 self.layout.state(old).unlink(missing_ok=True)
         return len(raw)
+
+    def usage_of(self, step: int) -> dict | None:
+        """The `Usage` document kept with the snapshot of `step` on disk, or None."""
+        try:
+            raw = safe_open_metadata(self.layout.state(step).read_bytes()).get("usage")
+            return json.loads(raw) if raw else None
+        except (OSError, SafetensorError, ValueError):
+            return None
 
     def get(self, step: int) -> Taken | None:
         """The snapshot of `step`, from memory or else from disk (its digests recomputed from
