@@ -18,6 +18,7 @@ from clicooper_bus.ml.attacks.channels import (
     received_field,
     stage_field,
 )
+from clicooper_bus.net.roster import Roster
 from clicooper_bus.plan import Plan
 
 K, N, EPOCHS = 10, 400, 5
@@ -347,3 +348,37 @@ def test_link_median_groups_each_sample_s_releases():
     got_ids, med, counts = link_median(ids, x)
     got = dict(zip(got_ids.tolist(), med[:, 0].tolist(), strict=True))
     assert got == {1: 20.0, 3: 2.0} and counts.tolist() == [3, 3]  # 2: too few releases
+
+
+def test_a_resent_step_is_read_once_from_a_real_log(tmp_path):
+    """A log holding a step sent again byte for byte (a rollback's replay) and once more with
+    another body: the channels reader and the replay count the first two as one release and
+    the third as a new one."""
+    from clicooper_bus.audit.channels import read_channels
+    from clicooper_bus.audit.replay import replay
+    from clicooper_bus.net.verifier import Verifier
+    from clicooper_bus.net.wire import Sender
+    from clicooper_bus.tlog.log import ProvenanceLog
+    from clicooper_bus.tools.log_demo import demo_identities
+
+    ids = demo_identities(tmp_path / "keys")
+    plan = Plan("small-cnn", (1, 28, 28), K, (3,), 0, 1e-3, 4)
+    roster = Roster.build("r", owner=ids["owner"].public,
+                          trainers=[ids["trainer-1"].public, ids["trainer-2"].public],
+                          notary=ids["notary"].public, meta={"plan": plan.to_meta()})
+    roster_bytes = roster.sign(ids["owner"])
+    plog = ProvenanceLog.create(tmp_path / "log", roster_bytes=roster_bytes, run_id="r",
+                                retention="all", fsync="never", signer=ids["notary"])
+    owner, verifier = Sender(ids["owner"], "r", nonce=roster.nonce), Verifier(roster, "r")
+    rng = np.random.default_rng(0)
+    first, second = (rng.normal(size=(4, 6)).astype(np.float32) for _ in range(2))
+    sent = [owner.seal("roster", "all", roster_bytes)]
+    for step, act in ((0, first), (1, second), (0, first), (0, first + 1)):
+        sent.append(owner.seal_array("fwd", "trainer-1", act, step=step, batch=step, epoch=0))
+    for env in sent:
+        plog.append_envelope(verifier.verify_frames(env.frames()))
+    plog.sign_checkpoint()
+    plog.close()
+    ch = read_channels(tmp_path / "log", n_train=8, n_test=4, full=set())
+    assert ch.seen["trainer-1"]["fwd"] == 12 and len(ch.of("trainer-1")["fwd"]) == 12
+    assert [b.step for b in replay(tmp_path / "log").released] == [0, 1, 0]
