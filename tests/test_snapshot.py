@@ -112,6 +112,10 @@ def test_the_store_keeps_round_boundaries_forgets_an_abandoned_timeline_and_its_
     assert layout.steps() == [20, 40] and sorted(store.memory) == [40]
     with pytest.raises(ClicooperError, match="of another run"):
         snapshot.Store(layout, {"nonce": "bb"}).get(20)
+    store.save_roster(b"roster")
+    store.keep(snapshot.take(seg, 60))
+    store.clear()  # the run is over: the next run of this id joins instead of rejoining
+    assert layout.steps() == [] and not layout.roster.exists() and not store.memory
 
 
 def test_a_snapshot_of_another_model_is_refused_naming_it():

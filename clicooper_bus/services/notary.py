@@ -264,7 +264,9 @@ class Notary:
             print("notary: error: a sender's chain has a gap the log cannot close (messages "
                   "sent while the notary was down and never sent again); not closing the log "
                   "as complete", file=sys.stderr)
-            self.log.error("chain gap at closing", senders=bus.open_gaps())
+            self.log.error("chain gap at closing", senders=bus.open_gaps(),
+                           error="a sender's chain has a gap the log cannot close: messages "
+                                 "sent while the notary was down were never sent again")
             return EXIT_FAIL
         self._checkpoint(closing=True)
         self._wait_for_observers()
@@ -289,10 +291,19 @@ class Notary:
         for kid in gaps:
             if now - self.gap_since.setdefault(kid, now) > self.cfg.bus.rejoin_timeout_s:
                 fatal.append(names.get(kid, kid))
-            elif kid in names and now - self.tipped.get(kid, 0.0) >= self.cfg.bus.timeout_s:
+            elif now - self.tipped.get(kid, 0.0) < self.cfg.bus.timeout_s:
+                continue
+            elif kid == self.ident.key_id:  # ours, sent while the broker was down: again
+                self.tipped[kid] = now
+                seq, prev = self.chains.get(kid, (0, bytes(32)))
+                self.bus.resend_after(seq, prev)
+            elif kid in names:
                 self._send_tip(kid, names[kid], resend=True)
         if fatal:
-            self.log.error("chain gap", senders=fatal)
+            self.log.error("chain gap", senders=fatal, error=(
+                f"the chains of {', '.join(fatal)} have had a gap for "
+                f"{self.cfg.bus.rejoin_timeout_s:.0f} s (rejoin_timeout_s): what was lost "
+                f"before reaching the log was not sent again"))
         return bool(fatal)
 
     def _append(self, env: Envelope) -> int:

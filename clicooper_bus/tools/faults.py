@@ -7,22 +7,25 @@ progress lines in `RUN_DIR/telemetry/owner.out` (`  epoch E step S/N ...`, about
 so "step k" means "the first progress line at or past k". The processes are found by their
 command line (`clicooper_bus.services.<role> --config RUN_DIR/config.toml`, a trainer's also
 `--name NAME`), which works for `clicooper run` and for tests that start the processes
-themselves; Linux only (`/proc`). Only a killed trainer is restarted (a killed owner, notary or
-broker cannot resume yet, issue 17 item 3: the run fails, named). A restarted trainer is a child
-of the injector's process, its output appended to the killed one's telemetry files; `clicooper
-run` stops the whole run when one of its processes dies, so a run with kills is started by
-`launch` here instead.
+themselves; Linux only (`/proc`). A killed process is started again with its own command line
+(the owner and the notary with `--resume`), or not at all (`restart_s` None: a trainer then
+gone is handed over to a standby if the roster has one). A restarted process is a child of the
+injector's process, its output appended to the killed one's telemetry files; `clicooper run`
+stops the whole run when one of its processes dies, so a run with kills is started by `launch`
+here instead.
 
     python -m clicooper_bus.tools.faults --runs 20 --seed 1 --out /tmp/soak
 
 runs N quick synthetic runs, each pausing one role (trainer, owner, notary or broker, in turn)
 for a seeded random time between `--min-pause` and `--max-pause` seconds at a seeded random step,
-or (with `--kills`, every other run) killing a role at a seeded random step (a trainer, restarted
-after `--min-pause` to `--max-pause` seconds, every other kill; the owner, the notary and the
-broker in turn between), and tallies each run as *completed* (exit 0, log verified, the test
-accuracy equal to an unfaulted run of the same seed), *failed cleanly* (exit 3 or 1 with the log
-verifying and the failure named), or *lost* (anything else: a hang, a log that does not verify,
-a different model). Writes `soak.json` under `--out`.
+or (with `--kills`, every other run) killing a role at a seeded random step (`KILL_ROLES` in
+turn: a trainer, the owner, a trainer for good, the notary, a trainer, the broker; each but the
+trainer for good started again after `--min-pause` to `--max-pause` seconds; the runs then have
+a standby, which takes over the stage of the trainer killed for good), and tallies each run as
+*completed* (exit 0, log verified, the test accuracy equal to an unfaulted run of the same seed),
+*failed cleanly* (exit 3 or 1 with the log verifying and the failure named), or *lost* (anything
+else: a hang, a log that does not verify, a different model). Writes `soak.json` under
+`--out`.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROLES = ("trainer", "owner", "notary", "broker")
-# what --kills kills in turn: trainers (restarted) half the time, each other role once a round
-KILL_ROLES = ("trainer", "owner", "trainer", "notary", "trainer", "broker")
+# what --kills kills in turn: trainers half the time (one of them for good, which the standby
+# takes over), each other role once a round; every other one is started again
+KILL_ROLES = ("trainer", "owner", "trainer-gone", "notary", "trainer", "broker")
 PROGRESS = re.compile(r"^\s*epoch (\d+) step (\d+)/(\d+)")
 
 
@@ -407,9 +411,9 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
          timeout_s: float, rejoin_timeout_s: float, trainers: int = 2,
          kills: bool = False) -> dict:
     """`runs` faulted quick synthetic runs under `out`, one role paused each (in turn), or with
-    `kills` every other run one killed (`KILL_ROLES` in turn: a trainer restarted after
-    `min_pause`..`max_pause` s, the others not);
-    returns the tally and each run's record (also written to `out/soak.json`)."""
+    `kills` every other run one killed (`KILL_ROLES` in turn, started again after
+    `min_pause`..`max_pause` s but for the trainer killed for good, which the runs' standby
+    takes over); returns the tally and each run's record (also written to `out/soak.json`)."""
     from clicooper_bus.config import load_config
     from clicooper_bus.tools.run import free_port, run
 
@@ -422,6 +426,8 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
             "bus": {"timeout_s": timeout_s, "rejoin_timeout_s": rejoin_timeout_s,
                     "beat_s": min(1.0, timeout_s / 4)},
             "watermark": {"enabled": False}}
+    if kills:
+        base["participants"]["standby"] = ["standby-1"]
 
     def one(run_id: str, pauses: list[Pause | Kill]) -> tuple[int, object, Injector | None]:
         over = json.loads(json.dumps(base))
@@ -455,13 +461,13 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
         kill = kills and i % 2 == 1
         role = KILL_ROLES[(i // 2) % len(KILL_ROLES)] if kill else \
             ROLES[(i // 2 if kills else i) % len(ROLES)]
-        role = f"trainer-{rng.randint(1, trainers)}" if role == "trainer" else role
+        for_good = role == "trainer-gone"
+        role = f"trainer-{rng.randint(1, trainers)}" if role.startswith("trainer") else role
         # the owner's last progress line of the epoch is at step 60 (every 6th of 63)
         pause: list[Pause | Kill] = plan_pauses(rng.randrange(1 << 30), [role], 60,
                                                 (min_pause, max_pause), first=2)
-        if kill:  # a trainer is started again; the others cannot resume (issue 17 item 3)
-            restart = pause[0].pause_s if role.startswith("trainer") else None
-            pause = [Kill(role, pause[0].at_step, restart)]
+        if kill:  # started again (the owner and notary with --resume), or gone: a standby
+            pause = [Kill(role, pause[0].at_step, None if for_good else pause[0].pause_s)]
         t0 = time.monotonic()
         code, cfg, inj = one(f"fault-{i:03d}", pause)
         outcome, why = _outcome(cfg, code, reference)
@@ -506,9 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rejoin-timeout", type=float, default=20.0,
                    help="[bus] rejoin_timeout_s of the runs: gone after this (default 20)")
     p.add_argument("--kills", action="store_true",
-                   help="every other run kills a role (SIGKILL) at a seeded step: every other "
-                        "kill a trainer, started again after --min-pause..--max-pause s; the "
-                        "owner, notary and broker in turn between, which cannot resume")
+                   help="every other run kills a role (SIGKILL) at a seeded step: in turn a "
+                        "trainer, the owner, a trainer for good (a standby takes its stage "
+                        "over), the notary, a trainer, the broker; each but the one for good "
+                        "started again after --min-pause..--max-pause s")
     args = p.parse_args(argv)
     report = soak(args.runs, args.seed, Path(args.out), min_pause=args.min_pause,
                   max_pause=args.max_pause, timeout_s=args.timeout,

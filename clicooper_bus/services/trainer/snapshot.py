@@ -153,6 +153,15 @@ class Store:
             self.layout.state(old).unlink(missing_ok=True)
         write_atomic(self.layout.roster, roster, mode=0o600)
 
+    def clear(self) -> None:
+        """The run is over (finished or stopped: neither is resumed): every file of ours goes,
+        so that a process of the next run of the same id (a remote trainer's directory stays)
+        joins it instead of trying to rejoin this one."""
+        self.memory.clear()
+        for step in self.layout.steps():
+            self.layout.state(step).unlink(missing_ok=True)
+        self.layout.roster.unlink(missing_ok=True)
+
     def drop_after(self, step: int) -> None:
         """Forget every snapshot after `step` (a rollback to it: they are of a timeline that
         was abandoned, and the same steps will be snapshotted again)."""

@@ -464,6 +464,8 @@ class Trainer(Restarts, Marks, Standby):
         if self.notary_kid is not None:
             bus.linger(bus.topics.closed(self.roster.notary.name),
                        (self.notary_kid, self.roster.notary.name))
+        if self.store is not None and final:
+            self.store.clear()  # the run is over: nothing to rejoin, nothing for the next
         return code
 
     def _finish(self) -> int:
