@@ -69,7 +69,7 @@ bench: setup
 
 # Edge links (issue 18; docs/BENCHMARKS.md): the trainers behind a veth pair rate-limited with
 # tbf at 1 Gbit/s, 100 Mbit/s and 20 Mbit/s, each codec and in_flight, and K = 1..4 trainers.
-# Needs root (network namespaces); about an hour on 2 cores. BENCH_EDGE_ARGS=--quick: a smoke run.
+# Needs root (network namespaces); about 30 minutes on 2 cores. BENCH_EDGE_ARGS=--quick: a smoke run.
 .PHONY: bench-edge
 bench-edge: setup
 	$(PY) -m clicooper_bus.tools.bench_edge --json runs/bench-edge.json $(BENCH_EDGE_ARGS)

@@ -435,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
               f"namespaces, to put the trainers behind an emulated link: {why}", file=sys.stderr)
         return 2
     bench = Bench({"machine": platform.machine(), "cores": os.cpu_count(),
-                   "python": platform.python_version(), "load_at_start": os.getloadavg()},
+                   "python": platform.python_version(), "load_at_start": os.getloadavg(),
+                   # set: every process of every run waits this way (the user's choice wins
+                   # over services/common.openmp_policy); unset: each process's own policy
+                   "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
                   args.train_limit, args.test_limit)
     print(f"{bench.machine}; one epoch of {args.train_limit:,} images a run", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="clicooper-bench-edge-"))
