@@ -47,7 +47,7 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
                 cfg.run.batch_size, outputs=classes * pv.label_gamma if pv.label_gamma > 1 else 0,
                 tail=tail_at, in_flight=cfg.run.in_flight, layers=spec.layers,
                 train_size=len(data.x_train), test_size=len(data.x_test),
-                max_steps=cfg.run.max_steps)
+                max_steps=cfg.run.max_steps, codec=cfg.bus.codec)
     segments = build_segments(spec, plan.segment_cuts, cfg.run.seed)
     defences = privacy.Defences.build(pv, secret, classes, cfg.run.epochs)
     head = SegmentTrainer(segments[0], lr=cfg.run.lr, is_head=True,
