@@ -203,7 +203,13 @@ class Plan:
                               f"{stages} trainer stage(s): a plan has one cut per stage")
 
     def to_meta(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The plan as the roster's JSON. An fp32 codec (the default) is left out, so a plan
+        reads as it did before codecs existed: a run of then resumes under the same plan text,
+        and a trainer of then takes an fp32 plan (it refuses a field it does not know)."""
+        doc = asdict(self)
+        if doc["codec"] == "fp32":
+            del doc["codec"]
+        return json.dumps(doc, sort_keys=True)
 
     @classmethod
     def from_meta(cls, text: str | bytes) -> Plan:

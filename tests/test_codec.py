@@ -22,7 +22,7 @@ from clicooper_bus.net.forwarder import Forwarder
 from clicooper_bus.net.identity import Identity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
-from clicooper_bus.net.wire import Sender
+from clicooper_bus.net.wire import DEFAULT_LIMITS, Sender, parse_header, split_leaf
 from clicooper_bus.plan import Plan
 
 SAMPLE = (8, 14, 14)  # one row of the demo's trainer-1 -> trainer-2 activations: 1,568 floats
@@ -95,6 +95,31 @@ def test_overflow_saturates_counted_and_non_finite_stays_non_finite():
     assert np.isnan(scale[0]) and scale[1] == np.inf and scale[2] >= 0  # refused on receipt
 
 
+def test_tiny_and_empty_rows_encode_to_what_the_receiver_takes():
+    """A row whose peak is under 127 x the smallest float32 gets scale 0: it must decode as
+    zeros, not be refused as "non-zero values in a row of scale 0" (which would blame an
+    honest sender for a gradient a malicious neighbour made tiny). A batch of no rows
+    encodes and decodes too."""
+    peaks = np.float32(10.0) ** np.arange(-45, -37).astype(np.float32)
+    rows = np.outer(peaks, np.linspace(-1, 1, 6)).astype(np.float32)
+    got = received(_sent(rows, "int8", "int8"), Expected("float32", (6,), max_rows=16), "o")
+    assert np.abs(got.numpy() - rows).max() < 1e-38
+    for codec in CODECS:
+        empty = encode(np.zeros((0, 3), np.float32), codec)
+        assert decode(empty.dtype, empty.shape, bytes(empty.body)).shape == (0, 3)
+
+
+def test_an_encoded_shape_is_bounded_by_its_decoded_size():
+    """An int8 body decodes to 4 times its size: its float32 size is held to the body limit,
+    so a message within the limit on the wire cannot decode into 4 times it."""
+    s = Sender(Identity.generate("owner"), "r")
+    rows = DEFAULT_LIMITS.max_body // 4 // 1000 + 1  # float32 just over the limit
+    with pytest.raises(BadTensor, match="decodes to more float32 than the body limit"):
+        s.seal("fwd", "t", bytes(4 * rows + 1000 * rows), dtype="int8/row", shape=[rows, 1000])
+    ok = rows - 2
+    s.seal("fwd", "t", bytes(4 * ok + 1000 * ok), dtype="int8/row", shape=[ok, 1000])
+
+
 def test_the_header_checks_an_encoded_body_against_its_shape():
     s = Sender(Identity.generate("owner"), "r")
     assert s.seal("fwd", "t", bytes(4 * 2 + 6), dtype="int8/row", shape=[2, 3]).header.body_len == 14
@@ -123,6 +148,7 @@ def test_the_codec_is_part_of_the_signed_plan():
     del old["codec"]  # a plan from before the codec was carried travels as fp32
     assert Plan.from_meta(json.dumps(old)).codec == "fp32" == plan_codec({"plan": json.dumps(old)})
     assert plan_codec({}) == "fp32"
+    assert "codec" not in json.loads(_plan().to_meta())  # fp32 plans read as they did before
     with pytest.raises(RosterError, match="codec 'int4' is not one of fp32, fp16, bf16, int8"):
         _plan(codec="int4")
     old["codec"] = "int4"
@@ -145,7 +171,13 @@ def _sent(array, codec: str, plan_codec_: str, kind: str = "fwd"):
 def test_a_tensor_in_the_plans_codec_is_decoded_to_float32(batch, codec):
     got = received(_sent(batch, codec, codec), WANT, "owner")
     assert got.dtype.is_floating_point and str(got.dtype) == "torch.float32"
-    assert np.allclose(got.numpy(), batch, rtol=1 / 120, atol=float(np.abs(batch).max()) / 254)
+    rows, want = got.numpy().reshape(128, -1), batch.reshape(128, -1)
+    if codec == "int8":  # per row: the batch spans 1e-6 to 1e3
+        bound = np.abs(want).max(axis=1, keepdims=True) / 254 * (1 + 1e-6)
+    else:
+        rel, floor = BOUNDS[codec]
+        bound = rel * np.abs(want) + floor
+    assert (np.abs(rows - want) <= bound).all()
     labels = received(_sent(np.arange(128, dtype=np.int64), codec, codec, "labels"),
                       Expected("int64", (), max_rows=128), "owner")
     assert labels.tolist() == list(range(128))  # integers travel as they are
@@ -232,12 +264,23 @@ def test_a_short_int8_run_trains_and_its_log_verifies(tmp_path):
     with ProvenanceLog.open(run_dir / "log") as plog:
         assert Plan.from_meta(Roster.open(plog.roster_bytes).meta["plan"]).codec == "int8"
         for i in range(plog.size):
-            from clicooper_bus.net.wire import parse_header, split_leaf
-
             h = parse_header(split_leaf(plog.leaf(i))[0], plog.limits)
             if h.dtype is not None:
                 kinds.setdefault(h.kind, set()).add(h.dtype)
                 assert plog.body(h.body_sha256) is not None  # the log keeps what was sent
     for kind in ("fwd", "bwd", "eval_fwd", "eval_out"):
         assert kinds[kind] == {"int8/row"}, kinds
+    # the auditor reads what the receivers computed on: the decoded int8 bodies
+    from clicooper_bus.audit.channels import read_channels
+    from clicooper_bus.audit.replay import replay
+
+    released = replay(run_dir / "log").released
+    assert released and all(b.array.dtype == np.float32 for b in released)
+    with ProvenanceLog.open(run_dir / "log") as plog:
+        first = next(h for h in (parse_header(split_leaf(plog.leaf(i))[0], plog.limits)
+                                 for i in range(plog.size)) if h.kind == "fwd")
+        want = decode(first.dtype, first.shape, bytes(plog.body(first.body_sha256)))
+    assert np.array_equal(released[0].array, want)
+    ch = read_channels(run_dir / "log", 2000, 500, {"fwd", "bwd"})
+    assert ch.undecodable == 0 and ch.of("trainer-2")["fwd"].x.dtype == np.float32
     assert kinds["labels"] == {"int64"}

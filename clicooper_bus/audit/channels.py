@@ -16,6 +16,7 @@ otherwise every retained row is kept, up to `MAX_ROWS` (the latest epochs first)
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ class Channels:
 
     rows: dict[str, dict[str, Rows]] = field(default_factory=dict)
     seen: dict[str, dict[str, int]] = field(default_factory=dict)
+    undecodable: int = 0  # retained bodies that do not decode (a receiver refused them)
 
     def of(self, trainer: str) -> dict[str, Rows]:
         return self.rows.get(trainer, {})
@@ -107,11 +109,13 @@ def read_channels(directory: str | os.PathLike[str], n_train: int, n_test: int,
             if body is None or h.epoch is None or h.batch is None:
                 continue
             ids = sampler.ids(h.kind, int(h.epoch), int(h.batch), h.shape[0])
-            if ids is None:
+            if ids is None or not len(ids):
                 continue
             try:
-                x = array_of(h.dtype, h.shape, bytes(body), h.sender).reshape(h.shape[0], -1)
-            except BadTensor:  # an encoding its receiver refused (the run stopped on it)
+                x = array_of(h.dtype, h.shape, bytes(body), h.sender).reshape(
+                    h.shape[0], math.prod(h.shape[1:]))
+            except (BadTensor, ValueError):  # one its receiver refused (the run stopped on it)
+                out.undecodable += 1
                 continue
             keep = sampler.keep(h.kind, ids)
             if keep.any():

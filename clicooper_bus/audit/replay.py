@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clicooper_bus.errors import BadTensor
 from clicooper_bus.net.codec import unpack
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import array_of, parse_header, split_leaf
@@ -42,7 +43,8 @@ class Replay:
     eval_released: list[Batch] = field(default_factory=list)  # eval_fwd, owner -> stage 1
     labels: list[Batch] = field(default_factory=list)  # labels, owner -> last stage
     ack: dict | None = None  # the owner's end-of-run acknowledgement (holds the model digest)
-    skipped: int = 0  # releases whose header lacks epoch, batch or step (only in a forged log)
+    skipped: int = 0  # releases whose header lacks epoch, batch or step, or whose body does not
+    # decode (a refused one): only in a forged log or a run stopped on it
     headers: dict[str, int] = field(default_factory=dict)  # per kind, every header in the log
     # the owner's own messages: which epochs it released training and evaluation batches in
     owner_epochs: dict[str, set[int]] = field(default_factory=dict)
@@ -83,8 +85,12 @@ def replay(directory: str | os.PathLike[str]) -> Replay:
             if h.epoch is None or h.batch is None or h.step is None or h.dtype is None:
                 out.skipped += 1
                 continue
+            try:
+                arr = array_of(h.dtype, h.shape, bytes(body), h.sender)  # what was received
+            except (BadTensor, ValueError):  # a body no receiver took (the run stopped on it)
+                out.skipped += 1
+                continue
             out.bodies[h.kind] = out.bodies.get(h.kind, 0) + 1
-            arr = array_of(h.dtype, h.shape, bytes(body), h.sender)  # decoded: what was received
             getattr(out, _STREAMS[h.kind]).append(
                 Batch(h.kind, int(h.epoch), int(h.batch), int(h.step), arr))
     return out

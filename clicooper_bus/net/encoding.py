@@ -23,8 +23,10 @@ value (65504) to +-65504, bf16 those that would round past its largest (about 3.
 (the receiver refuses them). fp16 also flushes magnitudes below about 6e-8 to zero (gradients
 that small lose everything; bf16 keeps float32's range with 8 significant bits).
 
-Decoding (`decode`) checks what the encoder can produce and raises BadTensor otherwise: every
-int8 scale finite and >= 0, no value -128, only zeros in a row of scale 0. Body lengths are
+Decoding (`decode`) refuses, raising BadTensor, what would be unsafe to compute on: an int8
+scale that is not finite or is negative, a value -128, a non-zero value in a row of scale 0.
+It does not refuse every body the encoder could not have produced (a row whose largest value
+is under 127, a subnormal scale): those decode to finite values and are trained on. Body lengths are
 checked against the shape when the header is parsed (`body_len`). Only numpy here: the wire
 layer never imports torch.
 """
@@ -151,8 +153,8 @@ def _bf16(x: np.ndarray) -> Encoded:
 def _int8(x: np.ndarray) -> Encoded:
     if x.ndim == 0:
         raise ValueError("int8 encodes per row: the tensor needs at least one dimension")
-    rows = x.reshape(x.shape[0], -1)
-    peak = np.abs(rows).max(axis=1) if rows.shape[1] else np.zeros(len(rows), np.float32)
+    rows = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # (0, k) too: no -1 to infer
+    peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
     scale = (peak / np.float32(127)).astype("<f4")
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         inv = np.where(np.isfinite(peak) & (peak > 0), 127.0 / peak.astype(np.float64), 0.0)
@@ -161,6 +163,10 @@ def _int8(x: np.ndarray) -> Encoded:
             inv = inv.astype(np.float32)
         q = np.rint(np.nan_to_num(rows * inv[:, None], nan=0.0, posinf=0.0, neginf=0.0))
     q = np.clip(q, -127, 127).astype(np.int8)
+    # a peak under 127 x the smallest float32 rounds its scale to 0: that row decodes as zeros
+    # (its values are below 1e-43 anyway), never as values in a row of scale 0, which the
+    # receiver refuses as malformed and would blame on this (honest) sender
+    q[scale == 0] = 0
     body = np.concatenate([scale.view(np.uint8), q.reshape(-1).view(np.uint8)])
     return Encoded("int8/row", x.shape, memoryview(body))
 
@@ -188,7 +194,7 @@ def decode(dtype: str, shape: Sequence[int], body: bytes | memoryview) -> np.nda
 def _decode_int8(shape: tuple[int, ...], body: bytes | memoryview) -> np.ndarray:
     n = shape[0]
     scale = np.frombuffer(body, "<f4", count=n)
-    q = np.frombuffer(body, np.int8, offset=_SCALE * n).reshape(n, -1)
+    q = np.frombuffer(body, np.int8, offset=_SCALE * n).reshape(n, math.prod(shape[1:]))
     bad = ~(np.isfinite(scale) & (scale >= 0))
     if bad.any():
         rows = np.flatnonzero(bad)

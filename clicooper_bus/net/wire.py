@@ -196,6 +196,11 @@ def parse_header(raw: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
         if tensor_bytes(doc["dtype"], tuple(max(d, 1) for d in shape), sender) > limits.max_body:
             raise BadTensor(f"shape {list(shape)} is larger than the body limit",
                             sender=sender, field="shape")
+        if doc["dtype"] in encoding.FLOAT_WIRE and \
+                math.prod(max(d, 1) for d in shape) * 4 > limits.max_body:
+            # an encoded body decodes to float32: 2 to 4 times its size, bounded like one
+            raise BadTensor(f"shape {list(shape)} decodes to more float32 than the body limit",
+                            sender=sender, field="shape")
         expected = tensor_bytes(doc["dtype"], shape, sender)
         if expected != doc["len"]:
             raise BadTensor(f"shape {list(shape)} of {doc['dtype']} needs {expected} bytes, "
