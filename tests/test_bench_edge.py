@@ -104,9 +104,20 @@ def test_what_a_killed_benchmark_leaves_is_removed_by_clean(can):
     proc.wait()
     try:
         assert len(netns.leftovers(tag)) == 2
+        assert tag in netns.stale()  # its creator is dead
     finally:
         removed = netns.remove_all(tag)
     assert len(removed) == 2 and netns.leftovers(tag) == [] and _gone(sleeper)
+
+
+def test_clean_leaves_a_pair_whose_creator_still_runs(can, capsys):
+    """`bench_edge --clean` removes what dead benchmarks left, never a live one's pair (a
+    concurrent test_two_hosts or benchmark)."""
+    with netns.pair("10.79.0.1", "10.79.0.2") as live:
+        assert live.tag not in netns.stale()
+        assert bench_edge.main(["--clean"]) == 0
+        assert set(netns.leftovers(live.tag)) == {live.owner, live.device}
+    assert netns.leftovers(live.tag) == []
 
 
 def _result(link: str, epoch_s: float, down: int) -> Result:

@@ -410,13 +410,30 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling", default="1,2,3,4", help="trainer counts K ('' for none)")
     p.add_argument("--scaling-codec", default="fp32")
     p.add_argument("--json", help="write every measurement here")
-    p.add_argument("--clean", action="store_true", help="remove every namespace and link left "
-                   "by a benchmark that was killed (cco- names), then exit")
+    p.add_argument("--clean", nargs="?", const="", metavar="TAG",
+                   help="remove the namespaces and links left by a benchmark that was killed "
+                        "(every pair whose creator is gone, or pair TAG), then exit")
     args = p.parse_args(argv)
     if args.quick:
         args.train_limit, args.test_limit = 768, 256
         args.codecs, args.in_flight, args.scaling = "fp32,int8", "1", ""
     return args
+
+
+def _commit() -> str:
+    """The checkout's commit, `+dirty` when files differ from it ('unknown' outside git):
+    which code a result file measured."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def _split(text: str, typ=str) -> list:
@@ -425,8 +442,12 @@ def _split(text: str, typ=str) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    if args.clean:
-        removed = netns.remove_all()
+    if args.clean is not None:
+        if os.geteuid() != 0:
+            print("bench_edge --clean needs root (it deletes network namespaces)",
+                  file=sys.stderr)
+            return 2
+        removed = netns.remove_all(args.clean or None)
         print(f"removed {', '.join(removed) if removed else 'nothing'}")
         return 0
     why = netns.missing(shaping=True)
@@ -438,12 +459,15 @@ def main(argv: list[str] | None = None) -> int:
                    "python": platform.python_version(), "load_at_start": os.getloadavg(),
                    # set: every process of every run waits this way (the user's choice wins
                    # over services/common.openmp_policy); unset: each process's own policy
-                   "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+                   "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                   "commit": _commit()},
                   args.train_limit, args.test_limit)
     print(f"{bench.machine}; one epoch of {args.train_limit:,} images a run", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="clicooper-bench-edge-"))
     try:
         with netns.stop_on_signals(), netns.pair(OWNER_IP, DEVICE_IP) as pair:
+            print(f"namespaces {pair.owner} and {pair.device} (tag {pair.tag}; if this is "
+                  f"killed with SIGKILL: bench_edge --clean {pair.tag})", flush=True)
             measure(pair, workdir, bench, codecs=_split(args.codecs),
                     in_flights=_split(args.in_flight, int), links=_split(args.links),
                     scaling=_split(args.scaling, int), scaling_codec=args.scaling_codec,

@@ -10,8 +10,9 @@ Everything made here is named `cco-<tag>...` with a fresh random tag and removed
 `pair`'s exit, however it is left (an exception, or a signal turned into one by
 `stop_on_signals`): first every process still inside either namespace is killed (only ours can
 be there: the namespaces are ours), then the namespaces are deleted, which deletes the veth
-pair with them. A process killed with SIGKILL cannot clean up: `leftovers("")` lists what is
-left under the prefix, `remove_all` deletes it.
+pair with them. A process killed with SIGKILL cannot clean up: each pair records its creator's
+PID in MARKS/<tag>, and `stale` finds the tags whose creator is dead (or unrecorded), which
+`remove_all` deletes; a pair whose creator still runs (another benchmark, a test) is left alone.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 PREFIX = "cco-"
+MARKS = Path("/run/clicooper-netns")  # <tag>: the PID of the process that made the pair
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
@@ -101,12 +104,15 @@ def pair(owner_ip: str = "10.77.0.1", device_ip: str = "10.77.0.2") -> Iterator[
              ("-n", p.device, "link", "set", p.device_if, "up"),
              ("-n", p.owner, "link", "set", "lo", "up"), ("-n", p.device, "link", "set", "lo", "up")]
     try:
+        MARKS.mkdir(parents=True, exist_ok=True)
+        (MARKS / tag).write_text(str(os.getpid()))
         for step in steps:
             _must("ip", *step)
         yield p
     finally:
         with _signals_held():  # a second signal must not cut the removal short
             remove(p)
+            (MARKS / tag).unlink(missing_ok=True)
 
 
 def remove(p: Pair) -> None:
@@ -170,18 +176,47 @@ def leftovers(tag: str = "") -> list[str]:
         [n for n in links if n.startswith(f"cco{tag}") and len(n) == 10]
 
 
-def remove_all(tag: str = "") -> list[str]:
-    """Delete every namespace and link `leftovers(tag)` finds (processes inside killed
-    first); returns their names. With no tag that is every `cco-` namespace on the machine:
-    only when nothing else using them runs (`tests/test_two_hosts.py` makes them too)."""
-    found = leftovers(tag)
-    for name in found:
-        if name.startswith(PREFIX):
-            kill_inside(name)
-            ip("netns", "del", name)
-        else:
-            ip("link", "del", name)
-    return found
+def stale() -> list[str]:
+    """Tags of pairs left behind: their creator's recorded PID is no longer running, or no
+    creator is recorded (made before records were kept, or the record was lost)."""
+    tags = {n[len(PREFIX):].split("-")[0] for n in leftovers("") if n.startswith(PREFIX)}
+    tags |= {n[3:9] for n in leftovers("") if not n.startswith(PREFIX)}
+    return sorted(t for t in tags if not _creator_alive(t))
+
+
+def _creator_alive(tag: str) -> bool:
+    try:
+        pid = int((MARKS / tag).read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
+
+
+def remove_all(tag: str | None = None) -> list[str]:
+    """Delete the namespaces and links of pair `tag`, or of every `stale` pair when `tag` is
+    None (processes inside killed first); returns the names that are gone afterwards. A pair
+    whose creator still runs is never touched unless named."""
+    tags = [tag] if tag is not None else stale()
+    gone = []
+    for t in tags:
+        found = leftovers(t)
+        for name in found:
+            if name.startswith(PREFIX):
+                kill_inside(name)
+                ip("netns", "del", name)
+            else:
+                ip("link", "del", name)
+        left = set(leftovers(t))
+        gone += [n for n in found if n not in left]
+        if not left:
+            (MARKS / t).unlink(missing_ok=True)
+    return gone
 
 
 @contextmanager
