@@ -102,6 +102,7 @@ class Rejoins:
         broker connection coming back (`_after_broker`) roll the run back, and training goes
         on from the step it rolled back to."""
         rejoined, gone, broker = None, None, False
+        self.broker_seen = self.bus.reconnects  # only a return during training rolls back
         self.loop.interrupt = self._broker_check
         try:
             while True:
