@@ -240,9 +240,12 @@ def _raise_stopped(signum: int, frame: object) -> None:
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Inside: SIGTERM and SIGHUP raise `Stopped` (SIGINT raises KeyboardInterrupt as always),
-    so that every `finally` on the way out runs; the previous handlers are back after."""
+    """Inside: SIGTERM and SIGHUP raise `Stopped`, SIGINT KeyboardInterrupt (even when this
+    process was started with SIGINT ignored, as a shell's background job is, where Python
+    leaves it ignored), so that every `finally` on the way out runs; the previous handlers are
+    back after."""
     previous = {s: signal.signal(s, _raise_stopped) for s in STOP_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
