@@ -125,6 +125,33 @@ def test_a_commitment_logged_after_the_round_began_fails(runs, tmp_path):
     assert (stage, round_) == (2, 1) and "before the round began" in reason
 
 
+def test_a_bundle_missing_the_checkpoint_a_commitment_keys_to_still_verifies(runs, tmp_path):
+    """The owner collects published checkpoints on a lossy channel and can miss the one a
+    commitment keys to (the first, right after the roster: once a flaky "broken chain"). Each
+    certificate proves its commitment's log root by a consistency proof to its own checkpoint,
+    so the bundle needs no other; a forged proof, or a forged root, is refused."""
+    b = _bundle_copy(runs, tmp_path)
+    notary = load_identity(runs["keys"] / "notary.key")
+    keyed = set()
+    for path in (b / "certificates").glob("*.cert"):
+        cert, _ = open_certificate(path.read_bytes(), notary.public, default_origin("wa"))
+        keyed.add(Commit.from_doc(cert.commit.document()).log_size)
+    notes = json.loads((b / "checkpoints.json").read_text())
+    kept = [n for n in notes if int(n.split("\n")[1]) not in keyed]
+    assert len(kept) < len(notes)
+    (b / "checkpoints.json").write_text(json.dumps(kept))
+    v = _verify(runs["wa"] / "model.safetensors", b)
+    assert v.ok, v.failure
+    path = b / "certificates" / "stage-1-round-1.cert"
+    cert, _ = open_certificate(path.read_bytes(), notary.public, default_origin("wa"))
+    assert cert.log_root_proof  # the notary proves it
+    from dataclasses import replace
+
+    bad = replace(cert, log_root_proof=tuple(bytes(32) for _ in cert.log_root_proof))
+    with pytest.raises(CertificateError, match="log root is not the log's root"):
+        open_certificate(issue(notary, bad), notary.public, default_origin("wa"))
+
+
 def test_every_single_bit_flip_of_a_certificate_fails(runs):
     raw = (runs["wa"] / "provenance" / "certificates" / "stage-1-round-0.cert").read_bytes()
     bundle = load_bundle(runs["wa"] / "provenance")

@@ -15,12 +15,13 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from clicooper_bus.chain.documents import Commit
 from clicooper_bus.errors import ClicooperError, ProofError
 from clicooper_bus.net import codec, signed_doc
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.wire import Header, parse_header, split_leaf
 from clicooper_bus.tlog.checkpoint import Checkpoint, open_checkpoint
-from clicooper_bus.tlog.merkle import leaf_hash, verify_inclusion
+from clicooper_bus.tlog.merkle import leaf_hash, verify_consistency, verify_inclusion
 
 CERT_TYPE = "clicooper-wm-certificate/1"
 
@@ -65,6 +66,10 @@ class Certificate:
     commit_proof: tuple[bytes, ...]
     claim_proof: tuple[bytes, ...]
     issued_ns: int = 0  # the notary's clock when it certified (what a dispute compares)
+    # RFC 9162 consistency proof from the log size the commitment keys to (its `log_size`) to
+    # the certificate's checkpoint: proves the commitment's `log_root` is this log's root at
+    # that size, with no other checkpoint needed (empty: not carried, or equal sizes)
+    log_root_proof: tuple[bytes, ...] = ()
     raw: bytes = b""  # the signed document, as issued
 
     def to_doc(self) -> dict[str, Any]:
@@ -75,7 +80,7 @@ class Certificate:
                           "index": self.claim.index},
                 "round_start": self.round_start, "checkpoint": self.checkpoint_note,
                 "commit_proof": list(self.commit_proof), "claim_proof": list(self.claim_proof),
-                "issued_ns": self.issued_ns}
+                "issued_ns": self.issued_ns, "log_root_proof": list(self.log_root_proof)}
 
 
 def issue(notary: Identity, cert: Certificate) -> bytes:
@@ -104,7 +109,7 @@ def open_certificate(data: bytes, notary: PublicIdentity, origin: str) -> tuple[
                            _logged(d["commit"], "commit"), _logged(d["claim"], "claim"),
                            int(d["round_start"]), str(d["checkpoint"]),
                            tuple(d["commit_proof"]), tuple(d["claim_proof"]),
-                           int(d["issued_ns"]), raw=data)
+                           int(d["issued_ns"]), tuple(d.get("log_root_proof", ())), raw=data)
     except (KeyError, TypeError, ValueError) as exc:
         raise CertificateError(f"certificate is malformed: {exc}") from None
     try:
@@ -123,4 +128,33 @@ def open_certificate(data: bytes, notary: PublicIdentity, origin: str) -> tuple[
                                    f"{cp.size}): {exc}") from None
         if hashlib.sha256(logged.body).digest() != logged.header.body_sha256:
             raise CertificateError(f"the {what}'s body does not match its signed header")
+    try:
+        keyed = Commit.from_doc(cert.commit.document()).log_size
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CertificateError(f"the certified commitment is malformed: {exc}") from None
+    if cert.log_root_proof or keyed == cp.size:
+        _check_log_root(cert, cp)
     return cert, cp
+
+
+def keyed_root(cert: Certificate, cp: Checkpoint) -> tuple[int, bytes] | None:
+    """(size, root) the certified commitment keys to, when the certificate proves it is the
+    log's root at that size (`log_root_proof`, checked by `open_certificate`, or the
+    checkpoint's own size); None when it does not carry a proof."""
+    commit = Commit.from_doc(cert.commit.document())
+    if cert.log_root_proof or commit.log_size == cp.size:
+        return commit.log_size, commit.log_root
+    return None
+
+
+def _check_log_root(cert: Certificate, cp: Checkpoint) -> None:
+    try:
+        commit = Commit.from_doc(cert.commit.document())
+        if not all(type(h) is bytes for h in cert.log_root_proof):
+            raise ProofError("proof hashes must be bytes")
+        verify_consistency(commit.log_size, cp.size, commit.log_root, cp.root,
+                           list(cert.log_root_proof))
+    except (ProofError, ValueError, TypeError) as exc:
+        raise CertificateError(f"the commitment's log root is not the log's root at its size "
+                               f"(consistency with the certificate's checkpoint of size "
+                               f"{cp.size}): {exc}") from None

@@ -31,6 +31,7 @@ import sys
 import time
 
 from clicooper_bus.chain.certificate import Certificate, issue
+from clicooper_bus.chain.documents import Commit
 from clicooper_bus.chain.registry import WatermarkRegistry
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError, LogFull
@@ -270,11 +271,16 @@ class Notary(NotaryRestarts):
         self._checkpoint(force=True)  # a signed tree that holds the claim
         note = self.plog.latest_note()
         size = self.plog.size
+        keyed = Commit.from_doc(todo.commit.document()).log_size
         cert = Certificate(self.roster.run_id, todo.stage, todo.round, todo.commit, todo.claim,
                            todo.round_start, note,
                            tuple(self.plog.tree.inclusion_proof(todo.commit.index, size)),
                            tuple(self.plog.tree.inclusion_proof(todo.claim.index, size)),
-                           time.time_ns())
+                           time.time_ns(),
+                           # the commitment's log root proven against this checkpoint, so a
+                           # verifier needs no other (the owner may have missed the one it
+                           # keyed to: published checkpoints travel on a lossy channel)
+                           tuple(self.plog.tree.consistency_proof(keyed, size)) if keyed else ())
         self.bus.send_doc("wm_cert", "all", WatermarkCertificate(
             todo.stage, todo.round, issue(self.ident, cert)).to_doc())
         self.log.info("watermark certified", stage=todo.stage, round=todo.round)

@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from clicooper_bus.chain import key as wk
-from clicooper_bus.chain.certificate import Certificate, CertificateError, open_certificate
+from clicooper_bus.chain.certificate import (
+    Certificate,
+    CertificateError,
+    keyed_root,
+    open_certificate,
+)
 from clicooper_bus.chain.documents import Claim, Commit, check_commit
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import ProvenanceLayout, RunLayout
@@ -175,8 +180,10 @@ def _open_all(bundle: Bundle, handed: list[Handed] = ()
     return certs
 
 
-def _roots(bundle: Bundle, plog) -> Any:
-    """root_at(size) from the log when given, else from the run's published checkpoints."""
+def _roots(bundle: Bundle, plog, certs: dict | None = None) -> Any:
+    """root_at(size) from the log when given, else from the run's published checkpoints and
+    the roots the certificates prove (`certificate.keyed_root`: a commitment's log root, by
+    a consistency proof to its notary-signed checkpoint)."""
     if plog is not None:
         return lambda n: plog.tree.root(n) if n <= plog.size else None
     notary, origin = bundle.roster.notary.identity, default_origin(bundle.roster.run_id)
@@ -187,6 +194,11 @@ def _roots(bundle: Bundle, plog) -> Any:
         except ClicooperError as exc:
             raise VerifyFailed(f"a checkpoint in the bundle does not verify: {exc}") from None
         roots[cp.size] = cp.root
+    for cert in (certs or {}).values():
+        cp = open_checkpoint(cert.checkpoint_note, notary, origin)  # checked with the cert
+        proven = keyed_root(cert, cp)
+        if proven is not None:
+            roots.setdefault(*proven)
     return roots.get
 
 
@@ -235,7 +247,7 @@ def _verify(v: Verdict, model, bundle_dir, log_dir, owner) -> None:
     certs = _open_all(bundle, handed)
     v.certificates = len(certs)
     if log_dir is None:
-        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, None), marks["rounds"],
+        _check_chain(v, bundle, certs, segments, nbits, _roots(bundle, None, certs), marks["rounds"],
                      handed)
         return
     from clicooper_bus.tlog.log import ProvenanceLog
