@@ -213,7 +213,7 @@ class WatermarkSection:
     enabled: bool = _doc(True, "each trainer embeds a chained watermark in its stage every "
                                "round and the notary certifies it (stages without weights "
                                "carry none)")
-    bits: int = _doc(64, "watermark bits T per stage and round", min=8)
+    bits: int = _doc(64, "watermark bits T per stage and round", min=8, max=4096)
     strength: float = _doc(0.1, "lambda of the watermark regulariser "
                                 "lambda * BCE(sigmoid(X w), b)", min=0.0)
     threshold: float = _doc(0.2, "a stage verifies with at most this fraction of its bits "

@@ -132,3 +132,17 @@ def test_closed_form_gradient_equals_autograd(layer, monkeypatch):
     layer.weight.grad = torch.ones_like(layer.weight)  # it adds to what is there
     mark.add_grad()
     assert torch.allclose(layer.weight.grad - 1, expected, atol=1e-7, rtol=1e-5)
+
+
+def test_a_claim_is_bounded_like_the_marks_it_reports():
+    """An oversized claim would make every message quoting it (the notary's tips) too large to
+    send: its bits must fit MAX_BITS, be packed 8 a byte, and its errors at most its bits."""
+    from clicooper_bus.chain.documents import MAX_BITS, Claim
+
+    ok = Claim(1, 0, bytes(32), bytes(32), bytes(8), 64, 3)
+    assert Claim.from_doc(ok.to_doc()) == ok
+    for bad in (Claim(1, 0, bytes(32), bytes(32), bytes(20_000), 64, 0),
+                Claim(1, 0, bytes(32), bytes(32), bytes(MAX_BITS // 8 + 1), MAX_BITS + 8, 0),
+                Claim(1, 0, bytes(32), bytes(32), bytes(8), 64, 65)):
+        with pytest.raises(ValueError, match="malformed watermark claim"):
+            Claim.from_doc(bad.to_doc())

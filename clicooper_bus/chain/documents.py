@@ -69,6 +69,9 @@ class Commit(_Document):
                        self.prev_round, self.log_root)
 
 
+MAX_BITS = 4096  # watermark bits a claim may carry (the roster's `bits`; 64 by default)
+
+
 @dataclass(frozen=True)
 class Claim(_Document):
     WHAT = "watermark claim"
@@ -85,6 +88,13 @@ class Claim(_Document):
         c = cls._parse(d)
         if len(c.commitment) != 32 or len(c.weights_sha256) != 32:
             raise ValueError("malformed watermark claim: digests must be 32 bytes")
+        # bounded like the marks a stage can carry: an oversized claim would make every
+        # message that quotes it (the notary's tips) too large to send
+        if not 0 <= c.nbits <= MAX_BITS or len(c.bits) != (c.nbits + 7) // 8 or \
+                not 0 <= c.bit_errors <= c.nbits:
+            raise ValueError(f"malformed watermark claim: {c.nbits} bits in {len(c.bits)} "
+                             f"bytes with {c.bit_errors} errors (at most {MAX_BITS} bits, "
+                             f"packed 8 a byte)")
         return c
 
 

@@ -11,6 +11,7 @@ where everyone can see it was refused).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +44,13 @@ class WatermarkRegistry:
 
     def __post_init__(self) -> None:
         self.stages = list(self.roster.stages)
+
+    def _roster_bits(self) -> int:
+        """The marks' bits the owner signed into the roster (0: no watermark metadata)."""
+        try:
+            return int(json.loads(self.roster.meta.get("watermark") or "{}").get("bits", 0))
+        except (ValueError, TypeError, AttributeError):
+            return 0
 
     def _stage_of(self, sender: str) -> int | None:
         m = self.roster.by_key_id(sender)
@@ -132,6 +140,9 @@ class WatermarkRegistry:
 
     def _claim(self, env: Envelope, logged: Logged) -> Certifiable:
         c = Claim.from_doc(env.document())
+        if c.nbits not in (0, self._roster_bits()):
+            raise ValueError(f"a claim of {c.nbits} bits, the roster's marks have "
+                             f"{self._roster_bits()}")
         registered = self.commits.get((c.stage, c.round))
         if registered is None:
             raise ValueError(f"no commitment of stage {c.stage} for round {c.round}")
