@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from clicooper_bus.errors import ClicooperError
+from clicooper_bus.errors import ClicooperError, MalformedMessage, PoisonedInput
 from clicooper_bus.net.bus import Bus, BusError
 from clicooper_bus.net.wire import Envelope
+from clicooper_bus.protocol import ProtocolError
 
 Handler = Callable[[Envelope], None]
 
@@ -58,7 +59,14 @@ class Dispatcher:
             self.log.warning("message from an unexpected sender refused", kind=env.header.kind,
                              sender=self.names.get(env.header.sender, env.header.sender))
             return
-        route.handle(env)
+        try:
+            route.handle(env)
+        except (ProtocolError, MalformedMessage) as exc:
+            # a member's malformed control document is a refusal naming it, which stops the run
+            # cleanly: never a crash (which would leave its stage to be handed to a standby)
+            raise PoisonedInput(sender=self.names.get(env.header.sender, env.header.sender),
+                                kind=env.header.kind, step=env.header.step,
+                                problem=str(exc)) from None
 
     def pump(self, timeout_s: float) -> bool:
         """Receive and dispatch at most one message; False if none came within `timeout_s`."""

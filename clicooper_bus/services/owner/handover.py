@@ -17,10 +17,8 @@ commitment. The handover goes into the provenance bundle; `model verify` names b
 
 from __future__ import annotations
 
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from clicooper_bus.errors import ClicooperError
 from clicooper_bus.protocol import Handover, StageState
 from clicooper_bus.services.owner.rollback import RollbackRefused
 from clicooper_bus.services.trainer.snapshot import canonical_digest
@@ -37,14 +35,22 @@ class Handovers:
         that trainer goes for good)."""
         name = self.books.names[env.header.sender]
         msg = StageState.parse(env.document(), sender=name)
+        if msg.step % self.training.per:  # a handover restarts a round: only its start will do
+            self.log.warning("stage state refused", trainer=name, step=msg.step,
+                             error="not at a round boundary")
+            return
         committed = self.books.snapshots.get(name, {}).get(msg.step)
+        if committed is None:  # checked before the costly unseal and parse
+            self.log.warning("stage state refused", trainer=name, step=msg.step,
+                             error="no commitment of that step")
+            return
         try:
             raw = self.ident.unseal(msg.sealed)
             digest = canonical_digest(st_load(raw), msg.step)
-        except (ClicooperError, SafetensorError) as exc:
+        except Exception as exc:  # noqa: BLE001  (safetensors raises KeyError for some dtypes)
             self.log.warning("stage state refused", trainer=name, step=msg.step, error=str(exc))
             return
-        if committed is None or committed.state != digest:
+        if committed.state != digest:
             self.log.warning("stage state refused", trainer=name, step=msg.step,
                              error="not the state it committed for that step")
             return
