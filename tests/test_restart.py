@@ -32,7 +32,9 @@ def _console(cfg) -> str:
 
 
 def _reference(cfg):
-    data = load_dataset(cfg.data.name, None, cfg.run.seed)
+    """The uninterrupted run, in process (on the config's data, limited as the run's is)."""
+    data = load_dataset(cfg.data.name, None, cfg.run.seed).limit(
+        cfg.data.train_limit or None, cfg.data.test_limit or None)
     spec = model_spec(cfg.model.name, data.input_shape, data.classes)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.run.threads)

@@ -25,31 +25,9 @@ from clicooper_bus.tlog.logverify import verify_log
 from clicooper_bus.tools.faults import owner_step
 from clicooper_bus.tools.run import resume
 from tests.busrun import write_config
-from tests.test_restart import _console
+from tests.test_restart import _console, _reference
 
 PER = 20  # 640 samples at batch size 32
-
-
-def _reference(cfg):
-    """The uninterrupted run, in process (on the config's limited data)."""
-    import torch
-
-    from clicooper_bus.ml.data import load_dataset
-    from clicooper_bus.ml.models import default_cuts, model_spec
-    from clicooper_bus.ml.reference import train_reference
-
-    data = load_dataset(cfg.data.name, None, cfg.run.seed).limit(cfg.data.train_limit,
-                                                                 cfg.data.test_limit)
-    spec = model_spec(cfg.model.name, data.input_shape, data.classes)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.run.threads)
-    try:
-        return train_reference(data, spec, default_cuts(spec, len(cfg.participants.trainers)),
-                               seed=cfg.run.seed, epochs=cfg.run.epochs,
-                               batch_size=cfg.run.batch_size, lr=cfg.run.lr,
-                               evaluate_each_epoch=False)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _interrupt(path, cfg, at_step: int) -> None:
