@@ -180,3 +180,9 @@ def test_simulated_channels_are_completed_with_the_same_top(run):
     assert {"fwd (simulated)", "fwd (simulated)+linked", "eval_fwd (simulated)"} <= set(ch)
     assert ch["fwd (simulated)"]["accuracy"] == ch["fwd"]["accuracy"]
     assert ch["fwd (simulated)"]["seen"] == ch["fwd"]["seen"] == 5000
+    # a simulated channel heading the row is never read as rows the trainer received
+    from clicooper_bus.audit.family_completion import _headline
+
+    top = {**row, "channel": "fwd (simulated)+linked", **ch["fwd (simulated)+linked"]}
+    assert "simulated white-box with the final weights" in _headline(top)[0]
+    assert "received" in _headline({**row, "channel": "fwd", **ch["fwd"]})[0]

@@ -26,6 +26,7 @@ from clicooper_bus.audit.families import (
     register,
 )
 from clicooper_bus.audit.family_channels import members_channels
+from clicooper_bus.ml.attacks.channels import SIMULATED
 
 if TYPE_CHECKING:
     from clicooper_bus.audit.auditor import Audit
@@ -82,8 +83,11 @@ def _own_data(attack: Attack, truth: Truth, audit: Audit) -> dict[str, Any]:
 def _headline(row: Row) -> tuple[str, str, str]:
     if row["channel"] is None:
         return ("no received rows to label", "-", "-")
+    rows = (f"{row['samples']} followed samples, simulated white-box with the final weights"
+            if SIMULATED in row["channel"].split("+")[0] else
+            f"{row['samples']} of {row['seen']} rows {row['trainer']} received")
     return (f"accuracy {row['accuracy']:.3f}, ARI {row['ari']:.3f} on {row['channel']} "
-            f"({row['samples']} of {row['seen']} rows {row['trainer']} received)",
+            f"({rows})",
             f"chance {row['chance']:.3f}; own-data baseline {row['baseline']:.3f} "
             f"({row['baseline_name']}, {row['labelled']} labels, on images)",
             f"{row['accuracy'] - row['chance']:+.3f} over chance, {row['gain']:+.3f} over the "
