@@ -15,10 +15,9 @@ import pytest
 from clicooper_bus.config import load_config
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.watermark.verify import verify_model
-from clicooper_bus.tlog.logverify import verify_log
 from clicooper_bus.tools.faults import Injector, Kill, launch
 from tests.busrun import write_config
-from tests.test_restart import _console
+from tests.test_restart import _console, _verified
 
 PER = 10  # 320 samples at batch size 32
 
@@ -44,11 +43,8 @@ def test_a_standby_takes_over_a_gone_trainers_stage_and_the_chain_records_it(rep
     assert not inj.errors, inj.errors
     assert code == 0, _console(cfg)
     layout = RunLayout(cfg.run_dir)
-    r = verify_log(layout.log)
-    assert r.ok, r.failure
+    r, v = _verified(cfg)
     assert r.per_kind.get("handover") == 1 and r.per_kind.get("rollback") == 1, r.per_kind
-    v = verify_model(layout.model, layout.provenance.root, log_dir=layout.log, exact=True)
-    assert v.ok, v.failure
     assert [(s.stage, s.trainer, s.trainers) for s in v.stages] == [
         (1, "standby-1", {"trainer-1": [0], "standby-1": [1]}),
         (2, "trainer-2", {"trainer-2": [0, 1]})]

@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from clicooper_bus.config import load_config
+from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import load_dataset
 from clicooper_bus.ml.models import default_cuts, model_spec, state_dict_with_prefix
 from clicooper_bus.ml.reference import train_reference
+from clicooper_bus.ml.watermark.verify import verify_model
 from clicooper_bus.tlog.logverify import verify_log
 from clicooper_bus.tools.faults import Injector, Kill, launch
 from tests.busrun import write_config
@@ -29,6 +31,16 @@ RUN = {"seed": 3, "snapshot_every": 10}
 def _console(cfg) -> str:
     tel = cfg.run_dir / "telemetry"
     return "".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tel.glob("*.out")))
+
+
+def _verified(cfg):
+    """(log verdict, model verdict with the log, exact) of a finished run, both asserted ok."""
+    layout = RunLayout(cfg.run_dir)
+    r = verify_log(layout.log)
+    assert r.ok, r.failure
+    v = verify_model(layout.model, layout.provenance.root, log_dir=layout.log, exact=True)
+    assert v.ok, v.failure
+    return r, v
 
 
 def _reference(cfg):
@@ -85,8 +97,6 @@ def test_a_killed_trainer_rejoins_a_watermarked_run(tmp_path):
     mark, and its round-0 claim), the run rolls back no further than the end of round 0 and
     completes; the log verifies and `model verify` passes against the log, naming trainer-1
     for stage 1 in both rounds."""
-    from clicooper_bus.ml.watermark.verify import verify_model
-
     path = write_config(tmp_path, run_id="wm-killed", trainers=2, bus=BUS,
                         run={"seed": 3, "snapshot_every": 5, "epochs": 2},
                         data={"train_limit": 320, "test_limit": 64},
@@ -97,13 +107,9 @@ def test_a_killed_trainer_rejoins_a_watermarked_run(tmp_path):
     code = launch(path, timeout_s=300, inject=inj)
     assert not inj.errors, inj.errors
     assert code == 0, _console(cfg)
-    r = verify_log(cfg.run_dir / "log")
-    assert r.ok, r.failure
+    r, v = _verified(cfg)
     assert r.per_kind.get("rollback") == 1 and r.per_kind.get("rejoin") == 1, r.per_kind
     assert r.per_kind.get("wm_commit") == 4 and r.per_kind.get("wm_claim") == 4, r.per_kind
-    v = verify_model(cfg.run_dir / "model.safetensors", cfg.run_dir / "provenance",
-                     log_dir=cfg.run_dir / "log", exact=True)
-    assert v.ok, v.failure
     assert [(s.stage, s.trainer, s.rounds) for s in v.stages] == [(1, "trainer-1", 2),
                                                                   (2, "trainer-2", 2)]
     console = _console(cfg)

@@ -25,7 +25,7 @@ from clicooper_bus.tlog.logverify import verify_log
 from clicooper_bus.tools.faults import owner_step
 from clicooper_bus.tools.run import resume
 from tests.busrun import write_config
-from tests.test_restart import _console, _reference
+from tests.test_restart import _console, _reference, _verified
 
 PER = 20  # 640 samples at batch size 32
 
@@ -134,7 +134,6 @@ def test_a_killed_owner_restarts_in_a_watermarked_run_and_the_model_verifies(tmp
     """The owner alone killed in its second round of a run with watermarks on and started
     again with --resume: its books (the watermark chain and the round-0 certificates) come
     from the log; the run completes and `model verify --exact` passes against the log."""
-    from clicooper_bus.ml.watermark.verify import verify_model
     from clicooper_bus.tools.faults import Injector, Kill, launch
 
     path = write_config(tmp_path, run_id="owner-killed", trainers=2,
@@ -147,10 +146,6 @@ def test_a_killed_owner_restarts_in_a_watermarked_run_and_the_model_verifies(tmp
     code = launch(path, timeout_s=300, inject=inj)
     assert not inj.errors, inj.errors
     assert code == 0, _console(cfg)
-    layout = RunLayout(cfg.run_dir)
-    r = verify_log(layout.log)
-    assert r.ok, r.failure
+    r, v = _verified(cfg)
     assert r.per_kind.get("rollback") == 1 and r.per_kind.get("restored") == 2, r.per_kind
-    v = verify_model(layout.model, layout.provenance.root, log_dir=layout.log, exact=True)
-    assert v.ok, v.failure
     assert [s.rounds for s in v.stages] == [2, 2]

@@ -44,7 +44,7 @@ def _message(kind: str, sender: str, step: int, body: torch.Tensor | None = None
     header = SimpleNamespace(kind=kind, sender=sender, step=step, batch=step, epoch=0,
                              dtype="int64" if kind == "labels" else "float32",
                              shape=tuple(body.shape))
-    return SimpleNamespace(header=header, array=lambda: body.clone().numpy(),
+    return SimpleNamespace(header=header, array=lambda: body.clone().numpy(), float_codec="fp32",
                            document=lambda: {"reason": "training complete"})
 
 

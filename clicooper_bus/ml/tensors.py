@@ -70,7 +70,7 @@ def received(env: Envelope, expected: Expected, sender: str) -> torch.Tensor:
     step and the problem; costs one pass over the values (about 0.03 ms for a 128 x 1568
     float32 batch, as the copy; decoding int8 adds about as much again)."""
     h = env.header
-    codec = getattr(env, "float_codec", "fp32")  # (a scripted test's stand-in has none)
+    codec = env.float_codec
     wire = wire_dtype(expected.dtype, codec)
     if h.dtype != wire or not expected.fits(h.shape):
         how = f" sent as {wire} (the signed plan's codec {codec})" if wire != \
