@@ -45,6 +45,9 @@ Control messages (the msgpack bodies of the kinds below; tensors are `fwd`, `bwd
 |              |                      | boundary, sealed to the owner (with standbys only)  |
 | `handover`   | owner → all          | `Handover`: a gone trainer's stage goes to a        |
 |              |                      | standby, with its committed state sealed to it      |
+| `equivocation` | notary → all       | `net.equivocation.Equivocation`: the two signed     |
+|              |                      | leaves proving a member signed two messages at one  |
+|              |                      | place of its chain (the owner stops the run)        |
 
 Each document is parsed strictly from the *verified* body: it must be a map with exactly the
 documented fields, each of its exact type (msgpack's True is not an int here, nor 1 a float); an

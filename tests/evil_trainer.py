@@ -3,11 +3,16 @@ forged metrics and unexpected outputs, and everyone a bogus checkpoint, then tra
 with EVIL_MODE=swallow it silently loses one step's activations but keeps beating; with
 EVIL_MODE=old it says hello as a trainer from before pipelining did (no schedule); with
 EVIL_MODE=poison:KIND:STEP:HOW it trains honestly but poisons the KIND tensor it sends at STEP
-(HOW: nan, inf, float64, shape (one row short), int8, huge: finite 1e38 everywhere). Started
-by tests/test_bus_faults.py and tests/test_poison.py in place of a real trainer."""
+(HOW: nan, inf, float64, shape (one row short), int8, huge: finite 1e38 everywhere); with
+EVIL_MODE=equivocate:KIND:STEP it signs two KIND messages of STEP at one seq, zeros to the owner
+first (the log's) and the real one to its receiver; with EVIL_MODE=fork:KIND:STEP its KIND of
+STEP follows a message it never sent (a `prev` of its own making). Started by
+tests/test_bus_faults.py, tests/test_poison.py and tests/test_equivocation.py in place of a
+real trainer."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 
@@ -30,14 +35,38 @@ def poisoned(array, how: str) -> np.ndarray:
         return a
     if how == "shape":
         return a[:-1]
+    if how == "none":
+        return a
     if how == "huge":  # finite, and as large as float32 goes: passes the receive check
         return np.full(a.shape, 1e38, a.dtype)
     return a.astype({"float64": np.float64, "int8": np.int8}[how])
 
 
 class EvilTrainer(real.Trainer):
+    def _equivocate(self, how: str, kind: str, step: int) -> None:
+        send_array, sender = self.bus.send_array, self.bus.sender
+
+        def equivocating(k, to, array, **meta):
+            if k == kind and meta.get("step") == step:
+                if how == "equivocate":  # the same seq twice: the first reaches the log
+                    seq, prev = sender.seq, sender.prev
+                    send_array(k, self.roster.owner.name, np.zeros_like(poisoned(array, "none")),
+                               **meta)
+                    sender.seq, sender.prev = seq, prev
+                else:  # fork: follow a message never sent
+                    sender.prev = hashlib.sha256(b"another message").digest()
+                self.log.info("equivocated", how=how, kind=k, step=step)
+            return send_array(k, to, array, **meta)
+
+        self.bus.send_array = equivocating
+
     def _join(self) -> None:
         mode = os.environ.get("EVIL_MODE", "")
+        if mode.startswith(("equivocate:", "fork:")):
+            how, kind, step = mode.split(":")
+            self._equivocate(how, kind, int(step))
+            super()._join()
+            return
         if mode.startswith("poison:"):
             _, kind, step, how = mode.split(":")
             send_array = self.bus.send_array

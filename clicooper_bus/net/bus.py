@@ -51,7 +51,7 @@ from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM, tcp_keepalive
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
-from clicooper_bus.net.wire import Envelope, Sender
+from clicooper_bus.net.wire import Envelope, Sender, parse_frames
 from clicooper_bus.protocol import SIGNALS, Topics
 
 log = structlog.get_logger("clicooper.bus")
@@ -60,6 +60,9 @@ PUMP_BATCH = 256
 # notary is down (beats; the steps in flight: the owner holds) is far less
 KEEP_SENT, KEEP_SENT_BYTES = 4096, 64 << 20
 GAPS = ("seq_gap", "broken_chain")  # refusals that leave a hole in a sender's chain
+# refusals of a signed message at a place of its sender's chain already taken (the same seq
+# again) or taken by another message (its prev): a resend, or equivocation
+CHAIN_CONFLICTS = ("replayed_seq", "broken_chain")
 
 
 class BusError(ClicooperError):
@@ -150,6 +153,9 @@ class Bus:
         # verifier's: the notary's), which only that sender's sending again can close
         self.gap_refused: dict[str, float] = {}
         self.kept_bytes = 0
+        # called (it must not send) with each signed message refused as a replay or a broken
+        # chain: the notary compares it with what it logged there (`net.equivocation`)
+        self.on_conflict: Callable[[Envelope], None] | None = None
 
     def bind(self, roster: Roster) -> None:
         """Bind to the run `roster` describes: trust its keys, stamp its nonce on every header
@@ -357,6 +363,9 @@ class Bus:
                             sender=exc.sender, field=exc.field)
                 if exc.code in GAPS and exc.sender:
                     self.gap_refused[exc.sender] = time.monotonic()
+                if exc.code in CHAIN_CONFLICTS and self.on_conflict is not None:
+                    # its signature verified before its place in the chain was checked
+                    self.on_conflict(parse_frames([f.buffer for f in frames]))
                 continue
             self.last_seen[env.header.sender] = time.monotonic()
             self.inbox.append(env)

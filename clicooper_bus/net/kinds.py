@@ -66,5 +66,8 @@ KINDS: dict[str, KindSpec] = {
                                                  "to take it over)"),
         KindSpec("handover", "msgpack", None, "the owner hands a gone trainer's stage to a "
                                               "standby: its committed state, sealed to it"),
+        KindSpec("equivocation", "msgpack", 16 * 1024, "the notary's proof that a member signed "
+                                                      "two different messages at one place in "
+                                                      "its chain (`net.equivocation`)"),
     )
 }

@@ -37,6 +37,7 @@ from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError, LogFull
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.bus import Bus, BusError, PeersGone
+from clicooper_bus.net.equivocation import Equivocation
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
@@ -52,12 +53,13 @@ from clicooper_bus.services.common import (
     public,
     run_main,
 )
+from clicooper_bus.services.notary_evidence import NotaryEvidence
 from clicooper_bus.services.notary_restarts import NotaryRestarts
 from clicooper_bus.services.usage import CpuMeter
 from clicooper_bus.tlog.log import ProvenanceLog
 
 
-class Notary(NotaryRestarts):
+class Notary(NotaryRestarts, NotaryEvidence):
     def __init__(self, cfg: RunConfig, log, resume: bool = False):
         self.cfg, self.log, self.resume = cfg, log, resume
         self.ident = identity(cfg, cfg.participants.notary)
@@ -75,6 +77,10 @@ class Notary(NotaryRestarts):
         self.chains: dict[str, tuple[int, bytes]] = {}  # key id -> (seq, header digest) logged
         self.tipped: dict[str, float] = {}  # key id -> when we last sent it its chain's tip
         self.gap_since: dict[str, float] = {}  # key id -> since when its chain has a gap
+        self.logged_at: dict[tuple[str, int], int] = {}  # (key id, seq) -> log index
+        self.accused: set[str] = set()  # key ids proven to have equivocated
+        self.evidence: list[Equivocation] = []  # proofs found, not yet published
+        self.bus.on_conflict = self._conflict
 
     def run(self) -> int:
         if self.cfg.log.notary_nice:
@@ -158,6 +164,10 @@ class Notary(NotaryRestarts):
                 self.log.error("peers silent", error=str(exc))
                 print(f"notary: error: {exc}; the log is kept up to here", file=sys.stderr)
                 return EXIT_FAIL
+            if self.evidence and self._accuse():
+                print("notary: error: the owner equivocated: nobody is left to stop the run "
+                      "cleanly; the log is kept up to here", file=sys.stderr)
+                return EXIT_FAIL
             if self._chain_gap():
                 # only a genuinely signed message can show a gap: one was lost on its way here,
                 # or the broker refused one of the sender's own (an oversized body, say)
@@ -202,11 +212,14 @@ class Notary(NotaryRestarts):
         drain_until = time.monotonic() + 2.0
         while time.monotonic() < drain_until and (env := bus.recv(0.3)) is not None:
             self._append(env)
-        if bus.open_gaps():  # a member never sent again what we missed: not a complete log
+        # a member never sent again what we missed: not a complete log (an equivocating member's
+        # chain goes on from the message the log refused: the log holds the proof instead)
+        gaps = [k for k in bus.open_gaps() if k not in self.accused]
+        if gaps:
             print("notary: error: a sender's chain has a gap the log cannot close (messages "
                   "sent while the notary was down and never sent again); not closing the log "
                   "as complete", file=sys.stderr)
-            self.log.error("chain gap at closing", senders=bus.open_gaps(),
+            self.log.error("chain gap at closing", senders=gaps,
                            error="a sender's chain has a gap the log cannot close: messages "
                                  "sent while the notary was down were never sent again")
             return EXIT_FAIL
@@ -221,6 +234,7 @@ class Notary(NotaryRestarts):
         """Append `env` to the log (its index), and remember where its sender's chain stands."""
         index = self.plog.append_envelope(env)
         self.chains[env.header.sender] = (env.header.seq, env.header.digest)
+        self.logged_at[env.header.sender, env.header.seq] = index
         return index
 
     def _stops(self, env: Envelope) -> bool:

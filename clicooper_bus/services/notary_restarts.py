@@ -49,6 +49,7 @@ class NotaryRestarts:
                 raise LogCorrupted(f"entry {i} of {path} does not verify on resuming ({exc}): "
                                    f"run `clicooper log verify {path}`") from None
             self.chains[h.sender] = (h.seq, h.digest)
+            self.logged_at[h.sender, h.seq] = i
             if h.kind in ("wm_commit", "wm_claim") and body is None:
                 raise ClicooperError(f"the log did not keep the body of entry {i} ({h.kind}), "
                                      f"which the watermark register needs: this run cannot "
@@ -91,7 +92,7 @@ class NotaryRestarts:
         `timeout_s`): what we never received (we were restarted, or the broker was, or it
         refused one of the sender's own) it sends again, and the gap closes."""
         now, bus = time.monotonic(), self.bus
-        gaps = bus.open_gaps()
+        gaps = [k for k in bus.open_gaps() if k not in self.accused]  # (proven forked)
         for kid in [k for k in self.gap_since if k not in gaps]:
             del self.gap_since[kid]
         names = {m.key_id: m.name for m in self.roster.members

@@ -22,9 +22,12 @@ from clicooper_bus.errors import (
     LogCorrupted,
     RejectedMessage,
 )
+from clicooper_bus.net import codec
+from clicooper_bus.net.equivocation import Equivocation, proven
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.net.wire import Header
 from clicooper_bus.tlog.checkpoint import Checkpoint, open_checkpoint
 from clicooper_bus.tlog.log import ExpectedBodies, ProvenanceLog, meta_line, prev_line
 from clicooper_bus.tlog.merkle import verify_consistency
@@ -55,6 +58,9 @@ class VerifyResult:
     per_kind: dict[str, int] = field(default_factory=dict)
     uncovered: int = 0  # entries after the latest checkpoint
     warnings: list[str] = field(default_factory=list)
+    # what each of the notary's equivocation proofs in the log proves (`net.equivocation`): the
+    # log is whole, but the member named signed two messages at one place of its chain
+    equivocations: list[str] = field(default_factory=list)
     failure: Failure | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -140,10 +146,32 @@ def _verify_leaves(plog: ProvenanceLog, r: VerifyResult, roster: Roster,
                                 f"is missing from bodies.dat", "leaves.dat", i))
         senders[names[h.sender]] += 1
         kinds[h.kind] += 1
+        if h.kind == "equivocation":
+            _check_equivocation(plog, r, roster, h, i)
         if i % 10000 == 0:
             progress("leaves", i, plog.size)
     r.entries, r.per_sender, r.per_kind = plog.size, dict(senders), dict(kinds)
     return expected.shas
+
+
+def _check_equivocation(plog: ProvenanceLog, r: VerifyResult, roster: Roster, h: Header,
+                        i: int) -> None:
+    """Entry `i`, a proof of equivocation: only the notary's counts, and it must prove what it
+    says (a notary accusing a member falsely fails the log)."""
+    if roster.notary is None or h.sender != roster.notary.key_id:
+        raise _Fail(Failure("an equivocation proof not sent by the roster's notary",
+                            "leaves.dat", i))
+    body = plog.body(h.body_sha256)
+    if body is None:
+        r.warnings.append(f"entry {i} is an equivocation proof whose body the log did not keep: "
+                          f"it cannot be checked ([log] retention)")
+        return
+    try:
+        ev = Equivocation.parse(codec.unpack(bytes(body)), sender=roster.notary.name)
+        _, what = proven(ev, roster, sender=roster.notary.name)
+    except ClicooperError as exc:
+        raise _Fail(Failure(str(exc), "leaves.dat", i)) from None
+    r.equivocations.append(f"entry {i}: {what}")
 
 
 def _verify_bodies(plog: ProvenanceLog, r: VerifyResult, want: list[bytes],

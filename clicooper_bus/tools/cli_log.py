@@ -44,12 +44,17 @@ def cmd_log_verify(args: argparse.Namespace) -> int:
               f"run {result.run_id}; root {result.root}")
         for w in result.warnings:
             print(f"warning: {w}")
+        for e in result.equivocations:
+            print(f"EQUIVOCATION proven by the log ({e}): the log is whole, but a member showed "
+                  f"its receivers other messages than it logged")
     else:
         f = result.failure
         where = f.file + (f" entry {f.index}" if f.index is not None and f.file == "leaves.dat"
                           else f" record {f.index}" if f.index is not None else "")
         print(f"FAILED at {where or 'log'}: {f.reason}")
-    return 0 if result.ok else 1
+    if not result.ok:
+        return 1
+    return 2 if result.equivocations else 0
 
 
 def cmd_log_show(args: argparse.Namespace) -> int:
@@ -159,7 +164,11 @@ def add_log_commands(sub) -> None:
     """The `log` subcommands, under the `clicooper` parser's subparsers `sub`."""
     logp = sub.add_parser("log", help="provenance log tools").add_subparsers(dest="cmd",
                                                                              required=True)
-    c = logp.add_parser("verify", help="verify every record, signature, chain, body, checkpoint")
+    c = logp.add_parser("verify", help="verify every record, signature, chain, body, checkpoint",
+                        epilog="exit codes: 0 the log verifies; 1 it does not (the first failure "
+                               "is named); 2 it verifies and holds the notary's proof that a "
+                               "member equivocated (signed two messages at one place of its "
+                               "chain)")
     c.add_argument("dir", help="the log directory (RUN_DIR/log)")
     c.add_argument("--json", action="store_true", help="machine-readable result")
     c.add_argument("--owner-key", help="pin the roster's owner to this public key file")

@@ -21,6 +21,7 @@ from clicooper_bus.protocol import (
     Metrics,
     ProtocolError,
     Restored,
+    Round,
     Snapshot,
     Usage,
     WatermarkCertificate,
@@ -52,6 +53,12 @@ class Books:
     snapshots: dict[str, dict[int, Snapshot]] = field(default_factory=dict)
     restored: dict[str, Restored] = field(default_factory=dict)  # since the last rollback
     fenced: set[str] = field(default_factory=set)  # key ids whose data is stale (a rollback)
+    # (kind, key id, step) -> the body's SHA-256 of the first `fwd` or `bwd` received for it
+    received: dict[tuple[str, str, int], bytes] = field(default_factory=dict)
+    replayed_steps: int = 0  # steps trained again after rollbacks
+    replays_compared: int = 0  # messages received again after a rollback, equal to the first
+    replays_differing: int = 0  # ... not equal to it (in_flight > 1 only; else a refusal)
+    said: tuple[int, str] | None = None  # the owner's last `round`: (round, phase)
 
     def _stage(self, env: Envelope) -> int:
         return self.stages.index(self.names[env.header.sender]) + 1
@@ -96,16 +103,53 @@ class Books:
 
     def on_snapshot(self, env: Envelope) -> None:
         """A trainer's commitment to its snapshot of a step (kept: a rollback goes to a step
-        every stage committed, and its `restored` must match)."""
+        every stage committed, and its `restored` must match). The first commitment of a step
+        stands until a rollback before it: one from a trainer that has not restored since the
+        rollback is stale (dropped), the same one again is ignored, and another one is a
+        refusal (PoisonedInput): a trainer could otherwise commit to the state it means to
+        restore after the fact."""
+        if self.stale(env):
+            return
         name = self.names[env.header.sender]
         snap = Snapshot.parse(env.document(), sender=name)
-        self.snapshots.setdefault(name, {})[snap.step] = snap
+        committed = self.snapshots.setdefault(name, {})
+        first = committed.setdefault(snap.step, snap)
+        if first != snap:
+            raise PoisonedInput(sender=name, kind="snapshot", step=snap.step, problem=(
+                f"a second, different commitment to its snapshot of step {snap.step} (state "
+                f"sha256 {snap.state[:16]}..., committed {first.state[:16]}...)"))
 
     def on_restored(self, env: Envelope) -> None:
         """A trainer restored the rollback's snapshot: its data is current again."""
         name = self.names[env.header.sender]
         self.restored[name] = Restored.parse(env.document(), sender=name)
         self.fenced.discard(env.header.sender)
+
+    def compare(self, env: Envelope) -> None:
+        """A trainer's `fwd` or `bwd` of a step: kept by its hash the first time; after a
+        rollback, the step's is computed again from the same committed state and inputs, so
+        with `in_flight` 1 it must be the same message body (counted). Another one is a refusal
+        (PoisonedInput): a member answering a step twice differently would learn from the
+        owner's two answers (its gradients, its tail's) more than one step releases. With
+        `in_flight` > 1 the window restarts empty, so a step trained again may honestly differ:
+        counted as differing, not refused."""
+        h = env.header
+        if h.kind not in ("fwd", "bwd") or h.step is None:
+            return
+        key = (h.kind, h.sender, h.step)
+        first = self.received.get(key)
+        if first is None:
+            self.received[key] = h.body_sha256
+            return
+        if first != h.body_sha256 and self.in_flight > 1:
+            self.replays_differing += 1
+            return
+        if first != h.body_sha256:
+            raise PoisonedInput(sender=self.names[h.sender], kind=h.kind, step=h.step, problem=(
+                f"after the rollback it sent another {h.kind} of step {h.step} than before "
+                f"(sha256 {h.body_sha256.hex()[:16]}..., first {first.hex()[:16]}...): a step "
+                f"trained again from the committed state computes the same"))
+        self.replays_compared += 1
 
     def stale(self, env: Envelope) -> bool:
         """Whether `env` comes from a trainer that has not restored since the rollback: sent
@@ -149,9 +193,30 @@ class Books:
         self.commits[(self._stage(env), c.round)] = c
 
     def on_claim(self, env: Envelope) -> None:
+        """A trainer's claim of a round: taken only for the round the owner ended last (its
+        `round end`, `said`), once per stage. The same claim again is ignored; a claim of
+        another round, or a second different one, is a refusal (PoisonedInput): a claim of a
+        far round would move the earliest step a rollback may go to past the run's end."""
         c = self._document(env, Claim)
-        self.claims[(self._stage(env), c.round)] = c
-        self.claim_digests[(self._stage(env), c.round)] = hashlib.sha256(env.leaf).digest()
+        key, name = (self._stage(env), c.round), self.names[env.header.sender]
+        digest = hashlib.sha256(env.leaf).digest()
+        if key in self.claims:
+            if self.claims[key] != c:
+                raise PoisonedInput(sender=name, kind="wm_claim", step=None, problem=(
+                    f"a second, different claim of round {c.round}"))
+            return
+        if self.said != (c.round, "end"):
+            asked = f"round {self.said[0]} {self.said[1]}" if self.said else "no round yet"
+            raise PoisonedInput(sender=name, kind="wm_claim", step=None, problem=(
+                f"a claim of round {c.round}, but the owner's last word was {asked}"))
+        self.claims[key] = c
+        self.claim_digests[key] = digest
+
+    def on_round(self, env: Envelope) -> None:
+        """The owner's own `round` as logged (a resumed owner replaying its log): which
+        round's claims are taken now, as when it said it."""
+        r = Round.parse(env.document(), sender=self.names[env.header.sender])
+        self.said = (r.round, r.phase)
 
     def on_certificate(self, env: Envelope) -> None:
         msg = WatermarkCertificate.parse(env.document(), sender=self.names[env.header.sender])

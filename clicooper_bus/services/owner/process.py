@@ -25,6 +25,7 @@ from clicooper_bus.ml.compute import compute_plan
 from clicooper_bus.ml.privacy import defences as privacy
 from clicooper_bus.ml.tensors import check_weights
 from clicooper_bus.net.bus import Bus, BusError, PeersGone
+from clicooper_bus.net.equivocation import Equivocation, proven
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.plan import schedule
 from clicooper_bus.protocol import Ack, End, Round, Segment, Usage, cpu_table
@@ -37,6 +38,7 @@ from clicooper_bus.services.owner.rejoins import Rejoins
 from clicooper_bus.services.owner.resume import Resumes, RoundStore, resumed_roster
 from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused
 from clicooper_bus.services.owner.setup import build
+from clicooper_bus.services.owner.subscriptions import subscribe
 from clicooper_bus.services.owner.training import EVAL_WINDOW, Training
 from clicooper_bus.services.trainer.snapshot import weights_digest
 from clicooper_bus.tlog.checkpoint import open_checkpoint
@@ -117,6 +119,7 @@ class Owner(Rejoins, Resumes, Handovers):
 
         def keep(env) -> None:  # data from a trainer that has not restored yet is stale
             if not b.stale(env):
+                b.compare(env)
                 self.mailbox.put(env)
 
         stages = {k[n] for n in self.stages}
@@ -139,6 +142,7 @@ class Owner(Rejoins, Resumes, Handovers):
         route("rejoin", stages, self._on_rejoin)
         route("stage_state", stages, self._on_stage_state)
         route("tip", {notary}, self._on_tip)
+        route("equivocation", {notary}, self._on_equivocation)
         if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
             route("fwd", {last}, keep)
             route("eval_fwd", {last}, self._on_eval_out)
@@ -156,6 +160,16 @@ class Owner(Rejoins, Resumes, Handovers):
             self.log.warning("an end from a trainer without a refusal ignored", sender=name)
             return
         raise Refused(name, end.refused)
+
+    def _on_equivocation(self, env) -> None:
+        """The notary's proof that a member signed two messages at one place of its chain:
+        checked here (`net.equivocation.proven`), then the run stops naming the member
+        (PoisonedInput). A proof that proves nothing is the notary's malformed message: the
+        run stops naming the notary."""
+        notary = self.cfg.participants.notary
+        ev = Equivocation.parse(env.document(), sender=notary)
+        h, what = proven(ev, self.setup.roster, sender=notary)
+        raise PoisonedInput(sender=ev.member, kind=h.kind, step=h.step, problem=what)
 
     def until(self, what: str, ready) -> None:
         self.training.wait(what, ready)
@@ -231,7 +245,7 @@ class Owner(Rejoins, Resumes, Handovers):
             "epochs": len(self.per_epoch), "steps": len(books.metrics),
             "test_accuracy": None, "per_epoch": self.per_epoch, "wall_s": wall,
             "final_checkpoint": {"size": cp.size, "root": cp.root.hex()} if cp else None,
-            "model_file": None}
+            "model_file": None, "replays": self._replays()}
         summary.update(self._withhold_model(stopped))
         artefacts.write_summary(self.layout, summary)
         print(f"owner: wrote {self.layout.summary} (stopped); no model", flush=True)
@@ -259,15 +273,9 @@ class Owner(Rejoins, Resumes, Handovers):
                    f"it is not delivered and not certified"}}
 
     def _join(self) -> None:
-        bus, cfg, topics = self.bus, self.cfg, self.bus.topics
+        bus, cfg = self.bus, self.cfg
         owner = cfg.participants.owner
-        for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd", "end",
-                     "snapshot", "rejoin", "stage_state"):
-            bus.subscribe(topics.to(kind, owner))
-        for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert",
-                     "restored", "tip"):
-            bus.subscribe(topics.kind(kind))
-        bus.announce()
+        subscribe(bus, owner)
         everyone = self.stages + [cfg.participants.notary]
         print(f"owner: waiting for {', '.join(everyone + list(cfg.participants.standby))} to "
               f"join run '{cfg.run.id}'", flush=True)
@@ -337,6 +345,7 @@ class Owner(Rejoins, Resumes, Handovers):
         if self.books.have(table, epoch):
             return
         self.training.hold()
+        self.books.said = (epoch, phase)  # the claims taken from now on (`Books.on_claim`)
         self.bus.send_doc("round", "all", Round(epoch, phase).to_doc())
         self.until(f"watermark {what} of round {epoch}",
                    lambda: self.books.have(table, epoch))
@@ -494,4 +503,14 @@ class Owner(Rejoins, Resumes, Handovers):
                         "settings": dataclasses.asdict(cfg.privacy),
                         "spent": privacy.spent(cfg.privacy, cfg.run.epochs, len(per_epoch),
                                                self.evaluations)},
+            "replays": self._replays(),
         }
+
+    def _replays(self) -> dict[str, int]:
+        """What rollbacks cost and what was checked: steps trained again, and the trainers'
+        messages received again, equal to the first (with in_flight 1 every one is, or the run
+        stopped) or not."""
+        b = self.books
+        return {"rollbacks": self.rollbacks, "steps_trained_again": b.replayed_steps,
+                "messages_compared": b.replays_compared + b.replays_differing,
+                "messages_differing": b.replays_differing}

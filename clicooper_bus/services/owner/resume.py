@@ -37,6 +37,7 @@ from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.protocol import ChainTip, Rejoin, Rollback, Snapshot
+from clicooper_bus.services.owner.subscriptions import subscribe
 from clicooper_bus.services.trainer import snapshot
 from clicooper_bus.services.trainer.snapshot import safe_open_metadata
 from clicooper_bus.tlog.log import ProvenanceLog
@@ -127,7 +128,7 @@ class Resumes:
         handlers = {"snapshot": b.on_snapshot, "wm_commit": b.on_commit, "wm_claim": b.on_claim,
                     "wm_cert": b.on_certificate, "checkpoint": b.on_checkpoint,
                     "hello": b.on_hello, "rejoin": self._replayed_rejoin,
-                    "rollback": self._replayed_rollback}
+                    "rollback": self._replayed_rollback, "round": self._replayed_round}
         with ProvenanceLog.open(self.layout.log) as plog:
             for i in range(plog.size):
                 h, sig, body = plog.entry(i)
@@ -154,6 +155,10 @@ class Resumes:
         for step, state in zip(rejoin.steps, rejoin.states, strict=True):
             mine.setdefault(step, Snapshot(step, "", state))
 
+    def _replayed_round(self, env) -> None:
+        if self.books.names[env.header.sender] == self.cfg.participants.owner:
+            self.books.on_round(env)
+
     def _replayed_rollback(self, env) -> None:
         if self.books.names[env.header.sender] != self.cfg.participants.owner:
             return
@@ -173,13 +178,7 @@ class Resumes:
             raise ClicooperError(f"no round snapshot of the owner in "
                                  f"{self.rounds_store.layout.root}: nothing to resume from")
         self._replay_log()
-        for kind in ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd", "end",
-                     "snapshot", "rejoin", "stage_state"):
-            bus.subscribe(bus.topics.to(kind, owner))
-        for kind in ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert",
-                     "restored", "tip"):
-            bus.subscribe(bus.topics.kind(kind))
-        bus.announce()
+        subscribe(bus, owner)
         print(f"owner: resuming run '{cfg.run.id}' (round snapshots of steps {steps}): waiting "
               f"for the notary's chain tip", flush=True)
         wait = cfg.bus.join_timeout_s + cfg.bus.rejoin_timeout_s

@@ -70,6 +70,7 @@ class Training:
         it on, their metrics forgotten (they will come again), nothing kept or awaited.
         Raises ClicooperError if the owner has no snapshot of `step`."""
         self.snapshots.restore(step)
+        self.books.replayed_steps += max(0, self.books.sent - step)
         self.books.sent = step
         for s in [s for s in self.books.metrics if s >= step]:
             del self.books.metrics[s]

@@ -1,0 +1,83 @@
+"""Equivocation: a roster member that signed two different messages at one place in its chain.
+
+Each member's messages form one signed hash chain (`seq`, and `prev`, the digest of the header
+before: `wire`). An honest member signs exactly one message at each `seq`; a message it sends
+again (`Bus.resend_after`, after a notary restart) has the same bytes. A member that signs two,
+and publishes them on different topics, can show its receivers one and the log the other: the
+notary, which reads everything first (the broker's witness channel), logs the first and refuses
+the second as a replay, while a receiver that subscribed only to the second's topic accepts it
+(its verifier is partial: it sees only some of the sender's messages). The log would then hold
+another message than the one trained on. Two signed headers prove it, and nothing else can:
+
+- `same seq`: two headers of one sender at the same `seq` with different digests;
+- `forked`: a header at `seq` s + 1 whose `prev` is not the digest of the sender's header at
+  s: the sender signed another message at s (the notary refuses it as a broken chain).
+
+The notary publishes the proof (`Equivocation`, kind `equivocation`), so that it lands in the
+log; the owner checks it (`proven`) and stops the run naming the member; `log verify` checks
+every one the log holds. The idea is that of certificate transparency's split-view evidence
+(RFC 9162, section 8.1.3: two signed tree heads that cannot both be honest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.wire import Header, parse_header, signed_bytes, split_leaf
+from clicooper_bus.protocol import Control, ProtocolError
+
+KIND = "equivocation"
+
+
+@dataclass(frozen=True)
+class Equivocation(Control):
+    """The notary's proof that `member` equivocated: `logged`, the leaf (header || signature)
+    of its message the log holds at that place of its chain, and `conflicting`, the leaf of the
+    signed message the notary refused there (each at most a header and a 64-byte signature)."""
+
+    KIND: ClassVar[str] = KIND
+    member: str
+    logged: bytes
+    conflicting: bytes
+
+
+def _header(leaf: bytes, which: str, sender: str | None) -> Header:
+    try:
+        raw, _ = split_leaf(leaf)
+        return parse_header(raw)
+    except ClicooperError as exc:
+        raise ProtocolError(f"the {which} leaf is not a message header: {exc}", sender=sender,
+                            kind=KIND, field_=which) from None
+
+
+def proven(ev: Equivocation, roster: Roster, *, sender: str | None = None) -> tuple[Header, str]:
+    """Check `ev` against `roster` (the run's signed roster): both leaves signed by `member`'s
+    key, for the roster's run, and in conflict. Returns the conflicting header and one sentence
+    saying what they prove. Raises ProtocolError naming `sender` (the evidence's signer) when
+    they prove nothing: a notary that accuses a member falsely is itself refused."""
+    member = roster.by_name(ev.member)
+    if member is None:
+        raise ProtocolError(f"{ev.member!r} is not in the roster", sender=sender, kind=KIND,
+                            field_="member")
+    a = _header(ev.logged, "logged", sender)
+    b = _header(ev.conflicting, "conflicting", sender)
+    for which, leaf, h in (("logged", ev.logged, a), ("conflicting", ev.conflicting, b)):
+        _, sig = split_leaf(leaf)
+        if h.sender != member.key_id or not member.identity.verify(signed_bytes(h.raw), sig):
+            raise ProtocolError(f"the {which} leaf is not signed by {ev.member}'s key",
+                                sender=sender, kind=KIND, field_=which)
+        if h.run != roster.run_id:
+            raise ProtocolError(f"the {which} leaf is of run {h.run!r}", sender=sender,
+                                kind=KIND, field_=which)
+    if a.seq == b.seq and a.digest != b.digest:
+        return b, (f"{ev.member} signed two different messages at seq {a.seq}: the log holds "
+                   f"its {a.kind} to {a.to}, and it also sent a {b.kind} to {b.to}")
+    if b.seq == a.seq + 1 and b.prev != a.digest:
+        return b, (f"{ev.member} forked its chain at seq {a.seq}: its {b.kind} to {b.to} at seq "
+                   f"{b.seq} follows another message than the {a.kind} to {a.to} the log holds "
+                   f"there")
+    raise ProtocolError(f"the two leaves of {ev.member} (seq {a.seq} and {b.seq}) do not "
+                        f"conflict", sender=sender, kind=KIND, field_="conflicting")

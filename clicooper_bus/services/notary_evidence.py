@@ -1,0 +1,56 @@
+"""The notary's side of equivocation (`net.equivocation`), as a part of `notary.Notary`.
+
+Every signed message the notary's verifier refuses as a replay or a broken chain is compared,
+as it arrives (`_conflict`, the bus's `on_conflict`), with the message the log holds at that
+place of its sender's chain: the same header again is a resend (a notary or broker restart) and
+nothing happens; another one is equivocation. Its proof, the two signed leaves, is published to
+everyone (`_accuse`), once per member, so that it lands in the log; the owner checks it and
+stops the run naming the member. An owner that equivocates cannot be stopped by itself: the
+notary then stops, with the proof logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+from clicooper_bus.net.equivocation import Equivocation
+from clicooper_bus.net.wire import Envelope, split_leaf
+
+
+class NotaryEvidence:
+    """The equivocation methods of `notary.Notary` (a mixin: it uses the notary's bus, log,
+    roster and `logged_at`)."""
+
+    def _conflict(self, env: Envelope) -> None:
+        """A signed message refused for its place in its sender's chain (called from inside
+        the bus's receive: it only compares and keeps the proof; `_accuse` sends it)."""
+        h = env.header
+        if self.roster is None or h.sender == self.ident.key_id or h.sender in self.accused:
+            return
+        last = self.bus.verifier.last_seq(h.sender)
+        at = h.seq if h.seq <= last else h.seq - 1  # a replay, or a `prev` that is not ours
+        index = self.logged_at.get((h.sender, at))
+        if index is None:  # not a place the log holds (before the roster): nothing to compare
+            return
+        leaf = self.plog.leaf(index)
+        raw, _ = split_leaf(leaf)
+        if at == h.seq and hashlib.sha256(raw).digest() == h.digest:
+            return  # the very message the log holds, sent again
+        member = self.roster.by_key_id(h.sender)
+        self.accused.add(h.sender)
+        self.evidence.append(Equivocation(member.name, leaf, env.leaf))
+
+    def _accuse(self) -> bool:
+        """Publish each proof found since the last call. Returns True when the owner
+        equivocated (nobody is left to stop the run cleanly: the notary stops)."""
+        owner = False
+        while self.evidence:
+            ev = self.evidence.pop(0)
+            self.bus.send_doc("equivocation", "all", ev.to_doc())
+            self.log.error("equivocation", member=ev.member)
+            print(f"notary: error: {ev.member} equivocated (signed two different messages at "
+                  f"one place of its chain); the proof is published and logged", file=sys.stderr,
+                  flush=True)
+            owner = owner or ev.member == self.roster.owner.name
+        return owner

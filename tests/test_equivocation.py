@@ -1,0 +1,251 @@
+"""Equivocation (review of issue 17): a roster member that says two different things where it
+may say one. Two signed messages at one place of its chain (to show its receivers one and the
+log the other) are proven by the notary, named by the owner, which stops the run, and by
+`log verify` (exit 2); a message sent again (a restart's resend) is no equivocation, and a proof
+that proves nothing is refused. Two snapshot commitments of one step, two answers to one step
+trained again after a rollback, and a claim of a round the owner did not end (or a second
+claim) are refusals naming the member."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from clicooper_bus.layout import RunLayout
+from clicooper_bus.net.equivocation import Equivocation, proven
+from clicooper_bus.net.identity import Identity
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.verifier import Verifier
+from clicooper_bus.net.wire import Sender
+from clicooper_bus.protocol import ProtocolError
+from clicooper_bus.services.notary_evidence import NotaryEvidence
+from clicooper_bus.tlog.logverify import verify_log
+from tests.busrun import processes, write_config
+
+RUN = "equiv"
+IDS = {n: Identity.generate(n) for n in ("owner", "trainer-1", "trainer-2", "notary")}
+ROSTER = Roster.build(RUN, owner=IDS["owner"].public,
+                      trainers=[IDS["trainer-1"].public, IDS["trainer-2"].public],
+                      notary=IDS["notary"].public)
+
+
+def _sender(name: str = "trainer-1", run: str = RUN) -> Sender:
+    sender = Sender(IDS[name], run)
+    sender.nonce = ROSTER.nonce
+    return sender
+
+
+def _at_seq_3(sender: Sender, value: float):
+    for step in range(2):
+        sender.seal_array("fwd", "trainer-2", np.zeros((2, 3), np.float32), step=step)
+    return sender.seal_array("fwd", "trainer-2", np.full((2, 3), value, np.float32), step=2)
+
+
+def test_two_messages_at_one_seq_are_proven_and_the_conflicting_one_named():
+    a, b = _at_seq_3(_sender(), 0.0), _at_seq_3(_sender(), 1.0)
+    assert a.header.seq == b.header.seq == 3
+    h, what = proven(Equivocation("trainer-1", a.leaf, b.leaf), ROSTER)
+    assert (h.kind, h.step) == ("fwd", 2)
+    assert what.startswith("trainer-1 signed two different messages at seq 3")
+
+
+def test_a_message_that_follows_another_than_the_logged_one_is_a_fork():
+    s = _sender()
+    a = _at_seq_3(s, 0.0)
+    s.prev = hashlib.sha256(b"another").digest()
+    b = s.seal_array("fwd", "trainer-2", np.zeros((2, 3), np.float32), step=3)
+    _, what = proven(Equivocation("trainer-1", a.leaf, b.leaf), ROSTER)
+    assert "forked its chain at seq 3" in what
+    honest = _sender()
+    a = _at_seq_3(honest, 0.0)
+    nxt = honest.seal_array("fwd", "trainer-2", np.zeros((2, 3), np.float32), step=3)
+    with pytest.raises(ProtocolError, match="do not conflict"):
+        proven(Equivocation("trainer-1", a.leaf, nxt.leaf), ROSTER)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("same", "do not conflict"),  # one message twice: a resend
+    ("other key", "is not signed by trainer-1's key"),
+    ("other run", "of run 'elsewhere'"),
+    ("garbage", "is not a message header"),
+    ("stranger", "'mallory' is not in the roster"),
+])
+def test_a_proof_that_proves_nothing_is_refused_naming_its_sender(case, match):
+    a = _at_seq_3(_sender(), 0.0)
+    b = {"same": a, "other key": _at_seq_3(_sender("trainer-2"), 1.0),
+         "other run": _at_seq_3(_sender(run="elsewhere"), 1.0)}.get(case, _at_seq_3(_sender(), 1.0))
+    leaf = b"\x01" * 80 if case == "garbage" else b.leaf
+    member = "mallory" if case == "stranger" else "trainer-1"
+    with pytest.raises(ProtocolError, match=match) as info:
+        proven(Equivocation(member, a.leaf, leaf), ROSTER, sender="notary")
+    assert str(info.value).startswith("notary sent a malformed equivocation message")
+
+
+class _Log:
+    def __init__(self):
+        self.leaves: list[bytes] = []
+
+    def leaf(self, index: int) -> bytes:
+        return self.leaves[index]
+
+
+class _Bus:
+    def __init__(self):
+        self.verifier = Verifier(ROSTER, RUN)
+
+
+class _Notary(NotaryEvidence):
+    """The notary's evidence methods over a log of what its verifier accepted."""
+
+    def __init__(self):
+        self.roster, self.ident, self.bus = ROSTER, IDS["notary"], _Bus()
+        self.plog, self.logged_at, self.accused, self.evidence = _Log(), {}, set(), []
+
+    def take(self, env) -> bool:
+        """Whether the verifier accepted `env` (logged); else it is compared (`_conflict`)."""
+        try:
+            self.bus.verifier.verify_frames(env.frames())
+        except Exception:
+            self._conflict(env)
+            return False
+        self.logged_at[env.header.sender, env.header.seq] = len(self.plog.leaves)
+        self.plog.leaves.append(env.leaf)
+        return True
+
+
+def test_the_notary_accuses_a_conflict_once_and_never_a_resend():
+    notary, s = _Notary(), _sender()
+    sent = [s.seal_array("fwd", "trainer-2", np.zeros((2, 3), np.float32), step=i)
+            for i in range(3)]
+    assert all(notary.take(env) for env in sent)
+    assert not notary.take(sent[1]) and not notary.evidence  # sent again: the same message
+    s.seq, s.prev = 1, sent[0].header.digest
+    other = s.seal_array("fwd", "owner", np.ones((2, 3), np.float32), step=1)  # seq 2 again
+    assert not notary.take(other) and not notary.take(other)
+    (ev,) = notary.evidence  # one proof for the member, however often it repeats itself
+    assert ev.logged == sent[1].leaf and ev.conflicting == other.leaf
+    assert "signed two different messages at seq 2" in proven(ev, ROSTER)[1]
+
+
+@pytest.mark.parametrize("how, said", [("equivocate", "signed two different messages at seq"),
+                                       ("fork", "forked its chain at seq")])
+def test_an_equivocating_trainer_is_named_and_the_run_stops(tmp_path, how, said):
+    """Trainer 1 signs its step-3 activations twice at one seq (zeros to the owner first, which
+    the notary logs, then the real ones to trainer 2, which trainer 2 alone receives), or sends
+    them after a message it never sent: the notary publishes the proof, the owner checks it and
+    stops the run naming trainer 1, and `log verify` says what the log proves."""
+    from clicooper_bus.tools.cli import main
+
+    path = write_config(tmp_path, run_id=f"equiv-{how}", trainers=2, run={"max_steps": 12})
+    with processes(path, evil=f"{how}:fwd:3", evil_as="trainer-1") as (cfg, tel, procs):
+        codes = {n: p.wait(timeout=120) for n, p in procs.items() if n != "broker"}
+    assert codes == {"notary": 0, "owner": 3, "trainer-1": 3, "trainer-2": 3}, codes
+    layout = RunLayout(cfg.run_dir)
+    stopped = json.loads(layout.summary.read_text())["stopped"]
+    assert (stopped["by"], stopped["sender"], stopped["kind"], stopped["step"]) == \
+        ("owner", "trainer-1", "fwd", 3), stopped
+    assert stopped["problem"].startswith(f"trainer-1 {said}"), stopped
+    assert not layout.model.exists()
+    r = verify_log(layout.log)
+    assert r.ok, r.failure
+    assert len(r.equivocations) == 1 and said in r.equivocations[0], r.equivocations
+    assert main(["log", "verify", str(layout.log)]) == 2
+
+
+def test_a_second_different_snapshot_commitment_of_a_step_is_refused():
+    """Review of issue 17: a later `snapshot` of a step overwrote the first, so a trainer could
+    commit, after the fact, to the state it meant to restore. The first stands until a rollback
+    before it; the same one again is ignored; one from a trainer not restored since the
+    rollback is stale and dropped."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.errors import PoisonedInput
+    from clicooper_bus.protocol import Snapshot
+    from clicooper_bus.services.owner.books import Books
+
+    books = Books(["trainer-1"], {"k1": "trainer-1"}, None, "o", "spec", 1)
+
+    def snapshot(step: int, state: str):
+        doc = Snapshot(step, "a" * 64, state).to_doc()
+        return SimpleNamespace(header=SimpleNamespace(sender="k1", step=step, kind="snapshot"),
+                               document=lambda: doc)
+
+    books.on_snapshot(snapshot(4, "b" * 64))
+    books.on_snapshot(snapshot(4, "b" * 64))  # the same again: nothing happens
+    with pytest.raises(PoisonedInput, match="a second, different commitment") as info:
+        books.on_snapshot(snapshot(4, "c" * 64))
+    assert (info.value.sender, info.value.step) == ("trainer-1", 4)
+    assert books.snapshots["trainer-1"][4].state == "b" * 64
+    books.fenced = {"k1"}  # a rollback: until it restores, what it sends is stale
+    books.on_snapshot(snapshot(8, "d" * 64))
+    assert 8 not in books.snapshots["trainer-1"]
+
+
+def test_a_step_answered_differently_after_a_rollback_is_refused():
+    """Review of issue 17: after a rollback the owner took whatever the trainers sent for the
+    steps trained again; a member answering a step twice differently learns from both of the
+    owner's answers. The first `fwd` or `bwd` of each step is kept by its hash: the same again
+    is counted, another one is a refusal naming the sender and the step (with in_flight 1; a
+    pipelined run's window restarts empty, so there it is counted as differing)."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.errors import PoisonedInput
+    from clicooper_bus.services.owner.books import Books
+
+    books = Books(["trainer-1"], {"k1": "trainer-1"}, None, "o", "spec", 1)
+
+    def data(kind: str, step: int | None, body: bytes):
+        return SimpleNamespace(header=SimpleNamespace(sender="k1", step=step, kind=kind,
+                                                      body_sha256=hashlib.sha256(body).digest()))
+
+    books.compare(data("bwd", 3, b"gradients"))
+    books.compare(data("bwd", 3, b"gradients"))
+    books.compare(data("fwd", 3, b"other kind, its own first"))
+    books.compare(data("metrics", 3, b"not compared here"))
+    books.compare(data("metrics", 3, b"(on_metrics refuses a second)"))
+    assert books.replays_compared == 1
+    with pytest.raises(PoisonedInput, match="another bwd of step 3 than before") as info:
+        books.compare(data("bwd", 3, b"other gradients"))
+    assert (info.value.sender, info.value.kind, info.value.step) == ("trainer-1", "bwd", 3)
+    pipelined = Books(["trainer-1"], {"k1": "trainer-1"}, None, "o", "spec", 2)
+    pipelined.compare(data("bwd", 3, b"gradients"))
+    pipelined.compare(data("bwd", 3, b"after a window that restarted empty"))
+    assert (pipelined.replays_compared, pipelined.replays_differing) == (0, 1)
+
+
+def test_a_claim_is_taken_only_for_the_round_the_owner_ended_and_once():
+    """Review of issue 17: a claim of any round was taken, so a claim of round 99 put the
+    earliest step a rollback may go to past the run's end (every rollback refused), and a
+    second claim replaced the first. Now a claim counts only for the round the owner's last
+    `round end` named; the same again is ignored; another is a refusal naming the trainer."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.chain.documents import Claim
+    from clicooper_bus.errors import PoisonedInput
+    from clicooper_bus.services.owner.books import Books
+
+    books = Books(["trainer-1"], {"k1": "trainer-1"}, None, "o", "spec", 1)
+
+    def claim(round_: int, errors: int = 0):
+        doc = Claim(1, round_, b"c" * 32, b"w" * 32, b"\x00" * 8, 64, errors).to_doc()
+        return SimpleNamespace(header=SimpleNamespace(sender="k1", step=None, kind="wm_claim"),
+                               document=lambda: doc, leaf=b"leaf %d" % round_)
+
+    def refused(env) -> str:
+        with pytest.raises(PoisonedInput) as info:
+            books.on_claim(env)
+        assert (info.value.sender, info.value.kind) == ("trainer-1", "wm_claim")
+        return info.value.problem
+
+    assert "no round yet" in refused(claim(0))
+    books.said = (0, "start")
+    assert "the owner's last word was round 0 start" in refused(claim(0))
+    books.said = (0, "end")
+    assert "a claim of round 99" in refused(claim(99))
+    books.on_claim(claim(0))
+    books.on_claim(claim(0))  # the same claim again (a restarted trainer's): ignored
+    assert "a second, different claim of round 0" in refused(claim(0, errors=3))
+    assert set(books.claims) == {(1, 0)} and books.claims[(1, 0)].bit_errors == 0
