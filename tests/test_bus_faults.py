@@ -121,7 +121,7 @@ def test_a_killed_process_stops_everyone_with_an_error(tmp_path, victim):
     keep beating. A gone trainer stops the run cleanly (the owner and the other trainers exit 3,
     the notary closes the log, summary.json names it); a gone owner, notary or broker makes
     every other process exit non-zero."""
-    timeout = 3.0
+    timeout = 2.0
     path = write_config(tmp_path, run_id="kill", trainers=3,
                         run={"epochs": 50},
                         bus={"timeout_s": timeout, "rejoin_timeout_s": timeout, "beat_s": 0.2})
@@ -131,7 +131,7 @@ def test_a_killed_process_stops_everyone_with_an_error(tmp_path, victim):
             assert time.monotonic() < deadline, "the run never started"
             assert all(p.poll() is None for p in procs.values()), "a process died early"
             time.sleep(0.2)
-        time.sleep(1.0)
+        time.sleep(0.5)
         procs[victim].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         codes = {}
