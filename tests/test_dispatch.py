@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from clicooper_bus.errors import PoisonedInput
-from clicooper_bus.protocol import Restored
+from clicooper_bus.protocol.recovery import Restored
 from clicooper_bus.services.dispatch import Dispatcher
 
 

@@ -1,7 +1,7 @@
 """Equivocation (review of issue 17): a roster member that says two different things where it
 may say one. Two signed messages at one place of its chain (to show its receivers one and the
 log the other) are proven by the notary, named by the owner, which stops the run, and by
-`log verify` (exit 2); a message sent again (a restart's resend) is no equivocation, and a proof
+`log verify` (exit 3); a message sent again (a restart's resend) is no equivocation, and a proof
 that proves nothing is refused. Two snapshot commitments of one step, two answers to one step
 trained again after a rollback, and a claim of a round the owner did not end (or a second
 claim) are refusals naming the member."""
@@ -95,6 +95,7 @@ class _Log:
 class _Bus:
     def __init__(self):
         self.verifier = Verifier(ROSTER, RUN)
+        self.inbox = []  # verified, not yet logged
 
 
 class _Notary(NotaryEvidence):
@@ -130,6 +131,21 @@ def test_the_notary_accuses_a_conflict_once_and_never_a_resend():
     assert "signed two different messages at seq 2" in proven(ev, ROSTER)[1]
 
 
+def test_a_conflict_with_a_message_verified_but_not_yet_logged_is_proven():
+    """The two messages of an equivocation can arrive in one receive pass: the first is then
+    verified and waiting in the inbox when the second is refused (a live run found it: the
+    notary compared with nothing and proved only the fork that followed)."""
+    notary, s = _Notary(), _sender()
+    first = s.seal_array("fwd", "owner", np.zeros((2, 3), np.float32), step=0)
+    notary.bus.verifier.verify_frames(first.frames())
+    notary.bus.inbox.append(first)
+    s.seq, s.prev = 0, bytes(32)
+    other = s.seal_array("fwd", "trainer-2", np.ones((2, 3), np.float32), step=0)
+    assert not notary.take(other)
+    (ev,) = notary.evidence
+    assert ev.logged == first.leaf and "two different messages at seq 1" in proven(ev, ROSTER)[1]
+
+
 @pytest.mark.parametrize("how, said", [("equivocate", "signed two different messages at seq"),
                                        ("fork", "forked its chain at seq")])
 def test_an_equivocating_trainer_is_named_and_the_run_stops(tmp_path, how, said):
@@ -152,7 +168,7 @@ def test_an_equivocating_trainer_is_named_and_the_run_stops(tmp_path, how, said)
     r = verify_log(layout.log)
     assert r.ok, r.failure
     assert len(r.equivocations) == 1 and said in r.equivocations[0], r.equivocations
-    assert main(["log", "verify", str(layout.log)]) == 2
+    assert main(["log", "verify", str(layout.log)]) == 3
 
 
 def test_a_second_different_snapshot_commitment_of_a_step_is_refused():
@@ -163,7 +179,7 @@ def test_a_second_different_snapshot_commitment_of_a_step_is_refused():
     from types import SimpleNamespace
 
     from clicooper_bus.errors import PoisonedInput
-    from clicooper_bus.protocol import Snapshot
+    from clicooper_bus.protocol.recovery import Snapshot
     from clicooper_bus.services.owner.books import Books
 
     books = Books(["trainer-1"], {"k1": "trainer-1"}, None, "o", "spec", 1)
@@ -249,3 +265,122 @@ def test_a_claim_is_taken_only_for_the_round_the_owner_ended_and_once():
     books.on_claim(claim(0))  # the same claim again (a restarted trainer's): ignored
     assert "a second, different claim of round 0" in refused(claim(0, errors=3))
     assert set(books.claims) == {(1, 0)} and books.claims[(1, 0)].bit_errors == 0
+
+
+def test_a_resumed_owner_takes_only_the_rejoins_the_live_owner_took():
+    """Review of issue 17: a resumed owner replaying its log took every logged `rejoin`'s
+    snapshot digests as commitments, including one the live owner had refused (a live member's:
+    not after the notary's tip), which a later rollback could then go to. The replay judges
+    them as the live owner did: only a rejoin that follows the notary's logged tip commits."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.protocol.recovery import ChainTip, Rejoin
+    from clicooper_bus.services.owner.books import Books
+    from clicooper_bus.services.owner.resume import Resumes
+
+    names = {IDS[n].key_id: n for n in IDS}
+
+    class Owner(Resumes):
+        def __init__(self):
+            self.cfg = SimpleNamespace(participants=SimpleNamespace(notary="notary"))
+            self.stages = ["trainer-1", "trainer-2"]
+            self.books = Books(self.stages, names, None, "o", "spec", 1)
+
+    owner, tips = Owner(), {}
+    trainer, notary = _sender(), _sender("notary")
+
+    def rejoin(step: int):
+        return trainer.seal_document("rejoin", "owner", Rejoin(1, [step], ["e" * 64]).to_doc())
+
+    owner._replayed_rejoin(rejoin(20), tips)  # seq 1: a live member's, never tipped
+    owner._replayed_tip(notary.seal_document(
+        "tip", "trainer-1", ChainTip("trainer-1", 1, b"\0" * 32).to_doc()), tips)
+    owner._replayed_rejoin(rejoin(30), tips)  # seq 2: after the tip, a restarted process's
+    owner._replayed_rejoin(rejoin(40), tips)  # seq 3: not the first after the tip
+    assert sorted(owner.books.snapshots["trainer-1"]) == [30]
+
+
+def test_a_resumed_owner_replays_its_handovers():
+    """Review of issue 17: a resumed owner did not replay its logged `handover`s, so it went on
+    with the gone trainer in the stage list (and without the handover in the bundle). Now the
+    replay takes the standby over as the live handover did."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.protocol.recovery import Handover, Snapshot
+    from clicooper_bus.services.owner.books import Books
+    from clicooper_bus.services.owner.handover import Handovers
+    from clicooper_bus.services.owner.resume import Resumes
+
+    standby = Identity.generate("standby-1")
+    names = {**{IDS[n].key_id: n for n in IDS}, standby.key_id: "standby-1"}
+
+    class Owner(Handovers, Resumes):
+        def __init__(self):
+            self.cfg = SimpleNamespace(participants=SimpleNamespace(owner="owner"))
+            self.stages = ["trainer-1", "trainer-2"]
+            self.books = Books(self.stages, names, None, "o", "spec", 1)
+            self.handovers, self.used_standby = [], set()
+
+    owner = Owner()
+    owner.books.snapshots["trainer-2"] = {20: Snapshot(20, "a" * 64, "b" * 64)}
+    owner.books.commits = {(1, 1): "commit of round 1", (1, 0): "commit of round 0"}
+    env = _sender("owner").seal_document("handover", "all", Handover(
+        2, 1, 20, "trainer-2", "standby-1", b"sealed", b"").to_doc(), step=20)
+    owner._replayed_handover(env)
+    assert owner.stages == ["trainer-1", "standby-1"] == owner.books.stages
+    assert owner.books.snapshots["standby-1"] == {20: Snapshot(20, "a" * 64, "b" * 64)}
+    assert owner.used_standby == {"standby-1"} and owner.handovers == [[env.leaf, env.body]]
+    assert set(owner.books.commits) == {(1, 0)}  # round 1 starts again
+    forged = _sender("trainer-1").seal_document("handover", "all", Handover(
+        1, 1, 20, "trainer-1", "standby-1", b"sealed", b"").to_doc(), step=20)
+    owner._replayed_handover(forged)  # only the owner's own handovers count
+    assert owner.stages == ["trainer-1", "standby-1"]
+
+
+def test_the_notary_logs_its_own_messages_before_it_publishes_them():
+    """Review of issue 17: the notary logged its own messages when they came back from the
+    broker, so one killed in between left out of the log a message its peers had received, and
+    started again it signed another at that seq (a fork of its own chain, refused by every peer
+    as a replay). Now each is taken before it is published, and never read back."""
+    from clicooper_bus.net.bus import Bus, BusAddress
+
+    notary = IDS["notary"]
+    bus = Bus(notary, RUN, BusAddress("tcp://127.0.0.1:9", "tcp://127.0.0.1:9"),
+              Verifier(ROSTER, RUN))
+    try:
+        order: list[tuple[str, int]] = []
+        bus._publish = lambda env: order.append(("published", env.header.seq))
+        bus.own_first(lambda env: order.append(("logged", env.header.seq)))
+        bus.send_doc("beat", "all", {})
+        bus.send_doc("beat", "all", {})
+        assert order == [("logged", 1), ("published", 1), ("logged", 2), ("published", 2)]
+
+        class Frame:
+            def __init__(self, data):
+                self.buffer = data
+
+        ours = Sender(notary, RUN).seal_document("beat", "all", {})
+        theirs = _sender().seal_document("beat", "all", {})
+        assert bus._ours([Frame(f) for f in ours.frames()])
+        assert not bus._ours([Frame(f) for f in theirs.frames()])
+    finally:
+        bus.close()
+
+
+def test_a_trainer_that_comes_back_replaced_leaves_naming_its_standby():
+    """Review of issue 17: a trainer paused past the rejoin timeout, whose stage went to a
+    standby meanwhile, crashed on the owner's `handover` when it continued (it was no longer
+    in the stage order). It now leaves, saying who took its stage over and from which step."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.protocol.recovery import Handover
+    from clicooper_bus.services.trainer.standby import Replaced, Standby
+
+    class Trainer(Standby):
+        name, stages = "trainer-2", ["trainer-1", "trainer-2"]
+        roster = SimpleNamespace(owner=SimpleNamespace(name="owner"))
+
+    env = _sender("owner").seal_document("handover", "all", Handover(
+        2, 1, 20, "trainer-2", "standby-1", b"sealed", b"").to_doc(), step=20)
+    with pytest.raises(Replaced, match="over to standby-1 from step 20"):
+        Trainer()._on_handover(env)

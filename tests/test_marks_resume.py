@@ -19,7 +19,7 @@ from clicooper_bus.ml.watermark.marker import Marker
 from clicooper_bus.net.identity import Identity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Sender
-from clicooper_bus.protocol import ChainTip
+from clicooper_bus.protocol.recovery import ChainTip
 from clicooper_bus.tlog.merkle import EMPTY_ROOT
 
 RUN = "marks"

@@ -12,9 +12,10 @@ import pytest
 from clicooper_bus.config import load_config
 from clicooper_bus.errors import ConfigError
 from clicooper_bus.ml.watermark.verify import verify_model
-from clicooper_bus.net.bus import Bus, BusAddress, PeersGone
+from clicooper_bus.net.bus import Bus, BusAddress
 from clicooper_bus.net.forwarder import Forwarder
 from clicooper_bus.net.identity import Identity
+from clicooper_bus.net.liveness import PeersGone
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.tlog.logverify import verify_log
 from clicooper_bus.tools.faults import Injector, Pause, plan_pauses

@@ -126,7 +126,7 @@ def test_a_snapshot_of_another_model_is_refused_naming_it():
 
 
 def test_the_rollback_step_is_the_newest_every_stage_committed_and_the_owner_kept():
-    from clicooper_bus.protocol import Rejoin
+    from clicooper_bus.protocol.recovery import Rejoin
     from clicooper_bus.services.owner.rollback import rollback_step
 
     a, b, c = "aa" * 32, "bb" * 32, "cc" * 32
@@ -238,7 +238,7 @@ def test_a_rollback_is_refused_under_noise_and_past_the_limit(noise, done, said)
     owner refuses to roll back a run with activation protection, and after MAX_ROLLBACKS."""
     from types import SimpleNamespace
 
-    from clicooper_bus.protocol import Rejoin
+    from clicooper_bus.protocol.recovery import Rejoin
     from clicooper_bus.services.owner.process import Owner
     from clicooper_bus.services.owner.rejoins import MAX_ROLLBACKS
     from clicooper_bus.services.owner.rollback import Rejoined, RollbackRefused

@@ -10,10 +10,9 @@ Sockets (see FACTS.md for why each option is set):
   before the application sees it; a rejected one is logged with its reason, counted, dropped.
 - No ZeroMQ heartbeats, TCP keepalive instead (`forwarder.tcp_keepalive` says why): a connection
   to a process that is merely paused (a device asleep, SIGSTOP) must outlive the pause, or what
-  was queued for it is lost with it. Liveness of peers is application-level (`beat` messages):
-  a watched peer silent for `timeout_s` is *suspected* (logged, said on the console, and in
-  `suspected`, which the owner's pause reads), one silent for `rejoin_timeout_s` is *gone*
-  (`PeersGone`).
+  was queued for it is lost with it. Liveness of peers is application-level (`beat` messages,
+  `net.liveness`): a watched peer silent for `timeout_s` is suspected, one silent for
+  `rejoin_timeout_s` is gone (`PeersGone`).
 - CURVE on both (`clicooper_bus.net.curve`) with this participant's key, against the broker's
   public key, unless the run is plaintext (`broker=None`, loopback only).
 - A receive pass reads at most `PUMP_BATCH` messages, so that under any inbound rate the
@@ -44,11 +43,12 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from clicooper_bus.errors import ClicooperError, RejectedMessage
+from clicooper_bus.errors import RejectedMessage
 from clicooper_bus.net.curve import make_client
 from clicooper_bus.net.encoding import plan_codec
 from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM, tcp_keepalive
 from clicooper_bus.net.identity import Identity, PublicIdentity
+from clicooper_bus.net.liveness import BusError, Liveness
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope, Sender, parse_frames
@@ -65,19 +65,6 @@ GAPS = ("seq_gap", "broken_chain")  # refusals that leave a hole in a sender's c
 CHAIN_CONFLICTS = ("replayed_seq", "broken_chain")
 
 
-class BusError(ClicooperError):
-    """The bus is unusable: broker unreachable, a peer silent past the timeout, ..."""
-
-
-class PeersGone(BusError):
-    """Watched peers silent for longer than `rejoin_timeout_s` (or never heard within the join
-    timeout). `names`: who, in the order they were watched."""
-
-    def __init__(self, text: str, names: list[str]):
-        super().__init__(text)
-        self.names = names
-
-
 @dataclass(frozen=True)
 class BusAddress:
     """Where the broker listens: publishers connect to `pub`, subscribers to `sub`."""
@@ -86,7 +73,7 @@ class BusAddress:
     sub: str = "tcp://127.0.0.1:5556"
 
 
-class Bus:
+class Bus(Liveness):
     def __init__(self, identity: Identity, run_id: str, address: BusAddress, verifier: Verifier,
                  *, name: str | None = None, hwm: int = 16, beat_s: float = 1.0,
                  timeout_s: float = 5.0, join_timeout_s: float = 120.0,
@@ -156,6 +143,9 @@ class Bus:
         # called (it must not send) with each signed message refused as a replay or a broken
         # chain: the notary compares it with what it logged there (`net.equivocation`)
         self.on_conflict: Callable[[Envelope], None] | None = None
+        # called with each of our messages before it is published, and ours dropped unread
+        # when they come back: the notary logs its own as it sends them (`own_first`)
+        self.before_publish: Callable[[Envelope], None] | None = None
 
     def bind(self, roster: Roster) -> None:
         """Bind to the run `roster` describes: trust its keys, stamp its nonce on every header
@@ -234,6 +224,8 @@ class Bus:
     def publish(self, env: Envelope) -> None:
         """Send, reading inbound traffic while the bus pushes back; never drops. The message
         is kept for `resend_after`."""
+        if self.before_publish is not None:
+            self.before_publish(env)
         self._publish(env)
         self.sent[env.header.kind] = self.sent.get(env.header.kind, 0) + 1
         if isinstance(env.body, memoryview):  # a tensor's memory: kept as it was sent
@@ -356,6 +348,8 @@ class Bus:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            if self.before_publish is not None and self._ours(frames):
+                continue  # already taken where it was sent
             try:
                 env = self.verifier.verify_frames([f.buffer for f in frames])
             except RejectedMessage as exc:
@@ -370,70 +364,26 @@ class Bus:
             self.last_seen[env.header.sender] = time.monotonic()
             self.inbox.append(env)
 
-    def watch(self, peers: dict[str, str]) -> None:
-        """Peers (key id -> name) whose silence is suspected past `timeout_s` and fatal past
-        `rejoin_timeout_s`: every `recv` checks them, so a live peer's beats can never hide a
-        dead one. A peer no longer watched is no longer suspected."""
-        self.watched = dict(peers)
-        for k in [k for k in self.suspected if k not in self.watched]:
-            del self.suspected[k]
+    def _ours(self, frames) -> bool:
+        """Whether these frames carry a header of our own key (unverified: a forged one is
+        dropped all the same, which is what verifying it would do)."""
+        try:
+            return parse_frames([f.buffer for f in frames]).header.sender == \
+                self.identity.key_id
+        except RejectedMessage:
+            return False
 
-    def unwatch(self, names: Iterable[str]) -> None:
-        """Stop watching these peers (by name): they are gone, and the run goes on without
-        them for as long as it takes to stop it cleanly."""
-        drop = set(names)
-        self.watch({k: n for k, n in self.watched.items() if n not in drop})
-
-    def suspects(self) -> list[str]:
-        """Names of the watched peers suspected now, in the order they were watched."""
-        return [n for k, n in self.watched.items() if k in self.suspected]
+    def own_first(self, take: Callable[[Envelope], None]) -> None:
+        """Hand each of our messages to `take` before publishing it, and never read our own
+        back: the notary logs what it sends as it sends it, so that a notary killed between
+        publishing and reading its message back cannot leave a message its peers received
+        out of the log (started again, it would sign another at that seq: a fork of its own
+        chain that every peer refuses as a replay)."""
+        self.before_publish = take
 
     def _say(self, text: str) -> None:
         if self.notice is not None:
             self.notice(text)
-
-    def _own_gap(self) -> None:
-        """Our own absence is not our peers' silence: when this process was not listening for
-        a while (it was stopped, SIGSTOP or a device asleep, or blocked), what they sent waits
-        in its queues, so every peer's silence clock moves on by that gap; measured without it,
-        a process resumed after a pause would declare everyone gone before reading a thing."""
-        now = time.monotonic()
-        gap = now - self.last_check
-        self.last_check = now
-        if gap <= self.timeout_s:  # (a computation between two receives stays below it)
-            return
-        self.away_s += gap
-        self.started += gap
-        for k in self.last_seen:
-            self.last_seen[k] += gap
-        log.warning("we were not listening", away_s=round(gap, 2))
-
-    def check_watched(self) -> None:
-        """Update who is suspected (each change logged and said on the console) and raise
-        `PeersGone` naming every watched peer silent past `rejoin_timeout_s`; a stretch in which
-        this process did not listen itself is not counted (`_own_gap`)."""
-        self._own_gap()
-        now = time.monotonic()
-        silent = set(self.silent_peers(self.watched))
-        for k in silent - set(self.suspected):
-            self.suspected[k] = now
-            quiet = now - self.last_seen.get(k, self.started)
-            log.warning("peer suspected", peer=self.watched[k], silent_s=round(quiet, 2),
-                        rejoin_timeout_s=self.rejoin_timeout_s)
-            self._say(f"{self.watched[k]} silent for {quiet:.1f} s: suspected; waiting up to "
-                      f"{self.rejoin_timeout_s:.0f} s (rejoin_timeout_s) for it to come back")
-        for k in set(self.suspected) - silent:
-            since = self.suspected.pop(k)
-            log.info("peer back", peer=self.watched[k], suspected_s=round(now - since, 2))
-            self._say(f"{self.watched[k]} is back after {now - since:.1f} s suspected")
-        gone = [k for k in self.watched if k in silent and (
-            k not in self.last_seen or now - self.last_seen[k] > self.rejoin_timeout_s)]
-        if gone:
-            names = [self.watched[k] for k in gone]
-            log.error("peers gone", peers=names, rejoin_timeout_s=self.rejoin_timeout_s)
-            raise PeersGone(f"no message from {', '.join(names)} for "
-                            f"{self.rejoin_timeout_s:.0f} s (rejoin_timeout_s): the broker or "
-                            f"they are gone", names)
 
     def recv(self, timeout_s: float) -> Envelope | None:
         """The next verified message, or None after `timeout_s`. Beats on the way; raises
@@ -463,26 +413,6 @@ class Bus:
         """Key ids whose last message was refused for a gap in their chain (nothing of theirs
         accepted since): what they sent is missing here until they send it again."""
         return [k for k, t in self.gap_refused.items() if t >= self.last_seen.get(k, -1.0)]
-
-    def presume_heard(self, key_ids: Iterable[str]) -> None:
-        """Count these peers' silence from now, as if just heard (a resumed process whose
-        peers were in the run before: silent past `timeout_s` from here they are suspected,
-        rather than given the join timeout of a peer never heard)."""
-        now = time.monotonic()
-        for k in key_ids:
-            self.last_seen.setdefault(k, now)
-
-    def silent_peers(self, key_ids: Iterable[str]) -> list[str]:
-        """Key ids silent for longer than the timeout since we last heard them; a peer not
-        heard at all since `start_beating` gets the join timeout (it may still be starting)."""
-        now = time.monotonic()
-        out = []
-        for k in key_ids:
-            seen = self.last_seen.get(k)
-            if (seen is not None and now - seen > self.timeout_s) or (
-                    seen is None and now - self.started > self.join_timeout_s):
-                out.append(k)
-        return out
 
     def close(self) -> None:
         log.info("bus closed", sent=sum(self.sent.values()), stalls=self.stalls,

@@ -1,5 +1,5 @@
-"""The notary process: appends every message of the run to the provenance log and signs
-checkpoints.
+"""The notary process: appends every message of the run to the provenance log (its own as it
+sends them, before publishing: `Bus.own_first`) and signs checkpoints.
 
 It trusts only the owner's key until the owner's signed roster arrives (the first message of a
 run), then the roster's keys. Every message is verified in full (the notary sees every sender's
@@ -36,8 +36,9 @@ from clicooper_bus.chain.registry import WatermarkRegistry
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError, LogFull
 from clicooper_bus.layout import RunLayout
-from clicooper_bus.net.bus import Bus, BusError, PeersGone
+from clicooper_bus.net.bus import Bus, BusError
 from clicooper_bus.net.equivocation import Equivocation
+from clicooper_bus.net.liveness import PeersGone
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
@@ -71,6 +72,7 @@ class Notary(NotaryRestarts, NotaryEvidence):
         self.roster: Roster | None = None
         self.last_cp_size, self.last_cp_time = 0, time.monotonic()
         self.final_sent = False
+        self.log_closed = False  # the closing checkpoint is signed: nothing more is appended
         self.meter = CpuMeter()  # the notary's CPU over the run's training steps (`usage`)
         self.logged_steps: set[int] = set()  # of the owner's training activations
         self.gone: set[str] = set()  # members silent past the rejoin timeout (not the owner)
@@ -81,6 +83,7 @@ class Notary(NotaryRestarts, NotaryEvidence):
         self.accused: set[str] = set()  # key ids proven to have equivocated
         self.evidence: list[Equivocation] = []  # proofs found, not yet published
         self.bus.on_conflict = self._conflict
+        self.bus.own_first(self._log_own)
 
     def run(self) -> int:
         if self.cfg.log.notary_nice:
@@ -130,15 +133,16 @@ class Notary(NotaryRestarts, NotaryEvidence):
         self.roster = roster
         self.bus.bind(roster)
         self._append(env)
+        # signed at once, over the roster alone (before our first beat, which we log as we send
+        # it): a notary killed at any later moment leaves a log with a signed checkpoint (a
+        # short run's first periodic one came only at its end)
+        self._checkpoint()
         plog = self.plog
         self.registry = WatermarkRegistry(
             roster, bytes(env.body), root_at=lambda n: plog.tree.root(n) if n <= plog.size else None)
         self.bus.start_beating()
         self.bus.watch({m.key_id: m.name for m in roster.members if m.role != "notary"})
         self.log.info("log created", path=str(path), members=len(roster.members))
-        # signed at once, over the roster: a notary killed at any later moment leaves a log
-        # with a signed checkpoint (a short run's first periodic one came only at its end)
-        self._checkpoint()
 
     def _serve(self) -> int:
         bus, roster = self.bus, self.roster
@@ -237,6 +241,12 @@ class Notary(NotaryRestarts, NotaryEvidence):
         self.logged_at[env.header.sender, env.header.seq] = index
         return index
 
+    def _log_own(self, env: Envelope) -> None:
+        """One of our own messages, logged before it is published (`Bus.own_first`); none
+        once the log is closed (its closing checkpoint covers everything in it)."""
+        if self.plog is not None and not self.log_closed:
+            self._append(env)
+
     def _stops(self, env: Envelope) -> bool:
         """Whether `env` is the owner's `end` that stops the run early."""
         h = env.header
@@ -284,7 +294,8 @@ class Notary(NotaryRestarts, NotaryEvidence):
             return
         self._checkpoint(force=True)  # a signed tree that holds the claim
         note = self.plog.latest_note()
-        size = self.plog.size
+        # the tree it signs (the checkpoint message itself is logged after it: `_log_own`)
+        size = self.plog.checkpoint_at(self.plog.checkpoint_count - 1).size
         keyed = Commit.from_doc(todo.commit.document()).log_size
         cert = Certificate(self.roster.run_id, todo.stage, todo.round, todo.commit, todo.claim,
                            todo.round_start, note,
@@ -324,6 +335,7 @@ class Notary(NotaryRestarts, NotaryEvidence):
             return
         note = self.plog.sign_checkpoint()
         self.last_cp_size = self.plog.size
+        self.log_closed = self.log_closed or closing
         if publish:
             self.bus.send_doc("checkpoint", "all", CheckpointMessage(note, final, closing).to_doc())
             if final:  # participants leave after this: their silence is no longer news

@@ -30,16 +30,27 @@ class NotaryEvidence:
             return
         last = self.bus.verifier.last_seq(h.sender)
         at = h.seq if h.seq <= last else h.seq - 1  # a replay, or a `prev` that is not ours
-        index = self.logged_at.get((h.sender, at))
-        if index is None:  # not a place the log holds (before the roster): nothing to compare
+        leaf = self._accepted(h.sender, at)
+        if leaf is None:  # not a place the log holds (before the roster): nothing to compare
             return
-        leaf = self.plog.leaf(index)
         raw, _ = split_leaf(leaf)
         if at == h.seq and hashlib.sha256(raw).digest() == h.digest:
             return  # the very message the log holds, sent again
         member = self.roster.by_key_id(h.sender)
         self.accused.add(h.sender)
         self.evidence.append(Equivocation(member.name, leaf, env.leaf))
+
+    def _accepted(self, sender: str, seq: int) -> bytes | None:
+        """The leaf of `sender`'s message at `seq` the notary accepted: logged, or verified
+        and waiting in the bus's inbox to be (a receive pass verifies a batch before the
+        notary logs it, so the two messages of an equivocation can arrive in one)."""
+        index = self.logged_at.get((sender, seq))
+        if index is not None:
+            return self.plog.leaf(index)
+        for env in reversed(self.bus.inbox):
+            if env.header.sender == sender and env.header.seq == seq:
+                return env.leaf
+        return None
 
     def _accuse(self) -> bool:
         """Publish each proof found since the last call. Returns True when the owner

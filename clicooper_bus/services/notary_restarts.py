@@ -16,7 +16,7 @@ from clicooper_bus.errors import ClicooperError, LogCorrupted, RejectedMessage
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import ChainTip, Handover
+from clicooper_bus.protocol.recovery import ChainTip, Handover
 from clicooper_bus.tlog.log import ProvenanceLog
 
 
@@ -103,10 +103,6 @@ class NotaryRestarts:
                 fatal.append(names.get(kid, kid))
             elif now - self.tipped.get(kid, 0.0) < self.cfg.bus.timeout_s:
                 continue
-            elif kid == self.ident.key_id:  # ours, sent while the broker was down: again
-                self.tipped[kid] = now
-                seq, prev = self.chains.get(kid, (0, bytes(32)))
-                self.bus.resend_after(seq, prev)
             elif kid in names:
                 self._send_tip(kid, names[kid], resend=True)
         if fatal:

@@ -54,7 +54,7 @@ def cmd_log_verify(args: argparse.Namespace) -> int:
         print(f"FAILED at {where or 'log'}: {f.reason}")
     if not result.ok:
         return 1
-    return 2 if result.equivocations else 0
+    return 3 if result.equivocations else 0
 
 
 def cmd_log_show(args: argparse.Namespace) -> int:
@@ -166,9 +166,9 @@ def add_log_commands(sub) -> None:
                                                                              required=True)
     c = logp.add_parser("verify", help="verify every record, signature, chain, body, checkpoint",
                         epilog="exit codes: 0 the log verifies; 1 it does not (the first failure "
-                               "is named); 2 it verifies and holds the notary's proof that a "
-                               "member equivocated (signed two messages at one place of its "
-                               "chain)")
+                               "is named); 2 a usage error; 3 it verifies and holds the "
+                               "notary's proof that a member equivocated (signed two messages "
+                               "at one place of its chain)")
     c.add_argument("dir", help="the log directory (RUN_DIR/log)")
     c.add_argument("--json", action="store_true", help="machine-readable result")
     c.add_argument("--owner-key", help="pin the roster's owner to this public key file")

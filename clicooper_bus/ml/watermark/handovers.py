@@ -11,7 +11,7 @@ from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net import codec
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import parse_header, signed_bytes, split_leaf
-from clicooper_bus.protocol import Handover
+from clicooper_bus.protocol.recovery import Handover
 
 
 class HandoverRefused(ClicooperError):

@@ -20,12 +20,11 @@ from clicooper_bus.protocol import (
     Hello,
     Metrics,
     ProtocolError,
-    Restored,
     Round,
-    Snapshot,
     Usage,
     WatermarkCertificate,
 )
+from clicooper_bus.protocol.recovery import Restored, Snapshot
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from safetensors.torch import load as st_load
 
-from clicooper_bus.protocol import Handover, StageState
+from clicooper_bus.protocol.recovery import Handover, StageState
 from clicooper_bus.services.owner.rollback import RollbackRefused
 from clicooper_bus.services.trainer.snapshot import canonical_digest
 
@@ -82,6 +82,26 @@ class Handovers:
             taken.add(standby)
         return True
 
+    def _take_over(self, stage: int, round_: int, step: int, replaced: str, standby: str,
+                   env) -> None:
+        """`standby` holds stage `stage` from `step` (of round `round_`) on, after our
+        `handover` `env` (sent now, or replayed from the log by a resumed owner): the stage
+        list, its commitment of the step (the replaced trainer's), the bundle's handovers, and
+        the round's commitments void (the round starts again: every stage commits anew)."""
+        books = self.books
+        self.handovers.append([env.leaf, bytes(env.body)])
+        self.stages[stage - 1] = standby  # books.stages is this list
+        if step in books.snapshots.get(replaced, {}):
+            books.snapshots[standby] = {step: books.snapshots[replaced][step]}
+        self.used_standby.add(standby)
+        for key in [key for key in books.commits if key[1] == round_]:
+            del books.commits[key]
+
+    def _stages_changed(self) -> None:
+        """The first and last stages, and who may send what, after a handover."""
+        self.training.first, self.training.last = self.stages[0], self.stages[-1]
+        self._routes()
+
     def _hand_over(self, gone: list[str]) -> tuple[int, int]:
         """Hand each trainer of `gone` over to a standby (see the module docstring). Returns
         (epoch, batch) to train from. Raises RollbackRefused (a clean stop, named) when no
@@ -110,11 +130,8 @@ class Handovers:
             sealed = self.setup.roster.by_name(standby).identity.seal(self.held_states[name][step])
             env = self.bus.send_doc("handover", "all", Handover(
                 k, rnd, step, name, standby, sealed, claim).to_doc(), step=step)
-            self.handovers.append([env.leaf, bytes(env.body)])
-            self.stages[k - 1] = standby  # books.stages is this list
-            books.snapshots[standby] = {step: books.snapshots[name][step]}
+            self._take_over(k, rnd, step, name, standby, env)
             states[standby] = {step: states[name][step]}
-            self.used_standby.add(standby)
             self.log.warning("stage handed over", stage=k, replaced=name, by=standby, step=step,
                              round=rnd)
             print(f"owner: {name} gone: stage {k} handed over to {standby} from step {step}",
@@ -122,10 +139,7 @@ class Handovers:
         self.bus.unwatch(gone)
         everyone = [*self.stages, self.cfg.participants.notary]
         self.bus.watch({self.kid[n]: n for n in everyone})
-        self.training.first, self.training.last = self.stages[0], self.stages[-1]
-        for key in [key for key in books.commits if key[1] == rnd]:
-            del books.commits[key]  # the round starts again: every stage commits anew
-        self._routes()
+        self._stages_changed()
         self.loop.route("hello", {self.kid[n] for n in self.stages}, self._late_hello)
         if step not in self.training.snapshots.kept:
             saved = self.rounds_store.read(step)

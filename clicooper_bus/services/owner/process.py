@@ -24,8 +24,9 @@ from clicooper_bus.layout import RunLayout, write_atomic
 from clicooper_bus.ml.compute import compute_plan
 from clicooper_bus.ml.privacy import defences as privacy
 from clicooper_bus.ml.tensors import check_weights
-from clicooper_bus.net.bus import Bus, BusError, PeersGone
+from clicooper_bus.net.bus import Bus, BusError
 from clicooper_bus.net.equivocation import Equivocation, proven
+from clicooper_bus.net.liveness import PeersGone
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.plan import schedule
 from clicooper_bus.protocol import Ack, End, Round, Segment, Usage, cpu_table

@@ -13,8 +13,8 @@ log and cannot be made again), nor, hence, into a round before one that began.
 from __future__ import annotations
 
 from clicooper_bus.errors import ClicooperError
-from clicooper_bus.net.bus import PeersGone
-from clicooper_bus.protocol import ChainTip, Rejoin, Rollback
+from clicooper_bus.net.liveness import PeersGone
+from clicooper_bus.protocol.recovery import ChainTip, Rejoin, Rollback
 from clicooper_bus.services.owner.rollback import (
     BrokerBack,
     Rejoined,

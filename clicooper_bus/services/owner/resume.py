@@ -36,7 +36,7 @@ from clicooper_bus.layout import SnapshotLayout, write_atomic
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import ChainTip, Rejoin, Rollback, Snapshot
+from clicooper_bus.protocol.recovery import ChainTip, Handover, Rejoin, Rollback, Snapshot
 from clicooper_bus.services.owner.subscriptions import subscribe
 from clicooper_bus.services.trainer import snapshot
 from clicooper_bus.services.trainer.snapshot import safe_open_metadata
@@ -125,10 +125,14 @@ class Resumes:
         ClicooperError for a run that finished or stopped, or whose log did not keep a body
         needed here."""
         b, owner = self.books, self.cfg.participants.owner
+        logged_tips: dict[str, int] = {}  # trainer -> the seq of the notary's latest tip to it
         handlers = {"snapshot": b.on_snapshot, "wm_commit": b.on_commit, "wm_claim": b.on_claim,
                     "wm_cert": b.on_certificate, "checkpoint": b.on_checkpoint,
-                    "hello": b.on_hello, "rejoin": self._replayed_rejoin,
-                    "rollback": self._replayed_rollback, "round": self._replayed_round}
+                    "hello": b.on_hello, "rollback": self._replayed_rollback,
+                    "round": self._replayed_round,
+                    "tip": lambda env: self._replayed_tip(env, logged_tips),
+                    "rejoin": lambda env: self._replayed_rejoin(env, logged_tips),
+                    "handover": self._replayed_handover}
         with ProvenanceLog.open(self.layout.log) as plog:
             for i in range(plog.size):
                 h, sig, body = plog.entry(i)
@@ -147,13 +151,36 @@ class Resumes:
                 handlers[h.kind](Envelope(h.topic, h, sig, body))
         b.final_note = None
 
-    def _replayed_rejoin(self, env) -> None:
-        """A logged `rejoin`: its snapshot digests are that trainer's commitments too."""
+    def _replayed_tip(self, env, logged_tips: dict[str, int]) -> None:
+        """A logged `tip` of the notary's to a trainer: a `rejoin` that follows it is a
+        restarted process's, as the live owner judged (`_not_restarted`)."""
+        notary = self.cfg.participants.notary
+        if self.books.names[env.header.sender] != notary:
+            return
+        tip = ChainTip.parse(env.document(), sender=notary)
+        if tip.member in self.stages:
+            logged_tips[tip.member] = tip.seq
+
+    def _replayed_rejoin(self, env, logged_tips: dict[str, int]) -> None:
+        """A logged `rejoin` the live owner took (it followed the notary's tip to its sender:
+        a restarted process's): its snapshot digests are that trainer's commitments too. One
+        the live owner refused (a live member's) commits to nothing here either."""
         name = self.books.names[env.header.sender]
+        if logged_tips.get(name, -2) + 1 != env.header.seq:
+            return
         rejoin = Rejoin.parse(env.document(), sender=name)
         mine = self.books.snapshots.setdefault(name, {})
         for step, state in zip(rejoin.steps, rejoin.states, strict=True):
             mine.setdefault(step, Snapshot(step, "", state))
+
+    def _replayed_handover(self, env) -> None:
+        """A logged `handover` of ours: the standby holds the stage from then on, as after
+        the live handover (`Handovers._take_over`)."""
+        owner = self.cfg.participants.owner
+        if self.books.names[env.header.sender] != owner:
+            return
+        h = Handover.parse(env.document(), sender=owner)
+        self._take_over(h.stage, h.round, h.step, h.replaced, h.by, env)
 
     def _replayed_round(self, env) -> None:
         if self.books.names[env.header.sender] == self.cfg.participants.owner:
@@ -178,6 +205,8 @@ class Resumes:
             raise ClicooperError(f"no round snapshot of the owner in "
                                  f"{self.rounds_store.layout.root}: nothing to resume from")
         self._replay_log()
+        if self.handovers:  # standbys hold stages now: the routes and the ends follow them
+            self._stages_changed()
         subscribe(bus, owner)
         print(f"owner: resuming run '{cfg.run.id}' (round snapshots of steps {steps}): waiting "
               f"for the notary's chain tip", flush=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.ml.split import SegmentTrainer
-from clicooper_bus.protocol import Rejoin
+from clicooper_bus.protocol.recovery import Rejoin
 from clicooper_bus.services.trainer import snapshot
 
 KEEP = 4  # the owner runs ahead of the stages by up to `in_flight` steps: one snapshot more

@@ -9,7 +9,8 @@ from __future__ import annotations
 from clicooper_bus.chain.resume import open_marks
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import ChainTip, CheckpointMessage, Round
+from clicooper_bus.protocol import CheckpointMessage, Round
+from clicooper_bus.protocol.recovery import ChainTip
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 from clicooper_bus.tlog.log import default_origin
 

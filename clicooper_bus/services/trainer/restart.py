@@ -20,15 +20,8 @@ from clicooper_bus.errors import PoisonedInput, RosterError
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol import (
-    ChainTip,
-    ProtocolError,
-    Rejoin,
-    Restored,
-    Rollback,
-    Snapshot,
-    Usage,
-)
+from clicooper_bus.protocol import ProtocolError, Usage
+from clicooper_bus.protocol.recovery import ChainTip, Rejoin, Restored, Rollback, Snapshot
 from clicooper_bus.services.trainer import snapshot
 
 

@@ -33,8 +33,9 @@ from clicooper_bus.ml.tensors import (
     state_tensors,
 )
 from clicooper_bus.ml.watermark.marker import Marker
-from clicooper_bus.net.bus import Bus, BusError, PeersGone
+from clicooper_bus.net.bus import Bus, BusError
 from clicooper_bus.net.identity import PublicIdentity
+from clicooper_bus.net.liveness import PeersGone
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
@@ -57,7 +58,7 @@ from clicooper_bus.services.dispatch import Dispatcher
 from clicooper_bus.services.trainer import snapshot
 from clicooper_bus.services.trainer.marks import Marks
 from clicooper_bus.services.trainer.restart import Restarts
-from clicooper_bus.services.trainer.standby import Standby
+from clicooper_bus.services.trainer.standby import Replaced, Standby
 from clicooper_bus.services.usage import CpuMeter
 
 FOREVER = float("inf")
@@ -124,6 +125,10 @@ class Trainer(Restarts, Marks, Standby):
                 self._serve()
             except PoisonedInput as exc:
                 return self._refuse(exc)
+            except Replaced as exc:  # nothing more of ours may reach the run: leave at once
+                self.log.warning("replaced", error=str(exc))
+                print(f"{self.name}: {exc}", file=sys.stderr, flush=True)
+                return EXIT_STOPPED
             if self.stopped:
                 return self._leave(EXIT_STOPPED)
             return self._finish()

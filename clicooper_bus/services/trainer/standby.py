@@ -24,10 +24,15 @@ from safetensors.torch import save as st_save
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net.kinds import KINDS
 from clicooper_bus.net.wire import DEFAULT_LIMITS, Envelope
-from clicooper_bus.protocol import Handover, StageState
+from clicooper_bus.protocol.recovery import Handover, StageState
 from clicooper_bus.services.trainer import snapshot
 
 FOREVER = float("inf")
+
+
+class Replaced(ClicooperError):
+    """The owner handed our stage to a standby while we were silent past `rejoin_timeout_s`
+    (a process paused that long, then continued): the run goes on without us."""
 
 
 class Standby:
@@ -103,6 +108,10 @@ class Standby:
         """Another trainer's stage went to a standby: route to it in that trainer's place,
         watch it if it is our neighbour, and commit the round again (it starts again)."""
         h = Handover.parse(env.document(), sender=self.roster.owner.name)
+        if h.replaced == self.name:
+            raise Replaced(f"the owner handed our stage {h.stage} over to {h.by} from step "
+                           f"{h.step} while we were silent past [bus] rejoin_timeout_s; the run "
+                           f"goes on without us")
         if not 1 <= h.stage <= len(self.stages) or self.stages[h.stage - 1] != h.replaced:
             raise ClicooperError(f"the owner handed stage {h.stage} of {h.replaced} over, but "
                                  f"stage {h.stage} is {self.stages[h.stage - 1:h.stage]}")
