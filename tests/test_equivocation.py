@@ -384,3 +384,31 @@ def test_a_trainer_that_comes_back_replaced_leaves_naming_its_standby():
         2, 1, 20, "trainer-2", "standby-1", b"sealed", b"").to_doc(), step=20)
     with pytest.raises(Replaced, match="over to standby-1 from step 20"):
         Trainer()._on_handover(env)
+
+
+def test_a_resumed_owner_takes_up_only_the_round_snapshots_it_committed_to(tmp_path):
+    """Review of issue 17: `--resume` trusted the owner's round snapshot files as they were on
+    disk. Each is now committed in the log (the owner's signed `snapshot`, its file's SHA-256);
+    a resumed owner takes up only a file whose bytes are the last it committed for that step,
+    and refuses to resume, naming each file, when none is."""
+    from clicooper_bus.errors import ClicooperError
+    from clicooper_bus.layout import SnapshotLayout
+    from clicooper_bus.services.owner.resume import Resumes, RoundStore
+
+    store = RoundStore(SnapshotLayout(tmp_path / "owner"), "nonce")
+    store.layout.root.mkdir(parents=True)
+    for step, body in ((20, b"round 1"), (40, b"round 2")):
+        store.layout.state(step).write_bytes(body)
+
+    class Owner(Resumes):
+        rounds_store = store
+        committed_rounds = {20: hashlib.sha256(b"round 1").hexdigest(),
+                            40: hashlib.sha256(b"round 2").hexdigest()}
+
+    owner = Owner()
+    assert owner._committed_steps([20, 40]) == [20, 40]
+    store.layout.state(40).write_bytes(b"changed on disk, or written and never committed")
+    assert owner._committed_steps([20, 40]) == [20]
+    store.layout.state(20).write_bytes(b"changed too")
+    with pytest.raises(ClicooperError, match="step 20: file sha256 .*, logged .*the run cannot"):
+        owner._committed_steps([20, 40])

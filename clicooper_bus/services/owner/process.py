@@ -106,6 +106,7 @@ class Owner(Rejoins, Resumes, Handovers):
         self.per_epoch: list[dict] = []  # each finished epoch's row (kept for a stopped run)
         self.delivered: set[str] = set()  # trainers whose segment the owner has loaded
         self.tips: dict[str, int] = {}  # trainer -> the seq of the notary's latest tip to it
+        self.committed_rounds: dict[int, str] = {}  # a resumed owner's: step -> file sha256
         self.own_tip = None  # the notary's tip to us (a resumed owner continues from it)
         self.pending_row: dict | None = None  # a resumed epoch trained but not finished
         self.held_states: dict[str, dict[int, bytes]] = {}  # trainer -> step -> its state

@@ -23,6 +23,7 @@ the final checkpoint), a run whose log did not keep the bodies replayed here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -63,16 +64,27 @@ class RoundStore:
         self.layout, self.nonce = layout, nonce
 
     def write(self, step: int, head: SegmentTrainer, tail: SegmentTrainer | None,
-              rows: list[dict], pending: dict | None) -> None:
+              rows: list[dict], pending: dict | None) -> str:
+        """Write the snapshot of `step`; returns the SHA-256 (hex) of the file's bytes, which
+        the owner commits to in the log (`Resumes._save_round`)."""
         tensors = {f"head/{k}": v for k, v in snapshot.stage_state(head).items()}
         if tail is not None:
             tensors.update({f"tail/{k}": v for k, v in snapshot.stage_state(tail).items()})
         meta = {"nonce": self.nonce, "step": str(step), "rows": json.dumps(rows),
                 "pending": json.dumps(pending)}
         self.layout.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.layout.state(step), st_save(tensors, metadata=meta), mode=0o600)
+        raw = st_save(tensors, metadata=meta)
+        write_atomic(self.layout.state(step), raw, mode=0o600)
         for old in self.layout.steps()[:-KEEP]:
             self.layout.state(old).unlink(missing_ok=True)
+        return hashlib.sha256(raw).hexdigest()
+
+    def digest(self, step: int) -> str | None:
+        """The SHA-256 (hex) of the snapshot file of `step` as it is on disk; None if unread."""
+        try:
+            return hashlib.sha256(self.layout.state(step).read_bytes()).hexdigest()
+        except OSError:
+            return None
 
     def steps(self) -> list[int]:
         return self.layout.steps()
@@ -114,8 +126,13 @@ class Resumes:
     training, layout and stages)."""
 
     def _save_round(self, step: int, pending: dict | None = None) -> None:
-        """Our state at round boundary `step` (see `RoundStore`)."""
-        self.rounds_store.write(step, self.setup.head, self.setup.tail, self.per_epoch, pending)
+        """Our state at round boundary `step` (see `RoundStore`), committed in a signed
+        `snapshot` to all (the log keeps it): a resumed owner takes up only a file whose bytes
+        are what it committed, so what it resumes from is evidence too."""
+        digest = self.rounds_store.write(step, self.setup.head, self.setup.tail, self.per_epoch,
+                                         pending)
+        doc = Snapshot(step, snapshot.weights_digest(self.setup.head.module), digest).to_doc()
+        self.bus.send_doc("snapshot", "all", doc, step=step)
 
     def _replay_log(self) -> None:
         """Our books from the run's log (read only; the notary appends meanwhile): each
@@ -126,7 +143,8 @@ class Resumes:
         needed here."""
         b, owner = self.books, self.cfg.participants.owner
         logged_tips: dict[str, int] = {}  # trainer -> the seq of the notary's latest tip to it
-        handlers = {"snapshot": b.on_snapshot, "wm_commit": b.on_commit, "wm_claim": b.on_claim,
+        handlers = {"snapshot": self._replayed_snapshot, "wm_commit": b.on_commit,
+                    "wm_claim": b.on_claim,
                     "wm_cert": b.on_certificate, "checkpoint": b.on_checkpoint,
                     "hello": b.on_hello, "rollback": self._replayed_rollback,
                     "round": self._replayed_round,
@@ -150,6 +168,16 @@ class Resumes:
                                          f"retention): this run cannot be resumed")
                 handlers[h.kind](Envelope(h.topic, h, sig, body))
         b.final_note = None
+
+    def _replayed_snapshot(self, env) -> None:
+        """A logged `snapshot`: a trainer's commitment (`Books.on_snapshot`), or our own to a
+        round snapshot file (the last of a step counts: a step's row is written twice)."""
+        owner = self.cfg.participants.owner
+        if self.books.names[env.header.sender] != owner:
+            self.books.on_snapshot(env)
+            return
+        snap = Snapshot.parse(env.document(), sender=owner)
+        self.committed_rounds[snap.step] = snap.state
 
     def _replayed_tip(self, env, logged_tips: dict[str, int]) -> None:
         """A logged `tip` of the notary's to a trainer: a `rejoin` that follows it is a
@@ -205,6 +233,7 @@ class Resumes:
             raise ClicooperError(f"no round snapshot of the owner in "
                                  f"{self.rounds_store.layout.root}: nothing to resume from")
         self._replay_log()
+        steps = self._committed_steps(steps)
         if self.handovers:  # standbys hold stages now: the routes and the ends follow them
             self._stages_changed()
         subscribe(bus, owner)
@@ -261,6 +290,22 @@ class Resumes:
             return
         rejoined[name] = rejoin
         print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
+
+    def _committed_steps(self, steps: list[int]) -> list[int]:
+        """Of our round snapshot files (`steps`), those whose bytes are what we committed to
+        in the log (a file written by a process killed before its commitment went out, or
+        changed on disk since, is not taken up). Raises ClicooperError naming each file when
+        none is."""
+        ok = [s for s in steps if self.committed_rounds.get(s) is not None and
+              self.rounds_store.digest(s) == self.committed_rounds[s]]
+        if not ok:
+            raise ClicooperError(
+                "no round snapshot of the owner in " + str(self.rounds_store.layout.root) +
+                " is what the log says it committed to (" + "; ".join(
+                    f"step {s}: file sha256 {(self.rounds_store.digest(s) or 'unreadable')[:16]}"
+                    f", logged {(self.committed_rounds.get(s) or 'none')[:16]}" for s in steps) +
+                "): the run cannot be resumed")
+        return ok
 
     def _resume_step(self, steps: list[int], rejoined: dict[str, Rejoin]
                      ) -> tuple[int, dict[str, dict[int, str]]]:
