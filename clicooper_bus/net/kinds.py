@@ -51,7 +51,8 @@ KINDS: dict[str, KindSpec] = {
                                                "and the bits they carry"),
         KindSpec("wm_cert", "msgpack", SMALL, "the notary's certificate of a claim"),
         KindSpec("snapshot", "msgpack", 1024, "a trainer commits to its stage's snapshot at a "
-                                              "step: weights and state digests"),
+                                              "step: weights and state digests (the owner, "
+                                              "to its round snapshot file)"),
         KindSpec("tip", "msgpack", 16 * 1024, "the notary tells a silent trainer where its "
                                               "signed chain (and watermark chain) stands in the "
                                               "log (for a restarted process)"),

@@ -35,6 +35,8 @@ proof of equivocation in `net.equivocation`):
 | `beat`       | everyone → all       | `Beat`: liveness, an empty map                      |
 | `snapshot`   | trainer → owner      | `Snapshot`: it snapshotted its stage at a step: the |
 |              |                      | step and the digests of its weights and its state   |
+|              | owner → all          | `Snapshot` of its round snapshot file (`state`: the |
+|              |                      | file's SHA-256), which a resumed owner checks       |
 | `tip`        | notary → trainer     | `ChainTip`: the last seq and header digest of the   |
 |              |                      | trainer the log holds (a restarted one continues),  |
 |              |                      | and its watermark chain's newest logged messages    |
