@@ -104,6 +104,7 @@ class _Notary(NotaryEvidence):
     def __init__(self):
         self.roster, self.ident, self.bus = ROSTER, IDS["notary"], _Bus()
         self.plog, self.logged_at, self.accused, self.evidence = _Log(), {}, set(), []
+        self.ahead = {}
 
     def take(self, env) -> bool:
         """Whether the verifier accepted `env` (logged); else it is compared (`_conflict`)."""
@@ -114,6 +115,7 @@ class _Notary(NotaryEvidence):
             return False
         self.logged_at[env.header.sender, env.header.seq] = len(self.plog.leaves)
         self.plog.leaves.append(env.leaf)
+        self._filled(env)  # as `Notary._append` does
         return True
 
 
@@ -129,6 +131,29 @@ def test_the_notary_accuses_a_conflict_once_and_never_a_resend():
     (ev,) = notary.evidence  # one proof for the member, however often it repeats itself
     assert ev.logged == sent[1].leaf and ev.conflicting == other.leaf
     assert "signed two different messages at seq 2" in proven(ev, ROSTER)[1]
+
+
+def test_a_message_refused_ahead_of_a_gap_must_be_the_one_that_fills_its_place():
+    """Review of issue 17 (found live): a trainer sent its real `fwd` at seq s + 2, skipping
+    s + 1 (the notary refused it for the gap, trainer-2 took it), then a beat at s + 1 and zeros
+    at s + 2, which the notary logged: the log held an input trainer-2 never used, and nothing
+    was refused. A message refused ahead of a gap is now kept (its header) and compared with
+    the one that later fills its place; the same one again (a resend) is no equivocation."""
+    notary, s = _Notary(), _sender()
+    beat = s.seal_document("beat", "all", {})  # seq 1, held back
+    real = s.seal_array("fwd", "trainer-2", np.ones((2, 3), np.float32), step=0)  # seq 2
+    assert not notary.take(real)  # a gap: kept, not yet judged
+    assert not notary.evidence
+    s.seq, s.prev = beat.header.seq, beat.header.digest
+    zeros = s.seal_array("fwd", "trainer-2", np.zeros((2, 3), np.float32), step=0)  # seq 2
+    assert notary.take(beat) and notary.take(zeros)
+    (ev,) = notary.evidence
+    assert ev.logged == zeros.leaf and ev.conflicting == real.leaf
+    assert "two different messages at seq 2" in proven(ev, ROSTER)[1]
+    honest, t = _Notary(), _sender()
+    first, second = (t.seal_document("beat", "all", {}) for _ in range(2))
+    assert not honest.take(second) and honest.take(first) and honest.take(second)  # resent
+    assert not honest.evidence and not honest.ahead[second.header.sender]
 
 
 def test_a_conflict_with_a_message_verified_but_not_yet_logged_is_proven():
@@ -335,6 +360,12 @@ def test_a_resumed_owner_replays_its_handovers():
         1, 1, 20, "trainer-1", "standby-1", b"sealed", b"").to_doc(), step=20)
     owner._replayed_handover(forged)  # only the owner's own handovers count
     assert owner.stages == ["trainer-1", "standby-1"]
+    owner.books.received = {("bwd", "k", 10): b"a", ("bwd", "k", 25): b"b"}
+    owner._replayed_handover(_sender("owner").seal_document("handover", "all", Handover(
+        1, 1, 20, "trainer-1", "standby-1", b"sealed", b"").to_doc(), step=20))
+    # (found live: the standby's round has new watermark keys, so the steps trained again
+    # answer differently, and an honest trainer was refused for it)
+    assert set(owner.books.received) == {("bwd", "k", 10)}
 
 
 def test_the_notary_logs_its_own_messages_before_it_publishes_them():
@@ -412,3 +443,71 @@ def test_a_resumed_owner_takes_up_only_the_round_snapshots_it_committed_to(tmp_p
     store.layout.state(20).write_bytes(b"changed too")
     with pytest.raises(ClicooperError, match="step 20: file sha256 .*, logged .*the run cannot"):
         owner._committed_steps([20, 40])
+
+
+def test_proofs_across_runs_and_documents_from_members_prove_nothing(tmp_path):
+    """Review of issue 17: two leaves of two runs with the same id but another roster nonce
+    made a proof; and a trainer's own `equivocation` document (a member may send any kind)
+    failed the whole log in `log verify`, where it is that member's bogus message."""
+    from clicooper_bus.tlog.logverify import VerifyResult, _check_equivocation
+
+    a = _at_seq_3(_sender(), 0.0)
+    other = Sender(IDS["trainer-1"], RUN)
+    other.nonce = b"\x07" * len(ROSTER.nonce)
+    b = _at_seq_3(other, 1.0)
+    with pytest.raises(ProtocolError, match="but another nonce"):
+        proven(Equivocation("trainer-1", a.leaf, b.leaf), ROSTER)
+    r = VerifyResult(log="x")
+    forged = _sender().seal_document("equivocation", "all", {}).header
+    _check_equivocation(None, r, ROSTER, forged, 9)
+    assert r.warnings == ["entry 9 is an equivocation document from trainer-1, not the notary: "
+                          "not a proof, ignored"] and not r.equivocations
+
+
+def test_a_resumed_owner_compares_the_answers_its_log_holds(tmp_path):
+    """Review of issue 17: a resumed owner's books started with no answer kept, so after an
+    owner restart a trainer could answer the steps trained again differently. The replay now
+    keeps the hash of every logged `fwd` or `bwd` a trainer sent the owner, as the live owner
+    did, and one that answered a step differently after a rollback is refused."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.errors import PoisonedInput
+    from clicooper_bus.protocol.recovery import Rollback
+    from clicooper_bus.services.owner.books import Books
+    from clicooper_bus.services.owner.resume import Resumes
+    from clicooper_bus.tlog.log import ProvenanceLog
+
+    roster_bytes = ROSTER.sign(IDS["owner"])
+    names = {IDS[n].key_id: n for n in IDS}
+
+    def log_of(answers: list[float]) -> SimpleNamespace:
+        path = tmp_path / f"log-{len(list(tmp_path.iterdir()))}"
+        plog = ProvenanceLog.create(path, roster_bytes=roster_bytes, run_id=RUN,
+                                    retention="all", fsync="never", signer=IDS["notary"])
+        owner, trainer, verifier = _sender("owner"), _sender(), Verifier(ROSTER, RUN)
+        sent = [owner.seal("roster", "all", roster_bytes)]
+        for i, value in enumerate(answers):
+            if i:
+                sent.append(owner.seal_document("rollback", "all", Rollback(0, "trainer-1")
+                                                .to_doc(), step=0))
+            sent.append(trainer.seal_array("bwd", "owner", np.full((2, 3), value, np.float32),
+                                           step=0))
+        for env in sent:
+            plog.append_envelope(verifier.verify_frames(env.frames()))
+        plog.close()
+        return SimpleNamespace(log=path)
+
+    class Owner(Resumes):
+        def __init__(self, layout):
+            self.cfg = SimpleNamespace(participants=SimpleNamespace(owner="owner",
+                                                                    notary="notary"))
+            self.stages, self.layout, self.tips, self.rollbacks = ["trainer-1", "trainer-2"], \
+                layout, {}, 0
+            self.books = Books(self.stages, names, None, "o", "spec", 1)
+            self.committed_rounds, self.handovers = {}, []
+
+    same = Owner(log_of([0.0, 0.0]))
+    same._replay_log()
+    assert same.books.replays_compared == 1
+    with pytest.raises(PoisonedInput, match="another bwd of step 0 than before"):
+        Owner(log_of([0.0, 1.0]))._replay_log()

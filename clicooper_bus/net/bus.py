@@ -61,8 +61,9 @@ PUMP_BATCH = 256
 KEEP_SENT, KEEP_SENT_BYTES = 4096, 64 << 20
 GAPS = ("seq_gap", "broken_chain")  # refusals that leave a hole in a sender's chain
 # refusals of a signed message at a place of its sender's chain already taken (the same seq
-# again) or taken by another message (its prev): a resend, or equivocation
-CHAIN_CONFLICTS = ("replayed_seq", "broken_chain")
+# again), taken by another message (its prev), or not reached yet (a gap: the message that
+# later fills it must be this one): a resend, or equivocation
+CHAIN_CONFLICTS = ("replayed_seq", "broken_chain", "seq_gap")
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ class Bus(Liveness):
         # verifier's: the notary's), which only that sender's sending again can close
         self.gap_refused: dict[str, float] = {}
         self.kept_bytes = 0
-        # called (it must not send) with each signed message refused as a replay or a broken
-        # chain: the notary compares it with what it logged there (`net.equivocation`)
+        # called (it must not send) with each signed message refused as a replay, a broken
+        # chain or a gap: the notary compares it with what it logs there (`net.equivocation`)
         self.on_conflict: Callable[[Envelope], None] | None = None
         # called with each of our messages before it is published, and ours dropped unread
         # when they come back: the notary logs its own as it sends them (`own_first`)

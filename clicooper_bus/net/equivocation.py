@@ -69,9 +69,10 @@ def proven(ev: Equivocation, roster: Roster, *, sender: str | None = None) -> tu
         if h.sender != member.key_id or not member.identity.verify(signed_bytes(h.raw), sig):
             raise ProtocolError(f"the {which} leaf is not signed by {ev.member}'s key",
                                 sender=sender, kind=KIND, field_=which)
-        if h.run != roster.run_id:
-            raise ProtocolError(f"the {which} leaf is of run {h.run!r}", sender=sender,
-                                kind=KIND, field_=which)
+        if h.run != roster.run_id or h.nonce != roster.nonce:
+            raise ProtocolError(f"the {which} leaf is of run {h.run!r}"
+                                f"{'' if h.run != roster.run_id else ' but another nonce'}",
+                                sender=sender, kind=KIND, field_=which)
     if a.seq == b.seq and a.digest != b.digest:
         return b, (f"{ev.member} signed two different messages at seq {a.seq}: the log holds "
                    f"its {a.kind} to {a.to}, and it also sent a {b.kind} to {b.to}")

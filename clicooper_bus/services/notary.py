@@ -82,6 +82,8 @@ class Notary(NotaryRestarts, NotaryEvidence):
         self.logged_at: dict[tuple[str, int], int] = {}  # (key id, seq) -> log index
         self.accused: set[str] = set()  # key ids proven to have equivocated
         self.evidence: list[Equivocation] = []  # proofs found, not yet published
+        # headers refused ahead of a gap: sender -> seq -> (digest, leaf)
+        self.ahead: dict[str, dict[int, tuple[bytes, bytes]]] = {}
         self.bus.on_conflict = self._conflict
         self.bus.own_first(self._log_own)
 
@@ -239,6 +241,8 @@ class Notary(NotaryRestarts, NotaryEvidence):
         index = self.plog.append_envelope(env)
         self.chains[env.header.sender] = (env.header.seq, env.header.digest)
         self.logged_at[env.header.sender, env.header.seq] = index
+        if self.ahead:
+            self._filled(env)
         return index
 
     def _log_own(self, env: Envelope) -> None:

@@ -3,10 +3,11 @@
 Every signed message the notary's verifier refuses as a replay or a broken chain is compared,
 as it arrives (`_conflict`, the bus's `on_conflict`), with the message the log holds at that
 place of its sender's chain: the same header again is a resend (a notary or broker restart) and
-nothing happens; another one is equivocation. Its proof, the two signed leaves, is published to
-everyone (`_accuse`), once per member, so that it lands in the log; the owner checks it and
-stops the run naming the member. An owner that equivocates cannot be stopped by itself: the
-notary then stops, with the proof logged.
+nothing happens; another one is equivocation. One refused ahead of a gap is kept (at most
+`MAX_AHEAD` a sender) and compared with the message that later fills its place (`_filled`).
+Each proof, the two signed leaves, is published to everyone (`_accuse`), once per member, so
+that it lands in the log; the owner checks it and stops the run naming the member. An owner
+that equivocates cannot be stopped by itself: the notary then stops, with the proof logged.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from __future__ import annotations
 import hashlib
 import sys
 
+from clicooper_bus.net.bus import KEEP_SENT
 from clicooper_bus.net.equivocation import Equivocation
 from clicooper_bus.net.wire import Envelope, split_leaf
+
+# headers kept per sender that were refused ahead of a gap in its chain, as many as a member
+# keeps to send again (`bus.KEEP_SENT`): a gap longer than that cannot be closed anyway
+MAX_AHEAD = KEEP_SENT
 
 
 class NotaryEvidence:
@@ -29,6 +35,11 @@ class NotaryEvidence:
         if self.roster is None or h.sender == self.ident.key_id or h.sender in self.accused:
             return
         last = self.bus.verifier.last_seq(h.sender)
+        if h.seq > last + 1:  # ahead of a gap: the message that fills its place must be it
+            ahead = self.ahead.setdefault(h.sender, {})
+            if len(ahead) < MAX_AHEAD:
+                ahead.setdefault(h.seq, (h.digest, env.leaf))  # the header: never the body
+            return
         at = h.seq if h.seq <= last else h.seq - 1  # a replay, or a `prev` that is not ours
         leaf = self._accepted(h.sender, at)
         if leaf is None:  # not a place the log holds (before the roster): nothing to compare
@@ -39,6 +50,18 @@ class NotaryEvidence:
         member = self.roster.by_key_id(h.sender)
         self.accused.add(h.sender)
         self.evidence.append(Equivocation(member.name, leaf, env.leaf))
+
+    def _filled(self, env: Envelope) -> None:
+        """`env` was logged: if a message of its sender at its seq was refused before, ahead
+        of a gap, it must have been this one (a member could otherwise show a receiver the
+        message the gap kept from the log and fill the gap with another)."""
+        h = env.header
+        early = self.ahead.get(h.sender, {}).pop(h.seq, None)
+        if early is None or early[0] == h.digest or h.sender in self.accused:
+            return
+        self.accused.add(h.sender)
+        self.evidence.append(Equivocation(self.roster.by_key_id(h.sender).name, env.leaf,
+                                          early[1]))
 
     def _accepted(self, sender: str, seq: int) -> bytes | None:
         """The leaf of `sender`'s message at `seq` the notary accepted: logged, or verified
@@ -51,6 +74,13 @@ class NotaryEvidence:
             if env.header.sender == sender and env.header.seq == seq:
                 return env.leaf
         return None
+
+    def _accused_before(self, env: Envelope) -> None:
+        """Our logged proof (a notary resumed on its log): that member stays accused (no second
+        proof; its forked chain's gap is not the log's)."""
+        member = self.roster.by_name(Equivocation.parse(env.document()).member)
+        if member is not None:
+            self.accused.add(member.key_id)
 
     def _accuse(self) -> bool:
         """Publish each proof found since the last call. Returns True when the owner

@@ -58,6 +58,8 @@ class NotaryRestarts:
                 self.registry.observe(Envelope(h.topic, h, sig, body or b""), i)
             if h.kind == "handover" and body is not None:
                 self._handed_over(Envelope(h.topic, h, sig, body))
+            if h.kind == "equivocation" and h.sender == self.ident.key_id and body is not None:
+                self._accused_before(Envelope(h.topic, h, sig, body))
             if h.kind == "fwd" and h.sender == roster.owner.key_id and h.step is not None:
                 self.logged_steps.add(h.step)
         if self.ident.key_id in self.chains:

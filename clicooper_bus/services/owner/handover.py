@@ -86,8 +86,9 @@ class Handovers:
                    env) -> None:
         """`standby` holds stage `stage` from `step` (of round `round_`) on, after our
         `handover` `env` (sent now, or replayed from the log by a resumed owner): the stage
-        list, its commitment of the step (the replaced trainer's), the bundle's handovers, and
-        the round's commitments void (the round starts again: every stage commits anew)."""
+        list, its commitment of the step (the replaced trainer's), the bundle's handovers, the
+        round's commitments void (the round starts again: every stage commits anew) and the
+        answers kept of the steps from `step` (`Books.compare`)."""
         books = self.books
         self.handovers.append([env.leaf, bytes(env.body)])
         self.stages[stage - 1] = standby  # books.stages is this list
@@ -96,6 +97,9 @@ class Handovers:
         self.used_standby.add(standby)
         for key in [key for key in books.commits if key[1] == round_]:
             del books.commits[key]
+        # the round starts again with new watermark keys: the steps from `step` on are trained
+        # under another regulariser, so their answers are not the first timeline's to compare
+        books.received = {k: v for k, v in books.received.items() if k[2] < step}
 
     def _stages_changed(self) -> None:
         """The first and last stages, and who may send what, after a handover."""

@@ -138,7 +138,8 @@ class Resumes:
         """Our books from the run's log (read only; the notary appends meanwhile): each
         trainer's snapshot commitments (those of a timeline a logged rollback abandoned
         dropped), the watermark chain, the checkpoints, the hellos, each trainer's last logged
-        seq (a restarted one's `rejoin` follows it) and the rollbacks so far. Raises
+        seq (a restarted one's `rejoin` follows it), the rollbacks so far, and the hash of each
+        trainer's first answer of every step (`Books.compare`). Raises
         ClicooperError for a run that finished or stopped, or whose log did not keep a body
         needed here."""
         b, owner = self.books, self.cfg.participants.owner
@@ -160,6 +161,8 @@ class Resumes:
                 if h.kind == "end" and name == owner:
                     raise ClicooperError(f"the log holds the owner's end (entry {i}): the run "
                                          f"finished or stopped; there is nothing to resume")
+                if h.kind in ("fwd", "bwd") and h.to == owner and name in self.stages:
+                    b.compare(Envelope(h.topic, h, sig, b""))  # (the header's hash suffices)
                 if h.kind not in handlers:
                     continue
                 if body is None:
