@@ -23,7 +23,8 @@ from clicooper_bus.tools.run import run
 from tests.busrun import write_config
 
 STEPS = 63  # training batches of the synthetic set at batch size 32 (one epoch)
-# suspected after 1 s, gone after 20 s: pauses of 3 s are well inside, beats 4 a second
+# suspected after 1 s, gone after 20 s: pauses of 2 s (twice the timeout, 8 missed beats) are
+# well inside, beats 4 a second
 BUS = {"timeout_s": 1.0, "rejoin_timeout_s": 20.0, "beat_s": 0.25}
 
 
@@ -86,7 +87,7 @@ def _events(cfg, name: str) -> list[dict]:
 
 
 def test_each_role_paused_in_turn_and_the_run_completes(tmp_path):
-    """Trainer, owner, notary and broker each stopped (SIGSTOP) for 3 s in turn, at seeded
+    """Trainer, owner, notary and broker each stopped (SIGSTOP) for 2 s in turn, at seeded
     random steps of one run, with timeout_s 1 s: everyone suspects the silent one and says so,
     nobody gives up, and the run completes with nothing lost: the log verifies (a lost message
     would be a gap in its sender's chain), the delivered model verifies against its
@@ -96,7 +97,7 @@ def test_each_role_paused_in_turn_and_the_run_completes(tmp_path):
     assert run(str(clean), echo=False, timeout_s=300, free_ports=False) == 0
     path = write_config(tmp_path / "paused", run_id="paused", trainers=2, **sections)
     cfg = load_config(path)
-    pauses = plan_pauses(5, ["trainer-2", "owner", "notary", "broker"], STEPS, (3.0, 3.0))
+    pauses = plan_pauses(5, ["trainer-2", "owner", "notary", "broker"], STEPS, (2.0, 2.0))
     inj = Injector(cfg.run_dir, pauses, STEPS).start()
     try:
         code = run(str(path), echo=False, timeout_s=300, free_ports=False)
@@ -134,10 +135,10 @@ def test_a_peer_gone_past_the_rejoin_timeout_stops_the_run_cleanly(tmp_path, cap
     """Trainer 2 stopped and never continued: past rejoin_timeout_s (3 s) the owner stops the
     run, naming it on the console and in summary.json under 'stopped'; the notary signs a
     final checkpoint, the log verifies, no model is saved; clicooper run stops the process that
-    never returned (after 3 s here, 10 s by default) and exits 3."""
+    never returned (after 2 s here, 10 s by default) and exits 3."""
     import clicooper_bus.tools.run as tr
 
-    monkeypatch.setattr(tr, "GONE_GRACE_S", 3.0)  # 7 s of the suite's time less
+    monkeypatch.setattr(tr, "GONE_GRACE_S", 2.0)  # 8 s of the suite's time less
     path = write_config(tmp_path, run_id="gone", trainers=2,
                         bus={"timeout_s": 1.0, "rejoin_timeout_s": 3.0, "beat_s": 0.25})
     cfg = load_config(path)
@@ -154,7 +155,7 @@ def test_a_peer_gone_past_the_rejoin_timeout_stops_the_run_cleanly(tmp_path, cap
     assert not (cfg.run_dir / "model.safetensors").exists()
     err = capsys.readouterr().err
     assert "run gone STOPPED: trainer-2 gone (silent past [bus] rejoin_timeout_s, 3 s)" in err
-    assert "trainer-2 still running 3 s after the owner stopped the run" in err
+    assert "trainer-2 still running 2 s after the owner stopped the run" in err
     assert "owner: error: no message from trainer-2 for 3 s" in \
         (cfg.run_dir / "telemetry" / "owner.jsonl").read_text()
     r = verify_log(cfg.run_dir / "log")
