@@ -247,19 +247,3 @@ def test_a_run_of_an_older_version_is_said_to_be_audited_under_today_s_defaults(
     doc["settings"]["config_defaulted"] = ["bus.codec", "participants.standby"]
     line = next(x for x in report.to_markdown(doc).splitlines() if "older version" in x)
     assert "bus.codec, participants.standby" in line and "today's defaults" in line
-
-
-@pytest.mark.parametrize("shape", [(40, 1, 28, 28), (12, 3, 32, 32), (3, 2, 20, 24)])
-def test_batched_ssim_is_skimages_bit_for_bit(shape):
-    """`scoring.ssims` (one batch, for the inversion floors' 2,000 images) gives exactly what
-    skimage's structural_similarity gives each pair through `scoring.ssim`, and so does
-    `mean_ssim`, for noisy, black, mean-image and float32 reconstructions."""
-    from clicooper_bus.audit import scoring
-
-    rng = np.random.default_rng(0)
-    originals = rng.random(shape)
-    for recon in (np.clip(originals + rng.normal(0, 0.2, shape), 0, 1), np.zeros(shape),
-                  np.broadcast_to(originals.mean(0), shape), rng.random(shape).astype(np.float32)):
-        each = [scoring.ssim(r, o) for r, o in zip(recon, originals, strict=True)]
-        assert scoring.ssims(recon, originals) == each
-        assert scoring.mean_ssim(recon, originals) == float(np.mean(each))
