@@ -15,7 +15,7 @@ import pytest
 import clicooper_bus
 
 ROOT = Path(clicooper_bus.__file__).resolve().parent
-WINGS = ("net", "tlog", "chain")
+WINGS = ("net", "tlog", "chain", "protocol")
 TOP = ("protocol", "layout", "config", "plan", "errors", "telemetry")
 
 
@@ -27,11 +27,17 @@ def torch_free_modules() -> list[str]:
     return names
 
 
+def _source(name: str) -> Path:
+    """The file of module `name`: a module's .py, or a package's __init__.py."""
+    path = ROOT.parent / name.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def test_the_torch_free_list_is_the_tree():
     mods = torch_free_modules()
     assert len(mods) >= 25, mods  # every wing's modules were found
     for name in mods:
-        assert (ROOT.parent / (name.replace(".", "/") + ".py")).is_file(), name
+        assert _source(name).is_file(), name
 
 
 def test_each_torch_free_module_imports_without_torch():
