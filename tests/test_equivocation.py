@@ -511,3 +511,48 @@ def test_a_resumed_owner_compares_the_answers_its_log_holds(tmp_path):
     assert same.books.replays_compared == 1
     with pytest.raises(PoisonedInput, match="another bwd of step 0 than before"):
         Owner(log_of([0.0, 1.0]))._replay_log()
+
+
+def test_a_restarted_trainer_learns_the_handovers_it_missed_from_the_rollback():
+    """Review of issue 17: a trainer restarted after a standby took another stage over rejoined
+    with the stage order of the roster on its disk, and sent its activations to the gone
+    trainer. The owner's `rollback` now carries the amended order (only when a handover changed
+    it: older logs stay byte for byte), and the trainer takes it, or leaves if it no longer
+    holds a stage; an order naming a stranger is refused."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.errors import ClicooperError
+    from clicooper_bus.protocol.recovery import Rollback
+    from clicooper_bus.services.trainer.standby import Replaced, Standby
+
+    assert Rollback(5, "trainer-1").to_doc() == {"step": 5, "rejoined": "trainer-1"}
+    amended = Rollback.parse(Rollback(5, "trainer-1", ["trainer-1", "standby-1"]).to_doc())
+    assert amended.stages == ["trainer-1", "standby-1"]
+    with pytest.raises(ProtocolError, match="names a trainer twice"):
+        Rollback.parse({"step": 5, "rejoined": "x", "stages": ["a", "a"]})
+
+    class Trainer(Standby):
+        name = "trainer-1"
+        roster = SimpleNamespace(stages=("trainer-1", "trainer-2"), standby=("standby-1",),
+                                 owner=SimpleNamespace(name="owner"))
+
+        def __init__(self):
+            self.stages, self.placed, self.watched = list(self.roster.stages), 0, None
+            self.kid = {n: f"k-{n}" for n in ("owner", "trainer-1", "trainer-2", "standby-1")}
+            self.bus = SimpleNamespace(watch=lambda peers: setattr(self, "watched", peers))
+
+        def _place(self, roster):
+            self.placed += 1
+            self.prev, self.next = "owner", self.stages[1]
+
+        def _routes(self):
+            pass
+
+    t = Trainer()
+    t._restage(["trainer-1", "standby-1"])
+    assert t.stages == ["trainer-1", "standby-1"] and t.placed == 1
+    assert set(t.watched.values()) == {"owner", "standby-1"}
+    with pytest.raises(ClicooperError, match="not one of the roster's 2 stages"):
+        t._restage(["trainer-1", "mallory"])
+    with pytest.raises(Replaced, match="no longer holds us"):
+        t._restage(["standby-1", "trainer-2"])

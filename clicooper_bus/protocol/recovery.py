@@ -100,15 +100,26 @@ class Rejoin(Control):
 class Rollback(Control):
     """The owner rolls the run back to training step `step` because `rejoined` came back:
     every trainer restores its snapshot of that step and says so (`Restored`); the owner then
-    sends steps from `step` on again, so they appear a second time in the log, after this."""
+    sends steps from `step` on again, so they appear a second time in the log, after this.
+    `stages` (sent only after a handover amended the roster's): the stage order from here on,
+    for a trainer restarted with the roster on its disk, which knows no handover."""
 
     KIND: ClassVar[str] = "rollback"
     step: int
     rejoined: str
+    stages: list[str] | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"step": self.step, "rejoined": self.rejoined}
+        if self.stages is not None:
+            doc["stages"] = list(self.stages)
+        return doc
 
     def _checked(self, sender: str | None) -> Rollback:
         if self.step < 0:
             raise self._refuse("step is negative", "step", sender)
+        if self.stages is not None and len(set(self.stages)) != len(self.stages):
+            raise self._refuse("stages names a trainer twice", "stages", sender)
         return self
 
 

@@ -195,7 +195,9 @@ class Rejoins:
         self.per_epoch[:] = kept
         books.fenced = {self.kid[n] for n in self.stages}
         books.restored = {}
-        self.bus.send_doc("rollback", "all", Rollback(step, name).to_doc(), step=step)
+        amended = list(self.stages) if tuple(self.stages) != tuple(self.setup.roster.stages) \
+            else None  # after a handover: a restarted trainer knows only its roster's order
+        self.bus.send_doc("rollback", "all", Rollback(step, name, amended).to_doc(), step=step)
         self.log.warning("rolled back", step=step, rejoined=name)
         why = "resumed" if name == self.cfg.participants.owner else f"for {name}"
         print(f"owner: rolling back to step {step} ({why}): steps from {step} on are trained "

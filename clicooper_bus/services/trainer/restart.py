@@ -118,6 +118,8 @@ class Restarts:
         `restored`. Our neighbours' data sent before they restored is stale: dropped until
         their `restored` (each publisher's messages arrive in order)."""
         rb = Rollback.parse(env.document(), sender=self.roster.owner.name)
+        if rb.stages is not None and rb.stages != self.stages:
+            self._restage(rb.stages)  # handovers we missed (restarted with our roster's order)
         snap = self.store.get(rb.step)
         if snap is None:  # refused like a poisoned input: the owner stops the run, named
             raise PoisonedInput(sender=self.roster.owner.name, kind="rollback", step=rb.step,

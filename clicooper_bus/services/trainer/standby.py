@@ -115,16 +115,32 @@ class Standby:
         if not 1 <= h.stage <= len(self.stages) or self.stages[h.stage - 1] != h.replaced:
             raise ClicooperError(f"the owner handed stage {h.stage} of {h.replaced} over, but "
                                  f"stage {h.stage} is {self.stages[h.stage - 1:h.stage]}")
-        self.stages[h.stage - 1] = h.by
-        self._place(self.roster)
-        roster = self.roster
-        self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
-        self._routes()
+        order = list(self.stages)
+        order[h.stage - 1] = h.by
+        self._restage(order)
         if self.marker is not None:
             self.marker.void_round(h.round)
         self.log.warning("stage handed over", stage=h.stage, replaced=h.replaced, by=h.by,
                          step=h.step)
         print(f"{self.name}: {h.by} took stage {h.stage} over from {h.replaced}", flush=True)
+
+    def _restage(self, order: list[str]) -> None:
+        """The stage order from now on (a handover, or the owner's `rollback` telling a
+        restarted trainer the handovers it missed): our neighbours, whom we watch, and who may
+        send us what. Raises Replaced when we are no longer in it, ClicooperError when it
+        names someone the roster lists as neither trainer nor standby."""
+        roster = self.roster
+        allowed = set(roster.stages) | set(roster.standby)
+        if len(order) != len(roster.stages) or not set(order) <= allowed:
+            raise ClicooperError(f"the owner's stage order {order} is not one of the roster's "
+                                 f"{len(roster.stages)} stages held by its trainers and standbys")
+        if self.name not in order:
+            raise Replaced(f"the owner's stage order {order} no longer holds us: our stage went "
+                           f"to a standby while we were gone; the run goes on without us")
+        self.stages = order
+        self._place(roster)
+        self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
+        self._routes()
 
     def _send_state(self, snap: snapshot.Taken) -> None:
         """With standbys in the roster, our whole state at a round boundary, sealed to the
