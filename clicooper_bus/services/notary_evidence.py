@@ -47,9 +47,7 @@ class NotaryEvidence:
         raw, _ = split_leaf(leaf)
         if at == h.seq and hashlib.sha256(raw).digest() == h.digest:
             return  # the very message the log holds, sent again
-        member = self.roster.by_key_id(h.sender)
-        self.accused.add(h.sender)
-        self.evidence.append(Equivocation(member.name, leaf, env.leaf))
+        self._prove(h.sender, leaf, env.leaf)
 
     def _filled(self, env: Envelope) -> None:
         """`env` was logged: if a message of its sender at its seq was refused before, ahead
@@ -59,9 +57,13 @@ class NotaryEvidence:
         early = self.ahead.get(h.sender, {}).pop(h.seq, None)
         if early is None or early[0] == h.digest or h.sender in self.accused:
             return
-        self.accused.add(h.sender)
-        self.evidence.append(Equivocation(self.roster.by_key_id(h.sender).name, env.leaf,
-                                          early[1]))
+        self._prove(h.sender, env.leaf, early[1])
+
+    def _prove(self, sender: str, logged: bytes, conflicting: bytes) -> None:
+        """Key id `sender` is proven to have equivocated: kept for `_accuse`, once."""
+        self.accused.add(sender)
+        self.evidence.append(Equivocation(self.roster.by_key_id(sender).name, logged,
+                                          conflicting))
 
     def _accepted(self, sender: str, seq: int) -> bytes | None:
         """The leaf of `sender`'s message at `seq` the notary accepted: logged, or verified
