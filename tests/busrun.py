@@ -40,8 +40,9 @@ def write_config(tmp: Path, *, run_id: str = "t", trainers: int = 3, **sections)
 @contextmanager
 def processes(path: Path, evil: str | None = None, evil_as: str = "trainer-1"):
     """Start every process of the run configured at `path` (`evil_as` replaced by
-    tests/evil_trainer.py in mode `evil`, if given); yields (config, telemetry dir, processes)
-    and kills whatever is still running on the way out."""
+    tests/evil_trainer.py, or tests/evil_owner.py for the owner, in mode `evil`, if given);
+    yields (config, telemetry dir, processes) and kills whatever is still running on the way
+    out."""
     cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
     tel = cfg.run_dir / "telemetry"
     tel.mkdir(parents=True)
@@ -50,7 +51,8 @@ def processes(path: Path, evil: str | None = None, evil_as: str = "trainer-1"):
         for name, cmd in _commands(cfg, cfg_path):
             env = None
             if name == evil_as and evil is not None:
-                cmd = [sys.executable, "-m", "tests.evil_trainer", *cmd[3:]]
+                evil_module = "tests.evil_owner" if name == "owner" else "tests.evil_trainer"
+                cmd = [sys.executable, "-m", evil_module, *cmd[3:]]
                 env = dict(os.environ, EVIL_MODE=evil)
             procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
                                            stderr=open(tel / f"{name}.jsonl", "w"), env=env)

@@ -51,7 +51,8 @@ proof of equivocation in `net.equivocation`):
 |              |                      | standby, with its committed state sealed to it      |
 | `equivocation` | notary → all       | `net.equivocation.Equivocation`: the two signed     |
 |              |                      | leaves proving a member signed two messages at one  |
-|              |                      | place of its chain (the owner stops the run)        |
+|              |                      | place of its chain (the owner stops the run; the    |
+|              |                      | owner's own: the notary does, trainers leave)       |
 
 Each document is parsed strictly from the *verified* body: it must be a map with exactly the
 documented fields, each of its exact type (msgpack's True is not an int here, nor 1 a float); an

@@ -46,6 +46,7 @@ from clicooper_bus.protocol import CheckpointMessage, End, WatermarkCertificate
 from clicooper_bus.services.common import (
     EXIT_FAIL,
     EXIT_OK,
+    EXIT_STOPPED,
     base_parser,
     identity,
     load,
@@ -72,6 +73,7 @@ class Notary(NotaryRestarts, NotaryEvidence):
         self.roster: Roster | None = None
         self.last_cp_size, self.last_cp_time = 0, time.monotonic()
         self.final_sent = False
+        self.owner_proven = False  # the owner equivocated: we stop the run (`_stop_for_the_owner`)
         self.log_closed = False  # the closing checkpoint is signed: nothing more is appended
         self.meter = CpuMeter()  # the notary's CPU over the run's training steps (`usage`)
         self.logged_steps: set[int] = set()  # of the owner's training activations
@@ -154,7 +156,8 @@ class Notary(NotaryRestarts, NotaryEvidence):
             try:
                 env = bus.recv(0.2)
             except PeersGone as exc:
-                if roster.owner.name in exc.names:  # nobody left to stop the run cleanly
+                if roster.owner.name in exc.names and not self.owner_proven:
+                    # nobody is left to stop the run cleanly
                     self.log.error("peers silent", error=str(exc))
                     print(f"notary: error: {exc}; the log is kept up to here", file=sys.stderr)
                     return EXIT_FAIL
@@ -170,10 +173,8 @@ class Notary(NotaryRestarts, NotaryEvidence):
                 self.log.error("peers silent", error=str(exc))
                 print(f"notary: error: {exc}; the log is kept up to here", file=sys.stderr)
                 return EXIT_FAIL
-            if self.evidence and self._accuse():
-                print("notary: error: the owner equivocated: nobody is left to stop the run "
-                      "cleanly; the log is kept up to here", file=sys.stderr)
-                return EXIT_FAIL
+            if self.evidence and self._accuse() and not self.final_sent:
+                self._stop_for_the_owner()
             if self._chain_gap():
                 # only a genuinely signed message can show a gap: one was lost on its way here,
                 # or the broker refused one of the sender's own (an oversized body, say)
@@ -203,6 +204,7 @@ class Notary(NotaryRestarts, NotaryEvidence):
                 self._checkpoint()
             if self.final_sent:
                 done = {bus.topics.done(m.name) for m in others if m.name not in self.gone
+                        and m.key_id not in self.accused
                         and now - bus.last_seen.get(m.key_id, bus.started) <= bus.rejoin_timeout_s}
                 # (a member silent past the rejoin timeout is gone: its `done` will not come;
                 # the watch ended with the final checkpoint, so that is not noticed elsewhere)
@@ -234,7 +236,18 @@ class Notary(NotaryRestarts, NotaryEvidence):
         bus.subscribe(bus.topics.closed(self.cfg.participants.notary))
         time.sleep(0.3)
         self.log.info("notary done", entries=self.plog.size)
-        return EXIT_OK
+        return EXIT_STOPPED if self.owner_proven else EXIT_OK
+
+    def _stop_for_the_owner(self) -> None:
+        """The owner was proven to equivocate (the proof is published and logged): nobody but
+        us is left to stop the run. A final checkpoint over the proof ends training for every
+        trainer (each checks the proof itself and leaves); the log closes as after a stopped
+        run, without waiting for the owner's `done`, and we exit EXIT_STOPPED."""
+        self.owner_proven = True
+        self.log.error("the owner equivocated; stopping the run")
+        print("notary: the owner equivocated: stopping the run; the log closes over the proof",
+              file=sys.stderr, flush=True)
+        self._checkpoint(final=True)
 
     def _append(self, env: Envelope) -> int:
         """Append `env` to the log (its index), and remember where its sender's chain stands."""

@@ -7,7 +7,8 @@ nothing happens; another one is equivocation. One refused ahead of a gap is kept
 `MAX_AHEAD` a sender) and compared with the message that later fills its place (`_filled`).
 Each proof, the two signed leaves, is published to everyone (`_accuse`), once per member, so
 that it lands in the log; the owner checks it and stops the run naming the member. An owner
-that equivocates cannot be stopped by itself: the notary then stops, with the proof logged.
+that equivocates cannot be trusted to stop the run: the notary then does (`Notary.
+_stop_for_the_owner`: a final checkpoint over the proof, which every trainer checks too).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class NotaryEvidence:
 
     def _accuse(self) -> bool:
         """Publish each proof found since the last call. Returns True when the owner
-        equivocated (nobody is left to stop the run cleanly: the notary stops)."""
+        equivocated (the notary then stops the run itself)."""
         owner = False
         while self.evidence:
             ev = self.evidence.pop(0)

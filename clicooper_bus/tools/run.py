@@ -344,14 +344,17 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
                 _report(failed or ["broker"], tel)
                 return 1
             if all(codes[n] in (0, EXIT_STOPPED) for n in workers):
-                return EXIT_STOPPED if codes.get("owner") == EXIT_STOPPED else 0
-            if codes.get("owner") == EXIT_STOPPED:  # the owner left: the log is closed, or
-                ended = ended or time.monotonic()   # the notary is gone
+                stopped = EXIT_STOPPED in (codes.get("owner"), codes.get("notary"))
+                return EXIT_STOPPED if stopped else 0
+            # the owner left (the log is closed, or the notary is gone), or the notary stopped
+            # the run (the owner equivocated: it may never leave by itself)
+            if EXIT_STOPPED in (codes.get("owner"), codes.get("notary")):
+                ended = ended or time.monotonic()
                 left = [n for n in workers if codes[n] is None]
                 # a gone peer may never return; a following auditor has its own timeouts
                 if time.monotonic() - ended > GONE_GRACE_S and AUDITOR not in left:
                     print(f"clicooper run: {', '.join(left)} still running {GONE_GRACE_S:.0f} s "
-                          f"after the owner stopped the run (gone?); stopping it",
+                          f"after the run was stopped (gone?); stopping it",
                           file=sys.stderr)
                     return EXIT_STOPPED
             if deadline and time.monotonic() > deadline:

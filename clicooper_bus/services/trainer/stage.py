@@ -8,7 +8,9 @@ table (`_routes`): messages from anyone but its neighbours in the roster's stage
 refused.
 
 Snapshots, restarts and rollbacks (issue 17) are `restart.Restarts`; the watermark chain's
-commitments and claims are `marks.Marks`; both are parts of this class.
+commitments and claims are `marks.Marks`; how its part ends (the owner's `end`, a proof that the
+owner equivocated, a refusal, the sealed weights) is `ending.Ending`; all are parts of this
+class.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import sys
 from collections import deque
 
 import torch
-from safetensors.torch import save as st_save
 
 from clicooper_bus.config import MAX_IN_FLIGHT
 from clicooper_bus.errors import ConfigError, PoisonedInput, RosterError
@@ -41,10 +42,8 @@ from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import (
-    End,
     Hello,
     Metrics,
-    Segment,
 )
 from clicooper_bus.services.common import (
     EXIT_OK,
@@ -56,6 +55,7 @@ from clicooper_bus.services.common import (
 )
 from clicooper_bus.services.dispatch import Dispatcher
 from clicooper_bus.services.trainer import snapshot
+from clicooper_bus.services.trainer.ending import Ending
 from clicooper_bus.services.trainer.marks import Marks
 from clicooper_bus.services.trainer.restart import Restarts
 from clicooper_bus.services.trainer.standby import Replaced, Standby
@@ -64,7 +64,7 @@ from clicooper_bus.services.usage import CpuMeter
 FOREVER = float("inf")
 
 
-class Trainer(Restarts, Marks, Standby):
+class Trainer(Restarts, Marks, Standby, Ending):
     store: snapshot.Store | None = None  # our snapshots, once the roster is known (None: none)
     marker = None  # our side of the watermark chain, once we hold a stage (None: marks off)
     _stages: list[str] | None = None
@@ -108,7 +108,7 @@ class Trainer(Restarts, Marks, Standby):
     def run(self) -> int:
         bus, topics = self.bus, self.bus.topics
         for kind in ("roster", "end", "ack", "checkpoint", "beat", "round", "wm_commit",
-                     "rollback", "restored", "handover"):
+                     "rollback", "restored", "handover", "equivocation"):
             bus.subscribe(topics.kind(kind))
         for kind in ("fwd", "bwd", "labels", "eval_fwd", "tip"):
             bus.subscribe(topics.to(kind, self.name))
@@ -244,6 +244,7 @@ class Trainer(Restarts, Marks, Standby):
         self._mark_routes()
         if self.notary_kid is not None:
             route("tip", {self.notary_kid}, self._on_tip)
+            route("equivocation", {self.notary_kid}, self._on_equivocation)
 
     def _serve(self) -> None:
         """Until the owner ends training. A neighbour gone past the rejoin timeout is dropped
@@ -328,12 +329,6 @@ class Trainer(Restarts, Marks, Standby):
         self.bus.send_array("eval_out" if self.last else "eval_fwd",
                             owner if self.last else self.next, out, step=h.step, batch=h.batch,
                             epoch=h.epoch)
-
-    def _on_end(self, env: Envelope) -> None:
-        end = End.parse(env.document(), sender=self.roster.owner.name)
-        self.ended, self.stopped = True, end.stopped
-        if end.stopped:
-            self.log.warning("the owner stopped the run", reason=end.reason)
 
     def _advance(self) -> None:
         """Forward the next queued batch once the previous step's backward is done: a stage
@@ -429,65 +424,3 @@ class Trainer(Restarts, Marks, Standby):
         self.bus.send_doc("metrics", self.roster.owner.name, Metrics(r.loss, r.correct).to_doc(),
                           step=step, batch=h.batch, epoch=h.epoch)
         self._after_update(step)
-
-    # --- the end -------------------------------------------------------------------------------
-
-    def _refuse(self, exc: PoisonedInput) -> int:
-        """Refuse poisoned input: nothing more is trained; tell the owner (a signed `end` with
-        what was refused, which the notary logs), and leave once the notary's final checkpoint
-        covers it. The owner stops the run."""
-        self.log.error("input refused", **exc.to_doc())
-        print(f"{self.name}: error: {exc}; stopping the run", file=sys.stderr, flush=True)
-        self.bus.send_doc("end", self.roster.owner.name,
-                          End("refused input", refused=exc.to_doc()).to_doc())
-        return self._leave(EXIT_STOPPED)
-
-    def _leave(self, code: int) -> int:
-        """Stay until the notary's final checkpoint (or the join timeout, or the notary gone
-        past the rejoin timeout: the owner stops a run whose notary is gone), say we are done,
-        and leave once the notary closes the log. Returns `code`."""
-        bus = self.bus
-        self.loop.only("checkpoint", "tip")  # nothing else is served (a notary restarted
-        # meanwhile still gets what it missed of ours)
-        if self.notary_kid is not None:
-            bus.watch({**bus.watched, self.notary_kid: self.roster.notary.name})
-        while True:
-            try:
-                final = self.loop.until(lambda: self.final_seen,
-                                        timeout_s=self.cfg.bus.join_timeout_s, timed_out=None)
-                break
-            except PeersGone as exc:
-                if self.roster.notary is not None and self.roster.notary.name in exc.names:
-                    self.log.warning("leaving without the final checkpoint", error=str(exc))
-                    final = True
-                    break
-                bus.unwatch(exc.names)  # a neighbour gone: the notary still signs
-        if not final:
-            self.log.warning("no final checkpoint from the notary; leaving anyway")
-        bus.watch({})  # from here on peers leave as they finish
-        bus.mark_done()
-        if self.notary_kid is not None:
-            bus.linger(bus.topics.closed(self.roster.notary.name),
-                       (self.notary_kid, self.roster.notary.name))
-        if self.store is not None and final:
-            self.store.clear()  # the run is over: nothing to rejoin, nothing for the next
-        return code
-
-    def _finish(self) -> int:
-        """Report our measured CPU, deliver our weights sealed to the owner; stay until the
-        notary's final checkpoint (or the join timeout), then leave once the notary closes."""
-        bus = self.bus
-        if self.store is not None and self.trained + 1 not in self.store.memory:
-            self._snapshot(self.trained + 1)  # our last commitment is of what we seal
-        # before the segment, which the owner waits for: it has our usage when it writes its
-        # summary, and the usage goes into the log, signed, as evidence of what we computed
-        usage = self.meter.usage()
-        bus.send_doc("usage", self.roster.owner.name, usage.to_doc())
-        self.log.info("usage reported", **usage.to_doc())
-        weights = st_save({k: v.detach().contiguous() for k, v in self.segment.state_dict().items()},
-                          metadata={"run_id": self.cfg.run.id, "stage": str(self.index + 1)})
-        sealed = self.roster.owner.identity.seal(weights)
-        bus.send_doc("segment", self.roster.owner.name,
-                     Segment(self.index + 1, sealed, dict(bus.sent)).to_doc())
-        self.log.info("segment delivered", bytes=len(weights))
-        return self._leave(EXIT_OK)  # the stage is sealed
