@@ -196,36 +196,30 @@ def test_an_equivocating_trainer_is_named_and_the_run_stops(tmp_path, how, said)
     assert main(["log", "verify", str(layout.log)]) == 3
 
 
-@pytest.mark.parametrize("mode", ["equivocate", "deaf"])
-def test_an_equivocating_owner_is_named_and_the_notary_stops_the_run(tmp_path, mode):
+def test_an_equivocating_owner_is_named_and_the_notary_stops_the_run(tmp_path):
     """Issue 17's gap: the owner signs its step-3 activations twice at one seq (zeros to the last
-    trainer first, which the notary logs, then the real ones to the first trainer). Nobody but
-    the notary can stop the run: it publishes the proof and a final checkpoint over it, every
-    trainer checks the proof and leaves naming the owner, and the log closes complete, with
-    the proof (`log verify` exits 3). An owner that runs our code stops too, naming itself; a
-    deaf one (it ignores the proof) is left running, for `clicooper run` to stop."""
+    trainer first, which the notary logs, then the real ones to the first trainer), and ignores
+    the proof, as an owner that means it would. Nobody but the notary can stop the run: it
+    publishes the proof and a final checkpoint over it, every trainer checks the proof and leaves
+    naming the owner, and the log closes complete, with the proof (`log verify` exits 3). The
+    owner is left running, for `clicooper run` to stop (one test of the kind: the suite's time)."""
     from clicooper_bus.tools.cli import main
 
-    path = write_config(tmp_path, run_id=f"owner-{mode}", trainers=2, run={"max_steps": 12})
-    with processes(path, evil=f"{mode}:3", evil_as="owner") as (cfg, tel, procs):
+    path = write_config(tmp_path, run_id="owner-deaf", trainers=2, run={"max_steps": 12})
+    with processes(path, evil="deaf:3", evil_as="owner") as (cfg, tel, procs):
         codes = {n: p.wait(timeout=120) for n, p in procs.items()
                  if n not in ("broker", "owner")}
-        owner = procs["owner"].wait(timeout=60) if mode == "equivocate" else procs["owner"].poll()
+        assert procs["owner"].poll() is None
     assert codes == {"notary": 3, "trainer-1": 3, "trainer-2": 3}, codes
-    assert owner == (3 if mode == "equivocate" else None), owner
     for t in ("trainer-1", "trainer-2"):
         said = (tel / f"{t}.jsonl").read_text()
         assert "owner signed two different messages at seq" in said, t
-    layout = RunLayout(cfg.run_dir)
-    if mode == "equivocate":
-        stopped = json.loads(layout.summary.read_text())["stopped"]
-        assert (stopped["by"], stopped["sender"], stopped["step"]) == ("owner", "owner", 3)
-    r = verify_log(layout.log)
+    r = verify_log(RunLayout(cfg.run_dir).log)
     assert r.ok, r.failure
     assert r.uncovered == 0, "the notary's closing checkpoint covers the whole log"
-    assert len(r.equivocations) == 1 and r.equivocations[0].count("owner signed two"), \
+    assert len(r.equivocations) == 1 and "owner signed two" in r.equivocations[0], \
         r.equivocations
-    assert main(["log", "verify", str(layout.log)]) == 3
+    assert main(["log", "verify", str(RunLayout(cfg.run_dir).log)]) == 3
 
 
 def test_a_second_different_snapshot_commitment_of_a_step_is_refused():
