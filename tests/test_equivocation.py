@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+import structlog
 
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.equivocation import Equivocation, proven
@@ -20,7 +21,9 @@ from clicooper_bus.net.identity import Identity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Sender
+from clicooper_bus.net.witness import Witness
 from clicooper_bus.protocol import ProtocolError
+from clicooper_bus.protocol.recovery import Witnessed
 from clicooper_bus.services.notary_evidence import NotaryEvidence
 from clicooper_bus.tlog.logverify import verify_log
 from tests.busrun import processes, write_config
@@ -104,7 +107,7 @@ class _Notary(NotaryEvidence):
     def __init__(self):
         self.roster, self.ident, self.bus = ROSTER, IDS["notary"], _Bus()
         self.plog, self.logged_at, self.accused, self.evidence = _Log(), {}, set(), []
-        self.ahead = {}
+        self.ahead, self.log = {}, structlog.get_logger("test")
 
     def take(self, env) -> bool:
         """Whether the verifier accepted `env` (logged); else it is compared (`_conflict`)."""
@@ -169,6 +172,88 @@ def test_a_conflict_with_a_message_verified_but_not_yet_logged_is_proven():
     assert not notary.take(other)
     (ev,) = notary.evidence
     assert ev.logged == first.leaf and "two different messages at seq 1" in proven(ev, ROSTER)[1]
+
+
+def _window():
+    """Trainer 1's chain while the notary was down: seqs 1 and 2 logged, then seq 3 sent to
+    trainer 2 only (the real activations), and the other message it sends again at seq 3 for
+    the log once the notary is back (zeros)."""
+    s = _sender()
+    logged = [s.seal_document("beat", "all", {}) for _ in range(2)]
+    real = s.seal_array("fwd", "trainer-2", np.ones((2, 3), np.float32), step=0)
+    s.seq, s.prev = logged[-1].header.seq, logged[-1].header.digest
+    again = s.seal_array("fwd", "trainer-2", np.zeros((2, 3), np.float32), step=0)
+    return logged, real, again
+
+
+def _shows(notary, leaves, presenter: str = "trainer-2"):
+    """`presenter`'s `witnessed` document with `leaves`, logged and taken by the notary."""
+    env = _sender(presenter).seal_document("witnessed", "notary", Witnessed(leaves).to_doc())
+    notary._witnessed(env)
+
+
+@pytest.mark.parametrize("shown_first", [False, True])
+def test_what_a_receiver_took_while_the_notary_was_down_is_compared_with_the_log(shown_first):
+    """Issue 17's first gap: while the notary is down, messages reach their receivers and not
+    the log, and a sender could send other ones again for the log. After the notary's `tip`
+    with `resend`, each member shows it the leaves of what it accepted (`witnessed`); one that
+    differs from the log's message at its place proves equivocation, whether the log has that
+    place already or fills it later."""
+    notary = _Notary()
+    logged, real, again = _window()
+    assert all(notary.take(env) for env in logged)
+    if shown_first:
+        _shows(notary, [real.leaf])
+        assert not notary.evidence  # the log has no seq 3 yet: kept
+        assert notary.take(again)
+    else:
+        assert notary.take(again)
+        _shows(notary, [real.leaf])
+    (ev,) = notary.evidence
+    assert ev.member == "trainer-1" and ev.logged == again.leaf and ev.conflicting == real.leaf
+    assert "two different messages at seq 3" in proven(ev, ROSTER)[1]
+
+
+def test_what_a_receiver_shows_proves_nothing_when_it_is_what_the_log_holds_or_forged():
+    """The honest case (the same message sent again) and leaves that are not a member's signed
+    headers of this run (forged, another run's, garbage) prove nothing: no accusation."""
+    notary = _Notary()
+    logged, real, again = _window()
+    assert all(notary.take(env) for env in [*logged, real])  # sent again: the same one
+    _shows(notary, [real.leaf, logged[0].leaf])
+    forged = bytearray(again.leaf)
+    forged[-1] ^= 1  # its signature broken
+    elsewhere = _sender(run="another").seal_array("fwd", "trainer-2", np.zeros((2, 3), np.float32),
+                                                  step=0)
+    _shows(notary, [bytes(forged), elsewhere.leaf, b"x" * 100])
+    assert not notary.evidence and not notary.ahead.get(real.header.sender)
+
+
+def test_a_member_keeps_what_it_accepted_and_shows_it_once_in_bounded_documents():
+    """`net.witness`: the leaves of others' messages a member accepted, beats and its own
+    left out, at most KEEP_WITNESSED; `Bus.show_witnessed` sends them in documents of at most
+    MAX_WITNESSED leaves, each once."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.net.bus import Bus
+
+    witness = Witness(IDS["trainer-2"].public.key_id, keep=600)
+    s, own = _sender(), _sender("trainer-2")
+    witness.note(s.seal_document("beat", "all", {}))
+    witness.note(own.seal_document("hello", "all", {}))
+    sent = [s.seal_array("fwd", "trainer-2", np.zeros((1, 1), np.float32), step=i)
+            for i in range(700)]
+    for env in sent:
+        witness.note(env)
+    docs = []
+    fake = SimpleNamespace(witness=witness, send_doc=lambda *a, **k: docs.append(a))
+    assert Bus.show_witnessed(fake, "notary") == 600
+    assert [len(Witnessed.parse(d[2]).leaves) for d in docs] == [240, 240, 120]
+    assert {d[:2] for d in docs} == {("witnessed", "notary")}
+    assert Witnessed.parse(docs[0][2]).leaves[0] == sent[100].leaf  # the last 600, in order
+    assert Bus.show_witnessed(fake, "notary") == 0  # shown once
+    with pytest.raises(ProtocolError, match="more than 240 leaves"):
+        Witnessed.parse({"leaves": [sent[0].leaf] * 241})
 
 
 @pytest.mark.parametrize("how, said", [("equivocate", "signed two different messages at seq"),

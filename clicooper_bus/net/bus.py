@@ -52,7 +52,9 @@ from clicooper_bus.net.liveness import BusError, Liveness
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope, Sender, parse_frames
+from clicooper_bus.net.witness import Witness
 from clicooper_bus.protocol import SIGNALS, Topics
+from clicooper_bus.protocol.recovery import MAX_WITNESSED, Witnessed
 
 log = structlog.get_logger("clicooper.bus")
 PUMP_BATCH = 256
@@ -137,6 +139,7 @@ class Bus(Liveness):
         self.last_check = self.started  # when we last judged peers' silence
         self.away_s = 0.0  # time we were not listening ourselves (stopped, or blocked), in all
         self.kept: deque[Envelope] = deque()  # our last messages, for `resend_after`
+        self.witness = Witness(identity.key_id)  # what we accepted, for `show_witnessed`
         # sender -> when we last refused one of its messages for a gap in its chain (a full
         # verifier's: the notary's), which only that sender's sending again can close
         self.gap_refused: dict[str, float] = {}
@@ -316,6 +319,21 @@ class Bus(Liveness):
             self.last_beat = now
             self.send_doc("beat", "all", {})
 
+    def refill(self, seq: int, prev: bytes, notary: str) -> tuple[int, int]:
+        """The notary's `tip` with `resend` (its log misses what we sent after our `seq`, whose
+        header digest is `prev`): send that again (`resend_after`; BusError when we cannot),
+        then show it what we accepted since we last did (`show_witnessed`). Returns (messages
+        sent again, leaves shown)."""
+        return self.resend_after(seq, prev), self.show_witnessed(notary)
+
+    def show_witnessed(self, notary: str) -> int:
+        """Show `notary` the leaves of what we accepted since we last did (`net.witness`), in
+        `witnessed` documents of at most `MAX_WITNESSED` each. Returns how many leaves."""
+        leaves = self.witness.take()
+        for i in range(0, len(leaves), MAX_WITNESSED):
+            self.send_doc("witnessed", notary, Witnessed(leaves[i:i + MAX_WITNESSED]).to_doc())
+        return len(leaves)
+
     # --- receiving -------------------------------------------------------------------------
 
     def _watch_broker(self) -> None:
@@ -363,6 +381,7 @@ class Bus(Liveness):
                     self.on_conflict(parse_frames([f.buffer for f in frames]))
                 continue
             self.last_seen[env.header.sender] = time.monotonic()
+            self.witness.note(env)
             self.inbox.append(env)
 
     def _ours(self, frames) -> bool:

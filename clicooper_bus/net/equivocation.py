@@ -44,13 +44,38 @@ class Equivocation(Control):
     conflicting: bytes
 
 
+def _named(which: str) -> str:
+    return "leaf" if which == "leaf" else f"{which} leaf"
+
+
 def _header(leaf: bytes, which: str, sender: str | None) -> Header:
     try:
         raw, _ = split_leaf(leaf)
         return parse_header(raw)
     except ClicooperError as exc:
-        raise ProtocolError(f"the {which} leaf is not a message header: {exc}", sender=sender,
+        raise ProtocolError(f"the {_named(which)} is not a message header: {exc}", sender=sender,
                             kind=KIND, field_=which) from None
+
+
+def signed_header(leaf: bytes, roster: Roster, *, member: str | None = None,
+                  which: str = "leaf", sender: str | None = None) -> Header:
+    """The header of `leaf` (header || signature), checked: signed by a roster member's key
+    (`member`'s, when named), for the roster's run and nonce. Raises ProtocolError naming
+    `sender` (whoever presented the leaf) and the field `which` when it is not."""
+    h = _header(leaf, which, sender)
+    what = _named(which)
+    signer = roster.by_name(member) if member is not None else roster.by_key_id(h.sender)
+    _, sig = split_leaf(leaf)
+    if signer is None or h.sender != signer.key_id or \
+            not signer.identity.verify(signed_bytes(h.raw), sig):
+        whose = f"{member}'s key" if member is not None else "a roster member's key"
+        raise ProtocolError(f"the {what} is not signed by {whose}", sender=sender, kind=KIND,
+                            field_=which)
+    if h.run != roster.run_id or h.nonce != roster.nonce:
+        raise ProtocolError(f"the {what} is of run {h.run!r}"
+                            f"{'' if h.run != roster.run_id else ' but another nonce'}",
+                            sender=sender, kind=KIND, field_=which)
+    return h
 
 
 def proven(ev: Equivocation, roster: Roster, *, sender: str | None = None) -> tuple[Header, str]:
@@ -58,21 +83,11 @@ def proven(ev: Equivocation, roster: Roster, *, sender: str | None = None) -> tu
     key, for the roster's run, and in conflict. Returns the conflicting header and one sentence
     saying what they prove. Raises ProtocolError naming `sender` (the evidence's signer) when
     they prove nothing: a notary that accuses a member falsely is itself refused."""
-    member = roster.by_name(ev.member)
-    if member is None:
+    if roster.by_name(ev.member) is None:
         raise ProtocolError(f"{ev.member!r} is not in the roster", sender=sender, kind=KIND,
                             field_="member")
-    a = _header(ev.logged, "logged", sender)
-    b = _header(ev.conflicting, "conflicting", sender)
-    for which, leaf, h in (("logged", ev.logged, a), ("conflicting", ev.conflicting, b)):
-        _, sig = split_leaf(leaf)
-        if h.sender != member.key_id or not member.identity.verify(signed_bytes(h.raw), sig):
-            raise ProtocolError(f"the {which} leaf is not signed by {ev.member}'s key",
-                                sender=sender, kind=KIND, field_=which)
-        if h.run != roster.run_id or h.nonce != roster.nonce:
-            raise ProtocolError(f"the {which} leaf is of run {h.run!r}"
-                                f"{'' if h.run != roster.run_id else ' but another nonce'}",
-                                sender=sender, kind=KIND, field_=which)
+    a, b = (signed_header(leaf, roster, member=ev.member, which=which, sender=sender)
+            for which, leaf in (("logged", ev.logged), ("conflicting", ev.conflicting)))
     if a.seq == b.seq and a.digest != b.digest:
         return b, (f"{ev.member} signed two different messages at seq {a.seq}: the log holds "
                    f"its {a.kind} to {a.to}, and it also sent a {b.kind} to {b.to}")

@@ -70,5 +70,8 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("equivocation", "msgpack", 16 * 1024, "the notary's proof that a member signed "
                                                       "two different messages at one place in "
                                                       "its chain (`net.equivocation`)"),
+        KindSpec("witnessed", "msgpack", 1 << 20, "a member shows the notary the leaves of the "
+                                                  "messages it accepted lately (after a notary "
+                                                  "restart), to compare with its log"),
     )
 }

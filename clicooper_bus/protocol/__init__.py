@@ -53,6 +53,9 @@ proof of equivocation in `net.equivocation`):
 |              |                      | leaves proving a member signed two messages at one  |
 |              |                      | place of its chain (the owner stops the run; the    |
 |              |                      | owner's own: the notary does, trainers leave)       |
+| `witnessed`  | member → notary      | `recovery.Witnessed`: the leaves of what a member   |
+|              |                      | accepted lately, after the notary's `tip` with      |
+|              |                      | `resend`, compared with the log (`net.witness`)     |
 
 Each document is parsed strictly from the *verified* body: it must be a map with exactly the
 documented fields, each of its exact type (msgpack's True is not an int here, nor 1 a float); an

@@ -181,3 +181,30 @@ class Handover(Control):
         if len(self.prev_claim) not in (0, 32):
             raise self._refuse("prev_claim is not a 32-byte digest", "prev_claim", sender)
         return self
+
+
+# leaves a member shows the notary at once: a `witnessed` document stays under its kind's cap
+# (`net.kinds`, 1 MiB) with headers at their 4 KiB limit
+MAX_WITNESSED = 240
+
+
+@dataclass(frozen=True)
+class Witnessed(Control):
+    """A member's answer to the notary's `tip` with `resend` (a notary started again, or a gap):
+    the leaves (header || signature, each at most 4 KiB + 64 bytes) of the last messages it
+    accepted from others, beats aside, since it last sent one (at most `MAX_WITNESSED`). The
+    notary compares each with what its log holds, or later fills, at that place of its sender's
+    chain (`services.notary_evidence`): a sender that, while the notary was down, sent a
+    receiver another message than it then sends again for the log is proven to equivocate."""
+
+    KIND: ClassVar[str] = "witnessed"
+    leaves: list[bytes]
+
+    def _checked(self, sender: str | None) -> Witnessed:
+        if len(self.leaves) > MAX_WITNESSED:
+            raise self._refuse(f"more than {MAX_WITNESSED} leaves", "leaves", sender)
+        if not all(isinstance(leaf, bytes) and 64 < len(leaf) <= 4096 + 64
+                   for leaf in self.leaves):
+            raise self._refuse("a leaf is not a header and a 64-byte signature", "leaves",
+                               sender)
+        return self

@@ -189,6 +189,8 @@ class Notary(NotaryRestarts, NotaryEvidence):
                 index = self._append(env)
                 self._register(env, index)
                 self._meter(env)
+                if env.header.kind == "witnessed":
+                    self._witnessed(env)
                 if env.header.kind == "ack" and env.header.sender == roster.owner.key_id:
                     self._report_usage()
                     self._checkpoint(final=True)

@@ -5,6 +5,9 @@ as it arrives (`_conflict`, the bus's `on_conflict`), with the message the log h
 place of its sender's chain: the same header again is a resend (a notary or broker restart) and
 nothing happens; another one is equivocation. One refused ahead of a gap is kept (at most
 `MAX_AHEAD` a sender) and compared with the message that later fills its place (`_filled`).
+So is each leaf a member shows us (`_witnessed`, its `witnessed` after our `tip` with
+`resend`): what it accepted while we may have missed it, a notary started again after a crash
+above all (`net.witness`).
 Each proof, the two signed leaves, is published to everyone (`_accuse`), once per member, so
 that it lands in the log; the owner checks it and stops the run naming the member. An owner
 that equivocates cannot be trusted to stop the run: the notary then does (`Notary.
@@ -16,13 +19,17 @@ from __future__ import annotations
 import hashlib
 import sys
 
+from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net.bus import KEEP_SENT
-from clicooper_bus.net.equivocation import Equivocation
-from clicooper_bus.net.wire import Envelope, split_leaf
+from clicooper_bus.net.equivocation import Equivocation, signed_header
+from clicooper_bus.net.wire import Envelope, Header, split_leaf
+from clicooper_bus.protocol import ProtocolError
+from clicooper_bus.protocol.recovery import Witnessed
 
 # headers kept per sender that were refused ahead of a gap in its chain, as many as a member
 # keeps to send again (`bus.KEEP_SENT`): a gap longer than that cannot be closed anyway
 MAX_AHEAD = KEEP_SENT
+MAX_SHOWN = 4  # different headers kept for one place (a resend, or a member's `witnessed`)
 
 
 class NotaryEvidence:
@@ -32,33 +39,64 @@ class NotaryEvidence:
     def _conflict(self, env: Envelope) -> None:
         """A signed message refused for its place in its sender's chain (called from inside
         the bus's receive: it only compares and keeps the proof; `_accuse` sends it)."""
-        h = env.header
+        self._compare(env.header, env.leaf, shown=False)
+
+    def _witnessed(self, env: Envelope) -> None:
+        """A member's `witnessed` leaves (logged already): what it accepted from others while
+        our log may have missed it, each compared like a refused message. A leaf that is not a
+        roster member's signed header of this run proves nothing and is skipped."""
+        presenter = self.roster.by_key_id(env.header.sender)
+        if presenter is None or presenter.role not in ("owner", "trainer", "standby"):
+            return
+        try:
+            shown = Witnessed.parse(env.document(), sender=presenter.name)
+        except ClicooperError as exc:
+            self.log.warning("witnessed refused", member=presenter.name, error=str(exc))
+            return
+        for leaf in shown.leaves:
+            try:
+                h = signed_header(leaf, self.roster, which="witnessed leaf",
+                                  sender=presenter.name)
+            except ProtocolError as exc:
+                self.log.warning("witnessed leaf refused", member=presenter.name, error=str(exc))
+                continue
+            self._compare(h, leaf, shown=True)
+
+    def _compare(self, h: Header, leaf: bytes, *, shown: bool) -> None:
+        """Compare the signed header `h` (its `leaf`) with the log's message at that place of
+        its sender's chain: one refused by our verifier (`shown` False: a replay, a broken
+        chain, or ahead of a gap), or one a member accepted (`shown` True: its `witnessed`).
+        One the log has no message at yet is kept until it has (`_filled`)."""
         if self.roster is None or h.sender == self.ident.key_id or h.sender in self.accused:
             return
         last = self.bus.verifier.last_seq(h.sender)
-        if h.seq > last + 1:  # ahead of a gap: the message that fills its place must be it
+        if h.seq > last + (0 if shown else 1):  # ahead: the message that fills it must be it
             ahead = self.ahead.setdefault(h.sender, {})
-            if len(ahead) < MAX_AHEAD:
-                ahead.setdefault(h.seq, (h.digest, env.leaf))  # the header: never the body
+            if len(ahead) < MAX_AHEAD or h.seq in ahead:
+                digests = ahead.setdefault(h.seq, {})
+                if len(digests) < MAX_SHOWN:
+                    digests.setdefault(h.digest, leaf)  # the header: never the body
             return
         at = h.seq if h.seq <= last else h.seq - 1  # a replay, or a `prev` that is not ours
-        leaf = self._accepted(h.sender, at)
-        if leaf is None:  # not a place the log holds (before the roster): nothing to compare
+        logged = self._accepted(h.sender, at)
+        if logged is None:  # not a place the log holds (before the roster): nothing to compare
             return
-        raw, _ = split_leaf(leaf)
+        raw, _ = split_leaf(logged)
         if at == h.seq and hashlib.sha256(raw).digest() == h.digest:
             return  # the very message the log holds, sent again
-        self._prove(h.sender, leaf, env.leaf)
+        self._prove(h.sender, logged, leaf)
 
     def _filled(self, env: Envelope) -> None:
         """`env` was logged: if a message of its sender at its seq was refused before, ahead
-        of a gap, it must have been this one (a member could otherwise show a receiver the
-        message the gap kept from the log and fill the gap with another)."""
+        of a gap, or shown by a member, it must have been this one (a member could otherwise
+        show a receiver the message the gap kept from the log and fill the gap with another)."""
         h = env.header
         early = self.ahead.get(h.sender, {}).pop(h.seq, None)
-        if early is None or early[0] == h.digest or h.sender in self.accused:
+        if not early or h.sender in self.accused:
             return
-        self._prove(h.sender, env.leaf, early[1])
+        other = next((leaf for digest, leaf in early.items() if digest != h.digest), None)
+        if other is not None:
+            self._prove(h.sender, env.leaf, other)
 
     def _prove(self, sender: str, logged: bytes, conflicting: bytes) -> None:
         """Key id `sender` is proven to have equivocated: kept for `_accuse`, once."""

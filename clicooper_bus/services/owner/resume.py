@@ -271,16 +271,18 @@ class Resumes:
     def _on_own_tip(self, tip: ChainTip) -> None:
         """The notary's tip to us: where a resumed owner's chain goes on from (before it
         beats); to a live one, from a notary started again after a crash, what to send again
-        (`Bus.resend_after`; BusError when it cannot: the log cannot be complete)."""
+        (`Bus.refill`: BusError when it cannot: the log cannot be complete), and what we
+        accepted meanwhile, for the notary to compare with its log."""
         if self.resume and not self.bus.beating:
             self.own_tip = tip
             return
         if not tip.resend:
             return
-        sent = self.bus.resend_after(tip.seq, tip.prev)
+        sent, shown = self.bus.refill(tip.seq, tip.prev, self.cfg.participants.notary)
         if sent:
             print(f"owner: sent {sent} message(s) again for the notary, which had our chain up "
                   f"to seq {tip.seq}", flush=True)
+        self.log.info("refilled", sent=sent, shown=shown, tip=tip.seq)
 
     def _resume_rejoin(self, env, rejoined: dict[str, Rejoin]) -> None:
         """A restarted trainer's `rejoin` while we resume: noted (the rollback comes once

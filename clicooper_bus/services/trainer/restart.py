@@ -151,16 +151,17 @@ class Restarts:
 
     def _on_tip(self, env: Envelope) -> None:
         """The notary's tip to a live process saying the log misses what we sent after its
-        seq (`resend`: a notary started again, a gap): sent again (`Bus.resend_after`;
-        BusError when it cannot: the log cannot be complete). A paused process's tips send
-        nothing."""
+        seq (`resend`: a notary started again, a gap): sent again, with what we accepted
+        meanwhile for the notary to compare with its log (`Bus.refill`; BusError when it
+        cannot: the log cannot be complete). A paused process's tips send nothing."""
         tip = ChainTip.parse(env.document(), sender=self.roster.notary.name)
         if tip.member != self.name or not tip.resend:
             return
-        sent = self.bus.resend_after(tip.seq, tip.prev)
+        sent, shown = self.bus.refill(tip.seq, tip.prev, self.roster.notary.name)
         if sent:
             print(f"{self.name}: sent {sent} message(s) again for the notary, which had our "
                   f"chain up to seq {tip.seq}", flush=True)
+        self.log.info("refilled", sent=sent, shown=shown, tip=tip.seq)
 
     def _on_restored(self, env: Envelope) -> None:
         """A neighbour restored: what it sends from now on is of the rolled-back run."""
