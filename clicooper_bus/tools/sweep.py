@@ -231,9 +231,45 @@ def row(run_dir: Path) -> dict[str, Any]:
         "adjacency": eps.get("adjacency"), "sensitivity": eps.get("sensitivity"),
         "wall_s": summary["wall_s"], "audit_s": report.get("wall_s"),
     }
+    out.update(label_inference(report["attacks"]))
     if out["ssim"]:
         _inversion_margins(out)
     return out
+
+
+# the families whose rows infer training labels, each from a channel a party received
+LABEL_FAMILIES = ("clustering", "channels", "completion")
+
+
+def colluding(attack: dict[str, Any]) -> bool:
+    """Whether an audit row's party is all trainers colluding (its threat model says so)."""
+    party = (attack.get("threat_model") or {}).get("party", "")
+    return "colluding" in party and "non-colluding" not in party
+
+
+def label_inference(attacks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The strongest label inference of an audit, per threat model (`label_alone`: one trainer
+    by itself, what the CliCooper paper assumes; `label_colluding`: all trainers together, who
+    can also do whatever one of them can): the largest ARI and the largest matched accuracy over
+    chance, each over every channel and variant of the clustering, channel and completion
+    attacks, and where the largest ARI came from (`..._where`: party, channel, attack). Values
+    None where no such row was scored."""
+    out: dict[str, Any] = {}
+    scored = [a for a in attacks if a.get("family") in LABEL_FAMILIES and a.get("ari") is not None]
+    for key, rows in (("label_alone", [a for a in scored if not colluding(a)]),
+                      ("label_colluding", scored)):
+        top = max(rows, key=lambda a: a["ari"], default=None)
+        over = [a["matched_accuracy"] - a["matched_accuracy_chance"] for a in rows
+                if a.get("matched_accuracy") is not None]
+        out[key] = {"ari": top["ari"] if top else None,
+                    "matched_over_chance": max(over, default=None)}
+        out[f"{key}_where"] = _where(top) if top else None
+    return out
+
+
+def _where(attack: dict[str, Any]) -> str:
+    party = attack.get("trainer") or (attack.get("threat_model") or {}).get("party", "?")
+    return f"{party.split(',')[0]}: {attack.get('channel') or 'fwd'} ({attack['name']})"
 
 
 def aggregate(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:

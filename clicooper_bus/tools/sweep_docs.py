@@ -20,13 +20,16 @@ if TYPE_CHECKING:
 # The CliCooper paper's headline claims (arXiv 2603.08421), for the paper table.
 PAPER = {"clustering_success": 0.0, "ssim_undefended": 0.50, "ssim_defended": 0.03,
          "extraction": "about chance", "accuracy": "preserved", "watermark": "> 99 % detection"}
-# The issue's targets for the recommended `defended` configuration.
-TARGETS = {"accuracy_drop": 0.03, "ari": 0.05, "success": 0.0, "ssim_over_class_mean": 0.02,
-           "extraction_50_over_chance": 0.10}
+# The targets for the recommended `defended` configuration (issue 15), each judged on the
+# strongest view: label inference over every channel a trainer receives, all trainers
+# colluding; extraction as its gain over what the attackers' own data alone gives.
+TARGETS = {"accuracy_drop": 0.03, "ari": 0.05, "matched_over_chance": 0.05,
+           "ssim_over_class_mean": 0.02, "extraction_50_gain": 0.10}
 
 
 def judge(r: dict[str, Any], baseline: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
-    """The `defended` targets, each with the measured value and whether it is met."""
+    """The `defended` targets, each with the measured value and whether it is met (one not
+    measured in `r` is left out)."""
     t = TARGETS
     checks = []
     if baseline is not None:
@@ -34,26 +37,47 @@ def judge(r: dict[str, Any], baseline: dict[str, Any] | None) -> list[tuple[str,
         checks.append((f"accuracy within {t['accuracy_drop'] * 100:.0f} points of undefended",
                        f"{r['accuracy']:.4f} vs {baseline['accuracy']:.4f} ({-drop * 100:+.1f} "
                        f"points)", drop <= t["accuracy_drop"]))
-    if r.get("ari") is not None:
-        checks.append((f"clustering ARI <= {t['ari']}", f"{r['ari']:.3f} ({r['ari_variant']})",
-                       r["ari"] <= t["ari"]))
-        checks.append(("clustering success rate 0 %", f"{r['success'] * 100:.0f} %",
-                       r["success"] <= t["success"]))
+    li = r.get("label_colluding") or {}
+    if li.get("ari") is not None:
+        checks.append((f"label inference over every channel, trainers colluding: ARI <= "
+                       f"{t['ari']}", f"{li['ari']:.3f} ({r['label_colluding_where']})",
+                       li["ari"] <= t["ari"]))
+    if li.get("matched_over_chance") is not None:
+        checks.append((f"... matched accuracy <= chance + {t['matched_over_chance'] * 100:.0f} "
+                       f"points", f"{li['matched_over_chance'] * 100:+.1f} points",
+                       li["matched_over_chance"] <= t["matched_over_chance"]))
     if r.get("ssim_over_class_mean") is not None:
         checks.append((f"no inversion more than {t['ssim_over_class_mean']} SSIM above the "
                        f"class-mean line", f"{r['ssim_over_class_mean']:+.3f}",
                        r["ssim_over_class_mean"] <= t["ssim_over_class_mean"]))
-    if "extraction-50" in r["extraction"]:
-        over = r["extraction"]["extraction-50"] - r["extraction_chance"]
-        checks.append((f"extraction with 50 labels <= chance + {t['extraction_50_over_chance'] * 100:.0f}"
-                       f" points", f"{r['extraction']['extraction-50']:.3f} (chance "
-                       f"{r['extraction_chance']:.3f}, {over * 100:+.1f} points)",
-                       over <= t["extraction_50_over_chance"]))
+    gain = extraction_gain(r)
+    if gain is not None:
+        checks.append((f"extraction with 50 labels <= own-data baseline + "
+                       f"{t['extraction_50_gain'] * 100:.0f} points",
+                       f"{r['extraction']['extraction-50']:.3f} (own data "
+                       f"{r['extraction_baseline']['extraction-50']:.3f}, {gain * 100:+.1f} "
+                       f"points)", gain <= t["extraction_50_gain"]))
     covers = f"; covers {r['epsilon_covers']}" if r.get("epsilon") is not None else ""
     checks.append(("epsilon reported with its adjacency",
                    _eps(r) + (f" ({r['adjacency'].split(':')[0]}{covers})" if r.get("adjacency")
                               else ""), r.get("epsilon") is not None))
     return checks
+
+
+def extraction_gain(r: dict[str, Any]) -> float | None:
+    """Extraction with 50 labels over the best own-data baseline with the same 50 labels."""
+    got = (r.get("extraction") or {}).get("extraction-50")
+    base = (r.get("extraction_baseline") or {}).get("extraction-50")
+    return None if got is None or base is None else got - base
+
+
+def label_cell(r: dict[str, Any], key: str) -> str:
+    """A threat model's strongest label inference: ARI, matched accuracy over chance, where."""
+    li = r.get(key) or {}
+    if li.get("ari") is None:
+        return "-"
+    return (f"ARI {_m(r, f'{key}.ari')}, matched accuracy {_m(r, f'{key}.matched_over_chance', '+.3f')} "
+            f"over chance ({r[f'{key}_where']})")
 
 
 def _eps(r: dict[str, Any]) -> str:
@@ -92,20 +116,23 @@ def seeds_line(rows: list[dict[str, Any]]) -> list[str]:
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     inv = sorted({n for r in rows for n in r["ssim"]})
-    head = (["run", "defences", "epochs", "accuracy", "ARI (strongest)", "success"]
+    head = (["run", "defences", "epochs", "accuracy",
+             "label inference ARI, every channel: one trainer / colluding",
+             "first stage's activations: ARI (strongest)", "success"]
             + [f"SSIM {n}" for n in inv]
             + ["best SSIM - mean image", "best non-class-mean SSIM - class mean",
-               "extraction 0 / 10 / 50 labels", "epsilon"])
+               "extraction 0 / 10 / 50 labels", "extraction-50 over own data", "epsilon"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [f"`{r['name']}`", r["defence"], str(r["epochs"]), _m(r, "accuracy", ".4f"),
+                 f"{_m(r, 'label_alone.ari')} / {_m(r, 'label_colluding.ari')}",
                  f"{_m(r, 'ari')} ({r['ari_variant']})",
                  "-" if r["success"] is None else f"{r['success'] * 100:.0f} %"]
         cells += [_m(r, f"ssim.{n}") for n in inv]
         cells += [_f(r.get("ssim_over_mean_image"), "+.3f"), _f(r.get("ssim_over_class_mean"), "+.3f"),
                   " / ".join(_m(r, f"extraction.{k}") for k in ("extraction-unlabelled",
                                                                  "extraction-10", "extraction-50")),
-                  _eps(r)]
+                  _f(extraction_gain(r), "+.3f"), _eps(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -126,15 +153,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    chance = next((r["extraction_chance"] for r in rows if r.get("extraction_chance")), 0.1)
-    panels = [("ari", "clustering ARI (strongest variant)", TARGETS["ari"]),
-              ("ssim_over_class_mean", "best inversion SSIM - class-mean line",
+    panels = [(lambda r: (r.get("label_colluding") or {}).get("ari"),
+               "label inference ARI, every channel, trainers colluding", TARGETS["ari"]),
+              (lambda r: r.get("ssim_over_class_mean"), "best inversion SSIM - class-mean line",
                TARGETS["ssim_over_class_mean"]),
-              ("extraction-50", "extraction accuracy, 50 labels",
-               chance + TARGETS["extraction_50_over_chance"])]
-    for ax, (key, label, target) in zip(axes, panels, strict=True):
+              (extraction_gain, "extraction with 50 labels - own-data baseline",
+               TARGETS["extraction_50_gain"])]
+    for ax, (measured, label, target) in zip(axes, panels, strict=True):
         for r in rows:
-            y = r["extraction"].get(key) if key.startswith("extraction") else r.get(key)
+            y = measured(r)
             if y is None:
                 continue
             ax.scatter(y, r["accuracy"], s=40)
@@ -164,8 +191,11 @@ def write_frontier(grid: Grid, rows: list[dict[str, Any]], command: str) -> None
         f"typed in by hand: rerun the command to reproduce it.",
         "",
         "Accuracy is the owner's test accuracy; with `evaluate = \"owner\"` it is the delivered "
-        "model's (head, clip, stages, tail: no noise) on the whole test set. ARI is the strongest "
-        "clustering variant's on the first stage's received activations; each SSIM is over 500 "
+        "model's (head, clip, stages, tail: no noise) on the whole test set. Label inference is "
+        "the strongest ARI over every channel a trainer receives (activations, gradients, labels, "
+        "evaluation traffic; clustering, gradient clustering and model completion), for one "
+        "trainer alone and for all trainers colluding; the first stage's ARI is the strongest "
+        "clustering variant's on its received activations alone; each SSIM is over 500 "
         "reconstructions; the class-mean attacker scores what class information alone gives, so "
         "an attack above the class-mean line recovers detail beyond the class. Extraction is the "
         "colluding trainers' surrogate on the evaluation half of the test set. Epsilon is per "
@@ -223,21 +253,36 @@ def write_results(grid: Grid, rows: list[dict[str, Any]], command: str) -> None:
                                                              "extraction-10", "extraction-50"))
                 + f" (chance {_f(r['extraction_chance'])})")
 
+    def gain(r: dict[str, Any]) -> str:
+        g = extraction_gain(r)
+        return "-" if g is None else (f"{g * 100:+.1f} points (own data "
+                                      f"{_m(r, 'extraction_baseline.extraction-50')})")
+
     table = [
         "| | CliCooper paper (reported) | undefended (ours) | paper configuration (ours) | "
         "defended (ours) |",
         "| --- | --- | --- | --- | --- |",
         f"| test accuracy | {PAPER['accuracy']} | {_m(u, 'accuracy', '.4f')} | "
         f"{_m(p, 'accuracy', '.4f')} | {_m(d, 'accuracy', '.4f')} |",
-        f"| clustering: success rate (ARI, strongest variant) | {PAPER['clustering_success']:.0%} | "
+        f"| clustering of the first stage's activations: success rate (ARI, strongest variant) "
+        f"| {PAPER['clustering_success']:.0%} | "
         f"{_cl(u)} | {_cl(p)} | {_cl(d)} |",
         f"| inversion: best SSIM over all attacks (attack) | {PAPER['ssim_undefended']} -> "
         f"{PAPER['ssim_defended']} | {inv(u)} | {inv(p)} | {inv(d)} |",
         f"| inversion: best non-class-mean SSIM - class-mean line | - | "
         f"{_f(u.get('ssim_over_class_mean'), '+.3f')} | {_f(p.get('ssim_over_class_mean'), '+.3f')} | "
         f"{_f(d.get('ssim_over_class_mean'), '+.3f')} |",
+        f"| label inference, strongest over every channel: one trainer alone (the paper's threat "
+        f"model) | {PAPER['clustering_success']:.0%} clustering success | "
+        f"{label_cell(u, 'label_alone')} | {label_cell(p, 'label_alone')} | "
+        f"{label_cell(d, 'label_alone')} |",
+        f"| label inference, strongest over every channel: all trainers colluding | - | "
+        f"{label_cell(u, 'label_colluding')} | {label_cell(p, 'label_colluding')} | "
+        f"{label_cell(d, 'label_colluding')} |",
         f"| extraction accuracy, 0 / 10 / 50 labels | {PAPER['extraction']} | {ex(u)} | {ex(p)} | "
         f"{ex(d)} |",
+        f"| extraction with 50 labels over the attackers' own-data baseline | - | {gain(u)} | "
+        f"{gain(p)} | {gain(d)} |",
         f"| epsilon (delta) | - | {_eps(u)} | {_eps(p)} | {_eps(d)} |",
         f"| epsilon covers | - | - | {p['epsilon_covers'] if p.get('epsilon') else '-'} | "
         f"{d['epsilon_covers'] if d.get('epsilon') else '-'} |",
