@@ -179,3 +179,24 @@ def test_force_deletes_only_a_run_directory(tmp_path):
     layout.config.write_text("[run]\n")
     check_run_dir(run, force=True)
     assert not run.exists()
+
+
+def test_how_a_run_settles_from_its_processes_exit_codes():
+    """`tools.run.settle`, the launcher's decision each poll: a failure is 1 naming whom; all
+    done is 0, or 3 when the owner or the notary stopped the run; processes still running
+    after the run was stopped are gone peers once GONE_GRACE_S has passed (a deaf owner the
+    notary proved to equivocate among them), unless a following auditor is still at work."""
+    from clicooper_bus.tools.run import AUDITOR, GONE_GRACE_S, settle, stopping
+
+    up = {"broker": None, "notary": None, "owner": None, "trainer-1": None}
+    assert settle(up, None) is None
+    assert settle({**up, "trainer-1": -9}, None) == (1, "", ["trainer-1"])
+    assert settle({**up, "broker": 1}, None) == (1, "", ["broker"])
+    assert settle({**up, "notary": 0, "owner": 0, "trainer-1": 0}, None) == (0, "", [])
+    assert settle({**up, "notary": 0, "owner": 3, "trainer-1": 3}, None)[0] == 3
+    deaf = {**up, "notary": 3, "trainer-1": 3}  # the owner proven to equivocate runs on
+    assert stopping(deaf) and not stopping({**up, "trainer-1": 3})
+    assert settle(deaf, ended=100.0, now=100.0 + GONE_GRACE_S / 2) is None
+    code, why, names = settle(deaf, ended=100.0, now=101.0 + GONE_GRACE_S)
+    assert (code, names) == (3, []) and why.startswith("owner still running")
+    assert settle({**deaf, AUDITOR: None}, ended=100.0, now=101.0 + GONE_GRACE_S) is None

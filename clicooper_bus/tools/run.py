@@ -336,27 +336,18 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
         threading.Thread(target=pump, daemon=True).start()
         deadline = time.monotonic() + timeout_s if timeout_s else None
         workers = [n for n in procs if n != "broker"]
-        ended = None  # when the owner had stopped the run and the notary had left
+        ended = None  # since when the run was stopped (by the owner, or by the notary)
         while True:
             codes = {n: procs[n].poll() for n in procs}
-            failed = [n for n, c in codes.items() if c not in (None, 0, EXIT_STOPPED)]
-            if failed or procs["broker"].poll() is not None and codes["broker"] != 0:
-                _report(failed or ["broker"], tel)
-                return 1
-            if all(codes[n] in (0, EXIT_STOPPED) for n in workers):
-                stopped = EXIT_STOPPED in (codes.get("owner"), codes.get("notary"))
-                return EXIT_STOPPED if stopped else 0
-            # the owner left (the log is closed, or the notary is gone), or the notary stopped
-            # the run (the owner equivocated: it may never leave by itself)
-            if EXIT_STOPPED in (codes.get("owner"), codes.get("notary")):
-                ended = ended or time.monotonic()
-                left = [n for n in workers if codes[n] is None]
-                # a gone peer may never return; a following auditor has its own timeouts
-                if time.monotonic() - ended > GONE_GRACE_S and AUDITOR not in left:
-                    print(f"clicooper run: {', '.join(left)} still running {GONE_GRACE_S:.0f} s "
-                          f"after the run was stopped (gone?); stopping it",
-                          file=sys.stderr)
-                    return EXIT_STOPPED
+            ended = ended or (time.monotonic() if stopping(codes) else None)
+            outcome = settle(codes, ended)
+            if outcome is not None:
+                code, why, names = outcome
+                if why:
+                    print(f"clicooper run: {why}", file=sys.stderr)
+                if names:
+                    _report(names, tel)
+                return code
             if deadline and time.monotonic() > deadline:
                 print(f"clicooper run: timed out after {timeout_s:.0f} s", file=sys.stderr)
                 _report([n for n in workers if codes[n] is None], tel)
@@ -377,6 +368,35 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
                 p.wait()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def stopping(codes: dict[str, int | None]) -> bool:
+    """Whether the run was stopped: the owner left with EXIT_STOPPED (the log is closed, or the
+    notary is gone), or the notary did (the owner equivocated: it may never leave by itself)."""
+    return EXIT_STOPPED in (codes.get("owner"), codes.get("notary"))
+
+
+def settle(codes: dict[str, int | None], ended: float | None,
+           now: float | None = None) -> tuple[int, str, list[str]] | None:
+    """How a run whose processes' exit codes are `codes` (None: still running; "broker" among
+    them) ends: None while it goes on, else (exit code, what to say or "", whose telemetry to
+    show). `ended`: since when it was stopped (`stopping`, time.monotonic()); processes still
+    running `GONE_GRACE_S` later are gone peers (stopped by our caller), unless one is a
+    following auditor, which has its own timeouts."""
+    workers = [n for n in codes if n != "broker"]
+    failed = [n for n, c in codes.items() if c not in (None, 0, EXIT_STOPPED)]
+    if failed:
+        return 1, "", failed
+    if codes.get("broker") not in (None, 0):  # it leaves only when told to: it failed
+        return 1, "", ["broker"]
+    if all(codes[n] in (0, EXIT_STOPPED) for n in workers):
+        return (EXIT_STOPPED if stopping(codes) else 0), "", []
+    left = [n for n in workers if codes[n] is None]
+    now = time.monotonic() if now is None else now
+    if ended is not None and now - ended > GONE_GRACE_S and AUDITOR not in left:
+        return EXIT_STOPPED, (f"{', '.join(left)} still running {GONE_GRACE_S:.0f} s after the "
+                              f"run was stopped (gone?); stopping it"), []
+    return None
 
 
 def _report(names: list[str], tel: Path) -> None:
