@@ -39,15 +39,38 @@ def _worst_difference(got: dict, segments) -> float:
     return max(float((got[k] - want[k]).abs().max()) for k in want)
 
 
+STEPS = 50
+
+
+@pytest.fixture(scope="module")
+def bus_run(tmp_path_factory):
+    """`bus_run(trainers, in_flight)`: the config of a finished run of 50 steps over the bus,
+    made once per (trainers, in_flight) and shared by the tests that read it (a run costs the
+    suite 8 to 15 s, most of it starting its processes). Three epochs asked, evaluation every
+    second one, cut by max_steps inside the first: the run ends on its step limit, not at an
+    epoch's end, and evaluates only because it ends there."""
+    made: dict[tuple[int, int], object] = {}
+
+    def get(trainers: int, in_flight: int):
+        if (trainers, in_flight) not in made:
+            tmp = tmp_path_factory.mktemp(f"eq{trainers}-{in_flight}")
+            path = write_config(tmp, run_id=f"eq{trainers}-{in_flight}", trainers=trainers,
+                                run={"max_steps": STEPS, "in_flight": in_flight, "epochs": 3,
+                                     "eval_every": 2})
+            assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+            made[trainers, in_flight] = path
+        return made[trainers, in_flight]
+
+    return get
+
+
 @pytest.mark.parametrize("trainers,in_flight", [(1, 1), (3, 1), (3, 3)])
-def test_bus_training_matches_the_reference(tmp_path, trainers, in_flight):
+def test_bus_training_matches_the_reference(bus_run, trainers, in_flight):
     """50 steps over the bus give the reference's weights (max abs difference <= 1e-5), also
     pipelined: the reference follows the pipelined owner's schedule."""
-    path = write_config(tmp_path, run_id=f"eq{trainers}-{in_flight}", trainers=trainers,
-                        run={"max_steps": 50, "in_flight": in_flight})
-    assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+    path = bus_run(trainers, in_flight)
     cfg = load_config(path)
-    ref = _reference(cfg, steps=50, in_flight=in_flight)
+    ref = _reference(cfg, steps=STEPS, in_flight=in_flight)
     got = load_file(cfg.run_dir / "model.safetensors")
     worst = _worst_difference(got, ref.segments)
     assert worst <= 1e-5, f"max abs weight difference {worst}"
@@ -55,16 +78,16 @@ def test_bus_training_matches_the_reference(tmp_path, trainers, in_flight):
     assert summary["in_flight"] == in_flight
     assert summary["schedule"].startswith("pipelined" if in_flight > 1 else "synchronous")
     if in_flight > 1:  # pipelining is a different schedule, not the synchronous one
-        sync = _reference(cfg, steps=50)
+        sync = _reference(cfg, steps=STEPS)
         assert _worst_difference(got, sync.segments) > 1e-4
-    assert summary["steps"] == 50 and summary["stages"] == cfg.participants.trainers
+    assert summary["steps"] == STEPS and summary["stages"] == cfg.participants.trainers
     assert abs(summary["test_accuracy"] - ref.test_accuracy) <= 0.005
 
 
-def test_summary_and_log_agree(tmp_path):
-    path = write_config(tmp_path, run_id="sum", trainers=2, run={"max_steps": 40})
-    assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+def test_summary_and_log_agree(bus_run):
+    path = bus_run(3, 1)  # the reference test's run: 3 trainers, 50 steps
     cfg = load_config(path)
+    trainers = len(cfg.participants.trainers)
     s = json.loads((cfg.run_dir / "summary.json").read_text())
     for key in ("run_id", "dataset", "model", "stages", "epochs", "test_accuracy", "per_epoch",
                 "messages", "wall_s", "final_checkpoint"):
@@ -75,11 +98,14 @@ def test_summary_and_log_agree(tmp_path):
     # every activation, gradient and label message the run sent is in the log
     for kind in ("fwd", "bwd", "labels", "eval_fwd", "eval_out", "metrics", "segment", "roster"):
         assert r.per_kind.get(kind, 0) == s["messages"].get(kind, 0), kind
-    assert s["messages"]["fwd"] == 40 * 2 and s["messages"]["bwd"] == 40 * 2
+    # owner -> trainer-1 -> ... -> the last trainer, and the gradients back the same way
+    assert trainers == 3
+    assert s["messages"]["fwd"] == STEPS * trainers and s["messages"]["bwd"] == STEPS * trainers
     assert s["final_checkpoint"]["size"] <= r.entries
     # who computed what: the owner's share is the head's FLOPs over everyone's
     parts = {p["participant"]: p["train_flops"] for p in s["compute"]["participants"]}
-    assert set(parts) >= {"trainer-1", "trainer-2"} and all(v > 0 for v in parts.values())
+    assert set(parts) >= {"trainer-1", "trainer-2", "trainer-3"}
+    assert all(v > 0 for v in parts.values())
     owner = sum(v for name, v in parts.items() if name.startswith("owner"))
     assert s["owner_flops_share"] == pytest.approx(owner / sum(parts.values()))
 
@@ -107,14 +133,15 @@ def test_quick_run_matches_reference_accuracy(tmp_path):
     assert s["test_accuracy"] > 0.6
 
 
-def test_a_run_cut_short_by_max_steps_still_reports_its_accuracy(tmp_path):
-    path = write_config(tmp_path, run_id="short", trainers=1,
-                        run={"epochs": 3, "max_steps": 10, "eval_every": 2})
-    assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
-    cfg = load_config(path)
+def test_a_run_cut_short_by_max_steps_still_reports_its_accuracy(bus_run):
+    # one trainer, 3 epochs asked, evaluation every 2nd, cut at 50 of the first epoch's 63 steps
+    # (the reference test's run): no epoch asked for an evaluation, the cut did
+    cfg = load_config(bus_run(1, 1))
+    assert (cfg.run.epochs, cfg.run.eval_every, cfg.run.max_steps) == (3, 2, STEPS)
     text = (cfg.run_dir / "summary.json").read_text()
     s = json.loads(text)
-    assert "NaN" not in text and 0 <= s["test_accuracy"] <= 1 and s["steps"] == 10
+    assert "NaN" not in text and 0 <= s["test_accuracy"] <= 1 and s["steps"] == STEPS
+    assert len(s["per_epoch"]) == 1 and "accuracy" in s["per_epoch"][0]
 
 
 def test_pipelined_run_with_owner_tail_and_watermarks(tmp_path):
