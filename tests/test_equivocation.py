@@ -108,6 +108,7 @@ class _Notary(NotaryEvidence):
         self.roster, self.ident, self.bus = ROSTER, IDS["notary"], _Bus()
         self.plog, self.logged_at, self.accused, self.evidence = _Log(), {}, set(), []
         self.ahead, self.log = {}, structlog.get_logger("test")
+        self.witness_docs, self.compared = {}, set()
 
     def take(self, env) -> bool:
         """Whether the verifier accepted `env` (logged); else it is compared (`_conflict`)."""
@@ -186,10 +187,15 @@ def _window():
     return logged, real, again
 
 
-def _shows(notary, leaves, presenter: str = "trainer-2"):
-    """`presenter`'s `witnessed` document with `leaves`, logged and taken by the notary."""
+def _shows(notary, leaves, presenter: str = "trainer-2", tipped: bool = True):
+    """`presenter`'s `witnessed` document with `leaves`, logged and taken by the notary (after
+    its `tip` with `resend` to the presenter, unless not `tipped`)."""
+    kid = IDS[presenter].public.key_id
+    if tipped:
+        notary.witness_docs[kid] = notary.witness_docs.get(kid, 0) + 1
     env = _sender(presenter).seal_document("witnessed", "notary", Witnessed(leaves).to_doc())
     notary._witnessed(env)
+    return env
 
 
 @pytest.mark.parametrize("shown_first", [False, True])
@@ -229,6 +235,87 @@ def test_what_a_receiver_shows_proves_nothing_when_it_is_what_the_log_holds_or_f
     assert not notary.evidence and not notary.ahead.get(real.header.sender)
 
 
+def _flood(notary, name: str = "trainer-1", base: int = 10**9):
+    """Review of issue 17: a member's signed headers at places it will never reach, each
+    refused by the notary as ahead of a gap, as many as the notary keeps places for."""
+    from clicooper_bus.services.notary_evidence import MAX_AHEAD
+
+    far = _sender(name)
+    for i in range(MAX_AHEAD):
+        far.seq = base + i - 1
+        assert not notary.take(far.seal_document("usage", "notary", {}))
+
+
+def test_a_flood_of_far_headers_leaves_both_comparisons_working():
+    """Review of issue 17 (found live: every process exited 0 with the log holding zeros the
+    receiver never used): a member filled the notary's table of places ahead of its chain with
+    headers at seqs it would never reach, and neither a message refused ahead of a gap nor a
+    receiver's shown leaf was compared any more. Only places within reach are kept now."""
+    notary, s = _Notary(), _sender()
+    first = s.seal_document("beat", "all", {})
+    assert notary.take(first)
+    _flood(notary)
+    held = s.seal_document("beat", "all", {})  # seq 2, held back
+    real = s.seal_array("fwd", "trainer-2", np.ones((2, 3), np.float32), step=0)  # seq 3
+    assert not notary.take(real)
+    s.seq, s.prev = held.header.seq, held.header.digest
+    zeros = s.seal_array("fwd", "trainer-2", np.zeros((2, 3), np.float32), step=0)
+    assert notary.take(held) and notary.take(zeros)
+    assert [ev.member for ev in notary.evidence] == ["trainer-1"]
+    shown, (logged, real, again) = _Notary(), _window()
+    assert all(shown.take(env) for env in logged)
+    _flood(shown)
+    _shows(shown, [real.leaf])
+    assert shown.take(again)
+    assert [ev.member for ev in shown.evidence] == ["trainer-1"]
+
+
+def test_two_different_headers_shown_at_one_place_prove_at_once():
+    """No need to wait for the log to fill the place: two signed headers of one sender at one
+    seq are the proof (a cheater could otherwise hold the place open past the notary's life)."""
+    notary, (logged, real, again) = _Notary(), _window()
+    assert all(notary.take(env) for env in logged)
+    _shows(notary, [real.leaf, again.leaf])
+    (ev,) = notary.evidence
+    assert {ev.logged, ev.conflicting} == {real.leaf, again.leaf}
+    assert "two different messages at seq 3" in proven(ev, ROSTER)[1]
+
+
+def test_what_a_member_shows_unasked_or_could_not_have_accepted_is_not_compared():
+    """Review of issue 17: `witnessed` cost the notary a signature check per leaf, from anyone
+    at any time. Now only an answer to its `tip` with `resend` is taken, within a budget of
+    documents; leaves that cannot be ones the presenter accepted (its own, one addressed to
+    someone else) are skipped before any signature check, and each leaf is compared once."""
+    notary, (logged, real, again) = _Notary(), _window()
+    assert all(notary.take(env) for env in [*logged, again])
+    _shows(notary, [real.leaf], tipped=False)
+    assert not notary.evidence  # unasked: not read
+    _shows(notary, [real.leaf], presenter="owner")  # addressed to trainer-2, not the owner
+    _shows(notary, [real.leaf], presenter="trainer-1")  # its own
+    assert not notary.evidence
+    _shows(notary, [real.leaf])
+    assert [ev.member for ev in notary.evidence] == ["trainer-1"]
+    again_shown = _Notary()
+    again_shown.compared = set(notary.compared)
+    assert all(again_shown.take(env) for env in [*logged, again])
+    _shows(again_shown, [real.leaf])
+    assert not again_shown.evidence  # compared once already
+
+
+def test_a_resumed_notary_compares_what_members_showed_its_earlier_life():
+    """Review of issue 17: what a member showed lived in the notary's memory only; a notary
+    resumed before the sender filled that place compared nothing (the member had shown its
+    leaves already). Its `_reopen` reads the logged `witnessed` documents again."""
+    notary, (logged, real, again) = _Notary(), _window()
+    assert all(notary.take(env) for env in logged)
+    doc = _shows(notary, [real.leaf])  # logged; seq 3 not yet in the log
+    resumed = _Notary()  # the next life, its log read again
+    assert all(resumed.take(env) for env in logged)
+    resumed._witnessed(doc, replayed=True)  # as `_reopen` does, without a tip
+    assert resumed.take(again)
+    assert [ev.member for ev in resumed.evidence] == ["trainer-1"]
+
+
 def test_a_member_keeps_what_it_accepted_and_shows_it_once_in_bounded_documents():
     """`net.witness`: the leaves of others' messages a member accepted, beats and its own
     left out, at most KEEP_WITNESSED; `Bus.show_witnessed` sends them in documents of at most
@@ -238,19 +325,22 @@ def test_a_member_keeps_what_it_accepted_and_shows_it_once_in_bounded_documents(
     from clicooper_bus.net.bus import Bus
 
     witness = Witness(IDS["trainer-2"].public.key_id, keep=600)
-    s, own = _sender(), _sender("trainer-2")
+    s, own, flooder = _sender(), _sender("trainer-2"), _sender("owner")
     witness.note(s.seal_document("beat", "all", {}))
     witness.note(own.seal_document("hello", "all", {}))
     sent = [s.seal_array("fwd", "trainer-2", np.zeros((1, 1), np.float32), step=i)
             for i in range(700)]
     for env in sent:
         witness.note(env)
+    for _ in range(1000):  # a colluder's flood cannot push trainer-1's leaves out
+        witness.note(flooder.seal_document("checkpoint", "all", {}))
     docs = []
     fake = SimpleNamespace(witness=witness, send_doc=lambda *a, **k: docs.append(a))
-    assert Bus.show_witnessed(fake, "notary") == 600
-    assert [len(Witnessed.parse(d[2]).leaves) for d in docs] == [240, 240, 120]
+    assert Bus.show_witnessed(fake, "notary") == 1200
+    assert [len(Witnessed.parse(d[2]).leaves) for d in docs] == [240] * 5
     assert {d[:2] for d in docs} == {("witnessed", "notary")}
-    assert Witnessed.parse(docs[0][2]).leaves[0] == sent[100].leaf  # the last 600, in order
+    shown = [leaf for d in docs for leaf in Witnessed.parse(d[2]).leaves]
+    assert shown[:600] == [env.leaf for env in sent[100:]]  # each sender's last 600, in order
     assert Bus.show_witnessed(fake, "notary") == 0  # shown once
     with pytest.raises(ProtocolError, match="more than 240 leaves"):
         Witnessed.parse({"leaves": [sent[0].leaf] * 241})

@@ -200,3 +200,4 @@ def test_how_a_run_settles_from_its_processes_exit_codes():
     code, why, names = settle(deaf, ended=100.0, now=101.0 + GONE_GRACE_S)
     assert (code, names) == (3, []) and why.startswith("owner still running")
     assert settle({**deaf, AUDITOR: None}, ended=100.0, now=101.0 + GONE_GRACE_S) is None
+    assert settle({**deaf, "owner": 1}, ended=100.0, now=100.0)[0] == 3  # it failed its own way

@@ -35,8 +35,9 @@ KIND = "equivocation"
 @dataclass(frozen=True)
 class Equivocation(Control):
     """The notary's proof that `member` equivocated: `logged`, the leaf (header || signature)
-    of its message the log holds at that place of its chain, and `conflicting`, the leaf of the
-    signed message the notary refused there (each at most a header and a 64-byte signature)."""
+    of its message the log holds at that place of its chain (or, two being shown or refused
+    there before the log filled it, the first), and `conflicting`, the leaf of the other signed
+    message (each at most a header and a 64-byte signature)."""
 
     KIND: ClassVar[str] = KIND
     member: str
@@ -48,7 +49,9 @@ def _named(which: str) -> str:
     return "leaf" if which == "leaf" else f"{which} leaf"
 
 
-def _header(leaf: bytes, which: str, sender: str | None) -> Header:
+def leaf_header(leaf: bytes, which: str, sender: str | None) -> Header:
+    """The header of `leaf` (header || signature), parsed, not checked; ProtocolError naming
+    `sender` and the field `which` when it is not a header."""
     try:
         raw, _ = split_leaf(leaf)
         return parse_header(raw)
@@ -62,7 +65,7 @@ def signed_header(leaf: bytes, roster: Roster, *, member: str | None = None,
     """The header of `leaf` (header || signature), checked: signed by a roster member's key
     (`member`'s, when named), for the roster's run and nonce. Raises ProtocolError naming
     `sender` (whoever presented the leaf) and the field `which` when it is not."""
-    h = _header(leaf, which, sender)
+    h = leaf_header(leaf, which, sender)
     what = _named(which)
     signer = roster.by_name(member) if member is not None else roster.by_key_id(h.sender)
     _, sig = split_leaf(leaf)
@@ -89,8 +92,8 @@ def proven(ev: Equivocation, roster: Roster, *, sender: str | None = None) -> tu
     a, b = (signed_header(leaf, roster, member=ev.member, which=which, sender=sender)
             for which, leaf in (("logged", ev.logged), ("conflicting", ev.conflicting)))
     if a.seq == b.seq and a.digest != b.digest:
-        return b, (f"{ev.member} signed two different messages at seq {a.seq}: the log holds "
-                   f"its {a.kind} to {a.to}, and it also sent a {b.kind} to {b.to}")
+        return b, (f"{ev.member} signed two different messages at seq {a.seq}: a {a.kind} to "
+                   f"{a.to} and a {b.kind} to {b.to}")
     if b.seq == a.seq + 1 and b.prev != a.digest:
         return b, (f"{ev.member} forked its chain at seq {a.seq}: its {b.kind} to {b.to} at seq "
                    f"{b.seq} follows another message than the {a.kind} to {a.to} the log holds "

@@ -10,9 +10,10 @@ the message its log holds, or later fills, at that place of the sender's chain
 (`services.notary_evidence`), and two different signed headers there prove equivocation.
 
 Beats are left out: a beat changes nothing a receiver computes. At most `KEEP_WITNESSED` leaves
-are kept (4096, as many as a sender keeps to send again, `bus.KEEP_SENT`): while the notary is
-silent the owner sends no new step, so the window is the steps in flight and `timeout_s` of
-beats, far less; a longer one is not compared.
+are kept per sender (4096, as many as a sender keeps to send again, `bus.KEEP_SENT`), so that no
+member's traffic, a colluder's flood of broadcast documents among it, can push another's out:
+while the notary is silent the owner sends no new step, so an honest window is the steps in
+flight and `timeout_s` of beats, far less; a longer one is not compared.
 """
 
 from __future__ import annotations
@@ -26,20 +27,22 @@ UNSHOWN = frozenset({"beat"})  # kinds not kept
 
 
 class Witness:
-    """The leaves of the last `keep` messages accepted from others (not `UNSHOWN` kinds), in
-    arrival order, each shown to the notary once (`take`)."""
+    """The leaves of the last `keep` messages accepted from each other member (not `UNSHOWN`
+    kinds), in arrival order, each shown to the notary once (`take`)."""
 
     def __init__(self, own_key_id: str, keep: int = KEEP_WITNESSED):
-        self.own = own_key_id
-        self.leaves: deque[bytes] = deque(maxlen=keep)
+        self.own, self.keep = own_key_id, keep
+        self.leaves: dict[str, deque[bytes]] = {}  # sender key id -> its leaves
 
     def note(self, env: Envelope) -> None:
         """`env` was accepted (verified) by this member."""
-        if env.header.kind not in UNSHOWN and env.header.sender != self.own:
-            self.leaves.append(env.leaf)
+        sender = env.header.sender
+        if env.header.kind not in UNSHOWN and sender != self.own:
+            self.leaves.setdefault(sender, deque(maxlen=self.keep)).append(env.leaf)
 
     def take(self) -> list[bytes]:
-        """The leaves kept since the last call, oldest first; forgotten here."""
-        leaves = list(self.leaves)
+        """The leaves kept since the last call, sender by sender, each sender's oldest first;
+        forgotten here."""
+        leaves = [leaf for kept in self.leaves.values() for leaf in kept]
         self.leaves.clear()
         return leaves

@@ -83,6 +83,8 @@ class Notary(NotaryRestarts, NotaryEvidence):
         self.gap_since: dict[str, float] = {}  # key id -> since when its chain has a gap
         self.logged_at: dict[tuple[str, int], int] = {}  # (key id, seq) -> log index
         self.accused: set[str] = set()  # key ids proven to have equivocated
+        self.witness_docs: dict[str, int] = {}  # key id -> `witnessed` documents it may send us
+        self.compared: set[bytes] = set()  # SHA-256 of each `witnessed` leaf compared already
         self.evidence: list[Equivocation] = []  # proofs found, not yet published
         # headers refused ahead of a gap: sender -> seq -> (digest, leaf)
         self.ahead: dict[str, dict[int, tuple[bytes, bytes]]] = {}

@@ -21,15 +21,16 @@ import sys
 
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net.bus import KEEP_SENT
-from clicooper_bus.net.equivocation import Equivocation, signed_header
+from clicooper_bus.net.equivocation import Equivocation, leaf_header, signed_header
 from clicooper_bus.net.wire import Envelope, Header, split_leaf
 from clicooper_bus.protocol import ProtocolError
 from clicooper_bus.protocol.recovery import Witnessed
 
-# headers kept per sender that were refused ahead of a gap in its chain, as many as a member
-# keeps to send again (`bus.KEEP_SENT`): a gap longer than that cannot be closed anyway
+# the places after a sender's last logged message where a header refused ahead of a gap, or
+# shown by a member, is kept: as many as a member keeps to send again (`bus.KEEP_SENT`), so a
+# gap longer than that cannot be closed anyway
 MAX_AHEAD = KEEP_SENT
-MAX_SHOWN = 4  # different headers kept for one place (a resend, or a member's `witnessed`)
+SIGNING = ("owner", "trainer", "standby")  # the roles whose chains the log holds
 
 
 class NotaryEvidence:
@@ -41,41 +42,62 @@ class NotaryEvidence:
         the bus's receive: it only compares and keeps the proof; `_accuse` sends it)."""
         self._compare(env.header, env.leaf, shown=False)
 
-    def _witnessed(self, env: Envelope) -> None:
+    def _witnessed(self, env: Envelope, *, replayed: bool = False) -> None:
         """A member's `witnessed` leaves (logged already): what it accepted from others while
-        our log may have missed it, each compared like a refused message. A leaf that is not a
-        roster member's signed header of this run proves nothing and is skipped."""
+        our log may have missed it, each compared like a refused message. Taken only as an
+        answer to our `tip` with `resend`, at most `witness_docs` documents each (`replayed`:
+        read again from our log on `--resume`, which it had been); a leaf that cannot be one
+        the member accepted (its own, ours, one addressed to someone else) or that is not a
+        roster member's signed header of this run proves nothing and is skipped, each leaf
+        compared once."""
         presenter = self.roster.by_key_id(env.header.sender)
-        if presenter is None or presenter.role not in ("owner", "trainer", "standby"):
+        if presenter is None or presenter.role not in SIGNING:
             return
+        if not replayed:
+            if self.witness_docs.get(presenter.key_id, 0) <= 0:
+                self.log.warning("witnessed refused", member=presenter.name,
+                                 error="not an answer to our tip with resend")
+                return
+            self.witness_docs[presenter.key_id] -= 1
         try:
             shown = Witnessed.parse(env.document(), sender=presenter.name)
         except ClicooperError as exc:
             self.log.warning("witnessed refused", member=presenter.name, error=str(exc))
             return
         for leaf in shown.leaves:
+            digest = hashlib.sha256(leaf).digest()
+            if digest in self.compared:
+                continue
             try:
-                h = signed_header(leaf, self.roster, which="witnessed leaf",
+                h = leaf_header(leaf, "witnessed", presenter.name)
+                if h.sender in (presenter.key_id, self.ident.key_id) or \
+                        h.to not in (presenter.name, "all"):
+                    continue  # not a message of another member's that it could have accepted
+                h = signed_header(leaf, self.roster, which="witnessed",
                                   sender=presenter.name)
             except ProtocolError as exc:
                 self.log.warning("witnessed leaf refused", member=presenter.name, error=str(exc))
                 continue
+            self.compared.add(digest)
             self._compare(h, leaf, shown=True)
 
     def _compare(self, h: Header, leaf: bytes, *, shown: bool) -> None:
         """Compare the signed header `h` (its `leaf`) with the log's message at that place of
         its sender's chain: one refused by our verifier (`shown` False: a replay, a broken
         chain, or ahead of a gap), or one a member accepted (`shown` True: its `witnessed`).
-        One the log has no message at yet is kept until it has (`_filled`)."""
+        One the log has no message at yet is kept until it has (`_filled`), within the
+        `MAX_AHEAD` places after the sender's last logged one (no member can send again more
+        than that, so a place further on can never be filled: a flood of such headers takes
+        nothing); two different ones at one place prove equivocation at once."""
         if self.roster is None or h.sender == self.ident.key_id or h.sender in self.accused:
             return
         last = self.bus.verifier.last_seq(h.sender)
         if h.seq > last + (0 if shown else 1):  # ahead: the message that fills it must be it
-            ahead = self.ahead.setdefault(h.sender, {})
-            if len(ahead) < MAX_AHEAD or h.seq in ahead:
-                digests = ahead.setdefault(h.seq, {})
-                if len(digests) < MAX_SHOWN:
-                    digests.setdefault(h.digest, leaf)  # the header: never the body
+            if h.seq > last + MAX_AHEAD:
+                return
+            early = self.ahead.setdefault(h.sender, {}).setdefault(h.seq, (h.digest, leaf))
+            if early[0] != h.digest:
+                self._prove(h.sender, early[1], leaf)
             return
         at = h.seq if h.seq <= last else h.seq - 1  # a replay, or a `prev` that is not ours
         logged = self._accepted(h.sender, at)
@@ -92,11 +114,8 @@ class NotaryEvidence:
         show a receiver the message the gap kept from the log and fill the gap with another)."""
         h = env.header
         early = self.ahead.get(h.sender, {}).pop(h.seq, None)
-        if not early or h.sender in self.accused:
-            return
-        other = next((leaf for digest, leaf in early.items() if digest != h.digest), None)
-        if other is not None:
-            self._prove(h.sender, env.leaf, other)
+        if early is not None and early[0] != h.digest and h.sender not in self.accused:
+            self._prove(h.sender, env.leaf, early[1])
 
     def _prove(self, sender: str, logged: bytes, conflicting: bytes) -> None:
         """Key id `sender` is proven to have equivocated: kept for `_accuse`, once."""

@@ -16,7 +16,9 @@ from clicooper_bus.errors import ClicooperError, LogCorrupted, RejectedMessage
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol.recovery import ChainTip, Handover
+from clicooper_bus.net.witness import KEEP_WITNESSED
+from clicooper_bus.protocol.recovery import MAX_WITNESSED, ChainTip, Handover
+from clicooper_bus.services.notary_evidence import SIGNING
 from clicooper_bus.tlog.log import ProvenanceLog
 
 
@@ -41,6 +43,7 @@ class NotaryRestarts:
         self.registry = WatermarkRegistry(
             roster, plog.roster_bytes,
             root_at=lambda n: plog.tree.root(n) if n <= plog.size else None)
+        shown: list[Envelope] = []  # members' `witnessed` documents
         for i in range(plog.size):
             h, sig, body = plog.entry(i)
             try:
@@ -60,8 +63,14 @@ class NotaryRestarts:
                 self._handed_over(Envelope(h.topic, h, sig, body))
             if h.kind == "equivocation" and h.sender == self.ident.key_id and body is not None:
                 self._accused_before(Envelope(h.topic, h, sig, body))
+            if h.kind == "witnessed" and body is not None:
+                shown.append(Envelope(h.topic, h, sig, body))
             if h.kind == "fwd" and h.sender == roster.owner.key_id and h.step is not None:
                 self.logged_steps.add(h.step)
+        # what members showed us before, compared again over the whole log: a message a member
+        # accepted whose place our earlier life had not yet filled is judged when it is
+        for env in shown:
+            self._witnessed(env, replayed=True)
         if self.ident.key_id in self.chains:
             self.bus.sender.seq, self.bus.sender.prev = self.chains[self.ident.key_id]
         self.last_cp_size = plog.checkpoint_at(plog.checkpoint_count - 1).size \
@@ -136,6 +145,10 @@ class NotaryRestarts:
         marks = None
         if self.roster.meta.get("watermark") and name in self.registry.stages:
             marks = self.registry.marks_of(self.registry.stages.index(name) + 1)
+        if resend:  # it answers with what it accepted meanwhile (`Bus.refill`): that many
+            others = sum(m.role in SIGNING for m in self.roster.members) - 1
+            per_tip = -(-KEEP_WITNESSED * others // MAX_WITNESSED)
+            self.witness_docs[kid] = min(self.witness_docs.get(kid, 0) + per_tip, 2 * per_tip)
         self.bus.send_doc("tip", name, ChainTip(name, seq, prev, marks, resend).to_doc())
         self.log.info("chain tip sent", member=name, seq=seq)
 

@@ -384,12 +384,15 @@ def settle(codes: dict[str, int | None], ended: float | None,
     running `GONE_GRACE_S` later are gone peers (stopped by our caller), unless one is a
     following auditor, which has its own timeouts."""
     workers = [n for n in codes if n != "broker"]
-    failed = [n for n, c in codes.items() if c not in (None, 0, EXIT_STOPPED)]
+    # an owner the notary proved to equivocate (the notary stopped the run) may fail its own way
+    cheat = "owner" if codes.get("notary") == EXIT_STOPPED else None
+    failed = [n for n, c in codes.items() if c not in (None, 0, EXIT_STOPPED) and n != cheat]
     if failed:
         return 1, "", failed
     if codes.get("broker") not in (None, 0):  # it leaves only when told to: it failed
         return 1, "", ["broker"]
-    if all(codes[n] in (0, EXIT_STOPPED) for n in workers):
+    if all(codes[n] in (0, EXIT_STOPPED) or n == cheat and codes[n] is not None
+           for n in workers):
         return (EXIT_STOPPED if stopping(codes) else 0), "", []
     left = [n for n in workers if codes[n] is None]
     now = time.monotonic() if now is None else now

@@ -61,6 +61,11 @@ class Marks:
             self.marker.saw_checkpoint(cp.size, cp.root)
             self._commit()
         self.final_seen = self.final_seen or msg.final
+        if msg.final and not self.ended:
+            # the log ended while we trained or stood by: the run was stopped, by the owner
+            # (an `end` we missed) or by the notary (the owner equivocated: a proof we missed)
+            self.log.warning("the notary's final checkpoint came before the end of training")
+            self.ended, self.stopped = True, True
 
     def _on_commit(self, env: Envelope) -> None:
         if self.index == 0 or env.header.sender != self.kid[self.prev]:

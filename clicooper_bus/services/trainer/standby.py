@@ -58,6 +58,7 @@ class Standby:
         if self.notary_kid is not None:
             self.loop.route("checkpoint", {self.notary_kid}, self._on_checkpoint)
             self.loop.route("tip", {self.notary_kid}, self._on_tip)  # a notary restarted
+            self.loop.route("equivocation", {self.notary_kid}, self._on_equivocation)
         # beats only once the notary has the roster (its first checkpoint follows it): before,
         # one would be refused there as from an unknown key and leave a hole in our chain
         wait = self.cfg.bus.join_timeout_s
