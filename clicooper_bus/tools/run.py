@@ -324,7 +324,12 @@ def launch(cfg: RunConfig, config_path: Path, *, echo: bool = True,
             # no head start for the broker: the others take over a second to import before
             # they connect (ZeroMQ connects before a bind and retries), and a broker that
             # fails is reported by the loop below (0.3 s of every run less)
-        owner_out = open(tel / "owner.out", mode)
+        if mode == "w":
+            (tel / "owner.out").write_text("")
+        # appending (O_APPEND), whatever the mode: a fault harness restarts a killed owner with
+        # its output appended to this file, and lines of the dead one still in our pipe must
+        # not land over the new one's (a test found its first line overwritten under load)
+        owner_out = open(tel / "owner.out", "a")
 
         def pump():
             for line in procs["owner"].stdout:
