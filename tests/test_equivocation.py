@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -95,10 +94,6 @@ class _Log:
     def leaf(self, index: int) -> bytes:
         return self.leaves[index]
 
-    @property
-    def size(self) -> int:
-        return len(self.leaves)
-
 
 class _Bus:
     def __init__(self):
@@ -113,8 +108,7 @@ class _Notary(NotaryEvidence):
         self.roster, self.ident, self.bus = ROSTER, IDS["notary"], _Bus()
         self.plog, self.logged_at, self.accused, self.evidence = _Log(), {}, set(), []
         self.ahead, self.log = {}, structlog.get_logger("test")
-        self.witness_docs, self.compared, self.tipped_at, self.held = {}, set(), {}, []
-        self.cfg = SimpleNamespace(bus=SimpleNamespace(rejoin_timeout_s=60.0))
+        self.witness_docs, self.compared = {}, set()
 
     def take(self, env) -> bool:
         """Whether the verifier accepted `env` (logged); else it is compared (`_conflict`)."""
@@ -322,50 +316,12 @@ def test_a_resumed_notary_compares_what_members_showed_its_earlier_life():
     assert [ev.member for ev in resumed.evidence] == ["trainer-1"]
 
 
-def _restart(rollback_step: int, dead_step: int, *, roll: bool = True):
-    """Trainer 1 restarted while the notary was down: the notary's tip said seq 2, its dead
-    process had sent trainer 2 a `fwd` of `dead_step` at seq 3 (shown by trainer 2), its new
-    process signs its `rejoin` there, and the owner rolls back to `rollback_step` (if `roll`)."""
-    notary, s = _Notary(), _sender()
-    logged = [s.seal_document("beat", "all", {}) for _ in range(2)]
-    assert all(notary.take(env) for env in logged)
-    dead = s.seal_array("fwd", "trainer-2", np.ones((2, 3), np.float32), step=dead_step)
-    notary.tipped_at[logged[0].header.sender] = 2
-    _shows(notary, [dead.leaf])
-    s.seq, s.prev = logged[-1].header.seq, logged[-1].header.digest
-    assert notary.take(s.seal_document("rejoin", "owner", {"stage": 1, "steps": [4],
-                                                           "states": ["a" * 64]}))
-    assert not notary.evidence and len(notary.held) == 1  # a restart can explain it: held
-    if roll:
-        notary.plog.leaves.append(b"the owner's rollback")
-        notary._rolled_back(_sender("owner").seal_document(
-            "rollback", "all", {"step": rollback_step, "rejoined": "trainer-1"}))
-    return notary
-
-
-def test_a_conflict_a_restart_explains_is_dismissed_by_its_rollback():
-    """Review of issue 17: a member restarted while the notary was down signs again, from the
-    log's tip, what its dead process had signed otherwise; a receiver (or a cheater that kept
-    them) then showed the dead process's messages and the notary accused an honest member. A
-    conflict past the last tip the notary sent the member is now held: the restart's rollback
-    discards every step from its step on, so one whose message outside the log is of such a
-    step is dismissed; any other is proven once rejoin_timeout_s passes, or the log ends."""
-    dismissed = _restart(rollback_step=4, dead_step=4)
-    assert not dismissed.held and not dismissed.evidence
-    kept = _restart(rollback_step=4, dead_step=3)  # step 3 stays trained on: not rolled back
-    assert len(kept.held) == 1
-    kept._settle_held(now=True)
-    assert [ev.member for ev in kept.evidence] == ["trainer-1"]
-    late = _restart(rollback_step=0, dead_step=4, roll=False)
-    late.held[0].since -= 61.0  # no rollback within rejoin_timeout_s: no restart explains it
-    late._settle_held()
-    assert [ev.member for ev in late.evidence] == ["trainer-1"]
-
-
 def test_a_member_keeps_what_it_accepted_and_shows_it_once_in_bounded_documents():
     """`net.witness`: the leaves of others' messages a member accepted, beats and its own
     left out, at most KEEP_WITNESSED; `Bus.show_witnessed` sends them in documents of at most
     MAX_WITNESSED leaves, each once."""
+    from types import SimpleNamespace
+
     from clicooper_bus.net.bus import Bus
 
     witness = Witness(IDS["trainer-2"].public.key_id, keep=600)

@@ -55,7 +55,7 @@ from clicooper_bus.services.common import (
     public,
     run_main,
 )
-from clicooper_bus.services.notary_evidence import Held, NotaryEvidence
+from clicooper_bus.services.notary_evidence import NotaryEvidence
 from clicooper_bus.services.notary_restarts import NotaryRestarts
 from clicooper_bus.services.usage import CpuMeter
 from clicooper_bus.tlog.log import ProvenanceLog
@@ -85,8 +85,6 @@ class Notary(NotaryRestarts, NotaryEvidence):
         self.accused: set[str] = set()  # key ids proven to have equivocated
         self.witness_docs: dict[str, int] = {}  # key id -> `witnessed` documents it may send us
         self.compared: set[bytes] = set()  # SHA-256 of each `witnessed` leaf compared already
-        self.tipped_at: dict[str, int] = {}  # key id -> its seq in the last `tip` we sent it
-        self.held: list[Held] = []  # conflicts a restart may explain (`NotaryEvidence._held`)
         self.evidence: list[Equivocation] = []  # proofs found, not yet published
         # headers refused ahead of a gap: sender -> seq -> (digest, leaf)
         self.ahead: dict[str, dict[int, tuple[bytes, bytes]]] = {}
@@ -177,7 +175,6 @@ class Notary(NotaryRestarts, NotaryEvidence):
                 self.log.error("peers silent", error=str(exc))
                 print(f"notary: error: {exc}; the log is kept up to here", file=sys.stderr)
                 return EXIT_FAIL
-            self._settle_held()
             if self.evidence and self._accuse() and not self.final_sent:
                 self._stop_for_the_owner()
             if self._chain_gap():
@@ -196,17 +193,9 @@ class Notary(NotaryRestarts, NotaryEvidence):
                 self._meter(env)
                 if env.header.kind == "witnessed":
                     self._witnessed(env)
-                elif env.header.kind == "rollback" and env.header.sender == roster.owner.key_id:
-                    self._rolled_back(env)
                 if env.header.kind == "ack" and env.header.sender == roster.owner.key_id:
-                    self._settle_held(now=True)  # judged before the log's end is signed
-                    if not self.evidence:
-                        self._report_usage()
-                        self._checkpoint(final=True)
-                    elif self._accuse():
-                        self._stop_for_the_owner()
-                    # else the owner stops the run on the proof (a late refusal), and its
-                    # `end` is followed by the final checkpoint
+                    self._report_usage()
+                    self._checkpoint(final=True)
                 elif self._stops(env) and not self.final_sent:
                     # the owner stopped the run early (a refusal): a final checkpoint over what
                     # was logged, then everyone leaves as after a finished run
@@ -242,9 +231,6 @@ class Notary(NotaryRestarts, NotaryEvidence):
             self._append(env)
             if env.header.kind != "beat":
                 quiet_until = time.monotonic() + 0.3
-        self._settle_held(now=True)  # what is still held is proven: the log ends here
-        if self.evidence:
-            self._accuse()
         # a member never sent again what we missed: not a complete log (an equivocating member's
         # chain goes on from the message the log refused: the log holds the proof instead)
         gaps = [k for k in bus.open_gaps() if k not in self.accused]

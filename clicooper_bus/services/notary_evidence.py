@@ -18,36 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import time
-from dataclasses import dataclass
 
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net.bus import KEEP_SENT
 from clicooper_bus.net.equivocation import Equivocation, leaf_header, signed_header
 from clicooper_bus.net.wire import Envelope, Header, split_leaf
 from clicooper_bus.protocol import ProtocolError
-from clicooper_bus.protocol.recovery import Rollback, Witnessed
+from clicooper_bus.protocol.recovery import Witnessed
 
 # the places after a sender's last logged message where a header refused ahead of a gap, or
 # shown by a member, is kept: as many as a member keeps to send again (`bus.KEEP_SENT`), so a
 # gap longer than that cannot be closed anyway
 MAX_AHEAD = KEEP_SENT
 SIGNING = ("owner", "trainer", "standby")  # the roles whose chains the log holds
-
-
-@dataclass
-class Held:
-    """A conflict a restart may explain (`NotaryEvidence._held`): the member's key id, the
-    seq, the steps of its messages outside the log, the two leaves, the log's size and the time
-    when it was found."""
-
-    sender: str
-    seq: int
-    steps: list[int | None]
-    logged: bytes
-    conflicting: bytes
-    found_at: int
-    since: float
 
 
 class NotaryEvidence:
@@ -135,67 +118,10 @@ class NotaryEvidence:
             self._prove(h.sender, env.leaf, early[1])
 
     def _prove(self, sender: str, logged: bytes, conflicting: bytes) -> None:
-        """Key id `sender` signed both leaves at one place of its chain. Proven at once (kept
-        for `_accuse`, once), unless a restart of the member can explain it (`_held`)."""
-        if sender in self.accused or self._held(sender, logged, conflicting):
-            return
-        self._proven(sender, logged, conflicting)
-
-    def _proven(self, sender: str, logged: bytes, conflicting: bytes) -> None:
+        """Key id `sender` is proven to have equivocated: kept for `_accuse`, once."""
         self.accused.add(sender)
         self.evidence.append(Equivocation(self.roster.by_key_id(sender).name, logged,
                                           conflicting))
-
-    # --- conflicts a restart can explain --------------------------------------------------
-
-    def _held(self, sender: str, logged: bytes, conflicting: bytes) -> bool:
-        """Hold a conflict past the last `tip` we sent the member (at `tipped_at`): a process
-        of it restarted from that tip signs again, otherwise, what its dead process had signed
-        there and a receiver may have taken (our log never saw it: we were down, or behind).
-        The restart's rollback discards every step from its step on, everywhere: a conflict
-        whose message outside the log (both, when neither is in it) is of such a step is then
-        harmless and dismissed (`_rolled_back`); any other is proven once `rejoin_timeout_s`
-        passed without such a rollback, or when the log ends (`_settle_held`)."""
-        tip = self.tipped_at.get(sender)
-        a = leaf_header(logged, "logged", None)
-        if tip is None or a.seq <= tip:
-            return False
-        outside = [conflicting] if self._accepted(sender, a.seq) == logged else \
-            [logged, conflicting]
-        steps = [leaf_header(leaf, "conflicting", None).step for leaf in outside]
-        self.held.append(Held(sender, a.seq, steps, logged, conflicting,
-                              self.plog.size, time.monotonic()))
-        self.log.warning("conflict held", member=self.roster.by_key_id(sender).name,
-                         seq=a.seq, steps=steps, reason="past the tip we sent it: a restart "
-                         "of it can explain it until its rollback")
-        return True
-
-    def _rolled_back(self, env: Envelope) -> None:
-        """The owner's `rollback` (logged): every held conflict found before it whose messages
-        outside the log are all of steps it discards (a step at or after its step, or no step)
-        was a restart's, and is dismissed."""
-        try:
-            step = Rollback.parse(env.document(), sender=self.roster.owner.name).step
-        except ClicooperError:
-            return
-        keep = []
-        for h in self.held:
-            if h.found_at < self.plog.size and all(s is None or s >= step for s in h.steps):
-                self.log.warning("conflict dismissed", seq=h.seq, steps=h.steps, rollback=step,
-                                 member=self.roster.by_key_id(h.sender).name,
-                                 reason="a restart's message, rolled back")
-            else:
-                keep.append(h)
-        self.held = keep
-
-    def _settle_held(self, *, now: bool = False) -> None:
-        """Prove each held conflict older than `rejoin_timeout_s` (every one, `now`: the log is
-        about to end)."""
-        limit = time.monotonic() - self.cfg.bus.rejoin_timeout_s
-        for h in [h for h in self.held if now or h.since < limit]:
-            self.held.remove(h)
-            if h.sender not in self.accused:
-                self._proven(h.sender, h.logged, h.conflicting)
 
     def _accepted(self, sender: str, seq: int) -> bytes | None:
         """The leaf of `sender`'s message at `seq` the notary accepted: logged, or verified

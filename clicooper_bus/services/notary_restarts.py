@@ -142,7 +142,6 @@ class NotaryRestarts:
         its watermark chain: `chain.resume`); `resend`: the log misses what it sent after."""
         self.tipped[kid] = time.monotonic()
         seq, prev = self.chains.get(kid, (0, bytes(32)))
-        self.tipped_at[kid] = seq  # a restarted process of it signs again from here
         marks = None
         if self.roster.meta.get("watermark") and name in self.registry.stages:
             marks = self.registry.marks_of(self.registry.stages.index(name) + 1)
