@@ -53,9 +53,11 @@ EXIT_CODES = (
         "--set) was refused before anything started"),
     (2, "a usage error (an unknown flag or a missing argument)"),
     (EXIT_STOPPED, "a participant refused poisoned input (a NaN, infinite, mistyped or misshapen "
-                   "tensor, loss or weight), or a peer was silent past [bus] rejoin_timeout_s: "
-                   "the run stopped cleanly; summary.json says why under 'stopped' (who sent "
-                   "what, or who is gone), no model was saved; the log verifies"),
+                   "tensor, loss or weight) or a member proven to equivocate, or a peer was "
+                   "silent past [bus] rejoin_timeout_s: the run stopped cleanly; summary.json "
+                   "says why under 'stopped' (who sent what, or who is gone), no model was "
+                   "saved; the log verifies (an owner proven to equivocate is stopped by the "
+                   "notary, and writes no summary if it ignores the proof)"),
     (128 + signal.SIGHUP, "stopped by SIGHUP; RUN_DIR/INTERRUPTED marks the run"),
     (128 + signal.SIGINT, "stopped by SIGINT (Ctrl-C); RUN_DIR/INTERRUPTED marks the run"),
     (128 + signal.SIGTERM, "stopped by SIGTERM; RUN_DIR/INTERRUPTED marks the run"),
