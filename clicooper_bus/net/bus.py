@@ -22,9 +22,8 @@ Sockets (see FACTS.md for why each option is set):
   envelope `recv` hands out carries it (`Envelope.float_codec`), for the receive check to refuse a
   tensor sent in another encoding (`ml.tensors.received`).
 
-- The last messages sent are kept (`KEEP_SENT` of them, at most `KEEP_SENT_BYTES`): a notary
-  started again after a crash tells each member where its chain stands in the log (its `tip`),
-  and `resend_after` publishes again what the dead notary never logged, so the log has no gap.
+- The last messages sent are kept, and what the notary's log misses is sent again, with what we
+  accepted meanwhile shown to it (`net.refill`).
 
 Readiness and shutdown use subscriptions as signals, never extra messages: a participant
 subscribes to its data topics first and to `run/<id>/hello/<name>` last (`announce`), and to
@@ -36,7 +35,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -49,18 +48,15 @@ from clicooper_bus.net.encoding import plan_codec
 from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM, tcp_keepalive
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.liveness import BusError, Liveness
+from clicooper_bus.net.refill import Refill
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope, Sender, parse_frames
 from clicooper_bus.net.witness import Witness
 from clicooper_bus.protocol import SIGNALS, Topics
-from clicooper_bus.protocol.recovery import MAX_WITNESSED, Witnessed
 
 log = structlog.get_logger("clicooper.bus")
 PUMP_BATCH = 256
-# messages kept for a notary started again (`resend_after`): what a member sends while the
-# notary is down (beats; the steps in flight: the owner holds) is far less
-KEEP_SENT, KEEP_SENT_BYTES = 4096, 64 << 20
 GAPS = ("seq_gap", "broken_chain")  # refusals that leave a hole in a sender's chain
 # refusals of a signed message at a place of its sender's chain already taken (the same seq
 # again), taken by another message (its prev), or not reached yet (a gap: the message that
@@ -76,7 +72,7 @@ class BusAddress:
     sub: str = "tcp://127.0.0.1:5556"
 
 
-class Bus(Liveness):
+class Bus(Liveness, Refill):
     def __init__(self, identity: Identity, run_id: str, address: BusAddress, verifier: Verifier,
                  *, name: str | None = None, hwm: int = 16, beat_s: float = 1.0,
                  timeout_s: float = 5.0, join_timeout_s: float = 120.0,
@@ -232,38 +228,7 @@ class Bus(Liveness):
             self.before_publish(env)
         self._publish(env)
         self.sent[env.header.kind] = self.sent.get(env.header.kind, 0) + 1
-        if isinstance(env.body, memoryview):  # a tensor's memory: kept as it was sent
-            env = replace(env, body=bytes(env.body))
-        self.kept.append(env)
-        self.kept_bytes += len(env.body)
-        while len(self.kept) > KEEP_SENT or self.kept_bytes > KEEP_SENT_BYTES:
-            self.kept_bytes -= len(self.kept.popleft().body)
-
-    def resend_after(self, seq: int, prev: bytes) -> int:
-        """Publish again, in order, each of our messages after `seq`: the notary's log holds
-        our chain up to `seq`, whose header digest is `prev` (its `tip`, from a notary started
-        again after a crash, which never received what we sent while it was down). A message
-        it had after all is refused there as a replay, and by everyone else as one; nothing is
-        lost by sending too much. Returns how many were sent. Raises BusError when a message
-        after `seq` is no longer kept, or `prev` is not the digest of ours at `seq` (the log
-        holds another chain than ours): the log cannot be completed."""
-        if seq >= self.sender.seq:
-            return 0
-        todo = [e for e in self.kept if e.header.seq > seq]
-        if not todo or todo[0].header.seq != seq + 1:
-            have = f"{self.kept[0].header.seq}..{self.kept[-1].header.seq}" if self.kept else \
-                "none"
-            raise BusError(f"the notary's log holds our messages up to seq {seq} of "
-                           f"{self.sender.seq}, and we keep seqs {have} only: the rest cannot be "
-                           f"sent again, so the log cannot be complete")
-        if todo[0].header.prev != prev:
-            raise BusError(f"the notary's log holds another message at our seq {seq} than ours "
-                           f"(a forked chain): the log cannot be completed")
-        for env in todo:
-            self._publish(env)
-        log.warning("sent again to the notary", first=seq + 1, last=todo[-1].header.seq,
-                    count=len(todo))
-        return len(todo)
+        self._keep(env)
 
     def _publish(self, env: Envelope) -> None:
         frames = env.frames()
@@ -318,21 +283,6 @@ class Bus(Liveness):
         if self.beating and (force or now - self.last_beat >= self.beat_s):
             self.last_beat = now
             self.send_doc("beat", "all", {})
-
-    def refill(self, seq: int, prev: bytes, notary: str) -> tuple[int, int]:
-        """The notary's `tip` with `resend` (its log misses what we sent after our `seq`, whose
-        header digest is `prev`): send that again (`resend_after`; BusError when we cannot),
-        then show it what we accepted since we last did (`show_witnessed`). Returns (messages
-        sent again, leaves shown)."""
-        return self.resend_after(seq, prev), self.show_witnessed(notary)
-
-    def show_witnessed(self, notary: str) -> int:
-        """Show `notary` the leaves of what we accepted since we last did (`net.witness`), in
-        `witnessed` documents of at most `MAX_WITNESSED` each. Returns how many leaves."""
-        leaves = self.witness.take()
-        for i in range(0, len(leaves), MAX_WITNESSED):
-            self.send_doc("witnessed", notary, Witnessed(leaves[i:i + MAX_WITNESSED]).to_doc())
-        return len(leaves)
 
     # --- receiving -------------------------------------------------------------------------
 

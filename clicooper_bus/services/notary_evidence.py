@@ -20,8 +20,8 @@ import hashlib
 import sys
 
 from clicooper_bus.errors import ClicooperError
-from clicooper_bus.net.bus import KEEP_SENT
 from clicooper_bus.net.equivocation import Equivocation, leaf_header, signed_header
+from clicooper_bus.net.refill import KEEP_SENT
 from clicooper_bus.net.wire import Envelope, Header, split_leaf
 from clicooper_bus.protocol import ProtocolError
 from clicooper_bus.protocol.recovery import Witnessed

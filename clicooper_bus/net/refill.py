@@ -1,0 +1,80 @@
+"""What a member does for a notary whose log misses some of its messages (issue 17): a notary
+started again after a crash, or a gap after a broker restart, tells each member where its chain
+stands in the log (its `tip` with `resend`); the member publishes again what the log never got
+(`resend_after`, from the last `KEEP_SENT` messages it keeps, at most `KEEP_SENT_BYTES`) and shows
+the notary the leaves of what it accepted meanwhile (`show_witnessed`, `net.witness`), so that
+the log has no gap and holds what receivers took. A part of `bus.Bus`."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import replace
+
+import structlog
+
+from clicooper_bus.net.liveness import BusError
+from clicooper_bus.net.wire import Envelope
+from clicooper_bus.protocol.recovery import MAX_WITNESSED, Witnessed
+
+log = structlog.get_logger("clicooper.bus")
+# messages kept for a notary started again (`resend_after`): what a member sends while the
+# notary is down (beats; the steps in flight: the owner holds) is far less
+KEEP_SENT, KEEP_SENT_BYTES = 4096, 64 << 20
+
+
+class Refill:
+    """The resend methods of `bus.Bus` (a mixin: it uses the bus's sender, `kept`,
+    `kept_bytes`, `witness`, `_publish` and `send_doc`)."""
+
+    kept: deque[Envelope]
+    kept_bytes: int
+
+    def _keep(self, env: Envelope) -> None:
+        """Keep `env`, one of ours just published, for `resend_after`."""
+        if isinstance(env.body, memoryview):  # a tensor's memory: kept as it was sent
+            env = replace(env, body=bytes(env.body))
+        self.kept.append(env)
+        self.kept_bytes += len(env.body)
+        while len(self.kept) > KEEP_SENT or self.kept_bytes > KEEP_SENT_BYTES:
+            self.kept_bytes -= len(self.kept.popleft().body)
+
+    def resend_after(self, seq: int, prev: bytes) -> int:
+        """Publish again, in order, each of our messages after `seq`: the notary's log holds
+        our chain up to `seq`, whose header digest is `prev` (its `tip`, from a notary started
+        again after a crash, which never received what we sent while it was down). A message
+        it had after all is refused there as a replay, and by everyone else as one; nothing is
+        lost by sending too much. Returns how many were sent. Raises BusError when a message
+        after `seq` is no longer kept, or `prev` is not the digest of ours at `seq` (the log
+        holds another chain than ours): the log cannot be completed."""
+        if seq >= self.sender.seq:
+            return 0
+        todo = [e for e in self.kept if e.header.seq > seq]
+        if not todo or todo[0].header.seq != seq + 1:
+            have = f"{self.kept[0].header.seq}..{self.kept[-1].header.seq}" if self.kept else \
+                "none"
+            raise BusError(f"the notary's log holds our messages up to seq {seq} of "
+                           f"{self.sender.seq}, and we keep seqs {have} only: the rest cannot be "
+                           f"sent again, so the log cannot be complete")
+        if todo[0].header.prev != prev:
+            raise BusError(f"the notary's log holds another message at our seq {seq} than ours "
+                           f"(a forked chain): the log cannot be completed")
+        for env in todo:
+            self._publish(env)
+        log.warning("sent again to the notary", first=seq + 1, last=todo[-1].header.seq,
+                    count=len(todo))
+        return len(todo)
+
+    def refill(self, seq: int, prev: bytes, notary: str) -> tuple[int, int]:
+        """The notary's `tip` with `resend` (its log misses what we sent after our `seq`, whose
+        header digest is `prev`): send that again (`resend_after`; BusError when we cannot),
+        then show it what we accepted since we last did (`show_witnessed`). Returns (messages
+        sent again, leaves shown)."""
+        return self.resend_after(seq, prev), self.show_witnessed(notary)
+
+    def show_witnessed(self, notary: str) -> int:
+        """Show `notary` the leaves of what we accepted since we last did (`net.witness`), in
+        `witnessed` documents of at most `MAX_WITNESSED` each. Returns how many leaves."""
+        leaves = self.witness.take()
+        for i in range(0, len(leaves), MAX_WITNESSED):
+            self.send_doc("witnessed", notary, Witnessed(leaves[i:i + MAX_WITNESSED]).to_doc())
+        return len(leaves)
