@@ -6,7 +6,9 @@ EVIL_MODE=poison:KIND:STEP:HOW it trains honestly but poisons the KIND tensor it
 (HOW: nan, inf, float64, shape (one row short), int8, huge: finite 1e38 everywhere); with
 EVIL_MODE=equivocate:KIND:STEP it signs two KIND messages of STEP at one seq, zeros to the owner
 first (the log's) and the real one to its receiver; with EVIL_MODE=fork:KIND:STEP its KIND of
-STEP follows a message it never sent (a `prev` of its own making). Started by
+STEP follows a message it never sent (a `prev` of its own making); with
+EVIL_MODE=cheat:HOW:STEP it computes wrongly from STEP on (HOW: flip, skip, metrics; `_cheat`).
+Started by
 tests/test_bus_faults.py, tests/test_poison.py and tests/test_equivocation.py in place of a
 real trainer."""
 
@@ -60,8 +62,47 @@ class EvilTrainer(real.Trainer):
 
         self.bus.send_array = equivocating
 
+    def _cheat(self, how: str, step: int) -> None:
+        """Issue 19: from training step `step` on, `flip` the sign of every gradient sent
+        back, `skip` the optimiser step, or report `metrics` of a perfect batch; the messages
+        are signed and logged as any other."""
+        if how == "flip":
+            send_array = self.bus.send_array
+
+            def flipping(k, to, array, **meta):
+                if k == "bwd" and meta.get("step", -1) >= step:
+                    array = -array
+                return send_array(k, to, array, **meta)
+
+            self.bus.send_array = flipping
+        elif how == "skip":
+            update = self.seg.update
+
+            def skipping():
+                if self.trained < step:
+                    update()
+                else:
+                    self.seg.optimizer.zero_grad(set_to_none=True)
+
+            self.seg.update = skipping
+        else:
+            send_doc = self.bus.send_doc
+
+            def boasting(kind, to, doc, **meta):
+                if kind == "metrics" and meta.get("step", -1) >= step:
+                    doc = {**doc, "loss": 0.0, "correct": self.plan.batch_size}
+                return send_doc(kind, to, doc, **meta)
+
+            self.bus.send_doc = boasting
+        self.log.info("cheating", how=how, step=step)
+
     def _join(self) -> None:
         mode = os.environ.get("EVIL_MODE", "")
+        if mode.startswith("cheat:"):
+            super()._join()
+            _, how, step = mode.split(":")
+            self._cheat(how, int(step))
+            return
         if mode.startswith(("equivocate:", "fork:")):
             how, kind, step = mode.split(":")
             self._equivocate(how, kind, int(step))

@@ -147,6 +147,23 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_training_cmd(run_dir: Path) -> int:
+    """`clicooper audit --verify-training RUN_DIR`: the log verified, then every stage
+    re-executed from it (`audit.training_replay`). Exit 0 when no stage diverged, 1 when one
+    did or the log does not verify."""
+    from clicooper_bus.audit.training_replay import verify_training
+    from clicooper_bus.tlog.logverify import verify_log
+
+    r = verify_log(RunLayout(run_dir).log)
+    if not r.ok:
+        print(f"clicooper audit: the log does not verify: {r.failure}", file=sys.stderr)
+        return 1
+    verdicts = verify_training(run_dir)
+    for v in verdicts:
+        print(v.line())
+    return 0 if all(v.ok for v in verdicts) else 1
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from clicooper_bus.audit.report import audit_and_write, compare, print_audit
 
@@ -156,6 +173,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0
     if not args.run_dir:
         raise ClicooperError("name a run directory (clicooper audit RUN_DIR) or --compare RUN...")
+    if args.verify_training:
+        return verify_training_cmd(Path(args.run_dir))
     owner = load_public(args.owner_key) if args.owner_key else None
     witnessed = [Path(f).read_text() for f in args.checkpoint]
     from clicooper_bus.ml.attacks import select
@@ -387,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--attacks", help="comma-separated attack names (default: the whole suite)")
     a.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                    help="side-by-side table and figure of runs already audited")
+    a.add_argument("--verify-training", action="store_true",
+                   help="re-execute every trainer's stage from the log and name the first "
+                        "message or weight commitment it did not compute as it should (exit 1); "
+                        "prints each stage's coverage")
     a.set_defaults(func=cmd_audit)
     pr = sub.add_parser("predict", help="run a delivered model on an npz: print its accuracy, "
                                         "write its predictions")

@@ -1,0 +1,254 @@
+"""Replay verification (issue 19): re-execute each trainer's stage from the provenance log and
+name the first message or commitment it did not compute as it should.
+
+Training is a pure function of the initial weights and the inputs a stage received: the plan in
+the signed roster fixes the model, its cut layers and the seed every process initialises from
+(`ml.build.build_segment`), and the log holds every input in the order the stage used it. So for
+each stage the verifier builds the initial weights, feeds it, in log order, the activations its
+predecessor sent (`fwd`), the labels the owner sent a last stage (`labels`), and the gradients
+its successor or the owner's tail sent back (`bwd`), with the same optimiser (Adam, the plan's
+learning rate) and the run's thread count, and compares with what the stage sent:
+- every `fwd` and `bwd` it sent (the tensors, decoded as the wire carries them);
+- a last stage's `metrics` (loss and count of correct predictions);
+- the weights digest of every `snapshot` it committed (`ml.state.weights_digest`: the state
+  digest also covers the trainer process's RNG state, which no log holds).
+
+Tolerance: none. A replay with the run's thread count computes the same floating-point
+operations in the same order; the first honest runs measured replayed every message bit for bit
+(`docs/ARCHITECTURE.md`, "Replay verification"). A difference is reported with its largest
+absolute value, so that a future tolerance can be judged against it.
+
+Coverage: the replay of a stage stops at the first input whose body the log did not keep
+(`[log] retention`): the state after it is unknown. Not verified yet, and said so per stage: runs
+with watermarks on (the mark's regulariser joins every update), with a codec other than fp32,
+with rollbacks (steps trained again) or handovers, and evaluation traffic (it changes no
+weight).
+
+Run only on a log that `verify_log` accepted: this module reads, it does not re-check.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clicooper_bus.config import load_config
+from clicooper_bus.layout import RunLayout
+from clicooper_bus.ml.models import build_segment, plan_spec
+from clicooper_bus.ml.split import SegmentTrainer
+from clicooper_bus.ml.state import weights_digest
+from clicooper_bus.net.codec import unpack
+from clicooper_bus.net.encoding import plan_codec
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.wire import Header, array_of
+from clicooper_bus.plan import Plan
+from clicooper_bus.protocol import Metrics
+from clicooper_bus.protocol.recovery import Snapshot
+from clicooper_bus.tlog.log import ProvenanceLog
+
+UNSUPPORTED_KINDS = {"rollback": "a rollback (steps trained again)",
+                     "handover": "a handover to a standby"}
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first thing a stage sent that its replay did not compute: the message `kind` (or
+    `snapshot` for a weights commitment), its training `step`, the log `entry`, and what
+    differs (`max_abs`: the largest absolute difference of a tensor, None for a digest or a
+    count)."""
+
+    kind: str
+    step: int | None
+    entry: int
+    what: str
+    max_abs: float | None = None
+
+
+@dataclass
+class StageVerdict:
+    """One stage's replay: how many of the messages and weight commitments it sent were
+    recomputed (`checked` of `sent`), the first that differed, and why the replay stopped
+    early (`stopped`: a missing input body, or what is not verified yet)."""
+
+    stage: int
+    trainer: str
+    sent: int = 0
+    checked: int = 0
+    steps: set[int] = field(default_factory=set)  # training steps replayed
+    first: Divergence | None = None
+    stopped: str | None = None
+
+    @property
+    def coverage(self) -> float:
+        return self.checked / self.sent if self.sent else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.first is None
+
+    def line(self) -> str:
+        head = (f"stage {self.stage} ({self.trainer}): {self.checked} of {self.sent} messages "
+                f"and commitments recomputed ({self.coverage:.0%}), {len(self.steps)} steps")
+        if self.first is not None:
+            f = self.first
+            diff = f" (largest difference {f.max_abs:.3g})" if f.max_abs is not None else ""
+            return (f"{head}; DIVERGES at step {f.step}: its {f.kind} (log entry {f.entry}) "
+                    f"{f.what}{diff}")
+        return head + (f"; stopped: {self.stopped}" if self.stopped else "; no divergence")
+
+
+class _Stage:
+    """The replay of one stage: its segment, its neighbours, and what it computed per step."""
+
+    def __init__(self, plan: Plan, roster: Roster, stage: int):
+        names = list(roster.stages)
+        self.name, self.stage = names[stage - 1], stage
+        self.prev = roster.owner.name if stage == 1 else names[stage - 2]
+        last = stage == len(names)
+        self.next = (roster.owner.name if plan.tail else None) if last else names[stage]
+        self.takes_labels = last and not plan.tail
+        spec = plan_spec(plan)
+        self.seg = SegmentTrainer(build_segment(spec, plan.segment_cuts, plan.seed, stage),
+                                  lr=plan.lr)
+        self.inputs = {"fwd": self.prev, "bwd": self.next,
+                       "labels": roster.owner.name if self.takes_labels else None}
+        self.out: dict[tuple[str, int], np.ndarray] = {}  # (kind, step) -> what it must send
+        self.metrics: dict[int, tuple[float, int]] = {}
+        self.labels: dict[int, torch.Tensor] = {}  # a last stage's, until its logits are
+        self.logits: set[int] = set()  # steps whose logits a last stage computed
+        self.queued: deque[tuple[int, torch.Tensor]] = deque()  # inputs not yet forwarded
+        self.verdict = StageVerdict(stage, self.name)
+
+    def take(self, h: Header, body, who: str, index: int) -> None:
+        """Entry `index` of the log, sent by `who`: an input to this stage, or one of its own
+        messages to compare."""
+        v = self.verdict
+        if v.first is not None or v.stopped:
+            return
+        if h.to == self.name and who == self.inputs.get(h.kind):
+            self._input(h, body, index)
+        elif who == self.name and h.kind in ("fwd", "bwd", "metrics", "snapshot"):
+            self._compare(h, body, index)
+
+    def _input(self, h: Header, body, index: int) -> None:
+        v = self.verdict
+        if body is None:
+            v.stopped = (f"the log did not keep the body of its {h.kind} input of step {h.step} "
+                         f"(entry {index}: [log] retention)")
+            return
+        x = torch.from_numpy(np.array(array_of(h.dtype, h.shape, body)))
+        if h.kind == "fwd":
+            self.queued.append((h.step, x))
+        elif h.kind == "labels":
+            self.labels[h.step] = x.long()
+            self._loss(h.step)
+        else:
+            grad_in = self.seg.backward(x, h.step, update=False)
+            self.out["bwd", h.step] = grad_in.numpy()
+            self.seg.update()
+        self._advance()
+
+    def _advance(self) -> None:
+        """Forward the next queued batch once the previous step's backward is done, as a
+        trainer does (`Trainer._advance`: strictly in step order, whatever is in flight)."""
+        while self.queued and not self.seg.pending:
+            step, x = self.queued.popleft()
+            out = self.seg.forward(x, step)
+            self.verdict.steps.add(step)
+            if self.takes_labels:
+                self.logits.add(step)
+                self._loss(step)
+            else:
+                self.out["fwd", step] = out.numpy()
+
+    def _loss(self, step: int) -> None:
+        """A last stage's loss, its gradient and its metrics, once it has both the step's
+        logits and its labels (in either order)."""
+        if step in self.logits and step in self.labels:
+            self.logits.discard(step)
+            r = self.seg.loss_backward(self.labels.pop(step), step, update=False)
+            self.out["bwd", step] = r.grad_in.numpy()
+            self.seg.update()
+            self.metrics[step] = (r.loss, r.correct)
+
+    def _compare(self, h: Header, body, index: int) -> None:
+        v = self.verdict
+        v.sent += 1
+        if body is None:
+            return  # not kept: not counted as checked
+        if h.kind == "snapshot":
+            snap = Snapshot.parse(unpack(bytes(body)), sender=self.name)
+            mine = weights_digest(self.seg.module)  # sent after its last update: in log order
+            v.checked += 1
+            if mine != snap.weights:
+                v.first = Divergence("snapshot", snap.step, index,
+                                     f"commits weights {snap.weights[:16]}..., the replay "
+                                     f"holds {mine[:16]}...")
+            return
+        if h.kind == "metrics":
+            want = self.metrics.get(h.step)
+            if want is None:
+                return
+            m = Metrics.parse(unpack(bytes(body)), sender=self.name)
+            v.checked += 1
+            if (m.loss, m.correct) != want:
+                v.first = Divergence("metrics", h.step, index,
+                                     f"reports loss {m.loss:.6g} and {m.correct} correct, the "
+                                     f"replay computes {want[0]:.6g} and {want[1]}")
+            return
+        want = self.out.pop((h.kind, h.step), None)
+        if want is None:
+            v.first = Divergence(h.kind, h.step, index, "was sent without the input the replay "
+                                                        "computes it from")
+            return
+        got = np.array(array_of(h.dtype, h.shape, body))
+        v.checked += 1
+        if got.shape != want.shape or not np.array_equal(got, want):
+            diff = float(np.abs(got - want).max()) if got.shape == want.shape else None
+            v.first = Divergence(h.kind, h.step, index, "differs from what the replay computes",
+                                 diff)
+
+
+def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
+    """Re-execute every trainer's stage of the run in `run_dir` from its log; one verdict per
+    stage. Raises ClicooperError for a run it cannot read."""
+    layout = RunLayout(Path(run_dir))
+    cfg = load_config(str(layout.config))
+    plog = ProvenanceLog.open(layout.log)
+    roster = Roster.open(plog.roster_bytes)
+    plan = Plan.from_meta(roster.meta["plan"])
+    not_yet = _not_verified(roster, plan)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cfg.run.trainer_threads)  # the same operations, in the same order
+    try:
+        stages = [_Stage(plan, roster, i) for i in range(1, len(roster.stages) + 1)]
+        if not_yet:
+            for s in stages:
+                s.verdict.stopped = not_yet
+        names = {m.key_id: m.name for m in roster.members}
+        for i in range(plog.size):
+            h, _, body = plog.entry(i)
+            if h.kind in UNSUPPORTED_KINDS and h.sender == roster.owner.key_id:
+                for s in stages:
+                    s.verdict.stopped = s.verdict.stopped or (
+                        f"{UNSUPPORTED_KINDS[h.kind]} at log entry {i}: not verified yet")
+            for s in stages:
+                s.take(h, body, names.get(h.sender, "?"), i)
+    finally:
+        torch.set_num_threads(previous)
+    return [s.verdict for s in stages]
+
+
+def _not_verified(roster: Roster, plan: Plan) -> str | None:
+    """Why this run cannot be replayed yet, or None."""
+    if roster.meta.get("watermark"):
+        return "watermarks are on (the mark's regulariser joins every update): not verified yet"
+    codec = plan_codec(roster.meta)
+    if codec != "fp32":
+        return f"tensors travel in {codec}: not verified yet (fp32 only)"
+    return None

@@ -1,0 +1,35 @@
+"""Issue 19: a roster member that computes wrongly is named by replay verification, with the
+first step it got wrong; the run itself completes and its log verifies (nothing else caught
+them). Each cheat is signed and logged as any honest message: only re-executing the stage
+from its logged inputs shows it (`audit.training_replay`). The honest replays are in
+tests/test_training.py, on its shared runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from clicooper_bus.audit.training_replay import verify_training
+from clicooper_bus.tools.cli import main
+from tests.busrun import processes, write_config
+
+FROM = 5  # the first step each cheater gets wrong
+
+
+@pytest.mark.parametrize("cheat, who, kind, step", [
+    ("flip", "trainer-1", "bwd", FROM),  # its gradients to the owner, negated
+    ("skip", "trainer-2", "bwd", FROM + 1),  # no optimiser step: the next step is wrong
+    ("metrics", "trainer-2", "metrics", FROM),  # a perfect batch reported
+])
+def test_a_member_that_computes_wrongly_is_named_with_its_first_wrong_step(tmp_path, cheat, who,
+                                                                           kind, step):
+    path = write_config(tmp_path, run_id=f"cheat-{cheat}", trainers=2,
+                        run={"max_steps": 16}, log={"retention": "all"})
+    with processes(path, evil=f"cheat:{cheat}:{FROM}", evil_as=who) as (cfg, tel, procs):
+        codes = {n: p.wait(timeout=120) for n, p in procs.items() if n != "broker"}
+    assert set(codes.values()) == {0}, codes  # the run completes: nothing else saw it
+    verdicts = {v.trainer: v for v in verify_training(cfg.run_dir)}
+    bad = verdicts.pop(who)
+    assert not bad.ok and (bad.first.kind, bad.first.step) == (kind, step), bad.line()
+    assert f"DIVERGES at step {step}" in bad.line()
+    assert all(v.ok for v in verdicts.values()), [v.line() for v in verdicts.values()]
+    assert main(["audit", "--verify-training", str(cfg.run_dir)]) == 1
