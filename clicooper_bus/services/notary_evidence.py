@@ -3,8 +3,9 @@
 Every signed message the notary's verifier refuses as a replay or a broken chain is compared,
 as it arrives (`_conflict`, the bus's `on_conflict`), with the message the log holds at that
 place of its sender's chain: the same header again is a resend (a notary or broker restart) and
-nothing happens; another one is equivocation. One refused ahead of a gap is kept (at most
-`MAX_AHEAD` a sender) and compared with the message that later fills its place (`_filled`).
+nothing happens; another one is equivocation. One refused ahead of a gap is kept (within the
+`MAX_AHEAD` places after its sender's last logged message) and compared with the message that
+later fills its place (`_filled`); two different ones at one place prove at once.
 So is each leaf a member shows us (`_witnessed`, its `witnessed` after our `tip` with
 `resend`): what it accepted while we may have missed it, a notary started again after a crash
 above all (`net.witness`).
@@ -27,7 +28,7 @@ from clicooper_bus.protocol import ProtocolError
 from clicooper_bus.protocol.recovery import Witnessed
 
 # the places after a sender's last logged message where a header refused ahead of a gap, or
-# shown by a member, is kept: as many as a member keeps to send again (`bus.KEEP_SENT`), so a
+# shown by a member, is kept: as many as a member keeps to send again (`refill.KEEP_SENT`), so a
 # gap longer than that cannot be closed anyway
 MAX_AHEAD = KEEP_SENT
 SIGNING = ("owner", "trainer", "standby")  # the roles whose chains the log holds
