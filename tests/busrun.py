@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from clicooper_bus.config import load_config
-from clicooper_bus.tools.run import _commands, free_port, prepare
+from clicooper_bus.tools.launch import _commands
+from clicooper_bus.tools.run import free_port, prepare
 
 
 def write_config(tmp: Path, *, run_id: str = "t", trainers: int = 3, **sections) -> Path:

@@ -182,11 +182,11 @@ def test_force_deletes_only_a_run_directory(tmp_path):
 
 
 def test_how_a_run_settles_from_its_processes_exit_codes():
-    """`tools.run.settle`, the launcher's decision each poll: a failure is 1 naming whom; all
+    """`tools.launch.settle`, the launcher's decision each poll: a failure is 1 naming whom; all
     done is 0, or 3 when the owner or the notary stopped the run; processes still running
     after the run was stopped are gone peers once GONE_GRACE_S has passed (a deaf owner the
     notary proved to equivocate among them), unless a following auditor is still at work."""
-    from clicooper_bus.tools.run import AUDITOR, GONE_GRACE_S, settle, stopping
+    from clicooper_bus.tools.launch import AUDITOR, GONE_GRACE_S, settle, stopping
 
     up = {"broker": None, "notary": None, "owner": None, "trainer-1": None}
     assert settle(up, None) is None

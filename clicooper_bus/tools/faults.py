@@ -303,7 +303,8 @@ def launch(cfg_path: Path, *, timeout_s: float, inject: Injector | None = None,
     `grace_s` to leave, stop what is left. Returns the owner's exit code (with the owner
     killed, 1 if any other process failed), or 1 if another process failed (a restarted one
     included), or 124 on `timeout_s`."""
-    from clicooper_bus.tools.run import _commands, prepare
+    from clicooper_bus.tools.launch import _commands
+    from clicooper_bus.tools.run import prepare
 
     cfg, path = prepare(str(cfg_path), {}, None, free_ports=False)
     tel = cfg.run_dir / "telemetry"
