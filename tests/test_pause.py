@@ -136,7 +136,7 @@ def test_a_peer_gone_past_the_rejoin_timeout_stops_the_run_cleanly(tmp_path, cap
     run, naming it on the console and in summary.json under 'stopped'; the notary signs a
     final checkpoint, the log verifies, no model is saved; clicooper run stops the process that
     never returned (after 2 s here, 10 s by default) and exits 3."""
-    import clicooper_bus.tools.run as tr
+    import clicooper_bus.tools.launch as tr
 
     monkeypatch.setattr(tr, "GONE_GRACE_S", 2.0)  # 8 s of the suite's time less
     path = write_config(tmp_path, run_id="gone", trainers=2,
@@ -155,7 +155,7 @@ def test_a_peer_gone_past_the_rejoin_timeout_stops_the_run_cleanly(tmp_path, cap
     assert not (cfg.run_dir / "model.safetensors").exists()
     err = capsys.readouterr().err
     assert "run gone STOPPED: trainer-2 gone (silent past [bus] rejoin_timeout_s, 3 s)" in err
-    assert "trainer-2 still running 2 s after the owner stopped the run" in err
+    assert "trainer-2 still running 2 s after the run was stopped" in err
     assert "owner: error: no message from trainer-2 for 3 s" in \
         (cfg.run_dir / "telemetry" / "owner.jsonl").read_text()
     r = verify_log(cfg.run_dir / "log")
