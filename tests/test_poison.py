@@ -154,7 +154,7 @@ def test_the_owner_refuses_an_inf_gradient_and_clicooper_run_exits_3(tmp_path, m
     """Trainer 1 sends the owner gradients holding infinity at step 2: the owner refuses them
     naming trainer 1, stops the run, and `clicooper run` exits 3 with one line saying who sent
     what; the same id is then refused, offering --force."""
-    import clicooper_bus.tools.run as tr
+    import clicooper_bus.tools.launch as tr
     from clicooper_bus.tools.cli import main
 
     real = tr._commands

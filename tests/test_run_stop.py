@@ -79,9 +79,10 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
     command prints one line, no traceback, and exits 130."""
     import clicooper_bus.tools.run as tr
     from clicooper_bus.tools.cli import main
+    from clicooper_bus.tools.launch import RunStopped, _stop_on_signal
 
-    with pytest.raises(tr.RunStopped) as info:
-        tr._stop_on_signal(signal.SIGINT, None)
+    with pytest.raises(RunStopped) as info:
+        _stop_on_signal(signal.SIGINT, None)
     assert info.value.code == 130
 
     def interrupted(*args, **kwargs):
@@ -139,6 +140,7 @@ def test_a_config_that_names_the_auditor_starts_it_and_names_the_observers_it_do
     for it until the join timeout. Now it starts the following auditor; an observer it does
     not start is named, with how long the owner waits for it."""
     from clicooper_bus.tools import run as run_tool
+    from clicooper_bus.tools.launch import _commands
 
     path = write_config(tmp_path, run_id="watched", trainers=1,
                         participants={"observers": ["auditor", "watcher"]})
@@ -148,8 +150,7 @@ def test_a_config_that_names_the_auditor_starts_it_and_names_the_observers_it_do
         pass
 
     def fake_launch(cfg, config_path, **kw):
-        launched.update(kw, names=[n for n, _ in run_tool._commands(cfg, config_path,
-                                                                      kw["audit"])])
+        launched.update(kw, names=[n for n, _ in _commands(cfg, config_path, kw["audit"])])
         raise Launched
 
     monkeypatch.setattr(run_tool, "launch", fake_launch)
