@@ -19,7 +19,8 @@ from clicooper_bus.errors import ClicooperError, ConfigError, KeyFileError
 from clicooper_bus.net.identity import Identity, load_public, write_identity
 from clicooper_bus.tools.cli import main
 from clicooper_bus.tools.join import Progress, device_config, join, read_join_file
-from clicooper_bus.tools.run import _commands, ensure_keys, prepare, run
+from clicooper_bus.tools.launch import _commands
+from clicooper_bus.tools.run import ensure_keys, prepare, run
 from tests.busrun import write_config
 
 ROOT = Path(__file__).resolve().parents[1]

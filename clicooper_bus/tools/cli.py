@@ -79,7 +79,8 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from clicooper_bus.tools.run import RunStopped, parse_sets, resume, run
+    from clicooper_bus.tools.launch import RunStopped
+    from clicooper_bus.tools.run import parse_sets, resume, run
 
     try:
         if args.resume:
