@@ -7,7 +7,8 @@ EVIL_MODE=poison:KIND:STEP:HOW it trains honestly but poisons the KIND tensor it
 EVIL_MODE=equivocate:KIND:STEP it signs two KIND messages of STEP at one seq, zeros to the owner
 first (the log's) and the real one to its receiver; with EVIL_MODE=fork:KIND:STEP its KIND of
 STEP follows a message it never sent (a `prev` of its own making); with
-EVIL_MODE=cheat:HOW:STEP it computes wrongly from STEP on (HOW: flip, skip, metrics; `_cheat`).
+EVIL_MODE=cheat:HOW:STEP it computes wrongly from STEP on (HOW: flip, noise, eval, skip, metrics;
+  `_cheat`).
 Started by
 tests/test_bus_faults.py, tests/test_poison.py and tests/test_equivocation.py in place of a
 real trainer."""
@@ -24,7 +25,9 @@ from clicooper_bus.services.common import openmp_policy
 
 openmp_policy("PASSIVE")  # as the real entry point does, before torch is imported
 
-from clicooper_bus.services.trainer import stage as real  # noqa: E402 (after the policy)
+import torch  # noqa: E402 (after the policy)
+
+from clicooper_bus.services.trainer import stage as real  # noqa: E402
 from clicooper_bus.services.trainer.__main__ import main  # noqa: E402
 
 
@@ -64,17 +67,23 @@ class EvilTrainer(real.Trainer):
 
     def _cheat(self, how: str, step: int) -> None:
         """Issue 19: from training step `step` on, `flip` the sign of every gradient sent
-        back, `skip` the optimiser step, or report `metrics` of a perfect batch; the messages
-        are signed and logged as any other."""
-        if how == "flip":
+        back, add `noise` (standard deviation 1e-3) to every activation sent on, perturb every
+        evaluation output the same way (`eval`, whatever `step`), `skip` the optimiser step,
+        or report `metrics` of a perfect batch; the messages are signed and logged as any
+        other."""
+        if how in ("flip", "noise", "eval"):
             send_array = self.bus.send_array
+            gen = torch.Generator().manual_seed(step)
 
-            def flipping(k, to, array, **meta):
-                if k == "bwd" and meta.get("step", -1) >= step:
+            def altering(k, to, array, **meta):
+                if how == "flip" and k == "bwd" and meta.get("step", -1) >= step:
                     array = -array
+                elif (how == "noise" and k == "fwd" and meta.get("step", -1) >= step) or \
+                        (how == "eval" and k in ("eval_fwd", "eval_out")):
+                    array = array + 1e-3 * torch.randn(array.shape, generator=gen)
                 return send_array(k, to, array, **meta)
 
-            self.bus.send_array = flipping
+            self.bus.send_array = altering
         elif how == "skip":
             update = self.seg.update
 

@@ -166,17 +166,22 @@ def test_a_run_cut_short_by_max_steps_still_reports_its_accuracy(bus_run):
 def test_pipelined_run_with_owner_tail_and_watermarks(tmp_path):
     """Pipelining beside the other features that touch the step: the owner's tail (the last
     stage's output comes back to the owner, whose tail steps in order), per-step noise, and the
-    stages' watermarks (rounds start and end with nothing in flight)."""
+    stages' watermarks (rounds start and end with nothing in flight); each stage replays from
+    the log."""
     steps = 30
     path = write_config(tmp_path, run_id="pipe", trainers=2,
                         run={"max_steps": steps, "in_flight": 3},
                         privacy={"mechanism": "gaussian", "noise_multiplier": 0.1,
                                  "owner_tail": True},
-                        watermark={"enabled": True})
+                        watermark={"enabled": True}, log={"retention": "all"})
     assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0  # log verified
     cfg = load_config(path)
     s = json.loads((cfg.run_dir / "summary.json").read_text())
     assert s["steps"] == steps and s["schedule"].startswith("pipelined (3 batches")
+    from clicooper_bus.audit.training_replay import verify_training
+
+    for v in verify_training(cfg.run_dir):  # issue 19: marked and pipelined, bit for bit
+        assert v.ok and not v.stopped and v.coverage == 1.0 and len(v.steps) == steps, v.line()
     # owner -> trainer-1 -> trainer-2 -> owner, gradients back the same way, no labels sent
     r = verify_log(cfg.run_dir / "log")
     assert r.per_kind["fwd"] == r.per_kind["bwd"] == 3 * steps == s["messages"]["fwd"]

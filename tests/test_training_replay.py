@@ -17,6 +17,8 @@ FROM = 5  # the first step each cheater gets wrong
 
 @pytest.mark.parametrize("cheat, who, kind, step", [
     ("flip", "trainer-1", "bwd", FROM),  # its gradients to the owner, negated
+    ("noise", "trainer-1", "fwd", FROM),  # its activations, 1e-3 noise added
+    ("eval", "trainer-2", "eval_out", 0),  # its first evaluation logits, 1e-3 noise added
     ("skip", "trainer-2", "bwd", FROM + 1),  # no optimiser step: the next step is wrong
     ("metrics", "trainer-2", "metrics", FROM),  # a perfect batch reported
 ])
@@ -33,3 +35,24 @@ def test_a_member_that_computes_wrongly_is_named_with_its_first_wrong_step(tmp_p
     assert f"DIVERGES at step {step}" in bad.line()
     assert all(v.ok for v in verdicts.values()), [v.line() for v in verdicts.values()]
     assert main(["audit", "--verify-training", str(cfg.run_dir)]) == 1
+
+
+def test_an_honest_run_with_watermarks_a_codec_and_evaluation_replays_in_full(tmp_path):
+    """Two rounds of chained watermarks (each round's mark keyed by its logged commitment),
+    int8 on the wire, and evaluation after each epoch: every `fwd`, `bwd`, `metrics`,
+    snapshot, watermark claim and evaluation output is recomputed bit for bit."""
+    from clicooper_bus.tools.run import run
+
+    path = write_config(tmp_path, run_id="honest", trainers=2,
+                        run={"epochs": 2, "eval_every": 1}, bus={"codec": "int8"},
+                        data={"train_limit": 320, "test_limit": 64},
+                        watermark={"enabled": True}, log={"retention": "all"})
+    assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+    from clicooper_bus.config import load_config
+
+    verdicts = verify_training(load_config(path).run_dir)
+    for v in verdicts:
+        assert v.ok and not v.stopped and v.coverage == 1.0, v.line()
+        assert v.steps == set(range(20)), v.line()
+        # per step a fwd (or metrics) and a bwd; 2 claims; 2 x 2 evaluation batches; snapshots
+        assert v.checked >= 2 * 20 + 2 + 4, v.line()

@@ -13,16 +13,27 @@ learning rate) and the run's thread count, and compares with what the stage sent
 - the weights digest of every `snapshot` it committed (`ml.state.weights_digest`: the state
   digest also covers the trainer process's RNG state, which no log holds).
 
+Watermarks: the key of each stage and round derives from the stage's logged `wm_commit`
+alone (`chain.key`: everything in it is public), so the replay embeds the same mark from the
+round's first step as the trainer did (`ml.watermark.marker.Marker`: the owner starts a round
+only once every stage committed to it), and compares the weights digest of every `wm_claim`.
+
+Codecs: a stage's inputs are decoded as it decoded them (`ml.tensors.tensor_of`), and what it
+sent is compared with the replay's output encoded and decoded with the run's codec
+(`ml.tensors.as_sent`).
+
+Evaluation traffic: every `eval_fwd` or `eval_out` a stage sent is recomputed from its
+`eval_fwd` input with the weights the replay holds then (evaluation changes no weight).
+
 Tolerance: none. A replay with the run's thread count computes the same floating-point
-operations in the same order; the first honest runs measured replayed every message bit for bit
+operations in the same order; the honest runs measured replayed every message bit for bit
 (`docs/ARCHITECTURE.md`, "Replay verification"). A difference is reported with its largest
 absolute value, so that a future tolerance can be judged against it.
 
 Coverage: the replay of a stage stops at the first input whose body the log did not keep
-(`[log] retention`): the state after it is unknown. Not verified yet, and said so per stage: runs
-with watermarks on (the mark's regulariser joins every update), with a codec other than fp32,
-with rollbacks (steps trained again) or handovers, and evaluation traffic (it changes no
-weight).
+(`[log] retention`): the state after it is unknown (a snapshot commitment is a digest, not the
+weights, so a later span cannot be started from it). Not verified yet, and said so per stage:
+runs with rollbacks (steps trained again) or handovers.
 
 Run only on a log that `verify_log` accepted: this module reads, it does not re-check.
 """
@@ -37,20 +48,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clicooper_bus.chain.documents import Claim, Commit
 from clicooper_bus.config import load_config
 from clicooper_bus.layout import RunLayout
+from clicooper_bus.ml.data import batches
 from clicooper_bus.ml.models import build_segment, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.ml.state import weights_digest
+from clicooper_bus.ml.tensors import as_sent, tensor_of
+from clicooper_bus.ml.watermark import mark as wm
+from clicooper_bus.ml.watermark import marker
+from clicooper_bus.ml.watermark.claim import weights_digest as claim_digest
 from clicooper_bus.net.codec import unpack
-from clicooper_bus.net.encoding import plan_codec
 from clicooper_bus.net.roster import Roster
-from clicooper_bus.net.wire import Header, array_of
+from clicooper_bus.net.wire import Header
 from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import Metrics
 from clicooper_bus.protocol.recovery import Snapshot
 from clicooper_bus.tlog.log import ProvenanceLog
 
+# what a stage sends that the replay recomputes
+COMPARED = ("fwd", "bwd", "metrics", "snapshot", "wm_claim", "eval_fwd", "eval_out")
 UNSUPPORTED_KINDS = {"rollback": "a rollback (steps trained again)",
                      "handover": "a handover to a standby"}
 
@@ -123,6 +141,13 @@ class _Stage:
         self.logits: set[int] = set()  # steps whose logits a last stage computed
         self.queued: deque[tuple[int, torch.Tensor]] = deque()  # inputs not yet forwarded
         self.verdict = StageVerdict(stage, self.name)
+        self.run_id, self.settings = roster.run_id, marker.settings(roster)
+        self.public_key = roster.by_name(self.name).identity.public_key
+        self.codec = plan.codec
+        self.per = batches(plan.train_size, plan.batch_size) if plan.train_size else 0
+        self.marks: dict[int, wm.Watermark] = {}  # round -> the mark its commitment keys
+        self.mark: wm.Watermark | None = None  # the one the next update adds
+        self.seg.regularizer = lambda: self.mark.add_grad() if self.mark is not None else None
 
     def take(self, h: Header, body, who: str, index: int) -> None:
         """Entry `index` of the log, sent by `who`: an input to this stage, or one of its own
@@ -132,8 +157,36 @@ class _Stage:
             return
         if h.to == self.name and who == self.inputs.get(h.kind):
             self._input(h, body, index)
-        elif who == self.name and h.kind in ("fwd", "bwd", "metrics", "snapshot"):
+        elif h.kind == "eval_fwd" and h.to == self.name and who == self.prev:
+            self._evaluate(h, body, index)
+        elif who == self.name and h.kind == "wm_commit" and body is not None:
+            self._commit(Commit.from_doc(unpack(bytes(body))))
+        elif who == self.name and h.kind in COMPARED:
             self._compare(h, body, index)
+
+    def _commit(self, c: Commit) -> None:
+        """The stage's commitment to round `c.round`'s key: the replay embeds that mark."""
+        if self.settings is not None and c.stage == self.stage and wm.carrier(self.seg.module):
+            key = c.link(self.run_id, self.public_key).key()
+            self.marks[c.round] = wm.Watermark(key, self.seg.module, t=self.settings["bits"],
+                                               strength=self.settings["strength"])
+
+    def _update(self, step: int) -> None:
+        """The optimiser step of `step`, with the mark of its round when watermarks are on."""
+        if self.settings is not None and wm.carrier(self.seg.module) is not None:
+            round_ = step // self.per if self.per else 0
+            self.mark = self.marks.get(round_)
+            if self.mark is None:
+                self.verdict.stopped = (f"step {step} trains in round {round_}, whose watermark "
+                                        f"commitment is not in the log before it")
+                return
+        self.seg.update()
+
+    def _evaluate(self, h: Header, body, index: int) -> None:
+        if body is None:
+            return  # evaluation changes no weight: training replay goes on
+        out = self.seg.evaluate(tensor_of(h.dtype, h.shape, body))
+        self.out["eval", h.epoch, h.step] = as_sent(out, self.codec).numpy()
 
     def _input(self, h: Header, body, index: int) -> None:
         v = self.verdict
@@ -141,7 +194,7 @@ class _Stage:
             v.stopped = (f"the log did not keep the body of its {h.kind} input of step {h.step} "
                          f"(entry {index}: [log] retention)")
             return
-        x = torch.from_numpy(np.array(array_of(h.dtype, h.shape, body)))
+        x = tensor_of(h.dtype, h.shape, body)
         if h.kind == "fwd":
             self.queued.append((h.step, x))
         elif h.kind == "labels":
@@ -149,8 +202,8 @@ class _Stage:
             self._loss(h.step)
         else:
             grad_in = self.seg.backward(x, h.step, update=False)
-            self.out["bwd", h.step] = grad_in.numpy()
-            self.seg.update()
+            self.out["bwd", h.step] = as_sent(grad_in, self.codec).numpy()
+            self._update(h.step)
         self._advance()
 
     def _advance(self) -> None:
@@ -164,7 +217,7 @@ class _Stage:
                 self.logits.add(step)
                 self._loss(step)
             else:
-                self.out["fwd", step] = out.numpy()
+                self.out["fwd", step] = as_sent(out, self.codec).numpy()
 
     def _loss(self, step: int) -> None:
         """A last stage's loss, its gradient and its metrics, once it has both the step's
@@ -172,8 +225,8 @@ class _Stage:
         if step in self.logits and step in self.labels:
             self.logits.discard(step)
             r = self.seg.loss_backward(self.labels.pop(step), step, update=False)
-            self.out["bwd", step] = r.grad_in.numpy()
-            self.seg.update()
+            self.out["bwd", step] = as_sent(r.grad_in, self.codec).numpy()
+            self._update(step)
             self.metrics[step] = (r.loss, r.correct)
 
     def _compare(self, h: Header, body, index: int) -> None:
@@ -190,6 +243,16 @@ class _Stage:
                                      f"commits weights {snap.weights[:16]}..., the replay "
                                      f"holds {mine[:16]}...")
             return
+        if h.kind == "wm_claim":
+            claim = Claim.from_doc(unpack(bytes(body)))
+            mine = claim_digest(self.seg.module)
+            v.checked += 1
+            if mine != claim.weights_sha256:
+                v.first = Divergence("wm_claim", None, index,
+                                     f"claims weights {claim.weights_sha256.hex()[:16]}... at the "
+                                     f"end of round {claim.round}, the replay holds "
+                                     f"{mine.hex()[:16]}...")
+            return
         if h.kind == "metrics":
             want = self.metrics.get(h.step)
             if want is None:
@@ -201,12 +264,15 @@ class _Stage:
                                      f"reports loss {m.loss:.6g} and {m.correct} correct, the "
                                      f"replay computes {want[0]:.6g} and {want[1]}")
             return
-        want = self.out.pop((h.kind, h.step), None)
+        evaluation = h.kind in ("eval_fwd", "eval_out")
+        want = self.out.pop(("eval", h.epoch, h.step) if evaluation else (h.kind, h.step), None)
+        if want is None and evaluation:
+            return  # its input's body was not kept: not checked, and no divergence
         if want is None:
             v.first = Divergence(h.kind, h.step, index, "was sent without the input the replay "
                                                         "computes it from")
             return
-        got = np.array(array_of(h.dtype, h.shape, body))
+        got = tensor_of(h.dtype, h.shape, body).numpy()
         v.checked += 1
         if got.shape != want.shape or not np.array_equal(got, want):
             diff = float(np.abs(got - want).max()) if got.shape == want.shape else None
@@ -222,14 +288,10 @@ def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
     plog = ProvenanceLog.open(layout.log)
     roster = Roster.open(plog.roster_bytes)
     plan = Plan.from_meta(roster.meta["plan"])
-    not_yet = _not_verified(roster, plan)
     previous = torch.get_num_threads()
     torch.set_num_threads(cfg.run.trainer_threads)  # the same operations, in the same order
     try:
         stages = [_Stage(plan, roster, i) for i in range(1, len(roster.stages) + 1)]
-        if not_yet:
-            for s in stages:
-                s.verdict.stopped = not_yet
         names = {m.key_id: m.name for m in roster.members}
         for i in range(plog.size):
             h, _, body = plog.entry(i)
@@ -242,13 +304,3 @@ def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
     finally:
         torch.set_num_threads(previous)
     return [s.verdict for s in stages]
-
-
-def _not_verified(roster: Roster, plan: Plan) -> str | None:
-    """Why this run cannot be replayed yet, or None."""
-    if roster.meta.get("watermark"):
-        return "watermarks are on (the mark's regulariser joins every update): not verified yet"
-    codec = plan_codec(roster.meta)
-    if codec != "fp32":
-        return f"tensors travel in {codec}: not verified yet (fp32 only)"
-    return None

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from clicooper_bus.errors import BadTensor, PoisonedInput
-from clicooper_bus.net.encoding import FLOAT_WIRE, decode, wire_dtype
-from clicooper_bus.net.wire import Envelope
+from clicooper_bus.net.encoding import FLOAT_WIRE, decode, encode, wire_dtype
+from clicooper_bus.net.wire import Envelope, array_of
 
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
@@ -33,6 +33,26 @@ def tensor(env: Envelope) -> torch.Tensor:
     if h.dtype in FLOAT_WIRE and h.dtype != "float32" and h.shape is not None:
         return torch.from_numpy(decode(h.dtype, h.shape, env.body))  # new, aligned memory
     return torch.from_numpy(env.array()).clone()
+
+
+def tensor_of(dtype: str, shape: tuple[int, ...] | list[int], body: bytes | memoryview
+              ) -> torch.Tensor:
+    """A logged tensor body as the receiving process computed on it (`tensor`): the codec's
+    encodings decoded to float32, every other dtype copied into torch's memory. For a body
+    the log kept and verified, whose header the receiver accepted. Raises BadTensor for an
+    encoded body the encoder cannot have produced."""
+    if dtype in FLOAT_WIRE and dtype != "float32":
+        return torch.from_numpy(decode(dtype, shape, body))
+    return torch.from_numpy(np.array(array_of(dtype, shape, body)))
+
+
+def as_sent(out: torch.Tensor, codec: str) -> torch.Tensor:
+    """A float32 tensor a stage computed, as its receiver reads it after the wire's `codec`
+    (`net.encoding`): encoded and decoded again, unchanged for fp32."""
+    if codec == "fp32":
+        return out
+    enc = encode(out.detach().contiguous().numpy(), codec)
+    return torch.from_numpy(decode(enc.dtype, enc.shape, enc.body))
 
 
 @dataclass(frozen=True)
