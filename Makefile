@@ -74,6 +74,13 @@ bench: setup
 bench-edge: setup
 	$(PY) -m clicooper_bus.tools.bench_edge --json runs/bench-edge.json $(BENCH_EDGE_ARGS)
 
+# Replay verification (issue 19; docs/BENCHMARKS.md): the demo run 3 times for one epoch with
+# `[log] retention = "verify"`, each replayed from its log. About 10 minutes on 2 cores and
+# 2.3 GB of disk a run.
+.PHONY: bench-replay
+bench-replay: setup
+	$(PY) -m clicooper_bus.tools.bench_replay --config configs/demo.toml --json runs/bench-replay.json
+
 # Privacy: the paper table (undefended, the paper's configuration, ours; docs/RESULTS.md) and
 # the frontier of defences and levels (docs/PRIVACY.md). Each trains over the bus and audits;
 # finished runs are reused, so an interrupted target resumes.

@@ -196,7 +196,8 @@ class BusSection:
 @dataclass
 class LogSection:
     retention: str = _doc("fwd=sample:16,bwd=sample:4,eval_fwd=sample:2,eval_out=sample:2,*=all",
-                          "which bodies the log keeps: all, none, sample:N, or kind=policy,... "
+                          "which bodies the log keeps: all, none, sample:N, kind=policy,... "
+                          "or verify (what replay verification reads: every body today) "
                           "(sample:N keeps the first N per kind, sender and epoch; the auditor "
                           "attacks the retained activations: at batch 128, fwd=sample:16 keeps "
                           "2,048 per epoch)")

@@ -389,13 +389,27 @@ def test_verify_gives_a_verdict_on_crafted_files(small_log, ids, case):
 @pytest.mark.parametrize("spec,message", [
     ("evl_out=sample:2,*=all", "'evl_out' is not a message kind"),
     ("fwd=sample:2,fwd=all", "appears twice"),
-    ("fwd=keep", "is not all, none or sample:N"),
+    ("fwd=keep", "is not all, none, sample:N or a preset"),
+    ("verifY", "is not all, none, sample:N or a preset"),
 ])
 def test_a_misspelt_retention_kind_is_refused_not_defaulted(spec, message):
     # before, `evl_out` silently fell to `*=all` and every evaluation output was kept
     with pytest.raises(ConfigError, match=message) as info:
         Retention.parse(spec)
     assert "eval_out" in str(info.value) or "evl_out" not in spec
+
+
+def test_the_verify_preset_keeps_every_body_replay_reads():
+    """Issue 19: `verify` keeps each stage's tensor inputs and outputs, evaluation traffic,
+    labels and the documents replay compares, unsampled; the log records its name."""
+    policy = Retention.parse(" verify ")
+    assert policy.spec == "verify"
+    for kind in ("fwd", "bwd", "labels", "eval_fwd", "eval_out", "metrics", "snapshot",
+                 "wm_commit", "wm_claim"):
+        assert policy.limit(kind) is None, kind
+    from clicooper_bus.config import load_config
+
+    assert Retention.parse(load_config(None).log.retention).limit("fwd") == 16  # the default
 
 
 def test_a_full_disk_is_a_clear_error_and_the_log_still_verifies(small_log, monkeypatch):

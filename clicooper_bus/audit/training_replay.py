@@ -100,6 +100,7 @@ class StageVerdict:
     steps: set[int] = field(default_factory=set)  # training steps replayed
     first: Divergence | None = None
     stopped: str | None = None
+    largest: float = 0.0  # the largest absolute difference of any tensor compared
 
     @property
     def coverage(self) -> float:
@@ -274,8 +275,9 @@ class _Stage:
             return
         got = tensor_of(h.dtype, h.shape, body).numpy()
         v.checked += 1
-        if got.shape != want.shape or not np.array_equal(got, want):
-            diff = float(np.abs(got - want).max()) if got.shape == want.shape else None
+        diff = float(np.abs(got - want).max(initial=0.0)) if got.shape == want.shape else None
+        v.largest = max(v.largest, diff if diff is not None else float("inf"))
+        if diff is None or not np.array_equal(got, want):
             v.first = Divergence(h.kind, h.step, index, "differs from what the replay computes",
                                  diff)
 

@@ -6,6 +6,11 @@ stream is sampled in every epoch. The spec is a string: a single policy (`all`),
 comma-separated `kind=policy` items with `*` for the rest (`fwd=sample:8,bwd=sample:8,*=all`).
 Every kind named must be one of `net.kinds.KINDS` (ConfigError otherwise).
 
+Named presets stand for a whole spec (`PRESETS`): `verify` keeps what replay verification
+(`audit.training_replay`) reads, which today is every body: each stage's tensor inputs and
+outputs, evaluation traffic, labels, snapshot and watermark documents. Its cost on the demo is
+in `docs/BENCHMARKS.md` ("Replay verification").
+
 The decision depends only on the headers in log order, so a verifier replays it to know which
 bodies must be present.
 """
@@ -14,18 +19,20 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from clicooper_bus.errors import ConfigError
 from clicooper_bus.net.kinds import KINDS
 from clicooper_bus.net.wire import Header
 
+PRESETS = {"verify": "all"}
 _ITEM_RE = re.compile(r"^(all|none|sample:(0|[1-9][0-9]{0,8}))$")
 
 
 def _limit(policy: str, spec: str) -> int | None:
     if not _ITEM_RE.fullmatch(policy):
-        raise ConfigError(f"retention {spec!r}: {policy!r} is not all, none or sample:N")
+        raise ConfigError(f"retention {spec!r}: {policy!r} is not all, none, sample:N or a "
+                          f"preset ({', '.join(PRESETS)})")
     if policy == "all":
         return None
     return 0 if policy == "none" else int(policy.split(":", 1)[1])
@@ -40,6 +47,8 @@ class Retention:
     @classmethod
     def parse(cls, spec: str) -> Retention:
         spec = spec.strip()
+        if spec in PRESETS:
+            return replace(cls.parse(PRESETS[spec]), spec=spec)
         if "=" not in spec:
             return cls(spec, _limit(spec, spec))
         default: int | None = None
