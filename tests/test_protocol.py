@@ -56,7 +56,11 @@ def test_documents_round_trip_through_msgpack(msg):
 
 def test_the_encoding_of_control_documents_is_what_peers_always_sent():
     """Logs written before the protocol page carry these exact maps (keys in this order)."""
-    assert list(Hello(True, 1, "d", 1).to_doc()) == ["ready", "stage", "model_spec", "in_flight"]
+    assert list(Hello(True, 1, "d", 1).to_doc()) == ["ready", "stage", "model_spec", "in_flight",
+                                                     "threads"]
+    # a hello from before `threads` (issue 19) still reads: 0, "did not say"
+    old = {"ready": True, "stage": 1, "model_spec": "d", "in_flight": 1}
+    assert Hello.parse(old, sender="t").threads == 0
     assert CheckpointMessage("n", final=False).to_doc() == {"note": "n", "final": False}
     assert CheckpointMessage("n", closed=True).to_doc() == {"note": "n", "final": False,
                                                             "closed": True}
@@ -74,6 +78,7 @@ def test_the_encoding_of_control_documents_is_what_peers_always_sent():
     (Segment, {"stage": 1, "sealed": b"", "sent": {"fwd": "3"}}, "sent"),
     (Ack, {"segments": ["a", 2], "model_sha256": ""}, "segments"),
     (Hello, {"ready": 1, "stage": 1, "model_spec": "d"}, "ready"),
+    (Hello, {"ready": True, "stage": 1, "model_spec": "d", "threads": -1}, "threads"),
     (Usage, {"cpu_s": 2, "train_cpu_s": 1.0, "train_wall_s": 1.0, "steps": 3}, "cpu_s"),
     (Usage, {"cpu_s": 2.0, "train_cpu_s": "1", "train_wall_s": 1.0, "steps": 3}, "train_cpu_s"),
     (Usage, {"cpu_s": 2.0, "train_cpu_s": 1.0, "train_wall_s": 1.0, "steps": 3.0}, "steps"),

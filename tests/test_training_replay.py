@@ -48,11 +48,17 @@ def test_an_honest_run_with_watermarks_a_codec_and_evaluation_replays_in_full(tm
                         data={"train_limit": 320, "test_limit": 64},
                         watermark={"enabled": True}, log={"retention": "all"})
     assert run(str(path), echo=False, timeout_s=240, free_ports=False) == 0
+    from clicooper_bus.audit.training_replay import replay_log
     from clicooper_bus.config import load_config
+    from clicooper_bus.tlog.log import ProvenanceLog
 
-    verdicts = verify_training(load_config(path).run_dir)
-    for v in verdicts:
-        assert v.ok and not v.stopped and v.coverage == 1.0, v.line()
+    run_dir = load_config(path).run_dir
+    for v in verify_training(run_dir):
+        assert v.ok and not v.stopped and v.coverage == 1.0 and v.largest == 0.0, v.line()
         assert v.steps == set(range(20)), v.line()
         # per step a fwd (or metrics) and a bwd; 2 claims; 2 x 2 evaluation batches; snapshots
         assert v.checked >= 2 * 20 + 2 + 4, v.line()
+    # each stage computes with the threads its trainer said in its hello (1 here), not the
+    # fallback: 2 threads against 1 change the first activations in their last bits
+    with ProvenanceLog.open(run_dir / "log") as plog:
+        assert all(v.ok and v.coverage == 1.0 for v in replay_log(plog, threads=2))

@@ -63,7 +63,7 @@ from clicooper_bus.net.codec import unpack
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Header
 from clicooper_bus.plan import Plan
-from clicooper_bus.protocol import Metrics
+from clicooper_bus.protocol import Hello, Metrics
 from clicooper_bus.protocol.recovery import Snapshot
 from clicooper_bus.tlog.log import ProvenanceLog
 
@@ -124,7 +124,7 @@ class StageVerdict:
 class _Stage:
     """The replay of one stage: its segment, its neighbours, and what it computed per step."""
 
-    def __init__(self, plan: Plan, roster: Roster, stage: int):
+    def __init__(self, plan: Plan, roster: Roster, stage: int, threads: int):
         names = list(roster.stages)
         self.name, self.stage = names[stage - 1], stage
         self.prev = roster.owner.name if stage == 1 else names[stage - 2]
@@ -144,7 +144,7 @@ class _Stage:
         self.verdict = StageVerdict(stage, self.name)
         self.run_id, self.settings = roster.run_id, marker.settings(roster)
         self.public_key = roster.by_name(self.name).identity.public_key
-        self.codec = plan.codec
+        self.codec, self.threads = plan.codec, threads
         self.per = batches(plan.train_size, plan.batch_size) if plan.train_size else 0
         self.marks: dict[int, wm.Watermark] = {}  # round -> the mark its commitment keys
         self.mark: wm.Watermark | None = None  # the one the next update adds
@@ -160,10 +160,17 @@ class _Stage:
             self._input(h, body, index)
         elif h.kind == "eval_fwd" and h.to == self.name and who == self.prev:
             self._evaluate(h, body, index)
+        elif who == self.name and h.kind == "hello" and body is not None:
+            said = Hello.parse(unpack(bytes(body)), sender=self.name).threads
+            self.threads = said or self.threads
         elif who == self.name and h.kind == "wm_commit" and body is not None:
             self._commit(Commit.from_doc(unpack(bytes(body))))
         elif who == self.name and h.kind in COMPARED:
             self._compare(h, body, index)
+
+    def _threads(self) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
     def _commit(self, c: Commit) -> None:
         """The stage's commitment to round `c.round`'s key: the replay embeds that mark."""
@@ -186,6 +193,7 @@ class _Stage:
     def _evaluate(self, h: Header, body, index: int) -> None:
         if body is None:
             return  # evaluation changes no weight: training replay goes on
+        self._threads()
         out = self.seg.evaluate(tensor_of(h.dtype, h.shape, body))
         self.out["eval", h.epoch, h.step] = as_sent(out, self.codec).numpy()
 
@@ -196,6 +204,7 @@ class _Stage:
                          f"(entry {index}: [log] retention)")
             return
         x = tensor_of(h.dtype, h.shape, body)
+        self._threads()
         if h.kind == "fwd":
             self.queued.append((h.step, x))
         elif h.kind == "labels":
@@ -287,13 +296,20 @@ def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
     stage. Raises ClicooperError for a run it cannot read."""
     layout = RunLayout(Path(run_dir))
     cfg = load_config(str(layout.config))
-    plog = ProvenanceLog.open(layout.log)
+    with ProvenanceLog.open(layout.log) as plog:
+        return replay_log(plog, cfg.run.trainer_threads)
+
+
+def replay_log(plog: ProvenanceLog, threads: int = 1) -> list[StageVerdict]:
+    """Re-execute every trainer's stage from the open log `plog`; one verdict per stage. Each
+    stage computes with the torch threads its trainer said in its `hello` (the same
+    operations in the same order: 2 threads against 1 changed the first activations by
+    6e-8), `threads` for a trainer that did not say."""
     roster = Roster.open(plog.roster_bytes)
     plan = Plan.from_meta(roster.meta["plan"])
     previous = torch.get_num_threads()
-    torch.set_num_threads(cfg.run.trainer_threads)  # the same operations, in the same order
     try:
-        stages = [_Stage(plan, roster, i) for i in range(1, len(roster.stages) + 1)]
+        stages = [_Stage(plan, roster, i, threads) for i in range(1, len(roster.stages) + 1)]
         names = {m.key_id: m.name for m in roster.members}
         for i in range(plog.size):
             h, _, body = plog.entry(i)

@@ -202,13 +202,21 @@ def _name(hint: Any) -> str:
 @dataclass(frozen=True)
 class Hello(Control):
     """A trainer built the roster's model (`model_spec`, its digest) and follows its schedule
-    (`in_flight`; a trainer from before pipelining sent none, and means 1)."""
+    (`in_flight`; a trainer from before pipelining sent none, and means 1). `threads`: the
+    torch intra-op threads it computes with, which replay verification must use to compute
+    the same bits (`audit.training_replay`); 0 from a trainer that did not say."""
 
     KIND: ClassVar[str] = "hello"
     ready: bool
     stage: int
     model_spec: str
     in_flight: int = 1
+    threads: int = 0
+
+    def _checked(self, sender: str | None) -> Hello:
+        if not 0 <= self.threads <= 4096:
+            raise self._refuse(f"threads is {self.threads}, not 0..4096", "threads", sender)
+        return self
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ class Trainer(Restarts, Marks, Standby, Ending):
         self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
         self._routes()
         self.bus.send_doc("hello", "all", Hello(True, self.index + 1, roster.meta["model_spec"],
-                                                plan.in_flight).to_doc())
+                                                plan.in_flight, torch.get_num_threads()).to_doc())
         self.log.info("joined", stage=self.index + 1, prev=self.prev, next=self.next)
         self._snapshot(0)  # the state training starts from, committed like every other
 
