@@ -119,6 +119,13 @@ class ProvenanceLayout:
         return self.certificates / f"stage-{stage}-round-{round_}.cert"
 
     @property
+    def replay(self) -> Path:
+        """`replay.json`: each stage's replay verdict (`audit.training_replay`), written by
+        the audit; absent until a run is audited. Not signed: `model verify --log` replays
+        the stages itself."""
+        return self.root / "replay.json"
+
+    @property
     def handovers(self) -> Path:
         """`handovers.msgpack`: each handover of a stage to a standby, as logged ([leaf, body]
         pairs); absent when there was none."""

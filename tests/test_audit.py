@@ -60,6 +60,16 @@ def test_follow_mode_writes_the_report(audited):
     assert (report / "scores.png").stat().st_size > 1000
     out = (audited / "telemetry" / "auditor.out").read_text()
     assert "the notary closed the log" in out
+    # issue 19: the report has each stage's replay
+    rows = doc["training_replay"]
+    assert [r["trainer"] for r in rows] == ["trainer-1", "trainer-2"]
+    for row in rows:  # the default retention keeps 4 gradients a sender and epoch: in part
+        assert row["ok"] and 4 <= row["steps"] < row["trained"] and 0 < row["coverage"] < 1, row
+        assert f"{row['steps']} of {row['trained']} steps re-executed" in row["line"]
+        assert "[log] retention" in row["stopped"] and f"- ok: {row['line']}" in md
+    # watermarks off: no provenance bundle, so nothing is recorded beside one (the bundle's
+    # replay.json is tested in tests/test_training_replay.py)
+    assert not (audited / "provenance").exists()
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -143,6 +143,21 @@ def test_a_forced_audit_warns_first_then_finds():
     assert len(_findings_block(md)) == 1
 
 
+def test_a_stage_that_did_not_replay_is_the_first_finding():
+    """Issue 19: a divergence heads the findings (the stage's numbers are not what its
+    trainer should have computed); the section lists every stage."""
+    line = "stage 2 (trainer-2): 9 of 9 ...; DIVERGES at step 5: its metrics (log entry 40) ..."
+    doc = _doc(_attacks()[:1])
+    doc["training_replay"] = [{"stage": 1, "ok": True, "line": "stage 1 (trainer-1): fine"},
+                              {"stage": 2, "ok": False, "line": line}]
+    md = report.to_markdown(doc)
+    block = _findings_block(md)
+    assert block[0] == f"- **DIVERGES**: {line}" and len(block) == 2
+    section = md.split("## Training replay")[1]
+    assert "- ok: stage 1 (trainer-1): fine" in section and f"- **DIVERGES**: {line}" in section
+    assert "## Training replay" not in report.to_markdown(_doc(_attacks()[:1]))  # not run
+
+
 def test_no_attack_no_finding():
     assert _findings_block(report.to_markdown(_doc([]))) == ["- no attack was run."]
 

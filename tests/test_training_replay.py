@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from clicooper_bus.audit.model_replay import verify_model_replayed
+from clicooper_bus.audit.report import replay_and_mark
 from clicooper_bus.audit.training_replay import verify_training
+from clicooper_bus.ml.watermark.verify import verify_model
 from clicooper_bus.tools.cli import main
 from tests.busrun import processes, write_config
 
@@ -25,7 +28,8 @@ FROM = 5  # the first step each cheater gets wrong
 def test_a_member_that_computes_wrongly_is_named_with_its_first_wrong_step(tmp_path, cheat, who,
                                                                            kind, step):
     path = write_config(tmp_path, run_id=f"cheat-{cheat}", trainers=2,
-                        run={"max_steps": 16}, log={"retention": "all"})
+                        run={"max_steps": 16}, log={"retention": "all"},
+                        watermark={"enabled": True})
     with processes(path, evil=f"cheat:{cheat}:{FROM}", evil_as=who) as (cfg, tel, procs):
         codes = {n: p.wait(timeout=120) for n, p in procs.items() if n != "broker"}
     assert set(codes.values()) == {0}, codes  # the run completes: nothing else saw it
@@ -35,6 +39,18 @@ def test_a_member_that_computes_wrongly_is_named_with_its_first_wrong_step(tmp_p
     assert f"DIVERGES at step {step}" in bad.line()
     assert all(v.ok for v in verdicts.values()), [v.line() for v in verdicts.values()]
     assert main(["audit", "--verify-training", str(cfg.run_dir)]) == 1
+    # the delivered model fails with the log (replayed), and without it once an audit recorded
+    # the verdicts in the bundle; the chain, certificates and proofs alone all hold
+    model, bundle = str(cfg.run_dir / "model.safetensors"), str(cfg.run_dir / "provenance")
+    assert verify_model(model, bundle, log_dir=cfg.run_dir / "log").ok
+    v = verify_model_replayed(model, bundle, log_dir=cfg.run_dir / "log")
+    assert not v.ok and v.failure["stage"] == bad.stage, v.failure
+    assert f"DIVERGES at step {step}" in v.failure["reason"]
+    assert verify_model_replayed(model, bundle).ok  # nothing recorded yet
+    replay_and_mark(cfg.run_dir)
+    v = verify_model_replayed(model, bundle)
+    assert not v.ok and "as the audit recorded" in v.failure["reason"], v.failure
+    assert main(["model", "verify", model, "--bundle", bundle]) == 1
 
 
 def test_an_honest_run_with_watermarks_a_codec_and_evaluation_replays_in_full(tmp_path):
@@ -62,3 +78,6 @@ def test_an_honest_run_with_watermarks_a_codec_and_evaluation_replays_in_full(tm
     # fallback: 2 threads against 1 change the first activations in their last bits
     with ProvenanceLog.open(run_dir / "log") as plog:
         assert all(v.ok and v.coverage == 1.0 for v in replay_log(plog, threads=2))
+    v = verify_model_replayed(run_dir / "model.safetensors", run_dir / "provenance",
+                              log_dir=run_dir / "log")
+    assert v.ok and all(s.replay and "no divergence" in s.replay for s in v.stages), v

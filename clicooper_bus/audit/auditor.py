@@ -116,6 +116,7 @@ class Audit:
     figures: dict[str, Any] = field(default_factory=dict)  # name -> arrays for the report
     classes: int = 0
     wall_s: float = 0.0
+    replay: list[dict[str, Any]] | None = None  # per stage (training_replay); None: not run
 
 
 def run_config(run_dir: Path, replayed: Replay) -> tuple[RunConfig, list[str]]:

@@ -17,6 +17,7 @@ import numpy as np
 from clicooper_bus.audit import families, figures
 from clicooper_bus.audit.auditor import Audit
 from clicooper_bus.audit.families import Family, Row
+from clicooper_bus.audit.training_replay import replay_markdown
 from clicooper_bus.layout import RunLayout, write_atomic
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"  # in the report directory (RUN_DIR/audit)
@@ -35,6 +36,7 @@ def to_json(audit: Audit) -> dict[str, Any]:
         "references": audit.references,
         "wall_s": round(audit.wall_s, 1),
         "findings": findings(audit.results),
+        "training_replay": audit.replay,
     }
 
 
@@ -72,8 +74,10 @@ def findings(attacks: list[Row]) -> list[dict[str, str]]:
     return out
 
 
-def findings_markdown(found: list[dict[str, str]], forced: bool = False) -> list[str]:
-    """The Findings block: a line per finding, verdict first, each score beside its line."""
+def findings_markdown(found: list[dict[str, str]], forced: bool = False,
+                      first: Sequence[str] = ()) -> list[str]:
+    """The Findings block: the lines `first` (a stage's replay divergence), then a line per
+    finding, verdict first, each score beside its line."""
     lines = ["## Findings", "",
              f"One line per attack family and attacking party (its strongest working attack) "
              f"and per broken attack. Each score is judged against the line it must beat "
@@ -88,6 +92,7 @@ def findings_markdown(found: list[dict[str, str]], forced: bool = False) -> list
              f"**{families.NOT_RUN}**.", ""]
     if forced:
         lines += ["These findings describe a log that did NOT verify (see the first line).", ""]
+    lines += first
     for f in found:
         line = "" if f["line_to_beat"] in ("", "-") else f" against {f['line_to_beat']}"
         margin = "" if f["margin"] in ("", "-") else f" ({f['margin']})"
@@ -176,7 +181,10 @@ def to_markdown(doc: dict[str, Any], figure_files: Sequence[str] = ()) -> str:
                      f"tree root {integ['root'][:16]}...")
     lines += ["", f"# Audit of run `{doc['run_id']}`", "",
               f"Generated {doc['generated']} in {doc['wall_s']} s.", ""]
-    lines += findings_markdown(findings(doc["attacks"]), doc["forced"])
+    replayed = doc.get("training_replay")
+    # a stage that did not compute what it sent comes first: its numbers are not the run's
+    diverged = [f"- **DIVERGES**: {r['line']}" for r in replayed or [] if not r["ok"]]
+    lines += findings_markdown(findings(doc["attacks"]), doc["forced"], diverged)
     lines += ["## Run", "",
               f"- {s.get('model')} on {s.get('dataset')}, cuts {s.get('cuts')}, "
               f"{s.get('epochs')} epochs, {s.get('schedule')}; test accuracy "
@@ -220,6 +228,8 @@ def to_markdown(doc: dict[str, Any], figure_files: Sequence[str] = ()) -> str:
         rows = families.rows_of(doc["attacks"], fam.name)
         if rows and fam.details is not None:
             lines += fam.details(rows)
+    if replayed is not None:
+        lines += ["", *replay_markdown(replayed)]
     lines += figures_markdown(figure_files) or [""]
     return "\n".join(lines)
 
@@ -326,8 +336,23 @@ def audit_and_write(run_dir: Path, *, force: bool = False, owner=None,
         refused = Audit(Path(run_dir), exc.result, forced=False)
         where = write_refusal(refused, out)
         return False, where, json.loads((where / REPORT_JSON).read_text())
+    if not audit.forced:  # replay reads only a log that verified
+        audit.replay = replay_and_mark(Path(run_dir))
     where = write_report(audit, out)
     return True, where, to_json(audit)
+
+
+def replay_and_mark(run_dir: Path) -> list[dict[str, Any]]:
+    """Every stage of the run replayed from its log (`audit.training_replay`); the verdicts
+    also go into its provenance bundle (`replay.json`), where `clicooper model verify` reads
+    them. Returns the rows."""
+    from clicooper_bus.audit.training_replay import verify_training
+
+    rows = [v.to_json() for v in verify_training(run_dir)]
+    bundle = RunLayout(run_dir).provenance
+    if bundle.root.is_dir():
+        write_atomic(bundle.replay, json.dumps(rows, indent=1) + "\n")
+    return rows
 
 
 def print_audit(attacked: bool, where: Path, doc: dict) -> None:

@@ -98,6 +98,7 @@ class StageVerdict:
     sent: int = 0
     checked: int = 0
     steps: set[int] = field(default_factory=set)  # training steps replayed
+    trained: set[int] = field(default_factory=set)  # training steps the stage sent for
     first: Divergence | None = None
     stopped: str | None = None
     largest: float = 0.0  # the largest absolute difference of any tensor compared
@@ -112,13 +113,37 @@ class StageVerdict:
 
     def line(self) -> str:
         head = (f"stage {self.stage} ({self.trainer}): {self.checked} of {self.sent} messages "
-                f"and commitments recomputed ({self.coverage:.0%}), {len(self.steps)} steps")
+                f"and commitments recomputed ({self.coverage:.0%}), {len(self.steps)} of "
+                f"{len(self.trained)} steps re-executed")
         if self.first is not None:
             f = self.first
             diff = f" (largest difference {f.max_abs:.3g})" if f.max_abs is not None else ""
             return (f"{head}; DIVERGES at step {f.step}: its {f.kind} (log entry {f.entry}) "
                     f"{f.what}{diff}")
         return head + (f"; stopped: {self.stopped}" if self.stopped else "; no divergence")
+
+
+    def to_json(self) -> dict:
+        """The verdict as the audit report and the bundle's `replay.json` carry it."""
+        f = self.first
+        return {"stage": self.stage, "trainer": self.trainer, "ok": self.ok,
+                "sent": self.sent, "checked": self.checked, "coverage": round(self.coverage, 4),
+                "steps": len(self.steps), "trained": len(self.trained),
+                "stopped": self.stopped, "largest": self.largest,
+                "first": None if f is None else {"kind": f.kind, "step": f.step,
+                                                 "entry": f.entry, "what": f.what,
+                                                 "max_abs": f.max_abs},
+                "line": self.line()}
+
+
+def replay_markdown(rows: list[dict]) -> list[str]:
+    """The audit report's section on replay verification (`StageVerdict.to_json` rows)."""
+    lines = ["## Training replay", "",
+             "Each trainer's stage re-executed from the log (`clicooper audit "
+             "--verify-training`): every message and commitment it sent that the log kept the "
+             "inputs of, recomputed bit for bit (tolerance none).", ""]
+    return lines + [f"- {'**DIVERGES**' if not r['ok'] else 'ok'}: {r['line']}"
+                    for r in rows] + [""]
 
 
 class _Stage:
@@ -154,7 +179,11 @@ class _Stage:
         """Entry `index` of the log, sent by `who`: an input to this stage, or one of its own
         messages to compare."""
         v = self.verdict
+        if who == self.name and h.kind in ("fwd", "bwd", "metrics"):
+            v.trained.add(h.step)  # every step the stage took part in, replayed or not
         if v.first is not None or v.stopped:
+            if who == self.name and h.kind in COMPARED:
+                v.sent += 1  # what the replay never reached counts against its coverage
             return
         if h.to == self.name and who == self.inputs.get(h.kind):
             self._input(h, body, index)

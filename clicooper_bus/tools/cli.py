@@ -208,10 +208,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_model_verify(args: argparse.Namespace) -> int:
-    from clicooper_bus.ml.watermark.verify import verify_model
+    from clicooper_bus.audit.model_replay import verify_model_replayed
 
     owner = load_public(args.owner_key) if args.owner_key else None
-    v = verify_model(args.model, args.bundle, log_dir=args.log, owner=owner, exact=args.exact)
+    v = verify_model_replayed(args.model, args.bundle, log_dir=args.log, owner=owner,
+                              exact=args.exact)
     if args.json:
         print(json.dumps(v.to_json(), indent=2))
         return 0 if v.ok else 1
@@ -232,6 +233,8 @@ def _print_verdict(v) -> None:
                 print("       " + "; ".join(
                     f"{name} rounds {', '.join(map(str, rounds))}"
                     for name, rounds in s.trainers.items()))
+            if s.replay:
+                print(f"       replay: {s.replay}")
     if v.ok:
         print(f"OK: run {v.run_id}: {v.certificates} certificates, every chain link, signature "
               f"and inclusion proof holds{'; checked against the log' if v.log_checked else ''}; "
@@ -433,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = mp.add_parser("verify", help="check a model against its provenance bundle")
     m.add_argument("model", help="model.safetensors")
     m.add_argument("--bundle", required=True, help="the run's provenance/ directory")
-    m.add_argument("--log", help="the run's log directory: also check every index and root")
+    m.add_argument("--log", help="the run's log directory: also verify it, check every index "
+                                 "and root, and replay every stage from it (issue 19; a stage "
+                                 "that did not compute what it sent fails the model)")
     m.add_argument("--owner-key", help="pin the roster's owner to this public key file")
     m.add_argument("--json", action="store_true", help="machine-readable verdict")
     m.add_argument("--exact", action="store_true",

@@ -63,6 +63,7 @@ class StageResult:
     weights_as_claimed: bool  # the delivered stage is byte for byte the one last claimed
     certified_ns: int  # when the notary certified the last round's claim
     trainers: dict[str, list[int]] = field(default_factory=dict)  # who trained which rounds
+    replay: str | None = None  # its replay verdict (`audit.model_replay`), None: not replayed
 
 
 @dataclass
