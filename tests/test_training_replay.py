@@ -6,6 +6,8 @@ tests/test_training.py, on its shared runs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from clicooper_bus.audit.model_replay import verify_model_replayed
@@ -13,6 +15,7 @@ from clicooper_bus.audit.report import replay_and_mark
 from clicooper_bus.audit.training_replay import verify_training
 from clicooper_bus.ml.watermark.verify import verify_model
 from clicooper_bus.tools.cli import main
+from clicooper_bus.tools.run import EXIT_STOPPED
 from tests.busrun import processes, write_config
 
 FROM = 5  # the first step each cheater gets wrong
@@ -23,7 +26,6 @@ FROM = 5  # the first step each cheater gets wrong
     ("noise", "trainer-1", "fwd", FROM),  # its activations, 1e-3 noise added
     ("eval", "trainer-2", "eval_out", 0),  # its first evaluation logits, 1e-3 noise added
     ("skip", "trainer-2", "bwd", FROM + 1),  # no optimiser step: the next step is wrong
-    ("metrics", "trainer-2", "metrics", FROM),  # a perfect batch reported
 ])
 def test_a_member_that_computes_wrongly_is_named_with_its_first_wrong_step(tmp_path, cheat, who,
                                                                            kind, step):
@@ -51,6 +53,22 @@ def test_a_member_that_computes_wrongly_is_named_with_its_first_wrong_step(tmp_p
     v = verify_model_replayed(model, bundle)
     assert not v.ok and "as the audit recorded" in v.failure["reason"], v.failure
     assert main(["model", "verify", model, "--bundle", bundle]) == 1
+
+
+def test_a_last_stage_reporting_a_perfect_batch_is_stopped_by_the_owner(tmp_path):
+    """The owner recomputes each step's loss and accuracy from the logits the last stage sends
+    beside its claim (`services/owner/own_metrics.py`): a made-up claim stops the run at once,
+    naming the stage and the step; the replay names the same message."""
+    path = write_config(tmp_path, run_id="cheat-metrics", trainers=2,
+                        run={"max_steps": 16}, log={"retention": "all"})
+    with processes(path, evil=f"cheat:metrics:{FROM}", evil_as="trainer-2") as (cfg, tel, procs):
+        codes = {n: p.wait(timeout=120) for n, p in procs.items() if n != "broker"}
+    assert codes["owner"] == EXIT_STOPPED, codes
+    stopped = json.loads((cfg.run_dir / "summary.json").read_text())["stopped"]
+    assert (stopped["sender"], stopped["kind"], stopped["step"]) == ("trainer-2", "metrics", FROM)
+    assert f"claims {cfg.run.batch_size} correct, its logits give" in stopped["problem"], stopped
+    bad = verify_training(cfg.run_dir)[1]
+    assert (bad.first.kind, bad.first.step) == ("metrics", FROM), bad.line()
 
 
 def test_an_honest_run_with_watermarks_a_codec_and_evaluation_replays_in_full(tmp_path):

@@ -9,7 +9,7 @@ predecessor sent (`fwd`), the labels the owner sent a last stage (`labels`), and
 its successor or the owner's tail sent back (`bwd`), with the same optimiser (Adam, the plan's
 learning rate) and the run's thread count, and compares with what the stage sent:
 - every `fwd` and `bwd` it sent (the tensors, decoded as the wire carries them);
-- a last stage's `metrics` (loss and count of correct predictions);
+- a last stage's `metrics` (loss and count of correct predictions) and `logits`;
 - the weights digest of every `snapshot` it committed (`ml.state.weights_digest`: the state
   digest also covers the trainer process's RNG state, which no log holds).
 
@@ -68,7 +68,7 @@ from clicooper_bus.protocol.recovery import Snapshot
 from clicooper_bus.tlog.log import ProvenanceLog
 
 # what a stage sends that the replay recomputes
-COMPARED = ("fwd", "bwd", "metrics", "snapshot", "wm_claim", "eval_fwd", "eval_out")
+COMPARED = ("fwd", "bwd", "metrics", "logits", "snapshot", "wm_claim", "eval_fwd", "eval_out")
 UNSUPPORTED_KINDS = {"rollback": "a rollback (steps trained again)",
                      "handover": "a handover to a standby"}
 
@@ -265,6 +265,7 @@ class _Stage:
             self.logits.discard(step)
             r = self.seg.loss_backward(self.labels.pop(step), step, update=False)
             self.out["bwd", step] = as_sent(r.grad_in, self.codec).numpy()
+            self.out["logits", step] = as_sent(r.logits, self.codec).numpy()
             self._update(step)
             self.metrics[step] = (r.loss, r.correct)
 

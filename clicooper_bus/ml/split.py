@@ -29,6 +29,7 @@ class StepResult:
     grad_in: torch.Tensor | None
     loss: float = float("nan")
     correct: int = 0
+    logits: torch.Tensor | None = None  # [N, C], detached: what the loss was computed on
 
 
 class SegmentTrainer:
@@ -114,7 +115,8 @@ class SegmentTrainer:
         loss = nn.functional.cross_entropy(logits, labels)
         loss.backward()
         correct = int((logits.detach().argmax(1) == labels).sum())
-        return StepResult(self._finish(x, step, update), float(loss.detach()), correct)
+        return StepResult(self._finish(x, step, update), float(loss.detach()), correct,
+                          logits.detach())
 
     def warm_up(self, input_shape: tuple[int, ...]) -> None:
         """Run forward and backward once on zeros, without touching the weights: torch's first

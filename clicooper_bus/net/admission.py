@@ -35,7 +35,7 @@ from clicooper_bus.protocol import SIGNALS, Topics
 
 # kinds only the addressee may read: the tensors and sealed weights of one party
 INBOX_KINDS = frozenset({"fwd", "bwd", "labels", "eval_fwd", "eval_out", "segment", "metrics",
-                         "usage"})
+                         "logits", "usage"})
 FULL_VIEW = frozenset({"owner", "notary"})  # roles that read the whole run (the owner's side)
 MAX_STRIKES = 16  # refusals after which a member is banned and disconnected
 

@@ -37,6 +37,8 @@ KINDS: dict[str, KindSpec] = {
         KindSpec("checkpoint", "msgpack", SMALL, "a signed tlog checkpoint note from the notary"),
         KindSpec("segment", "msgpack", None, "a trainer's final weights, sealed to the owner"),
         KindSpec("metrics", "msgpack", SMALL, "the last stage's loss for a step, to the owner"),
+        KindSpec("logits", "tensor", SMALL * 8, "the last stage's logits of a training step, to "
+                                                "the owner, which checks the step's metrics"),
         KindSpec("beat", "msgpack", 64, "liveness, about once a second from everyone (an "
                                         "empty map)"),
         KindSpec("usage", "msgpack", 1024, "the CPU seconds and steps a process measured of "

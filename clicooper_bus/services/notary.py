@@ -294,7 +294,7 @@ class Notary(NotaryRestarts, NotaryEvidence):
         (evaluation's are outside it, as they are for the owner and the trainers); a step
         counts once, with the owner's activation that starts it."""
         h = env.header
-        if h.kind not in ("fwd", "bwd", "labels", "metrics"):
+        if h.kind not in ("fwd", "bwd", "labels", "metrics", "logits"):
             return
         new = h.kind == "fwd" and h.sender == self.roster.owner.key_id and \
             h.step is not None and h.step not in self.logged_steps

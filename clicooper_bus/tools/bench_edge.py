@@ -67,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the tree whose code every process 
 OWNER_IP, DEVICE_IP = "10.78.0.1", "10.78.0.2"
 LINKS: dict[str, float | None] = {"unlimited": None, "1gbit": 1e9, "100mbit": 100e6,
                                   "20mbit": 20e6}
-TRAINING = ("fwd", "bwd", "labels", "metrics")  # an epoch's traffic (evaluation is after it)
+TRAINING = ("fwd", "bwd", "labels", "metrics", "logits")  # an epoch's traffic (evaluation is after it)
 # the broadcast kinds a trainer subscribes to (services/trainer/stage.py `run`): each comes
 # down the link once per trainer
 BROADCASTS = ("roster", "end", "ack", "checkpoint", "beat", "round", "wm_commit", "rollback",

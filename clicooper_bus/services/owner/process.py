@@ -117,7 +117,8 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         route = self.loop.route
         route("hello", stages, b.on_hello)
         if self.setup.tail is None:  # with a tail the owner computes the loss itself
-            route("metrics", {last}, b.on_metrics)
+            route("metrics", {last}, self._on_metrics)
+            route("logits", {last}, lambda env: self.training.own.on_logits(env))
         route("checkpoint", {notary}, b.on_checkpoint)
         route("wm_commit", stages, b.on_commit)
         route("wm_claim", stages, b.on_claim)
@@ -136,6 +137,12 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
             route("fwd", {last}, keep)
             route("eval_fwd", {last}, self._on_eval_out)
+
+    def _on_metrics(self, env) -> None:
+        """The last stage's claim of a step, checked against its logits once both are in."""
+        self.books.on_metrics(env)
+        if env.header.step is not None:
+            self.training.own.check(env.header.step)
 
     def _on_eval_out(self, env) -> None:
         if not self.books.stale(env):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from clicooper_bus.net.bus import Bus
 
-INBOX = ("bwd", "eval_out", "metrics", "segment", "usage", "fwd", "eval_fwd", "end", "snapshot",
+INBOX = ("bwd", "eval_out", "metrics", "logits", "segment", "usage", "fwd", "eval_fwd", "end", "snapshot",
          "rejoin", "stage_state")
 BROADCASTS = ("hello", "checkpoint", "beat", "wm_commit", "wm_claim", "wm_cert", "restored",
               "tip", "equivocation")

@@ -27,6 +27,7 @@ from clicooper_bus.net.wire import Envelope
 from clicooper_bus.protocol import Metrics
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
 from clicooper_bus.services.owner.books import Books
+from clicooper_bus.services.owner.own_metrics import OwnMetrics
 from clicooper_bus.services.owner.rollback import OwnerSnapshots
 from clicooper_bus.services.owner.setup import OwnerSetup
 from clicooper_bus.services.usage import CpuMeter
@@ -56,6 +57,9 @@ class Training:
         # the head (and tail) at the steps the trainers snapshot theirs (`[run] snapshot_every`,
         # each epoch boundary): a rollback restores them
         self.snapshots = OwnerSnapshots(setup.head, setup.tail)
+        # without the tail the last stage computes the loss: the owner checks it (issue 19)
+        self.own = None if setup.tail is not None else OwnMetrics(
+            self.last, setup.spec.shapes[-1][0], setup.plan.codec, books.metrics, books.stale)
         self.per = -(-len(setup.data.x_train) // cfg.run.batch_size)  # steps an epoch
 
     def _after_step(self, step: int) -> None:
@@ -74,6 +78,8 @@ class Training:
         self.books.sent = step
         for s in [s for s in self.books.metrics if s >= step]:
             del self.books.metrics[s]
+        if self.own is not None:
+            self.own.forget_from(step)
         self.mailbox.held.clear()
         self.evaluating, self.eval_sent = False, set()
         self.meter.steps = step  # replayed steps count once, as the trainers count them
@@ -148,7 +154,9 @@ class Training:
         while window:  # an epoch ends with nothing in flight
             self._complete(window.popleft())
         steps = range(first_step, step)
-        self.wait("training metrics", lambda: all(s in self.books.metrics for s in steps))
+        own = self.own
+        self.wait("training metrics", lambda: all(
+            s in self.books.metrics and (own is None or s in own.checked) for s in steps))
         ms = [self.books.metrics[s] for s in steps]
         sizes = [len(i) for i in batches[:len(steps)]]
         n = max(1, seen)
@@ -174,8 +182,10 @@ class Training:
         self.books.sent = max(self.books.sent, meta["step"] + 1)  # its metrics may now come
         act = self._release(self.setup.data.x_train[idx], idx, meta["step"])
         self.bus.send_array("fwd", self.first, act, **meta)
-        if self.setup.tail is None:
-            self.bus.send_array("labels", self.last, self._labels(idx), **meta)
+        if self.own is not None:
+            labels = self._labels(idx)
+            self.own.sent(meta["step"], labels)
+            self.bus.send_array("labels", self.last, labels, **meta)
         return InFlight(meta["step"], idx, meta, tuple(act.shape))
 
     def _complete(self, s: InFlight) -> None:

@@ -421,6 +421,9 @@ class Trainer(Restarts, Marks, Standby, Ending):
         self.seg.update()
         check_result(state_tensors(self.seg.module, self.seg.optimizer), x, **blame)
         self.meter.step_done()
+        # the logits first: the owner reports only metrics it recomputed from them (issue 19)
+        self.bus.send_array("logits", self.roster.owner.name, r.logits, step=step,
+                            batch=h.batch, epoch=h.epoch)
         self.bus.send_doc("metrics", self.roster.owner.name, Metrics(r.loss, r.correct).to_doc(),
                           step=step, batch=h.batch, epoch=h.epoch)
         self._after_update(step)
