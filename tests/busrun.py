@@ -39,11 +39,13 @@ def write_config(tmp: Path, *, run_id: str = "t", trainers: int = 3, **sections)
 
 
 @contextmanager
-def processes(path: Path, evil: str | None = None, evil_as: str = "trainer-1"):
+def processes(path: Path, evil: str | None = None, evil_as: str = "trainer-1",
+              evils: dict[str, str] | None = None):
     """Start every process of the run configured at `path` (`evil_as` replaced by
-    tests/evil_trainer.py, or tests/evil_owner.py for the owner, in mode `evil`, if given);
-    yields (config, telemetry dir, processes) and kills whatever is still running on the way
-    out."""
+    tests/evil_trainer.py, or tests/evil_owner.py for the owner, in mode `evil`, if given;
+    `evils`: several, {name: mode}); yields (config, telemetry dir, processes) and kills
+    whatever is still running on the way out."""
+    evils = dict(evils or {}, **({evil_as: evil} if evil is not None else {}))
     cfg, cfg_path = prepare(str(path), {}, None, free_ports=False)
     tel = cfg.run_dir / "telemetry"
     tel.mkdir(parents=True)
@@ -51,10 +53,10 @@ def processes(path: Path, evil: str | None = None, evil_as: str = "trainer-1"):
     try:
         for name, cmd in _commands(cfg, cfg_path):
             env = None
-            if name == evil_as and evil is not None:
+            if name in evils:
                 evil_module = "tests.evil_owner" if name == "owner" else "tests.evil_trainer"
                 cmd = [sys.executable, "-m", evil_module, *cmd[3:]]
-                env = dict(os.environ, EVIL_MODE=evil)
+                env = dict(os.environ, EVIL_MODE=evils[name])
             procs[name] = subprocess.Popen(cmd, stdout=open(tel / f"{name}.out", "w"),
                                            stderr=open(tel / f"{name}.jsonl", "w"), env=env)
         yield cfg, tel, procs
