@@ -32,7 +32,8 @@ def bench_one(config: str, out: Path, run_id: str, epochs: int) -> dict:
     from clicooper_bus.tools.run import run
 
     over = {"run": {"id": run_id, "out_dir": str(out), "epochs": epochs},
-            "log": {"retention": "verify"}}
+            "log": {"retention": "verify"},
+            "participants": {"observers": []}}  # no auditor following: the run alone is timed
     t0 = time.perf_counter()
     code = run(config, overrides=over, force=True, echo=False)
     run_s = time.perf_counter() - t0
