@@ -146,6 +146,26 @@ def test_stashed_weights_give_each_step_the_gradient_of_its_own_forward():
     assert all(not torch.equal(a, p) for a, p in zip(moved, head.parameters(), strict=True))
 
 
+def test_dropout_draws_from_the_step_not_from_the_process():
+    """A stage's random layers are seeded per (plan seed, stage, step), so that replay
+    verification recomputes a dropout model's steps whatever else the process drew."""
+    x = torch.ones(8, 64)
+
+    def trainer(seed=(7, 2)):
+        return SegmentTrainer(torch.nn.Sequential(torch.nn.Dropout(0.5)), seed=seed)
+
+    a = trainer().forward(x, 3)
+    torch.rand(1000)  # the process RNG moves: the step's draw does not
+    assert torch.equal(a, trainer().forward(x, 3))
+    assert not torch.equal(a, trainer().forward(x, 4))  # another step, another mask
+    assert not torch.equal(a, trainer((7, 1)).forward(x, 3))  # another stage too
+    state = torch.get_rng_state()
+    trainer().forward(x, 5)
+    assert torch.equal(state, torch.get_rng_state())  # the process's stream is left as it was
+    assert trainer().seed == (7, 2) and SegmentTrainer(torch.nn.Linear(2, 2), seed=(7, 2)).seed \
+        is None  # nothing random: no generator to seed
+
+
 def test_synthetic_labels_are_a_function_of_the_image():
     d = synthetic(n_train=500, n_test=200, seed=1)
     assert d.x_train.dtype == np.uint8 and d.x_train.shape == (500, 1, 28, 28)

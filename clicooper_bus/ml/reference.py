@@ -59,7 +59,8 @@ def train_reference(data: Dataset, spec: ModelSpec, cuts: tuple[int, ...], *, se
     head's backward as the pipelined owner does: the head's forward of step s comes after its
     backward of step s - in_flight and before that of the next; the stages train in order."""
     segments = build_segments(spec, cuts, seed)
-    trainers = [SegmentTrainer(s, lr=lr, is_head=(i == 0), stash=(i == 0 and in_flight > 1))
+    trainers = [SegmentTrainer(s, lr=lr, is_head=(i == 0), stash=(i == 0 and in_flight > 1),
+                               seed=(seed, i) if i else None)  # stage i's, as on the bus
                 for i, s in enumerate(segments)]
     result = ReferenceResult(segments)
     step = 0

@@ -12,10 +12,16 @@ gradients of the earlier ones are back. `stash=True` keeps, per step, a copy of 
 forward used (PipeDream's weight stashing): the gradient is computed at those weights and
 applied to the current ones, instead of torch refusing a backward through weights changed in
 place since.
+
+Random layers (dropout) draw from a generator seeded per step (`step_seed`), not from the
+process's: a step's forward is then a function of the seed, the step and the weights alone,
+which replay verification recomputes (`audit.training_replay`); the process RNG would make it a
+function of everything the process drew before.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, KeysView
 from dataclasses import dataclass
 
@@ -32,12 +38,29 @@ class StepResult:
     logits: torch.Tensor | None = None  # [N, C], detached: what the loss was computed on
 
 
+def step_seed(seed: int, stage: int, step: int) -> int:
+    """The seed of stage `stage`'s random layers at training step `step` of a run whose plan
+    seed is `seed`: 63 bits of SHA-256 over the three, so that no two (stage, step) share a
+    stream."""
+    digest = hashlib.sha256(f"clicooper-dropout/{seed}/{stage}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def is_random(module: nn.Module) -> bool:
+    """Whether `module` draws random numbers in training mode (a dropout layer)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())
+
+
 class SegmentTrainer:
     def __init__(self, module: nn.Module, *, lr: float = 1e-3, is_head: bool = False,
-                 stash: bool = False):
+                 stash: bool = False, seed: tuple[int, int] | None = None):
+        """`seed`: (plan seed, stage) for the per-step generator of random layers (see the
+        module's docstring); None draws from the process's RNG (the owner's head, which no
+        one replays)."""
         self.module = module
         self.is_head = is_head
         self.stash = stash
+        self.seed = seed if seed is not None and is_random(module) else None
         self._weights: dict[int, dict[str, torch.Tensor]] = {}  # stashed, per step
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=lr) if params else None
@@ -57,18 +80,25 @@ class SegmentTrainer:
         self.module.train()
         if not self.is_head:
             x = x.detach().requires_grad_(True)
-        if self.stash:
-            weights = {n: p.detach().clone().requires_grad_(p.requires_grad)
-                       for n, p in self.module.named_parameters()}
-            self._weights[step] = weights
-            raw = functional_call(self.module, weights, (x,))
+        if self.seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(step_seed(*self.seed, step))
+                raw = self._call(x, step)
         else:
-            raw = self.module(x)
+            raw = self._call(x, step)
         out = post(raw) if post is not None else raw
         self._pending[step] = (x, out)
         if self.penalty is not None:
             self._raw[step] = raw
         return out.detach()
+
+    def _call(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        if self.stash:
+            weights = {n: p.detach().clone().requires_grad_(p.requires_grad)
+                       for n, p in self.module.named_parameters()}
+            self._weights[step] = weights
+            return functional_call(self.module, weights, (x,))
+        return self.module(x)
 
     def _finish(self, x: torch.Tensor, step: int, update: bool) -> torch.Tensor | None:
         weights = self._weights.pop(step, None)

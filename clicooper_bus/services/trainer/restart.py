@@ -126,7 +126,8 @@ class Restarts:
                                 problem=f"a rollback to step {rb.step}, of which {self.name} "
                                         f"has no snapshot (in memory: {sorted(self.store.memory)}"
                                         f", on disk: {self.snapshots.steps()})")
-        self.seg = SegmentTrainer(self.segment, lr=self.plan.lr)  # nothing pending
+        self.seg = SegmentTrainer(self.segment, lr=self.plan.lr,  # nothing pending
+                                  seed=(self.plan.seed, self.index + 1))
         if self.marker is not None:
             self.seg.regularizer = self.marker.regularizer
         snapshot.restore(self.seg, snap.tensors)

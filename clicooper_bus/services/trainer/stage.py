@@ -181,7 +181,7 @@ class Trainer(Restarts, Marks, Standby, Ending):
         # what our stage needs, from the shapes alone, before anything is allocated
         check_stage_memory(spec, plan, self.index + 1, self.cfg.run.trainer_memory_mb)
         self.segment = build_segment(spec, plan.segment_cuts, plan.seed, self.index + 1)
-        self.seg = SegmentTrainer(self.segment, lr=plan.lr)
+        self.seg = SegmentTrainer(self.segment, lr=plan.lr, seed=(plan.seed, self.index + 1))
         # this stage's input shape: the earlier stages' output, from the spec's resolution
         in_shape = tuple(spec.shapes[plan.cuts[self.index]])
         self.seg.warm_up((plan.batch_size, *in_shape))
