@@ -64,7 +64,8 @@ def test_a_killed_trainer_restarts_and_the_run_completes(tmp_path):
     step 20 (or 10, if the kill fell between a snapshot and its commitment), says so in the
     log (the owner's rollback, the rejoined trainer's rejoin, every trainer's restored), and
     ends with exit 0, a verifying log and the unfaulted weights."""
-    path = write_config(tmp_path, run_id="killed", trainers=2, run=RUN, bus=BUS)
+    path = write_config(tmp_path, run_id="killed", trainers=2, run=RUN, bus=BUS,
+                        log={"retention": "all"})
     cfg = load_config(path)
     inj = Injector(cfg.run_dir, [Kill("trainer-1", 25, 1.0)], STEPS)
     code = launch(path, timeout_s=300, inject=inj)
@@ -94,6 +95,13 @@ def test_a_killed_trainer_restarts_and_the_run_completes(tmp_path):
     assert abs(summary["test_accuracy"] - ref.test_accuracy) <= 0.01
     console = _console(cfg)
     assert "owner: rolling back to step" in console and "trainer-1: rejoined at seq" in console
+    # replay verification re-executes the steps before the rollback and says what it did not
+    # verify: the steps trained again (issue 19)
+    from clicooper_bus.audit.training_replay import verify_training
+
+    for s in verify_training(cfg.run_dir):
+        assert s.ok and not s.complete and len(s.steps) >= 10, s.line()
+        assert "a rollback (steps trained again)" in s.stopped, s.line()
 
 
 def test_a_killed_trainer_rejoins_a_watermarked_run(tmp_path):
@@ -105,7 +113,7 @@ def test_a_killed_trainer_rejoins_a_watermarked_run(tmp_path):
     path = write_config(tmp_path, run_id="wm-killed", trainers=2, bus=BUS,
                         run={"seed": 3, "snapshot_every": 5, "epochs": 2},
                         data={"train_limit": 320, "test_limit": 64},
-                        watermark={"enabled": True})
+                        watermark={"enabled": True}, log={"retention": "all"})
     cfg = load_config(path)
     per = 10  # 320 samples at batch size 32
     inj = Injector(cfg.run_dir, [Kill("trainer-1", per + 3, 1.0)], per)
@@ -119,3 +127,12 @@ def test_a_killed_trainer_rejoins_a_watermarked_run(tmp_path):
                                                                   (2, "trainer-2", 2)]
     console = _console(cfg)
     assert "trainer-1: rejoined at seq" in console and "owner: rolling back to step" in console
+    # what follows the rollback is not replayed yet: reported, and --full-replay fails it
+    from clicooper_bus.audit.model_replay import verify_model_replayed
+
+    layout = RunLayout(cfg.run_dir)
+    args = (layout.model, layout.provenance.root)
+    v = verify_model_replayed(*args, log_dir=layout.log)
+    assert v.ok and all("a rollback (steps trained again)" in s.replay for s in v.stages), v
+    v = verify_model_replayed(*args, log_dir=layout.log, full_replay=True)
+    assert not v.ok and "not replayed to its end (--full-replay)" in v.failure["reason"], v

@@ -100,6 +100,53 @@ def test_an_honest_run_with_watermarks_a_codec_and_evaluation_replays_in_full(tm
     # fallback: 2 threads against 1 change the first activations in their last bits
     with ProvenanceLog.open(run_dir / "log") as plog:
         assert all(v.ok and v.coverage == 1.0 for v in replay_log(plog, threads=2))
-    v = verify_model_replayed(run_dir / "model.safetensors", run_dir / "provenance",
-                              log_dir=run_dir / "log")
+        _replays_in_any_order_that_keeps_each_senders(plog)
+    model, bundle = run_dir / "model.safetensors", run_dir / "provenance"
+    v = verify_model_replayed(model, bundle, log_dir=run_dir / "log", full_replay=True)
     assert v.ok and all(s.replay and "no divergence" in s.replay for s in v.stages), v
+    v = verify_model_replayed(model, bundle, full_replay=True)
+    assert not v.ok and "needs the run's log" in v.failure["reason"]
+    _a_recorded_verdict_is_read_only_for_its_own_run(run_dir, model, bundle)
+
+
+def _a_recorded_verdict_is_read_only_for_its_own_run(run_dir, model, bundle) -> None:
+    """`replay.json` (unsigned) is bound to its run and final checkpoint: one copied from
+    another run, or malformed, is not read, and the verdict says so."""
+    replay_and_mark(run_dir)
+    path = bundle / "replay.json"
+    doc = json.loads(path.read_text())
+    assert doc["run_id"] == "honest" and len(doc["stages"]) == 2
+    v = verify_model_replayed(model, bundle)
+    assert v.ok and all("unsigned" in s.replay and "no divergence" in s.replay
+                        for s in v.stages), v
+    forged = [{**doc, "run_id": "another"}, {**doc, "checkpoint_sha256": "00" * 32},
+              {**doc, "stages": [{**r, "ok": "false"} for r in doc["stages"]]}, []]
+    for bad in forged:
+        path.write_text(json.dumps(bad))
+        v = verify_model_replayed(model, bundle)
+        assert v.ok and all(s.replay.startswith("not verified:") for s in v.stages), (bad, v)
+
+
+def _replays_in_any_order_that_keeps_each_senders(plog) -> None:
+    """The notary orders each sender's messages, not messages across senders: a resend after a
+    notary restart, or a message a sender held back, is logged after what was computed from
+    it. Replaying the log grouped by sender, each stage's outputs before its inputs or after
+    them, gives the same verdicts; an evaluation output whose input the log does not hold
+    diverges (it was not computed from anything the stage received)."""
+    from clicooper_bus.audit.training_replay import replay_log
+
+    heads = [plog.header(i) for i in range(plog.size)]
+    senders = list(dict.fromkeys(h.sender for h in heads))
+    base = [v.to_json() for v in replay_log(plog)]
+    for ranked in (senders, senders[::-1]):
+        order = sorted(range(plog.size), key=lambda i: (ranked.index(heads[i].sender), i))
+        assert [v.to_json() for v in replay_log(plog, order=order)] == base
+    from clicooper_bus.net.roster import Roster
+
+    owner, first = Roster.open(plog.roster_bytes).owner.key_id, base[0]["trainer"]
+    no_eval_in = [i for i, h in enumerate(heads)
+                  if not (h.kind == "eval_fwd" and h.sender == owner and h.to == first)]
+    one, two = replay_log(plog, order=no_eval_in)
+    assert not one.ok and (one.first.kind, one.first.step) == ("eval_fwd", 0), one.line()
+    assert "sent without the input" in one.line() and not one.complete
+    assert two.ok and two.complete, two.line()

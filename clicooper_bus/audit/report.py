@@ -346,12 +346,15 @@ def replay_and_mark(run_dir: Path) -> list[dict[str, Any]]:
     """Every stage of the run replayed from its log (`audit.training_replay`); the verdicts
     also go into its provenance bundle (`replay.json`), where `clicooper model verify` reads
     them. Returns the rows."""
+    from clicooper_bus.audit.model_replay import record
     from clicooper_bus.audit.training_replay import verify_training
 
     rows = [v.to_json() for v in verify_training(run_dir)]
-    bundle = RunLayout(run_dir).provenance
+    layout = RunLayout(run_dir)
+    bundle = layout.provenance
     if bundle.root.is_dir():
-        write_atomic(bundle.replay, json.dumps(rows, indent=1) + "\n")
+        run_id = json.loads(bundle.manifest.read_text())["run_id"]
+        write_atomic(bundle.replay, json.dumps(record(bundle, run_id, rows), indent=1) + "\n")
     return rows
 
 

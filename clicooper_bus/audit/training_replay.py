@@ -3,11 +3,13 @@ name the first message or commitment it did not compute as it should.
 
 Training is a pure function of the initial weights and the inputs a stage received: the plan in
 the signed roster fixes the model, its cut layers and the seed every process initialises from
-(`ml.build.build_segment`), and the log holds every input in the order the stage used it. So for
-each stage the verifier builds the initial weights, feeds it, in log order, the activations its
-predecessor sent (`fwd`), the labels the owner sent a last stage (`labels`), and the gradients
-its successor or the owner's tail sent back (`bwd`), with the same optimiser (Adam, the plan's
-learning rate) and the run's thread count, and compares with what the stage sent:
+(`ml.build.build_segment`) and its random layers draw from (`ml.split.step_seed`), and the log
+holds every input. So for each stage the verifier builds the initial weights and trains them as
+a trainer does, strictly in step order (`Trainer._advance`): the activations its predecessor
+sent (`fwd`, in that sender's order), then that step's labels from the owner for a last stage
+(`labels`) or the gradients its successor or the owner's tail sent back (`bwd`), with the same
+optimiser (Adam, the plan's learning rate) and the run's thread count, and compares with what
+the stage sent:
 - every `fwd` and `bwd` it sent (the tensors, decoded as the wire carries them);
 - a last stage's `metrics` (loss and count of correct predictions) and `logits`;
 - the weights digest of every `snapshot` it committed (`ml.state.weights_digest`: the state
@@ -33,7 +35,19 @@ absolute value, so that a future tolerance can be judged against it.
 Coverage: the replay of a stage stops at the first input whose body the log did not keep
 (`[log] retention`): the state after it is unknown (a snapshot commitment is a digest, not the
 weights, so a later span cannot be started from it). Not verified yet, and said so per stage:
-runs with rollbacks (steps trained again) or handovers.
+what comes after a rollback (steps trained again) or a handover; `model verify --full-replay`
+fails such a model.
+
+Order: the log orders each sender's messages (its signed chain), not messages across senders.
+A message that reached the notary late (a sender's resend after a notary restart, or one held
+back to open a gap) is logged after messages that were computed from it. So the verifier first
+indexes the log by stage, kind and step (headers only), then re-executes each stage in its own
+step order, reading the inputs where they are: an honest stage is never accused for where the
+notary logged its inputs. Each snapshot is compared with the state after the steps it covers,
+each watermark claim and evaluation with the weights at the end of its epoch (the owner starts
+an epoch after the last one's evaluation and round end). What a stage sent that its replay did
+not compute (an evaluation output without an evaluation input, metrics for a step it never
+trained) diverges, unless the replay stopped before it.
 
 Run only on a log that `verify_log` accepted: this module reads, it does not re-check.
 """
@@ -41,7 +55,7 @@ Run only on a log that `verify_log` accepted: this module reads, it does not re-
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +64,7 @@ import torch
 
 from clicooper_bus.chain.documents import Claim, Commit
 from clicooper_bus.config import load_config
+from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import batches
 from clicooper_bus.ml.models import build_segment, plan_spec
@@ -71,6 +86,13 @@ from clicooper_bus.tlog.log import ProvenanceLog
 COMPARED = ("fwd", "bwd", "metrics", "logits", "snapshot", "wm_claim", "eval_fwd", "eval_out")
 UNSUPPORTED_KINDS = {"rollback": "a rollback (steps trained again)",
                      "handover": "a handover to a standby"}
+EVALUATION = ("eval_fwd", "eval_out")
+
+
+def max_threads() -> int:
+    """The most torch threads a replay computes with (a trainer's `hello` says its own): more
+    would let a member make the audit start thousands of threads."""
+    return max(64, 2 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,7 @@ class StageVerdict:
     trained: set[int] = field(default_factory=set)  # training steps the stage sent for
     first: Divergence | None = None
     stopped: str | None = None
+    complete: bool = False  # replayed to the end: nothing stopped it
     largest: float = 0.0  # the largest absolute difference of any tensor compared
 
     @property
@@ -129,7 +152,7 @@ class StageVerdict:
         return {"stage": self.stage, "trainer": self.trainer, "ok": self.ok,
                 "sent": self.sent, "checked": self.checked, "coverage": round(self.coverage, 4),
                 "steps": len(self.steps), "trained": len(self.trained),
-                "stopped": self.stopped, "largest": self.largest,
+                "stopped": self.stopped, "complete": self.complete, "largest": self.largest,
                 "first": None if f is None else {"kind": f.kind, "step": f.step,
                                                  "entry": f.entry, "what": f.what,
                                                  "max_abs": f.max_abs},
@@ -146,8 +169,29 @@ def replay_markdown(rows: list[dict]) -> list[str]:
                     for r in rows] + [""]
 
 
+@dataclass
+class _Index:
+    """Where one stage's inputs and outputs are in the log (entry numbers; headers only)."""
+
+    fwd: list[int] = field(default_factory=list)  # activations in, in the sender's order
+    bwd: dict[int, int] = field(default_factory=dict)  # step -> gradients in
+    labels: dict[int, int] = field(default_factory=dict)  # step -> labels in
+    evals: list[tuple[int, int]] = field(default_factory=list)  # (epoch, entry) of eval_fwd in
+    hello: int | None = None
+    commits: list[int] = field(default_factory=list)
+    claims: list[int] = field(default_factory=list)
+    sent: dict[tuple, list[int]] = field(default_factory=dict)  # (kind, key) -> what it sent
+
+
+def _key(h: Header) -> tuple:
+    """The replay's name for an output: evaluation by (epoch, batch), the rest by step."""
+    if h.kind in EVALUATION:
+        return ("eval", h.epoch, h.step)
+    return (h.kind, h.step)
+
+
 class _Stage:
-    """The replay of one stage: its segment, its neighbours, and what it computed per step."""
+    """The replay of one stage: its segment, its neighbours, and where its messages are."""
 
     def __init__(self, plan: Plan, roster: Roster, stage: int, threads: int):
         names = list(roster.stages)
@@ -158,14 +202,10 @@ class _Stage:
         self.takes_labels = last and not plan.tail
         spec = plan_spec(plan)
         self.seg = SegmentTrainer(build_segment(spec, plan.segment_cuts, plan.seed, stage),
-                                  lr=plan.lr)
+                                  lr=plan.lr, seed=(plan.seed, stage))
         self.inputs = {"fwd": self.prev, "bwd": self.next,
                        "labels": roster.owner.name if self.takes_labels else None}
-        self.out: dict[tuple[str, int], np.ndarray] = {}  # (kind, step) -> what it must send
-        self.metrics: dict[int, tuple[float, int]] = {}
-        self.labels: dict[int, torch.Tensor] = {}  # a last stage's, until its logits are
-        self.logits: set[int] = set()  # steps whose logits a last stage computed
-        self.queued: deque[tuple[int, torch.Tensor]] = deque()  # inputs not yet forwarded
+        self.index = _Index()
         self.verdict = StageVerdict(stage, self.name)
         self.run_id, self.settings = roster.run_id, marker.settings(roster)
         self.public_key = roster.by_name(self.name).identity.public_key
@@ -174,28 +214,97 @@ class _Stage:
         self.marks: dict[int, wm.Watermark] = {}  # round -> the mark its commitment keys
         self.mark: wm.Watermark | None = None  # the one the next update adds
         self.seg.regularizer = lambda: self.mark.add_grad() if self.mark is not None else None
+        self.claims: list[tuple[int, int, Claim]] = []  # (round, entry, claim), not compared
+        self.plog: ProvenanceLog | None = None
+        self.cut: str | None = None  # why the log after some entry is not replayed
 
-    def take(self, h: Header, body, who: str, index: int) -> None:
-        """Entry `index` of the log, sent by `who`: an input to this stage, or one of its own
-        messages to compare."""
-        v = self.verdict
-        if who == self.name and h.kind in ("fwd", "bwd", "metrics"):
+    # --- pass 1: where everything is ------------------------------------------------------
+
+    def index_entry(self, h: Header, who: str, i: int, after_stop: bool) -> None:
+        """Entry `i` (header `h`, sent by `who`): note it if it is this stage's. After a
+        rollback or handover (`after_stop`) what the stage sent is only counted."""
+        v, ix = self.verdict, self.index
+        mine = who == self.name
+        if mine and h.kind in ("fwd", "bwd", "metrics"):
             v.trained.add(h.step)  # every step the stage took part in, replayed or not
-        if v.first is not None or v.stopped:
-            if who == self.name and h.kind in COMPARED:
-                v.sent += 1  # what the replay never reached counts against its coverage
+        if mine and h.kind in COMPARED:
+            v.sent += 1
+        if after_stop:
             return
         if h.to == self.name and who == self.inputs.get(h.kind):
-            self._input(h, body, index)
+            if h.kind == "fwd":
+                ix.fwd.append(i)
+            else:  # a second one for a step (refused by the stage): the first is what it used
+                (ix.bwd if h.kind == "bwd" else ix.labels).setdefault(h.step, i)
         elif h.kind == "eval_fwd" and h.to == self.name and who == self.prev:
-            self._evaluate(h, body, index)
-        elif who == self.name and h.kind == "hello" and body is not None:
-            said = Hello.parse(unpack(bytes(body)), sender=self.name).threads
+            ix.evals.append((h.epoch, i))
+        elif not mine:
+            return
+        elif h.kind == "hello":
+            ix.hello = i if ix.hello is None else ix.hello
+        elif h.kind == "wm_commit":
+            ix.commits.append(i)
+        elif h.kind == "wm_claim":
+            ix.claims.append(i)
+        elif h.kind in COMPARED:
+            ix.sent.setdefault(_key(h), []).append(i)
+
+    # --- pass 2: the stage's training, in its own order -----------------------------------
+
+    def replay(self, plog: ProvenanceLog, cut: str | None = None) -> StageVerdict:
+        """Re-execute the stage from what `index_entry` found; `cut`: why the log after the
+        indexed entries is not replayed (a rollback or handover), which stops the replay
+        once everything before it is."""
+        self.plog, self.cut, v = plog, cut, self.verdict
+        self._prepare()
+        epoch = None
+        if not v.stopped:
+            self._state_reached(0)
+        for i in self.index.fwd:
+            if v.first is not None or v.stopped:
+                break
+            h, _, body = plog.entry(i)
+            if epoch is not None and h.epoch != epoch:
+                self._epoch_end(h.epoch)  # the epochs before this one are over
+            epoch = h.epoch
+            if body is None:
+                self._stop(f"the log did not keep the body of its fwd input of step {h.step} "
+                           f"(entry {i}: [log] retention)")
+                break
+            self._step(h, tensor_of(h.dtype, h.shape, body))
+        if cut is not None:
+            self._stop(cut)
+        if v.first is None and not v.stopped:
+            self._epoch_end(None)
+            v.complete = v.first is None and not v.stopped
+        if v.first is None and not v.stopped:
+            self._unmatched()
+        return v
+
+    def _stop(self, why: str) -> None:
+        self.verdict.stopped = self.verdict.stopped or why
+
+    def _prepare(self) -> None:
+        """The stage's thread count (its `hello`), its watermark commitments and claims."""
+        ix = self.index
+        if ix.hello is not None:
+            said = Hello.parse(unpack(self._doc(ix.hello)), sender=self.name).threads
+            if said > max_threads():
+                self._stop(f"its hello says {said} torch threads, more than this verifier runs "
+                           f"({max_threads()}): replay it on a machine with {said // 2} cores")
             self.threads = said or self.threads
-        elif who == self.name and h.kind == "wm_commit" and body is not None:
-            self._commit(Commit.from_doc(unpack(bytes(body))))
-        elif who == self.name and h.kind in COMPARED:
-            self._compare(h, body, index)
+        for i in ix.commits:
+            self._commit(Commit.from_doc(unpack(self._doc(i))))
+        for i in ix.claims:
+            claim = Claim.from_doc(unpack(self._doc(i)))
+            self.claims.append((claim.round, i, claim))
+
+    def _doc(self, i: int) -> bytes:
+        body = self.plog.entry(i)[2]
+        if body is None:  # documents are always kept ([log] retention drops tensors only)
+            raise ClicooperError(f"log entry {i} holds no body: the log is not one that "
+                                 f"verify_log accepted")
+        return bytes(body)
 
     def _threads(self) -> None:
         if torch.get_num_threads() != self.threads:
@@ -205,8 +314,49 @@ class _Stage:
         """The stage's commitment to round `c.round`'s key: the replay embeds that mark."""
         if self.settings is not None and c.stage == self.stage and wm.carrier(self.seg.module):
             key = c.link(self.run_id, self.public_key).key()
-            self.marks[c.round] = wm.Watermark(key, self.seg.module, t=self.settings["bits"],
-                                               strength=self.settings["strength"])
+            self.marks.setdefault(c.round, wm.Watermark(key, self.seg.module,
+                                                        t=self.settings["bits"],
+                                                        strength=self.settings["strength"]))
+
+    def _input(self, i: int | None, what: str) -> torch.Tensor | None:
+        """The tensor of input entry `i` (`what`, in words), or None with the replay stopped
+        when the log does not hold it or did not keep its body."""
+        if i is None:  # before a rollback: the step it abandoned
+            self._stop(self.cut or f"the log holds no {what} (the run ended or stopped before "
+                                   f"it)")
+            return None
+        h, _, body = self.plog.entry(i)
+        if body is None:
+            self._stop(f"the log did not keep the body of its {what} (entry {i}: [log] "
+                       f"retention)")
+            return None
+        return tensor_of(h.dtype, h.shape, body)
+
+    def _step(self, h: Header, x: torch.Tensor) -> None:
+        """Training step `h.step`: forward, then the labels' loss or the gradients' backward,
+        the update; each output compared once computed."""
+        step, ix = h.step, self.index
+        self._threads()
+        out = self.seg.forward(x, step)
+        self.verdict.steps.add(step)
+        if self.takes_labels:
+            labels = self._input(ix.labels.get(step), f"labels of step {step}")
+            if labels is None:
+                return
+            r = self.seg.loss_backward(labels.long(), step, update=False)
+            self._expect({("bwd", step): as_sent(r.grad_in, self.codec).numpy(),
+                          ("logits", step): as_sent(r.logits, self.codec).numpy(),
+                          ("metrics", step): (r.loss, r.correct)})
+        else:
+            self._expect({("fwd", step): as_sent(out, self.codec).numpy()})
+            grad = self._input(ix.bwd.get(step), f"bwd input of step {step}")
+            if grad is None or self.verdict.first is not None:
+                return
+            grad_in = self.seg.backward(grad, step, update=False)
+            self._expect({("bwd", step): as_sent(grad_in, self.codec).numpy()})
+        if self.verdict.first is None:
+            self._update(step)
+            self._state_reached(step + 1)
 
     def _update(self, step: int) -> None:
         """The optimiser step of `step`, with the mark of its round when watermarks are on."""
@@ -214,111 +364,111 @@ class _Stage:
             round_ = step // self.per if self.per else 0
             self.mark = self.marks.get(round_)
             if self.mark is None:
-                self.verdict.stopped = (f"step {step} trains in round {round_}, whose watermark "
-                                        f"commitment is not in the log before it")
+                self._stop(f"step {step} trains in round {round_}, for which the log holds no "
+                           f"watermark commitment of this stage")
                 return
         self.seg.update()
 
-    def _evaluate(self, h: Header, body, index: int) -> None:
-        if body is None:
-            return  # evaluation changes no weight: training replay goes on
+    def _state_reached(self, step: int) -> None:
+        """The replay holds the state after steps 0 .. step - 1: compare the snapshots of
+        `step` (`Restarts._snapshot`)."""
+        for i in self.index.sent.pop(("snapshot", step), []):
+            self._compare_doc(i, "snapshot")
+
+    def _epoch_end(self, before: int | None) -> None:
+        """The evaluations of the epochs before `before` (None: all) with the weights the
+        replay holds, then the watermark claims of those rounds."""
+        rest = []
+        for epoch, i in self.index.evals:
+            if before is not None and epoch >= before:
+                rest.append((epoch, i))
+            elif self.verdict.first is None:
+                self._evaluate(i)
+        self.index.evals = rest
+        keep = []
+        for round_, i, claim in self.claims:
+            if before is not None and round_ >= before:
+                keep.append((round_, i, claim))
+            elif self.verdict.first is None:
+                self._compare_claim(i, claim)
+        self.claims = keep
+
+    def _evaluate(self, i: int) -> None:
+        h, _, body = self.plog.entry(i)
+        key = ("eval", h.epoch, h.step)
+        if body is None:  # not kept: what the stage sent from it is not checked
+            self.index.sent.pop(key, None)
+            return
         self._threads()
         out = self.seg.evaluate(tensor_of(h.dtype, h.shape, body))
-        self.out["eval", h.epoch, h.step] = as_sent(out, self.codec).numpy()
+        self._expect({key: as_sent(out, self.codec).numpy()})
 
-    def _input(self, h: Header, body, index: int) -> None:
-        v = self.verdict
-        if body is None:
-            v.stopped = (f"the log did not keep the body of its {h.kind} input of step {h.step} "
-                         f"(entry {index}: [log] retention)")
-            return
-        x = tensor_of(h.dtype, h.shape, body)
-        self._threads()
-        if h.kind == "fwd":
-            self.queued.append((h.step, x))
-        elif h.kind == "labels":
-            self.labels[h.step] = x.long()
-            self._loss(h.step)
-        else:
-            grad_in = self.seg.backward(x, h.step, update=False)
-            self.out["bwd", h.step] = as_sent(grad_in, self.codec).numpy()
-            self._update(h.step)
-        self._advance()
+    # --- comparing ------------------------------------------------------------------------
 
-    def _advance(self) -> None:
-        """Forward the next queued batch once the previous step's backward is done, as a
-        trainer does (`Trainer._advance`: strictly in step order, whatever is in flight)."""
-        while self.queued and not self.seg.pending:
-            step, x = self.queued.popleft()
-            out = self.seg.forward(x, step)
-            self.verdict.steps.add(step)
-            if self.takes_labels:
-                self.logits.add(step)
-                self._loss(step)
+    def _expect(self, computed: dict[tuple, object]) -> None:
+        """Compare what the replay computed with what the stage sent under the same names,
+        in the order the stage sent them (so the first divergence is its first wrong
+        message)."""
+        sent = sorted((i, key) for key in computed for i in self.index.sent.pop(key, []))
+        for i, key in sent:
+            if self.verdict.first is not None:
+                return
+            if key[0] == "metrics":
+                self._compare_metrics(i, computed[key])
             else:
-                self.out["fwd", step] = as_sent(out, self.codec).numpy()
+                self._compare_tensor(i, computed[key])
 
-    def _loss(self, step: int) -> None:
-        """A last stage's loss, its gradient and its metrics, once it has both the step's
-        logits and its labels (in either order)."""
-        if step in self.logits and step in self.labels:
-            self.logits.discard(step)
-            r = self.seg.loss_backward(self.labels.pop(step), step, update=False)
-            self.out["bwd", step] = as_sent(r.grad_in, self.codec).numpy()
-            self.out["logits", step] = as_sent(r.logits, self.codec).numpy()
-            self._update(step)
-            self.metrics[step] = (r.loss, r.correct)
-
-    def _compare(self, h: Header, body, index: int) -> None:
-        v = self.verdict
-        v.sent += 1
+    def _compare_tensor(self, i: int, want: np.ndarray) -> None:
+        h, _, body = self.plog.entry(i)
         if body is None:
             return  # not kept: not counted as checked
-        if h.kind == "snapshot":
-            snap = Snapshot.parse(unpack(bytes(body)), sender=self.name)
-            mine = weights_digest(self.seg.module)  # sent after its last update: in log order
-            v.checked += 1
-            if mine != snap.weights:
-                v.first = Divergence("snapshot", snap.step, index,
-                                     f"commits weights {snap.weights[:16]}..., the replay "
-                                     f"holds {mine[:16]}...")
-            return
-        if h.kind == "wm_claim":
-            claim = Claim.from_doc(unpack(bytes(body)))
-            mine = claim_digest(self.seg.module)
-            v.checked += 1
-            if mine != claim.weights_sha256:
-                v.first = Divergence("wm_claim", None, index,
-                                     f"claims weights {claim.weights_sha256.hex()[:16]}... at the "
-                                     f"end of round {claim.round}, the replay holds "
-                                     f"{mine.hex()[:16]}...")
-            return
-        if h.kind == "metrics":
-            want = self.metrics.get(h.step)
-            if want is None:
-                return
-            m = Metrics.parse(unpack(bytes(body)), sender=self.name)
-            v.checked += 1
-            if (m.loss, m.correct) != want:
-                v.first = Divergence("metrics", h.step, index,
-                                     f"reports loss {m.loss:.6g} and {m.correct} correct, the "
-                                     f"replay computes {want[0]:.6g} and {want[1]}")
-            return
-        evaluation = h.kind in ("eval_fwd", "eval_out")
-        want = self.out.pop(("eval", h.epoch, h.step) if evaluation else (h.kind, h.step), None)
-        if want is None and evaluation:
-            return  # its input's body was not kept: not checked, and no divergence
-        if want is None:
-            v.first = Divergence(h.kind, h.step, index, "was sent without the input the replay "
-                                                        "computes it from")
-            return
+        v = self.verdict
         got = tensor_of(h.dtype, h.shape, body).numpy()
         v.checked += 1
         diff = float(np.abs(got - want).max(initial=0.0)) if got.shape == want.shape else None
         v.largest = max(v.largest, diff if diff is not None else float("inf"))
         if diff is None or not np.array_equal(got, want):
-            v.first = Divergence(h.kind, h.step, index, "differs from what the replay computes",
+            v.first = Divergence(h.kind, h.step, i, "differs from what the replay computes",
                                  diff)
+
+    def _compare_metrics(self, i: int, want: tuple[float, int]) -> None:
+        h, _, body = self.plog.entry(i)
+        m = Metrics.parse(unpack(bytes(body)), sender=self.name)
+        self.verdict.checked += 1
+        if (m.loss, m.correct) != want:
+            self.verdict.first = Divergence(
+                "metrics", h.step, i, f"reports loss {m.loss:.6g} and {m.correct} correct, the "
+                                      f"replay computes {want[0]:.6g} and {want[1]}")
+
+    def _compare_doc(self, i: int, kind: str) -> None:
+        snap = Snapshot.parse(unpack(self._doc(i)), sender=self.name)
+        mine = weights_digest(self.seg.module)
+        self.verdict.checked += 1
+        if mine != snap.weights:
+            self.verdict.first = Divergence("snapshot", snap.step, i,
+                                            f"commits weights {snap.weights[:16]}..., the "
+                                            f"replay holds {mine[:16]}...")
+
+    def _compare_claim(self, i: int, claim: Claim) -> None:
+        mine = claim_digest(self.seg.module)
+        self.verdict.checked += 1
+        if mine != claim.weights_sha256:
+            self.verdict.first = Divergence(
+                "wm_claim", None, i, f"claims weights {claim.weights_sha256.hex()[:16]}... at the "
+                                     f"end of round {claim.round}, the replay holds "
+                                     f"{mine.hex()[:16]}...")
+
+    def _unmatched(self) -> None:
+        """After a complete replay: the first thing the stage sent that nothing it received
+        computes (an evaluation output nobody asked for, metrics of a step it never
+        trained, a snapshot of a step it never reached)."""
+        left = sorted((i, key) for key, entries in self.index.sent.items() for i in entries)
+        if left:
+            i, key = left[0]
+            h = self.plog.header(i)
+            self.verdict.first = Divergence(h.kind, h.step, i, "was sent without the input "
+                                                               "the replay computes it from")
+            self.verdict.complete = False
 
 
 def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
@@ -330,25 +480,29 @@ def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
         return replay_log(plog, cfg.run.trainer_threads)
 
 
-def replay_log(plog: ProvenanceLog, threads: int = 1) -> list[StageVerdict]:
+def replay_log(plog: ProvenanceLog, threads: int = 1,
+               order: Sequence[int] | None = None) -> list[StageVerdict]:
     """Re-execute every trainer's stage from the open log `plog`; one verdict per stage. Each
     stage computes with the torch threads its trainer said in its `hello` (the same
     operations in the same order: 2 threads against 1 changed the first activations by
-    6e-8), `threads` for a trainer that did not say."""
+    6e-8), `threads` for a trainer that did not say. `order`: the entries in the order the
+    notary could have logged them (default: the log's; any order that keeps each sender's
+    gives the same verdicts, which tests check)."""
     roster = Roster.open(plog.roster_bytes)
     plan = Plan.from_meta(roster.meta["plan"])
     previous = torch.get_num_threads()
     try:
         stages = [_Stage(plan, roster, i, threads) for i in range(1, len(roster.stages) + 1)]
         names = {m.key_id: m.name for m in roster.members}
-        for i in range(plog.size):
-            h, _, body = plog.entry(i)
-            if h.kind in UNSUPPORTED_KINDS and h.sender == roster.owner.key_id:
-                for s in stages:
-                    s.verdict.stopped = s.verdict.stopped or (
-                        f"{UNSUPPORTED_KINDS[h.kind]} at log entry {i}: not verified yet")
+        stop = None
+        for i in (range(plog.size) if order is None else order):
+            h = plog.header(i)
+            if stop is None and h.kind in UNSUPPORTED_KINDS and h.sender == roster.owner.key_id:
+                stop = f"{UNSUPPORTED_KINDS[h.kind]} at log entry {i}: not verified yet"
             for s in stages:
-                s.take(h, body, names.get(h.sender, "?"), i)
+                s.index_entry(h, names.get(h.sender, "?"), i, stop is not None)
+        for s in stages:
+            s.replay(plog, stop)
     finally:
         torch.set_num_threads(previous)
     return [s.verdict for s in stages]

@@ -388,6 +388,10 @@ class ProvenanceLog:
         h = parse_header(raw, self.limits)
         return h, sig, (b"" if h.body_len == 0 else self.body(h.body_sha256))
 
+    def header(self, index: int) -> Header:
+        """Entry `index`'s parsed header alone (its body is neither read nor hashed)."""
+        return parse_header(split_leaf(self.leaf(index))[0], self.limits)
+
     def has_body(self, sha256: bytes) -> bool:
         return sha256 in self._body_index
 

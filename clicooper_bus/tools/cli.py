@@ -211,8 +211,12 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
     from clicooper_bus.audit.model_replay import verify_model_replayed
 
     owner = load_public(args.owner_key) if args.owner_key else None
+    if args.full_replay and not args.log:
+        print("model verify: --full-replay needs --log (the run's log directory): the replay "
+              "verdicts an audit records in the bundle are unsigned", file=sys.stderr)
+        return 2
     v = verify_model_replayed(args.model, args.bundle, log_dir=args.log, owner=owner,
-                              exact=args.exact)
+                              exact=args.exact, full_replay=args.full_replay)
     if args.json:
         print(json.dumps(v.to_json(), indent=2))
         return 0 if v.ok else 1
@@ -444,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--exact", action="store_true",
                    help="also require the weights the last claims certify, byte for byte (the "
                         "marks alone can be written by anyone holding the bundle)")
+    m.add_argument("--full-replay", action="store_true",
+                   help="with --log: also fail unless every stage was replayed to its end (a "
+                        "log that did not keep every input, or a rollback or handover, leaves "
+                        "a stage not verified; without this it is reported, not failed)")
     m.set_defaults(func=cmd_model_verify)
     m = mp.add_parser("dispute", help="decide between competing bundles claiming one model")
     m.add_argument("model", help="the disputed model.safetensors")
