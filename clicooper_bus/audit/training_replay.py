@@ -34,9 +34,14 @@ absolute value, so that a future tolerance can be judged against it.
 
 Coverage: the replay of a stage stops at the first input whose body the log did not keep
 (`[log] retention`): the state after it is unknown (a snapshot commitment is a digest, not the
-weights, so a later span cannot be started from it). Not verified yet, and said so per stage:
-what comes after a rollback (steps trained again) or a handover; `model verify --full-replay`
-fails such a model.
+weights, so a later span cannot be started from it).
+
+Rollbacks (a restarted trainer, a resumed run): the steps from the rollback's step are trained
+again after it in the log. The replay re-executes each span between rollbacks in turn, and at a
+rollback restores the state it held itself after the steps before that step (kept from the
+first span: the trainer restores its snapshot of that step, whose weights digest the replay
+compared), in a fresh optimiser as the trainer does. Not verified yet, and said so per stage:
+what comes after a handover to a standby; `model verify --full-replay` fails such a model.
 
 Order: the log orders each sender's messages (its signed chain), not messages across senders.
 A message that reached the notary late (a sender's resend after a notary restart, or one held
@@ -69,7 +74,7 @@ from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import batches
 from clicooper_bus.ml.models import build_segment, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
-from clicooper_bus.ml.state import weights_digest
+from clicooper_bus.ml.state import restore, stage_state, weights_digest
 from clicooper_bus.ml.tensors import as_sent, tensor_of
 from clicooper_bus.ml.watermark import mark as wm
 from clicooper_bus.ml.watermark import marker
@@ -79,13 +84,12 @@ from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Header
 from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import Hello, Metrics
-from clicooper_bus.protocol.recovery import Snapshot
+from clicooper_bus.protocol.recovery import Rollback, Snapshot
 from clicooper_bus.tlog.log import ProvenanceLog
 
 # what a stage sends that the replay recomputes
 COMPARED = ("fwd", "bwd", "metrics", "logits", "snapshot", "wm_claim", "eval_fwd", "eval_out")
-UNSUPPORTED_KINDS = {"rollback": "a rollback (steps trained again)",
-                     "handover": "a handover to a standby"}
+BREAKS = ("rollback", "handover")
 EVALUATION = ("eval_fwd", "eval_out")
 
 
@@ -124,6 +128,7 @@ class StageVerdict:
     first: Divergence | None = None
     stopped: str | None = None
     complete: bool = False  # replayed to the end: nothing stopped it
+    rollbacks: int = 0  # rollbacks replayed (the state at their step restored)
     largest: float = 0.0  # the largest absolute difference of any tensor compared
 
     @property
@@ -143,6 +148,8 @@ class StageVerdict:
             diff = f" (largest difference {f.max_abs:.3g})" if f.max_abs is not None else ""
             return (f"{head}; DIVERGES at step {f.step}: its {f.kind} (log entry {f.entry}) "
                     f"{f.what}{diff}")
+        if self.rollbacks:
+            head += f", across {self.rollbacks} rollback{'s' if self.rollbacks > 1 else ''}"
         return head + (f"; stopped: {self.stopped}" if self.stopped else "; no divergence")
 
 
@@ -153,6 +160,7 @@ class StageVerdict:
                 "sent": self.sent, "checked": self.checked, "coverage": round(self.coverage, 4),
                 "steps": len(self.steps), "trained": len(self.trained),
                 "stopped": self.stopped, "complete": self.complete, "largest": self.largest,
+                "rollbacks": self.rollbacks,
                 "first": None if f is None else {"kind": f.kind, "step": f.step,
                                                  "entry": f.entry, "what": f.what,
                                                  "max_abs": f.max_abs},
@@ -177,10 +185,17 @@ class _Index:
     bwd: dict[int, int] = field(default_factory=dict)  # step -> gradients in
     labels: dict[int, int] = field(default_factory=dict)  # step -> labels in
     evals: list[tuple[int, int]] = field(default_factory=list)  # (epoch, entry) of eval_fwd in
-    hello: int | None = None
-    commits: list[int] = field(default_factory=list)
-    claims: list[int] = field(default_factory=list)
     sent: dict[tuple, list[int]] = field(default_factory=dict)  # (kind, key) -> what it sent
+
+
+@dataclass(frozen=True)
+class Break:
+    """Where the log's training starts over: a `rollback` to `step` (the steps from there are
+    trained again, after it), or a handover (`step` None: not replayed yet)."""
+
+    entry: int
+    step: int | None
+    what: str
 
 
 def _key(h: Header) -> tuple:
@@ -205,7 +220,15 @@ class _Stage:
                                   lr=plan.lr, seed=(plan.seed, stage))
         self.inputs = {"fwd": self.prev, "bwd": self.next,
                        "labels": roster.owner.name if self.takes_labels else None}
-        self.index = _Index()
+        self.timelines = [_Index()]  # one per span between rollbacks
+        self.index = self.timelines[0]
+        self.hello: int | None = None
+        self.commits: list[int] = []
+        self.claim_entries: list[int] = []
+        self.targets: set[int] = set()  # the steps rollbacks return to: their state is kept
+        self.saved: dict[int, dict[str, torch.Tensor]] = {}
+        self.more = False  # a later span follows the one replayed: running out is no stop
+        self.ran_out = False
         self.verdict = StageVerdict(stage, self.name)
         self.run_id, self.settings = roster.run_id, marker.settings(roster)
         self.public_key = roster.by_name(self.name).identity.public_key
@@ -216,21 +239,24 @@ class _Stage:
         self.seg.regularizer = lambda: self.mark.add_grad() if self.mark is not None else None
         self.claims: list[tuple[int, int, Claim]] = []  # (round, entry, claim), not compared
         self.plog: ProvenanceLog | None = None
-        self.cut: str | None = None  # why the log after some entry is not replayed
 
     # --- pass 1: where everything is ------------------------------------------------------
 
-    def index_entry(self, h: Header, who: str, i: int, after_stop: bool) -> None:
-        """Entry `i` (header `h`, sent by `who`): note it if it is this stage's. After a
-        rollback or handover (`after_stop`) what the stage sent is only counted."""
-        v, ix = self.verdict, self.index
+    def index_entry(self, h: Header, who: str, i: int, span: int | None) -> None:
+        """Entry `i` (header `h`, sent by `who`) of span `span` (the log between two
+        rollbacks): note it if it is this stage's. After a handover (`span` None) what the
+        stage sent is only counted."""
+        v = self.verdict
         mine = who == self.name
         if mine and h.kind in ("fwd", "bwd", "metrics"):
             v.trained.add(h.step)  # every step the stage took part in, replayed or not
         if mine and h.kind in COMPARED:
             v.sent += 1
-        if after_stop:
+        if span is None:
             return
+        while len(self.timelines) <= span:
+            self.timelines.append(_Index())
+        ix = self.timelines[span]
         if h.to == self.name and who == self.inputs.get(h.kind):
             if h.kind == "fwd":
                 ix.fwd.append(i)
@@ -241,29 +267,51 @@ class _Stage:
         elif not mine:
             return
         elif h.kind == "hello":
-            ix.hello = i if ix.hello is None else ix.hello
+            self.hello = i if self.hello is None else self.hello
         elif h.kind == "wm_commit":
-            ix.commits.append(i)
+            self.commits.append(i)
         elif h.kind == "wm_claim":
-            ix.claims.append(i)
+            self.claim_entries.append(i)
         elif h.kind in COMPARED:
             ix.sent.setdefault(_key(h), []).append(i)
 
     # --- pass 2: the stage's training, in its own order -----------------------------------
 
-    def replay(self, plog: ProvenanceLog, cut: str | None = None) -> StageVerdict:
-        """Re-execute the stage from what `index_entry` found; `cut`: why the log after the
-        indexed entries is not replayed (a rollback or handover), which stops the replay
-        once everything before it is."""
-        self.plog, self.cut, v = plog, cut, self.verdict
+    def replay(self, plog: ProvenanceLog, breaks: Sequence[Break] = ()) -> StageVerdict:
+        """Re-execute the stage from what `index_entry` found: each span of the log in turn,
+        a rollback restoring the state the replay held at its step (as the trainer restores
+        its snapshot); a handover stops it, not verified yet."""
+        self.plog, v = plog, self.verdict
+        rollbacks = [b for b in breaks if b.step is not None]
+        handover = next((b for b in breaks if b.step is None), None)
+        self.targets = {b.step for b in rollbacks}
         self._prepare()
-        epoch = None
         if not v.stopped:
             self._state_reached(0)
-        for i in self.index.fwd:
+        for span, ix in enumerate(self.timelines):
             if v.first is not None or v.stopped:
                 break
-            h, _, body = plog.entry(i)
+            if span and not self._roll_back(rollbacks[span - 1]):
+                break
+            self.index, self.more = ix, span + 1 < len(self.timelines) or handover is not None
+            self._train()
+        if handover is not None:
+            self._stop(handover.what)
+        if v.first is None and not v.stopped:
+            self._epoch_end(None)
+            v.complete = v.first is None and not v.stopped
+        if v.first is None and not v.stopped:
+            self._unmatched()
+        return v
+
+    def _train(self) -> None:
+        """The steps of the current span, in the order the predecessor sent them."""
+        epoch, v = None, self.verdict
+        self.ran_out = False
+        for i in self.index.fwd:
+            if v.first is not None or v.stopped or self.ran_out:
+                break
+            h, _, body = self.plog.entry(i)
             if epoch is not None and h.epoch != epoch:
                 self._epoch_end(h.epoch)  # the epochs before this one are over
             epoch = h.epoch
@@ -272,30 +320,37 @@ class _Stage:
                            f"(entry {i}: [log] retention)")
                 break
             self._step(h, tensor_of(h.dtype, h.shape, body))
-        if cut is not None:
-            self._stop(cut)
-        if v.first is None and not v.stopped:
-            self._epoch_end(None)
-            v.complete = v.first is None and not v.stopped
-        if v.first is None and not v.stopped:
-            self._unmatched()
-        return v
+
+    def _roll_back(self, b: Break) -> bool:
+        """The rollback `b`: the state the replay held after steps 0 .. b.step - 1 again, in a
+        fresh optimiser as the trainer's (`Restarts._on_rollback`); False, stopped, when the
+        replay never held it."""
+        state = self.saved.get(b.step)
+        if state is None:
+            self._stop(f"{b.what}: back to step {b.step}, a state the replay did not reach")
+            return False
+        self.seg = SegmentTrainer(self.seg.module, lr=self.seg.optimizer.defaults["lr"]
+                                  if self.seg.optimizer is not None else 0.0,
+                                  seed=self.seg.seed)
+        self.seg.regularizer = lambda: self.mark.add_grad() if self.mark is not None else None
+        restore(self.seg, state)
+        self.verdict.rollbacks += 1
+        return True
 
     def _stop(self, why: str) -> None:
         self.verdict.stopped = self.verdict.stopped or why
 
     def _prepare(self) -> None:
         """The stage's thread count (its `hello`), its watermark commitments and claims."""
-        ix = self.index
-        if ix.hello is not None:
-            said = Hello.parse(unpack(self._doc(ix.hello)), sender=self.name).threads
+        if self.hello is not None:
+            said = Hello.parse(unpack(self._doc(self.hello)), sender=self.name).threads
             if said > max_threads():
                 self._stop(f"its hello says {said} torch threads, more than this verifier runs "
                            f"({max_threads()}): replay it on a machine with {said // 2} cores")
             self.threads = said or self.threads
-        for i in ix.commits:
+        for i in self.commits:
             self._commit(Commit.from_doc(unpack(self._doc(i))))
-        for i in ix.claims:
+        for i in self.claim_entries:
             claim = Claim.from_doc(unpack(self._doc(i)))
             self.claims.append((claim.round, i, claim))
 
@@ -321,9 +376,11 @@ class _Stage:
     def _input(self, i: int | None, what: str) -> torch.Tensor | None:
         """The tensor of input entry `i` (`what`, in words), or None with the replay stopped
         when the log does not hold it or did not keep its body."""
-        if i is None:  # before a rollback: the step it abandoned
-            self._stop(self.cut or f"the log holds no {what} (the run ended or stopped before "
-                                   f"it)")
+        if i is None:
+            if self.more:  # before a rollback: a step it abandoned
+                self.ran_out = True
+            else:
+                self._stop(f"the log holds no {what} (the run ended or stopped before it)")
             return None
         h, _, body = self.plog.entry(i)
         if body is None:
@@ -374,6 +431,8 @@ class _Stage:
         `step` (`Restarts._snapshot`)."""
         for i in self.index.sent.pop(("snapshot", step), []):
             self._compare_doc(i, "snapshot")
+        if step in self.targets and self.verdict.first is None:
+            self.saved[step] = stage_state(self.seg)  # a later rollback returns here
 
     def _epoch_end(self, before: int | None) -> None:
         """The evaluations of the epochs before `before` (None: all) with the weights the
@@ -471,6 +530,14 @@ class _Stage:
             self.verdict.complete = False
 
 
+def _break(plog: ProvenanceLog, i: int, kind: str) -> Break:
+    if kind == "handover":
+        return Break(i, None, f"a handover to a standby at log entry {i}: not verified yet")
+    body = plog.entry(i)[2]
+    rb = Rollback.parse(unpack(bytes(body)), sender="the owner")
+    return Break(i, rb.step, f"a rollback at log entry {i}")
+
+
 def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
     """Re-execute every trainer's stage of the run in `run_dir` from its log; one verdict per
     stage. Raises ClicooperError for a run it cannot read."""
@@ -494,15 +561,17 @@ def replay_log(plog: ProvenanceLog, threads: int = 1,
     try:
         stages = [_Stage(plan, roster, i, threads) for i in range(1, len(roster.stages) + 1)]
         names = {m.key_id: m.name for m in roster.members}
-        stop = None
+        breaks: list[Break] = []
+        span: int | None = 0
         for i in (range(plog.size) if order is None else order):
             h = plog.header(i)
-            if stop is None and h.kind in UNSUPPORTED_KINDS and h.sender == roster.owner.key_id:
-                stop = f"{UNSUPPORTED_KINDS[h.kind]} at log entry {i}: not verified yet"
+            if span is not None and h.sender == roster.owner.key_id and h.kind in BREAKS:
+                breaks.append(_break(plog, i, h.kind))
+                span = span + 1 if h.kind == "rollback" else None
             for s in stages:
-                s.index_entry(h, names.get(h.sender, "?"), i, stop is not None)
+                s.index_entry(h, names.get(h.sender, "?"), i, span)
         for s in stages:
-            s.replay(plog, stop)
+            s.replay(plog, breaks)
     finally:
         torch.set_num_threads(previous)
     return [s.verdict for s in stages]
