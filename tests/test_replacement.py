@@ -32,7 +32,7 @@ def replaced(tmp_path_factory):
                         run={"seed": 3, "epochs": 2, "snapshot_every": 5},
                         data={"train_limit": PER * 32, "test_limit": 64},
                         bus={"timeout_s": 1.0, "beat_s": 0.25, "rejoin_timeout_s": 4.0},
-                        watermark={"enabled": True})
+                        watermark={"enabled": True}, log={"retention": "all"})
     cfg = load_config(path)
     inj = Injector(cfg.run_dir, [Kill("trainer-1", PER + 3, None)], PER)
     return cfg, launch(path, timeout_s=300, inject=inj), inj
@@ -53,6 +53,15 @@ def test_a_standby_takes_over_a_gone_trainers_stage_and_the_chain_records_it(rep
     console = _console(cfg)
     assert "owner: trainer-1 gone: stage 1 handed over to standby-1 from step 10" in console
     assert "standby-1: took over stage 1 from trainer-1 at step 10" in console
+    # replay verification follows the stage to the standby (issue 19): trainer-1's steps, then
+    # from the rollback on the standby's, with its own commitments' marks, bit for bit
+    from clicooper_bus.audit.model_replay import verify_model_replayed
+
+    v = verify_model_replayed(layout.model, layout.provenance.root, log_dir=layout.log,
+                              full_replay=True)
+    assert v.ok, v.failure
+    assert "stage 1 (trainer-1, then standby-1)" in v.stages[0].replay, v.stages[0].replay
+    assert all("across 1 rollback; no divergence" in s.replay for s in v.stages), v
 
 
 def test_a_handover_the_owner_did_not_sign_or_to_no_standby_fails_verification(replaced,

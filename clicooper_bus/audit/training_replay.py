@@ -40,8 +40,10 @@ Rollbacks (a restarted trainer, a resumed run): the steps from the rollback's st
 again after it in the log. The replay re-executes each span between rollbacks in turn, and at a
 rollback restores the state it held itself after the steps before that step (kept from the
 first span: the trainer restores its snapshot of that step, whose weights digest the replay
-compared), in a fresh optimiser as the trainer does. Not verified yet, and said so per stage:
-what comes after a handover to a standby; `model verify --full-replay` fails such a model.
+compared), in a fresh optimiser as the trainer does. A handover to a standby is a rollback
+too (the standby restores the gone trainer's committed state of that step): from it on, the
+stage's messages are the standby's, with its threads and its watermark commitments (a handover
+voids the round's: every stage commits anew).
 
 Order: the log orders each sender's messages (its signed chain), not messages across senders.
 A message that reached the notary late (a sender's resend after a notary restart, or one held
@@ -84,12 +86,11 @@ from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Header
 from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import Hello, Metrics
-from clicooper_bus.protocol.recovery import Rollback, Snapshot
+from clicooper_bus.protocol.recovery import Handover, Rollback, Snapshot
 from clicooper_bus.tlog.log import ProvenanceLog
 
 # what a stage sends that the replay recomputes
 COMPARED = ("fwd", "bwd", "metrics", "logits", "snapshot", "wm_claim", "eval_fwd", "eval_out")
-BREAKS = ("rollback", "handover")
 EVALUATION = ("eval_fwd", "eval_out")
 
 
@@ -117,10 +118,11 @@ class Divergence:
 class StageVerdict:
     """One stage's replay: how many of the messages and weight commitments it sent were
     recomputed (`checked` of `sent`), the first that differed, and why the replay stopped
-    early (`stopped`: a missing input body, or what is not verified yet)."""
+    early (`stopped`: a missing input body, a rollback to a state it did not reach)."""
 
     stage: int
     trainer: str
+    trainers: list[str] = field(default_factory=list)  # who held the stage, in turn
     sent: int = 0
     checked: int = 0
     steps: set[int] = field(default_factory=set)  # training steps replayed
@@ -140,7 +142,8 @@ class StageVerdict:
         return self.first is None
 
     def line(self) -> str:
-        head = (f"stage {self.stage} ({self.trainer}): {self.checked} of {self.sent} messages "
+        who = ", then ".join(self.trainers or [self.trainer])
+        head = (f"stage {self.stage} ({who}): {self.checked} of {self.sent} messages "
                 f"and commitments recomputed ({self.coverage:.0%}), {len(self.steps)} of "
                 f"{len(self.trained)} steps re-executed")
         if self.first is not None:
@@ -156,7 +159,8 @@ class StageVerdict:
     def to_json(self) -> dict:
         """The verdict as the audit report and the bundle's `replay.json` carry it."""
         f = self.first
-        return {"stage": self.stage, "trainer": self.trainer, "ok": self.ok,
+        return {"stage": self.stage, "trainer": self.trainer, "trainers": self.trainers,
+                "ok": self.ok,
                 "sent": self.sent, "checked": self.checked, "coverage": round(self.coverage, 4),
                 "steps": len(self.steps), "trained": len(self.trained),
                 "stopped": self.stopped, "complete": self.complete, "largest": self.largest,
@@ -186,15 +190,17 @@ class _Index:
     labels: dict[int, int] = field(default_factory=dict)  # step -> labels in
     evals: list[tuple[int, int]] = field(default_factory=list)  # (epoch, entry) of eval_fwd in
     sent: dict[tuple, list[int]] = field(default_factory=dict)  # (kind, key) -> what it sent
+    commits: list[tuple[int, str]] = field(default_factory=list)  # (entry, committer)
+    name: str = ""  # the trainer holding the stage in this span (a standby after a handover)
 
 
 @dataclass(frozen=True)
 class Break:
     """Where the log's training starts over: a `rollback` to `step` (the steps from there are
-    trained again, after it), or a handover (`step` None: not replayed yet)."""
+    trained again, after it)."""
 
     entry: int
-    step: int | None
+    step: int
     what: str
 
 
@@ -220,19 +226,18 @@ class _Stage:
                                   lr=plan.lr, seed=(plan.seed, stage))
         self.inputs = {"fwd": self.prev, "bwd": self.next,
                        "labels": roster.owner.name if self.takes_labels else None}
-        self.timelines = [_Index()]  # one per span between rollbacks
+        self.timelines = [_Index(name=self.name)]  # one per span between rollbacks
         self.index = self.timelines[0]
-        self.hello: int | None = None
-        self.commits: list[int] = []
+        self.roster = roster
+        self.hellos: dict[str, int] = {}  # trainer -> its first hello's entry
         self.claim_entries: list[int] = []
         self.targets: set[int] = set()  # the steps rollbacks return to: their state is kept
         self.saved: dict[int, dict[str, torch.Tensor]] = {}
         self.more = False  # a later span follows the one replayed: running out is no stop
         self.ran_out = False
-        self.verdict = StageVerdict(stage, self.name)
+        self.verdict = StageVerdict(stage, self.name, trainers=[self.name])
         self.run_id, self.settings = roster.run_id, marker.settings(roster)
-        self.public_key = roster.by_name(self.name).identity.public_key
-        self.codec, self.threads = plan.codec, threads
+        self.codec, self.threads, self.fallback_threads = plan.codec, threads, threads
         self.per = batches(plan.train_size, plan.batch_size) if plan.train_size else 0
         self.marks: dict[int, wm.Watermark] = {}  # round -> the mark its commitment keys
         self.mark: wm.Watermark | None = None  # the one the next update adds
@@ -242,20 +247,28 @@ class _Stage:
 
     # --- pass 1: where everything is ------------------------------------------------------
 
-    def index_entry(self, h: Header, who: str, i: int, span: int | None) -> None:
+    def hand_over(self, stage: int, replaced: str, by: str) -> None:
+        """A logged handover: standby `by` holds stage `stage` from here on, for `replaced`
+        (this stage's trainer, or a neighbour's)."""
+        if stage == self.stage and self.name == replaced:
+            self.name = by
+            self.verdict.trainers.append(by)
+        if self.prev == replaced:
+            self.prev = self.inputs["fwd"] = by
+        if self.next == replaced:
+            self.next = self.inputs["bwd"] = by
+
+    def index_entry(self, h: Header, who: str, i: int, span: int) -> None:
         """Entry `i` (header `h`, sent by `who`) of span `span` (the log between two
-        rollbacks): note it if it is this stage's. After a handover (`span` None) what the
-        stage sent is only counted."""
+        rollbacks): note it if it is this stage's."""
         v = self.verdict
         mine = who == self.name
         if mine and h.kind in ("fwd", "bwd", "metrics"):
             v.trained.add(h.step)  # every step the stage took part in, replayed or not
         if mine and h.kind in COMPARED:
             v.sent += 1
-        if span is None:
-            return
         while len(self.timelines) <= span:
-            self.timelines.append(_Index())
+            self.timelines.append(_Index(name=self.name))
         ix = self.timelines[span]
         if h.to == self.name and who == self.inputs.get(h.kind):
             if h.kind == "fwd":
@@ -267,9 +280,9 @@ class _Stage:
         elif not mine:
             return
         elif h.kind == "hello":
-            self.hello = i if self.hello is None else self.hello
+            self.hellos.setdefault(who, i)
         elif h.kind == "wm_commit":
-            self.commits.append(i)
+            ix.commits.append((i, who))
         elif h.kind == "wm_claim":
             self.claim_entries.append(i)
         elif h.kind in COMPARED:
@@ -280,23 +293,22 @@ class _Stage:
     def replay(self, plog: ProvenanceLog, breaks: Sequence[Break] = ()) -> StageVerdict:
         """Re-execute the stage from what `index_entry` found: each span of the log in turn,
         a rollback restoring the state the replay held at its step (as the trainer restores
-        its snapshot); a handover stops it, not verified yet."""
+        its snapshot, or the standby the gone trainer's after a handover), each span with the
+        threads and watermark commitments of the trainer holding the stage in it."""
         self.plog, v = plog, self.verdict
-        rollbacks = [b for b in breaks if b.step is not None]
-        handover = next((b for b in breaks if b.step is None), None)
-        self.targets = {b.step for b in rollbacks}
+        self.targets = {b.step for b in breaks}
         self._prepare()
-        if not v.stopped:
-            self._state_reached(0)
         for span, ix in enumerate(self.timelines):
             if v.first is not None or v.stopped:
                 break
-            if span and not self._roll_back(rollbacks[span - 1]):
+            self.index, self.more = ix, span + 1 < len(self.timelines)
+            self._holder(ix)
+            if span == 0 and not v.stopped:
+                self._state_reached(0)
+            if span and not v.stopped and not self._roll_back(breaks[span - 1]):
                 break
-            self.index, self.more = ix, span + 1 < len(self.timelines) or handover is not None
-            self._train()
-        if handover is not None:
-            self._stop(handover.what)
+            if not v.stopped:
+                self._train()
         if v.first is None and not v.stopped:
             self._epoch_end(None)
             v.complete = v.first is None and not v.stopped
@@ -340,38 +352,46 @@ class _Stage:
     def _stop(self, why: str) -> None:
         self.verdict.stopped = self.verdict.stopped or why
 
+    def _holder(self, ix: _Index) -> None:
+        """The span's trainer: compute with the threads its `hello` said, and add the marks
+        of the watermark commitments logged in the span (a handover voids a round's: every
+        stage commits to it anew, the standby with its own key)."""
+        self.name = ix.name
+        said = 0
+        if ix.name in self.hellos:
+            said = Hello.parse(unpack(self._doc(self.hellos[ix.name])), sender=ix.name).threads
+        if said > max_threads():
+            self._stop(f"{ix.name}'s hello says {said} torch threads, more than this verifier "
+                       f"runs ({max_threads()}): replay it on a machine with {said // 2} cores")
+        self.threads = said or self.fallback_threads
+        round_marks: dict[int, wm.Watermark] = {}
+        for i, who in ix.commits:
+            mark = self._mark(Commit.from_doc(unpack(self._doc(i))), who)
+            if mark is not None:
+                round_marks.setdefault(mark[0], mark[1])
+        self.marks.update(round_marks)
+
     def _prepare(self) -> None:
-        """The stage's thread count (its `hello`), its watermark commitments and claims."""
-        if self.hello is not None:
-            said = Hello.parse(unpack(self._doc(self.hello)), sender=self.name).threads
-            if said > max_threads():
-                self._stop(f"its hello says {said} torch threads, more than this verifier runs "
-                           f"({max_threads()}): replay it on a machine with {said // 2} cores")
-            self.threads = said or self.threads
-        for i in self.commits:
-            self._commit(Commit.from_doc(unpack(self._doc(i))))
+        """The stage's watermark claims."""
         for i in self.claim_entries:
             claim = Claim.from_doc(unpack(self._doc(i)))
             self.claims.append((claim.round, i, claim))
 
     def _doc(self, i: int) -> bytes:
-        body = self.plog.entry(i)[2]
-        if body is None:  # documents are always kept ([log] retention drops tensors only)
-            raise ClicooperError(f"log entry {i} holds no body: the log is not one that "
-                                 f"verify_log accepted")
-        return bytes(body)
+        return _doc(self.plog, i)
 
     def _threads(self) -> None:
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
 
-    def _commit(self, c: Commit) -> None:
-        """The stage's commitment to round `c.round`'s key: the replay embeds that mark."""
-        if self.settings is not None and c.stage == self.stage and wm.carrier(self.seg.module):
-            key = c.link(self.run_id, self.public_key).key()
-            self.marks.setdefault(c.round, wm.Watermark(key, self.seg.module,
-                                                        t=self.settings["bits"],
-                                                        strength=self.settings["strength"]))
+    def _mark(self, c: Commit, who: str) -> tuple[int, wm.Watermark] | None:
+        """The mark of `who`'s commitment to round `c.round`'s key for this stage, which the
+        replay embeds in that round's updates; None when marks are off."""
+        if self.settings is None or c.stage != self.stage or not wm.carrier(self.seg.module):
+            return None
+        key = c.link(self.run_id, self.roster.by_name(who).identity.public_key).key()
+        return c.round, wm.Watermark(key, self.seg.module, t=self.settings["bits"],
+                                     strength=self.settings["strength"])
 
     def _input(self, i: int | None, what: str) -> torch.Tensor | None:
         """The tensor of input entry `i` (`what`, in words), or None with the replay stopped
@@ -530,12 +550,12 @@ class _Stage:
             self.verdict.complete = False
 
 
-def _break(plog: ProvenanceLog, i: int, kind: str) -> Break:
-    if kind == "handover":
-        return Break(i, None, f"a handover to a standby at log entry {i}: not verified yet")
+def _doc(plog: ProvenanceLog, i: int) -> bytes:
     body = plog.entry(i)[2]
-    rb = Rollback.parse(unpack(bytes(body)), sender="the owner")
-    return Break(i, rb.step, f"a rollback at log entry {i}")
+    if body is None:  # documents are always kept ([log] retention drops tensors only)
+        raise ClicooperError(f"log entry {i} holds no body: the log is not one that "
+                             f"verify_log accepted")
+    return bytes(body)
 
 
 def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
@@ -562,14 +582,17 @@ def replay_log(plog: ProvenanceLog, threads: int = 1,
         stages = [_Stage(plan, roster, i, threads) for i in range(1, len(roster.stages) + 1)]
         names = {m.key_id: m.name for m in roster.members}
         breaks: list[Break] = []
-        span: int | None = 0
         for i in (range(plog.size) if order is None else order):
             h = plog.header(i)
-            if span is not None and h.sender == roster.owner.key_id and h.kind in BREAKS:
-                breaks.append(_break(plog, i, h.kind))
-                span = span + 1 if h.kind == "rollback" else None
+            if h.sender == roster.owner.key_id and h.kind == "rollback":
+                rb = Rollback.parse(unpack(_doc(plog, i)), sender=roster.owner.name)
+                breaks.append(Break(i, rb.step, f"a rollback at log entry {i}"))
+            elif h.sender == roster.owner.key_id and h.kind == "handover":
+                ho = Handover.parse(unpack(_doc(plog, i)), sender=roster.owner.name)
+                for s in stages:
+                    s.hand_over(ho.stage, ho.replaced, ho.by)
             for s in stages:
-                s.index_entry(h, names.get(h.sender, "?"), i, span)
+                s.index_entry(h, names.get(h.sender, "?"), i, len(breaks))
         for s in stages:
             s.replay(plog, breaks)
     finally:

@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "marks alone can be written by anyone holding the bundle)")
     m.add_argument("--full-replay", action="store_true",
                    help="with --log: also fail unless every stage was replayed to its end (a "
-                        "log that did not keep every input, or a handover to a standby, leaves "
-                        "a stage not verified; without this it is reported, not failed)")
+                        "log that did not keep every input leaves a stage not verified; "
+                        "without this it is reported, not failed)")
     m.set_defaults(func=cmd_model_verify)
     m = mp.add_parser("dispute", help="decide between competing bundles claiming one model")
     m.add_argument("model", help="the disputed model.safetensors")
