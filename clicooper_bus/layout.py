@@ -220,6 +220,11 @@ class RunLayout:
         return self.root / "sweep-entry.json"
 
     @property
+    def sweep_auditor(self) -> Path:
+        """The fingerprint of the auditor that measured a sweep's run (`tools/sweep_record.py`)."""
+        return self.root / "sweep-auditor.txt"
+
+    @property
     def interrupted(self) -> Path:
         """`INTERRUPTED`: `clicooper run` was stopped by a signal (JSON: signal, time); a run
         directory holding it is not reused without `--force`."""

@@ -5,6 +5,7 @@ targets are judged on the measured numbers."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,24 @@ privacy = {{ mechanism = "gaussian", noise_multiplier = 0.3, owner_tail = true, 
     capsys.readouterr()
     assert sweep(str(grid), only=["tail-noise"]) == 0
     assert "reusing" in capsys.readouterr().out
+    # the rows are recorded beside the document: a checkout without the run directories
+    # reuses them and writes the same document; another auditor's rows are not reused
+    record = json.loads((tmp_path / "PRIVACY.runs.json").read_text())
+    assert sorted(record["runs"]) == ["tail-noise", "undefended"]
+    assert record["runs"]["undefended"]["made_with"]["config"] == base.name
+    written = (tmp_path / "PRIVACY.md").read_text()
+    shutil.rmtree(tmp_path / "runs/sweep")
+    assert sweep(str(grid)) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing its row in PRIVACY.runs.json") == 2, out
+    assert _tables(tmp_path / "PRIVACY.md") == _tables_of(written)
+    monkeypatch.setattr("clicooper_bus.tools.sweep.auditor_fingerprint", lambda: "another")
+    assert sweep(str(grid), status=True) == 0
+    assert "0 of 2 runs measured" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert sweep(str(grid), status=True) == 0
+    assert "2 of 2 runs measured" in capsys.readouterr().out
     # a grid with a run not yet measured leaves the document alone and says why
     more = grid.read_text() + '[[run]]\nname = "later"\nprivacy = { label_gamma = 2 }\n'
     grid.write_text(more)
@@ -82,6 +101,15 @@ privacy = {{ mechanism = "gaussian", noise_multiplier = 0.3, owner_tail = true, 
     assert sweep(str(grid), only=["undefended"]) == 0
     assert "have not been measured" in capsys.readouterr().out
     assert (tmp_path / "PRIVACY.md").read_text() == before
+
+
+def _tables_of(text: str) -> list[str]:
+    """A frontier document's table lines (the date line aside)."""
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def _tables(path) -> list[str]:
+    return _tables_of(path.read_text())
 
 
 def _row(**kw):

@@ -270,7 +270,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from clicooper_bus.tools.sweep import sweep
 
     return sweep(args.grid, only=args.only.split(",") if args.only else None, fresh=args.fresh,
-                 doc=args.doc)
+                 doc=args.doc, status=args.status)
 
 
 def cmd_config_defaults(args: argparse.Namespace) -> int:
@@ -464,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--only", help="comma-separated run names to run (default: all)")
     sw.add_argument("--fresh", action="store_true", help="rerun runs that already have a report")
     sw.add_argument("--doc", help="write this document instead of the grid's")
+    sw.add_argument("--status", action="store_true",
+                    help="say which runs are measured (in the grid's out directory), recorded "
+                         "(beside the document: docs/PRIVACY.runs.json) or left; run nothing")
     sw.set_defaults(func=cmd_sweep)
 
     cfgp = sub.add_parser("config", help="run configuration").add_subparsers(dest="cmd",

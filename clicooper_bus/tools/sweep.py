@@ -24,8 +24,12 @@ mean of each number and its range over the seeds.
 
 Every run goes over the bus like `clicooper run --audit` (separate processes, free ports, a
 following auditor). A run whose audit report exists is reused, so an interrupted sweep resumes
-where it stopped (`--fresh` reruns everything); nothing is written to the document that was not
-measured by a run in `out`.
+where it stopped (`--fresh` reruns everything). Each finished run's row also goes into the
+record beside the document (`tools/sweep_record.py`: `docs/PRIVACY.runs.json`, committed), which
+a sweep on another checkout reuses while the settings and the auditor's sources are the same:
+a grid can be finished in parts, on different machines. `--status` says what is measured,
+recorded and left, and runs nothing. Nothing is written to the document that was not measured
+by a run of the grid.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from clicooper_bus.tools.sweep_docs import (
     write_frontier,
     write_results,
 )
+from clicooper_bus.tools.sweep_record import Record, auditor_fingerprint, record_path
 
 __all__ = ["PAPER", "TARGETS", "Entry", "Grid", "judge", "load_grid", "row", "run_entry", "sweep"]
 
@@ -195,6 +200,12 @@ def run_entry(entry: Entry, out: Path, fresh: bool = False, attacks: str = "") -
     return run_dir
 
 
+def _portable(made_with: dict[str, Any]) -> dict[str, Any]:
+    """`made_with` as the record keeps it: the config path relative to the working directory
+    (the repository root), so that another checkout compares equal."""
+    return {**made_with, "config": relative(Path(made_with["config"]))}
+
+
 def _made_with(entry: Entry, attacks: str) -> dict[str, Any]:
     """What a run of this entry depends on: its config file's bytes, overrides and attacks."""
     import hashlib
@@ -328,7 +339,7 @@ def _defence(settings: dict[str, Any]) -> str:
 
 
 def sweep(grid_path: str, *, only: list[str] | None = None, fresh: bool = False,
-          doc: str | None = None) -> int:
+          doc: str | None = None, status: bool = False) -> int:
     grid = load_grid(grid_path)
     if doc:
         grid.doc = Path(doc)
@@ -337,22 +348,30 @@ def sweep(grid_path: str, *, only: list[str] | None = None, fresh: bool = False,
         raise ConfigError(f"--only names runs the grid does not have: "
                           f"{sorted(set(only) - {e.name for e in grid.runs})}")
     t0 = time.perf_counter()
+    measured = Measured(grid, Record.load(record_path(grid.doc)), auditor_fingerprint())
+    measured.record_finished()
     todo = [r for e in entries for r in e.replicas()]
+    if status:
+        return measured.status(todo)
     for i, entry in enumerate(todo, 1):
         print(f"sweep: [{i}/{len(todo)}] {entry.name} ({time.perf_counter() - t0:.0f} s so "
               f"far)", flush=True)
+        if not fresh and measured.recorded(entry) is not None:
+            print(f"sweep: {entry.name}: reusing its row in {relative(measured.record.path)}",
+                  flush=True)
+            continue
         run_entry(entry, grid.out, fresh, grid.attacks)
-        # written after every run: an interrupted sweep keeps what it measured
-        done = [row(grid.out / r.name) for e in grid.runs for r in e.replicas()
-                if _finished(grid.out / r.name)]
+        measured.record_finished()  # after every run: an interrupted sweep keeps what it measured
+        done = [r for e in grid.runs for rep in e.replicas()
+                if (r := measured.row(rep)) is not None]
         write_atomic(grid.out / "sweep.json", json.dumps(done, indent=1, default=str) + "\n")
     # the document covers every run of the grid that has been measured, not only this call's
-    missing = [r.name for e in grid.runs for r in e.replicas() if not _finished(grid.out / r.name)]
+    missing = [r.name for e in grid.runs for r in e.replicas() if measured.row(r) is None]
     if missing:
         print(f"sweep: not writing {grid.doc}: runs {', '.join(missing)} have not been measured "
               f"yet (run them, e.g. without --only)", flush=True)
         return 0
-    rows = [aggregate(e.name, [row(grid.out / r.name) for r in e.replicas()]) for e in grid.runs]
+    rows = [aggregate(e.name, [measured.row(r) for r in e.replicas()]) for e in grid.runs]
     command = f"clicooper sweep {relative(Path(grid_path).resolve())}"
     (write_results if grid.kind == "results" else write_frontier)(grid, rows, command)
     print(f"sweep: wrote {grid.doc} from {len(rows)} runs in {time.perf_counter() - t0:.0f} s")
@@ -361,6 +380,69 @@ def sweep(grid_path: str, *, only: list[str] | None = None, fresh: bool = False,
 
 def _finished(run_dir: Path) -> bool:
     return RunLayout(run_dir).audit_report.exists()
+
+
+@dataclass
+class Measured:
+    """What a grid's runs measured: their run directories in `out`, else the record's rows
+    made with the same settings and auditor (`fingerprint`)."""
+
+    grid: Grid
+    record: Record
+    fingerprint: str
+
+    def _made_with(self, entry: Entry) -> dict[str, Any]:
+        return _portable(_made_with(entry, self.grid.attacks))
+
+    def recorded(self, entry: Entry) -> dict[str, Any] | None:
+        if _finished(self.grid.out / entry.name):
+            return None  # the run directory is the measurement
+        return self.record.row(entry.name, self._made_with(entry), self.fingerprint)
+
+    def row(self, entry: Entry) -> dict[str, Any] | None:
+        """Its row: from its run directory when finished, else from the record; None when it
+        has not been measured."""
+        run_dir = self.grid.out / entry.name
+        return row(run_dir) if _finished(run_dir) else self.recorded(entry)
+
+    def record_finished(self) -> None:
+        """Put into the record the row of every finished run made with the grid's current
+        settings (its `sweep-entry.json`), with the auditor of the run (`sweep-auditor.txt`,
+        written beside it; the current one for a run from before the record)."""
+        changed = False
+        for entry in (r for e in self.grid.runs for r in e.replicas()):
+            layout = RunLayout(self.grid.out / entry.name)
+            try:
+                made = json.loads(layout.sweep_entry.read_text())
+            except (OSError, ValueError):
+                continue
+            if not _finished(layout.root) or made != _made_with(entry, self.grid.attacks):
+                continue
+            auditor = layout.sweep_auditor
+            if not auditor.exists():
+                write_atomic(auditor, self.fingerprint + "\n")
+            fp = auditor.read_text().strip()
+            new = row(layout.root)
+            if self.record.row(entry.name, self._made_with(entry), fp) != new:
+                self.record.put(entry.name, self._made_with(entry), fp, new)
+                changed = True
+        if changed:
+            self.record.save()
+
+    def status(self, todo: list[Entry]) -> int:
+        """`--status`: each run of the grid measured (a run directory), recorded, or left."""
+        left = 0
+        for entry in todo:
+            if _finished(self.grid.out / entry.name):
+                where = f"measured in {relative(self.grid.out / entry.name)}"
+            elif self.recorded(entry) is not None:
+                where = f"recorded in {relative(self.record.path)}"
+            else:
+                where, left = "not measured yet", left + 1
+            print(f"sweep: {entry.name}: {where}")
+        print(f"sweep: {len(todo) - left} of {len(todo)} runs measured; the auditor's "
+              f"fingerprint is {self.fingerprint[:16]}")
+        return 0
 
 
 if __name__ == "__main__":
