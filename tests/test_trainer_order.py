@@ -63,6 +63,7 @@ def _last_stage(messages, in_flight: int) -> tuple[Trainer, ScriptedBus]:
     t.given, t.trained, t.eval_seen, t.name = {}, -1, set(), "last"
     t.marker, t.notary_kid, t.ended = None, None, False
     t.roster.stages = ["prev", "last"]
+    t.index = 1  # its place in the stages
     # what the plan implies it receives (the receive check): 3 features, 2-class labels
     t.expect_in = Expected("float32", (3,), max_rows=4)
     t.expect_labels = Expected("int64", (), max_rows=4)

@@ -214,14 +214,18 @@ class Progress:
         self.kit, self.say, self.every_s = kit, say, every_s
         self.out = telemetry.open("a")
         self.joined = threading.Event()
+        self.saying = threading.Lock()  # no waiting notice after the line that says joined
 
     def waiting(self, t0: float) -> None:
         """Until joined: every `every_s`, what it waits for and for how long."""
         while not self.joined.wait(self.every_s):
-            self.say(f"join: still waiting for a roster naming '{self.kit.name}' signed by "
-                     f"'{self.kit.owner.name}', through the broker at {self.kit.sub} "
-                     f"({time.monotonic() - t0:.0f} s; the owner starts the run with "
-                     f"`clicooper run`)")
+            with self.saying:
+                if self.joined.is_set():
+                    return
+                self.say(f"join: still waiting for a roster naming '{self.kit.name}' signed by "
+                         f"'{self.kit.owner.name}', through the broker at {self.kit.sub} "
+                         f"({time.monotonic() - t0:.0f} s; the owner starts the run with "
+                         f"`clicooper run`)")
 
     def line(self, text: str) -> None:
         self.out.write(text)
@@ -233,8 +237,10 @@ class Progress:
             return
         event = ev.get("event") if isinstance(ev, dict) else None
         if event == "joined":
-            self.joined.set()
-            self.say(f"join: joined run '{self.kit.run_id}' as stage {ev.get('stage')}; training")
+            with self.saying:
+                self.joined.set()
+                self.say(f"join: joined run '{self.kit.run_id}' as stage {ev.get('stage')}; "
+                         "training")
         elif event == "roster does not list us":
             self.say(f"join: a roster came that does not list '{self.kit.name}' "
                      f"(stages {ev.get('stages')}); still waiting")
