@@ -62,6 +62,11 @@ def test_a_standby_takes_over_a_gone_trainers_stage_and_the_chain_records_it(rep
     assert v.ok, v.failure
     assert "stage 1 (trainer-1, then standby-1)" in v.stages[0].replay, v.stages[0].replay
     assert all("across 1 rollback; no divergence" in s.replay for s in v.stages), v
+    from clicooper_bus.tlog.log import ProvenanceLog
+    from tests.replay_logs import assert_same_verdicts_in_any_sender_order
+
+    with ProvenanceLog.open(layout.log) as plog:  # a standby's span is its own chain's
+        assert_same_verdicts_in_any_sender_order(plog)
 
 
 def test_a_handover_the_owner_did_not_sign_or_to_no_standby_fails_verification(replaced,

@@ -103,6 +103,13 @@ def test_a_killed_trainer_restarts_and_the_run_completes(tmp_path):
         assert s.ok and s.complete and s.rollbacks == 1 and s.steps == set(range(STEPS)), \
             s.line()
         assert "across 1 rollback; no divergence" in s.line()
+    # each message is replayed in the span of its sender's own chain, not where the log put it:
+    # a trainer's activations logged after the owner's rollback are of the span before
+    from clicooper_bus.tlog.log import ProvenanceLog
+    from tests.replay_logs import assert_same_verdicts_in_any_sender_order
+
+    with ProvenanceLog.open(cfg.run_dir / "log") as plog:
+        assert_same_verdicts_in_any_sender_order(plog)
 
 
 def test_a_killed_trainer_rejoins_a_watermarked_run(tmp_path):

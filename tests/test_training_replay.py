@@ -17,6 +17,7 @@ from clicooper_bus.ml.watermark.verify import verify_model
 from clicooper_bus.tools.cli import main
 from clicooper_bus.tools.run import EXIT_STOPPED
 from tests.busrun import processes, write_config
+from tests.replay_logs import Forged, assert_same_verdicts_in_any_sender_order
 
 FROM = 5  # the first step each cheater gets wrong
 
@@ -101,6 +102,7 @@ def test_an_honest_run_with_watermarks_a_codec_and_evaluation_replays_in_full(tm
     with ProvenanceLog.open(run_dir / "log") as plog:
         assert all(v.ok and v.coverage == 1.0 for v in replay_log(plog, threads=2))
         _replays_in_any_order_that_keeps_each_senders(plog)
+        _what_a_sender_signs_cannot_make_an_honest_stage_diverge(plog)
     model, bundle = run_dir / "model.safetensors", run_dir / "provenance"
     v = verify_model_replayed(model, bundle, log_dir=run_dir / "log", full_replay=True)
     assert v.ok and all(s.replay and "no divergence" in s.replay for s in v.stages), v
@@ -134,19 +136,52 @@ def _replays_in_any_order_that_keeps_each_senders(plog) -> None:
     them, gives the same verdicts; an evaluation output whose input the log does not hold
     diverges (it was not computed from anything the stage received)."""
     from clicooper_bus.audit.training_replay import replay_log
-
-    heads = [plog.header(i) for i in range(plog.size)]
-    senders = list(dict.fromkeys(h.sender for h in heads))
-    base = [v.to_json() for v in replay_log(plog)]
-    for ranked in (senders, senders[::-1]):
-        order = sorted(range(plog.size), key=lambda i: (ranked.index(heads[i].sender), i))
-        assert [v.to_json() for v in replay_log(plog, order=order)] == base
     from clicooper_bus.net.roster import Roster
 
+    base = assert_same_verdicts_in_any_sender_order(plog)
+    heads = [plog.header(i) for i in range(plog.size)]
     owner, first = Roster.open(plog.roster_bytes).owner.key_id, base[0]["trainer"]
     no_eval_in = [i for i, h in enumerate(heads)
                   if not (h.kind == "eval_fwd" and h.sender == owner and h.to == first)]
     one, two = replay_log(plog, order=no_eval_in)
     assert not one.ok and (one.first.kind, one.first.step) == ("eval_fwd", 0), one.line()
     assert "sent without the input" in one.line() and not one.complete
+    assert two.ok and two.complete, two.line()
+
+
+def _what_a_sender_signs_cannot_make_an_honest_stage_diverge(plog) -> None:
+    """A member signs what it likes (each message below passes the notary and `verify_log`):
+    - a second, different `bwd` of one step: its sender diverges there, the stage that
+      received both stops (which one it used is not logged) and is not accused;
+    - an evaluation under another epoch's number, echoed down the stages as honest trainers
+      echo it: evaluated at the state its place in the sender's chain says, all ok;
+    - an output whose body the log did not keep: not compared, and the replay not complete."""
+    from dataclasses import replace
+
+    from clicooper_bus.audit.training_replay import replay_log
+    from clicooper_bus.net.roster import Roster
+
+    names = {m.key_id: m.name for m in Roster.open(plog.roster_bytes).members}
+    heads = [plog.header(i) for i in range(plog.size)]
+    k = next(i for i, h in enumerate(heads) if h.kind == "bwd" and h.step == 7
+             and names[h.sender] == "trainer-2")
+    h, sig, body = plog.entry(k)
+    other = bytearray(body)
+    other[-1] ^= 1
+    order = [*range(k + 1), plog.size, *range(k + 1, plog.size)]
+    one, two = replay_log(Forged(plog, extra=[(h, sig, bytes(other))]), order=order)
+    assert one.first is None and "came 2 times" in one.stopped and not one.complete, one.line()
+    assert not two.ok and (two.first.kind, two.first.step) == ("bwd", 7), two.line()
+
+    def relabel(i, h, body):
+        if h.kind in ("eval_fwd", "eval_out") and h.epoch == 0:
+            h = replace(h, epoch=5)
+        return h, body
+
+    for v in replay_log(Forged(plog, edit=relabel)):
+        assert v.ok and v.complete and v.coverage == 1.0, v.line()
+    k = next(i for i, h in enumerate(heads) if h.kind == "bwd" and h.step == 3
+             and names[h.sender] == "trainer-1")
+    one, two = replay_log(Forged(plog, edit=lambda i, h, b: (h, None if i == k else b)))
+    assert one.ok and not one.complete and "did not keep the bodies of 1" in one.stopped
     assert two.ok and two.complete, two.line()

@@ -34,7 +34,8 @@ absolute value, so that a future tolerance can be judged against it.
 
 Coverage: the replay of a stage stops at the first input whose body the log did not keep
 (`[log] retention`): the state after it is unknown (a snapshot commitment is a digest, not the
-weights, so a later span cannot be started from it).
+weights, so a later span cannot be started from it). An output whose body was not kept is not
+compared, and the replay is not complete.
 
 Rollbacks (a restarted trainer, a resumed run): the steps from the rollback's step are trained
 again after it in the log. The replay re-executes each span between rollbacks in turn, and at a
@@ -46,15 +47,21 @@ stage's messages are the standby's, with its threads and its watermark commitmen
 voids the round's: every stage commits anew).
 
 Order: the log orders each sender's messages (its signed chain), not messages across senders.
-A message that reached the notary late (a sender's resend after a notary restart, or one held
-back to open a gap) is logged after messages that were computed from it. So the verifier first
-indexes the log by stage, kind and step (headers only), then re-executes each stage in its own
-step order, reading the inputs where they are: an honest stage is never accused for where the
-notary logged its inputs. Each snapshot is compared with the state after the steps it covers,
-each watermark claim and evaluation with the weights at the end of its epoch (the owner starts
-an epoch after the last one's evaluation and round end). What a stage sent that its replay did
-not compute (an evaluation output without an evaluation input, metrics for a step it never
-trained) diverges, unless the replay stopped before it.
+So the verifier first places every message in the span of its sender's own chain
+(`replay_timeline`: a trainer's messages before its `restored` are of the span before, however
+late the notary logged them), indexes each stage's inputs and outputs by span, kind and step
+(headers only), then re-executes each stage in its own step order: an honest stage is never
+accused for where the notary logged its inputs. In a span the activations must come one a step
+from the step it starts at; an input missing for a step the rollback after the span says was
+trained stops the replay, one missing for a step it abandoned ends the span. Each snapshot is
+compared with the state after the steps it covers; each evaluation with the weights after the
+sender's last step before it in its chain (the owner evaluates between epochs: the epoch in a
+header is the sender's word, and only names the outputs); each watermark claim with the weights
+at its round's end (or the run's last step). What a stage sent that its replay did not compute
+(an evaluation output without an evaluation input, metrics for a step it never trained)
+diverges, unless the replay stopped before it or the step was abandoned. An input a sender sent
+twice, different, for one step stops its receiver's replay (which one it used is not logged);
+the sender's own replay compares both.
 
 Run only on a log that `verify_log` accepted: this module reads, it does not re-check.
 """
@@ -69,9 +76,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clicooper_bus.audit.replay_timeline import Break, Placed, Timeline, doc, timeline
 from clicooper_bus.chain.documents import Claim, Commit
 from clicooper_bus.config import load_config
-from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import batches
 from clicooper_bus.ml.models import build_segment, plan_spec
@@ -86,7 +93,7 @@ from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Header
 from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import Hello, Metrics
-from clicooper_bus.protocol.recovery import Handover, Rollback, Snapshot
+from clicooper_bus.protocol.recovery import Snapshot
 from clicooper_bus.tlog.log import ProvenanceLog
 
 # what a stage sends that the replay recomputes
@@ -183,25 +190,27 @@ def replay_markdown(rows: list[dict]) -> list[str]:
 
 @dataclass
 class _Index:
-    """Where one stage's inputs and outputs are in the log (entry numbers; headers only)."""
+    """Where one stage's inputs and outputs of one span are in the log (entry numbers; headers
+    only), each placed in the span of its sender's chain (`replay_timeline`)."""
 
-    fwd: list[int] = field(default_factory=list)  # activations in, in the sender's order
+    name: str  # the trainer holding the stage in this span (a standby after a handover)
+    start: int  # the step the span trains from
+    end: int | None  # the step the rollback after it returns to (None: the last span)
+    fwd: list[int] = field(default_factory=list)  # activations in, one a step, sender's order
+    fwd_steps: dict[int, int] = field(default_factory=dict)  # step -> its fwd in
     bwd: dict[int, int] = field(default_factory=dict)  # step -> gradients in
     labels: dict[int, int] = field(default_factory=dict)  # step -> labels in
-    evals: list[tuple[int, int]] = field(default_factory=list)  # (epoch, entry) of eval_fwd in
+    dups: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # every copy of an
+    # input sent twice for one step (kind, step): which one the stage used is not logged
+    last_in: int | None = None  # pass 1: the step of the last fwd in so far
+    evals: list[tuple[int, int]] = field(default_factory=list)  # (state step, eval_fwd in)
     sent: dict[tuple, list[int]] = field(default_factory=dict)  # (kind, key) -> what it sent
     commits: list[tuple[int, str]] = field(default_factory=list)  # (entry, committer)
-    name: str = ""  # the trainer holding the stage in this span (a standby after a handover)
+    claim_entries: list[int] = field(default_factory=list)  # its watermark claims
 
-
-@dataclass(frozen=True)
-class Break:
-    """Where the log's training starts over: a `rollback` to `step` (the steps from there are
-    trained again, after it)."""
-
-    entry: int
-    step: int
-    what: str
+    def abandoned(self, step: int) -> bool:
+        """Whether `step` was trained again after the rollback that ends this span."""
+        return self.end is not None and step >= self.end
 
 
 def _key(h: Header) -> tuple:
@@ -214,124 +223,157 @@ def _key(h: Header) -> tuple:
 class _Stage:
     """The replay of one stage: its segment, its neighbours, and where its messages are."""
 
-    def __init__(self, plan: Plan, roster: Roster, stage: int, threads: int):
-        names = list(roster.stages)
-        self.name, self.stage = names[stage - 1], stage
-        self.prev = roster.owner.name if stage == 1 else names[stage - 2]
-        last = stage == len(names)
-        self.next = (roster.owner.name if plan.tail else None) if last else names[stage]
-        self.takes_labels = last and not plan.tail
+    def __init__(self, plan: Plan, roster: Roster, stage: int, threads: int, tl: Timeline):
+        self.stage, self.owner = stage, roster.owner.name
+        self.last = stage == len(roster.stages)
+        self.tail = plan.tail
+        self.takes_labels = self.last and not plan.tail
         spec = plan_spec(plan)
         self.seg = SegmentTrainer(build_segment(spec, plan.segment_cuts, plan.seed, stage),
                                   lr=plan.lr, seed=(plan.seed, stage))
-        self.inputs = {"fwd": self.prev, "bwd": self.next,
-                       "labels": roster.owner.name if self.takes_labels else None}
-        self.timelines = [_Index(name=self.name)]  # one per span between rollbacks
+        self.timelines = [_Index(names[stage - 1], tl.start(j), tl.end(j))
+                          for j, names in enumerate(tl.holders)]  # one per span
         self.index = self.timelines[0]
+        self.name = self.index.name
         self.roster = roster
         self.hellos: dict[str, int] = {}  # trainer -> its first hello's entry
-        self.claim_entries: list[int] = []
         self.targets: set[int] = set()  # the steps rollbacks return to: their state is kept
         self.saved: dict[int, dict[str, torch.Tensor]] = {}
-        self.more = False  # a later span follows the one replayed: running out is no stop
         self.ran_out = False
-        self.verdict = StageVerdict(stage, self.name, trainers=[self.name])
+        self.reached = 0  # the replay holds the state after steps 0 .. reached - 1
+        self.unkept = 0  # outputs whose bodies the log did not keep: not compared
+        self.verdict = StageVerdict(stage, self.name, trainers=list(dict.fromkeys(
+            ix.name for ix in self.timelines)))
         self.run_id, self.settings = roster.run_id, marker.settings(roster)
         self.codec, self.threads, self.fallback_threads = plan.codec, threads, threads
         self.per = batches(plan.train_size, plan.batch_size) if plan.train_size else 0
         self.marks: dict[int, wm.Watermark] = {}  # round -> the mark its commitment keys
         self.mark: wm.Watermark | None = None  # the one the next update adds
         self.seg.regularizer = lambda: self.mark.add_grad() if self.mark is not None else None
-        self.claims: list[tuple[int, int, Claim]] = []  # (round, entry, claim), not compared
+        self.claims: list[tuple[int, int, Claim]] = []  # (round, entry, claim) of the span
         self.plog: ProvenanceLog | None = None
+        self.tl = tl
 
     # --- pass 1: where everything is ------------------------------------------------------
 
-    def hand_over(self, stage: int, replaced: str, by: str) -> None:
-        """A logged handover: standby `by` holds stage `stage` from here on, for `replaced`
-        (this stage's trainer, or a neighbour's)."""
-        if stage == self.stage and self.name == replaced:
-            self.name = by
-            self.verdict.trainers.append(by)
-        if self.prev == replaced:
-            self.prev = self.inputs["fwd"] = by
-        if self.next == replaced:
-            self.next = self.inputs["bwd"] = by
+    def _neighbours(self, span: int) -> tuple[str, str | None]:
+        """Who sends this stage its activations and its gradients in span `span`."""
+        names = self.tl.holders[span]
+        prev = self.owner if self.stage == 1 else names[self.stage - 2]
+        nxt = (self.owner if self.tail else None) if self.last else names[self.stage]
+        return prev, (None if self.takes_labels else nxt)
 
-    def index_entry(self, h: Header, who: str, i: int, span: int) -> None:
-        """Entry `i` (header `h`, sent by `who`) of span `span` (the log between two
-        rollbacks): note it if it is this stage's."""
-        v = self.verdict
-        mine = who == self.name
+    def index_entry(self, p: Placed) -> None:
+        """Note entry `p` if it is this stage's input or output in its span."""
+        h, who, i, v = p.header, p.sender, p.entry, self.verdict
+        ix = self.timelines[p.span]
+        prev, nxt = self._neighbours(p.span)
+        mine = who == ix.name
         if mine and h.kind in ("fwd", "bwd", "metrics"):
             v.trained.add(h.step)  # every step the stage took part in, replayed or not
         if mine and h.kind in COMPARED:
             v.sent += 1
-        while len(self.timelines) <= span:
-            self.timelines.append(_Index(name=self.name))
-        ix = self.timelines[span]
-        if h.to == self.name and who == self.inputs.get(h.kind):
-            if h.kind == "fwd":
-                ix.fwd.append(i)
-            else:  # a second one for a step (refused by the stage): the first is what it used
-                (ix.bwd if h.kind == "bwd" else ix.labels).setdefault(h.step, i)
-        elif h.kind == "eval_fwd" and h.to == self.name and who == self.prev:
-            ix.evals.append((h.epoch, i))
+        if h.to == ix.name and h.kind == "fwd" and who == prev:
+            ix.last_in = h.step
+            self._input_at(ix, ix.fwd_steps, "fwd", h.step, i)
+        elif h.to == ix.name and h.kind == "bwd" and who == nxt:
+            self._input_at(ix, ix.bwd, "bwd", h.step, i)
+        elif h.to == ix.name and h.kind == "labels" and who == self.owner and self.takes_labels:
+            self._input_at(ix, ix.labels, "labels", h.step, i)
+        elif h.kind == "eval_fwd" and h.to == ix.name and who == prev:
+            # evaluated with the weights after the sender's last step before it (an epoch's
+            # end: the owner evaluates between epochs), not the epoch its header says
+            ix.evals.append((ix.start if ix.last_in is None else ix.last_in + 1, i))
+        elif h.kind == "hello":  # a standby's comes before the span it holds the stage in
+            self.hellos.setdefault(who, i)
         elif not mine:
             return
-        elif h.kind == "hello":
-            self.hellos.setdefault(who, i)
         elif h.kind == "wm_commit":
             ix.commits.append((i, who))
         elif h.kind == "wm_claim":
-            self.claim_entries.append(i)
+            ix.claim_entries.append(i)
         elif h.kind in COMPARED:
             ix.sent.setdefault(_key(h), []).append(i)
 
+    @staticmethod
+    def _input_at(ix: _Index, table: dict[int, int], kind: str, step: int, i: int) -> None:
+        """Input `i` of `kind` for `step`: the first one, or a copy noted beside it."""
+        if step in table:
+            ix.dups.setdefault((kind, step), [table[step]]).append(i)
+            return
+        table[step] = i
+        if kind == "fwd":
+            ix.fwd.append(i)
+
     # --- pass 2: the stage's training, in its own order -----------------------------------
 
-    def replay(self, plog: ProvenanceLog, breaks: Sequence[Break] = ()) -> StageVerdict:
+    def replay(self, plog: ProvenanceLog) -> StageVerdict:
         """Re-execute the stage from what `index_entry` found: each span of the log in turn,
         a rollback restoring the state the replay held at its step (as the trainer restores
         its snapshot, or the standby the gone trainer's after a handover), each span with the
         threads and watermark commitments of the trainer holding the stage in it."""
         self.plog, v = plog, self.verdict
-        self.targets = {b.step for b in breaks}
-        self._prepare()
+        self.targets = {b.step for b in self.tl.breaks}
         for span, ix in enumerate(self.timelines):
+            self.index = ix
+            self._holder(ix)
+            if v.stopped:
+                break
+            if span == 0:
+                self._state_reached(0)
+            elif not self._roll_back(self.tl.breaks[span - 1]):
+                break
+            self._train()
             if v.first is not None or v.stopped:
                 break
-            self.index, self.more = ix, span + 1 < len(self.timelines)
-            self._holder(ix)
-            if span == 0 and not v.stopped:
-                self._state_reached(0)
-            if span and not v.stopped and not self._roll_back(breaks[span - 1]):
+            self._span_end(last=ix.end is None)
+            if v.first is not None or v.stopped:
                 break
-            if not v.stopped:
-                self._train()
-        if v.first is None and not v.stopped:
-            self._epoch_end(None)
-            v.complete = v.first is None and not v.stopped
-        if v.first is None and not v.stopped:
-            self._unmatched()
+        v.complete = v.first is None and not v.stopped and self.unkept == 0
+        if v.first is None and not v.stopped and self.unkept:
+            self._stop(f"the log did not keep the bodies of {self.unkept} of its outputs "
+                       f"([log] retention): not compared")
         return v
 
     def _train(self) -> None:
-        """The steps of the current span, in the order the predecessor sent them."""
-        epoch, v = None, self.verdict
-        self.ran_out = False
-        for i in self.index.fwd:
+        """The steps of the current span, in the order the predecessor sent them: one a step,
+        each the step after the last, from the step the span starts at."""
+        v, ix = self.verdict, self.index
+        expected, self.ran_out = ix.start, False
+        for i in ix.fwd:
             if v.first is not None or v.stopped or self.ran_out:
-                break
+                return
             h, _, body = self.plog.entry(i)
-            if epoch is not None and h.epoch != epoch:
-                self._epoch_end(h.epoch)  # the epochs before this one are over
-            epoch = h.epoch
+            if h.step != expected:
+                if not ix.abandoned(expected):
+                    self._stop(f"the log holds no fwd input of step {expected} in this span, "
+                               f"but one of step {h.step} (entry {i})")
+                return
+            if not self._unique("fwd", h.step):
+                return
             if body is None:
                 self._stop(f"the log did not keep the body of its fwd input of step {h.step} "
                            f"(entry {i}: [log] retention)")
-                break
+                return
             self._step(h, tensor_of(h.dtype, h.shape, body))
+            expected += 1
+        if ix.end is not None and expected < ix.end and not self.ran_out:
+            self._stop(f"the log holds no fwd input of step {expected}, which the rollback "
+                       f"to step {ix.end} says was trained")
+
+    def _unique(self, kind: str, step: int) -> bool:
+        """Whether the stage's input of `kind` for `step` is one: a sender that sent two
+        different ones (its own replay names it) leaves which one the stage used unknown,
+        and this replay stops there."""
+        copies = self.index.dups.get((kind, step))
+        if not copies:
+            return True
+        bodies = {bytes(self.plog.entry(i)[2] or b"") for i in copies}
+        if len(bodies) == 1:
+            return True
+        self._stop(f"its {kind} input of step {step} came {len(copies)} times, different "
+                   f"(entries {copies}): which one it used the log does not say")
+        return False
 
     def _roll_back(self, b: Break) -> bool:
         """The rollback `b`: the state the replay held after steps 0 .. b.step - 1 again, in a
@@ -341,21 +383,24 @@ class _Stage:
         if state is None:
             self._stop(f"{b.what}: back to step {b.step}, a state the replay did not reach")
             return False
+        for later in [k for k in self.saved if k > b.step]:  # the abandoned timeline's
+            del self.saved[later]
         self.seg = SegmentTrainer(self.seg.module, lr=self.seg.optimizer.defaults["lr"]
                                   if self.seg.optimizer is not None else 0.0,
                                   seed=self.seg.seed)
         self.seg.regularizer = lambda: self.mark.add_grad() if self.mark is not None else None
         restore(self.seg, state)
         self.verdict.rollbacks += 1
-        return True
+        self._state_reached(b.step, restored=True)
+        return self.verdict.first is None
 
     def _stop(self, why: str) -> None:
         self.verdict.stopped = self.verdict.stopped or why
 
     def _holder(self, ix: _Index) -> None:
-        """The span's trainer: compute with the threads its `hello` said, and add the marks
-        of the watermark commitments logged in the span (a handover voids a round's: every
-        stage commits to it anew, the standby with its own key)."""
+        """The span's trainer: compute with the threads its `hello` said, add the marks of the
+        watermark commitments it logged in the span (a handover voids a round's: every stage
+        commits to it anew, the standby with its own key), and read its claims."""
         self.name = ix.name
         said = 0
         if ix.name in self.hellos:
@@ -370,15 +415,13 @@ class _Stage:
             if mark is not None:
                 round_marks.setdefault(mark[0], mark[1])
         self.marks.update(round_marks)
-
-    def _prepare(self) -> None:
-        """The stage's watermark claims."""
-        for i in self.claim_entries:
+        self.claims = []
+        for i in ix.claim_entries:
             claim = Claim.from_doc(unpack(self._doc(i)))
             self.claims.append((claim.round, i, claim))
 
     def _doc(self, i: int) -> bytes:
-        return _doc(self.plog, i)
+        return doc(self.plog, i)
 
     def _threads(self) -> None:
         if torch.get_num_threads() != self.threads:
@@ -393,19 +436,24 @@ class _Stage:
         return c.round, wm.Watermark(key, self.seg.module, t=self.settings["bits"],
                                      strength=self.settings["strength"])
 
-    def _input(self, i: int | None, what: str) -> torch.Tensor | None:
-        """The tensor of input entry `i` (`what`, in words), or None with the replay stopped
-        when the log does not hold it or did not keep its body."""
+    def _input(self, table: dict[int, int], kind: str, step: int) -> torch.Tensor | None:
+        """The tensor of the stage's `kind` input of `step`, or None: the replay stopped (the
+        log does not hold it, or did not keep its body), or the span ran out (a step it
+        abandoned before the rollback that ends the span)."""
+        i = table.get(step)
         if i is None:
-            if self.more:  # before a rollback: a step it abandoned
+            if self.index.abandoned(step):
                 self.ran_out = True
             else:
-                self._stop(f"the log holds no {what} (the run ended or stopped before it)")
+                self._stop(f"the log holds no {kind} input of step {step} (the run ended or "
+                           f"stopped before it)")
+            return None
+        if not self._unique(kind, step):
             return None
         h, _, body = self.plog.entry(i)
         if body is None:
-            self._stop(f"the log did not keep the body of its {what} (entry {i}: [log] "
-                       f"retention)")
+            self._stop(f"the log did not keep the body of its {kind} input of step {step} "
+                       f"(entry {i}: [log] retention)")
             return None
         return tensor_of(h.dtype, h.shape, body)
 
@@ -417,7 +465,7 @@ class _Stage:
         out = self.seg.forward(x, step)
         self.verdict.steps.add(step)
         if self.takes_labels:
-            labels = self._input(ix.labels.get(step), f"labels of step {step}")
+            labels = self._input(ix.labels, "labels", step)
             if labels is None:
                 return
             r = self.seg.loss_backward(labels.long(), step, update=False)
@@ -426,14 +474,15 @@ class _Stage:
                           ("metrics", step): (r.loss, r.correct)})
         else:
             self._expect({("fwd", step): as_sent(out, self.codec).numpy()})
-            grad = self._input(ix.bwd.get(step), f"bwd input of step {step}")
+            grad = self._input(ix.bwd, "bwd", step)
             if grad is None or self.verdict.first is not None:
                 return
             grad_in = self.seg.backward(grad, step, update=False)
             self._expect({("bwd", step): as_sent(grad_in, self.codec).numpy()})
         if self.verdict.first is None:
             self._update(step)
-            self._state_reached(step + 1)
+            if not self.verdict.stopped:
+                self._state_reached(step + 1)
 
     def _update(self, step: int) -> None:
         """The optimiser step of `step`, with the mark of its round when watermarks are on."""
@@ -446,41 +495,58 @@ class _Stage:
                 return
         self.seg.update()
 
-    def _state_reached(self, step: int) -> None:
-        """The replay holds the state after steps 0 .. step - 1: compare the snapshots of
-        `step` (`Restarts._snapshot`)."""
+    def _state_reached(self, step: int, restored: bool = False) -> None:
+        """The replay holds the state after steps 0 .. step - 1: compare the span's snapshots
+        of `step` (`Restarts._snapshot`), its evaluations at that state, and its watermark
+        claim of the round ending there."""
+        self.reached = step
         for i in self.index.sent.pop(("snapshot", step), []):
             self._compare_doc(i, "snapshot")
-        if step in self.targets and self.verdict.first is None:
+        if step in self.targets and self.verdict.first is None and not restored:
             self.saved[step] = stage_state(self.seg)  # a later rollback returns here
+        self._evaluations(lambda at: at == step)
+        if self.per and step % self.per == 0:
+            self._claims(lambda round_: (round_ + 1) * self.per == step)
 
-    def _epoch_end(self, before: int | None) -> None:
-        """The evaluations of the epochs before `before` (None: all) with the weights the
-        replay holds, then the watermark claims of those rounds."""
+    def _evaluations(self, now) -> None:
+        """The span's evaluations whose state step `now` accepts, with the weights held."""
         rest = []
-        for epoch, i in self.index.evals:
-            if before is not None and epoch >= before:
-                rest.append((epoch, i))
+        for at, i in self.index.evals:
+            if not now(at):
+                rest.append((at, i))
             elif self.verdict.first is None:
                 self._evaluate(i)
         self.index.evals = rest
+
+    def _claims(self, now) -> None:
+        """The span's watermark claims whose round `now` accepts, against the weights held."""
         keep = []
         for round_, i, claim in self.claims:
-            if before is not None and round_ >= before:
+            if not now(round_):
                 keep.append((round_, i, claim))
             elif self.verdict.first is None:
                 self._compare_claim(i, claim)
         self.claims = keep
 
-    def _evaluate(self, i: int) -> None:
-        h, _, body = self.plog.entry(i)
-        key = ("eval", h.epoch, h.step)
-        if body is None:  # not kept: what the stage sent from it is not checked
-            self.index.sent.pop(key, None)
+    def _span_end(self, last: bool) -> None:
+        """After the span's steps: the last round's claim when the run stopped inside a round
+        (`[run] max_steps`); what could not be placed stops the replay; what the stage sent
+        and the replay did not compute, of the steps not abandoned, diverges."""
+        if last and self.per:  # the claim of a round the run ended inside
+            self._claims(lambda round_: round_ * self.per < self.reached < (round_ + 1) *
+                         self.per)
+        if self.verdict.first is not None:
             return
-        self._threads()
-        out = self.seg.evaluate(tensor_of(h.dtype, h.shape, body))
-        self._expect({key: as_sent(out, self.codec).numpy()})
+        if self.index.evals:
+            at, i = self.index.evals[0]
+            self._stop(f"an evaluation input (entry {i}) comes at the state after step "
+                       f"{at - 1}, which the replay of this span did not hold")
+        elif self.claims:
+            round_, i, _ = self.claims[0]
+            self._stop(f"its watermark claim of round {round_} (entry {i}) comes where the "
+                       f"replay of this span did not hold that round's end")
+        else:
+            self._unmatched()
 
     # --- comparing ------------------------------------------------------------------------
 
@@ -497,10 +563,22 @@ class _Stage:
             else:
                 self._compare_tensor(i, computed[key])
 
+    def _evaluate(self, i: int) -> None:
+        """Evaluation input `i` with the weights held: the outputs the stage sent for it."""
+        h, _, body = self.plog.entry(i)
+        key = ("eval", h.epoch, h.step)  # as the stage named what it sent for it
+        if body is None:  # not kept: what the stage sent from it is not checked
+            self.unkept += len(self.index.sent.pop(key, []))
+            return
+        self._threads()
+        out = self.seg.evaluate(tensor_of(h.dtype, h.shape, body))
+        self._expect({key: as_sent(out, self.codec).numpy()})
+
     def _compare_tensor(self, i: int, want: np.ndarray) -> None:
         h, _, body = self.plog.entry(i)
-        if body is None:
-            return  # not kept: not counted as checked
+        if body is None:  # not kept: not counted as checked, and the replay not complete
+            self.unkept += 1
+            return
         v = self.verdict
         got = tensor_of(h.dtype, h.shape, body).numpy()
         v.checked += 1
@@ -538,24 +616,28 @@ class _Stage:
                                      f"{mine.hex()[:16]}...")
 
     def _unmatched(self) -> None:
-        """After a complete replay: the first thing the stage sent that nothing it received
-        computes (an evaluation output nobody asked for, metrics of a step it never
-        trained, a snapshot of a step it never reached)."""
-        left = sorted((i, key) for key, entries in self.index.sent.items() for i in entries)
+        """After the span's replay: the first thing the stage sent in it, for a step it did
+        not abandon, that nothing it received computes (an evaluation output nobody asked
+        for, metrics of a step it never trained, a snapshot of a step it never reached)."""
+        ix, per = self.index, self.per or 1
+        left = sorted((i, key) for key, entries in ix.sent.items() for i in entries
+                      if not self._abandoned(key, per))
         if left:
             i, key = left[0]
             h = self.plog.header(i)
             self.verdict.first = Divergence(h.kind, h.step, i, "was sent without the input "
                                                                "the replay computes it from")
-            self.verdict.complete = False
 
-
-def _doc(plog: ProvenanceLog, i: int) -> bytes:
-    body = plog.entry(i)[2]
-    if body is None:  # documents are always kept ([log] retention drops tensors only)
-        raise ClicooperError(f"log entry {i} holds no body: the log is not one that "
-                             f"verify_log accepted")
-    return bytes(body)
+    def _abandoned(self, key: tuple, per: int) -> bool:
+        """Whether output `key` of the span is of the steps the rollback after it abandoned."""
+        end = self.index.end
+        if end is None:
+            return False
+        if key[0] == "eval":
+            return (key[1] + 1) * per > end  # after the evaluation of the epoch at `end`
+        if key[0] == "snapshot":
+            return key[1] > end
+        return key[1] >= end
 
 
 def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
@@ -579,22 +661,13 @@ def replay_log(plog: ProvenanceLog, threads: int = 1,
     plan = Plan.from_meta(roster.meta["plan"])
     previous = torch.get_num_threads()
     try:
-        stages = [_Stage(plan, roster, i, threads) for i in range(1, len(roster.stages) + 1)]
-        names = {m.key_id: m.name for m in roster.members}
-        breaks: list[Break] = []
-        for i in (range(plog.size) if order is None else order):
-            h = plog.header(i)
-            if h.sender == roster.owner.key_id and h.kind == "rollback":
-                rb = Rollback.parse(unpack(_doc(plog, i)), sender=roster.owner.name)
-                breaks.append(Break(i, rb.step, f"a rollback at log entry {i}"))
-            elif h.sender == roster.owner.key_id and h.kind == "handover":
-                ho = Handover.parse(unpack(_doc(plog, i)), sender=roster.owner.name)
-                for s in stages:
-                    s.hand_over(ho.stage, ho.replaced, ho.by)
+        tl = timeline(plog, roster, order)
+        stages = [_Stage(plan, roster, i, threads, tl) for i in range(1, len(roster.stages) + 1)]
+        for p in tl.entries:
             for s in stages:
-                s.index_entry(h, names.get(h.sender, "?"), i, len(breaks))
+                s.index_entry(p)
         for s in stages:
-            s.replay(plog, breaks)
+            s.replay(plog)
     finally:
         torch.set_num_threads(previous)
     return [s.verdict for s in stages]

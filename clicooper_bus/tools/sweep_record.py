@@ -36,7 +36,8 @@ FORMAT = "clicooper-sweep-record/1"
 PACKAGE = Path(__file__).resolve().parents[1]
 # what decides a row's numbers, relative to the package
 FINGERPRINTED = ("ml/privacy", "ml/attacks", "audit")
-NOT_FINGERPRINTED = ("audit/training_replay.py", "audit/model_replay.py")
+NOT_FINGERPRINTED = ("audit/training_replay.py", "audit/replay_timeline.py",
+                     "audit/model_replay.py")
 
 
 def auditor_fingerprint(package: Path = PACKAGE) -> str:

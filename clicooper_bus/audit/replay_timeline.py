@@ -1,0 +1,150 @@
+"""The log's timeline for replay verification (issue 19): which span between rollbacks each
+message belongs to, read from its sender's own signed chain, and who held each stage in each
+span.
+
+The notary orders each sender's messages (its chain), not messages across senders: a message
+that reached the notary late (a resend after a notary restart, one held back) is logged after
+messages of others that followed it. So a message's span is not where the log put it but where
+its sender's chain does:
+- the owner's messages after its `rollback` (to step S) are of the next span;
+- a trainer's messages after its `restored` of step S are of the next span. What it sent
+  between the owner's rollback and its `restored` was computed before it restored: the old
+  span's, as its neighbours treat them (they drop a neighbour's data until its `restored`,
+  `services.trainer.restart.Restarts._fenced`). A `restored` that answers no rollback (another
+  step) moves nothing.
+
+A `handover` (owner's chain) gives a stage to a standby from the next span on: the standby
+restores the gone trainer's state at the rollback that follows, and says `restored` like every
+other trainer (`services.owner.handover`). A standby's messages before that are of the span
+before (it sends nothing there but its hello).
+
+Run only on a log that `tlog.verify.verify_log` accepted: this module reads headers and control
+documents, it does not check them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from clicooper_bus.errors import ClicooperError
+from clicooper_bus.net.codec import unpack
+from clicooper_bus.net.roster import Roster
+from clicooper_bus.net.wire import Header
+from clicooper_bus.protocol.recovery import Handover, Restored, Rollback
+from clicooper_bus.tlog.log import ProvenanceLog
+
+
+@dataclass(frozen=True)
+class Break:
+    """Where training starts over: the owner's `rollback` at log `entry` to `step` (the steps
+    from there on are trained again)."""
+
+    entry: int
+    step: int
+    what: str
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Log entry `entry` (`header`), sent by member `sender` ("?" for a key the roster does
+    not hold), in span `span` of its sender's chain."""
+
+    entry: int
+    header: Header
+    sender: str
+    span: int
+
+
+@dataclass
+class Timeline:
+    """The run's spans: `breaks[j]` ends span j; `holders[j]` names the trainers of stages
+    1..n in span j; `entries` are every log entry placed, grouped by sender, each sender's in
+    its chain's order."""
+
+    breaks: list[Break]
+    holders: list[tuple[str, ...]]
+    entries: list[Placed]
+
+    def start(self, span: int) -> int:
+        """The step span `span` starts training from."""
+        return 0 if span == 0 else self.breaks[span - 1].step
+
+    def end(self, span: int) -> int | None:
+        """The step the rollback after span `span` returns to (None: the last span): the
+        span's steps from there on were abandoned."""
+        return self.breaks[span].step if span < len(self.breaks) else None
+
+
+def doc(plog: ProvenanceLog, i: int) -> bytes:
+    """The body of control entry `i`. Raises ClicooperError when the log holds none (a log
+    that `verify_log` accepted keeps every document: `[log] retention` drops tensors only)."""
+    body = plog.entry(i)[2]
+    if body is None:
+        raise ClicooperError(f"log entry {i} holds no body: the log is not one that "
+                             f"verify_log accepted")
+    return bytes(body)
+
+
+def timeline(plog: ProvenanceLog, roster: Roster,
+             order: Sequence[int] | None = None) -> Timeline:
+    """Place every entry of `plog` (read in `order`, default the log's: any order that keeps
+    each sender's places the same) in its span."""
+    names = {m.key_id: m.name for m in roster.members}
+    chains: dict[str, list[tuple[int, Header]]] = {}
+    for i in (range(plog.size) if order is None else order):
+        h = plog.header(i)
+        chains.setdefault(names.get(h.sender, "?"), []).append((i, h))
+    owner = roster.owner.name
+    breaks, handovers = _owner_breaks(plog, owner, chains.get(owner, []))
+    holders = [tuple(roster.stages)]
+    for j in range(1, len(breaks) + 1):
+        now = list(holders[-1])
+        for at, ho in handovers:
+            if at == j and 1 <= ho.stage <= len(now) and now[ho.stage - 1] == ho.replaced:
+                now[ho.stage - 1] = ho.by
+        holders.append(tuple(now))
+    entries: list[Placed] = []
+    for who, chain in chains.items():
+        entries += _placed(plog, who, chain, breaks, _first_span(who, holders, owner))
+    return Timeline(breaks, holders, entries)
+
+
+def _owner_breaks(plog: ProvenanceLog, owner: str, chain: list[tuple[int, Header]]
+                  ) -> tuple[list[Break], list[tuple[int, Handover]]]:
+    """The owner's rollbacks, and its handovers with the span each takes effect in."""
+    breaks: list[Break] = []
+    handovers: list[tuple[int, Handover]] = []
+    for i, h in chain:
+        if h.kind == "rollback":
+            rb = Rollback.parse(unpack(doc(plog, i)), sender=owner)
+            breaks.append(Break(i, rb.step, f"a rollback at log entry {i}"))
+        elif h.kind == "handover":
+            handovers.append((len(breaks) + 1, Handover.parse(unpack(doc(plog, i)),
+                                                              sender=owner)))
+    return breaks, handovers
+
+
+def _first_span(who: str, holders: list[tuple[str, ...]], owner: str) -> int:
+    """The span `who`'s chain starts in: 0, or for a standby the span before the one it first
+    holds a stage in (its `restored` there moves it on)."""
+    if who == owner:
+        return 0
+    held = [j for j, names in enumerate(holders) if who in names]
+    return max(held[0] - 1, 0) if held else 0
+
+
+def _placed(plog: ProvenanceLog, who: str, chain: list[tuple[int, Header]],
+            breaks: list[Break], span: int) -> list[Placed]:
+    """`who`'s entries in chain order, each with its span."""
+    out = []
+    for i, h in chain:
+        if span < len(breaks):
+            if h.kind == "rollback" and breaks[span].entry == i:  # the owner's own
+                span += 1
+            elif h.kind == "restored":
+                done = Restored.parse(unpack(doc(plog, i)), sender=who)
+                if done.step == breaks[span].step:
+                    span += 1
+        out.append(Placed(i, h, who, span))
+    return out
