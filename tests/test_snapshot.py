@@ -176,7 +176,7 @@ def _scripted_stage(tmp_path, script):
     t.store = snapshot.Store(t.snapshots, {})
     t.cfg = SimpleNamespace(run=SimpleNamespace(snapshot_every=2))
     t.per, t.segment, t.restored_seen, t.dropped = 0, t.seg.module, {}, 0
-    t.roster.standby = ()
+    t.roster.standby, t.roster.meta = (), {}
     t.log = SimpleNamespace(warning=lambda *a, **k: None, info=lambda *a, **k: None)
     return t, bus
 
@@ -216,6 +216,32 @@ def test_a_stage_rolls_back_drops_stale_data_and_trains_the_step_again(tmp_path)
         ref.loss_backward(y[s], s)
     for a, b in zip(t.seg.module.parameters(), ref.module.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("wrong", [{"step": 3, "rollback": 2}, {"step": 2, "rollback": 1}],
+                         ids=["another-step", "an-earlier-rollback"])
+def test_only_the_restored_answering_our_rollback_lets_a_neighbours_data_in(tmp_path, wrong):
+    """Rollback number 2 to step 2: the previous stage's `restored` of another step, or one
+    answering rollback 1 (to the same step), leaves it fenced (its step-2 activations
+    dropped: they may come from before it restored); the one answering rollback 2 lifts it."""
+    from tests.test_trainer_order import OWNER, PREV, _message
+
+    torch.manual_seed(1)
+    x = [torch.rand(4, 3) for _ in range(3)]
+    y = [torch.tensor([0, 1, 1, 0]), torch.tensor([1, 1, 0, 0]), torch.tensor([0, 0, 1, 1])]
+    step = [m for s in range(3) for m in (_message("fwd", PREV, s, x[s]),
+                                          _message("labels", OWNER, s, y[s]))]
+    state = "ab" * 32
+    script = [*step, _control("rollback", OWNER, {"step": 2, "rejoined": "prev", "n": 2}),
+              _control("restored", PREV, {**wrong, "state": state}),
+              _message("fwd", PREV, 2, x[2]),  # still fenced: dropped
+              _control("restored", PREV, {"step": 2, "state": state, "rollback": 2}),
+              *step[4:], _message("end", OWNER, 0)]
+    t, bus = _scripted_stage(tmp_path, script)
+    t._serve()
+    assert t.dropped == 1 and t.trained == 2
+    assert [d for k, d in bus.docs if k == "restored"] == [
+        {"step": 2, "state": t.store.get(2).state, "rollback": 2}]
 
 
 def test_a_rollback_to_a_step_never_snapshotted_is_refused_naming_the_owner(tmp_path):

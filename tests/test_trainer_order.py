@@ -28,6 +28,7 @@ class ScriptedBus:
     def __init__(self, messages):
         self.messages = list(messages)
         self.sent: list[tuple[str, str, dict]] = []
+        self.docs: list[tuple[str, dict]] = []  # (kind, document) of each document sent
 
     def recv(self, timeout_s):
         return self.messages.pop(0)
@@ -37,6 +38,7 @@ class ScriptedBus:
 
     def send_doc(self, kind, to, doc, **meta):
         self.sent.append((kind, to, meta))
+        self.docs.append((kind, doc))
 
 
 def _message(kind: str, sender: str, step: int, body: torch.Tensor | None = None):
@@ -92,6 +94,17 @@ def test_a_batch_queued_behind_a_loss_goes_on_when_its_labels_arrive():
         ref.loss_backward(y[s], s)
     for a, b in zip(t.seg.module.parameters(), ref.module.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_activations_for_a_step_trained_already_are_refused():
+    """Step 0 trained, then step 0 again: training it twice would answer it twice (and make
+    the stage's replay differ from what it sent), so it is refused naming the sender."""
+    x, y = torch.rand(4, 3), torch.tensor([0, 1, 1, 0])
+    script = [_message("fwd", PREV, 0, x), _message("labels", OWNER, 0, y),
+              _message("fwd", PREV, 0, x)]
+    t, _ = _last_stage(script, in_flight=2)
+    with pytest.raises(BusError, match="for step 0, where step 1 comes next"):
+        t._serve()
 
 
 def test_more_batches_than_the_roster_allows_are_refused():

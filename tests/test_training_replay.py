@@ -60,6 +60,33 @@ def test_a_member_that_computes_wrongly_is_named_with_its_first_wrong_step(tmp_p
     assert main(["model", "verify", model, "--bundle", bundle]) == 1
 
 
+def test_a_sampled_log_is_verified_span_by_span_from_the_stages_sealed_states(tmp_path):
+    """The log keeps the first 3 activations and gradients of each sender and epoch: each stage
+    is re-executed until an input was not kept, then again from its next round boundary's
+    state (sealed to the owner, checked against its commitment) until the next gap. A member
+    adding noise to its activations from step 5 on is named at the first step the replay
+    re-executes after that (10); the honest stage replays what it can and says what it
+    skipped. Without the owner's key each replay stops at its first gap, saying so."""
+    from clicooper_bus.audit.training_replay import replay_log
+    from clicooper_bus.tlog.log import ProvenanceLog
+
+    path = write_config(tmp_path, run_id="spans", trainers=2, run={"epochs": 2, "eval_every": 1},
+                        data={"train_limit": 320, "test_limit": 64},
+                        log={"retention": "fwd=sample:3,bwd=sample:3,*=all"})
+    with processes(path, evils={"trainer-1": f"cheat:noise:{FROM}"}) as (cfg, tel, procs):
+        codes = {n: p.wait(timeout=120) for n, p in procs.items() if n != "broker"}
+    assert set(codes.values()) == {0}, codes
+    one, two = verify_training(cfg.run_dir)
+    assert (one.first.kind, one.first.step) == ("fwd", 10) and one.resumed == 1, one.line()
+    assert two.ok and not two.complete and two.steps == {0, 1, 2, 10, 11, 12}, two.line()
+    assert (two.resumed, two.skipped) == (2, 14) and two.stopped is None, two.line()
+    assert "14 not (inputs not kept), started again from 2 committed states" in two.line()
+    with ProvenanceLog.open(cfg.run_dir / "log") as plog:
+        one, two = replay_log(plog)
+    assert one.ok and two.ok and two.steps == {0, 1, 2}, two.line()
+    assert "would start the replay again with the owner's key" in two.stopped
+
+
 def test_a_last_stage_reporting_a_perfect_batch_is_stopped_by_the_owner(tmp_path):
     """The owner recomputes each step's loss and accuracy from the logits the last stage sends
     beside its claim (`services/owner/own_metrics.py`): a made-up claim stops the run at once,
@@ -185,3 +212,22 @@ def _what_a_sender_signs_cannot_make_an_honest_stage_diverge(plog) -> None:
     one, two = replay_log(Forged(plog, edit=lambda i, h, b: (h, None if i == k else b)))
     assert one.ok and not one.complete and "did not keep the bodies of 1" in one.stopped
     assert two.ok and two.complete, two.line()
+
+
+def test_a_restored_moves_its_sender_past_the_rollback_it_answers_only():
+    """Spans follow each trainer's own `restored`, matched to a rollback by number and step:
+    one that was gone during rollback 1 and answers rollback 2 (to the same step) is moved past
+    both; a `restored` of another step, or of a number no rollback has, moves nothing; a log
+    from before numbering matches the next rollback's step."""
+    from clicooper_bus.audit.replay_timeline import Break, _answered
+    from clicooper_bus.protocol.recovery import Restored
+
+    twice = [Break(100, 10, "first", 1), Break(200, 10, "second", 2)]
+    assert _answered(Restored(10, "ab" * 32, 2), twice, 0) == 2
+    assert _answered(Restored(10, "ab" * 32, 1), twice, 0) == 1
+    assert _answered(Restored(11, "ab" * 32, 1), twice, 0) == 0
+    assert _answered(Restored(10, "ab" * 32, 3), twice, 0) == 0
+    assert _answered(Restored(10, "ab" * 32, 1), twice, 1) == 1  # answered already
+    old = [Break(100, 10, "first"), Break(200, 20, "second")]
+    assert _answered(Restored(10, "ab" * 32), old, 0) == 1
+    assert _answered(Restored(20, "ab" * 32), old, 0) == 0  # not the next one's step

@@ -7,11 +7,14 @@ that reached the notary late (a resend after a notary restart, one held back) is
 messages of others that followed it. So a message's span is not where the log put it but where
 its sender's chain does:
 - the owner's messages after its `rollback` (to step S) are of the next span;
-- a trainer's messages after its `restored` of step S are of the next span. What it sent
-  between the owner's rollback and its `restored` was computed before it restored: the old
-  span's, as its neighbours treat them (they drop a neighbour's data until its `restored`,
-  `services.trainer.restart.Restarts._fenced`). A `restored` that answers no rollback (another
-  step) moves nothing.
+- a trainer's messages after its `restored` answering that rollback (its step and number) are
+  of the span after it. What it sent between the owner's rollback and its `restored` was
+  computed before it restored: the old span's, as its neighbours treat them (they drop a
+  neighbour's data until its `restored` answering the rollback they restored for,
+  `services.trainer.restart.Restarts._fenced`). A `restored` that answers no rollback moves
+  nothing; one answering a later rollback than the next (a trainer that was gone during a
+  rollback and restored only at the one after) moves the trainer past both. In a log from
+  before rollbacks were numbered a `restored` answers the next rollback of its step.
 
 A `handover` (owner's chain) gives a stage to a standby from the next span on: the standby
 restores the gone trainer's state at the rollback that follows, and says `restored` like every
@@ -43,6 +46,7 @@ class Break:
     entry: int
     step: int
     what: str
+    n: int = 0  # its number in the run (`Rollback.n`; 0 in a log from before numbering)
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def _owner_breaks(plog: ProvenanceLog, owner: str, chain: list[tuple[int, Header
     for i, h in chain:
         if h.kind == "rollback":
             rb = Rollback.parse(unpack(doc(plog, i)), sender=owner)
-            breaks.append(Break(i, rb.step, f"a rollback at log entry {i}"))
+            breaks.append(Break(i, rb.step, f"a rollback at log entry {i}", rb.n))
         elif h.kind == "handover":
             handovers.append((len(breaks) + 1, Handover.parse(unpack(doc(plog, i)),
                                                               sender=owner)))
@@ -143,8 +147,18 @@ def _placed(plog: ProvenanceLog, who: str, chain: list[tuple[int, Header]],
             if h.kind == "rollback" and breaks[span].entry == i:  # the owner's own
                 span += 1
             elif h.kind == "restored":
-                done = Restored.parse(unpack(doc(plog, i)), sender=who)
-                if done.step == breaks[span].step:
-                    span += 1
+                span = _answered(Restored.parse(unpack(doc(plog, i)), sender=who), breaks, span)
         out.append(Placed(i, h, who, span))
     return out
+
+
+def _answered(done: Restored, breaks: list[Break], span: int) -> int:
+    """The span a trainer is in after `done`, from span `span`: past the rollback it answers
+    (by number, and step), or still `span`."""
+    for j in range(span, len(breaks)):
+        b = breaks[j]
+        if done.rollback and (b.n, b.step) == (done.rollback, done.step):
+            return j + 1
+        if not done.rollback and j == span and b.step == done.step:
+            return j + 1
+    return span

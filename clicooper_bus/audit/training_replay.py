@@ -69,12 +69,13 @@ Run only on a log that `verify_log` accepted: this module reads, it does not re-
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
 
 from clicooper_bus.audit.replay_timeline import Break, Placed, Timeline, doc, timeline
 from clicooper_bus.chain.documents import Claim, Commit
@@ -83,17 +84,18 @@ from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import batches
 from clicooper_bus.ml.models import build_segment, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
-from clicooper_bus.ml.state import restore, stage_state, weights_digest
+from clicooper_bus.ml.state import canonical_digest, restore, stage_state, weights_digest
 from clicooper_bus.ml.tensors import as_sent, tensor_of
 from clicooper_bus.ml.watermark import mark as wm
 from clicooper_bus.ml.watermark import marker
 from clicooper_bus.ml.watermark.claim import weights_digest as claim_digest
 from clicooper_bus.net.codec import unpack
+from clicooper_bus.net.identity import load_identity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Header
 from clicooper_bus.plan import Plan
 from clicooper_bus.protocol import Hello, Metrics
-from clicooper_bus.protocol.recovery import Snapshot
+from clicooper_bus.protocol.recovery import Snapshot, StageState
 from clicooper_bus.tlog.log import ProvenanceLog
 
 # what a stage sends that the replay recomputes
@@ -138,6 +140,8 @@ class StageVerdict:
     stopped: str | None = None
     complete: bool = False  # replayed to the end: nothing stopped it
     rollbacks: int = 0  # rollbacks replayed (the state at their step restored)
+    resumed: int = 0  # spans started again from a committed state after inputs not kept
+    skipped: int = 0  # steps not re-executed between such a gap and the state after it
     largest: float = 0.0  # the largest absolute difference of any tensor compared
 
     @property
@@ -160,6 +164,9 @@ class StageVerdict:
                     f"{f.what}{diff}")
         if self.rollbacks:
             head += f", across {self.rollbacks} rollback{'s' if self.rollbacks > 1 else ''}"
+        if self.resumed:
+            head += (f", {self.skipped} not (inputs not kept), started again from "
+                     f"{self.resumed} committed state{'s' if self.resumed > 1 else ''}")
         return head + (f"; stopped: {self.stopped}" if self.stopped else "; no divergence")
 
 
@@ -171,7 +178,7 @@ class StageVerdict:
                 "sent": self.sent, "checked": self.checked, "coverage": round(self.coverage, 4),
                 "steps": len(self.steps), "trained": len(self.trained),
                 "stopped": self.stopped, "complete": self.complete, "largest": self.largest,
-                "rollbacks": self.rollbacks,
+                "rollbacks": self.rollbacks, "resumed": self.resumed, "skipped": self.skipped,
                 "first": None if f is None else {"kind": f.kind, "step": f.step,
                                                  "entry": f.entry, "what": f.what,
                                                  "max_abs": f.max_abs},
@@ -207,6 +214,8 @@ class _Index:
     sent: dict[tuple, list[int]] = field(default_factory=dict)  # (kind, key) -> what it sent
     commits: list[tuple[int, str]] = field(default_factory=list)  # (entry, committer)
     claim_entries: list[int] = field(default_factory=list)  # its watermark claims
+    snapshot_at: dict[int, int] = field(default_factory=dict)  # step -> its commitment
+    states: dict[int, int] = field(default_factory=dict)  # step -> its sealed stage_state
 
     def abandoned(self, step: int) -> bool:
         """Whether `step` was trained again after the rollback that ends this span."""
@@ -223,7 +232,8 @@ def _key(h: Header) -> tuple:
 class _Stage:
     """The replay of one stage: its segment, its neighbours, and where its messages are."""
 
-    def __init__(self, plan: Plan, roster: Roster, stage: int, threads: int, tl: Timeline):
+    def __init__(self, plan: Plan, roster: Roster, stage: int, threads: int, tl: Timeline,
+                 unseal: Callable[[bytes], bytes] | None = None):
         self.stage, self.owner = stage, roster.owner.name
         self.last = stage == len(roster.stages)
         self.tail = plan.tail
@@ -242,6 +252,8 @@ class _Stage:
         self.ran_out = False
         self.reached = 0  # the replay holds the state after steps 0 .. reached - 1
         self.unkept = 0  # outputs whose bodies the log did not keep: not compared
+        self.unverified = 0  # outputs of steps not re-executed (`_resume`): not compared
+        self.discarded = 0  # outputs of steps a rollback discarded that the replay never reached
         self.verdict = StageVerdict(stage, self.name, trainers=list(dict.fromkeys(
             ix.name for ix in self.timelines)))
         self.run_id, self.settings = roster.run_id, marker.settings(roster)
@@ -252,7 +264,8 @@ class _Stage:
         self.seg.regularizer = lambda: self.mark.add_grad() if self.mark is not None else None
         self.claims: list[tuple[int, int, Claim]] = []  # (round, entry, claim) of the span
         self.plog: ProvenanceLog | None = None
-        self.tl = tl
+        self.tl, self.unseal = tl, unseal
+        self.skip_to: int | None = None  # a committed state restored: train on from its step
 
     # --- pass 1: where everything is ------------------------------------------------------
 
@@ -292,7 +305,11 @@ class _Stage:
             ix.commits.append((i, who))
         elif h.kind == "wm_claim":
             ix.claim_entries.append(i)
+        elif h.kind == "stage_state":
+            ix.states.setdefault(h.step, i)
         elif h.kind in COMPARED:
+            if h.kind == "snapshot":
+                ix.snapshot_at.setdefault(h.step, i)
             ix.sent.setdefault(_key(h), []).append(i)
 
     @staticmethod
@@ -329,7 +346,9 @@ class _Stage:
             self._span_end(last=ix.end is None)
             if v.first is not None or v.stopped:
                 break
-        v.complete = v.first is None and not v.stopped and self.unkept == 0
+        # every output accounted for: compared, or of steps a rollback discarded
+        v.complete = v.first is None and not v.stopped and self.unkept == 0 and \
+            self.unverified == 0 and v.checked + self.discarded == v.sent
         if v.first is None and not v.stopped and self.unkept:
             self._stop(f"the log did not keep the bodies of {self.unkept} of its outputs "
                        f"([log] retention): not compared")
@@ -344,6 +363,10 @@ class _Stage:
             if v.first is not None or v.stopped or self.ran_out:
                 return
             h, _, body = self.plog.entry(i)
+            if self.skip_to is not None:  # started again from a committed state
+                if h.step < self.skip_to:
+                    continue
+                expected, self.skip_to = self.skip_to, None
             if h.step != expected:
                 if not ix.abandoned(expected):
                     self._stop(f"the log holds no fwd input of step {expected} in this span, "
@@ -352,12 +375,15 @@ class _Stage:
             if not self._unique("fwd", h.step):
                 return
             if body is None:
-                self._stop(f"the log did not keep the body of its fwd input of step {h.step} "
-                           f"(entry {i}: [log] retention)")
-                return
+                if not self._resume(h.step, f"the log did not keep the body of its fwd input "
+                                            f"of step {h.step} (entry {i}: [log] retention)"):
+                    return
+                continue
             self._step(h, tensor_of(h.dtype, h.shape, body))
             expected += 1
-        if ix.end is not None and expected < ix.end and not self.ran_out:
+        if self.skip_to is not None:
+            expected, self.skip_to = self.skip_to, None
+        if ix.end is not None and expected < ix.end and not self.ran_out and not v.stopped:
             self._stop(f"the log holds no fwd input of step {expected}, which the rollback "
                        f"to step {ix.end} says was trained")
 
@@ -385,14 +411,78 @@ class _Stage:
             return False
         for later in [k for k in self.saved if k > b.step]:  # the abandoned timeline's
             del self.saved[later]
+        self._fresh(state)
+        self.verdict.rollbacks += 1
+        self._state_reached(b.step, restored=True)
+        return self.verdict.first is None
+
+    def _resume(self, step: int, why: str) -> bool:
+        """An input of `step` whose body the log did not keep (`why`): start again from the
+        next round boundary whose state the stage sent sealed to the owner
+        (`protocol.recovery.StageState`) and committed to in its `snapshot`; the steps between
+        are not re-executed, nor what it sent for them compared. False, stopped, when no such
+        state follows or the owner's key is not at hand; a state that is not the one committed
+        diverges."""
+        ix = self.index
+        later = sorted(b for b in ix.states if b > step and b in ix.snapshot_at
+                       and (ix.end is None or b <= ix.end))
+        if not later:
+            self._stop(why)
+            return False
+        if self.unseal is None:
+            self._stop(f"{why}; the stage's sealed state of step {later[0]} would start the "
+                       f"replay again with the owner's key")
+            return False
+        b, i = later[0], ix.states[later[0]]
+        committed = Snapshot.parse(unpack(self._doc(ix.snapshot_at[b])), sender=self.name)
+        try:
+            raw = self.unseal(StageState.parse(unpack(self._doc(i)), sender=self.name).sealed)
+            tensors = st_load(raw)
+            digest = canonical_digest(tensors, b)
+        except Exception as exc:  # noqa: BLE001  (safetensors raises KeyError for some dtypes)
+            self.verdict.first = Divergence("stage_state", b, i, f"cannot be opened with the "
+                                                                 f"owner's key ({exc})")
+            return False
+        if digest != committed.state:
+            self.verdict.first = Divergence("stage_state", b, i, f"is not the state it "
+                                                                 f"committed for step {b}")
+            return False
+        self._fresh(tensors)
+        self._skip(step, b)
+        self.skip_to = b
+        self._state_reached(b)
+        return self.verdict.first is None
+
+    def _fresh(self, state: dict[str, torch.Tensor]) -> None:
+        """A fresh segment trainer (nothing pending, as a trainer's after a rollback) holding
+        `state` (`ml.state.stage_state`)."""
         self.seg = SegmentTrainer(self.seg.module, lr=self.seg.optimizer.defaults["lr"]
                                   if self.seg.optimizer is not None else 0.0,
                                   seed=self.seg.seed)
         self.seg.regularizer = lambda: self.mark.add_grad() if self.mark is not None else None
         restore(self.seg, state)
-        self.verdict.rollbacks += 1
-        self._state_reached(b.step, restored=True)
-        return self.verdict.first is None
+
+    def _skip(self, step: int, b: int) -> None:
+        """Steps `step` .. `b` - 1 are not re-executed: what the stage sent for them, and the
+        evaluations and claims at states between, are set aside (the replay not complete)."""
+        ix, v = self.index, self.verdict
+        v.resumed += 1
+        v.skipped += b - step
+        for key in [k for k in ix.sent if self._between(k, step, b)]:
+            self.unverified += len(ix.sent.pop(key))
+        for at, i in [e for e in ix.evals if step < e[0] < b]:
+            ix.evals.remove((at, i))
+            h = self.plog.header(i)
+            self.unverified += len(ix.sent.pop(("eval", h.epoch, h.step), []))
+        kept = [c for c in self.claims if not step < (c[0] + 1) * (self.per or 1) < b]
+        self.unverified += len(self.claims) - len(kept)
+        self.claims = kept
+
+    @staticmethod
+    def _between(key: tuple, step: int, b: int) -> bool:
+        if key[0] == "snapshot":
+            return step < key[1] < b
+        return key[0] != "eval" and step <= key[1] < b
 
     def _stop(self, why: str) -> None:
         self.verdict.stopped = self.verdict.stopped or why
@@ -452,8 +542,8 @@ class _Stage:
             return None
         h, _, body = self.plog.entry(i)
         if body is None:
-            self._stop(f"the log did not keep the body of its {kind} input of step {step} "
-                       f"(entry {i}: [log] retention)")
+            self._resume(step, f"the log did not keep the body of its {kind} input of step "
+                               f"{step} (entry {i}: [log] retention)")
             return None
         return tensor_of(h.dtype, h.shape, body)
 
@@ -620,6 +710,7 @@ class _Stage:
         not abandon, that nothing it received computes (an evaluation output nobody asked
         for, metrics of a step it never trained, a snapshot of a step it never reached)."""
         ix, per = self.index, self.per or 1
+        self.discarded += sum(len(e) for key, e in ix.sent.items() if self._abandoned(key, per))
         left = sorted((i, key) for key, entries in ix.sent.items() for i in entries
                       if not self._abandoned(key, per))
         if left:
@@ -640,29 +731,38 @@ class _Stage:
         return key[1] >= end
 
 
-def verify_training(run_dir: str | os.PathLike[str]) -> list[StageVerdict]:
+def verify_training(run_dir: str | os.PathLike[str],
+                    owner_key: str | os.PathLike[str] | None = None) -> list[StageVerdict]:
     """Re-execute every trainer's stage of the run in `run_dir` from its log; one verdict per
-    stage. Raises ClicooperError for a run it cannot read."""
+    stage. `owner_key`: the owner's key file (default: the run config's `[participants] keys`
+    holds it, as on the owner's machine), with which each stage's sealed states start the
+    replay again after inputs the log did not keep; without one the replay stops there.
+    Raises ClicooperError for a run it cannot read."""
     layout = RunLayout(Path(run_dir))
     cfg = load_config(str(layout.config))
+    path = Path(owner_key) if owner_key is not None else \
+        Path(cfg.participants.keys) / f"{cfg.participants.owner}.key"
+    unseal = load_identity(path).unseal if path.is_file() else None
     with ProvenanceLog.open(layout.log) as plog:
-        return replay_log(plog, cfg.run.trainer_threads)
+        return replay_log(plog, cfg.run.trainer_threads, unseal=unseal)
 
 
-def replay_log(plog: ProvenanceLog, threads: int = 1,
-               order: Sequence[int] | None = None) -> list[StageVerdict]:
+def replay_log(plog: ProvenanceLog, threads: int = 1, order: Sequence[int] | None = None,
+               unseal: Callable[[bytes], bytes] | None = None) -> list[StageVerdict]:
     """Re-execute every trainer's stage from the open log `plog`; one verdict per stage. Each
     stage computes with the torch threads its trainer said in its `hello` (the same
     operations in the same order: 2 threads against 1 changed the first activations by
     6e-8), `threads` for a trainer that did not say. `order`: the entries in the order the
     notary could have logged them (default: the log's; any order that keeps each sender's
-    gives the same verdicts, which tests check)."""
+    gives the same verdicts, which tests check). `unseal`: the owner's
+    (`Identity.unseal`), to open the stages' sealed states (`_Stage._resume`)."""
     roster = Roster.open(plog.roster_bytes)
     plan = Plan.from_meta(roster.meta["plan"])
     previous = torch.get_num_threads()
     try:
         tl = timeline(plog, roster, order)
-        stages = [_Stage(plan, roster, i, threads, tl) for i in range(1, len(roster.stages) + 1)]
+        stages = [_Stage(plan, roster, i, threads, tl, unseal)
+                  for i in range(1, len(roster.stages) + 1)]
         for p in tl.entries:
             for s in stages:
                 s.index_entry(p)

@@ -43,10 +43,13 @@ proof of equivocation in `net.equivocation`):
 | `rejoin`     | trainer → owner      | `Rejoin`: a restarted trainer, with the snapshots   |
 |              |                      | (steps, state digests) it can restore               |
 | `rollback`   | owner → all          | `Rollback`: everyone restores the step's snapshot;  |
-|              |                      | steps from it on are trained (and logged) again     |
-| `restored`   | trainer → all        | `Restored`: it restored that step (state digest)    |
+|              |                      | steps from it on are trained (and logged) again;    |
+|              |                      | numbered in the run                                 |
+| `restored`   | trainer → all        | `Restored`: it restored that step (state digest),   |
+|              |                      | answering the rollback of that number               |
 | `stage_state`| trainer → owner      | `StageState`: its whole stage state at a round      |
-|              |                      | boundary, sealed to the owner (with standbys only)  |
+|              |                      | boundary, sealed to the owner (with standbys, or    |
+|              |                      | the roster's `states` meta, for replay spans)       |
 | `handover`   | owner → all          | `Handover`: a gone trainer's stage goes to a        |
 |              |                      | standby, with its committed state sealed to it      |
 | `equivocation` | notary → all       | `net.equivocation.Equivocation`: the two signed     |

@@ -11,6 +11,10 @@ from typing import Any, ClassVar
 
 from clicooper_bus.protocol import Control, _is_digest
 
+# the roster's `states` meta: every trainer sends its `StageState` at every round boundary, so
+# that replay verification can start a span there when the log did not keep every input
+STATES_ROUNDS = "rounds"
+
 
 @dataclass(frozen=True)
 class Snapshot(Control):
@@ -102,22 +106,29 @@ class Rollback(Control):
     every trainer restores its snapshot of that step and says so (`Restored`); the owner then
     sends steps from `step` on again, so they appear a second time in the log, after this.
     `stages` (sent only after a handover amended the roster's): the stage order from here on,
-    for a trainer restarted with the roster on its disk, which knows no handover."""
+    for a trainer restarted with the roster on its disk, which knows no handover. `n`: the
+    rollback's number in the run (1, 2, ...; a resume's counts), which each `Restored` echoes:
+    two rollbacks to one step are told apart (0: a log from before rollbacks were numbered)."""
 
     KIND: ClassVar[str] = "rollback"
     step: int
     rejoined: str
     stages: list[str] | None = None
+    n: int = 0
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"step": self.step, "rejoined": self.rejoined}
         if self.stages is not None:
             doc["stages"] = list(self.stages)
+        if self.n:
+            doc["n"] = self.n
         return doc
 
     def _checked(self, sender: str | None) -> Rollback:
         if self.step < 0:
             raise self._refuse("step is negative", "step", sender)
+        if self.n < 0:
+            raise self._refuse("n is negative", "n", sender)
         if self.stages is not None and len(set(self.stages)) != len(self.stages):
             raise self._refuse("stages names a trainer twice", "stages", sender)
         return self
@@ -125,16 +136,31 @@ class Rollback(Control):
 
 @dataclass(frozen=True)
 class Restored(Control):
-    """A trainer restored its snapshot of `step` after the owner's `Rollback`; `state`: that
-    snapshot's state digest (the owner checks it against the committed one)."""
+    """A trainer restored its snapshot of `step` after the owner's `Rollback` number
+    `rollback` (its `n`); `state`: that snapshot's state digest (the owner checks it against
+    the committed one). Neighbours take the trainer's data again only after the `Restored`
+    that answers the rollback they restored for."""
 
     KIND: ClassVar[str] = "restored"
     step: int
     state: str
+    rollback: int = 0
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"step": self.step, "state": self.state}
+        if self.rollback:
+            doc["rollback"] = self.rollback
+        return doc
+
+    def answers(self, rb: Rollback) -> bool:
+        """Whether this is the answer to rollback `rb` (its step, and its number)."""
+        return (self.step, self.rollback) == (rb.step, rb.n)
 
     def _checked(self, sender: str | None) -> Restored:
         if self.step < 0:
             raise self._refuse("step is negative", "step", sender)
+        if self.rollback < 0:
+            raise self._refuse("rollback is negative", "rollback", sender)
         if not _is_digest(self.state):
             raise self._refuse("state is not a SHA-256 digest in hex", "state", sender)
         return self
@@ -144,8 +170,10 @@ class Restored(Control):
 class StageState(Control):
     """A trainer's whole stage state at round boundary `step` (the tensors of its snapshot,
     safetensors bytes sealed to the owner's key), sent after its `Snapshot` of that step when
-    the roster has standbys: the owner checks it against that commitment and keeps it, for a
-    standby to take the stage over if the trainer goes for good."""
+    the roster has standbys or its `states` meta is `STATES_ROUNDS`: the owner checks it
+    against that commitment and keeps it, for a standby to take the stage over if the trainer
+    goes for good; replay verification, with the owner's key, starts a span from it
+    (`audit.training_replay`)."""
 
     KIND: ClassVar[str] = "stage_state"
     step: int

@@ -24,7 +24,7 @@ from clicooper_bus.protocol import (
     Usage,
     WatermarkCertificate,
 )
-from clicooper_bus.protocol.recovery import Restored, Snapshot
+from clicooper_bus.protocol.recovery import Restored, Rollback, Snapshot
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 
 
@@ -52,6 +52,7 @@ class Books:
     snapshots: dict[str, dict[int, Snapshot]] = field(default_factory=dict)
     restored: dict[str, Restored] = field(default_factory=dict)  # since the last rollback
     fenced: set[str] = field(default_factory=set)  # key ids whose data is stale (a rollback)
+    rolled_back: Rollback | None = None  # the last rollback sent: only its answer lifts a fence
     # (kind, key id, step) -> the body's SHA-256 of the first `fwd` or `bwd` received for it
     received: dict[tuple[str, str, int], bytes] = field(default_factory=dict)
     replayed_steps: int = 0  # steps trained again after rollbacks
@@ -121,8 +122,10 @@ class Books:
     def on_restored(self, env: Envelope) -> None:
         """A trainer restored the rollback's snapshot: its data is current again."""
         name = self.names[env.header.sender]
-        self.restored[name] = Restored.parse(env.document(), sender=name)
-        self.fenced.discard(env.header.sender)
+        done = Restored.parse(env.document(), sender=name)
+        if self.rolled_back is not None and done.answers(self.rolled_back):
+            self.restored[name] = done
+            self.fenced.discard(env.header.sender)
 
     def compare(self, env: Envelope) -> None:
         """A trainer's `fwd` or `bwd` of a step: kept by its hash the first time; after a

@@ -16,6 +16,8 @@ from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.plan import Plan
+from clicooper_bus.protocol.recovery import STATES_ROUNDS
+from clicooper_bus.tlog.retention import Retention
 
 
 @dataclass
@@ -60,9 +62,19 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
         cfg.run.id, owner=ident.public, trainers=trainer_keys, notary=notary_key,
         meta={"plan": plan.to_meta(), "model_spec": spec.digest(plan.segment_cuts),
               "config": cfg.digest(), "dataset": data.name, "model": spec.name,
-              **watermark_meta(cfg, len(data.x_train))},
+              **watermark_meta(cfg, len(data.x_train)), **states_meta(cfg)},
         standby=[public_key(p.keys, n) for n in p.standby])
     return OwnerSetup(data, spec, cuts, plan, segments, defences, head, tail, roster)
+
+
+def states_meta(cfg: RunConfig) -> dict[str, str]:
+    """`states`: when the log keeps only some bodies of the training tensors (`[log]
+    retention`), every trainer sends its state at each round boundary, sealed to the owner,
+    so that replay verification can start a span there (`protocol.recovery.StageState`)."""
+    kept = Retention.parse(cfg.log.retention)
+    if all(kept.limit(kind) is None for kind in ("fwd", "bwd", "labels")):
+        return {}
+    return {"states": STATES_ROUNDS}
 
 
 def public_key(keys: str, name: str) -> PublicIdentity:

@@ -21,7 +21,7 @@ from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.protocol import ProtocolError, Usage
-from clicooper_bus.protocol.recovery import ChainTip, Rejoin, Restored, Rollback, Snapshot
+from clicooper_bus.protocol.recovery import STATES_ROUNDS, ChainTip, Rejoin, Restored, Rollback, Snapshot
 from clicooper_bus.services.trainer import snapshot
 
 
@@ -30,6 +30,7 @@ class Restarts:
     trainer's bus, loop, roster, stage and store)."""
 
     rejoining = False  # a restarted process before the notary's tip: it sends nothing
+    rolled_back: Rollback | None = None  # the last rollback restored for
 
     def _snapshot(self, step: int) -> None:
         """Snapshot the stage at `step` (the state after steps 0 .. step - 1) to disk, then
@@ -40,7 +41,8 @@ class Restarts:
         size = self.store.keep(snap, usage=self.meter.usage().to_doc())
         self.bus.send_doc("snapshot", self.roster.owner.name,
                           Snapshot(step, snap.weights, snap.state).to_doc(), step=step)
-        if self.roster.standby and self.store.boundary(step):
+        if (self.roster.standby or self.roster.meta.get("states") == STATES_ROUNDS) and \
+                self.store.boundary(step):
             self._send_state(snap)
         self.log.info("snapshot", step=step, bytes=size,
                       ms=round((time.perf_counter() - t0) * 1000, 2))
@@ -142,8 +144,10 @@ class Restarts:
         self.meter.steps = rb.step  # replayed steps are counted once, as the owner counts them
         stages = set(self.stages)
         self.fence = {self.kid[n] for n in (self.prev, self.next) if n in stages
-                      and self.restored_seen.get(self.kid[n]) != rb.step}
-        self.bus.send_doc("restored", "all", Restored(rb.step, snap.state).to_doc(), step=rb.step)
+                      and not self._answered(self.kid[n], rb)}
+        self.rolled_back = rb
+        self.bus.send_doc("restored", "all", Restored(rb.step, snap.state, rb.n).to_doc(),
+                          step=rb.step)
         self.log.warning("rolled back", step=rb.step, rejoined=rb.rejoined,
                          fenced=sorted(self.loop.names.get(k, k) for k in self.fence))
         why = "the owner resumed" if rb.rejoined == self.roster.owner.name else \
@@ -168,8 +172,15 @@ class Restarts:
         """A neighbour restored: what it sends from now on is of the rolled-back run."""
         sender = env.header.sender
         done = Restored.parse(env.document(), sender=self.loop.names.get(sender))
-        self.restored_seen[sender] = done.step
-        self.fence = set(self.fence) - {sender}
+        self.restored_seen[sender] = done
+        if self.rolled_back is not None and done.answers(self.rolled_back):
+            self.fence = set(self.fence) - {sender}
+
+    def _answered(self, kid: str, rb: Rollback) -> bool:
+        """Whether the neighbour of key `kid` already said it restored for rollback `rb`
+        (it may have had the rollback before us): its data is current, not fenced."""
+        done = self.restored_seen.get(kid)
+        return done is not None and done.answers(rb)
 
     def _fenced(self, env: Envelope) -> bool:
         """Whether `env` is stale data from a neighbour that has not restored yet."""

@@ -45,6 +45,7 @@ from clicooper_bus.protocol import (
     Hello,
     Metrics,
 )
+from clicooper_bus.protocol.recovery import Restored
 from clicooper_bus.services.common import (
     EXIT_OK,
     EXIT_STOPPED,
@@ -102,7 +103,7 @@ class Trainer(Restarts, Marks, Standby, Ending):
         self.final_seen = False  # the notary's final checkpoint arrived
         self.meter = CpuMeter()  # this process's CPU over its training steps (`usage`)
         self.snapshots = RunLayout(cfg.run_dir).snapshots(name)
-        self.restored_seen: dict[str, int] = {}  # key id -> the step it said it restored
+        self.restored_seen: dict[str, Restored] = {}  # key id -> its last `restored`
         self.dropped = 0  # stale messages dropped behind a fence
 
     def run(self) -> int:
@@ -272,6 +273,11 @@ class Trainer(Restarts, Marks, Standby, Ending):
                 any(q.header.step == h.step for q, _ in self.queued):
             raise BusError(f"{self.prev} sent activations for step {h.step} with {held} steps "
                            f"held here (the roster allows {self.plan.in_flight} in flight)")
+        expected = max([self.trained, *self.seg.pending, *(q.header.step for q, _ in
+                                                            self.queued)]) + 1
+        if h.step != expected:  # a step again would train twice; a skipped one is a hole
+            raise BusError(f"{self.prev} sent activations for step {h.step}, where step "
+                           f"{expected} comes next")
         # checked now (refused at once, not when its turn comes), rows exact by the plan
         want = self._train_rows(self.expect_in, env, self.prev)
         self.queued.append((env, received(env, want, self.prev)))
