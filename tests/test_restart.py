@@ -110,6 +110,7 @@ def test_a_killed_trainer_restarts_and_the_run_completes(tmp_path):
 
     with ProvenanceLog.open(cfg.run_dir / "log") as plog:
         assert_same_verdicts_in_any_sender_order(plog)
+        _a_gap_in_steps_a_rollback_discarded_stops_nothing(plog)
 
 
 def test_a_killed_trainer_rejoins_a_watermarked_run(tmp_path):
@@ -142,3 +143,19 @@ def test_a_killed_trainer_rejoins_a_watermarked_run(tmp_path):
     v = verify_model_replayed(layout.model, layout.provenance.root, log_dir=layout.log,
                               full_replay=True)
     assert v.ok and all("across 1 rollback; no divergence" in s.replay for s in v.stages), v
+
+
+def _a_gap_in_steps_a_rollback_discarded_stops_nothing(plog) -> None:
+    """A body the log did not keep of a step the rollback trains again (the last input
+    trainer-1 had before the rollback) ends trainer-1's first span early, as running out of
+    inputs there does; its replay goes on from the rollback, complete."""
+    from clicooper_bus.audit.replay_timeline import timeline
+    from clicooper_bus.audit.training_replay import replay_log
+    from clicooper_bus.net.roster import Roster
+    from tests.replay_logs import Forged
+
+    tl = timeline(plog, Roster.open(plog.roster_bytes))
+    late = max(p.entry for p in tl.entries if p.header.to == "trainer-1" and p.span == 0
+               and p.header.kind in ("fwd", "bwd") and p.header.step >= tl.breaks[0].step)
+    one, _ = replay_log(Forged(plog, edit=lambda i, h, b: (h, None if i == late else b)))
+    assert one.ok and one.complete and one.rollbacks == 1, one.line()

@@ -182,10 +182,14 @@ def _scripted_stage(tmp_path, script):
 
 
 def _control(kind, sender, doc):
+    """A control message of `kind` from `sender`; its header's digest stands for the real
+    header's (a `restored` names its rollback by it)."""
+    import hashlib
     from types import SimpleNamespace
 
-    return SimpleNamespace(header=SimpleNamespace(kind=kind, sender=sender, step=doc["step"]),
-                           document=lambda: doc)
+    digest = hashlib.sha256(repr((kind, sender, sorted(doc.items()))).encode()).digest()
+    return SimpleNamespace(header=SimpleNamespace(kind=kind, sender=sender, step=doc["step"],
+                                                  digest=digest), document=lambda: doc)
 
 
 def test_a_stage_rolls_back_drops_stale_data_and_trains_the_step_again(tmp_path):
@@ -199,9 +203,11 @@ def test_a_stage_rolls_back_drops_stale_data_and_trains_the_step_again(tmp_path)
     y = [torch.tensor([0, 1, 1, 0]), torch.tensor([1, 1, 0, 0]), torch.tensor([0, 0, 1, 1])]
     step = [m for s in range(3) for m in (_message("fwd", PREV, s, x[s]),
                                           _message("labels", OWNER, s, y[s]))]
-    script = [*step, _control("rollback", OWNER, {"step": 2, "rejoined": "prev"}),
+    rollback = _control("rollback", OWNER, {"step": 2, "rejoined": "prev"})
+    script = [*step, rollback,
               _message("fwd", PREV, 2, x[2]),  # sent before prev restored: stale
-              _control("restored", PREV, {"step": 2, "state": "ab" * 32}),
+              _control("restored", PREV, {"step": 2, "state": "ab" * 32,
+                                          "rollback": rollback.header.digest.hex()}),
               *step[4:], _message("end", OWNER, 0)]
     t, bus = _scripted_stage(tmp_path, script)
     t._serve()
@@ -218,12 +224,12 @@ def test_a_stage_rolls_back_drops_stale_data_and_trains_the_step_again(tmp_path)
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("wrong", [{"step": 3, "rollback": 2}, {"step": 2, "rollback": 1}],
-                         ids=["another-step", "an-earlier-rollback"])
+@pytest.mark.parametrize("wrong", ["another-step", "an-earlier-rollback", "none-named"])
 def test_only_the_restored_answering_our_rollback_lets_a_neighbours_data_in(tmp_path, wrong):
-    """Rollback number 2 to step 2: the previous stage's `restored` of another step, or one
-    answering rollback 1 (to the same step), leaves it fenced (its step-2 activations
-    dropped: they may come from before it restored); the one answering rollback 2 lifts it."""
+    """A rollback to step 2: the previous stage's `restored` of another step, or one
+    answering an earlier rollback to the same step, or naming none, leaves it fenced (its
+    step-2 activations dropped: they may come from before it restored); the one naming this
+    rollback (its header's digest, which nobody knows before the owner sent it) lifts it."""
     from tests.test_trainer_order import OWNER, PREV, _message
 
     torch.manual_seed(1)
@@ -232,16 +238,22 @@ def test_only_the_restored_answering_our_rollback_lets_a_neighbours_data_in(tmp_
     step = [m for s in range(3) for m in (_message("fwd", PREV, s, x[s]),
                                           _message("labels", OWNER, s, y[s]))]
     state = "ab" * 32
-    script = [*step, _control("rollback", OWNER, {"step": 2, "rejoined": "prev", "n": 2}),
-              _control("restored", PREV, {**wrong, "state": state}),
+    rollback = _control("rollback", OWNER, {"step": 2, "rejoined": "prev"})
+    ours = rollback.header.digest.hex()
+    earlier = _control("rollback", OWNER, {"step": 2, "rejoined": "x"}).header.digest.hex()
+    bad = {"another-step": {"step": 3, "rollback": ours},
+           "an-earlier-rollback": {"step": 2, "rollback": earlier},
+           "none-named": {"step": 2}}[wrong]
+    script = [*step, rollback,
+              _control("restored", PREV, {**bad, "state": state}),
               _message("fwd", PREV, 2, x[2]),  # still fenced: dropped
-              _control("restored", PREV, {"step": 2, "state": state, "rollback": 2}),
+              _control("restored", PREV, {"step": 2, "state": state, "rollback": ours}),
               *step[4:], _message("end", OWNER, 0)]
     t, bus = _scripted_stage(tmp_path, script)
     t._serve()
     assert t.dropped == 1 and t.trained == 2
     assert [d for k, d in bus.docs if k == "restored"] == [
-        {"step": 2, "state": t.store.get(2).state, "rollback": 2}]
+        {"step": 2, "state": t.store.get(2).state, "rollback": ours}]
 
 
 def test_a_rollback_to_a_step_never_snapshotted_is_refused_naming_the_owner(tmp_path):

@@ -67,7 +67,10 @@ def test_a_sampled_log_is_verified_span_by_span_from_the_stages_sealed_states(tm
     adding noise to its activations from step 5 on is named at the first step the replay
     re-executes after that (10); the honest stage replays what it can and says what it
     skipped. Without the owner's key each replay stops at its first gap, saying so."""
+    from pathlib import Path
+
     from clicooper_bus.audit.training_replay import replay_log
+    from clicooper_bus.net.identity import load_identity
     from clicooper_bus.tlog.log import ProvenanceLog
 
     path = write_config(tmp_path, run_id="spans", trainers=2, run={"epochs": 2, "eval_every": 1},
@@ -83,8 +86,16 @@ def test_a_sampled_log_is_verified_span_by_span_from_the_stages_sealed_states(tm
     assert "14 not (inputs not kept), started again from 2 committed states" in two.line()
     with ProvenanceLog.open(cfg.run_dir / "log") as plog:
         one, two = replay_log(plog)
-    assert one.ok and two.ok and two.steps == {0, 1, 2}, two.line()
-    assert "would start the replay again with the owner's key" in two.stopped
+        assert one.ok and two.ok and two.steps == {0, 1, 2}, two.line()
+        assert "would start the replay again with the owner's key" in two.stopped
+        # a state whose body the log did not keep is passed over for the next, accusing
+        # nobody: the cheater's steps 3 to 19 are then all skipped (not verified, not ok'd)
+        keys = Path(cfg.participants.keys)
+        unseal = load_identity(keys / f"{cfg.participants.owner}.key").unseal
+        gone = Forged(plog, edit=lambda i, h, b: (h, None if h.kind == "stage_state" and
+                                                  h.step == 10 else b))
+        for v in replay_log(gone, unseal=unseal):
+            assert v.ok and not v.complete and v.steps == {0, 1, 2}, v.line()
 
 
 def test_a_last_stage_reporting_a_perfect_batch_is_stopped_by_the_owner(tmp_path):
@@ -215,19 +226,21 @@ def _what_a_sender_signs_cannot_make_an_honest_stage_diverge(plog) -> None:
 
 
 def test_a_restored_moves_its_sender_past_the_rollback_it_answers_only():
-    """Spans follow each trainer's own `restored`, matched to a rollback by number and step:
-    one that was gone during rollback 1 and answers rollback 2 (to the same step) is moved past
-    both; a `restored` of another step, or of a number no rollback has, moves nothing; a log
-    from before numbering matches the next rollback's step."""
+    """Spans follow each trainer's own `restored`, matched to a rollback by its header's
+    digest and step: one that was gone during the first rollback and answers the second (to
+    the same step) is moved past both; a `restored` of another step, or naming a digest no
+    rollback has, moves nothing; in a log from before `restored` named its rollback it
+    answers the next rollback's step."""
     from clicooper_bus.audit.replay_timeline import Break, _answered
     from clicooper_bus.protocol.recovery import Restored
 
-    twice = [Break(100, 10, "first", 1), Break(200, 10, "second", 2)]
-    assert _answered(Restored(10, "ab" * 32, 2), twice, 0) == 2
-    assert _answered(Restored(10, "ab" * 32, 1), twice, 0) == 1
-    assert _answered(Restored(11, "ab" * 32, 1), twice, 0) == 0
-    assert _answered(Restored(10, "ab" * 32, 3), twice, 0) == 0
-    assert _answered(Restored(10, "ab" * 32, 1), twice, 1) == 1  # answered already
+    one, two, state = "11" * 32, "22" * 32, "ab" * 32
+    twice = [Break(100, 10, "first", one), Break(200, 10, "second", two)]
+    assert _answered(Restored(10, state, two), twice, 0) == 2
+    assert _answered(Restored(10, state, one), twice, 0) == 1
+    assert _answered(Restored(11, state, one), twice, 0) == 0
+    assert _answered(Restored(10, state, "33" * 32), twice, 0) == 0
+    assert _answered(Restored(10, state, one), twice, 1) == 1  # answered already
     old = [Break(100, 10, "first"), Break(200, 20, "second")]
-    assert _answered(Restored(10, "ab" * 32), old, 0) == 1
-    assert _answered(Restored(20, "ab" * 32), old, 0) == 0  # not the next one's step
+    assert _answered(Restored(10, state), old, 0) == 1
+    assert _answered(Restored(20, state), old, 0) == 0  # not the next one's step

@@ -7,14 +7,15 @@ that reached the notary late (a resend after a notary restart, one held back) is
 messages of others that followed it. So a message's span is not where the log put it but where
 its sender's chain does:
 - the owner's messages after its `rollback` (to step S) are of the next span;
-- a trainer's messages after its `restored` answering that rollback (its step and number) are
-  of the span after it. What it sent between the owner's rollback and its `restored` was
-  computed before it restored: the old span's, as its neighbours treat them (they drop a
-  neighbour's data until its `restored` answering the rollback they restored for,
+- a trainer's messages after its `restored` answering that rollback (its step, and the digest
+  of its header, which no trainer knows before the owner sent it) are of the span after it.
+  What it sent between the owner's rollback and its `restored` was computed before it
+  restored: the old span's, as its neighbours treat them (they drop a neighbour's data until
+  its `restored` answering the rollback they restored for,
   `services.trainer.restart.Restarts._fenced`). A `restored` that answers no rollback moves
   nothing; one answering a later rollback than the next (a trainer that was gone during a
   rollback and restored only at the one after) moves the trainer past both. In a log from
-  before rollbacks were numbered a `restored` answers the next rollback of its step.
+  before `restored` named its rollback it answers the next rollback of its step.
 
 A `handover` (owner's chain) gives a stage to a standby from the next span on: the standby
 restores the gone trainer's state at the rollback that follows, and says `restored` like every
@@ -46,7 +47,7 @@ class Break:
     entry: int
     step: int
     what: str
-    n: int = 0  # its number in the run (`Rollback.n`; 0 in a log from before numbering)
+    digest: str = ""  # its header's SHA-256 (hex), which each `Restored` answering it names
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def _owner_breaks(plog: ProvenanceLog, owner: str, chain: list[tuple[int, Header
     for i, h in chain:
         if h.kind == "rollback":
             rb = Rollback.parse(unpack(doc(plog, i)), sender=owner)
-            breaks.append(Break(i, rb.step, f"a rollback at log entry {i}", rb.n))
+            breaks.append(Break(i, rb.step, f"a rollback at log entry {i}", h.digest.hex()))
         elif h.kind == "handover":
             handovers.append((len(breaks) + 1, Handover.parse(unpack(doc(plog, i)),
                                                               sender=owner)))
@@ -154,10 +155,10 @@ def _placed(plog: ProvenanceLog, who: str, chain: list[tuple[int, Header]],
 
 def _answered(done: Restored, breaks: list[Break], span: int) -> int:
     """The span a trainer is in after `done`, from span `span`: past the rollback it answers
-    (by number, and step), or still `span`."""
+    (its header digest, and step), or still `span`."""
     for j in range(span, len(breaks)):
         b = breaks[j]
-        if done.rollback and (b.n, b.step) == (done.rollback, done.step):
+        if done.rollback and done.answers(b.step, b.digest):
             return j + 1
         if not done.rollback and j == span and b.step == done.step:
             return j + 1

@@ -348,7 +348,7 @@ class _Stage:
                 break
         # every output accounted for: compared, or of steps a rollback discarded
         v.complete = v.first is None and not v.stopped and self.unkept == 0 and \
-            self.unverified == 0 and v.checked + self.discarded == v.sent
+            self.unverified == 0 and v.resumed == 0 and v.checked + self.discarded == v.sent
         if v.first is None and not v.stopped and self.unkept:
             self._stop(f"the log did not keep the bodies of {self.unkept} of its outputs "
                        f"([log] retention): not compared")
@@ -424,8 +424,13 @@ class _Stage:
         state follows or the owner's key is not at hand; a state that is not the one committed
         diverges."""
         ix = self.index
+        if ix.abandoned(step):  # the rollback after this span trains it again: nothing lost
+            self.ran_out = True
+            return False
+        kept = self.plog.entry
         later = sorted(b for b in ix.states if b > step and b in ix.snapshot_at
-                       and (ix.end is None or b <= ix.end))
+                       and (ix.end is None or b <= ix.end) and kept(ix.states[b])[2] is not None
+                       and kept(ix.snapshot_at[b])[2] is not None)
         if not later:
             self._stop(why)
             return False
@@ -450,6 +455,8 @@ class _Stage:
         self._fresh(tensors)
         self._skip(step, b)
         self.skip_to = b
+        # its commitment of b holds the state restored: checked above, not recomputed
+        self.unverified += len(ix.sent.pop(("snapshot", b), []))
         self._state_reached(b)
         return self.verdict.first is None
 
@@ -553,7 +560,6 @@ class _Stage:
         step, ix = h.step, self.index
         self._threads()
         out = self.seg.forward(x, step)
-        self.verdict.steps.add(step)
         if self.takes_labels:
             labels = self._input(ix.labels, "labels", step)
             if labels is None:
@@ -572,6 +578,7 @@ class _Stage:
         if self.verdict.first is None:
             self._update(step)
             if not self.verdict.stopped:
+                self.verdict.steps.add(step)  # re-executed to its update
                 self._state_reached(step + 1)
 
     def _update(self, step: int) -> None:

@@ -43,10 +43,9 @@ proof of equivocation in `net.equivocation`):
 | `rejoin`     | trainer → owner      | `Rejoin`: a restarted trainer, with the snapshots   |
 |              |                      | (steps, state digests) it can restore               |
 | `rollback`   | owner → all          | `Rollback`: everyone restores the step's snapshot;  |
-|              |                      | steps from it on are trained (and logged) again;    |
-|              |                      | numbered in the run                                 |
+|              |                      | steps from it on are trained (and logged) again     |
 | `restored`   | trainer → all        | `Restored`: it restored that step (state digest),   |
-|              |                      | answering the rollback of that number               |
+|              |                      | naming the rollback by its header's digest          |
 | `stage_state`| trainer → owner      | `StageState`: its whole stage state at a round      |
 |              |                      | boundary, sealed to the owner (with standbys, or    |
 |              |                      | the roster's `states` meta, for replay spans)       |

@@ -106,29 +106,23 @@ class Rollback(Control):
     every trainer restores its snapshot of that step and says so (`Restored`); the owner then
     sends steps from `step` on again, so they appear a second time in the log, after this.
     `stages` (sent only after a handover amended the roster's): the stage order from here on,
-    for a trainer restarted with the roster on its disk, which knows no handover. `n`: the
-    rollback's number in the run (1, 2, ...; a resume's counts), which each `Restored` echoes:
-    two rollbacks to one step are told apart (0: a log from before rollbacks were numbered)."""
+    for a trainer restarted with the roster on its disk, which knows no handover. Each
+    `Restored` names the rollback it answers by the digest of its header."""
 
     KIND: ClassVar[str] = "rollback"
     step: int
     rejoined: str
     stages: list[str] | None = None
-    n: int = 0
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"step": self.step, "rejoined": self.rejoined}
         if self.stages is not None:
             doc["stages"] = list(self.stages)
-        if self.n:
-            doc["n"] = self.n
         return doc
 
     def _checked(self, sender: str | None) -> Rollback:
         if self.step < 0:
             raise self._refuse("step is negative", "step", sender)
-        if self.n < 0:
-            raise self._refuse("n is negative", "n", sender)
         if self.stages is not None and len(set(self.stages)) != len(self.stages):
             raise self._refuse("stages names a trainer twice", "stages", sender)
         return self
@@ -136,15 +130,17 @@ class Rollback(Control):
 
 @dataclass(frozen=True)
 class Restored(Control):
-    """A trainer restored its snapshot of `step` after the owner's `Rollback` number
-    `rollback` (its `n`); `state`: that snapshot's state digest (the owner checks it against
-    the committed one). Neighbours take the trainer's data again only after the `Restored`
-    that answers the rollback they restored for."""
+    """A trainer restored its snapshot of `step` after the owner's `Rollback` whose header's
+    SHA-256 (hex) is `rollback`; `state`: that snapshot's state digest (the owner checks it
+    against the committed one). Neighbours take the trainer's data again only after the
+    `Restored` that answers the rollback they restored for, which a trainer cannot name before
+    the owner sent it (the header holds the owner's chain link and clock): two rollbacks to
+    one step are told apart, and no `Restored` sent ahead counts (empty in logs from before)."""
 
     KIND: ClassVar[str] = "restored"
     step: int
     state: str
-    rollback: int = 0
+    rollback: str = ""
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"step": self.step, "state": self.state}
@@ -152,15 +148,15 @@ class Restored(Control):
             doc["rollback"] = self.rollback
         return doc
 
-    def answers(self, rb: Rollback) -> bool:
-        """Whether this is the answer to rollback `rb` (its step, and its number)."""
-        return (self.step, self.rollback) == (rb.step, rb.n)
+    def answers(self, step: int, rollback: str) -> bool:
+        """Whether this answers the rollback to `step` whose header digest is `rollback`."""
+        return (self.step, self.rollback) == (step, rollback)
 
     def _checked(self, sender: str | None) -> Restored:
         if self.step < 0:
             raise self._refuse("step is negative", "step", sender)
-        if self.rollback < 0:
-            raise self._refuse("rollback is negative", "rollback", sender)
+        if self.rollback and not _is_digest(self.rollback):
+            raise self._refuse("rollback is not a SHA-256 digest in hex", "rollback", sender)
         if not _is_digest(self.state):
             raise self._refuse("state is not a SHA-256 digest in hex", "state", sender)
         return self

@@ -24,7 +24,7 @@ from clicooper_bus.protocol import (
     Usage,
     WatermarkCertificate,
 )
-from clicooper_bus.protocol.recovery import Restored, Rollback, Snapshot
+from clicooper_bus.protocol.recovery import Restored, Snapshot
 from clicooper_bus.tlog.checkpoint import open_checkpoint
 
 
@@ -52,7 +52,8 @@ class Books:
     snapshots: dict[str, dict[int, Snapshot]] = field(default_factory=dict)
     restored: dict[str, Restored] = field(default_factory=dict)  # since the last rollback
     fenced: set[str] = field(default_factory=set)  # key ids whose data is stale (a rollback)
-    rolled_back: Rollback | None = None  # the last rollback sent: only its answer lifts a fence
+    rolled_back: tuple[int, str] | None = None  # the last rollback sent (step, header digest):
+    # only its answer lifts a fence
     # (kind, key id, step) -> the body's SHA-256 of the first `fwd` or `bwd` received for it
     received: dict[tuple[str, str, int], bytes] = field(default_factory=dict)
     replayed_steps: int = 0  # steps trained again after rollbacks
@@ -123,7 +124,7 @@ class Books:
         """A trainer restored the rollback's snapshot: its data is current again."""
         name = self.names[env.header.sender]
         done = Restored.parse(env.document(), sender=name)
-        if self.rolled_back is not None and done.answers(self.rolled_back):
+        if self.rolled_back is not None and done.answers(*self.rolled_back):
             self.restored[name] = done
             self.fenced.discard(env.header.sender)
 

@@ -197,15 +197,15 @@ class Rejoins:
         books.restored = {}
         amended = list(self.stages) if tuple(self.stages) != tuple(self.setup.roster.stages) \
             else None  # after a handover: a restarted trainer knows only its roster's order
-        self.rollback_n += 1
-        rb = books.rolled_back = Rollback(step, name, amended, self.rollback_n)
-        self.bus.send_doc("rollback", "all", rb.to_doc(), step=step)
+        env = self.bus.send_doc("rollback", "all", Rollback(step, name, amended).to_doc(),
+                                step=step)
+        rolled_back = books.rolled_back = (step, env.header.digest.hex())
         self.log.warning("rolled back", step=step, rejoined=name)
         why = "resumed" if name == self.cfg.participants.owner else f"for {name}"
         print(f"owner: rolling back to step {step} ({why}): steps from {step} on are trained "
               f"again", flush=True)
         self.until("every trainer's restored snapshot",
-                   lambda: all(n in books.restored and books.restored[n].answers(rb)
+                   lambda: all(n in books.restored and books.restored[n].answers(*rolled_back)
                                for n in self.stages))
         for n in self.stages:
             if books.restored[n].state != states[n][step]:

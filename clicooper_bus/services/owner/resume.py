@@ -125,8 +125,6 @@ class Resumes:
     """The resume methods of `process.Owner` (a mixin: it uses the owner's bus, loop, books,
     training, layout and stages)."""
 
-    rollback_n = 0  # rollbacks logged so far, a resume's too (`Rollback.n`)
-
     def _save_round(self, step: int, pending: dict | None = None) -> None:
         """Our state at round boundary `step` (see `RoundStore`), committed in a signed
         `snapshot` to all (the log keeps it): a resumed owner takes up only a file whose bytes
@@ -227,7 +225,6 @@ class Resumes:
             self.books.snapshots[n] = {k: v for k, v in self.books.snapshots.get(n, {}).items()
                                        if k <= rb.step}
         self.rollbacks += rb.rejoined != self.cfg.participants.owner  # a resume is not one
-        self.rollback_n = rb.n or self.rollback_n + 1
 
     def _resume(self) -> tuple[int, int]:
         """Take the run up again (see the module docstring). Returns (epoch, batch) to train

@@ -30,7 +30,7 @@ class Restarts:
     trainer's bus, loop, roster, stage and store)."""
 
     rejoining = False  # a restarted process before the notary's tip: it sends nothing
-    rolled_back: Rollback | None = None  # the last rollback restored for
+    rolled_back: tuple[int, str] | None = None  # the last rollback: (step, header digest)
 
     def _snapshot(self, step: int) -> None:
         """Snapshot the stage at `step` (the state after steps 0 .. step - 1) to disk, then
@@ -143,11 +143,11 @@ class Restarts:
         self.eval_seen = {(e, b) for e, b in self.eval_seen if (e + 1) * per < rb.step}
         self.meter.steps = rb.step  # replayed steps are counted once, as the owner counts them
         stages = set(self.stages)
+        self.rolled_back = (rb.step, env.header.digest.hex())
         self.fence = {self.kid[n] for n in (self.prev, self.next) if n in stages
-                      and not self._answered(self.kid[n], rb)}
-        self.rolled_back = rb
-        self.bus.send_doc("restored", "all", Restored(rb.step, snap.state, rb.n).to_doc(),
-                          step=rb.step)
+                      and not self._answered(self.kid[n], self.rolled_back)}
+        self.bus.send_doc("restored", "all", Restored(rb.step, snap.state,
+                                                      self.rolled_back[1]).to_doc(), step=rb.step)
         self.log.warning("rolled back", step=rb.step, rejoined=rb.rejoined,
                          fenced=sorted(self.loop.names.get(k, k) for k in self.fence))
         why = "the owner resumed" if rb.rejoined == self.roster.owner.name else \
@@ -173,14 +173,15 @@ class Restarts:
         sender = env.header.sender
         done = Restored.parse(env.document(), sender=self.loop.names.get(sender))
         self.restored_seen[sender] = done
-        if self.rolled_back is not None and done.answers(self.rolled_back):
+        if self.rolled_back is not None and done.answers(*self.rolled_back):
             self.fence = set(self.fence) - {sender}
 
-    def _answered(self, kid: str, rb: Rollback) -> bool:
-        """Whether the neighbour of key `kid` already said it restored for rollback `rb`
-        (it may have had the rollback before us): its data is current, not fenced."""
+    def _answered(self, kid: str, rolled_back: tuple[int, str]) -> bool:
+        """Whether the neighbour of key `kid` already said it restored for the rollback
+        `rolled_back` (step, header digest; it may have had it before us): its data is
+        current, not fenced."""
         done = self.restored_seen.get(kid)
-        return done is not None and done.answers(rb)
+        return done is not None and done.answers(*rolled_back)
 
     def _fenced(self, env: Envelope) -> bool:
         """Whether `env` is stale data from a neighbour that has not restored yet."""
