@@ -229,8 +229,8 @@ def test_a_restored_moves_its_sender_past_the_rollback_it_answers_only():
     """Spans follow each trainer's own `restored`, matched to a rollback by its header's
     digest and step: one that was gone during the first rollback and answers the second (to
     the same step) is moved past both; a `restored` of another step, or naming a digest no
-    rollback has, moves nothing; in a log from before `restored` named its rollback it
-    answers the next rollback's step."""
+    rollback has, or none, moves nothing; only in a log from before `restored` named its
+    rollback does it answer the next rollback's step."""
     from clicooper_bus.audit.replay_timeline import Break, _answered
     from clicooper_bus.protocol.recovery import Restored
 
@@ -241,6 +241,7 @@ def test_a_restored_moves_its_sender_past_the_rollback_it_answers_only():
     assert _answered(Restored(11, state, one), twice, 0) == 0
     assert _answered(Restored(10, state, "33" * 32), twice, 0) == 0
     assert _answered(Restored(10, state, one), twice, 1) == 1  # answered already
+    assert _answered(Restored(10, state), twice, 0) == 0  # names none: sent ahead, ignored
     old = [Break(100, 10, "first"), Break(200, 20, "second")]
-    assert _answered(Restored(10, state), old, 0) == 1
-    assert _answered(Restored(20, state), old, 0) == 0  # not the next one's step
+    assert _answered(Restored(10, state), old, 0, legacy=True) == 1
+    assert _answered(Restored(20, state), old, 0, legacy=True) == 0  # not the next one's step

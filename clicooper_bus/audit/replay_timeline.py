@@ -14,8 +14,10 @@ its sender's chain does:
   its `restored` answering the rollback they restored for,
   `services.trainer.restart.Restarts._fenced`). A `restored` that answers no rollback moves
   nothing; one answering a later rollback than the next (a trainer that was gone during a
-  rollback and restored only at the one after) moves the trainer past both. In a log from
-  before `restored` named its rollback it answers the next rollback of its step.
+  rollback and restored only at the one after) moves the trainer past both. Only in a log from
+  before `restored` named its rollback (none in it names one) does a `restored` answer the
+  next rollback of its step: in any other, one naming none moves nothing (trainers and owner
+  ignore it too, and its step is predictable).
 
 A `handover` (owner's chain) gives a stage to a standby from the next span on: the standby
 restores the gone trainer's state at the rollback that follows, and says `restored` like every
@@ -109,9 +111,13 @@ def timeline(plog: ProvenanceLog, roster: Roster,
             if at == j and 1 <= ho.stage <= len(now) and now[ho.stage - 1] == ho.replaced:
                 now[ho.stage - 1] = ho.by
         holders.append(tuple(now))
+    answers = {i: Restored.parse(unpack(doc(plog, i)), sender=who)
+               for who, chain in chains.items() for i, h in chain if h.kind == "restored"}
+    legacy = not any(done.rollback for done in answers.values())
     entries: list[Placed] = []
     for who, chain in chains.items():
-        entries += _placed(plog, who, chain, breaks, _first_span(who, holders, owner))
+        entries += _placed(who, chain, breaks, _first_span(who, holders, owner), answers,
+                           legacy)
     return Timeline(breaks, holders, entries)
 
 
@@ -139,27 +145,29 @@ def _first_span(who: str, holders: list[tuple[str, ...]], owner: str) -> int:
     return max(held[0] - 1, 0) if held else 0
 
 
-def _placed(plog: ProvenanceLog, who: str, chain: list[tuple[int, Header]],
-            breaks: list[Break], span: int) -> list[Placed]:
-    """`who`'s entries in chain order, each with its span."""
+def _placed(who: str, chain: list[tuple[int, Header]], breaks: list[Break], span: int,
+            answers: dict[int, Restored], legacy: bool) -> list[Placed]:
+    """`who`'s entries in chain order, each with its span (`answers`: every `restored` by
+    entry; `legacy`: a log from before `restored` named its rollback)."""
     out = []
     for i, h in chain:
         if span < len(breaks):
             if h.kind == "rollback" and breaks[span].entry == i:  # the owner's own
                 span += 1
             elif h.kind == "restored":
-                span = _answered(Restored.parse(unpack(doc(plog, i)), sender=who), breaks, span)
+                span = _answered(answers[i], breaks, span, legacy)
         out.append(Placed(i, h, who, span))
     return out
 
 
-def _answered(done: Restored, breaks: list[Break], span: int) -> int:
+def _answered(done: Restored, breaks: list[Break], span: int, legacy: bool = False) -> int:
     """The span a trainer is in after `done`, from span `span`: past the rollback it answers
-    (its header digest, and step), or still `span`."""
+    (its header digest, and step; in a `legacy` log, the next rollback's step), or still
+    `span`."""
     for j in range(span, len(breaks)):
         b = breaks[j]
         if done.rollback and done.answers(b.step, b.digest):
             return j + 1
-        if not done.rollback and j == span and b.step == done.step:
+        if legacy and j == span and b.step == done.step:
             return j + 1
     return span
