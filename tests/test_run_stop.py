@@ -202,3 +202,29 @@ def test_how_a_run_settles_from_its_processes_exit_codes():
     assert (code, names) == (3, []) and why.startswith("owner still running")
     assert settle({**deaf, AUDITOR: None}, ended=100.0, now=101.0 + GONE_GRACE_S) is None
     assert settle({**deaf, "owner": 1}, ended=100.0, now=100.0)[0] == 3  # it failed its own way
+
+
+def test_a_broker_port_taken_before_the_broker_bound_it_starts_the_run_again(tmp_path,
+                                                                             monkeypatch):
+    """`free_port` checks a port is free, but another process may take it before the broker
+    binds it (a sweep beside a test suite lost a 6-epoch run so): the run starts again on other
+    ports, saying why, and completes; the failed attempt's directory is replaced."""
+    import socket
+
+    from clicooper_bus.tools import run as run_tool
+
+    path = write_config(tmp_path, run_id="port-race", trainers=1, run={"max_steps": 4})
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real = run_tool.free_port
+    monkeypatch.setattr(run_tool, "free_port", lambda: next(ports, None) or real())
+    try:
+        assert run_tool.run(str(path), echo=False, timeout_s=120) == 0
+    finally:
+        taken.close()
+    cfg = load_config(path)
+    summary = json.loads(RunLayout(cfg.run_dir).summary.read_text())
+    assert summary["steps"] == 4
+    assert not run_tool.lost_port_race(cfg)  # the telemetry is the second attempt's

@@ -93,6 +93,9 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+PORT_TRIES = 3  # runs started on freshly chosen ports when another process took the broker's
+
+
 def free_port() -> int:
     """A loopback TCP port free now, chosen below the kernel's ephemeral range: a port from
     inside it (what binding port 0 gives) can be taken, before our broker binds it, as the
@@ -269,20 +272,47 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
         audit = True
     if audit:
         overrides.setdefault("participants", {})["observers"] = sorted({*observers, AUDITOR})
-    cfg, path = prepare(config, overrides, out, free_ports, force)
-    if cfg.participants.remote:
-        print(remote_notice(cfg), flush=True)
-    if others := [o for o in cfg.participants.observers if o != AUDITOR]:
-        print(f"clicooper run: not starting observer(s) {', '.join(others)}: the owner waits up "
-              f"to {cfg.bus.join_timeout_s:.0f} s for them to join through {cfg.bus.pub}",
+    for attempt in range(PORT_TRIES):
+        cfg, path = prepare(config, overrides, out, free_ports, force or attempt > 0)
+        if cfg.participants.remote:
+            print(remote_notice(cfg), flush=True)
+        if others := [o for o in cfg.participants.observers if o != AUDITOR]:
+            print(f"clicooper run: not starting observer(s) {', '.join(others)}: the owner waits "
+                  f"up to {cfg.bus.join_timeout_s:.0f} s for them to join through {cfg.bus.pub}",
+                  flush=True)
+        t0 = time.perf_counter()
+        try:
+            code = launch(cfg, path, echo=echo, timeout_s=timeout_s, audit=audit)
+        except RunStopped as exc:
+            mark_interrupted(cfg.run_dir, exc)
+            raise
+        if code == 0 or not free_ports or attempt + 1 == PORT_TRIES or \
+                not lost_port_race(cfg):
+            break
+        print(f"clicooper run: another process took the port chosen for the broker before it "
+              f"bound it ({cfg.bus.pub} or {cfg.bus.sub}); starting the run again on others",
               flush=True)
-    t0 = time.perf_counter()
-    try:
-        code = launch(cfg, path, echo=echo, timeout_s=timeout_s, audit=audit)
-    except RunStopped as exc:
-        mark_interrupted(cfg.run_dir, exc)
-        raise
     return _conclude(cfg, code, audit, t0)
+
+
+def lost_port_race(cfg: RunConfig) -> bool:
+    """Whether the run's broker failed because its address was taken between `free_port`
+    choosing it and the broker binding it (its telemetry says so): nothing ran, and the run
+    may start again on other ports."""
+    path = RunLayout(cfg.run_dir).telemetry / "broker.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and ev.get("event") == "failed" and \
+                "already in use" in str(ev.get("error", "")):
+            return True
+    return False
 
 
 def resume(run_dir: str, *, echo: bool = True, timeout_s: float | None = None) -> int:
