@@ -75,7 +75,8 @@ def test_a_sampled_log_is_verified_span_by_span_from_the_stages_sealed_states(tm
 
     path = write_config(tmp_path, run_id="spans", trainers=2, run={"epochs": 2, "eval_every": 1},
                         data={"train_limit": 320, "test_limit": 64},
-                        log={"retention": "fwd=sample:3,bwd=sample:3,*=all"})
+                        log={"retention": "fwd=sample:3,bwd=sample:3,*=all"},
+                        watermark={"enabled": True})
     with processes(path, evils={"trainer-1": f"cheat:noise:{FROM}"}) as (cfg, tel, procs):
         codes = {n: p.wait(timeout=120) for n, p in procs.items() if n != "broker"}
     assert set(codes.values()) == {0}, codes
@@ -96,6 +97,14 @@ def test_a_sampled_log_is_verified_span_by_span_from_the_stages_sealed_states(tm
                                                   h.step == 10 else b))
         for v in replay_log(gone, unseal=unseal):
             assert v.ok and not v.complete and v.steps == {0, 1, 2}, v.line()
+    # `model verify --log` replays the same spans with the owner's private key (and fails
+    # the model for the cheater)
+    model, bundle, log = (str(cfg.run_dir / p) for p in ("model.safetensors", "provenance",
+                                                          "log"))
+    assert main(["model", "verify", model, "--bundle", bundle, "--owner-secret",
+                 str(keys / f"{cfg.participants.owner}.key")]) == 2  # needs --log
+    v = verify_model_replayed(model, bundle, log_dir=log, unseal=unseal)
+    assert not v.ok and "DIVERGES at step 10" in v.failure["reason"], v.failure
 
 
 def test_a_last_stage_reporting_a_perfect_batch_is_stopped_by_the_owner(tmp_path):

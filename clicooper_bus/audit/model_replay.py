@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,15 @@ from clicooper_bus.tlog.logverify import verify_log
 def verify_model_replayed(model: str | os.PathLike[str], bundle_dir: str | os.PathLike[str], *,
                           log_dir: str | os.PathLike[str] | None = None,
                           owner: PublicIdentity | None = None, exact: bool = False,
-                          threads: int = 1, full_replay: bool = False) -> Verdict:
+                          threads: int = 1, full_replay: bool = False,
+                          unseal: Callable[[bytes], bytes] | None = None) -> Verdict:
     """`verify_model`, then each stage's replay verdict (from the log when `log_dir` is given,
     else from the bundle's `replay.json` if an audit wrote one for this run) on its
     StageResult; a divergence fails the verdict, and with `full_replay` so does a stage not
     replayed to its end (which needs `log_dir`: a recorded verdict is unsigned). `threads`:
-    for trainers whose `hello` did not say theirs. Never raises for a bad model, bundle or
+    for trainers whose `hello` did not say theirs. `unseal`: the owner's (`Identity.unseal`),
+    which opens each stage's sealed round states so that the replay starts again after inputs
+    the log did not keep (`training_replay._Stage._resume`). Never raises for a bad model, bundle or
     log: the verdict names the failure."""
     v = verify_model(model, bundle_dir, log_dir=log_dir, owner=owner, exact=exact)
     if not v.ok:
@@ -53,7 +57,8 @@ def verify_model_replayed(model: str | os.PathLike[str], bundle_dir: str | os.Pa
                                       "reason": f"the log does not verify: {checked.failure}"}
             return v
         with ProvenanceLog.open(log_dir) as plog:
-            rows, source = [r.to_json() for r in replay_log(plog, threads)], "replayed from the log"
+            rows = [r.to_json() for r in replay_log(plog, threads, unseal=unseal)]
+            source = "replayed from the log"
     else:
         rows, source = _recorded(ProvenanceLayout(Path(bundle_dir)), v.run_id)
     by_stage = {r["stage"]: r for r in rows}

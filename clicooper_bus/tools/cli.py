@@ -18,7 +18,7 @@ from clicooper_bus import __version__, telemetry
 from clicooper_bus.config import load_config
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.layout import RunLayout
-from clicooper_bus.net.identity import Identity, load_public, write_identity
+from clicooper_bus.net.identity import Identity, load_identity, load_public, write_identity
 from clicooper_bus.tools.cli_log import add_log_commands
 
 # --- keys ---------------------------------------------------------------------------------
@@ -215,8 +215,13 @@ def cmd_model_verify(args: argparse.Namespace) -> int:
         print("model verify: --full-replay needs --log (the run's log directory): the replay "
               "verdicts an audit records in the bundle are unsigned", file=sys.stderr)
         return 2
+    if args.owner_secret and not args.log:
+        print("model verify: --owner-secret opens the stages' sealed states for the replay, "
+              "which needs --log", file=sys.stderr)
+        return 2
+    unseal = load_identity(args.owner_secret).unseal if args.owner_secret else None
     v = verify_model_replayed(args.model, args.bundle, log_dir=args.log, owner=owner,
-                              exact=args.exact, full_replay=args.full_replay)
+                              exact=args.exact, full_replay=args.full_replay, unseal=unseal)
     if args.json:
         print(json.dumps(v.to_json(), indent=2))
         return 0 if v.ok else 1
@@ -444,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "and root, and replay every stage from it (issue 19; a stage "
                                  "that did not compute what it sent fails the model)")
     m.add_argument("--owner-key", help="pin the roster's owner to this public key file")
+    m.add_argument("--owner-secret", metavar="OWNER.key",
+                   help="with --log: the owner's private key file, which opens each stage's "
+                        "sealed round states so that a log keeping only some inputs is "
+                        "replayed span by span, not only up to its first gap")
     m.add_argument("--json", action="store_true", help="machine-readable verdict")
     m.add_argument("--exact", action="store_true",
                    help="also require the weights the last claims certify, byte for byte (the "
