@@ -73,126 +73,40 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load as st_load
 
+from clicooper_bus.audit.replay_compare import Comparisons
+from clicooper_bus.audit.replay_spans import SpanStarts
 from clicooper_bus.audit.replay_timeline import Break, Placed, Timeline, doc, timeline
+from clicooper_bus.audit.replay_verdict import (
+    Divergence,
+    StageVerdict,
+    max_threads,
+    replay_markdown,
+)
 from clicooper_bus.chain.documents import Claim, Commit
 from clicooper_bus.config import load_config
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import batches
 from clicooper_bus.ml.models import build_segment, plan_spec
 from clicooper_bus.ml.split import SegmentTrainer
-from clicooper_bus.ml.state import canonical_digest, restore, stage_state, weights_digest
+from clicooper_bus.ml.state import stage_state
 from clicooper_bus.ml.tensors import as_sent, tensor_of
 from clicooper_bus.ml.watermark import mark as wm
 from clicooper_bus.ml.watermark import marker
-from clicooper_bus.ml.watermark.claim import weights_digest as claim_digest
 from clicooper_bus.net.codec import unpack
 from clicooper_bus.net.identity import load_identity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Header
 from clicooper_bus.plan import Plan
-from clicooper_bus.protocol import Hello, Metrics
-from clicooper_bus.protocol.recovery import Snapshot, StageState
+from clicooper_bus.protocol import Hello
 from clicooper_bus.tlog.log import ProvenanceLog
 
 # what a stage sends that the replay recomputes
 COMPARED = ("fwd", "bwd", "metrics", "logits", "snapshot", "wm_claim", "eval_fwd", "eval_out")
 EVALUATION = ("eval_fwd", "eval_out")
-
-
-def max_threads() -> int:
-    """The most torch threads a replay computes with (a trainer's `hello` says its own): more
-    would let a member make the audit start thousands of threads."""
-    return max(64, 2 * (os.cpu_count() or 1))
-
-
-@dataclass(frozen=True)
-class Divergence:
-    """The first thing a stage sent that its replay did not compute: the message `kind` (or
-    `snapshot` for a weights commitment), its training `step`, the log `entry`, and what
-    differs (`max_abs`: the largest absolute difference of a tensor, None for a digest or a
-    count)."""
-
-    kind: str
-    step: int | None
-    entry: int
-    what: str
-    max_abs: float | None = None
-
-
-@dataclass
-class StageVerdict:
-    """One stage's replay: how many of the messages and weight commitments it sent were
-    recomputed (`checked` of `sent`), the first that differed, and why the replay stopped
-    early (`stopped`: a missing input body, a rollback to a state it did not reach)."""
-
-    stage: int
-    trainer: str
-    trainers: list[str] = field(default_factory=list)  # who held the stage, in turn
-    sent: int = 0
-    checked: int = 0
-    steps: set[int] = field(default_factory=set)  # training steps replayed
-    trained: set[int] = field(default_factory=set)  # training steps the stage sent for
-    first: Divergence | None = None
-    stopped: str | None = None
-    complete: bool = False  # replayed to the end: nothing stopped it
-    rollbacks: int = 0  # rollbacks replayed (the state at their step restored)
-    resumed: int = 0  # spans started again from a committed state after inputs not kept
-    skipped: int = 0  # steps not re-executed between such a gap and the state after it
-    largest: float = 0.0  # the largest absolute difference of any tensor compared
-
-    @property
-    def coverage(self) -> float:
-        return self.checked / self.sent if self.sent else 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.first is None
-
-    def line(self) -> str:
-        who = ", then ".join(self.trainers or [self.trainer])
-        head = (f"stage {self.stage} ({who}): {self.checked} of {self.sent} messages "
-                f"and commitments recomputed ({self.coverage:.0%}), {len(self.steps)} of "
-                f"{len(self.trained)} steps re-executed")
-        if self.first is not None:
-            f = self.first
-            diff = f" (largest difference {f.max_abs:.3g})" if f.max_abs is not None else ""
-            return (f"{head}; DIVERGES at step {f.step}: its {f.kind} (log entry {f.entry}) "
-                    f"{f.what}{diff}")
-        if self.rollbacks:
-            head += f", across {self.rollbacks} rollback{'s' if self.rollbacks > 1 else ''}"
-        if self.resumed:
-            head += (f", {self.skipped} not (inputs not kept), started again from "
-                     f"{self.resumed} committed state{'s' if self.resumed > 1 else ''}")
-        return head + (f"; stopped: {self.stopped}" if self.stopped else "; no divergence")
-
-
-    def to_json(self) -> dict:
-        """The verdict as the audit report and the bundle's `replay.json` carry it."""
-        f = self.first
-        return {"stage": self.stage, "trainer": self.trainer, "trainers": self.trainers,
-                "ok": self.ok,
-                "sent": self.sent, "checked": self.checked, "coverage": round(self.coverage, 4),
-                "steps": len(self.steps), "trained": len(self.trained),
-                "stopped": self.stopped, "complete": self.complete, "largest": self.largest,
-                "rollbacks": self.rollbacks, "resumed": self.resumed, "skipped": self.skipped,
-                "first": None if f is None else {"kind": f.kind, "step": f.step,
-                                                 "entry": f.entry, "what": f.what,
-                                                 "max_abs": f.max_abs},
-                "line": self.line()}
-
-
-def replay_markdown(rows: list[dict]) -> list[str]:
-    """The audit report's section on replay verification (`StageVerdict.to_json` rows)."""
-    lines = ["## Training replay", "",
-             "Each trainer's stage re-executed from the log (`clicooper audit "
-             "--verify-training`): every message and commitment it sent that the log kept the "
-             "inputs of, recomputed bit for bit (tolerance none).", ""]
-    return lines + [f"- {'**DIVERGES**' if not r['ok'] else 'ok'}: {r['line']}"
-                    for r in rows] + [""]
+__all__ = ["Divergence", "StageVerdict", "max_threads", "replay_log", "replay_markdown",
+           "verify_training"]
 
 
 @dataclass
@@ -229,7 +143,7 @@ def _key(h: Header) -> tuple:
     return (h.kind, h.step)
 
 
-class _Stage:
+class _Stage(Comparisons, SpanStarts):
     """The replay of one stage: its segment, its neighbours, and where its messages are."""
 
     def __init__(self, plan: Plan, roster: Roster, stage: int, threads: int, tl: Timeline,
@@ -416,81 +330,6 @@ class _Stage:
         self._state_reached(b.step, restored=True)
         return self.verdict.first is None
 
-    def _resume(self, step: int, why: str) -> bool:
-        """An input of `step` whose body the log did not keep (`why`): start again from the
-        next round boundary whose state the stage sent sealed to the owner
-        (`protocol.recovery.StageState`) and committed to in its `snapshot`; the steps between
-        are not re-executed, nor what it sent for them compared. False, stopped, when no such
-        state follows or the owner's key is not at hand; a state that is not the one committed
-        diverges."""
-        ix = self.index
-        if ix.abandoned(step):  # the rollback after this span trains it again: nothing lost
-            self.ran_out = True
-            return False
-        kept = self.plog.entry
-        later = sorted(b for b in ix.states if b > step and b in ix.snapshot_at
-                       and (ix.end is None or b <= ix.end) and kept(ix.states[b])[2] is not None
-                       and kept(ix.snapshot_at[b])[2] is not None)
-        if not later:
-            self._stop(why)
-            return False
-        if self.unseal is None:
-            self._stop(f"{why}; the stage's sealed state of step {later[0]} would start the "
-                       f"replay again with the owner's key")
-            return False
-        b, i = later[0], ix.states[later[0]]
-        committed = Snapshot.parse(unpack(self._doc(ix.snapshot_at[b])), sender=self.name)
-        try:
-            raw = self.unseal(StageState.parse(unpack(self._doc(i)), sender=self.name).sealed)
-            tensors = st_load(raw)
-            digest = canonical_digest(tensors, b)
-        except Exception as exc:  # noqa: BLE001  (safetensors raises KeyError for some dtypes)
-            self.verdict.first = Divergence("stage_state", b, i, f"cannot be opened with the "
-                                                                 f"owner's key ({exc})")
-            return False
-        if digest != committed.state:
-            self.verdict.first = Divergence("stage_state", b, i, f"is not the state it "
-                                                                 f"committed for step {b}")
-            return False
-        self._fresh(tensors)
-        self._skip(step, b)
-        self.skip_to = b
-        # its commitment of b holds the state restored: checked above, not recomputed
-        self.unverified += len(ix.sent.pop(("snapshot", b), []))
-        self._state_reached(b)
-        return self.verdict.first is None
-
-    def _fresh(self, state: dict[str, torch.Tensor]) -> None:
-        """A fresh segment trainer (nothing pending, as a trainer's after a rollback) holding
-        `state` (`ml.state.stage_state`)."""
-        self.seg = SegmentTrainer(self.seg.module, lr=self.seg.optimizer.defaults["lr"]
-                                  if self.seg.optimizer is not None else 0.0,
-                                  seed=self.seg.seed)
-        self.seg.regularizer = lambda: self.mark.add_grad() if self.mark is not None else None
-        restore(self.seg, state)
-
-    def _skip(self, step: int, b: int) -> None:
-        """Steps `step` .. `b` - 1 are not re-executed: what the stage sent for them, and the
-        evaluations and claims at states between, are set aside (the replay not complete)."""
-        ix, v = self.index, self.verdict
-        v.resumed += 1
-        v.skipped += b - step
-        for key in [k for k in ix.sent if self._between(k, step, b)]:
-            self.unverified += len(ix.sent.pop(key))
-        for at, i in [e for e in ix.evals if step < e[0] < b]:
-            ix.evals.remove((at, i))
-            h = self.plog.header(i)
-            self.unverified += len(ix.sent.pop(("eval", h.epoch, h.step), []))
-        kept = [c for c in self.claims if not step < (c[0] + 1) * (self.per or 1) < b]
-        self.unverified += len(self.claims) - len(kept)
-        self.claims = kept
-
-    @staticmethod
-    def _between(key: tuple, step: int, b: int) -> bool:
-        if key[0] == "snapshot":
-            return step < key[1] < b
-        return key[0] != "eval" and step <= key[1] < b
-
     def _stop(self, why: str) -> None:
         self.verdict.stopped = self.verdict.stopped or why
 
@@ -644,99 +483,6 @@ class _Stage:
                        f"replay of this span did not hold that round's end")
         else:
             self._unmatched()
-
-    # --- comparing ------------------------------------------------------------------------
-
-    def _expect(self, computed: dict[tuple, object]) -> None:
-        """Compare what the replay computed with what the stage sent under the same names,
-        in the order the stage sent them (so the first divergence is its first wrong
-        message)."""
-        sent = sorted((i, key) for key in computed for i in self.index.sent.pop(key, []))
-        for i, key in sent:
-            if self.verdict.first is not None:
-                return
-            if key[0] == "metrics":
-                self._compare_metrics(i, computed[key])
-            else:
-                self._compare_tensor(i, computed[key])
-
-    def _evaluate(self, i: int) -> None:
-        """Evaluation input `i` with the weights held: the outputs the stage sent for it."""
-        h, _, body = self.plog.entry(i)
-        key = ("eval", h.epoch, h.step)  # as the stage named what it sent for it
-        if body is None:  # not kept: what the stage sent from it is not checked
-            self.unkept += len(self.index.sent.pop(key, []))
-            return
-        self._threads()
-        out = self.seg.evaluate(tensor_of(h.dtype, h.shape, body))
-        self._expect({key: as_sent(out, self.codec).numpy()})
-
-    def _compare_tensor(self, i: int, want: np.ndarray) -> None:
-        h, _, body = self.plog.entry(i)
-        if body is None:  # not kept: not counted as checked, and the replay not complete
-            self.unkept += 1
-            return
-        v = self.verdict
-        got = tensor_of(h.dtype, h.shape, body).numpy()
-        v.checked += 1
-        diff = float(np.abs(got - want).max(initial=0.0)) if got.shape == want.shape else None
-        v.largest = max(v.largest, diff if diff is not None else float("inf"))
-        if diff is None or not np.array_equal(got, want):
-            v.first = Divergence(h.kind, h.step, i, "differs from what the replay computes",
-                                 diff)
-
-    def _compare_metrics(self, i: int, want: tuple[float, int]) -> None:
-        h, _, body = self.plog.entry(i)
-        m = Metrics.parse(unpack(bytes(body)), sender=self.name)
-        self.verdict.checked += 1
-        if (m.loss, m.correct) != want:
-            self.verdict.first = Divergence(
-                "metrics", h.step, i, f"reports loss {m.loss:.6g} and {m.correct} correct, the "
-                                      f"replay computes {want[0]:.6g} and {want[1]}")
-
-    def _compare_doc(self, i: int, kind: str) -> None:
-        snap = Snapshot.parse(unpack(self._doc(i)), sender=self.name)
-        mine = weights_digest(self.seg.module)
-        self.verdict.checked += 1
-        if mine != snap.weights:
-            self.verdict.first = Divergence("snapshot", snap.step, i,
-                                            f"commits weights {snap.weights[:16]}..., the "
-                                            f"replay holds {mine[:16]}...")
-
-    def _compare_claim(self, i: int, claim: Claim) -> None:
-        mine = claim_digest(self.seg.module)
-        self.verdict.checked += 1
-        if mine != claim.weights_sha256:
-            self.verdict.first = Divergence(
-                "wm_claim", None, i, f"claims weights {claim.weights_sha256.hex()[:16]}... at the "
-                                     f"end of round {claim.round}, the replay holds "
-                                     f"{mine.hex()[:16]}...")
-
-    def _unmatched(self) -> None:
-        """After the span's replay: the first thing the stage sent in it, for a step it did
-        not abandon, that nothing it received computes (an evaluation output nobody asked
-        for, metrics of a step it never trained, a snapshot of a step it never reached)."""
-        ix, per = self.index, self.per or 1
-        self.discarded += sum(len(e) for key, e in ix.sent.items() if self._abandoned(key, per))
-        left = sorted((i, key) for key, entries in ix.sent.items() for i in entries
-                      if not self._abandoned(key, per))
-        if left:
-            i, key = left[0]
-            h = self.plog.header(i)
-            self.verdict.first = Divergence(h.kind, h.step, i, "was sent without the input "
-                                                               "the replay computes it from")
-
-    def _abandoned(self, key: tuple, per: int) -> bool:
-        """Whether output `key` of the span is of the steps the rollback after it abandoned."""
-        end = self.index.end
-        if end is None:
-            return False
-        if key[0] == "eval":
-            return (key[1] + 1) * per > end  # after the evaluation of the epoch at `end`
-        if key[0] == "snapshot":
-            return key[1] > end
-        return key[1] >= end
-
 
 def verify_training(run_dir: str | os.PathLike[str],
                     owner_key: str | os.PathLike[str] | None = None) -> list[StageVerdict]:

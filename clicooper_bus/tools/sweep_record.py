@@ -37,7 +37,8 @@ PACKAGE = Path(__file__).resolve().parents[1]
 # what decides a row's numbers, relative to the package
 FINGERPRINTED = ("ml/privacy", "ml/attacks", "audit")
 NOT_FINGERPRINTED = ("audit/training_replay.py", "audit/replay_timeline.py",
-                     "audit/model_replay.py")
+                     "audit/replay_verdict.py", "audit/replay_compare.py",
+                     "audit/replay_spans.py", "audit/model_replay.py")
 
 
 def auditor_fingerprint(package: Path = PACKAGE) -> str:
