@@ -18,6 +18,7 @@ atomic writer every artefact goes through.
       snapshots/NAME/      a trainer's own snapshots (`SnapshotLayout`): what it resumes from;
                            the owner's round snapshots under its own name
         roster.msgpack  step-000000050.safetensors ...
+        outbox/000000000001.out ...  what NAME sent, kept to go on after it (`net.outbox`)
 
 In the spirit of Tessera's layout module: paths are computed here and nowhere else, so a
 change of layout is one change. Nothing here imports torch.
@@ -146,6 +147,11 @@ class SnapshotLayout:
     @property
     def roster(self) -> Path:
         return self.root / "roster.msgpack"
+
+    @property
+    def outbox(self) -> Path:
+        """The messages this member sent, each written before it was sent (`net.outbox`)."""
+        return self.root / "outbox"
 
     def state(self, step: int) -> Path:
         return self.root / f"{self.PREFIX}{step:09d}{self.SUFFIX}"

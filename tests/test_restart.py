@@ -1,7 +1,8 @@
 """A killed trainer comes back (issue 17 items 1 and 6): trainer-1 is killed with SIGKILL in
 the middle of a run and its command line started again; the restarted process finds its
-snapshots, continues its signed chain from the notary's tip, and the owner rolls everyone back
-to the last step every stage committed. The run completes with its log verifying, the model
+snapshots, continues its signed chain after the last message its dead process signed (its
+outbox; what the log missed of them it sends again after its rejoin), and the owner rolls
+everyone back to the last step every stage committed. The run completes with its log verifying, the model
 the log's ack names, and the weights of an unfaulted run (the in-process reference, which the
 bus matches weight for weight)."""
 
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -159,3 +162,47 @@ def _a_gap_in_steps_a_rollback_discarded_stops_nothing(plog) -> None:
                and p.header.kind in ("fwd", "bwd") and p.header.step >= tl.breaks[0].step)
     one, _ = replay_log(Forged(plog, edit=lambda i, h, b: (h, None if i == late else b)))
     assert one.ok and one.complete and one.rollbacks == 1, one.line()
+
+
+@pytest.mark.parametrize("role", ["trainer-1", "owner"])
+def test_a_member_killed_while_the_notary_is_down_goes_on_after_what_it_signed(tmp_path, role):
+    """The notary killed, and 1.5 s later (while it is down) a trainer or the owner killed and
+    started again (the owner with --resume); the notary is started again with --resume 6 s
+    after its kill. The messages the dead member signed meanwhile reached the others, never the
+    log. Its restarted process goes on after the last of them (its outbox, `net.outbox`) and
+    sends them again for the log, so that what receivers show the notary is what the log
+    holds: no honest member is accused of equivocation (before the outbox it was, and the run
+    stopped), the run completes with the unfaulted weights and every stage's replay
+    verifies."""
+    # two epochs, the notary killed at step 10: training cannot end in the second the owner
+    # takes to hold for the notary, so the member is killed while the run holds
+    path = write_config(tmp_path, run_id="notary-down-restart", trainers=2,
+                        run={**RUN, "epochs": 2}, bus=BUS, log={"retention": "all"})
+    cfg = load_config(path)
+    inj = Injector(cfg.run_dir, [Kill("notary", 10, 6.0, overlap=True),
+                                 Kill(role, 10, 1.0, after_s=1.5)], STEPS)
+    code = launch(path, timeout_s=300, inject=inj)
+    assert not inj.errors, inj.errors
+    assert [(d["role"], "new_pid" in d) for d in inj.done] == [("notary", True),
+                                                              (role, True)], inj.done
+    assert code == 0, _console(cfg)
+    layout = RunLayout(cfg.run_dir)
+    r = verify_log(layout.log, witnessed=[layout.checkpoint.read_text()])
+    assert r.ok, r.failure
+    assert "equivocation" not in r.per_kind, r.per_kind
+    assert r.per_kind.get("rollback") == 1, r.per_kind
+    assert r.per_kind.get("rejoin", 0) == (role != "owner"), r.per_kind
+    assert r.per_kind.get("witnessed", 0) >= 1, r.per_kind  # receivers showed what they took
+    console = _console(cfg)
+    sent_again = re.search(rf"{role}: sent again (\d+) message\(s\) our dead process signed",
+                           console)
+    assert sent_again and int(sent_again.group(1)) >= 1, console
+    assert "notary: resuming run 'notary-down-restart' on its log" in console
+    ref = _reference(cfg)
+    got, want = load_file(layout.model), state_dict_with_prefix(ref.segments)
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst <= 1e-5, f"max abs weight difference {worst} from the unfaulted reference"
+    from clicooper_bus.audit.training_replay import verify_training
+
+    for s in verify_training(cfg.run_dir):
+        assert s.ok and s.complete and s.rollbacks == 1, s.line()

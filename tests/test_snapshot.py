@@ -152,16 +152,39 @@ def test_the_rollback_step_is_the_newest_every_stage_committed_and_the_owner_kep
 
 def test_only_a_restarted_process_rolls_the_run_back():
     """Review: a live member could say rejoin (up to the cap) and roll the run back for
-    nothing. A restarted process's rejoin is the first message of its chain after the notary's
-    tip; anything else is refused (ignored, logged, said on the console)."""
+    nothing. A restarted process's rejoin names a tip of the notary's to it (`after`; without
+    it, the rejoin must be the first message after a tip), with at most what its dead process
+    could send again from its outbox between the two; anything else is refused (ignored,
+    logged, said on the console)."""
     from types import SimpleNamespace
 
+    from clicooper_bus.net.refill import KEEP_SENT
+    from clicooper_bus.protocol.recovery import Rejoin
     from clicooper_bus.services.owner.rejoins import Rejoins
 
-    owner = SimpleNamespace(tips={"trainer-2": 41})
-    assert "never silent" in Rejoins._not_restarted(owner, "trainer-1", 12)
-    assert "does not follow the notary's tip" in Rejoins._not_restarted(owner, "trainer-2", 50)
-    assert Rejoins._not_restarted(owner, "trainer-2", 42) is None
+    owner = SimpleNamespace(tips={"trainer-2": {30, 41}})
+    legacy = Rejoin(2, [0], ["0" * 64])
+    assert "no tip of the notary's" in Rejoins._not_restarted(owner, "trainer-1", 12, legacy)
+    assert "does not follow a tip" in Rejoins._not_restarted(owner, "trainer-2", 50, legacy)
+    assert Rejoins._not_restarted(owner, "trainer-2", 42, legacy) is None
+    assert Rejoins._not_restarted(owner, "trainer-2", 31, legacy) is None  # an earlier tip
+    # with an outbox: the dead process's messages between the tip it names and the rejoin
+    after = Rejoin(2, [0], ["0" * 64], after=41)
+    assert Rejoins._not_restarted(owner, "trainer-2", 50, after) is None
+    assert "does not follow a tip" in Rejoins._not_restarted(owner, "trainer-2", 41, after)
+    assert "does not follow a tip" in Rejoins._not_restarted(
+        owner, "trainer-2", 41 + KEEP_SENT + 2, after)  # more than it could send again
+    unseen = Rejoin(2, [0], ["0" * 64], after=45)  # a tip the owner never saw
+    assert "does not follow a tip" in Rejoins._not_restarted(owner, "trainer-2", 50, unseen)
+    assert Rejoin.parse(after.to_doc()) == after and "after" not in legacy.to_doc()
+    # a tip lets a trainer rejoin until anything else of it is accepted (a live process: a
+    # restarted one's first new message is its rejoin)
+    owner.books = SimpleNamespace(names={"k2": "trainer-2"})
+    Rejoins._heard_from(owner, SimpleNamespace(header=SimpleNamespace(kind="rejoin",
+                                                                      sender="k2")))
+    assert Rejoins._not_restarted(owner, "trainer-2", 50, after) is None
+    Rejoins._heard_from(owner, SimpleNamespace(header=SimpleNamespace(kind="beat", sender="k2")))
+    assert "no tip of the notary's" in Rejoins._not_restarted(owner, "trainer-2", 50, after)
 
 
 def _scripted_stage(tmp_path, script):

@@ -39,16 +39,18 @@ class ChainState:
     previous: dict[int, Commit] = field(default_factory=dict)
 
 
-def open_marks(entries: list[list[bytes]], roster: Roster, stage: int) -> ChainState:
+def open_marks(entries: list[list[bytes]], roster: Roster, stage: int, *,
+               limit: int = MAX_MARKS) -> ChainState:
     """The chain state of `stage` (1..K of `roster`) from a tip's `marks` (each entry
-    `[leaf, body]` as logged). Raises MarksRefused naming the entry that is not a message its
-    sender signed, of this run, of `stage`'s trainer (`wm_commit`, `wm_claim`) or of the previous
-    stage's (`wm_commit`)."""
+    `[leaf, body]` as logged, oldest first: a later one of a round replaces an earlier one), at
+    most `limit` of them (a restarted trainer adds its own newer ones, from its outbox). Raises
+    MarksRefused naming the entry that is not a message its sender signed, of this run, of
+    `stage`'s trainer (`wm_commit`, `wm_claim`) or of the previous stage's (`wm_commit`)."""
     own = roster.by_name(roster.stages[stage - 1])
     prev = roster.by_name(roster.stages[stage - 2]) if stage > 1 else None
     state = ChainState()
-    if len(entries) > MAX_MARKS:
-        raise MarksRefused(f"a tip with {len(entries)} watermark messages (at most {MAX_MARKS})")
+    if len(entries) > limit:
+        raise MarksRefused(f"a tip with {len(entries)} watermark messages (at most {limit})")
     for i, entry in enumerate(entries):
         try:
             leaf, body = entry

@@ -23,7 +23,9 @@ Sockets (see FACTS.md for why each option is set):
   tensor sent in another encoding (`ml.tensors.received`).
 
 - The last messages sent are kept, and what the notary's log misses is sent again, with what we
-  accepted meanwhile shown to it (`net.refill`).
+  accepted meanwhile shown to it (`net.refill`); with an outbox (`keep_sent_in`) each is on our
+  disk before it is sent, so that a process started again after a crash goes on after the last
+  message its dead process signed (`Refill.take_up`, `net.outbox`).
 
 Readiness and shutdown use subscriptions as signals, never extra messages: a participant
 subscribes to its data topics first and to `run/<id>/hello/<name>` last (`announce`), and to
@@ -48,6 +50,7 @@ from clicooper_bus.net.encoding import plan_codec
 from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM, tcp_keepalive
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.liveness import BusError, Liveness
+from clicooper_bus.net.outbox import Outbox
 from clicooper_bus.net.refill import Refill
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
@@ -140,6 +143,7 @@ class Bus(Liveness, Refill):
         # verifier's: the notary's), which only that sender's sending again can close
         self.gap_refused: dict[str, float] = {}
         self.kept_bytes = 0
+        self.outbox: Outbox | None = None  # our sent messages on disk (`keep_sent_in`)
         # called (it must not send) with each signed message refused as a replay, a broken
         # chain or a gap: the notary compares it with what it logs there (`net.equivocation`)
         self.on_conflict: Callable[[Envelope], None] | None = None
@@ -226,6 +230,8 @@ class Bus(Liveness, Refill):
         is kept for `resend_after`."""
         if self.before_publish is not None:
             self.before_publish(env)
+        if self.outbox is not None:  # on our disk before anyone can have it (`net.outbox`)
+            self.outbox.append(env)
         self._publish(env)
         self.sent[env.header.kind] = self.sent.get(env.header.kind, 0) + 1
         self._keep(env)
@@ -388,6 +394,8 @@ class Bus(Liveness, Refill):
         log.info("bus closed", sent=sum(self.sent.values()), stalls=self.stalls,
                  rejected=dict(self.verifier.rejected), codec=self.codec,
                  clamped=self.sender.clamped)
+        if self.outbox is not None:
+            self.outbox.close()
         self.sub.disable_monitor()
         self.monitor.close(linger=0)
         self.pub.close()

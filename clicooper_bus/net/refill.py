@@ -3,16 +3,20 @@ started again after a crash, or a gap after a broker restart, tells each member 
 stands in the log (its `tip` with `resend`); the member publishes again what the log never got
 (`resend_after`, from the last `KEEP_SENT` messages it keeps, at most `KEEP_SENT_BYTES`) and shows
 the notary the leaves of what it accepted meanwhile (`show_witnessed`, `net.witness`), so that
-the log has no gap and holds what receivers took. A part of `bus.Bus`."""
+the log has no gap and holds what receivers took. A process started again after a crash
+goes on after the last message its dead process signed, kept on disk (`take_up`,
+`net.outbox`), and sends again from its outbox what the log misses. A part of `bus.Bus`."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import replace
+from pathlib import Path
 
 import structlog
 
 from clicooper_bus.net.liveness import BusError
+from clicooper_bus.net.outbox import Outbox
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.protocol.recovery import MAX_WITNESSED, Witnessed
 
@@ -28,6 +32,61 @@ class Refill:
 
     kept: deque[Envelope]
     kept_bytes: int
+    outbox: Outbox | None
+
+    def keep_sent_in(self, root: Path, *, restarted: bool) -> Outbox:
+        """Write each of our messages to an outbox in `root` before sending it
+        (`net.outbox`). A process that starts a chain of its own (not `restarted`) empties it
+        first; a restarted one reads it with `take_up`."""
+        self.outbox = Outbox(root, self.sender.identity.public, keep=KEEP_SENT,
+                             keep_bytes=KEEP_SENT_BYTES)
+        if not restarted:
+            self.outbox.clear()
+        return self.outbox
+
+    def forget_sent(self) -> None:
+        """The run is over (finished or stopped: neither is resumed): remove the outbox, and
+        keep nothing more on disk (what we sent, activations or labels among it, is not left
+        there)."""
+        if self.outbox is not None:
+            self.outbox.clear()
+            self.outbox = None
+
+    def take_up(self, seq: int, prev: bytes) -> list[Envelope]:
+        """A restarted process: continue our chain after the last message our dead process
+        signed (from the outbox, `keep_sent_in`), where the notary's log holds our chain up to
+        `seq` (its `tip`; `prev`, the digest of our message there). Returns our messages after
+        `seq`, which the log misses: send one new message, then `resend_after(seq, prev)`, so
+        that receivers take the new one first and refuse those as replays (the notary, which
+        refuses the new one for the gap before them, logs them and then it). With no outbox,
+        or one that ends at or before `seq` (lost with a machine that lost power), the chain
+        goes on from `seq` and the outbox starts again from there. Raises BusError when the
+        outbox holds another message at `seq` than the log (a forked chain), or no longer the
+        ones after it; OutboxError for an outbox that cannot be read."""
+        mine = self.outbox.load() if self.outbox is not None else []
+        if not mine or mine[-1].header.seq <= seq:
+            if mine and mine[-1].header.seq == seq and mine[-1].header.digest != prev:
+                raise BusError(f"the notary's log holds another message at our seq {seq} than "
+                               f"the one our outbox kept (a forked chain): the log cannot be "
+                               f"completed")
+            if self.outbox is not None:
+                if mine and mine[-1].header.seq < seq:
+                    log.warning("outbox behind the log", outbox=mine[-1].header.seq, log=seq)
+                self.outbox.clear()
+            self.sender.seq, self.sender.prev = seq, prev
+            return []
+        after = [e for e in mine if e.header.seq > seq]
+        if after[0].header.seq != seq + 1:
+            raise BusError(f"the notary's log holds our messages up to seq {seq}, and our outbox "
+                           f"keeps seqs {mine[0].header.seq}..{mine[-1].header.seq} only: the "
+                           f"rest cannot be sent again, so the log cannot be complete")
+        if after[0].header.prev != prev:
+            raise BusError(f"the notary's log holds another message at our seq {seq} than the "
+                           f"one our outbox kept (a forked chain): the log cannot be completed")
+        self.kept = deque(mine)
+        self.kept_bytes = sum(len(e.body) for e in mine)
+        self.sender.seq, self.sender.prev = mine[-1].header.seq, mine[-1].header.digest
+        return after
 
     def _keep(self, env: Envelope) -> None:
         """Keep `env`, one of ours just published, for `resend_after`."""

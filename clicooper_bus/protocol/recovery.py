@@ -81,14 +81,31 @@ class ChainTip(Control):
 class Rejoin(Control):
     """A restarted trainer of `stage` is back and can restore the snapshots it holds on disk:
     `steps` (ascending) and the `states` digests of each (as in its `Snapshot`s; the newest may
-    be one whose `snapshot` message the dead process never sent: this commits to it)."""
+    be one whose `snapshot` message the dead process never sent: this commits to it).
+    `after` (sent only by a process that keeps an outbox, `net.outbox`): the seq of the
+    notary's tip it took its chain up from; the messages between that tip and this `rejoin` are
+    its dead process's, sent again from its outbox. Absent: the rejoin follows the tip."""
 
     KIND: ClassVar[str] = "rejoin"
     stage: int
     steps: list[int]
     states: list[str]
+    after: int | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"stage": self.stage, "steps": list(self.steps),
+                               "states": list(self.states)}
+        if self.after is not None:
+            doc["after"] = self.after
+        return doc
+
+    def follows(self, seq: int) -> int:
+        """The seq of the tip this rejoin (at header seq `seq`) takes its chain up from."""
+        return seq - 1 if self.after is None else self.after
 
     def _checked(self, sender: str | None) -> Rejoin:
+        if self.after is not None and self.after < 0:
+            raise self._refuse("after is negative", "after", sender)
         if len(self.steps) != len(self.states) or not self.steps:
             raise self._refuse("steps and states must be non-empty and of one length", "steps",
                                sender)

@@ -19,9 +19,11 @@ here instead.
 runs N quick synthetic runs, each pausing one role (trainer, owner, notary or broker, in turn)
 for a seeded random time between `--min-pause` and `--max-pause` seconds at a seeded random step,
 or (with `--kills`, every other run) killing a role at a seeded random step (`KILL_ROLES` in
-turn: a trainer, the owner, a trainer for good, the notary, a trainer, the broker; each but the
-trainer for good started again after `--min-pause` to `--max-pause` seconds; the runs then have
-a standby, which takes over the stage of the trainer killed for good), and tallies each run as
+turn: a trainer, the owner, a trainer for good, the notary, a trainer, the broker, then the
+notary with a trainer and with the owner killed while it is down; each but the trainer for good
+started again after `--min-pause` to `--max-pause` seconds, the one killed while the notary is
+down after 1 s; the runs then have a standby, which takes over the stage of the trainer killed
+for good), and tallies each run as
 *completed* (exit 0, log verified, the test accuracy equal to an unfaulted run of the same seed),
 *failed cleanly* (exit 3 or 1 with the log verifying and the failure named), or *lost* (anything
 else: a hang, a log that does not verify, a different model). Writes `soak.json` under
@@ -46,7 +48,11 @@ from pathlib import Path
 ROLES = ("trainer", "owner", "notary", "broker")
 # what --kills kills in turn: trainers half the time (one of them for good, which the standby
 # takes over), each other role once a round; every other one is started again
-KILL_ROLES = ("trainer", "owner", "trainer-gone", "notary", "trainer", "broker")
+KILL_ROLES = ("trainer", "owner", "trainer-gone", "notary", "trainer", "broker",
+              "notary+trainer", "notary+owner")
+# a compound fault: the notary killed, and while it is down (1.5 s later) a member killed and
+# started again 1 s after; the notary comes back after the seeded delay (`net.outbox`)
+WHILE_NOTARY_DOWN_S = 1.5
 PROGRESS = re.compile(r"^\s*epoch (\d+) step (\d+)/(\d+)")
 
 
@@ -68,11 +74,16 @@ class Kill:
     """Kill `role` with SIGKILL once the owner reports training step `at_step` or later, and
     start its command line again `restart_s` seconds later (the owner and the notary with
     `--resume`: they take the run up again; a trainer rejoins from its snapshots; the broker
-    binds the same addresses); `restart_s` None: it stays dead (the run fails, named)."""
+    binds the same addresses); `restart_s` None: it stays dead (the run fails, named).
+    `after_s`: kill that long after the step is seen (a second fault while the first one's
+    process is still down). `overlap`: the next fault is taken up at once, not after this
+    one's restart (a trainer killed while the notary is down)."""
 
     role: str
     at_step: int
     restart_s: float | None
+    after_s: float = 0.0
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.restart_s is not None and not (self.role.startswith("trainer") or
@@ -181,7 +192,16 @@ class Injector:
                 self.errors.append(f"no running {p.role} at step {step}")
                 return
             if isinstance(p, Kill):
-                self._kill(p, pid, step)
+                if p.after_s and self._stop.wait(p.after_s):
+                    return
+                pid = find_pid(self.run_dir, p.role) or pid
+                if p.overlap:
+                    threading.Thread(target=self._kill, args=(p, pid, step), daemon=True,
+                                     name=f"kill-{p.role}").start()
+                    while not any(d["pid"] == pid for d in self.done):
+                        time.sleep(0.01)  # recorded (and killed) before the next fault
+                else:
+                    self._kill(p, pid, step)
                 continue
             t0 = time.monotonic()
             os.kill(pid, signal.SIGSTOP)
@@ -463,11 +483,17 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
         role = KILL_ROLES[(i // 2) % len(KILL_ROLES)] if kill else \
             ROLES[(i // 2 if kills else i) % len(ROLES)]
         for_good = role == "trainer-gone"
+        role, _, second = role.partition("+")
         role = f"trainer-{rng.randint(1, trainers)}" if role.startswith("trainer") else role
+        second = f"trainer-{rng.randint(1, trainers)}" if second == "trainer" else second
         # the owner's last progress line of the epoch is at step 60 (every 6th of 63)
         pause: list[Pause | Kill] = plan_pauses(rng.randrange(1 << 30), [role], 60,
                                                 (min_pause, max_pause), first=2)
-        if kill:  # started again (the owner and notary with --resume), or gone: a standby
+        if kill and second:  # the second started again while the notary is still down
+            at, down = pause[0].at_step, max(pause[0].pause_s, WHILE_NOTARY_DOWN_S + 2.0)
+            pause = [Kill(role, at, down, overlap=True),
+                     Kill(second, at, 1.0, after_s=WHILE_NOTARY_DOWN_S)]
+        elif kill:  # started again (the owner and notary with --resume), or gone: a standby
             pause = [Kill(role, pause[0].at_step, None if for_good else pause[0].pause_s)]
         t0 = time.monotonic()
         code, cfg, inj = one(f"fault-{i:03d}", pause)

@@ -73,6 +73,7 @@ class Ending:
         bus.mark_done()
         if cp is not None:
             bus.linger(bus.topics.closed(notary), (self.kid[notary], notary))
+            bus.forget_sent()  # the log is closed: a stopped run is not resumed
         return EXIT_STOPPED
 
     def _withhold_model(self, stopped: dict) -> dict:
@@ -129,6 +130,7 @@ class Ending:
         bus.mark_done()
         notary = self.cfg.participants.notary
         bus.linger(bus.topics.closed(notary), (self.kid[notary], notary))
+        bus.forget_sent()  # a finished run is not resumed
 
     def _cpu(self, own: Usage) -> dict:
         """The summary's `cpu` table: every process's measured CPU, from its usage report (the

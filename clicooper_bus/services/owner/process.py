@@ -84,6 +84,7 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         self.books = Books(self.stages, names, self.notary_key, default_origin(cfg.run.id),
                            roster.meta["model_spec"], cfg.run.in_flight)
         self.loop = Dispatcher(self.bus, names, log)
+        self.loop.seen = self._heard_from  # a tip lets a trainer rejoin until it is heard
         self.mailbox = Mailbox(names, MAX_HELD)
         self._routes()
         self.training = Training(cfg, self.bus, self.loop, self.mailbox, self.books, self.setup,
@@ -93,7 +94,7 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         self.rollbacks = 0  # rollbacks so far (at most MAX_ROLLBACKS)
         self.per_epoch: list[dict] = []  # each finished epoch's row (kept for a stopped run)
         self.delivered: set[str] = set()  # trainers whose segment the owner has loaded
-        self.tips: dict[str, int] = {}  # trainer -> the seq of the notary's latest tip to it
+        self.tips: dict[str, set[int]] = {}  # trainer -> the seqs of the notary's tips to it
         self.committed_rounds: dict[int, str] = {}  # a resumed owner's: step -> file sha256
         self.own_tip = None  # the notary's tip to us (a resumed owner continues from it)
         self.pending_row: dict | None = None  # a resumed epoch trained but not finished
@@ -102,6 +103,9 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         self.handovers: list[list[bytes]] = []  # [leaf, body] of each handover we said
         self.broker_seen = 0  # broker reconnections the run has rolled back for
         self.rounds_store = RoundStore(self.layout.snapshots(p.owner), roster.nonce.hex())
+        # every message of ours on our disk before it is sent: a resumed owner goes on after
+        # the last one its dead process signed (`net.outbox`)
+        self.bus.keep_sent_in(self.layout.snapshots(p.owner).outbox, restarted=resume)
 
     def _routes(self) -> None:
         """The handler table: who may send the owner each kind, and what it does with it."""

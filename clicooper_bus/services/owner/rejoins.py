@@ -4,7 +4,10 @@ stage committed a snapshot of (`rollback.rollback_step`), and training goes on f
 
 Only a restarted process may rejoin: the notary tells a trainer silent past `timeout_s` where
 its signed chain stands (`tip`, which the owner reads too), and a restarted process's `rejoin`
-is the first message of its chain after that tip (its seq is the tip's + 1). A live member's
+says which tip it took its chain up from (`after`; between the two in its chain, only what its
+dead process signed and the log missed, sent again from its outbox after the rejoin, `net.outbox`).
+The rejoin is its first new message: a tip counts until we accept anything else of that trainer
+(a live process's), and for one rejoin. A live member's
 `rejoin` is refused (logged, ignored): it would roll the run back for nothing. With watermarks
 on, the run never rolls back behind the end of a round any stage claimed (its claim is in the
 log and cannot be made again), nor, hence, into a round before one that began.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net.liveness import PeersGone
+from clicooper_bus.net.refill import KEEP_SENT
 from clicooper_bus.protocol.recovery import ChainTip, Rejoin, Rollback
 from clicooper_bus.services.owner.rollback import (
     BrokerBack,
@@ -25,6 +29,14 @@ from clicooper_bus.services.owner.rollback import (
 MAX_ROLLBACKS = 3  # rejoins a run rolls back for; past it, the next stops the run cleanly
 
 
+def follows_a_tip(rejoin: Rejoin, seq: int, tips: set[int]) -> bool:
+    """Whether `rejoin` (at header seq `seq`) takes its chain up from one of `tips` (the seqs
+    of the notary's tips to its sender), with at most what a dead process could send again
+    (`refill.KEEP_SENT`) between the two."""
+    after = rejoin.follows(seq)
+    return after in tips and 0 <= seq - after - 1 <= KEEP_SENT
+
+
 class Rejoins:
     """The rejoin and rollback methods of `process.Owner` (a mixin: it uses the owner's bus,
     loop, books, training and stages)."""
@@ -34,18 +46,28 @@ class Rejoins:
         from there is a restarted process's."""
         tip = ChainTip.parse(env.document(), sender=self.cfg.participants.notary)
         if tip.member in self.stages:
-            self.tips[tip.member] = tip.seq
+            self.tips.setdefault(tip.member, set()).add(tip.seq)
         elif tip.member == self.cfg.participants.owner:
             self._on_own_tip(tip)
 
-    def _not_restarted(self, name: str, seq: int) -> str | None:
-        """Why `name`'s rejoin (header seq `seq`) is not a restarted process's, or None."""
+    def _heard_from(self, env) -> None:
+        """Every message we accept, in arrival order: one of a trainer's after a tip to it,
+        other than its rejoin (a restarted process's first new message), is a live process's,
+        and the tip no longer lets it rejoin."""
+        if env.header.kind != "rejoin":
+            self.tips.pop(self.books.names.get(env.header.sender), None)
+
+    def _not_restarted(self, name: str, seq: int, rejoin: Rejoin) -> str | None:
+        """Why `name`'s `rejoin` (header seq `seq`) is not a restarted process's, or None."""
         if name not in self.tips:
-            return ("it was never silent long enough for the notary to send it its chain's tip: "
-                    "a live process does not rejoin")
-        if seq != self.tips[name] + 1:
-            return (f"its rejoin (seq {seq}) does not follow the notary's tip (seq "
-                    f"{self.tips[name]}): a restarted process says rejoin first")
+            return ("no tip of the notary's to it since we last heard it (it was never silent "
+                    "long enough, or spoke since, or rejoined on it already): a live process "
+                    "does not rejoin")
+        if not follows_a_tip(rejoin, seq, self.tips[name]):
+            return (f"its rejoin (seq {seq}, after seq {rejoin.follows(seq)}) does not follow a "
+                    f"tip of the "
+                    f"notary's to it (seqs {sorted(self.tips[name])[-3:]}) by at most what its "
+                    f"dead process could send again: a restarted process says rejoin first")
         return None
 
     def _refuse_rollback(self, name: str) -> None:
@@ -79,11 +101,12 @@ class Rejoins:
         announced by the process that died."""
         name = self.books.names[env.header.sender]
         rejoin = Rejoin.parse(env.document(), sender=name)
-        why = self._not_restarted(name, env.header.seq)
+        why = self._not_restarted(name, env.header.seq, rejoin)
         if why:  # only a process started again after a crash rolls the run back
             self.log.warning("rejoin refused", trainer=name, problem=why)
             print(f"owner: refused {name}'s rejoin: {why}", flush=True)
             return
+        del self.tips[name]  # one rejoin a tip
         if name in self.delivered:  # killed after its part was done: the run goes on
             self.log.warning("rejoin after the segment was delivered ignored", trainer=name)
             print(f"owner: {name} rejoined after delivering its segment: nothing to resume",

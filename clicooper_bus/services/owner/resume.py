@@ -9,8 +9,10 @@ done but whose round end or evaluation is not), the newest two kept; trainers ke
 newest two round boundaries on disk too. A resumed owner (`_resume`) takes the roster from the
 run's log (the same run nonce, so every member's messages stay bound to it), reads the log
 for what its books held (each trainer's snapshot commitments, the watermark chain, the
-checkpoints; `_replay_log`), continues its own signed chain from the notary's `tip` (which
-only the notary can give: which of the dead process's last messages reached the log), waits
+checkpoints; `_replay_log`), continues its own signed chain after the last message its dead
+process signed (its outbox, `net.outbox`), sends again what of those the notary's log misses
+(after the notary's `tip`: only the notary knows which reached the log) and counts them as
+logged (`_replay_own`), waits
 until it has heard every trainer (a live one's beats, a restarted one's `rejoin`), and rolls
 everyone back to the newest round boundary it holds that every trainer committed and can
 restore: the same `rollback` as for a trainer's restart. With in_flight 1 and no privacy
@@ -38,6 +40,7 @@ from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.protocol.recovery import ChainTip, Handover, Rejoin, Rollback, Snapshot
+from clicooper_bus.services.owner.rejoins import follows_a_tip
 from clicooper_bus.services.owner.subscriptions import subscribe
 from clicooper_bus.services.trainer import snapshot
 from clicooper_bus.services.trainer.snapshot import safe_open_metadata
@@ -143,7 +146,8 @@ class Resumes:
         ClicooperError for a run that finished or stopped, or whose log did not keep a body
         needed here."""
         b, owner = self.books, self.cfg.participants.owner
-        logged_tips: dict[str, int] = {}  # trainer -> the seq of the notary's latest tip to it
+        logged_tips: dict[str, set[int]] = {}  # trainer -> the seqs of the notary's tips to it
+        last: dict[str, int] = {}  # trainer -> its last logged seq
         handlers = {"snapshot": self._replayed_snapshot, "wm_commit": b.on_commit,
                     "wm_claim": b.on_claim,
                     "wm_cert": b.on_certificate, "checkpoint": b.on_checkpoint,
@@ -157,7 +161,7 @@ class Resumes:
                 h, sig, body = plog.entry(i)
                 name = b.names.get(h.sender)
                 if name in self.stages:
-                    self.tips[name] = h.seq
+                    last[name] = h.seq
                 if h.kind == "end" and name == owner:
                     raise ClicooperError(f"the log holds the owner's end (entry {i}): the run "
                                          f"finished or stopped; there is nothing to resume")
@@ -170,7 +174,26 @@ class Resumes:
                                          f"({h.kind}), which a resumed owner needs ([log] "
                                          f"retention): this run cannot be resumed")
                 handlers[h.kind](Envelope(h.topic, h, sig, body))
+        for name, seq in last.items():  # a trainer restarted with us goes on from there
+            self.tips.setdefault(name, set()).add(seq)
         b.final_note = None
+
+    def _replay_own(self, resent: list[Envelope]) -> None:
+        """Our dead process's messages the log missed, sent again from our outbox: they count
+        as if logged (`_replay_log`), and an `end` among them means the run had ended. Raises
+        ClicooperError for that."""
+        handlers = {"snapshot": self._replayed_snapshot, "rollback": self._replayed_rollback,
+                    "round": self._replayed_round, "handover": self._replayed_handover}
+        handovers = len(self.handovers)
+        for env in resent:
+            if env.header.kind == "end":
+                raise ClicooperError(f"our dead process sent its end (seq {env.header.seq}), "
+                                     f"which the log missed: the run finished or stopped; "
+                                     f"there is nothing to resume")
+            if env.header.kind in handlers:
+                handlers[env.header.kind](env)
+        if len(self.handovers) > handovers:
+            self._stages_changed()
 
     def _replayed_snapshot(self, env) -> None:
         """A logged `snapshot`: a trainer's commitment (`Books.on_snapshot`), or our own to a
@@ -182,7 +205,7 @@ class Resumes:
         snap = Snapshot.parse(env.document(), sender=owner)
         self.committed_rounds[snap.step] = snap.state
 
-    def _replayed_tip(self, env, logged_tips: dict[str, int]) -> None:
+    def _replayed_tip(self, env, logged_tips: dict[str, set[int]]) -> None:
         """A logged `tip` of the notary's to a trainer: a `rejoin` that follows it is a
         restarted process's, as the live owner judged (`_not_restarted`)."""
         notary = self.cfg.participants.notary
@@ -190,16 +213,16 @@ class Resumes:
             return
         tip = ChainTip.parse(env.document(), sender=notary)
         if tip.member in self.stages:
-            logged_tips[tip.member] = tip.seq
+            logged_tips.setdefault(tip.member, set()).add(tip.seq)
 
-    def _replayed_rejoin(self, env, logged_tips: dict[str, int]) -> None:
+    def _replayed_rejoin(self, env, logged_tips: dict[str, set[int]]) -> None:
         """A logged `rejoin` the live owner took (it followed the notary's tip to its sender:
         a restarted process's): its snapshot digests are that trainer's commitments too. One
         the live owner refused (a live member's) commits to nothing here either."""
         name = self.books.names[env.header.sender]
-        if logged_tips.get(name, -2) + 1 != env.header.seq:
-            return
         rejoin = Rejoin.parse(env.document(), sender=name)
+        if not follows_a_tip(rejoin, env.header.seq, logged_tips.get(name, set())):
+            return
         mine = self.books.snapshots.setdefault(name, {})
         for step, state in zip(rejoin.steps, rejoin.states, strict=True):
             mine.setdefault(step, Snapshot(step, "", state))
@@ -236,18 +259,25 @@ class Resumes:
             raise ClicooperError(f"no round snapshot of the owner in "
                                  f"{self.rounds_store.layout.root}: nothing to resume from")
         self._replay_log()
-        steps = self._committed_steps(steps)
         if self.handovers:  # standbys hold stages now: the routes and the ends follow them
             self._stages_changed()
         subscribe(bus, owner)
-        print(f"owner: resuming run '{cfg.run.id}' (round snapshots of steps {steps}): waiting "
-              f"for the notary's chain tip", flush=True)
+        print(f"owner: resuming run '{cfg.run.id}' (round snapshots on disk of steps {steps}): "
+              f"waiting for the notary's chain tip", flush=True)
         wait = cfg.bus.join_timeout_s + cfg.bus.rejoin_timeout_s
         self.loop.until(lambda: self.own_tip is not None, timeout_s=wait, timed_out=lambda: (
             f"no chain tip from the notary within {wait:.0f} s: is its notary running (started "
             f"with --resume)?"))
-        bus.sender.seq, bus.sender.prev = self.own_tip.seq, self.own_tip.prev
+        # after the last message our dead process signed; what the log missed of them is sent
+        # again and counts as if logged (a round snapshot committed, a handover said)
+        resent = bus.take_up(self.own_tip.seq, self.own_tip.prev)
+        self._replay_own(resent)
+        steps = self._committed_steps(steps)
         bus.start_beating()
+        if resent:  # after our first beat: receivers refuse them as replays, the notary logs them
+            bus.resend_after(self.own_tip.seq, self.own_tip.prev)
+            print(f"owner: sent again {len(resent)} message(s) our dead process signed after "
+                  f"the log's seq {self.own_tip.seq}", flush=True)
         everyone = [*self.stages, cfg.participants.notary]
         bus.watch({self.kid[n]: n for n in everyone})
         rejoined: dict[str, Rejoin] = {}
@@ -289,10 +319,11 @@ class Resumes:
         everyone is heard)."""
         name = self.books.names[env.header.sender]
         rejoin = Rejoin.parse(env.document(), sender=name)
-        why = self._not_restarted(name, env.header.seq)
+        why = self._not_restarted(name, env.header.seq, rejoin)
         if why:
             self.log.warning("rejoin refused", trainer=name, problem=why)
             return
+        del self.tips[name]  # one rejoin a tip
         rejoined[name] = rejoin
         print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
 

@@ -31,13 +31,18 @@ class Marks:
             route("round", {k[self.roster.owner.name]}, self._on_round)
             route("wm_commit", {k[n] for n in self.stages}, self._on_commit)
 
-    def _resume_marks(self, tip: ChainTip) -> None:
-        """A restarted process: our marker from where the notary's log has our chain. Raises
-        ClicooperError if the tip has none or one that does not hold."""
+    def _resume_marks(self, tip: ChainTip, resent: list[Envelope]) -> None:
+        """A restarted process: our marker from where the notary's log has our chain, and our
+        own `wm_commit` and `wm_claim` among `resent` (what our dead process signed after the
+        tip, sent again from our outbox). Raises ClicooperError if the tip has none or one
+        that does not hold."""
         if tip.marks is None:
             raise ClicooperError("the notary's tip says nothing of our watermark chain (a notary "
                                  "older than watermark rejoins?): this stage cannot resume")
-        state = open_marks(tip.marks, self.roster, self.index + 1)
+        own = [[e.leaf, bytes(e.body)] for e in resent if e.header.kind in ("wm_commit",
+                                                                           "wm_claim")]
+        state = open_marks([*tip.marks, *own], self.roster, self.index + 1,
+                           limit=len(tip.marks) + len(own))
         try:
             self.marker.resume(state)
         except ValueError as exc:

@@ -5,9 +5,10 @@ Every `[run] snapshot_every` steps and at each epoch boundary the stage is snaps
 (`snapshot.Store`: weights, Adam's state, RNG, step) to `<run>/snapshots/<name>/` and committed
 in a signed `snapshot` message. A process started again with the same name, key and config
 finds its snapshots and the roster it joined with there (`_rejoin`): it continues its signed
-chain from where the notary's log has it (the notary's `tip`), takes its watermark chain up
-from the same tip when marks are on (`marks.Marks._resume_marks`), restores its newest snapshot
-and says `rejoin`; the owner rolls everyone back (`rollback`) to a step every stage has a
+chain after the last message its dead process signed (its outbox, `net.outbox`), sends again
+what the notary's log misses of them (after the notary's `tip`), takes its watermark chain up
+from the same tip and those messages when marks are on (`marks.Marks._resume_marks`), restores
+its newest snapshot and says `rejoin`; the owner rolls everyone back (`rollback`) to a step every stage has a
 committed snapshot of, each trainer restores it and says `restored`, and the owner trains from
 there again.
 """
@@ -58,10 +59,11 @@ class Restarts:
 
     def _rejoin(self) -> None:
         """A restarted process: rejoin the run our snapshots belong to. The roster is the one
-        we joined with (signed by the owner, checked again); our signed chain goes on from the
-        last message of ours the notary logged (its `tip`: which of a dead process's last
-        messages reached the log only the notary knows, so nothing we could have saved says
-        it); then we restore our newest snapshot and tell the owner which ones we hold."""
+        we joined with (signed by the owner, checked again); our signed chain goes on after the
+        last message our dead process signed (our outbox), and what of those the notary's log
+        misses (after its `tip`: only the notary knows which reached the log) is sent again, so
+        that no place of our chain is ever signed twice; then we restore our newest snapshot and
+        tell the owner which ones we hold."""
         raw = self.snapshots.roster.read_bytes()
         roster = Roster.open(raw, owner=self.owner_key)  # RosterError: not the owner's
         if self.name not in roster.stages:
@@ -91,9 +93,10 @@ class Restarts:
         self.loop.until(lambda: bool(tips), timeout_s=wait, timed_out=lambda: (
             f"no chain tip from the notary within {wait:.0f} s: is run '{self.cfg.run.id}' "
             f"still going? (to join a new run instead, remove {self.snapshots.root})"))
-        self.bus.sender.seq, self.bus.sender.prev = tips[-1].seq, tips[-1].prev
+        tip = tips[-1]
+        resent = self.bus.take_up(tip.seq, tip.prev)  # after what our dead process signed
         if self.marker is not None:
-            self._resume_marks(tips[-1])
+            self._resume_marks(tip, resent)
             self.rejoining = False
         snaps = [self.store.get(s) for s in steps]
         snapshot.restore(self.seg, snaps[-1].tensors)
@@ -106,13 +109,21 @@ class Restarts:
                 self.meter.carry(Usage.parse(earlier, sender=self.name))
             except ProtocolError as exc:
                 self.log.warning("earlier usage unreadable", error=str(exc))
-        self.bus.send_doc("rejoin", roster.owner.name, Rejoin(
-            self.index + 1, steps, [s.state for s in snaps]).to_doc())
+        rejoin = self.bus.send_doc("rejoin", roster.owner.name, Rejoin(
+            self.index + 1, steps, [s.state for s in snaps], after=tip.seq).to_doc())
+        if resent:  # after our rejoin: receivers refuse them as replays, the notary logs them
+            self.bus.resend_after(tip.seq, tip.prev)
+            print(f"{self.name}: sent again {len(resent)} message(s) our dead process signed "
+                  f"after the log's seq {tip.seq} (from {self.snapshots.outbox})", flush=True)
         self.bus.start_beating()
         self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
+        # until the rollback answering us, everyone's data is of a timeline we left (the
+        # owner's own, sent again for a notary started again, among it)
+        self.fence = {self.kid[n] for n in (roster.owner.name, self.prev, self.next) if n}
         self._routes()
-        self.log.info("rejoined", stage=self.index + 1, seq=tips[-1].seq, steps=steps)
-        print(f"{self.name}: rejoined at seq {tips[-1].seq + 1} with snapshots of steps "
+        self.log.info("rejoined", stage=self.index + 1, seq=rejoin.header.seq, tip=tip.seq,
+                      resent=len(resent), steps=steps)
+        print(f"{self.name}: rejoined at seq {rejoin.header.seq} with snapshots of steps "
               f"{steps}; waiting for the owner's rollback", flush=True)
 
     def _on_rollback(self, env: Envelope) -> None:

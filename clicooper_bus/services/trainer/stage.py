@@ -108,14 +108,18 @@ class Trainer(Restarts, Marks, Standby, Ending):
 
     def run(self) -> int:
         bus, topics = self.bus, self.bus.topics
+        # `rejoin` unrouted: a restarted member's rejoin, its first new message, moves our
+        # verifier past what it then sends again from its outbox (refused here as replays)
         for kind in ("roster", "end", "ack", "checkpoint", "beat", "round", "wm_commit",
-                     "rollback", "restored", "handover", "equivocation"):
+                     "rollback", "restored", "handover", "equivocation", "rejoin"):
             bus.subscribe(topics.kind(kind))
         for kind in ("fwd", "bwd", "labels", "eval_fwd", "tip"):
             bus.subscribe(topics.to(kind, self.name))
         bus.announce()
+        restarted = self.snapshots.roster.exists() and bool(self.snapshots.steps())
+        bus.keep_sent_in(self.snapshots.outbox, restarted=restarted)
         try:
-            if self.snapshots.roster.exists() and self.snapshots.steps():
+            if restarted:
                 self._rejoin()
             else:
                 self._join()
@@ -284,6 +288,8 @@ class Trainer(Restarts, Marks, Standby, Ending):
         self._advance()
 
     def _on_labels(self, env: Envelope) -> None:
+        if self._fenced(env):
+            return
         h = env.header
         if len(self.labels) >= self.plan.in_flight:
             raise BusError(f"owner sent labels for step {h.step} with {len(self.labels)} steps "
