@@ -6,7 +6,11 @@ from clicooper_bus.tools.bench_log import main as bench_log
 def test_bench_log_quick_prints_every_section(capsys, tmp_path):
     assert bench_log(["--quick", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("| 1 KiB |") == 4 and out.count("| 1 MiB |") == 4
+    assert out.count("| 1 KiB |") == 5 and out.count("| 1 MiB |") == 4
+    # the outbox: every message appended is read back (fewer than the bus keeps)
+    assert "| 1 KiB | 50 |" in out and "| 0.8 MB | 20 |" in out, out
+    assert [row.split("|")[5].strip() for row in out.splitlines()
+            if row.startswith(("| 1 KiB | 50 |", "| 0.8 MB | 20 |"))] == ["50", "20"], out
     assert "us per message" in out and "MB/s" in out
     assert "inclusion: at most" in out and "consistency: at most" in out
 

@@ -3,8 +3,10 @@
 1. append rate for 1 KiB and 1 MiB bodies, retention all/none, fsync never/always: the log's
    own cost per entry, envelopes signed and verified beforehand (the notary verifies each
    message before appending; that cost, about 50 us per message, is reported separately);
-2. `log verify` throughput in MB/s of bodies, on a log of 1 MiB bodies;
-3. proof sizes and verification times at 1,000,000 leaves.
+2. a member's outbox (`net.outbox`): what writing each message before sending it costs, and
+   reading it back after a restart;
+3. `log verify` throughput in MB/s of bodies, on a log of 1 MiB bodies;
+4. proof sizes and verification times at 1,000,000 leaves.
 Prints a Markdown table; docs/BENCHMARKS.md records a run.
 """
 
@@ -24,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from clicooper_bus.net.identity import Identity
+from clicooper_bus.net.outbox import Outbox
+from clicooper_bus.net.refill import KEEP_SENT, KEEP_SENT_BYTES
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
 from clicooper_bus.net.wire import Envelope, Sender
@@ -65,6 +69,25 @@ def bench_append(workdir: Path, body_size: int, n: int, retention: str, fsync: s
     plog.close()
     shutil.rmtree(d)
     return {"entries/s": n / dt, "MB/s": n * body_size / dt / 1e6}
+
+
+def bench_outbox(workdir: Path, body_size: int, n: int) -> dict:
+    """A member's outbox (`net.outbox`): appends of `n` messages of `body_size` bytes (what it
+    costs before every send), then the read-back a restarted process does."""
+    owner, _, roster, _ = _setup(workdir)
+    envs = _envelopes(owner, n, body_size, roster.nonce)
+    box = Outbox(workdir / f"outbox-{body_size}", owner.public, keep=KEEP_SENT,
+                 keep_bytes=KEEP_SENT_BYTES)
+    t0 = time.perf_counter()
+    for env in envs:
+        box.append(env)
+    dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kept = len(box.load())
+    load_s = time.perf_counter() - t0
+    box.clear()
+    return {"ms/append": dt / n * 1000, "MB/s": n * body_size / dt / 1e6, "kept": kept,
+            "load s": load_s}
 
 
 def bench_verify_cost(n: int = 5000) -> float:
@@ -160,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench_append(workdir, size, n, retention, fsync)
                 print(f"| {label} | {retention} | {fsync} | {n} | {r['entries/s']:,.0f} | "
                       f"{r['MB/s']:,.1f} |", flush=True)
+    print("\nOutbox (a member's sent messages, written before each send):\n\n"
+          "| body | messages | ms per append | MB/s | kept | read back |\n|---|---|---|---|---|---|")
+    for size, label in ((1024, "1 KiB"), (800_000, "0.8 MB")):
+        n = (n_small if size == 1024 else n_big) // (10 if size == 1024 else 1)
+        r = bench_outbox(workdir, size, n)
+        print(f"| {label} | {n} | {r['ms/append']:.3f} | {r['MB/s']:,.0f} | {r['kept']} | "
+              f"{r['load s']:.2f} s |", flush=True)
     print(f"\nVerifier (signature, chain, body hash), 1 KiB bodies: "
           f"{bench_verify_cost(500 if q else 5000):.1f} us per message")
     r = bench_log_verify(workdir, 1 << 20, 20 if q else 1000)
