@@ -73,6 +73,7 @@ class Notary(NotaryRestarts, NotaryEvidence):
         self.roster: Roster | None = None
         self.last_cp_size, self.last_cp_time = 0, time.monotonic()
         self.final_sent = False
+        self.acked = False  # the owner's ack came: the final checkpoint once the log has no gap
         self.owner_proven = False  # the owner equivocated: we stop the run (`_stop_for_the_owner`)
         self.log_closed = False  # the closing checkpoint is signed: nothing more is appended
         self.meter = CpuMeter()  # the notary's CPU over the run's training steps (`usage`)
@@ -194,12 +195,17 @@ class Notary(NotaryRestarts, NotaryEvidence):
                 if env.header.kind == "witnessed":
                     self._witnessed(env)
                 if env.header.kind == "ack" and env.header.sender == roster.owner.key_id:
-                    self._report_usage()
-                    self._checkpoint(final=True)
+                    self.acked = True
                 elif self._stops(env) and not self.final_sent:
                     # the owner stopped the run early (a refusal): a final checkpoint over what
                     # was logged, then everyone leaves as after a finished run
                     self._checkpoint(final=True)
+            if self.acked and not self.final_sent and not self._open_gaps():
+                # the final checkpoint only over a log with no gap: what a member sends again
+                # for a tip with `resend` comes before everyone leaves (after it, members
+                # linger without reading tips); a gap that stays stops the run (`_chain_gap`)
+                self._report_usage()
+                self._checkpoint(final=True)
             if not self.final_sent:
                 self._tips()
             now = time.monotonic()
@@ -233,7 +239,7 @@ class Notary(NotaryRestarts, NotaryEvidence):
                 quiet_until = time.monotonic() + 0.3
         # a member never sent again what we missed: not a complete log (an equivocating member's
         # chain goes on from the message the log refused: the log holds the proof instead)
-        gaps = [k for k in bus.open_gaps() if k not in self.accused]
+        gaps = self._open_gaps()
         if gaps:
             print("notary: error: a sender's chain has a gap the log cannot close (messages "
                   "sent while the notary was down and never sent again); not closing the log "

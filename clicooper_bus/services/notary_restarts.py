@@ -96,14 +96,19 @@ class NotaryRestarts:
         for kid, name in signing.items():
             self._send_tip(kid, name, resend=True)
 
+    def _open_gaps(self) -> list[str]:
+        """Key ids whose chain has a gap in the log now (a member proven to equivocate aside:
+        its chain goes on from the message the log refused, and the log holds the proof)."""
+        return [k for k in self.bus.open_gaps() if k not in self.accused]
+
     def _chain_gap(self) -> bool:
         """Whether a sender's chain has a gap the log cannot close: its messages are refused
         for a missing predecessor (or a broken `prev`), nothing of it accepted since, for
         longer than `rejoin_timeout_s`. Meanwhile it is sent a tip (`resend`, every
         `timeout_s`): what we never received (we were restarted, or the broker was, or it
         refused one of the sender's own) it sends again, and the gap closes."""
-        now, bus = time.monotonic(), self.bus
-        gaps = [k for k in bus.open_gaps() if k not in self.accused]  # (proven forked)
+        now = time.monotonic()
+        gaps = self._open_gaps()
         for kid in [k for k in self.gap_since if k not in gaps]:
             del self.gap_since[kid]
         names = {m.key_id: m.name for m in self.roster.members

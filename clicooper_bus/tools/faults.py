@@ -541,8 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", action="store_true",
                    help="every other run kills a role (SIGKILL) at a seeded step: in turn a "
                         "trainer, the owner, a trainer for good (a standby takes its stage "
-                        "over), the notary, a trainer, the broker; each but the one for good "
-                        "started again after --min-pause..--max-pause s")
+                        "over), the notary, a trainer, the broker, then the notary with a "
+                        "trainer and with the owner killed while it is down (started again "
+                        "after 1 s); each but the one for good started again after "
+                        "--min-pause..--max-pause s")
     args = p.parse_args(argv)
     report = soak(args.runs, args.seed, Path(args.out), min_pause=args.min_pause,
                   max_pause=args.max_pause, timeout_s=args.timeout,

@@ -49,8 +49,11 @@ class Ending:
         bus.unwatch(gone)  # the run ends without them
         cp = None
         try:
-            bus.send_doc("end", "all", End(f"stopped: {text}", stopped=True).to_doc())
-            if notary not in gone:
+            if self.chain_ready:
+                bus.send_doc("end", "all", End(f"stopped: {text}", stopped=True).to_doc())
+            else:  # a resumed owner before it took its chain up: what it signed would fork it
+                self.log.warning("stopped before our chain was taken up: nothing sent")
+            if notary not in gone and self.chain_ready:
                 self.loop.until(lambda: books.final_note is not None,
                                 timeout_s=self.cfg.bus.step_timeout_s, timed_out=None)
         except BusError as exc:  # a peer (or the broker) died meanwhile: write what we have
@@ -87,9 +90,10 @@ class Ending:
             return {}
         kept = model.with_name("model.undelivered.safetensors")
         model.replace(kept)
-        self.log.warning("model withheld", file=kept.name, sha256=self.model_sha)
+        sha = getattr(self, "model_sha", None)  # None: a resumed owner's dead process wrote it
+        self.log.warning("model withheld", file=kept.name, sha256=sha)
         return {"undelivered_model": {
-            "file": kept.name, "sha256": getattr(self, "model_sha", None),
+            "file": kept.name, "sha256": sha,
             "why": f"the run stopped after the model was assembled ({stopped.get('problem')}): "
                    f"it is not delivered and not certified"}}
 

@@ -95,6 +95,8 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         self.per_epoch: list[dict] = []  # each finished epoch's row (kept for a stopped run)
         self.delivered: set[str] = set()  # trainers whose segment the owner has loaded
         self.tips: dict[str, set[int]] = {}  # trainer -> the seqs of the notary's tips to it
+        # whether we may sign: a resumed owner only once it took its chain up (`take_up`)
+        self.chain_ready = not resume
         self.committed_rounds: dict[int, str] = {}  # a resumed owner's: step -> file sha256
         self.own_tip = None  # the notary's tip to us (a resumed owner continues from it)
         self.pending_row: dict | None = None  # a resumed epoch trained but not finished
@@ -122,7 +124,7 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         route("hello", stages, b.on_hello)
         if self.setup.tail is None:  # with a tail the owner computes the loss itself
             route("metrics", {last}, self._on_metrics)
-            route("logits", {last}, lambda env: self.training.own.on_logits(env))
+            route("logits", {last}, lambda env: b.stale(env) or self.training.own.on_logits(env))
         route("checkpoint", {notary}, b.on_checkpoint)
         route("wm_commit", stages, b.on_commit)
         route("wm_claim", stages, b.on_claim)
@@ -144,6 +146,8 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
 
     def _on_metrics(self, env) -> None:
         """The last stage's claim of a step, checked against its logits once both are in."""
+        if self.books.stale(env):
+            return
         self.books.on_metrics(env)
         if env.header.step is not None:
             self.training.own.check(env.header.step)

@@ -261,6 +261,9 @@ class Resumes:
         self._replay_log()
         if self.handovers:  # standbys hold stages now: the routes and the ends follow them
             self._stages_changed()
+        # whatever a trainer sends before it restored for our rollback is of the dead owner's
+        # timeline (its last steps' outputs, in flight when we died): dropped, not judged
+        self.books.fenced = {self.kid[n] for n in self.stages}
         subscribe(bus, owner)
         print(f"owner: resuming run '{cfg.run.id}' (round snapshots on disk of steps {steps}): "
               f"waiting for the notary's chain tip", flush=True)
@@ -271,6 +274,7 @@ class Resumes:
         # after the last message our dead process signed; what the log missed of them is sent
         # again and counts as if logged (a round snapshot committed, a handover said)
         resent = bus.take_up(self.own_tip.seq, self.own_tip.prev)
+        self.chain_ready = True
         self._replay_own(resent)
         steps = self._committed_steps(steps)
         bus.start_beating()
