@@ -508,9 +508,11 @@ def test_a_resumed_owner_takes_only_the_rejoins_the_live_owner_took():
 
     class Owner(Resumes):
         def __init__(self):
-            self.cfg = SimpleNamespace(participants=SimpleNamespace(notary="notary"))
+            self.cfg = SimpleNamespace(participants=SimpleNamespace(notary="notary",
+                                                                    owner="owner"))
             self.stages = ["trainer-1", "trainer-2"]
             self.books = Books(self.stages, names, None, "o", "spec", 1)
+            self.rollbacks, self.logged_rejoins = 0, {}
 
     owner, tips = Owner(), {}
     trainer, notary = _sender(), _sender("notary")
@@ -523,7 +525,51 @@ def test_a_resumed_owner_takes_only_the_rejoins_the_live_owner_took():
         "tip", "trainer-1", ChainTip("trainer-1", 1, b"\0" * 32).to_doc()), tips)
     owner._replayed_rejoin(rejoin(30), tips)  # seq 2: after the tip, a restarted process's
     owner._replayed_rejoin(rejoin(40), tips)  # seq 3: not the first after the tip
+    assert "trainer-1" not in owner.books.snapshots  # held until a rollback names it
+    owner._replayed_rollback(_owner_rollback(50, "trainer-1"))  # a log from before `rejoins`
     assert sorted(owner.books.snapshots["trainer-1"]) == [30]
+
+
+def _owner_rollback(step: int, rejoined: str, rejoins: list[str] | None = None):
+    from clicooper_bus.protocol.recovery import Rollback
+
+    return _sender("owner").seal_document("rollback", "all",
+                                          Rollback(step, rejoined, None, rejoins).to_doc())
+
+
+def test_a_resumed_owner_takes_the_commitments_of_the_rejoins_its_rollbacks_name_only():
+    """Review: a rejoin the live owner refused (a tip it had used, or heard the trainer since)
+    still follows a logged tip, and the replay took its commitments. Each rollback names the
+    rejoins it was for (`Rollback.rejoins`, their header digests); the replay takes those."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.protocol.recovery import ChainTip, Rejoin
+    from clicooper_bus.services.owner.books import Books
+    from clicooper_bus.services.owner.resume import Resumes
+
+    names = {IDS[n].key_id: n for n in IDS}
+
+    class Owner(Resumes):
+        def __init__(self):
+            self.cfg = SimpleNamespace(participants=SimpleNamespace(notary="notary",
+                                                                    owner="owner"))
+            self.stages = ["trainer-1", "trainer-2"]
+            self.books = Books(self.stages, names, None, "o", "spec", 1)
+            self.rollbacks, self.logged_rejoins = 0, {}
+
+    owner, tips = Owner(), {}
+    trainer, notary = _sender(), _sender("notary")
+    owner._replayed_tip(notary.seal_document(
+        "tip", "trainer-1", ChainTip("trainer-1", 0, b"\0" * 32).to_doc()), tips)
+    taken = trainer.seal_document("rejoin", "owner",
+                                  Rejoin(1, [30], ["e" * 64], after=0).to_doc())
+    refused = trainer.seal_document("rejoin", "owner",
+                                    Rejoin(1, [40], ["f" * 64], after=0).to_doc())
+    owner._replayed_rejoin(taken, tips)
+    owner._replayed_rejoin(refused, tips)  # the same tip again: the live owner refused it
+    owner._replayed_rollback(_owner_rollback(50, "trainer-1", [taken.header.digest.hex()]))
+    assert sorted(owner.books.snapshots["trainer-1"]) == [30]
+    assert owner.logged_rejoins == {}
 
 
 def test_a_resumed_owner_replays_its_handovers():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 
 import pytest
@@ -206,3 +207,34 @@ def test_a_member_killed_while_the_notary_is_down_goes_on_after_what_it_signed(t
 
     for s in verify_training(cfg.run_dir):
         assert s.ok and s.complete and s.rollbacks == 1, s.line()
+
+
+def test_a_claim_the_dead_process_wrote_but_never_sent_reaches_everyone(tmp_path, monkeypatch):
+    """Review: watermarks on, trainer-1's round-0 claim written to its outbox and never sent
+    (`tests/lost_message/sitecustomize.py`: the process hangs there until it is killed). Its
+    restarted process sends the claim again before anything new, so the owner takes it (when
+    the rejoin went first, the owner refused it as a replay, waited for a claim that never came
+    and the run failed); the notary certifies it, the run completes and replays."""
+    from pathlib import Path
+
+    site = Path(__file__).parent / "lost_message"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("CLICOOPER_TEST_LOSE", "trainer-1:wm_claim")
+    monkeypatch.setenv("CLICOOPER_TEST_LOSE_MARK", str(tmp_path / "lost.seq"))
+    path = write_config(tmp_path, run_id="lost-claim", trainers=2, bus=BUS,
+                        run={"seed": 3, "snapshot_every": 10, "epochs": 2},
+                        watermark={"enabled": True}, log={"retention": "all"})
+    cfg = load_config(path)
+    inj = Injector(cfg.run_dir, [Kill("trainer-1", STEPS - 9, 1.0, after_s=4.0)], STEPS)
+    code = launch(path, timeout_s=300, inject=inj)
+    assert not inj.errors, inj.errors
+    assert (tmp_path / "lost.seq").exists(), _console(cfg)  # the claim was held back
+    assert code == 0, _console(cfg)
+    r, v = _verified(cfg)
+    assert r.per_kind.get("wm_claim") == 4 and r.per_kind.get("wm_cert") == 4, r.per_kind
+    assert "trainer-1: sent again 1 message(s)" in _console(cfg)
+    from clicooper_bus.audit.training_replay import verify_training
+
+    for s in verify_training(cfg.run_dir):
+        assert s.ok and s.complete, s.line()

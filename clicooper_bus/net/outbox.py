@@ -11,8 +11,9 @@ signs a place of its chain twice.
 
 Files: `<dir>/<first seq, 12 digits>.out`, segments of at most `SEGMENT_MESSAGES` messages or
 `SEGMENT_BYTES` bytes, mode 0600 (what a member sent may be its labels or activations). A
-record is `<topic length u32><header length u32><body length u64>`, then the topic, the header,
-the 64-byte signature and the body: the message's frames as they went out. Old segments go
+record is `<topic length u32><header length u32><body length u64><CRC-32 of those 16 bytes>`,
+then the topic, the header, the 64-byte signature and the body: the message's frames as they
+went out. Old segments go
 once the newer ones hold at least `keep` messages or `keep_bytes` bytes, so the disk keeps at
 least what the bus keeps in memory to send again (`refill.KEEP_SENT`).
 
@@ -20,8 +21,12 @@ Durability: each record is written with one `writev` before the message is sent,
 fsync: a killed process loses nothing (the page cache outlives it), a machine that loses power
 may lose the tail. Then the restarted process goes on from the notary's tip as before this
 module, and a conflict it causes stops the run naming it (fails closed). Torn or altered
-records are found on reading (each is checked against our own key): a torn tail is cut, a bad
-record with more after it is an `OutboxError`.
+records are found on reading (each is checked against our own key): a record whose lengths
+check but whose bytes end early, or zeros to the end, is cut off (a write cut short: never
+sent); lengths that do not match their CRC, or a record that does not parse or is not the next
+message we signed, are an `OutboxError` and nothing is cut (a flipped bit must not drop what
+was sent). A run that is over (finished or stopped) removes the outbox
+(`Refill.forget_sent`): what a member sent is not left on its disk.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +44,7 @@ from clicooper_bus.net.wire import SIG_LEN, Envelope, parse_header, signed_bytes
 
 SEGMENT_MESSAGES, SEGMENT_BYTES = 512, 8 << 20
 _LENGTHS = struct.Struct("<IIQ")
+_PREFIX = struct.Struct("<IIQI")  # the lengths and the CRC-32 of their 16 bytes
 SUFFIX = ".out"
 
 
@@ -69,8 +76,9 @@ class Outbox:
         """Write `env` (ours, about to be published) at the end. Raises OutboxError when the
         file system refuses it (the message is then not sent)."""
         topic = env.topic.encode()
-        parts = [_LENGTHS.pack(len(topic), len(env.header.raw), len(env.body)), topic,
-                 env.header.raw, env.signature, env.body]
+        lengths = _LENGTHS.pack(len(topic), len(env.header.raw), len(env.body))
+        parts = [lengths + struct.pack("<I", zlib.crc32(lengths)), topic, env.header.raw,
+                 env.signature, env.body]
         size = sum(len(p) for p in parts)
         try:
             fd = self._writable(env.header.seq)
@@ -162,28 +170,30 @@ class Outbox:
 
 def _records(data: bytes) -> Iterator[tuple[int, Envelope | None]]:
     """(end offset, envelope) of each whole record in `data`; (offset, None) at a record that
-    is cut short (or zeros to the end), and nothing after it. Raises OutboxError for a whole
-    record that does not parse."""
+    is cut short (or zeros to the end), and nothing after it. Raises OutboxError for lengths
+    that do not match their CRC-32, or a whole record that does not parse."""
     pos, view = 0, memoryview(data)
     while pos < len(data):
-        if pos + _LENGTHS.size > len(data):
+        if pos + _PREFIX.size > len(data):
             yield pos, None
             return
-        lt, lh, lb = _LENGTHS.unpack_from(data, pos)
-        start = pos + _LENGTHS.size
+        lt, lh, lb, crc = _PREFIX.unpack_from(data, pos)
+        if zlib.crc32(view[pos:pos + _LENGTHS.size]) != crc:  # lengths we cannot trust
+            if data.count(0, pos) == len(data) - pos:  # zeros a power loss left at the end
+                yield pos, None
+                return
+            raise OutboxError(f"the lengths of the record at byte {pos} do not match their "
+                              f"CRC-32")
+        start = pos + _PREFIX.size
         end = start + lt + lh + SIG_LEN + lb
-        if end > len(data):
+        if end > len(data):  # a write cut short (its lengths are whole): never sent
             yield pos, None
             return
         try:
             topic = bytes(view[start:start + lt]).decode()
             header = parse_header(bytes(view[start + lt:start + lt + lh]))
         except (UnicodeDecodeError, RejectedMessage):
-            if data.count(0, pos) == len(data) - pos:  # zeros a power loss left at the end
-                yield pos, None
-                return
-            raise OutboxError(f"the record at byte {pos} does not parse and is not the end of "
-                              f"a write cut short") from None
+            raise OutboxError(f"the record at byte {pos} does not parse") from None
         sig = bytes(view[start + lt + lh:start + lt + lh + SIG_LEN])
         yield end, Envelope(topic, header, sig, bytes(view[end - lb:end]))
         pos = end

@@ -55,10 +55,10 @@ class Refill:
     def take_up(self, seq: int, prev: bytes) -> list[Envelope]:
         """A restarted process: continue our chain after the last message our dead process
         signed (from the outbox, `keep_sent_in`), where the notary's log holds our chain up to
-        `seq` (its `tip`; `prev`, the digest of our message there). Returns our messages after
-        `seq`, which the log misses: send one new message, then `resend_after(seq, prev)`, so
-        that receivers take the new one first and refuse those as replays (the notary, which
-        refuses the new one for the gap before them, logs them and then it). With no outbox,
+        `seq` (its `tip`; `prev`, the digest of our message there), and send again, in order,
+        our messages after `seq`, which the log misses: the notary logs them, and a receiver
+        that never had one takes it as a late delivery, in order (a process that restarted
+        too drops data until its rollback). Returns them. With no outbox,
         or one that ends at or before `seq` (lost with a machine that lost power), the chain
         goes on from `seq` and the outbox starts again from there. Raises BusError when the
         outbox holds another message at `seq` than the log (a forked chain), or no longer the
@@ -86,6 +86,7 @@ class Refill:
         self.kept = deque(mine)
         self.kept_bytes = sum(len(e.body) for e in mine)
         self.sender.seq, self.sender.prev = mine[-1].header.seq, mine[-1].header.digest
+        self.resend_after(seq, prev)
         return after
 
     def _keep(self, env: Envelope) -> None:

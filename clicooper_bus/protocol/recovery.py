@@ -123,18 +123,24 @@ class Rollback(Control):
     every trainer restores its snapshot of that step and says so (`Restored`); the owner then
     sends steps from `step` on again, so they appear a second time in the log, after this.
     `stages` (sent only after a handover amended the roster's): the stage order from here on,
-    for a trainer restarted with the roster on its disk, which knows no handover. Each
-    `Restored` names the rollback it answers by the digest of its header."""
+    for a trainer restarted with the roster on its disk, which knows no handover. `rejoins`
+    (sent only when the owner took one): the SHA-256 (hex) of the header of each `rejoin` it
+    took for this rollback, so that a resumed owner replaying the log takes the commitments
+    of those and no other (one the live owner refused commits to nothing). Each `Restored`
+    names the rollback it answers by the digest of its header."""
 
     KIND: ClassVar[str] = "rollback"
     step: int
     rejoined: str
     stages: list[str] | None = None
+    rejoins: list[str] | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"step": self.step, "rejoined": self.rejoined}
         if self.stages is not None:
             doc["stages"] = list(self.stages)
+        if self.rejoins is not None:
+            doc["rejoins"] = list(self.rejoins)
         return doc
 
     def _checked(self, sender: str | None) -> Rollback:
@@ -142,6 +148,9 @@ class Rollback(Control):
             raise self._refuse("step is negative", "step", sender)
         if self.stages is not None and len(set(self.stages)) != len(self.stages):
             raise self._refuse("stages names a trainer twice", "stages", sender)
+        if self.rejoins is not None and not all(_is_digest(d) for d in self.rejoins):
+            raise self._refuse("rejoins holds a value that is not a SHA-256 digest in hex",
+                               "rejoins", sender)
         return self
 
 

@@ -42,8 +42,7 @@ class Dispatcher:
         # called on every pass of `until`: may raise to interrupt whatever waits (the owner's
         # check that the broker connection came back)
         self.interrupt: Callable[[], None] | None = None
-        # called with every message, routed or not, before its handler, in arrival order
-        self.seen: Handler | None = None
+
 
     def only(self, *kinds: str) -> None:
         """Drop every route but those of `kinds` (a process that finished its part)."""
@@ -54,8 +53,6 @@ class Dispatcher:
         self.routes[kind] = Route(frozenset(senders), handle)
 
     def dispatch(self, env: Envelope) -> None:
-        if self.seen is not None:
-            self.seen(env)
         route = self.routes.get(env.header.kind)
         if route is None:
             return

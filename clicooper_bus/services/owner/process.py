@@ -84,7 +84,6 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         self.books = Books(self.stages, names, self.notary_key, default_origin(cfg.run.id),
                            roster.meta["model_spec"], cfg.run.in_flight)
         self.loop = Dispatcher(self.bus, names, log)
-        self.loop.seen = self._heard_from  # a tip lets a trainer rejoin until it is heard
         self.mailbox = Mailbox(names, MAX_HELD)
         self._routes()
         self.training = Training(cfg, self.bus, self.loop, self.mailbox, self.books, self.setup,

@@ -5,9 +5,9 @@ stage committed a snapshot of (`rollback.rollback_step`), and training goes on f
 Only a restarted process may rejoin: the notary tells a trainer silent past `timeout_s` where
 its signed chain stands (`tip`, which the owner reads too), and a restarted process's `rejoin`
 says which tip it took its chain up from (`after`; between the two in its chain, only what its
-dead process signed and the log missed, sent again from its outbox after the rejoin, `net.outbox`).
-The rejoin is its first new message: a tip counts until we accept anything else of that trainer
-(a live process's), and for one rejoin. A live member's
+dead process signed and the log missed, sent again from its outbox, `net.outbox`). A tip counts
+for one rejoin: a live member that wants to roll the run back again must fall silent past
+`timeout_s` again, in everyone's sight. A live member's
 `rejoin` is refused (logged, ignored): it would roll the run back for nothing. With watermarks
 on, the run never rolls back behind the end of a round any stage claimed (its claim is in the
 log and cannot be made again), nor, hence, into a round before one that began.
@@ -50,19 +50,11 @@ class Rejoins:
         elif tip.member == self.cfg.participants.owner:
             self._on_own_tip(tip)
 
-    def _heard_from(self, env) -> None:
-        """Every message we accept, in arrival order: one of a trainer's after a tip to it,
-        other than its rejoin (a restarted process's first new message), is a live process's,
-        and the tip no longer lets it rejoin."""
-        if env.header.kind != "rejoin":
-            self.tips.pop(self.books.names.get(env.header.sender), None)
-
     def _not_restarted(self, name: str, seq: int, rejoin: Rejoin) -> str | None:
         """Why `name`'s `rejoin` (header seq `seq`) is not a restarted process's, or None."""
         if name not in self.tips:
-            return ("no tip of the notary's to it since we last heard it (it was never silent "
-                    "long enough, or spoke since, or rejoined on it already): a live process "
-                    "does not rejoin")
+            return ("no tip of the notary's to it it has not rejoined on already (it was never "
+                    "silent long enough): a live process does not rejoin")
         if not follows_a_tip(rejoin, seq, self.tips[name]):
             return (f"its rejoin (seq {seq}, after seq {rejoin.follows(seq)}) does not follow a "
                     f"tip of the "
@@ -117,7 +109,7 @@ class Rejoins:
                                  f"{self.stages.index(name) + 1}")
         self.log.warning("trainer rejoined", trainer=name, steps=rejoin.steps)
         print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
-        raise Rejoined(name, rejoin)
+        raise Rejoined(name, rejoin, env.header.digest.hex())
 
     def _train(self, resume: tuple[int, int] = (0, 0)) -> tuple[list[dict], int]:
         """Every epoch from `resume` (epoch, batch). A trainer that rejoins after a restart
@@ -197,14 +189,15 @@ class Rejoins:
         step = rollback_step(name, exc.rejoin, states, self.stages,
                              set(self.training.snapshots.kept), floor=self._claimed_floor())
         states[name].setdefault(step, exc.rejoin.states[exc.rejoin.steps.index(step)])
-        return self._rollback_to(step, name, states)
+        return self._rollback_to(step, name, states, [exc.digest] if exc.digest else None)
 
-    def _rollback_to(self, step: int, name: str, states: dict[str, dict[int, str]]
-                     ) -> tuple[int, int]:
+    def _rollback_to(self, step: int, name: str, states: dict[str, dict[int, str]],
+                     rejoins: list[str] | None = None) -> tuple[int, int]:
         """Everyone back to `step` (for `name`, who came back): the owner's head (and tail)
         from its snapshot, `rollback` said (signed, logged), every trainer's `restored` awaited
         and checked against `states` (name -> step -> the state digest it committed), what
-        the abandoned timeline committed after `step` forgotten. Returns (epoch, batch) to
+        the abandoned timeline committed after `step` forgotten; `rejoins`: the header digests
+        (hex) of the rejoins taken for it, named in the rollback. Returns (epoch, batch) to
         train from. Raises RollbackRefused naming a restore that is not what was committed."""
         books = self.books
         for n in self.stages:  # commitments of steps that will be trained again
@@ -220,8 +213,8 @@ class Rejoins:
         books.restored = {}
         amended = list(self.stages) if tuple(self.stages) != tuple(self.setup.roster.stages) \
             else None  # after a handover: a restarted trainer knows only its roster's order
-        env = self.bus.send_doc("rollback", "all", Rollback(step, name, amended).to_doc(),
-                                step=step)
+        env = self.bus.send_doc("rollback", "all", Rollback(step, name, amended,
+                                                            rejoins or None).to_doc(), step=step)
         rolled_back = books.rolled_back = (step, env.header.digest.hex())
         self.log.warning("rolled back", step=step, rejoined=name)
         why = "resumed" if name == self.cfg.participants.owner else f"for {name}"

@@ -148,6 +148,7 @@ class Resumes:
         b, owner = self.books, self.cfg.participants.owner
         logged_tips: dict[str, set[int]] = {}  # trainer -> the seqs of the notary's tips to it
         last: dict[str, int] = {}  # trainer -> its last logged seq
+        self.logged_rejoins: dict[str, tuple[str, Rejoin]] = {}  # digest -> (trainer, rejoin)
         handlers = {"snapshot": self._replayed_snapshot, "wm_commit": b.on_commit,
                     "wm_claim": b.on_claim,
                     "wm_cert": b.on_certificate, "checkpoint": b.on_checkpoint,
@@ -216,16 +217,14 @@ class Resumes:
             logged_tips.setdefault(tip.member, set()).add(tip.seq)
 
     def _replayed_rejoin(self, env, logged_tips: dict[str, set[int]]) -> None:
-        """A logged `rejoin` the live owner took (it followed the notary's tip to its sender:
-        a restarted process's): its snapshot digests are that trainer's commitments too. One
-        the live owner refused (a live member's) commits to nothing here either."""
+        """A logged `rejoin` that followed the notary's tip to its sender (a restarted
+        process's) is held until a logged rollback names it (`_replayed_rollback`): only then
+        did the live owner take it, and its snapshot digests are that trainer's commitments
+        too. One the live owner refused (a live member's) commits to nothing here either."""
         name = self.books.names[env.header.sender]
         rejoin = Rejoin.parse(env.document(), sender=name)
-        if not follows_a_tip(rejoin, env.header.seq, logged_tips.get(name, set())):
-            return
-        mine = self.books.snapshots.setdefault(name, {})
-        for step, state in zip(rejoin.steps, rejoin.states, strict=True):
-            mine.setdefault(step, Snapshot(step, "", state))
+        if follows_a_tip(rejoin, env.header.seq, logged_tips.get(name, set())):
+            self.logged_rejoins[env.header.digest.hex()] = (name, rejoin)
 
     def _replayed_handover(self, env) -> None:
         """A logged `handover` of ours: the standby holds the stage from then on, as after
@@ -244,6 +243,18 @@ class Resumes:
         if self.books.names[env.header.sender] != self.cfg.participants.owner:
             return
         rb = Rollback.parse(env.document(), sender=self.cfg.participants.owner)
+        held = getattr(self, "logged_rejoins", {})
+        # the rejoins it names (in a log from before `rejoins`, a rollback for a trainer's
+        # rejoin: that trainer's held ones, as then)
+        named = rb.rejoins if rb.rejoins is not None else \
+            [d for d, (n, _) in held.items() if n == rb.rejoined]
+        for digest in named:
+            if digest in held:
+                name, rejoin = held[digest]
+                mine = self.books.snapshots.setdefault(name, {})
+                for step, state in zip(rejoin.steps, rejoin.states, strict=True):
+                    mine.setdefault(step, Snapshot(step, "", state))
+        held.clear()
         for n in self.stages:
             self.books.snapshots[n] = {k: v for k, v in self.books.snapshots.get(n, {}).items()
                                        if k <= rb.step}
@@ -277,14 +288,14 @@ class Resumes:
         self.chain_ready = True
         self._replay_own(resent)
         steps = self._committed_steps(steps)
-        bus.start_beating()
-        if resent:  # after our first beat: receivers refuse them as replays, the notary logs them
-            bus.resend_after(self.own_tip.seq, self.own_tip.prev)
+        if resent:
             print(f"owner: sent again {len(resent)} message(s) our dead process signed after "
                   f"the log's seq {self.own_tip.seq}", flush=True)
+        bus.start_beating()
         everyone = [*self.stages, cfg.participants.notary]
         bus.watch({self.kid[n]: n for n in everyone})
         rejoined: dict[str, Rejoin] = {}
+        self.resume_rejoins: list[str] = []  # their header digests, which our rollback names
         self.loop.route("rejoin", {self.kid[n] for n in self.stages},
                         lambda env: self._resume_rejoin(env, rejoined))
         self.loop.route("hello", {self.kid[n] for n in self.stages}, self._late_hello)
@@ -299,8 +310,12 @@ class Resumes:
         self.evaluations = sum("accuracy" in row for row in saved.rows)
         self.rounds = len(saved.rows) if cfg.watermark.enabled else 0
         self.training.snapshots.kept[step] = (saved.head, saved.tail)
+        # a restarted trainer sends again what its dead process signed before its rejoin, so
+        # it may be heard before its rejoin comes: one that comes during our rollback is taken
+        # as those before it (it answers our rollback too, from the snapshots it named)
+        start = self._rollback_to(step, owner, states, list(self.resume_rejoins) or None)
         self.loop.route("rejoin", {self.kid[n] for n in self.stages}, self._on_rejoin)
-        return self._rollback_to(step, owner, states)
+        return start
 
     def _on_own_tip(self, tip: ChainTip) -> None:
         """The notary's tip to us: where a resumed owner's chain goes on from (before it
@@ -329,6 +344,7 @@ class Resumes:
             return
         del self.tips[name]  # one rejoin a tip
         rejoined[name] = rejoin
+        self.resume_rejoins.append(env.header.digest.hex())
         print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
 
     def _committed_steps(self, steps: list[int]) -> list[int]:

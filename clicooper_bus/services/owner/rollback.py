@@ -23,9 +23,9 @@ class Rejoined(ClicooperError):
     """A trainer came back after a restart (its signed `rejoin`): training is interrupted and
     resumes from the rollback step. Outside training (joining, delivering) it stops the run."""
 
-    def __init__(self, name: str, rejoin: Rejoin):
+    def __init__(self, name: str, rejoin: Rejoin, digest: str = ""):
         super().__init__(f"{name} rejoined with snapshots of steps {rejoin.steps}")
-        self.name, self.rejoin = name, rejoin
+        self.name, self.rejoin, self.digest = name, rejoin, digest  # (its header's, hex)
 
 
 class BrokerBack(ClicooperError):

@@ -95,6 +95,9 @@ class Restarts:
             f"still going? (to join a new run instead, remove {self.snapshots.root})"))
         tip = tips[-1]
         resent = self.bus.take_up(tip.seq, tip.prev)  # after what our dead process signed
+        if resent:
+            print(f"{self.name}: sent again {len(resent)} message(s) our dead process signed "
+                  f"after the log's seq {tip.seq} (from {self.snapshots.outbox})", flush=True)
         if self.marker is not None:
             self._resume_marks(tip, resent)
             self.rejoining = False
@@ -111,10 +114,6 @@ class Restarts:
                 self.log.warning("earlier usage unreadable", error=str(exc))
         rejoin = self.bus.send_doc("rejoin", roster.owner.name, Rejoin(
             self.index + 1, steps, [s.state for s in snaps], after=tip.seq).to_doc())
-        if resent:  # after our rejoin: receivers refuse them as replays, the notary logs them
-            self.bus.resend_after(tip.seq, tip.prev)
-            print(f"{self.name}: sent again {len(resent)} message(s) our dead process signed "
-                  f"after the log's seq {tip.seq} (from {self.snapshots.outbox})", flush=True)
         self.bus.start_beating()
         self.bus.watch({self.kid[n]: n for n in {roster.owner.name, self.prev, self.next} if n})
         # until the rollback answering us, everyone's data is of a timeline we left (the

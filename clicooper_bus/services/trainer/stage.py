@@ -108,10 +108,8 @@ class Trainer(Restarts, Marks, Standby, Ending):
 
     def run(self) -> int:
         bus, topics = self.bus, self.bus.topics
-        # `rejoin` unrouted: a restarted member's rejoin, its first new message, moves our
-        # verifier past what it then sends again from its outbox (refused here as replays)
         for kind in ("roster", "end", "ack", "checkpoint", "beat", "round", "wm_commit",
-                     "rollback", "restored", "handover", "equivocation", "rejoin"):
+                     "rollback", "restored", "handover", "equivocation"):
             bus.subscribe(topics.kind(kind))
         for kind in ("fwd", "bwd", "labels", "eval_fwd", "tip"):
             bus.subscribe(topics.to(kind, self.name))
