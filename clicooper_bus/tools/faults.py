@@ -52,7 +52,7 @@ KILL_ROLES = ("trainer", "owner", "trainer-gone", "notary", "trainer", "broker",
               "notary+trainer", "notary+owner")
 # a compound fault: the notary killed, and while it is down (1.5 s later) a member killed and
 # started again 1 s after; the notary comes back after the seeded delay (`net.outbox`)
-WHILE_NOTARY_DOWN_S = 1.5
+WHILE_NOTARY_DOWN_S, COMPOUND_BY_STEP = 1.5, 15
 PROGRESS = re.compile(r"^\s*epoch (\d+) step (\d+)/(\d+)")
 
 
@@ -490,7 +490,10 @@ def soak(runs: int, seed: int, out: Path, *, min_pause: float, max_pause: float,
         pause: list[Pause | Kill] = plan_pauses(rng.randrange(1 << 30), [role], 60,
                                                 (min_pause, max_pause), first=2)
         if kill and second:  # the second started again while the notary is still down
-            at, down = pause[0].at_step, max(pause[0].pause_s, WHILE_NOTARY_DOWN_S + 2.0)
+            # early enough that training has not ended in the second before the owner holds
+            # for the notary (an owner killed after its `end` cannot be resumed)
+            at = min(pause[0].at_step, COMPOUND_BY_STEP)
+            down = max(pause[0].pause_s, WHILE_NOTARY_DOWN_S + 2.0)
             pause = [Kill(role, at, down, overlap=True),
                      Kill(second, at, 1.0, after_s=WHILE_NOTARY_DOWN_S)]
         elif kill:  # started again (the owner and notary with --resume), or gone: a standby
