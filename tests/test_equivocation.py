@@ -567,9 +567,11 @@ def test_a_resumed_owner_takes_the_commitments_of_the_rejoins_its_rollbacks_name
                                     Rejoin(1, [40], ["f" * 64], after=0).to_doc())
     owner._replayed_rejoin(taken, tips)
     owner._replayed_rejoin(refused, tips)  # the same tip again: the live owner refused it
+    owner._replayed_rollback(_owner_rollback(60, "broker"))  # another rollback between
+    assert not owner.books.snapshots.get("trainer-1")
     owner._replayed_rollback(_owner_rollback(50, "trainer-1", [taken.header.digest.hex()]))
     assert sorted(owner.books.snapshots["trainer-1"]) == [30]
-    assert owner.logged_rejoins == {}
+    assert list(owner.logged_rejoins) == [refused.header.digest.hex()]  # never named
 
 
 def test_a_resumed_owner_replays_its_handovers():

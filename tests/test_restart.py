@@ -211,17 +211,11 @@ def test_a_member_killed_while_the_notary_is_down_goes_on_after_what_it_signed(t
 
 def test_a_claim_the_dead_process_wrote_but_never_sent_reaches_everyone(tmp_path, monkeypatch):
     """Review: watermarks on, trainer-1's round-0 claim written to its outbox and never sent
-    (`tests/lost_message/sitecustomize.py`: the process hangs there until it is killed). Its
+    (`tests/fault_site/sitecustomize.py`: the process hangs there until it is killed). Its
     restarted process sends the claim again before anything new, so the owner takes it (when
     the rejoin went first, the owner refused it as a replay, waited for a claim that never came
     and the run failed); the notary certifies it, the run completes and replays."""
-    from pathlib import Path
-
-    site = Path(__file__).parent / "lost_message"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setenv("CLICOOPER_TEST_LOSE", "trainer-1:wm_claim")
-    monkeypatch.setenv("CLICOOPER_TEST_LOSE_MARK", str(tmp_path / "lost.seq"))
+    _fault(monkeypatch, "trainer-1:lose:wm_claim", tmp_path / "lost.seq")
     path = write_config(tmp_path, run_id="lost-claim", trainers=2, bus=BUS,
                         run={"seed": 3, "snapshot_every": 10, "epochs": 2},
                         watermark={"enabled": True}, log={"retention": "all"})
@@ -238,3 +232,42 @@ def test_a_claim_the_dead_process_wrote_but_never_sent_reaches_everyone(tmp_path
 
     for s in verify_training(cfg.run_dir):
         assert s.ok and s.complete, s.line()
+
+
+def test_a_trainer_killed_during_the_resumed_owners_rollback_gets_one_of_its_own(tmp_path,
+                                                                               monkeypatch):
+    """Review: the owner killed and resumed; trainer-1 dies between receiving the resumed
+    owner's rollback and handling it (`tests/fault_site/sitecustomize.py` hangs it there; the
+    injector kills it) and comes back. Its rejoin interrupts the resumed owner's rollback, which
+    no longer waits for a `restored` that cannot come: a rollback of its own follows, and the
+    run completes with the unfaulted weights (it hung until step_timeout_s, and exited 1)."""
+    _fault(monkeypatch, "trainer-1:hang:rollback", tmp_path / "hung.step")
+    path = write_config(tmp_path, run_id="killed-in-resume", trainers=2,
+                        run={**RUN, "epochs": 2}, log={"retention": "all"},
+                        bus={**BUS, "step_timeout_s": 60.0})
+    cfg = load_config(path)
+    inj = Injector(cfg.run_dir, [Kill("owner", 10, 1.0, overlap=True),
+                                 Kill("trainer-1", 10, 1.0, after_s=10.0)], STEPS)
+    code = launch(path, timeout_s=300, inject=inj)
+    assert not inj.errors, inj.errors
+    assert (tmp_path / "hung.step").exists(), _console(cfg)  # it died in the rollback
+    assert code == 0, _console(cfg)
+    r = verify_log(RunLayout(cfg.run_dir).log)
+    assert r.ok, r.failure
+    assert r.per_kind.get("rollback") == 2 and r.per_kind.get("rejoin") == 1, r.per_kind
+    ref = _reference(cfg)
+    got, want = load_file(RunLayout(cfg.run_dir).model), state_dict_with_prefix(ref.segments)
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst <= 1e-5, f"max abs weight difference {worst} from the unfaulted reference"
+
+
+def _fault(monkeypatch, fault: str, mark) -> None:
+    """Start the run's processes with `tests/fault_site/sitecustomize.py` on their path, set
+    to inject `fault` (NAME:WHAT) once, recorded in the file `mark`."""
+    from pathlib import Path
+
+    site = Path(__file__).parent / "fault_site"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("CLICOOPER_TEST_FAULT", fault)
+    monkeypatch.setenv("CLICOOPER_TEST_MARK", str(mark))

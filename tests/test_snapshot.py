@@ -156,13 +156,16 @@ def test_only_a_restarted_process_rolls_the_run_back():
     it, the rejoin must be the first message after a tip), with at most what its dead process
     could send again from its outbox between the two; anything else is refused (ignored,
     logged, said on the console)."""
+    import time
     from types import SimpleNamespace
 
     from clicooper_bus.net.refill import KEEP_SENT
     from clicooper_bus.protocol.recovery import Rejoin
     from clicooper_bus.services.owner.rejoins import Rejoins
 
-    owner = SimpleNamespace(tips={"trainer-2": {30, 41}})
+    now = time.monotonic()
+    owner = SimpleNamespace(tips={"trainer-2": {30: now, 41: now, 25: now - 100}},
+                            cfg=SimpleNamespace(bus=SimpleNamespace(rejoin_timeout_s=30.0)))
     legacy = Rejoin(2, [0], ["0" * 64])
     assert "no tip of the notary's" in Rejoins._not_restarted(owner, "trainer-1", 12, legacy)
     # (a tip counts for one rejoin: the owner forgets it once it took one, `_on_rejoin`)
@@ -178,6 +181,33 @@ def test_only_a_restarted_process_rolls_the_run_back():
     unseen = Rejoin(2, [0], ["0" * 64], after=45)  # a tip the owner never saw
     assert "does not follow a tip" in Rejoins._not_restarted(owner, "trainer-2", 50, unseen)
     assert Rejoin.parse(after.to_doc()) == after and "after" not in legacy.to_doc()
+    # a tip counts for rejoin_timeout_s: one older is a live member's old credit
+    assert "does not follow a tip" in Rejoins._not_restarted(owner, "trainer-2", 26, legacy)
+
+
+def test_a_tip_counts_only_for_a_trainer_we_take_for_silent():
+    """Review: the owner kept every tip (a resumed notary's `resend` tips to everyone, one a
+    member got by opening a gap on purpose) and a live trainer rejoined on one 146 messages
+    later, rolling the run back to a step an honest trainer no longer held. A tip counts only
+    if it came while the owner took that trainer for silent (`bus.suspected`)."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.net.identity import Identity
+    from clicooper_bus.net.wire import Sender
+    from clicooper_bus.protocol.recovery import ChainTip
+    from clicooper_bus.services.owner.rejoins import Rejoins
+
+    notary = Sender(Identity.generate("notary"), "run-1")
+    owner = SimpleNamespace(tips={}, stages=["trainer-1", "trainer-2"],
+                            kid={"trainer-1": "k1", "trainer-2": "k2"},
+                            bus=SimpleNamespace(suspected={"k1": 0.0}),
+                            cfg=SimpleNamespace(participants=SimpleNamespace(notary="notary",
+                                                                             owner="owner")))
+    for member, seq, resend in (("trainer-1", 40, False), ("trainer-2", 44, True),
+                                ("trainer-2", 45, False)):
+        Rejoins._on_tip(owner, notary.seal_document("tip", member, ChainTip(
+            member, seq, b"\0" * 32, resend=resend).to_doc()))
+    assert list(owner.tips) == ["trainer-1"] and list(owner.tips["trainer-1"]) == [40]
 
 
 def _scripted_stage(tmp_path, script):

@@ -93,9 +93,11 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         self.rollbacks = 0  # rollbacks so far (at most MAX_ROLLBACKS)
         self.per_epoch: list[dict] = []  # each finished epoch's row (kept for a stopped run)
         self.delivered: set[str] = set()  # trainers whose segment the owner has loaded
-        self.tips: dict[str, set[int]] = {}  # trainer -> the seqs of the notary's tips to it
+        # trainer -> seq of a notary's tip to it while we took it for silent -> when it came
+        self.tips: dict[str, dict[int, float]] = {}
         # whether we may sign: a resumed owner only once it took its chain up (`take_up`)
         self.chain_ready = not resume
+        self.pending_rejoin = None  # a rejoin that interrupted a resumed owner's rollback
         self.committed_rounds: dict[int, str] = {}  # a resumed owner's: step -> file sha256
         self.own_tip = None  # the notary's tip to us (a resumed owner continues from it)
         self.pending_row: dict | None = None  # a resumed epoch trained but not finished
@@ -185,12 +187,12 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         try:
             try:
                 if self.resume:
-                    start = self._resume()
+                    start = self._resume()  # (a rejoin during its rollback: `pending_rejoin`)
                 else:
                     self._join()
                     self._save_round(0)
                     start = (0, 0)
-                per_epoch, step = self._train(start)
+                per_epoch, step = self._train(start, self.pending_rejoin)
                 sent = self._collect_segments()
                 if self.cfg.privacy.evaluate == "owner":  # on the delivered model, nothing released
                     per_epoch[-1]["accuracy"] = self.training.evaluate_locally()

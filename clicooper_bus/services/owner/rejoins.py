@@ -6,14 +6,17 @@ Only a restarted process may rejoin: the notary tells a trainer silent past `tim
 its signed chain stands (`tip`, which the owner reads too), and a restarted process's `rejoin`
 says which tip it took its chain up from (`after`; between the two in its chain, only what its
 dead process signed and the log missed, sent again from its outbox, `net.outbox`). A tip counts
-for one rejoin: a live member that wants to roll the run back again must fall silent past
-`timeout_s` again, in everyone's sight. A live member's
+only if it came while we took that trainer for silent (past `timeout_s`), for
+`rejoin_timeout_s`, and for one rejoin: a live member that wants to roll the run back must fall
+silent first, in everyone's sight, every time. A live member's
 `rejoin` is refused (logged, ignored): it would roll the run back for nothing. With watermarks
 on, the run never rolls back behind the end of a round any stage claimed (its claim is in the
 log and cannot be made again), nor, hence, into a round before one that began.
 """
 
 from __future__ import annotations
+
+import time
 
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.net.liveness import PeersGone
@@ -45,20 +48,25 @@ class Rejoins:
         """The notary told a silent trainer where its chain stands: a `rejoin` that continues
         from there is a restarted process's."""
         tip = ChainTip.parse(env.document(), sender=self.cfg.participants.notary)
-        if tip.member in self.stages:
-            self.tips.setdefault(tip.member, set()).add(tip.seq)
+        if tip.member in self.stages and self.kid[tip.member] in self.bus.suspected:
+            # only a trainer silent past timeout_s in our sight may be a restarted process:
+            # a live one tipped for a gap (`resend`), or beating, takes nothing from a tip
+            self.tips.setdefault(tip.member, {})[tip.seq] = time.monotonic()
         elif tip.member == self.cfg.participants.owner:
             self._on_own_tip(tip)
 
     def _not_restarted(self, name: str, seq: int, rejoin: Rejoin) -> str | None:
         """Why `name`'s `rejoin` (header seq `seq`) is not a restarted process's, or None."""
-        if name not in self.tips:
-            return ("no tip of the notary's to it it has not rejoined on already (it was never "
-                    "silent long enough): a live process does not rejoin")
-        if not follows_a_tip(rejoin, seq, self.tips[name]):
+        now, ttl = time.monotonic(), self.cfg.bus.rejoin_timeout_s
+        fresh = {s for s, t in self.tips.get(name, {}).items() if now - t <= ttl}
+        if not fresh:
+            return (f"no tip of the notary's to it while we took it for silent, in the last "
+                    f"{ttl:.0f} s (rejoin_timeout_s), that it has not rejoined on already: a "
+                    f"live process does not rejoin")
+        if not follows_a_tip(rejoin, seq, fresh):
             return (f"its rejoin (seq {seq}, after seq {rejoin.follows(seq)}) does not follow a "
                     f"tip of the "
-                    f"notary's to it (seqs {sorted(self.tips[name])[-3:]}) by at most what its "
+                    f"notary's to it (seqs {sorted(fresh)[-3:]}) by at most what its "
                     f"dead process could send again: a restarted process says rejoin first")
         return None
 
@@ -111,12 +119,13 @@ class Rejoins:
         print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
         raise Rejoined(name, rejoin, env.header.digest.hex())
 
-    def _train(self, resume: tuple[int, int] = (0, 0)) -> tuple[list[dict], int]:
+    def _train(self, resume: tuple[int, int] = (0, 0), rejoined: Rejoined | None = None
+               ) -> tuple[list[dict], int]:
         """Every epoch from `resume` (epoch, batch). A trainer that rejoins after a restart
         (`_roll_back`), a standby taking a gone trainer's stage over (`_hand_over`) or the
         broker connection coming back (`_after_broker`) roll the run back, and training goes
         on from the step it rolled back to."""
-        rejoined, gone, broker = None, None, False
+        gone, broker = None, False
         self.broker_seen = self.bus.reconnects  # only a return during training rolls back
         self.loop.interrupt = self._broker_check
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import Envelope
 from clicooper_bus.protocol.recovery import ChainTip, Handover, Rejoin, Rollback, Snapshot
 from clicooper_bus.services.owner.rejoins import follows_a_tip
+from clicooper_bus.services.owner.rollback import Rejoined
 from clicooper_bus.services.owner.subscriptions import subscribe
 from clicooper_bus.services.trainer import snapshot
 from clicooper_bus.services.trainer.snapshot import safe_open_metadata
@@ -176,7 +178,7 @@ class Resumes:
                                          f"retention): this run cannot be resumed")
                 handlers[h.kind](Envelope(h.topic, h, sig, body))
         for name, seq in last.items():  # a trainer restarted with us goes on from there
-            self.tips.setdefault(name, set()).add(seq)
+            self.tips.setdefault(name, {})[seq] = time.monotonic()  # (until our rollback)
         b.final_note = None
 
     def _replay_own(self, resent: list[Envelope]) -> None:
@@ -245,16 +247,15 @@ class Resumes:
         rb = Rollback.parse(env.document(), sender=self.cfg.participants.owner)
         held = getattr(self, "logged_rejoins", {})
         # the rejoins it names (in a log from before `rejoins`, a rollback for a trainer's
-        # rejoin: that trainer's held ones, as then)
+        # rejoin: that trainer's held ones, as then); the others stay held for a later one
         named = rb.rejoins if rb.rejoins is not None else \
             [d for d, (n, _) in held.items() if n == rb.rejoined]
         for digest in named:
             if digest in held:
-                name, rejoin = held[digest]
+                name, rejoin = held.pop(digest)
                 mine = self.books.snapshots.setdefault(name, {})
                 for step, state in zip(rejoin.steps, rejoin.states, strict=True):
                     mine.setdefault(step, Snapshot(step, "", state))
-        held.clear()
         for n in self.stages:
             self.books.snapshots[n] = {k: v for k, v in self.books.snapshots.get(n, {}).items()
                                        if k <= rb.step}
@@ -310,12 +311,17 @@ class Resumes:
         self.evaluations = sum("accuracy" in row for row in saved.rows)
         self.rounds = len(saved.rows) if cfg.watermark.enabled else 0
         self.training.snapshots.kept[step] = (saved.head, saved.tail)
-        # a restarted trainer sends again what its dead process signed before its rejoin, so
-        # it may be heard before its rejoin comes: one that comes during our rollback is taken
-        # as those before it (it answers our rollback too, from the snapshots it named)
-        start = self._rollback_to(step, owner, states, list(self.resume_rejoins) or None)
         self.loop.route("rejoin", {self.kid[n] for n in self.stages}, self._on_rejoin)
-        return start
+        try:
+            return self._rollback_to(step, owner, states, list(self.resume_rejoins) or None)
+        except Rejoined as exc:
+            # a restarted trainer sends again what its dead process signed before its rejoin,
+            # so it may have been heard before its rejoin came; or one died during our
+            # rollback: either way a rollback of its own follows (`_train`)
+            self.pending_rejoin = exc
+            return 0, 0
+        finally:
+            self.tips = {}  # the log's last seqs counted for the trainers restarted with us
 
     def _on_own_tip(self, tip: ChainTip) -> None:
         """The notary's tip to us: where a resumed owner's chain goes on from (before it

@@ -82,6 +82,7 @@ class Ending:
                        (self.notary_kid, self.roster.notary.name))
         if self.store is not None and final:
             self.store.clear()  # the run is over: nothing to rejoin, nothing for the next
+        if final:  # (a standby, which has no store, too)
             bus.forget_sent()
         return code
 

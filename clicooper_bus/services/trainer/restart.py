@@ -135,7 +135,8 @@ class Restarts:
         snap = self.store.get(rb.step)
         if snap is None:  # refused like a poisoned input: the owner stops the run, named
             raise PoisonedInput(sender=self.roster.owner.name, kind="rollback", step=rb.step,
-                                problem=f"a rollback to step {rb.step}, of which {self.name} "
+                                problem=f"a rollback to step {rb.step} (for {rb.rejoined}, "
+                                        f"whose rejoin named it), of which {self.name} "
                                         f"has no snapshot (in memory: {sorted(self.store.memory)}"
                                         f", on disk: {self.snapshots.steps()})")
         self.seg = SegmentTrainer(self.segment, lr=self.plan.lr,  # nothing pending

@@ -130,6 +130,7 @@ class Trainer(Restarts, Marks, Standby, Ending):
                 return self._refuse(exc)
             except Replaced as exc:  # nothing more of ours may reach the run: leave at once
                 self.log.warning("replaced", error=str(exc))
+                self.bus.forget_sent()  # our stage is the standby's now: nothing to rejoin
                 print(f"{self.name}: {exc}", file=sys.stderr, flush=True)
                 return EXIT_STOPPED
             if self.stopped:
