@@ -188,8 +188,9 @@ def test_only_a_restarted_process_rolls_the_run_back():
 def test_a_tip_counts_only_for_a_trainer_we_take_for_silent():
     """Review: the owner kept every tip (a resumed notary's `resend` tips to everyone, one a
     member got by opening a gap on purpose) and a live trainer rejoined on one 146 messages
-    later, rolling the run back to a step an honest trainer no longer held. A tip counts only
-    if it came while the owner took that trainer for silent (`bus.suspected`)."""
+    later, rolling the run back to a step an honest trainer no longer held. A plain tip (the
+    notary found the trainer silent past timeout_s, maybe a moment before we did) counts; a
+    `resend` tip counts only for a trainer the owner takes for silent itself."""
     from types import SimpleNamespace
 
     from clicooper_bus.net.identity import Identity
@@ -197,17 +198,25 @@ def test_a_tip_counts_only_for_a_trainer_we_take_for_silent():
     from clicooper_bus.protocol.recovery import ChainTip
     from clicooper_bus.services.owner.rejoins import Rejoins
 
-    notary = Sender(Identity.generate("notary"), "run-1")
-    owner = SimpleNamespace(tips={}, stages=["trainer-1", "trainer-2"],
-                            kid={"trainer-1": "k1", "trainer-2": "k2"},
-                            bus=SimpleNamespace(suspected={"k1": 0.0}),
-                            cfg=SimpleNamespace(participants=SimpleNamespace(notary="notary",
-                                                                             owner="owner")))
-    for member, seq, resend in (("trainer-1", 40, False), ("trainer-2", 44, True),
-                                ("trainer-2", 45, False)):
-        Rejoins._on_tip(owner, notary.seal_document("tip", member, ChainTip(
+    class Owner(Rejoins):
+        tips: dict = {}
+        stages = ["trainer-1", "trainer-2", "trainer-3"]
+        kid = {"trainer-1": "k1", "trainer-2": "k2", "trainer-3": "k3"}
+        bus = SimpleNamespace(suspected={"k1": 0.0}, last_seen={"k1": 0.0, "k2": 0.0})
+        cfg = SimpleNamespace(participants=SimpleNamespace(notary="notary", owner="owner"))
+        chain_ready = True
+
+    notary, owner = Sender(Identity.generate("notary"), "run-1"), Owner()
+    for member, seq, resend in (("trainer-1", 40, True), ("trainer-2", 44, True),
+                                ("trainer-2", 45, False), ("trainer-3", 7, True)):
+        owner._on_tip(notary.seal_document("tip", member, ChainTip(
             member, seq, b"\0" * 32, resend=resend).to_doc()))
-    assert list(owner.tips) == ["trainer-1"] and list(owner.tips["trainer-1"]) == [40]
+    assert {n: sorted(t) for n, t in owner.tips.items()} == {"trainer-1": [40],
+                                                             "trainer-2": [45]}
+    owner.chain_ready = False  # a resumed owner not watching yet: one not heard since counts
+    owner._on_tip(notary.seal_document("tip", "trainer-3", ChainTip(
+        "trainer-3", 7, b"\0" * 32, resend=True).to_doc()))
+    assert sorted(owner.tips["trainer-3"]) == [7]
 
 
 def _scripted_stage(tmp_path, script):

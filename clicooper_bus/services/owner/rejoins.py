@@ -6,9 +6,10 @@ Only a restarted process may rejoin: the notary tells a trainer silent past `tim
 its signed chain stands (`tip`, which the owner reads too), and a restarted process's `rejoin`
 says which tip it took its chain up from (`after`; between the two in its chain, only what its
 dead process signed and the log missed, sent again from its outbox, `net.outbox`). A tip counts
-only if it came while we took that trainer for silent (past `timeout_s`), for
-`rejoin_timeout_s`, and for one rejoin: a live member that wants to roll the run back must fall
-silent first, in everyone's sight, every time. A live member's
+only if the notary found that trainer silent past `timeout_s` (a plain tip) or, for a `resend`
+tip (which live members get too), if we take it for silent ourselves; for `rejoin_timeout_s`,
+and for one rejoin: a live member that wants to roll the run back must fall silent first, in
+everyone's sight, every time. A live member's
 `rejoin` is refused (logged, ignored): it would roll the run back for nothing. With watermarks
 on, the run never rolls back behind the end of a round any stage claimed (its claim is in the
 log and cannot be made again), nor, hence, into a round before one that began.
@@ -48,12 +49,21 @@ class Rejoins:
         """The notary told a silent trainer where its chain stands: a `rejoin` that continues
         from there is a restarted process's."""
         tip = ChainTip.parse(env.document(), sender=self.cfg.participants.notary)
-        if tip.member in self.stages and self.kid[tip.member] in self.bus.suspected:
-            # only a trainer silent past timeout_s in our sight may be a restarted process:
-            # a live one tipped for a gap (`resend`), or beating, takes nothing from a tip
+        if tip.member in self.stages and (not tip.resend or self._silent(tip.member)):
+            # a plain tip: the notary found the trainer silent past timeout_s (the notary,
+            # which reads everything first, may find it so a moment before we do); a `resend`
+            # tip goes to live members too (a resumed notary's to everyone, one opening a gap
+            # on purpose), and counts only for a trainer we take for silent ourselves
             self.tips.setdefault(tip.member, {})[tip.seq] = time.monotonic()
         elif tip.member == self.cfg.participants.owner:
             self._on_own_tip(tip)
+
+    def _silent(self, name: str) -> bool:
+        """Whether we take trainer `name` for silent: suspected, or, while we resume and do
+        not watch yet, not heard since we started."""
+        kid = self.kid[name]
+        return kid in self.bus.suspected or (not self.chain_ready and
+                                             kid not in self.bus.last_seen)
 
     def _not_restarted(self, name: str, seq: int, rejoin: Rejoin) -> str | None:
         """Why `name`'s `rejoin` (header seq `seq`) is not a restarted process's, or None."""
@@ -188,8 +198,9 @@ class Rejoins:
         appear in it again), drop what trainers send until each says `restored`, and check
         each restored the state it committed. Returns (epoch, batch) to train from. Raises
         RollbackRefused (the run stops cleanly, named) when it cannot resume."""
-        self._refuse_rollback(exc.name)
-        self.rollbacks += 1
+        if not exc.in_resume:  # (one during a resumed owner's rollback is part of it)
+            self._refuse_rollback(exc.name)
+            self.rollbacks += 1
         books, name = self.books, exc.name
         # what each trainer committed, by step: its `snapshot`s, and for the rejoined one its
         # `rejoin` too (signed and logged: its newest file may never have been announced)

@@ -318,6 +318,7 @@ class Resumes:
             # a restarted trainer sends again what its dead process signed before its rejoin,
             # so it may have been heard before its rejoin came; or one died during our
             # rollback: either way a rollback of its own follows (`_train`)
+            exc.in_resume = True
             self.pending_rejoin = exc
             return 0, 0
         finally:

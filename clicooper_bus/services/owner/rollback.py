@@ -26,6 +26,7 @@ class Rejoined(ClicooperError):
     def __init__(self, name: str, rejoin: Rejoin, digest: str = ""):
         super().__init__(f"{name} rejoined with snapshots of steps {rejoin.steps}")
         self.name, self.rejoin, self.digest = name, rejoin, digest  # (its header's, hex)
+        self.in_resume = False  # it came during a resumed owner's rollback: part of the resume
 
 
 class BrokerBack(ClicooperError):
