@@ -498,23 +498,10 @@ def test_a_resumed_owner_takes_only_the_rejoins_the_live_owner_took():
     snapshot digests as commitments, including one the live owner had refused (a live member's:
     not after the notary's tip), which a later rollback could then go to. The replay judges
     them as the live owner did: only a rejoin that follows the notary's logged tip commits."""
-    from types import SimpleNamespace
 
     from clicooper_bus.protocol.recovery import ChainTip, Rejoin
-    from clicooper_bus.services.owner.books import Books
-    from clicooper_bus.services.owner.resume import Resumes
 
-    names = {IDS[n].key_id: n for n in IDS}
-
-    class Owner(Resumes):
-        def __init__(self):
-            self.cfg = SimpleNamespace(participants=SimpleNamespace(notary="notary",
-                                                                    owner="owner"))
-            self.stages = ["trainer-1", "trainer-2"]
-            self.books = Books(self.stages, names, None, "o", "spec", 1)
-            self.rollbacks, self.logged_rejoins = 0, {}
-
-    owner, tips = Owner(), {}
+    owner, tips = _replaying_owner(), {}
     trainer, notary = _sender(), _sender("notary")
 
     def rejoin(step: int):
@@ -530,6 +517,24 @@ def test_a_resumed_owner_takes_only_the_rejoins_the_live_owner_took():
     assert sorted(owner.books.snapshots["trainer-1"]) == [30]
 
 
+def _replaying_owner():
+    """The part of a resumed owner that replays its log (`Resumes`), with empty books."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.services.owner.books import Books
+    from clicooper_bus.services.owner.resume import Resumes
+
+    class Owner(Resumes):
+        def __init__(self):
+            self.cfg = SimpleNamespace(participants=SimpleNamespace(notary="notary",
+                                                                    owner="owner"))
+            self.stages = ["trainer-1", "trainer-2"]
+            self.books = Books(self.stages, {IDS[n].key_id: n for n in IDS}, None, "o", "spec", 1)
+            self.rollbacks, self.logged_rejoins = 0, {}
+
+    return Owner()
+
+
 def _owner_rollback(step: int, rejoined: str, rejoins: list[str] | None = None):
     from clicooper_bus.protocol.recovery import Rollback
 
@@ -541,23 +546,10 @@ def test_a_resumed_owner_takes_the_commitments_of_the_rejoins_its_rollbacks_name
     """Review: a rejoin the live owner refused (a tip it had used, or heard the trainer since)
     still follows a logged tip, and the replay took its commitments. Each rollback names the
     rejoins it was for (`Rollback.rejoins`, their header digests); the replay takes those."""
-    from types import SimpleNamespace
 
     from clicooper_bus.protocol.recovery import ChainTip, Rejoin
-    from clicooper_bus.services.owner.books import Books
-    from clicooper_bus.services.owner.resume import Resumes
 
-    names = {IDS[n].key_id: n for n in IDS}
-
-    class Owner(Resumes):
-        def __init__(self):
-            self.cfg = SimpleNamespace(participants=SimpleNamespace(notary="notary",
-                                                                    owner="owner"))
-            self.stages = ["trainer-1", "trainer-2"]
-            self.books = Books(self.stages, names, None, "o", "spec", 1)
-            self.rollbacks, self.logged_rejoins = 0, {}
-
-    owner, tips = Owner(), {}
+    owner, tips = _replaying_owner(), {}
     trainer, notary = _sender(), _sender("notary")
     owner._replayed_tip(notary.seal_document(
         "tip", "trainer-1", ChainTip("trainer-1", 0, b"\0" * 32).to_doc()), tips)

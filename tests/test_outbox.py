@@ -27,13 +27,19 @@ def _outbox(tmp_path, ident, keep=4096, keep_bytes=64 << 20) -> Outbox:
     return Outbox(tmp_path / "outbox", ident.public, keep=keep, keep_bytes=keep_bytes)
 
 
-def test_what_was_written_reads_back_and_a_torn_tail_is_cut(tmp_path):
-    me = Identity.generate("trainer-1")
-    envs, _ = _sent(me, 5)
-    box = _outbox(tmp_path, me)
+def _written(tmp_path, ident, envs, **keep) -> Outbox:
+    """An outbox in `tmp_path` holding `envs`, closed (as a killed process leaves it)."""
+    box = _outbox(tmp_path, ident, **keep)
     for e in envs:
         box.append(e)
     box.close()
+    return box
+
+
+def test_what_was_written_reads_back_and_a_torn_tail_is_cut(tmp_path):
+    me = Identity.generate("trainer-1")
+    envs, _ = _sent(me, 5)
+    _written(tmp_path, me, envs)
     seg = next((tmp_path / "outbox").iterdir())
     assert oct(seg.stat().st_mode & 0o777) == "0o600"
     whole = seg.stat().st_size
@@ -60,10 +66,7 @@ def test_a_record_that_does_not_parse_is_refused_unless_zeros_end_the_file(tmp_p
     equivocate). Only a write cut short, or zeros a power loss left at the end, is cut."""
     me = Identity.generate("trainer-1")
     envs, _ = _sent(me, 4)
-    box = _outbox(tmp_path, me)
-    for e in envs:
-        box.append(e)
-    box.close()
+    _written(tmp_path, me, envs)
     seg = next((tmp_path / "outbox").iterdir())
     data = bytearray(seg.read_bytes())
     whole = len(data)
@@ -116,9 +119,7 @@ def test_old_segments_go_once_newer_ones_hold_what_the_bus_keeps(tmp_path, monke
     monkeypatch.setattr(outbox, "SEGMENT_MESSAGES", 10)
     me = Identity.generate("trainer-1")
     envs, _ = _sent(me, 95)
-    box = _outbox(tmp_path, me, keep=30)
-    for e in envs:
-        box.append(e)
+    _written(tmp_path, me, envs, keep=30)
     got = _outbox(tmp_path, me, keep=30).load()
     # at least the last 30 (what the bus keeps in memory), never more than one segment over
     assert got[-1].header.seq == 95 and 30 <= len(got) <= 40, [e.header.seq for e in got]
@@ -153,10 +154,7 @@ def test_a_restarted_member_goes_on_after_its_dead_process_and_sends_again_what_
         tmp_path):
     me = Identity.generate("trainer-1")
     envs, _ = _sent(me, 8)
-    box = _outbox(tmp_path, me)
-    for e in envs:  # the dead process signed 8; the notary's log has 5
-        box.append(e)
-    box.close()
+    _written(tmp_path, me, envs)  # the dead process signed 8; the notary's log has 5
     member = _Member(me, _outbox(tmp_path, me))
     resent = member.take_up(5, envs[4].header.digest)
     # what the log missed, byte for byte and in order, before anything new
@@ -169,10 +167,7 @@ def test_a_restarted_member_goes_on_after_its_dead_process_and_sends_again_what_
 def test_a_log_that_holds_another_message_than_our_outbox_is_a_fork(tmp_path):
     me = Identity.generate("trainer-1")
     envs, _ = _sent(me, 4)
-    box = _outbox(tmp_path, me)
-    for e in envs:
-        box.append(e)
-    box.close()
+    _written(tmp_path, me, envs)
     with pytest.raises(BusError, match="forked chain"):
         _Member(me, _outbox(tmp_path, me)).take_up(2, b"\x01" * 32)
     with pytest.raises(BusError, match="forked chain"):
@@ -182,10 +177,7 @@ def test_a_log_that_holds_another_message_than_our_outbox_is_a_fork(tmp_path):
 def test_an_outbox_behind_the_log_or_none_goes_on_from_the_tip(tmp_path):
     me = Identity.generate("trainer-1")
     envs, _ = _sent(me, 6)
-    box = _outbox(tmp_path, me)
-    for e in envs[:3]:  # a machine that lost power lost the tail: the log has 6
-        box.append(e)
-    box.close()
+    _written(tmp_path, me, envs[:3])  # a machine that lost power lost the tail: the log has 6
     member = _Member(me, _outbox(tmp_path, me))
     assert member.take_up(6, envs[5].header.digest) == [] and member.published == []
     assert (member.sender.seq, member.sender.prev) == (6, envs[5].header.digest)
@@ -201,9 +193,6 @@ def test_a_gap_between_the_log_and_the_outbox_cannot_be_filled(tmp_path, monkeyp
     monkeypatch.setattr(outbox, "SEGMENT_MESSAGES", 2)
     me = Identity.generate("trainer-1")
     envs, _ = _sent(me, 9)
-    box = _outbox(tmp_path, me, keep=2)
-    for e in envs:
-        box.append(e)
-    box.close()
+    _written(tmp_path, me, envs, keep=2)
     with pytest.raises(BusError, match="cannot be sent again"):  # before anything is sent
         _Member(me, _outbox(tmp_path, me, keep=2)).take_up(1, envs[0].header.digest)

@@ -75,14 +75,7 @@ class Refill:
                 self.outbox.clear()
             self.sender.seq, self.sender.prev = seq, prev
             return []
-        after = [e for e in mine if e.header.seq > seq]
-        if after[0].header.seq != seq + 1:
-            raise BusError(f"the notary's log holds our messages up to seq {seq}, and our outbox "
-                           f"keeps seqs {mine[0].header.seq}..{mine[-1].header.seq} only: the "
-                           f"rest cannot be sent again, so the log cannot be complete")
-        if after[0].header.prev != prev:
-            raise BusError(f"the notary's log holds another message at our seq {seq} than the "
-                           f"one our outbox kept (a forked chain): the log cannot be completed")
+        after = _after(seq, prev, mine, of=mine[-1].header.seq)  # BusError: before anything
         self.kept = deque(mine)
         self.kept_bytes = sum(len(e.body) for e in mine)
         self.sender.seq, self.sender.prev = mine[-1].header.seq, mine[-1].header.digest
@@ -108,16 +101,7 @@ class Refill:
         holds another chain than ours): the log cannot be completed."""
         if seq >= self.sender.seq:
             return 0
-        todo = [e for e in self.kept if e.header.seq > seq]
-        if not todo or todo[0].header.seq != seq + 1:
-            have = f"{self.kept[0].header.seq}..{self.kept[-1].header.seq}" if self.kept else \
-                "none"
-            raise BusError(f"the notary's log holds our messages up to seq {seq} of "
-                           f"{self.sender.seq}, and we keep seqs {have} only: the rest cannot be "
-                           f"sent again, so the log cannot be complete")
-        if todo[0].header.prev != prev:
-            raise BusError(f"the notary's log holds another message at our seq {seq} than ours "
-                           f"(a forked chain): the log cannot be completed")
+        todo = _after(seq, prev, list(self.kept), of=self.sender.seq)
         for env in todo:
             self._publish(env)
         log.warning("sent again to the notary", first=seq + 1, last=todo[-1].header.seq,
@@ -138,3 +122,20 @@ class Refill:
         for i in range(0, len(leaves), MAX_WITNESSED):
             self.send_doc("witnessed", notary, Witnessed(leaves[i:i + MAX_WITNESSED]).to_doc())
         return len(leaves)
+
+
+def _after(seq: int, prev: bytes, kept: list[Envelope], *, of: int) -> list[Envelope]:
+    """Our messages in `kept` after `seq` (of `of` signed), where the notary's log holds our
+    chain up to `seq` with header digest `prev`. Raises BusError when the first after it is not
+    kept (the log cannot be completed) or does not follow `prev` (the log holds another chain
+    than ours)."""
+    todo = [e for e in kept if e.header.seq > seq]
+    if not todo or todo[0].header.seq != seq + 1:
+        have = f"{kept[0].header.seq}..{kept[-1].header.seq}" if kept else "none"
+        raise BusError(f"the notary's log holds our messages up to seq {seq} of {of}, and we "
+                       f"keep seqs {have} only: the rest cannot be sent again, so the log "
+                       f"cannot be complete")
+    if todo[0].header.prev != prev:
+        raise BusError(f"the notary's log holds another message at our seq {seq} than ours "
+                       f"(a forked chain): the log cannot be completed")
+    return todo
