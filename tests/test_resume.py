@@ -58,6 +58,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path):
     assert not layout.interrupted.exists()
     r = verify_log(layout.log)
     assert r.ok, r.failure
+    # one rollback: the resume's, with each restarted trainer's rejoin (which comes right
+    # behind what it sends again from its outbox); a rejoin later still gets one of its own
     assert r.entries > entries and r.per_kind.get("rollback") == 1, r.per_kind
     summary = json.loads(layout.summary.read_text())
     assert summary["steps"] == 3 * PER and len(summary["per_epoch"]) == 3

@@ -304,6 +304,11 @@ class Resumes:
         self.loop.until(heard, timeout_s=cfg.bus.join_timeout_s, timed_out=lambda: (
             f"trainers {[n for n in self.stages if self.kid[n] not in bus.last_seen]} were not "
             f"heard within {cfg.bus.join_timeout_s:.0f} s of resuming"))
+        # a restarted trainer is heard first by what it sends again, its rejoin right behind:
+        # up to timeout_s more lets that rejoin into this resume (a later one gets a rollback
+        # of its own); a resume with live trainers waits that long once
+        self.loop.until(lambda: len(rejoined) == len(self.stages), timeout_s=cfg.bus.timeout_s,
+                        timed_out=None)
         step, states = self._resume_step(steps, rejoined)
         saved = self.rounds_store.read(step)
         self.per_epoch[:] = saved.rows
