@@ -13,7 +13,8 @@ checkpoints; `_replay_log`), continues its own signed chain after the last messa
 process signed (its outbox, `net.outbox`), sends again what of those the notary's log misses
 (after the notary's `tip`: only the notary knows which reached the log) and counts them as
 logged (`_replay_own`), waits
-until it has heard every trainer (a live one's beats, a restarted one's `rejoin`), and rolls
+until it has heard every trainer (a live one's beats, a restarted one's messages sent again and,
+up to `timeout_s` more, its `rejoin`), and rolls
 everyone back to the newest round boundary it holds that every trainer committed and can
 restore: the same `rollback` as for a trainer's restart. With in_flight 1 and no privacy
 filter the resumed run's model is bit for bit an uninterrupted run's.
