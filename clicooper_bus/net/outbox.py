@@ -131,22 +131,18 @@ class Outbox:
         for i, seg in enumerate(segs):
             data = seg.read_bytes()
             good, count = 0, 0
-            for end, env in _checked_records(seg, data):
+            for end, env in _records(seg, data):
                 if env is None:
                     break
                 if (out and env.header.seq != out[-1].header.seq + 1) or not self._ours(env):
-                    raise OutboxError(f"{seg} holds a record at byte {good} that is not the "
-                                      f"next message we signed: our chain cannot be taken up "
-                                      f"from it (move {self.root} away to go on from the "
-                                      f"notary's tip; a receiver may then show a conflict that "
-                                      f"stops the run)")
+                    raise _unusable(seg, f"the record at byte {good} is not the next message "
+                                         f"we signed")
                 out.append(env)
                 good, count = end, count + 1
             if good < len(data):
                 if i != len(segs) - 1:
-                    raise OutboxError(f"{seg} is cut short at byte {good} and a newer segment "
-                                      f"follows it: our chain cannot be taken up from it (move "
-                                      f"{self.root} away to go on from the notary's tip)")
+                    raise _unusable(seg, f"it is cut short at byte {good} and a newer segment "
+                                         f"follows it")
                 with open(seg, "r+b") as f:  # a torn tail: written, never sent
                     f.truncate(good)
             self._sizes[seg] = (count, good)
@@ -168,10 +164,11 @@ class Outbox:
                       p.name[:-len(SUFFIX)].isdigit())
 
 
-def _records(data: bytes) -> Iterator[tuple[int, Envelope | None]]:
-    """(end offset, envelope) of each whole record in `data`; (offset, None) at a record that
-    is cut short (or zeros to the end), and nothing after it. Raises OutboxError for lengths
-    that do not match their CRC-32, or a whole record that does not parse."""
+def _records(seg: Path, data: bytes) -> Iterator[tuple[int, Envelope | None]]:
+    """(end offset, envelope) of each whole record in `data`, segment `seg`'s bytes; (offset,
+    None) at a record that is cut short (or zeros to the end), and nothing after it. Raises
+    OutboxError for lengths that do not match their CRC-32, or a whole record that does not
+    parse."""
     pos, view = 0, memoryview(data)
     while pos < len(data):
         if pos + _PREFIX.size > len(data):
@@ -182,8 +179,8 @@ def _records(data: bytes) -> Iterator[tuple[int, Envelope | None]]:
             if data.count(0, pos) == len(data) - pos:  # zeros a power loss left at the end
                 yield pos, None
                 return
-            raise OutboxError(f"the lengths of the record at byte {pos} do not match their "
-                              f"CRC-32")
+            raise _unusable(seg, f"the lengths of the record at byte {pos} do not match their "
+                                 f"CRC-32")
         start = pos + _PREFIX.size
         end = start + lt + lh + SIG_LEN + lb
         if end > len(data):  # a write cut short (its lengths are whole): never sent
@@ -193,19 +190,17 @@ def _records(data: bytes) -> Iterator[tuple[int, Envelope | None]]:
             topic = bytes(view[start:start + lt]).decode()
             header = parse_header(bytes(view[start + lt:start + lt + lh]))
         except (UnicodeDecodeError, RejectedMessage):
-            raise OutboxError(f"the record at byte {pos} does not parse") from None
+            raise _unusable(seg, f"the record at byte {pos} does not parse") from None
         sig = bytes(view[start + lt + lh:start + lt + lh + SIG_LEN])
         yield end, Envelope(topic, header, sig, bytes(view[end - lb:end]))
         pos = end
 
 
-def _checked_records(seg: Path, data: bytes) -> Iterator[tuple[int, Envelope | None]]:
-    try:
-        yield from _records(data)
-    except OutboxError as exc:
-        raise OutboxError(f"{seg}: {exc}: our chain cannot be taken up from it (move "
-                          f"{seg.parent} away to go on from the notary's tip; a receiver may "
-                          f"then show a conflict that stops the run)") from None
+def _unusable(seg: Path, why: str) -> OutboxError:
+    """The error for a segment our chain cannot be taken up from, and what to do."""
+    return OutboxError(f"{seg}: {why}: our chain cannot be taken up from it (move {seg.parent} "
+                       f"away to go on from the notary's tip; a receiver may then show a "
+                       f"conflict that stops the run)")
 
 
 def _write_all(fd: int, parts: list, size: int) -> None:

@@ -43,7 +43,6 @@ class Dispatcher:
         # check that the broker connection came back)
         self.interrupt: Callable[[], None] | None = None
 
-
     def only(self, *kinds: str) -> None:
         """Drop every route but those of `kinds` (a process that finished its part)."""
         self.routes = {k: r for k, r in self.routes.items() if k in kinds}

@@ -114,24 +114,29 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         """The handler table: who may send the owner each kind, and what it does with it."""
         k, b = self.kid, self.books
 
-        def keep(env) -> None:  # data from a trainer that has not restored yet is stale
-            if not b.stale(env):
-                b.compare(env)
-                self.mailbox.put(env)
+        def fresh(handle):  # data from a trainer that has not restored yet is stale: dropped
+            return lambda env: None if b.stale(env) else handle(env)
+
+        @fresh
+        def keep(env) -> None:
+            b.compare(env)
+            self.mailbox.put(env)
 
         stages = {k[n] for n in self.stages}
         first, last, notary = k[self.stages[0]], k[self.stages[-1]], k[self.cfg.participants.notary]
         route = self.loop.route
         route("hello", stages, b.on_hello)
         if self.setup.tail is None:  # with a tail the owner computes the loss itself
-            route("metrics", {last}, self._on_metrics)
-            route("logits", {last}, lambda env: b.stale(env) or self.training.own.on_logits(env))
+            route("metrics", {last}, fresh(self._on_metrics))
+            route("logits", {last}, fresh(lambda env: self.training.own.on_logits(env)))
         route("checkpoint", {notary}, b.on_checkpoint)
         route("wm_commit", stages, b.on_commit)
         route("wm_claim", stages, b.on_claim)
         route("wm_cert", {notary}, b.on_certificate)
         route("bwd", {first}, keep)
-        route("eval_out", {last}, self._on_eval_out)
+        # the last stage's evaluation outputs (only those leave it)
+        eval_out = fresh(lambda env: self.training.on_eval_out(env))
+        route("eval_out", {last}, eval_out)
         route("segment", stages, keep)
         route("usage", stages | {notary}, b.on_usage)  # each signs its own: nobody else's
         route("end", stages, self._on_refusal)  # a trainer refused poisoned input
@@ -143,19 +148,13 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
         route("equivocation", {notary}, self._on_equivocation)
         if self.setup.tail is not None:  # the last stage's outputs come back to the owner's tail
             route("fwd", {last}, keep)
-            route("eval_fwd", {last}, self._on_eval_out)
+            route("eval_fwd", {last}, eval_out)
 
     def _on_metrics(self, env) -> None:
         """The last stage's claim of a step, checked against its logits once both are in."""
-        if self.books.stale(env):
-            return
         self.books.on_metrics(env)
         if env.header.step is not None:
             self.training.own.check(env.header.step)
-
-    def _on_eval_out(self, env) -> None:
-        if not self.books.stale(env):
-            self.training.on_eval_out(env)  # the last stage's evaluation outputs: only those out
 
     def _on_refusal(self, env) -> None:
         """A trainer's `end` says what input it refused; the run stops (raises Refused). One

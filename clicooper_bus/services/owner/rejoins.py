@@ -75,8 +75,7 @@ class Rejoins:
                     f"live process does not rejoin")
         if not follows_a_tip(rejoin, seq, fresh):
             return (f"its rejoin (seq {seq}, after seq {rejoin.follows(seq)}) does not follow a "
-                    f"tip of the "
-                    f"notary's to it (seqs {sorted(fresh)[-3:]}) by at most what its "
+                    f"tip of the notary's to it (seqs {sorted(fresh)[-3:]}) by at most what its "
                     f"dead process could send again: a restarted process says rejoin first")
         return None
 

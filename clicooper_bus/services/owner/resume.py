@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +39,8 @@ from clicooper_bus.errors import ClicooperError, ConfigError
 from clicooper_bus.layout import SnapshotLayout, write_atomic
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.roster import Roster
-from clicooper_bus.net.wire import Envelope
-from clicooper_bus.protocol.recovery import ChainTip, Handover, Rejoin, Rollback, Snapshot
-from clicooper_bus.services.owner.rejoins import follows_a_tip
+from clicooper_bus.protocol.recovery import ChainTip, Rejoin, Snapshot
+from clicooper_bus.services.owner.log_replay import LogReplay
 from clicooper_bus.services.owner.rollback import Rejoined
 from clicooper_bus.services.owner.subscriptions import subscribe
 from clicooper_bus.services.trainer import snapshot
@@ -127,9 +125,9 @@ def resumed_roster(log_dir, owner_ident, fresh: Roster) -> tuple[Roster, bytes]:
     return roster, raw
 
 
-class Resumes:
+class Resumes(LogReplay):
     """The resume methods of `process.Owner` (a mixin: it uses the owner's bus, loop, books,
-    training, layout and stages)."""
+    training, layout and stages; its books come from the log, `LogReplay`)."""
 
     def _save_round(self, step: int, pending: dict | None = None) -> None:
         """Our state at round boundary `step` (see `RoundStore`), committed in a signed
@@ -139,128 +137,6 @@ class Resumes:
                                          pending)
         doc = Snapshot(step, snapshot.weights_digest(self.setup.head.module), digest).to_doc()
         self.bus.send_doc("snapshot", "all", doc, step=step)
-
-    def _replay_log(self) -> None:
-        """Our books from the run's log (read only; the notary appends meanwhile): each
-        trainer's snapshot commitments (those of a timeline a logged rollback abandoned
-        dropped), the watermark chain, the checkpoints, the hellos, each trainer's last logged
-        seq (a restarted one's `rejoin` follows it), the rollbacks so far, and the hash of each
-        trainer's first answer of every step (`Books.compare`). Raises
-        ClicooperError for a run that finished or stopped, or whose log did not keep a body
-        needed here."""
-        b, owner = self.books, self.cfg.participants.owner
-        logged_tips: dict[str, set[int]] = {}  # trainer -> the seqs of the notary's tips to it
-        last: dict[str, int] = {}  # trainer -> its last logged seq
-        self.logged_rejoins: dict[str, tuple[str, Rejoin]] = {}  # digest -> (trainer, rejoin)
-        handlers = {"snapshot": self._replayed_snapshot, "wm_commit": b.on_commit,
-                    "wm_claim": b.on_claim,
-                    "wm_cert": b.on_certificate, "checkpoint": b.on_checkpoint,
-                    "hello": b.on_hello, "rollback": self._replayed_rollback,
-                    "round": self._replayed_round,
-                    "tip": lambda env: self._replayed_tip(env, logged_tips),
-                    "rejoin": lambda env: self._replayed_rejoin(env, logged_tips),
-                    "handover": self._replayed_handover}
-        with ProvenanceLog.open(self.layout.log) as plog:
-            for i in range(plog.size):
-                h, sig, body = plog.entry(i)
-                name = b.names.get(h.sender)
-                if name in self.stages:
-                    last[name] = h.seq
-                if h.kind == "end" and name == owner:
-                    raise ClicooperError(f"the log holds the owner's end (entry {i}): the run "
-                                         f"finished or stopped; there is nothing to resume")
-                if h.kind in ("fwd", "bwd") and h.to == owner and name in self.stages:
-                    b.compare(Envelope(h.topic, h, sig, b""))  # (the header's hash suffices)
-                if h.kind not in handlers:
-                    continue
-                if body is None:
-                    raise ClicooperError(f"the log did not keep the body of entry {i} "
-                                         f"({h.kind}), which a resumed owner needs ([log] "
-                                         f"retention): this run cannot be resumed")
-                handlers[h.kind](Envelope(h.topic, h, sig, body))
-        for name, seq in last.items():  # a trainer restarted with us goes on from there
-            self.tips.setdefault(name, {})[seq] = time.monotonic()  # (until our rollback)
-        b.final_note = None
-
-    def _replay_own(self, resent: list[Envelope]) -> None:
-        """Our dead process's messages the log missed, sent again from our outbox: they count
-        as if logged (`_replay_log`), and an `end` among them means the run had ended. Raises
-        ClicooperError for that."""
-        handlers = {"snapshot": self._replayed_snapshot, "rollback": self._replayed_rollback,
-                    "round": self._replayed_round, "handover": self._replayed_handover}
-        handovers = len(self.handovers)
-        for env in resent:
-            if env.header.kind == "end":
-                raise ClicooperError(f"our dead process sent its end (seq {env.header.seq}), "
-                                     f"which the log missed: the run finished or stopped; "
-                                     f"there is nothing to resume")
-            if env.header.kind in handlers:
-                handlers[env.header.kind](env)
-        if len(self.handovers) > handovers:
-            self._stages_changed()
-
-    def _replayed_snapshot(self, env) -> None:
-        """A logged `snapshot`: a trainer's commitment (`Books.on_snapshot`), or our own to a
-        round snapshot file (the last of a step counts: a step's row is written twice)."""
-        owner = self.cfg.participants.owner
-        if self.books.names[env.header.sender] != owner:
-            self.books.on_snapshot(env)
-            return
-        snap = Snapshot.parse(env.document(), sender=owner)
-        self.committed_rounds[snap.step] = snap.state
-
-    def _replayed_tip(self, env, logged_tips: dict[str, set[int]]) -> None:
-        """A logged `tip` of the notary's to a trainer: a `rejoin` that follows it is a
-        restarted process's, as the live owner judged (`_not_restarted`)."""
-        notary = self.cfg.participants.notary
-        if self.books.names[env.header.sender] != notary:
-            return
-        tip = ChainTip.parse(env.document(), sender=notary)
-        if tip.member in self.stages:
-            logged_tips.setdefault(tip.member, set()).add(tip.seq)
-
-    def _replayed_rejoin(self, env, logged_tips: dict[str, set[int]]) -> None:
-        """A logged `rejoin` that followed the notary's tip to its sender (a restarted
-        process's) is held until a logged rollback names it (`_replayed_rollback`): only then
-        did the live owner take it, and its snapshot digests are that trainer's commitments
-        too. One the live owner refused (a live member's) commits to nothing here either."""
-        name = self.books.names[env.header.sender]
-        rejoin = Rejoin.parse(env.document(), sender=name)
-        if follows_a_tip(rejoin, env.header.seq, logged_tips.get(name, set())):
-            self.logged_rejoins[env.header.digest.hex()] = (name, rejoin)
-
-    def _replayed_handover(self, env) -> None:
-        """A logged `handover` of ours: the standby holds the stage from then on, as after
-        the live handover (`Handovers._take_over`)."""
-        owner = self.cfg.participants.owner
-        if self.books.names[env.header.sender] != owner:
-            return
-        h = Handover.parse(env.document(), sender=owner)
-        self._take_over(h.stage, h.round, h.step, h.replaced, h.by, env)
-
-    def _replayed_round(self, env) -> None:
-        if self.books.names[env.header.sender] == self.cfg.participants.owner:
-            self.books.on_round(env)
-
-    def _replayed_rollback(self, env) -> None:
-        if self.books.names[env.header.sender] != self.cfg.participants.owner:
-            return
-        rb = Rollback.parse(env.document(), sender=self.cfg.participants.owner)
-        held = getattr(self, "logged_rejoins", {})
-        # the rejoins it names (in a log from before `rejoins`, a rollback for a trainer's
-        # rejoin: that trainer's held ones, as then); the others stay held for a later one
-        named = rb.rejoins if rb.rejoins is not None else \
-            [d for d, (n, _) in held.items() if n == rb.rejoined]
-        for digest in named:
-            if digest in held:
-                name, rejoin = held.pop(digest)
-                mine = self.books.snapshots.setdefault(name, {})
-                for step, state in zip(rejoin.steps, rejoin.states, strict=True):
-                    mine.setdefault(step, Snapshot(step, "", state))
-        for n in self.stages:
-            self.books.snapshots[n] = {k: v for k, v in self.books.snapshots.get(n, {}).items()
-                                       if k <= rb.step}
-        self.rollbacks += rb.rejoined != self.cfg.participants.owner  # a resume is not one
 
     def _resume(self) -> tuple[int, int]:
         """Take the run up again (see the module docstring). Returns (epoch, batch) to train
@@ -297,9 +173,9 @@ class Resumes:
         everyone = [*self.stages, cfg.participants.notary]
         bus.watch({self.kid[n]: n for n in everyone})
         rejoined: dict[str, Rejoin] = {}
-        self.resume_rejoins: list[str] = []  # their header digests, which our rollback names
+        digests: list[str] = []  # their headers', which our rollback names
         self.loop.route("rejoin", {self.kid[n] for n in self.stages},
-                        lambda env: self._resume_rejoin(env, rejoined))
+                        lambda env: self._resume_rejoin(env, rejoined, digests))
         self.loop.route("hello", {self.kid[n] for n in self.stages}, self._late_hello)
         heard = lambda: all(self.kid[n] in bus.last_seen for n in self.stages)  # noqa: E731
         self.loop.until(heard, timeout_s=cfg.bus.join_timeout_s, timed_out=lambda: (
@@ -319,7 +195,7 @@ class Resumes:
         self.training.snapshots.kept[step] = (saved.head, saved.tail)
         self.loop.route("rejoin", {self.kid[n] for n in self.stages}, self._on_rejoin)
         try:
-            return self._rollback_to(step, owner, states, list(self.resume_rejoins) or None)
+            return self._rollback_to(step, owner, states, digests or None)
         except Rejoined as exc:
             # a restarted trainer sends again what its dead process signed before its rejoin,
             # so it may have been heard before its rejoin came; or one died during our
@@ -346,7 +222,7 @@ class Resumes:
                   f"to seq {tip.seq}", flush=True)
         self.log.info("refilled", sent=sent, shown=shown, tip=tip.seq)
 
-    def _resume_rejoin(self, env, rejoined: dict[str, Rejoin]) -> None:
+    def _resume_rejoin(self, env, rejoined: dict[str, Rejoin], digests: list[str]) -> None:
         """A restarted trainer's `rejoin` while we resume: noted (the rollback comes once
         everyone is heard)."""
         name = self.books.names[env.header.sender]
@@ -357,7 +233,7 @@ class Resumes:
             return
         del self.tips[name]  # one rejoin a tip
         rejoined[name] = rejoin
-        self.resume_rejoins.append(env.header.digest.hex())
+        digests.append(env.header.digest.hex())
         print(f"owner: {name} rejoined with snapshots of steps {rejoin.steps}", flush=True)
 
     def _committed_steps(self, steps: list[int]) -> list[int]:
