@@ -22,10 +22,8 @@ Sockets (see FACTS.md for why each option is set):
   envelope `recv` hands out carries it (`Envelope.float_codec`), for the receive check to refuse a
   tensor sent in another encoding (`ml.tensors.received`).
 
-- The last messages sent are kept, and what the notary's log misses is sent again, with what we
-  accepted meanwhile shown to it (`net.refill`); with an outbox (`keep_sent_in`) each is on our
-  disk before it is sent, so that a process started again after a crash goes on after the last
-  message its dead process signed (`Refill.take_up`, `net.outbox`).
+- Our last messages are kept, with an outbox each on disk before it is sent (`net.outbox`), and
+  what the notary's log misses is sent again, with what we accepted meanwhile (`net.refill`).
 
 Readiness and shutdown use subscriptions as signals, never extra messages: a participant
 subscribes to its data topics first and to `run/<id>/hello/<name>` last (`announce`), and to
@@ -50,7 +48,6 @@ from clicooper_bus.net.encoding import plan_codec
 from clicooper_bus.net.forwarder import SUBSCRIPTION_HWM, tcp_keepalive
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.liveness import BusError, Liveness
-from clicooper_bus.net.outbox import Outbox
 from clicooper_bus.net.refill import Refill
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.verifier import Verifier
@@ -143,7 +140,6 @@ class Bus(Liveness, Refill):
         # verifier's: the notary's), which only that sender's sending again can close
         self.gap_refused: dict[str, float] = {}
         self.kept_bytes = 0
-        self.outbox: Outbox | None = None  # our sent messages on disk (`keep_sent_in`)
         # called (it must not send) with each signed message refused as a replay, a broken
         # chain or a gap: the notary compares it with what it logs there (`net.equivocation`)
         self.on_conflict: Callable[[Envelope], None] | None = None

@@ -32,7 +32,7 @@ class Refill:
 
     kept: deque[Envelope]
     kept_bytes: int
-    outbox: Outbox | None
+    outbox: Outbox | None = None  # our sent messages on disk, once `keep_sent_in` opened it
 
     def keep_sent_in(self, root: Path, *, restarted: bool) -> Outbox:
         """Write each of our messages to an outbox in `root` before sending it
