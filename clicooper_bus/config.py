@@ -255,12 +255,29 @@ class PrivacySection:
                                   "evaluation activations); owner: evaluate once, at the end, "
                                   "on the delivered model (nothing of the test set is released)",
                          choices=("chain", "owner"))
+    label_epsilon: float = _doc(0.0, "randomised response on each training label, drawn once "
+                                     "per sample from the owner's secret: the epsilon of the "
+                                     "label-DP it gives the whole transcript (0: off)", min=0.0)
+    label_dcor: float = _doc(0.0, "label decorrelation: weight beta of the distance-correlation "
+                                  "penalty between the trained-on labels (one-hot) and the "
+                                  "released activations in the head's training (0: off)",
+                             min=0.0)
+    finetune_epochs: int = _doc(0, "owner fine-tune: after the run, epochs the owner trains its "
+                                   "head and tail on its clean data with the trainers' stages "
+                                   "frozen; nothing is released (0: off; needs owner_tail)",
+                                min=0)
+    finetune_samples: int = _doc(0, "training samples the fine-tune uses (the first of the "
+                                    "training set; 0: all of them)", min=0)
+    finetune_control: bool = _doc(False, "also fine-tune the same way from untrained weights "
+                                         "(the control arm: what the owner reaches without the "
+                                         "trainers); measured, not delivered")
 
     @property
     def on(self) -> bool:
         """Whether any defence is configured (then the owner needs its secret)."""
         return self.mechanism != "none" or self.label_gamma > 1 or self.owner_tail \
-            or self.nopeek > 0 or self.evaluate == "owner" or self.release == "once"
+            or self.nopeek > 0 or self.evaluate == "owner" or self.release == "once" \
+            or self.label_epsilon > 0 or self.label_dcor > 0 or self.finetune_epochs > 0
 
 
 @dataclass
@@ -448,8 +465,15 @@ def _privacy_checks(p: PrivacySection, name: str) -> None:
     if p.owner_tail and p.label_gamma > 1:
         raise ConfigError(f"{where} label_gamma has no effect with owner_tail (no label leaves "
                           f"the owner): set label_gamma = 1")
-    if p.release == "once" and p.nopeek:
-        raise ConfigError(f"{where} nopeek trains the head, which release = once keeps fixed")
+    if p.release == "once" and (p.nopeek or p.label_dcor):
+        raise ConfigError(f"{where} nopeek and label_dcor train the head, which release = once "
+                          f"keeps fixed")
+    if (p.finetune_epochs or p.finetune_samples or p.finetune_control) and not p.owner_tail:
+        raise ConfigError(f"{where} the fine-tune trains the owner's head and tail: set "
+                          f"owner_tail = true, or finetune_epochs = 0")
+    if (p.finetune_samples or p.finetune_control) and not p.finetune_epochs:
+        raise ConfigError(f"{where} finetune_samples and finetune_control need finetune_epochs "
+                          f"> 0")
 
 
 def _toml_value(v: Any) -> str:

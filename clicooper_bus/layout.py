@@ -197,6 +197,12 @@ class RunLayout:
         return self.root / "model.safetensors"
 
     @property
+    def finetuned_model(self) -> Path:
+        """The owner's fine-tuned model (`[privacy] finetune_epochs`): not the run's model, not
+        in the log, not certified."""
+        return self.root / "model.finetuned.safetensors"
+
+    @property
     def label_groups(self) -> Path:
         return self.root / "label_groups.json"
 

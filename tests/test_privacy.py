@@ -260,7 +260,7 @@ def test_nopeek_penalty_reaches_the_head():
         head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8))
         t = SegmentTrainer(head, lr=0.0, is_head=True)
         if alpha:
-            t.penalty = lambda x, a, alpha=alpha: alpha * distance_correlation(x, a)
+            t.penalty = lambda x, a, step, alpha=alpha: alpha * distance_correlation(x, a)
         x = torch.randn(32, 1, 4, 4)
         out = t.forward(x, 0)
         t.optimizer.step = lambda: None  # keep the gradient to look at it

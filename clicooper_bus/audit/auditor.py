@@ -270,16 +270,28 @@ def _settings(audit: Audit, replayed: Replay, cfg: RunConfig, spec: FilterSpec |
         "epochs": audit.summary.get("epochs"), "test_accuracy": audit.summary.get("test_accuracy"),
         "owner_accuracy_eval_half": owner_acc, "privacy": _privacy_text(pv, spec),
         # recomputed from the verified config, not copied from the owner's summary
-        "epsilon": defences.spent(pv, cfg.run.epochs, epochs, evaluations),
-        "label_obfuscation": f"{pv.label_gamma} secret pseudo-classes per class, permuted"
-        if pv.label_gamma > 1 else ("none: no label message leaves the owner (owner tail), but "
-                                    "the gradients it sends back depend on the labels"
-                                    if pv.owner_tail else "none"),
+        "epsilon": defences.spent(pv, cfg.run.epochs, epochs, evaluations,
+                                  replayed.plan.classes),
+        "label_obfuscation": _labels_text(pv),
         "privacy_settings": dataclasses.asdict(pv),
         # recomputed from the signed plan: who did the training's FLOPs
         "owner_flops_share": compute_plan(plan_spec(replayed.plan), tuple(replayed.plan.cuts),
                                           tail=replayed.plan.tail, batch_size=8).owner_share,
         "retention": cfg.log.retention, **info}
+
+
+def _labels_text(pv) -> str:
+    """How the run's labels were protected, in words."""
+    parts = []
+    if pv.label_epsilon:
+        parts.append(f"randomised response (epsilon {pv.label_epsilon:g}, drawn once per sample)")
+    if pv.label_gamma > 1:
+        parts.append(f"{pv.label_gamma} secret pseudo-classes per class, permuted")
+    if pv.owner_tail:
+        parts.append("no label message leaves the owner (owner tail), but the gradients it "
+                     "sends back depend on the " + ("randomised " if pv.label_epsilon else "")
+                     + "labels")
+    return "; ".join(parts) or "none"
 
 
 def measured_cpu(log_dir: Path) -> dict[str, Any]:

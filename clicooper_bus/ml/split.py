@@ -69,8 +69,9 @@ class SegmentTrainer:
         # adds the gradient of a loss on the segment's own weights to their .grad before every
         # step (a watermark), or None
         self.regularizer: Callable[[], None] | None = None
-        # a loss on (input, output before `post`) added to the step's (NoPeek), or None
-        self.penalty: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # a loss on (input, output before `post`, step) added to the step's (NoPeek, label
+        # decorrelation: `ml.privacy.nopeek.HeadPenalty`), or None
+        self.penalty: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, step: int,
                 post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -134,7 +135,7 @@ class SegmentTrainer:
         x, out = self._pending.pop(step)
         raw = self._raw.pop(step, None)
         if self.penalty is not None and raw is not None:
-            ((out * grad_out).sum() + self.penalty(x, raw)).backward()
+            ((out * grad_out).sum() + self.penalty(x, raw, step)).backward()
         else:
             out.backward(grad_out)
         return self._finish(x, step, update)

@@ -1,6 +1,6 @@
 """The owner's defences of one run, built from the `[privacy]` config section: the activation
-filter, the label codec, and the privacy they spend. One object, so the owner, the summary and
-the auditor describe the same thing the same way."""
+filter, the randomised response on labels, the label codec, and the privacy they spend. One
+object, so the owner, the summary and the auditor describe the same thing the same way."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from clicooper_bus.config import PrivacySection
 from clicooper_bus.ml.privacy import accountant
 from clicooper_bus.ml.privacy.labels import LabelCodec
+from clicooper_bus.ml.privacy.randomised_response import RandomisedResponse
 from clicooper_bus.ml.privacy.release import ActivationFilter, FilterSpec
 
 
@@ -51,28 +52,53 @@ def describe(p: PrivacySection) -> str:
         parts.append("owner tail")
     if p.nopeek:
         parts.append(f"NoPeek {p.nopeek:g}")
+    if p.label_epsilon:
+        parts.append(f"randomised labels (epsilon {p.label_epsilon:g})")
+    if p.label_dcor:
+        parts.append(f"label dCor {p.label_dcor:g}")
+    if p.finetune_epochs:
+        parts.append(f"owner fine-tune ({p.finetune_epochs} epochs)")
     if p.evaluate == "owner":
         parts.append("owner-side evaluation")
     return " + ".join(parts) or "undefended"
 
 
 def spent(p: PrivacySection, planned_epochs: int, epochs: int,
-          evaluations: int) -> dict[str, Any]:
+          evaluations: int, classes: int = 10) -> dict[str, Any]:
     """Epsilon actually spent by the training set over the `epochs` that ran (the noise was
     calibrated for `planned_epochs`) and, when evaluation goes through the chain, by the test
-    set, with delta, adjacency and sensitivity."""
+    set, with delta, adjacency and sensitivity; under `labels`, the label-DP that randomised
+    response over `classes` labels gives (`label_spent`)."""
+    labels = label_spent(p, classes)
     if p.mechanism == "none":
-        return {"mechanism": "none", "epsilon": None,
+        return {"mechanism": "none", "epsilon": None, "labels": labels,
                 "note": "no activation protection: the releases are not differentially private"}
     noise = noise_level(p, planned_epochs)
     train = accountant.spent(p.mechanism, noise, p.clip, releases_per_sample(p, epochs),
                              p.delta).to_json()
     out: dict[str, Any] = {**train, "target_epsilon": p.epsilon or None,
-                           "noise_multiplier": noise / p.clip, "scope": scope(p)}
+                           "noise_multiplier": noise / p.clip, "scope": scope(p),
+                           "labels": labels}
     if evaluations and p.evaluate == "chain":
         n = 1 if p.release == "once" else evaluations
         out["test_set"] = accountant.spent(p.mechanism, noise, p.clip, n, p.delta).to_json()
     return out
+
+
+def label_spent(p: PrivacySection, classes: int = 10) -> dict[str, Any]:
+    """The label-DP of the transcript: randomised response's realised epsilon (pure, delta 0)
+    with its adjacency, scope and sampler, or a statement that the labels are not protected."""
+    if not p.label_epsilon:
+        return {"epsilon": None, "note": "no randomised response: what trainers receive is a "
+                                         "function of the true labels"}
+    rr = RandomisedResponse(b"\0" * 32, classes, p.label_epsilon)  # epsilon needs no secret
+    return {"epsilon": rr.epsilon, "delta": 0.0, "classes": classes,
+            "keep_probability": rr.keep_probability,
+            "adjacency": "label: one training sample's label changed",
+            "scope": "every message of the run, every stage and epoch, and every run the owner "
+                     "makes with the same secret (each sample's randomised label is drawn once "
+                     "from the secret and its index); test labels are never sent",
+            "sampler": "keyed PRF (HMAC-SHA256) integers against an integer threshold: exact"}
 
 
 def scope(p: PrivacySection) -> str:
@@ -93,16 +119,29 @@ class Defences:
     settings: PrivacySection
     filter: ActivationFilter | None
     codec: LabelCodec | None
+    randomised: RandomisedResponse | None = None
 
     @classmethod
     def build(cls, p: PrivacySection, secret: bytes | None, classes: int,
-              epochs: int) -> Defences:
+              epochs: int, label_secret: bytes | None = None) -> Defences:
+        """`secret`: the run key (noise, pseudo-labels); `label_secret`: the owner's long-term
+        secret, which keys randomised response so that every run draws the same labels.
+        Raises ValueError when a defence that needs a secret has none."""
         spec = filter_spec(p, epochs)
         if (spec is not None or p.label_gamma > 1) and secret is None:
             raise ValueError("the owner's defences need its secret")
+        if p.label_epsilon and label_secret is None:
+            raise ValueError("randomised response needs the owner's long-term secret")
         flt = ActivationFilter(spec, secret) if spec is not None else None
         codec = LabelCodec(secret, classes, p.label_gamma) if p.label_gamma > 1 else None
-        return cls(p, flt, codec)
+        rr = RandomisedResponse(label_secret, classes, p.label_epsilon) \
+            if p.label_epsilon else None
+        return cls(p, flt, codec, rr)
+
+    def train_labels(self, ids, labels):
+        """What the owner trains with for samples `ids` with true `labels` (int64 arrays): the
+        randomised labels under randomised response, else the true ones (before the codec)."""
+        return self.randomised.labels(ids, labels) if self.randomised is not None else labels
 
     @property
     def head_fixed(self) -> bool:

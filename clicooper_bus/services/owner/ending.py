@@ -198,7 +198,7 @@ class Ending:
             "privacy": {"configuration": privacy.describe(cfg.privacy),
                         "settings": dataclasses.asdict(cfg.privacy),
                         "spent": privacy.spent(cfg.privacy, cfg.run.epochs, len(per_epoch),
-                                               self.evaluations)},
+                                               self.evaluations, setup.data.classes)},
             "replays": self._replays(),
         }
 

@@ -10,7 +10,7 @@ from clicooper_bus.config import RunConfig
 from clicooper_bus.ml.data import Dataset, load_dataset
 from clicooper_bus.ml.models import ModelSpec, build_segments, configured_split
 from clicooper_bus.ml.privacy import defences as privacy
-from clicooper_bus.ml.privacy.nopeek import distance_correlation
+from clicooper_bus.ml.privacy.nopeek import HeadPenalty
 from clicooper_bus.ml.privacy.secret import load_or_create, run_key
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.identity import Identity, PublicIdentity
@@ -31,6 +31,7 @@ class OwnerSetup:
     head: SegmentTrainer
     tail: SegmentTrainer | None
     roster: Roster
+    penalty: HeadPenalty | None = None  # the head's NoPeek and label decorrelation
 
 
 def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
@@ -42,7 +43,9 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
     data = data.limit(cfg.data.train_limit or None, cfg.data.test_limit or None)
     # the secret, through a fresh key of this run, keys the noise and the pseudo-labels;
     # it never leaves the key directory
-    secret = run_key(load_or_create(p.keys, p.owner), cfg.run.id) if pv.on else None
+    # randomised response is keyed by the secret itself: every run draws the same labels
+    owner_secret = load_or_create(p.keys, p.owner) if pv.on else None
+    secret = run_key(owner_secret, cfg.run.id) if owner_secret is not None else None
     classes = data.classes
     spec, cuts, tail_at = configured_split(cfg, data.input_shape, classes)
     plan = Plan(spec.name, data.input_shape, classes, cuts, cfg.run.seed, cfg.run.lr,
@@ -51,12 +54,13 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
                 train_size=len(data.x_train), test_size=len(data.x_test),
                 max_steps=cfg.run.max_steps, codec=cfg.bus.codec)
     segments = build_segments(spec, plan.segment_cuts, cfg.run.seed)
-    defences = privacy.Defences.build(pv, secret, classes, cfg.run.epochs)
+    defences = privacy.Defences.build(pv, secret, classes, cfg.run.epochs, owner_secret)
     head = SegmentTrainer(segments[0], lr=cfg.run.lr, is_head=True,
                           stash=cfg.run.in_flight > 1 and not defences.head_fixed)
     head.warm_up((cfg.run.batch_size, *data.input_shape))
-    if pv.nopeek:
-        head.penalty = lambda x, a: pv.nopeek * distance_correlation(x, a)
+    penalty = HeadPenalty(pv.nopeek, pv.label_dcor, classes) \
+        if pv.nopeek or pv.label_dcor else None
+    head.penalty = penalty
     tail = SegmentTrainer(segments[-1], lr=cfg.run.lr) if tail_at else None
     roster = Roster.build(
         cfg.run.id, owner=ident.public, trainers=trainer_keys, notary=notary_key,
@@ -64,7 +68,7 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
               "config": cfg.digest(), "dataset": data.name, "model": spec.name,
               **watermark_meta(cfg, len(data.x_train)), **states_meta(cfg)},
         standby=[public_key(p.keys, n) for n in p.standby])
-    return OwnerSetup(data, spec, cuts, plan, segments, defences, head, tail, roster)
+    return OwnerSetup(data, spec, cuts, plan, segments, defences, head, tail, roster, penalty)
 
 
 def states_meta(cfg: RunConfig) -> dict[str, str]:

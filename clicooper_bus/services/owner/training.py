@@ -180,10 +180,14 @@ class Training:
         Not while a peer is suspected: a step starts only with everyone heard."""
         self.hold()
         self.books.sent = max(self.books.sent, meta["step"] + 1)  # its metrics may now come
+        trained = self._trained_labels(idx)
+        if self.setup.penalty is not None:
+            self.setup.penalty.labels(meta["step"], trained)
         act = self._release(self.setup.data.x_train[idx], idx, meta["step"])
         self.bus.send_array("fwd", self.first, act, **meta)
         if self.own is not None:
-            labels = self._labels(idx)
+            codec = self.setup.defences.codec
+            labels = codec.encode(idx, trained) if codec is not None else trained
             self.own.sent(meta["step"], labels)
             self.bus.send_array("labels", self.last, labels, **meta)
         return InFlight(meta["step"], idx, meta, tuple(act.shape))
@@ -217,10 +221,10 @@ class Training:
         post = (lambda a: flt(a, ids=idx, split="train", step=step)) if flt is not None else None
         return head.forward(x, step, post=post)
 
-    def _labels(self, idx):
-        y = self.setup.data.y_train[idx]
-        codec = self.setup.defences.codec
-        return codec.encode(idx, y) if codec is not None else y
+    def _trained_labels(self, idx: np.ndarray) -> np.ndarray:
+        """The labels the run trains samples `idx` with: randomised under randomised response
+        (`[privacy] label_epsilon`), else the true ones; never the true ones leave otherwise."""
+        return self.setup.defences.train_labels(idx, self.setup.data.y_train[idx])
 
     def _tail_step(self, s: InFlight) -> None:
         """Owner tail: the last stage's output comes back; the owner computes the loss and sends
@@ -234,7 +238,7 @@ class Training:
         blame = {"sender": self.last, "kind": "fwd", "step": s.step, "given_as": "outputs",
                  "made": "the owner's tail {}"}
         check_result([("output", tail.forward(x, s.step))], x, **blame)
-        r = tail.loss_backward(torch.from_numpy(self.setup.data.y_train[s.idx]).long(), s.step,
+        r = tail.loss_backward(torch.from_numpy(self._trained_labels(s.idx)).long(), s.step,
                                update=False)
         check_result([("loss", r.loss), ("gradient for the last stage", r.grad_in),
                       *param_grads(tail.module)], x, **blame)
