@@ -257,7 +257,8 @@ class PrivacySection:
                          choices=("chain", "owner"))
     label_epsilon: float = _doc(0.0, "randomised response on each training label, drawn once "
                                      "per sample from the owner's secret: the epsilon of the "
-                                     "label-DP it gives the whole transcript (0: off)", min=0.0)
+                                     "label-DP it gives the whole transcript (0: off)",
+                                min=0.0, max=50.0)
     label_dcor: float = _doc(0.0, "label decorrelation: weight beta of the distance-correlation "
                                   "penalty between the trained-on labels (one-hot) and the "
                                   "released activations in the head's training (0: off)",
@@ -471,6 +472,9 @@ def _privacy_checks(p: PrivacySection, name: str) -> None:
     if (p.finetune_epochs or p.finetune_samples or p.finetune_control) and not p.owner_tail:
         raise ConfigError(f"{where} the fine-tune trains the owner's head and tail: set "
                           f"owner_tail = true, or finetune_epochs = 0")
+    if 0 < p.label_epsilon < 1e-9:
+        raise ConfigError(f"{where} label_epsilon {p.label_epsilon:g} is finer than randomised "
+                          f"response resolves: use 0 (off) or 1e-9 or more")
     if (p.finetune_samples or p.finetune_control) and not p.finetune_epochs:
         raise ConfigError(f"{where} finetune_samples and finetune_control need finetune_epochs "
                           f"> 0")

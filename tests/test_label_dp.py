@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from clicooper_bus.config import load_config
-from clicooper_bus.errors import ConfigError
+from clicooper_bus.errors import ClicooperError, ConfigError
 from clicooper_bus.ml.data import batch_order, load_dataset
 from clicooper_bus.ml.finetune import finetune, trainable
 from clicooper_bus.ml.privacy import defences
@@ -31,35 +32,46 @@ from clicooper_bus.ml.privacy.secret import secret_path
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.wire import parse_header, split_leaf
 from clicooper_bus.tlog.log import ProvenanceLog
+from clicooper_bus.tools.finetune import finetune_run
 from clicooper_bus.tools.run import run
 from tests.busrun import write_config
 
 # --- randomised response ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("eps,k", [(0.1, 10), (0.5, 10), (1.0, 2), (3.0, 10), (8.0, 100)])
+@pytest.mark.parametrize("eps,k", [(1e-6, 10), (0.1, 10), (0.5, 10), (1.0, 2), (3.0, 10),
+                                   (8.0, 100), (40.0, 2), (50.0, 10)])
 def test_the_realised_epsilon_holds_and_is_the_target(eps, k):
     t = keep_threshold(eps, k)
     assert realised_epsilon(t, k) <= eps
-    assert realised_epsilon(t + 1, k) > eps - 1e-9  # the largest threshold that holds
-    assert math.isclose(t / SPACE, math.exp(eps) / (math.exp(eps) + k - 1), rel_tol=1e-12)
+    # the largest that holds, within the 1e-12 relative margin kept for the float error
+    assert t + 1 == SPACE or realised_epsilon(t + 1, k) * (1 + 1e-12) > eps
+    assert t * k >= SPACE  # never below 1/K: the loss is then the keep's, not its inverse's
+    assert math.isclose(t / SPACE, 1 / (1 + (k - 1) * math.exp(-eps)), rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("eps,k", [(0.0, 10), (-1.0, 10), (1.0, 1)])
+@pytest.mark.parametrize("eps,k", [(0.0, 10), (-1.0, 10), (1.0, 1), (51.0, 10), (710.0, 10),
+                                   (1e-25, 10)])
 def test_randomised_response_refuses_what_it_cannot_do(eps, k):
-    with pytest.raises(ValueError, match="randomised response needs"):
+    with pytest.raises(ValueError, match="randomised response"):
         keep_threshold(eps, k)
 
 
+def _images(n: int) -> np.ndarray:
+    """n distinct tiny images."""
+    return np.arange(n, dtype=np.uint32).view(np.uint8).reshape(n, 1, 2, 2)
+
+
 def test_each_sample_gets_one_randomised_label_with_the_right_law():
-    rr = RandomisedResponse(b"s" * 32, 10, 1.0)
     n = 20000
-    ids, y = np.arange(n), np.arange(n) % 10
+    images, ids, y = _images(n), np.arange(n), np.arange(n) % 10
+    rr = RandomisedResponse(b"s" * 32, 10, 1.0, images)
     got = rr.labels(ids, y)
     assert np.array_equal(got, rr.labels(ids, y))  # drawn once: every call, every epoch
-    # in another order, the same labels per sample
+    # the draw follows the image, not its index: a reshuffled (or cut) dataset gets the same
     perm = np.random.default_rng(0).permutation(n)
-    assert np.array_equal(rr.labels(ids[perm], y[perm]), got[perm])
+    shuffled = RandomisedResponse(b"s" * 32, 10, 1.0, images[perm])
+    assert np.array_equal(shuffled.labels(ids, y[perm]), got[perm])
     q = rr.keep_probability
     kept = float((got == y).mean())
     assert abs(kept - q) < 5 * math.sqrt(q * (1 - q) / n)
@@ -67,8 +79,24 @@ def test_each_sample_gets_one_randomised_label_with_the_right_law():
     counts = np.bincount(changed % 10, minlength=10)[1:]
     expect = len(changed) / 9
     assert counts.min() > expect - 5 * math.sqrt(expect) and counts.max() < expect + 5 * math.sqrt(expect)
-    other = RandomisedResponse(b"t" * 32, 10, 1.0).labels(ids, y)
+    other = RandomisedResponse(b"t" * 32, 10, 1.0, images).labels(ids, y)
     assert (other != got).mean() > 0.3  # another secret, other draws
+
+
+def test_runs_at_two_epsilons_do_not_give_the_label_away():
+    """Keyed by the image alone, a sample kept at epsilon 0.4 was kept at 1.0 too: wherever
+    the two runs' labels differed, the one of 1.0 was the true label, every time. The epsilon
+    is in the key now: the draws are independent, and a difference says little."""
+    n = 20000
+    images, ids, y = _images(n), np.arange(n), np.arange(n) % 10
+    low = RandomisedResponse(b"s" * 32, 10, 0.4, images).labels(ids, y)
+    high = RandomisedResponse(b"s" * 32, 10, 1.0, images).labels(ids, y)
+    differ = low != high
+    assert differ.mean() > 0.5
+    q = RandomisedResponse(b"s" * 32, 10, 1.0, images[:1]).keep_probability
+    # with independent draws the high label is true about q x (1 - q_low) / P(differ) of the
+    # time: well below 1
+    assert (high[differ] == y[differ]).mean() < q + 0.1
 
 
 def test_the_summary_states_the_label_epsilon_with_its_scope():
@@ -84,10 +112,12 @@ def test_defences_need_the_long_term_secret_for_randomised_response():
     p = load_config(None, {"privacy": {"label_epsilon": 1.0}}).privacy
     with pytest.raises(ValueError, match="long-term secret"):
         defences.Defences.build(p, b"k" * 32, 10, 3)
-    d = defences.Defences.build(p, b"k" * 32, 10, 3, label_secret=b"s" * 32)
+    images = _images(100)
+    d = defences.Defences.build(p, b"k" * 32, 10, 3, label_secret=b"s" * 32,
+                                train_images=images)
     y = np.arange(100) % 10
-    assert np.array_equal(d.train_labels(np.arange(100), y),
-                          RandomisedResponse(b"s" * 32, 10, 1.0).labels(np.arange(100), y))
+    want = RandomisedResponse(b"s" * 32, 10, 1.0, images).labels(np.arange(100), y)
+    assert np.array_equal(d.train_labels(np.arange(100), y), want)
 
 
 @pytest.mark.parametrize("privacy,match", [
@@ -96,6 +126,8 @@ def test_defences_need_the_long_term_secret_for_randomised_response():
     ({"owner_tail": True, "finetune_control": True}, "need finetune_epochs"),
     ({"release": "once", "label_dcor": 1.0}, "keeps fixed"),
     ({"label_epsilon": -1.0}, "at least 0"),
+    ({"label_epsilon": 60.0}, "at most 50"),
+    ({"label_epsilon": 1e-12}, "finer than randomised response resolves"),
 ])
 def test_bad_lever_config_is_named(privacy, match):
     with pytest.raises(ConfigError, match=match):
@@ -166,11 +198,13 @@ def _run(tmp: Path, run_id: str, **sections) -> Path:
 
 
 def test_the_last_stage_receives_exactly_the_randomised_labels(tmp_path):
+    """With pseudo-classes on top: the logged labels decode to the randomised ones."""
     out = _run(tmp_path, "rr", run={"epochs": 2}, log={"retention": "*=all"},
-               privacy={"label_epsilon": 0.5, "label_dcor": 1.0})
+               privacy={"label_epsilon": 0.5, "label_dcor": 1.0, "label_gamma": 3})
     secret = bytes.fromhex(secret_path(tmp_path / "keys", "owner").read_text().strip())
     data = load_dataset("synthetic", None, 0)
-    rr = RandomisedResponse(secret, data.classes, 0.5)
+    rr = RandomisedResponse(secret, data.classes, 0.5, data.x_train)
+    groups = np.array(json.loads((out / "label_groups.json").read_text())["groups"])
     seen, kept = 0, []
     with ProvenanceLog.open(out / "log") as plog:
         for i in range(plog.size):
@@ -178,7 +212,8 @@ def test_the_last_stage_receives_exactly_the_randomised_labels(tmp_path):
             if h.kind != "labels":
                 continue
             ids = batch_order(len(data.y_train), 32, 0, h.epoch)[h.batch]
-            got = np.frombuffer(bytes(plog.body(h.body_sha256)), np.int64)
+            # pseudo-classes of the randomised labels: the owner's grouping decodes them
+            got = groups[np.frombuffer(bytes(plog.body(h.body_sha256)), np.int64)]
             assert np.array_equal(got, rr.labels(ids, data.y_train[ids]))
             kept.append(got == data.y_train[ids])
             seen += 1
@@ -186,6 +221,8 @@ def test_the_last_stage_receives_exactly_the_randomised_labels(tmp_path):
     assert np.concatenate(kept).mean() < 0.5  # mostly not the true label at epsilon 0.5
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy"]["spent"]["labels"]["epsilon"] == pytest.approx(0.5, abs=1e-9)
+    with pytest.raises(ClicooperError, match="sets no \\[privacy\\] finetune_epochs"):
+        finetune_run(out)
 
 
 def test_the_fine_tune_runs_after_the_log_closes_and_reports_its_control(tmp_path):
@@ -204,8 +241,26 @@ def test_the_fine_tune_runs_after_the_log_closes_and_reports_its_control(tmp_pat
     assert hashlib.sha256(certified).hexdigest() == summary["model_sha256"]
     tuned = (out / ft["model_file"]).read_bytes()
     assert hashlib.sha256(tuned).hexdigest() == ft["model_sha256"]
+    with safe_open(str(out / ft["model_file"]), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["certified"] == "false" and meta["finetuned_from"] == summary["model_sha256"]
+    assert ft["cpu_s"] > 0 and ft["control"]["flops"] == ft["flops"]
     a, b = load_file(out / "model.safetensors"), load_file(out / ft["model_file"])
     last = max(int(k.split(".")[0][3:]) for k in a)
     for k in a:
         seg = int(k.split(".")[0][3:])
         assert torch.equal(a[k], b[k]) == (seg not in (0, last)), k
+
+
+@pytest.mark.parametrize("labels", [[7, 7], [3], [1, 1, 1, 1]])
+def test_a_batch_of_one_class_adds_nothing_to_the_head(labels):
+    """dCor with a constant variable is 0 with a zero gradient, not NaN: a last batch of one
+    class (or of one sample) left the head's weights NaN, and the run blamed stage 1."""
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8))
+    t = SegmentTrainer(head, lr=1e-2, is_head=True)
+    t.penalty = pen = HeadPenalty(1.0, 1.0, classes=10)
+    pen.labels(0, np.array(labels))
+    out = t.forward(torch.randn(len(labels), 1, 4, 4), 0)
+    t.backward(torch.ones_like(out) * 0.01, 0)
+    assert all(torch.isfinite(p).all() for p in head.parameters())

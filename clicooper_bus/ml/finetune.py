@@ -3,9 +3,10 @@ clean data, with the trainers' stages frozen, for a bounded number of epochs. No
 released: no message is sent, the stages' weights (and so their watermarks and certificates)
 are untouched, and the run's model, whose digest is in the log, stays as it was delivered. It
 repays accuracy the defences cost (noisy releases, randomised labels) where the owner alone
-can: it sees the true labels and the images without noise.
+can: it sees the true labels and the images without noise. The fine-tuned model is trained on
+those: no epsilon of the run covers it, and handing it on releases what it learnt.
 
-The control arm (`control=True` in the owner) runs the same fine-tune from untrained weights
+The control arm (`finetune_control`, `tools/finetune.py`) runs the same fine-tune from untrained weights
 (the run's initial ones, `build_segments` at the run's seed): what the owner reaches with the
 same budget and no trainer at all. If it matches, the trainers contributed nothing at that split.
 
@@ -39,6 +40,7 @@ class FineTuned:
     samples: int
     flops: float  # FLOPs of the whole fine-tune, forward and backward
     wall_s: float
+    cpu_s: float  # time.process_time() of this process over the fine-tune and its test
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -81,7 +83,7 @@ def finetune(segments: list[nn.Module], owned: tuple[int, ...], data: Dataset, *
     epochs < 1."""
     if epochs < 1:
         raise ValueError(f"a fine-tune needs epochs >= 1, got {epochs}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tuned = trainable(segments, owned)
     model = inference_model(tuned, release)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -104,4 +106,4 @@ def finetune(segments: list[nn.Module], owned: tuple[int, ...], data: Dataset, *
                 _step(model, opt, x, y)
     acc = accuracy(model, data, batch_size)
     return tuned, FineTuned(acc, epochs, n, float(per_sample or 0.0) * n * epochs,
-                            time.perf_counter() - t0)
+                            time.perf_counter() - t0, time.process_time() - c0)

@@ -3,7 +3,9 @@ to an epoch. The same split model trains in process with and without the filter 
 interleaved, the order rotated every repeat (whatever runs first in a round pays for warming
 caches), so that all see the same machine; prints the median epoch times, their ratio and the
 spread. It also times the filter alone per step (forward and backward through it), the cost
-the owner adds to each step of a run over the bus.
+the owner adds to each step of a run over the bus, and issue 15's per-step label levers
+(randomised labels, the label and NoPeek distance-correlation penalties). The owner's
+fine-tune runs after the run: its wall time and FLOPs are in each run's summary.
 
     python -m clicooper_bus.tools.bench_privacy [--train 20000] [--repeats 5]
 """
@@ -66,7 +68,38 @@ def main(argv: list[str] | None = None) -> int:
         ms = _filter_ms(f)
         print(f"  {name:18s} {ms:5.2f} ms = {ms / step_ms * 100:4.1f} % of an in-process step "
               f"({step_ms:.1f} ms)")
+    _label_levers(step_ms)
     return 0
+
+
+def _label_levers(step_ms: float, n: int = 50) -> None:
+    """Issue 15's per-step levers alone: randomised labels for a batch of 128 (keyed PRF
+    draws), and the head's distance-correlation penalties on a 128-row release of the demo
+    cut's shape (16 x 14 x 14), forward and backward."""
+    import numpy as np
+
+    from clicooper_bus.ml.privacy.nopeek import HeadPenalty
+    from clicooper_bus.ml.privacy.randomised_response import RandomisedResponse
+
+    rr = RandomisedResponse(bytes(32), 10, 0.5)
+    ids, y = np.arange(128), np.arange(128) % 10
+    t0 = time.perf_counter()
+    for i in range(n):
+        rr.labels(ids + i * 128, y)
+    rr_ms = (time.perf_counter() - t0) / n * 1e3
+    print("the label levers alone, per step of 128:")
+    print(f"  {'randomised labels':18s} {rr_ms:5.2f} ms = {rr_ms / step_ms * 100:4.1f} % of an "
+          f"in-process step")
+    x = torch.rand(128, 1, 28, 28)
+    for name, pen in (("label dCor", HeadPenalty(0.0, 1.0, 10)),
+                      ("NoPeek", HeadPenalty(1.0, 0.0, 10))):
+        a = torch.randn(128, 16, 14, 14, requires_grad=True)
+        t0 = time.perf_counter()
+        for i in range(n):
+            pen.labels(i, y)
+            pen(x, a, i).backward()
+        ms = (time.perf_counter() - t0) / n * 1e3
+        print(f"  {name:18s} {ms:5.2f} ms = {ms / step_ms * 100:4.1f} % of an in-process step")
 
 
 def _filter_ms(f: ActivationFilter, n: int = 100) -> float:

@@ -292,6 +292,13 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from clicooper_bus.tools.finetune import finetune_run
+
+    finetune_run(args.run_dir)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from clicooper_bus.ml.compute import config_compute
     from clicooper_bus.ml.data import load_dataset
@@ -395,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take an interrupted run up again from its last round snapshot, with "
                         "its own config.toml (no other flag); not a run with privacy defences")
     r.set_defaults(func=cmd_run)
+    ft = sub.add_parser("finetune", help="the owner's fine-tune of a finished run's head and "
+                        "tail, stages frozen ([privacy] finetune_epochs; `run` does it itself)")
+    ft.add_argument("run_dir", help="the run directory (runs/<id>)")
+    ft.set_defaults(func=cmd_finetune)
     pl = sub.add_parser("plan", help="who computes what: FLOPs, parameters and bytes per "
                                      "sample of each participant, and the owner's share")
     pl.add_argument("--config", help="run config (TOML; default: every default)")

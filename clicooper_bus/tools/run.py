@@ -292,6 +292,10 @@ def run(config: str | None, *, quick: bool = False, out: str | None = None,
         print(f"clicooper run: another process took the port chosen for the broker before it "
               f"bound it ({cfg.bus.pub} or {cfg.bus.sub}); starting the run again on others",
               flush=True)
+    if code == 0 and cfg.privacy.finetune_epochs:  # the run is over: nothing can reach a trainer
+        from clicooper_bus.tools.finetune import finetune_run
+
+        finetune_run(cfg.run_dir)
     return _conclude(cfg, code, audit, t0)
 
 

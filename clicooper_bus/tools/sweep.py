@@ -235,8 +235,9 @@ def row(run_dir: Path) -> dict[str, Any]:
         "name": run_dir.name, "configuration": st.get("configuration"),
         "defence": _defence(st.get("privacy_settings") or {}),
         "privacy": st.get("privacy"), "labels": st.get("label_obfuscation"),
-        "epochs": summary["epochs"], "accuracy": summary["test_accuracy"], **measured,
+        "epochs": summary["epochs"], **accuracies(summary), **measured,
         "epsilon": eps.get("epsilon"), "delta": eps.get("delta"),
+        "label_epsilon": (eps.get("labels") or {}).get("epsilon"),
         "epsilon_covers": "the run" if (st.get("privacy_settings") or {}).get("release") == "once"
         else "own releases only (head trained without DP)",
         "adjacency": eps.get("adjacency"), "sensitivity": eps.get("sensitivity"),
@@ -246,6 +247,18 @@ def row(run_dir: Path) -> dict[str, Any]:
     if out["ssim"]:
         _inversion_margins(out)
     return out
+
+
+def accuracies(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's accuracies and the owner's share of the training FLOPs: `accuracy` is what the
+    owner ends with (the fine-tuned model's when it fine-tuned), `split_accuracy` the split-
+    trained model's, `control_accuracy` the fine-tune's control arm's (None without one);
+    `owner_share` counts the fine-tune's FLOPs as the owner's."""
+    ft = summary.get("finetune") or {}
+    return {"accuracy": ft.get("accuracy", summary["test_accuracy"]),
+            "split_accuracy": summary["test_accuracy"],
+            "control_accuracy": (ft.get("control") or {}).get("accuracy"),
+            "owner_share": ft.get("owner_flops_share", summary.get("owner_flops_share"))}
 
 
 # the families whose rows infer training labels, each from a channel a party received

@@ -23,8 +23,10 @@ PAPER = {"clustering_success": 0.0, "ssim_undefended": 0.50, "ssim_defended": 0.
 # The targets for the recommended `defended` configuration (issue 15), each judged on the
 # strongest view: label inference over every channel a trainer receives, all trainers
 # colluding; extraction as its gain over what the attackers' own data alone gives.
-TARGETS = {"accuracy_drop": 0.03, "ari": 0.05, "matched_over_chance": 0.05,
+TARGETS = {"accuracy_drop": 0.03, "owner_share": 0.15, "ari": 0.05, "matched_over_chance": 0.05,
            "ssim_over_class_mean": 0.02, "extraction_50_gain": 0.10}
+# a control arm within this of the fine-tuned accuracy: the trainers contributed nothing
+CONTROL_MATCHES = 0.01
 
 
 def judge(r: dict[str, Any], baseline: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
@@ -37,6 +39,15 @@ def judge(r: dict[str, Any], baseline: dict[str, Any] | None) -> list[tuple[str,
         checks.append((f"accuracy within {t['accuracy_drop'] * 100:.0f} points of undefended",
                        f"{r['accuracy']:.4f} vs {baseline['accuracy']:.4f} ({-drop * 100:+.1f} "
                        f"points)", drop <= t["accuracy_drop"]))
+    if r.get("owner_share") is not None:
+        checks.append((f"owner's share of the training FLOPs <= {t['owner_share']:.0%}",
+                       f"{r['owner_share']:.1%}", r["owner_share"] <= t["owner_share"]))
+    if r.get("control_accuracy") is not None:
+        gap = r["accuracy"] - r["control_accuracy"]
+        checks.append(("the trainers contribute: the fine-tune's control arm (untrained stages) "
+                       f"more than {CONTROL_MATCHES * 100:.0f} point below",
+                       f"control {r['control_accuracy']:.4f} ({-gap * 100:+.1f} points)",
+                       gap > CONTROL_MATCHES))
     li = r.get("label_colluding") or {}
     if li.get("ari") is not None:
         checks.append((f"label inference over every channel, trainers colluding: ARI <= "
@@ -58,10 +69,17 @@ def judge(r: dict[str, Any], baseline: dict[str, Any] | None) -> list[tuple[str,
                        f"{r['extraction_baseline']['extraction-50']:.3f}, {gain * 100:+.1f} "
                        f"points)", gain <= t["extraction_50_gain"]))
     covers = f"; covers {r['epsilon_covers']}" if r.get("epsilon") is not None else ""
+    label = f"; labels {_label_eps(r)}" if r.get("label_epsilon") is not None else ""
     checks.append(("epsilon reported with its adjacency",
                    _eps(r) + (f" ({r['adjacency'].split(':')[0]}{covers})" if r.get("adjacency")
-                              else ""), r.get("epsilon") is not None))
+                              else "") + label,
+                   r.get("epsilon") is not None or r.get("label_epsilon") is not None))
     return checks
+
+
+def _label_eps(r: dict[str, Any]) -> str:
+    e = r.get("label_epsilon")
+    return "-" if e is None else f"{e:.3g} (label-DP of the transcript, randomised response)"
 
 
 def extraction_gain(r: dict[str, Any]) -> float | None:
@@ -116,7 +134,8 @@ def seeds_line(rows: list[dict[str, Any]]) -> list[str]:
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     inv = sorted({n for r in rows for n in r["ssim"]})
-    head = (["run", "defences", "epochs", "accuracy",
+    head = (["run", "defences", "epochs", "accuracy", "split / control accuracy",
+             "owner's FLOPs", "label epsilon",
              "label inference ARI, every channel: one trainer / colluding",
              "first stage's activations: ARI (strongest)", "success"]
             + [f"SSIM {n}" for n in inv]
@@ -125,6 +144,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [f"`{r['name']}`", r["defence"], str(r["epochs"]), _m(r, "accuracy", ".4f"),
+                 f"{_m(r, 'split_accuracy', '.4f')} / {_m(r, 'control_accuracy', '.4f')}",
+                 _f(r.get("owner_share"), ".1%"), _f(r.get("label_epsilon"), ".3g"),
                  f"{_m(r, 'label_alone.ari')} / {_m(r, 'label_colluding.ari')}",
                  f"{_m(r, 'ari')} ({r['ari_variant']})",
                  "-" if r["success"] is None else f"{r['success'] * 100:.0f} %"]
@@ -191,7 +212,13 @@ def write_frontier(grid: Grid, rows: list[dict[str, Any]], command: str) -> None
         f"typed in by hand: rerun the command to reproduce it.",
         "",
         "Accuracy is the owner's test accuracy; with `evaluate = \"owner\"` it is the delivered "
-        "model's (head, clip, stages, tail: no noise) on the whole test set. Label inference is "
+        "model's (head, clip, stages, tail: no noise) on the whole test set. With the owner's "
+        "fine-tune (`finetune_epochs`) it is the fine-tuned model's, the split-trained one's "
+        "beside it, and the control arm's: the same fine-tune from untrained weights, what the "
+        "owner reaches without the trainers. The owner's share of the training FLOPs counts its "
+        "head and tail at every step and its fine-tune (the control arm is a measurement, not "
+        "counted). The label epsilon is randomised response's: pure label-DP of every message "
+        "of the run (one sample's label changed), each label drawn once. Label inference is "
         "the strongest ARI over every channel a trainer receives (activations, gradients, labels, "
         "evaluation traffic; clustering, gradient clustering and model completion), for one "
         "trainer alone and for all trainers colluding; the first stage's ARI is the strongest "

@@ -7,10 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from clicooper_bus.config import PrivacySection
 from clicooper_bus.ml.privacy import accountant
 from clicooper_bus.ml.privacy.labels import LabelCodec
-from clicooper_bus.ml.privacy.randomised_response import RandomisedResponse
+from clicooper_bus.ml.privacy.randomised_response import (
+    SPACE,
+    RandomisedResponse,
+    keep_threshold,
+    realised_epsilon,
+)
 from clicooper_bus.ml.privacy.release import ActivationFilter, FilterSpec
 
 
@@ -91,14 +98,19 @@ def label_spent(p: PrivacySection, classes: int = 10) -> dict[str, Any]:
     if not p.label_epsilon:
         return {"epsilon": None, "note": "no randomised response: what trainers receive is a "
                                          "function of the true labels"}
-    rr = RandomisedResponse(b"\0" * 32, classes, p.label_epsilon)  # epsilon needs no secret
-    return {"epsilon": rr.epsilon, "delta": 0.0, "classes": classes,
-            "keep_probability": rr.keep_probability,
+    t = keep_threshold(p.label_epsilon, classes)
+    return {"epsilon": realised_epsilon(t, classes), "delta": 0.0, "classes": classes,
+            "keep_probability": t / SPACE,
             "adjacency": "label: one training sample's label changed",
             "scope": "every message of the run, every stage and epoch, and every run the owner "
-                     "makes with the same secret (each sample's randomised label is drawn once "
-                     "from the secret and its index); test labels are never sent",
-            "sampler": "keyed PRF (HMAC-SHA256) integers against an integer threshold: exact"}
+                     "makes with the same secret, number of classes and label_epsilon (each "
+                     "image's randomised label is drawn once, keyed by the secret and the "
+                     "image's SHA-256); runs at another label_epsilon, or after the secret is "
+                     "made anew, draw afresh and their epsilons add. Test labels are never "
+                     "sent. It bounds what the labels add, not what the images themselves tell "
+                     "of their class",
+            "sampler": "HMAC-SHA256 integers against an integer threshold, the other class by "
+                       "rejection: exact (computational: it rests on HMAC being a PRF)"}
 
 
 def scope(p: PrivacySection) -> str:
@@ -123,18 +135,21 @@ class Defences:
 
     @classmethod
     def build(cls, p: PrivacySection, secret: bytes | None, classes: int,
-              epochs: int, label_secret: bytes | None = None) -> Defences:
+              epochs: int, label_secret: bytes | None = None,
+              train_images: np.ndarray | None = None) -> Defences:
         """`secret`: the run key (noise, pseudo-labels); `label_secret`: the owner's long-term
-        secret, which keys randomised response so that every run draws the same labels.
-        Raises ValueError when a defence that needs a secret has none."""
+        secret, which keys randomised response (with each of `train_images`' digest) so that
+        every run draws the same labels. Raises ValueError when a defence that needs a secret
+        or the images has none."""
         spec = filter_spec(p, epochs)
         if (spec is not None or p.label_gamma > 1) and secret is None:
             raise ValueError("the owner's defences need its secret")
-        if p.label_epsilon and label_secret is None:
-            raise ValueError("randomised response needs the owner's long-term secret")
+        if p.label_epsilon and (label_secret is None or train_images is None):
+            raise ValueError("randomised response needs the owner's long-term secret and the "
+                             "training images")
         flt = ActivationFilter(spec, secret) if spec is not None else None
         codec = LabelCodec(secret, classes, p.label_gamma) if p.label_gamma > 1 else None
-        rr = RandomisedResponse(label_secret, classes, p.label_epsilon) \
+        rr = RandomisedResponse(label_secret, classes, p.label_epsilon, train_images) \
             if p.label_epsilon else None
         return cls(p, flt, codec, rr)
 

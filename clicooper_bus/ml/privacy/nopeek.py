@@ -26,7 +26,9 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     a, b = _centred(x.flatten(1)), _centred(y.flatten(1))
     dcov = (a * b).mean().clamp_min(0)
     vx, vy = (a * a).mean(), (b * b).mean()
-    return (dcov / (vx * vy).sqrt().clamp_min(1e-12)).sqrt()
+    # clamped before each square root, whose gradient at 0 is infinite: a batch whose labels
+    # are all one class has vx = 0 and dcov = 0, and must add nothing (not NaN) to the head
+    return (dcov / (vx * vy).clamp_min(1e-24).sqrt()).clamp_min(1e-12).sqrt()
 
 
 class HeadPenalty:

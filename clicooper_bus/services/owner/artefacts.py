@@ -24,18 +24,16 @@ def write_config(layout: RunLayout, cfg: RunConfig) -> None:
     write_atomic(layout.config, cfg.to_toml())
 
 
-def write_model(layout: RunLayout, run: OwnerSetup, run_id: str, segments=None,
-                path=None) -> str:
+def write_model(layout: RunLayout, run: OwnerSetup, run_id: str) -> str:
     """The assembled model (safetensors, every segment's weights under its prefix), with what
     `clicooper_bus.load_model` needs in its metadata (spec, plan, release transform; never the
-    label groups); returns its SHA-256 (hex), which the owner puts in the log. `segments` and
-    `path` default to the run's and `layout.model` (the fine-tune writes its own)."""
+    label groups); returns its SHA-256 (hex), which the owner puts in the log."""
     flt = run.defences.filter
     meta = model_metadata(run_id=run_id, spec=run.spec, plan=run.plan,
                           digest=run.roster.meta["model_spec"],
                           release=flt.spec if flt is not None else None)
-    raw = save(state_dict_with_prefix(segments or run.segments), metadata=meta)
-    write_atomic(path or layout.model, raw)
+    raw = save(state_dict_with_prefix(run.segments), metadata=meta)
+    write_atomic(layout.model, raw)
     return hashlib.sha256(raw).hexdigest()
 
 

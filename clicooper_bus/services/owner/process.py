@@ -28,7 +28,7 @@ from clicooper_bus.plan import schedule
 from clicooper_bus.protocol import End, Round, Segment
 from clicooper_bus.services.common import EXIT_OK, identity, open_bus, public
 from clicooper_bus.services.dispatch import Dispatcher, Mailbox
-from clicooper_bus.services.owner import artefacts, finetuning
+from clicooper_bus.services.owner import artefacts
 from clicooper_bus.services.owner.books import Books
 from clicooper_bus.services.owner.ending import Ending
 from clicooper_bus.services.owner.handover import Handovers
@@ -200,8 +200,6 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
                 # a refusal while the owner waits for the notary (a late message) is a clean
                 # stop too: `_finish` receives everything before it writes anything certified
                 self._finish(per_epoch, step, sent, t0)
-                if self.cfg.privacy.finetune_epochs:  # the log is closed: nothing can leak
-                    finetuning.after_run(self.cfg, self.setup, self.layout)
             except PoisonedInput as exc:  # refused here
                 return self._stop({"by": self.cfg.participants.owner, **exc.to_doc()}, str(exc),
                                   time.perf_counter() - t0)

@@ -54,7 +54,8 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
                 train_size=len(data.x_train), test_size=len(data.x_test),
                 max_steps=cfg.run.max_steps, codec=cfg.bus.codec)
     segments = build_segments(spec, plan.segment_cuts, cfg.run.seed)
-    defences = privacy.Defences.build(pv, secret, classes, cfg.run.epochs, owner_secret)
+    defences = privacy.Defences.build(pv, secret, classes, cfg.run.epochs, owner_secret,
+                                      data.x_train)
     head = SegmentTrainer(segments[0], lr=cfg.run.lr, is_head=True,
                           stash=cfg.run.in_flight > 1 and not defences.head_fixed)
     head.warm_up((cfg.run.batch_size, *data.input_shape))
