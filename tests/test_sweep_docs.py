@@ -80,3 +80,33 @@ def test_the_label_cell_carries_the_range_over_seeds():
         "ARI 0.200 (0.100 to 0.300), matched accuracy +0.100 over chance "
         "(trainer-2: bwd (channels-trainer-2))")
     assert label_cell(_row(), "label_alone") == "-"
+
+
+def test_the_owner_share_the_control_arm_and_the_label_epsilon_are_judged():
+    """Issue 15: the owner's share of the FLOPs (fine-tune included) is a target; a control arm
+    within a point of the fine-tuned accuracy says the trainers contributed nothing; the label
+    epsilon counts as an epsilon stated."""
+    base = _row(accuracy=0.90, epsilon=None)
+    r = _row(owner_share=0.137, control_accuracy=0.875, accuracy=0.88, epsilon=None,
+             adjacency=None, label_epsilon=0.4)
+    got = {t: (v, ok) for t, v, ok in judge(r, base)}
+    assert got["owner's share of the training FLOPs <= 15%"] == ("13.7%", True)
+    control = [v for t, v in got.items() if t.startswith("the trainers contribute")]
+    assert control == [("control 0.8750 (-0.5 points)", False)]
+    assert got["epsilon reported with its adjacency"][1]
+    assert "labels 0.4" in got["epsilon reported with its adjacency"][0]
+    assert not judge(_row(owner_share=0.2), base)[1][2]
+    helped = judge(_row(control_accuracy=0.80), base)
+    assert [ok for t, _, ok in helped if t.startswith("the trainers contribute")] == [True]
+
+
+def test_a_rows_accuracy_is_what_the_owner_ends_with():
+    from clicooper_bus.tools.sweep import accuracies
+
+    plain = {"test_accuracy": 0.61, "owner_flops_share": 0.072}
+    assert accuracies(plain) == {"accuracy": 0.61, "split_accuracy": 0.61,
+                                 "control_accuracy": None, "owner_share": 0.072}
+    tuned = {**plain, "finetune": {"accuracy": 0.83, "owner_flops_share": 0.137,
+                                   "control": {"accuracy": 0.80}}}
+    assert accuracies(tuned) == {"accuracy": 0.83, "split_accuracy": 0.61,
+                                 "control_accuracy": 0.80, "owner_share": 0.137}

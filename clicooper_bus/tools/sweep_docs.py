@@ -246,7 +246,8 @@ def write_frontier(grid: Grid, rows: list[dict[str, Any]], command: str) -> None
         "",
     ]
     if base is not None:
-        targets = [c[0] for c in judge(base, base)]
+        # every target any row is judged on (the control arm's only where one ran), in order
+        targets = list(dict.fromkeys(c[0] for r in [base, *rows] for c in judge(r, base)))
         lines += ["## Against the `defended` targets", "",
                   "| configuration | " + " | ".join(targets) + " |",
                   "|" + " --- |" * (1 + len(targets))]
