@@ -186,3 +186,27 @@ def test_simulated_channels_are_completed_with_the_same_top(run):
     top = {**row, "channel": "fwd (simulated)+linked", **ch["fwd (simulated)+linked"]}
     assert "simulated white-box with the final weights" in _headline(top)[0]
     assert "received" in _headline({**row, "channel": "fwd", **ch["fwd"]})[0]
+
+
+def test_the_simulator_reads_out_a_stage_that_ends_in_feature_maps():
+    """With the owner's tail at the offloading cut, trainer-1's stage ends in conv feature maps
+    (conv2, relu, pool: N x 32 x h x w): the simulator's readout takes them flattened. It
+    crashed the audit (mat1 and mat2 shapes cannot be multiplied) of every run with an owner
+    tail and owner-side evaluation at that cut."""
+    from types import SimpleNamespace
+
+    from clicooper_bus.ml.attacks.base import no_progress
+    from clicooper_bus.ml.attacks.inversion import train_simulator
+    from clicooper_bus.ml.build import build_segments
+
+    data = synthetic(n_train=64, n_test=64, seed=0)
+    spec = model_spec("small-cnn", data.input_shape, data.classes)
+    head, stage, *_ = build_segments(spec, (3, 6, 9), 0)
+    plan = Plan("small-cnn", data.input_shape, data.classes, (3, 6), 0, 1e-3, 32, tail=9)
+    x = to_float(data.x_test)
+    assert apply(stage, apply(head, x[:2])).dim() == 4  # the stage's output is not flat
+    view = SimpleNamespace(plan=plan, aux_images=x, stages=[stage],
+                           released=apply(head, to_float(data.x_train)).numpy())
+    sim, _ = train_simulator(view, epochs=1, adv=0.1, seed=0, track=no_progress, labels=None,
+                             decoder=False, desc="test")
+    assert tuple(apply(sim, x[:4]).shape[1:]) == tuple(view.released.shape[1:])

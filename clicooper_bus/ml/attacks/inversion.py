@@ -142,7 +142,7 @@ def train_simulator(view: View, *, epochs: int, adv: float, seed: int, track: Tr
             opt_d.zero_grad()
             d_loss.backward()
             opt_d.step()
-            logits = readout(tail(s))
+            logits = readout(tail(s).flatten(1))
             if labels is not None:
                 task = nn.functional.cross_entropy(logits, labels[idx])
             else:  # information maximisation: confident per sample, balanced over the batch
@@ -167,8 +167,8 @@ def _readout(view: View, tail: nn.Module, real: torch.Tensor) -> nn.Module:
     """From the stages' outputs to class scores. When the stages end in the classes, nothing;
     when they end in secret pseudo-classes or in features (the owner kept the last layer), a
     linear map the attackers learn with the simulator (it learns the grouping, or a tail)."""
-    with torch.no_grad():
-        out_dim = tail(real[:2]).shape[1]
+    with torch.no_grad():  # a stage may end in feature maps (N x C x H x W): flattened
+        out_dim = tail(real[:2]).flatten(1).shape[1]
     if out_dim == view.plan.classes and not view.plan.tail:
         return nn.Identity()
     return nn.Linear(out_dim, view.plan.classes)
