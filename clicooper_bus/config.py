@@ -269,6 +269,8 @@ class PrivacySection:
                                 min=0)
     finetune_samples: int = _doc(0, "training samples the fine-tune uses (the first of the "
                                     "training set; 0: all of them)", min=0)
+    finetune_lr: float = _doc(0.01, "Adam learning rate of the fine-tune (its few steps move "
+                                    "further than training's [run] lr)", min=1e-9)
     finetune_control: bool = _doc(False, "also fine-tune the same way from untrained weights "
                                          "(the control arm: what the owner reaches without the "
                                          "trainers); measured, not delivered")

@@ -78,8 +78,8 @@ def finetune(segments: list[nn.Module], owned: tuple[int, ...], data: Dataset, *
              release: FilterSpec | None) -> tuple[list[nn.Module], FineTuned]:
     """Fine-tune copies of `segments` ([head, stages..., tail]), training only `owned`, on the
     first `samples` training images (0: all) for `epochs` epochs with Adam at `lr`, in a batch
-    order drawn from `seed`; the release's clipping (`release`) stays after the head, as in
-    inference. Returns the fine-tuned segments and what they reached. Raises ValueError for
+    order drawn from `seed`; `release`: a clip kept after the head (None: none, as the owner's
+    fine-tune does: the fine-tuned model never leaves it). Returns the fine-tuned segments and what they reached. Raises ValueError for
     epochs < 1."""
     if epochs < 1:
         raise ValueError(f"a fine-tune needs epochs >= 1, got {epochs}")

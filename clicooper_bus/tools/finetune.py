@@ -67,14 +67,18 @@ def finetune_run(run_dir: str | os.PathLike[str]) -> dict:
     segments = segments_from_state_dict(card.spec, plan.segment_cuts, plan.seed, weights)
     data = load_dataset(cfg.data.name, cfg.data.path or None, r.seed)
     data = data.limit(cfg.data.train_limit or None, cfg.data.test_limit or None)
+    # no release clip: it bounded what left the owner, and the fine-tuned model never leaves
+    # (the head learns the scale the frozen stages read best; with the clip the fine-tune of
+    # the demo's cut under noise 0.3 reached 0.19 where without it 0.60)
     kw = {"epochs": p.finetune_epochs, "samples": p.finetune_samples, "batch_size": r.batch_size,
-          "lr": r.lr, "seed": r.seed, "release": card.release}
+          "lr": p.finetune_lr, "seed": r.seed, "release": None}
     print(f"finetune: the owner's head and tail of run {r.id}, {p.finetune_epochs} epoch(s) on "
           f"{p.finetune_samples or len(data.x_train)} samples, the stages frozen", flush=True)
     tuned, got = finetune(segments, owned(len(segments)), data, **kw)
     certified = hashlib.sha256(layout.model.read_bytes()).hexdigest()
     with safe_open(str(layout.model), framework="pt") as f:
-        meta = {**(f.metadata() or {}), "finetuned_from": certified, "certified": "false"}
+        meta = {**(f.metadata() or {}), "release": json.dumps(None),  # inference: no clip
+                "finetuned_from": certified, "certified": "false"}
     raw = save(state_dict_with_prefix(tuned), metadata=meta)
     write_atomic(layout.finetuned_model, raw)
     samples = trained_samples(summary, len(data.x_train), r.batch_size)
