@@ -249,7 +249,8 @@ class PrivacySection:
                                    "the loss; no label or pseudo-label is sent (the gradient "
                                    "the owner sends back still depends on the labels)")
     nopeek: float = _doc(0.0, "NoPeek: weight alpha of the distance-correlation penalty between "
-                              "images and released activations in the head's training (0: off)",
+                              "images and the head's output before the release's clip and "
+                              "noise, in the head's training (0: off)",
                          min=0.0)
     evaluate: str = _doc("chain", "chain: evaluate each epoch through the trainers (they see "
                                   "evaluation activations); owner: evaluate once, at the end, "
@@ -261,7 +262,8 @@ class PrivacySection:
                                 min=0.0, max=50.0)
     label_dcor: float = _doc(0.0, "label decorrelation: weight beta of the distance-correlation "
                                   "penalty between the trained-on labels (one-hot) and the "
-                                  "released activations in the head's training (0: off)",
+                                  "head's output before the release's clip and noise, in the "
+                                  "head's training (0: off)",
                              min=0.0)
     finetune_epochs: int = _doc(0, "owner fine-tune: after the run, epochs the owner trains its "
                                    "head and tail on its clean data with the trainers' stages "

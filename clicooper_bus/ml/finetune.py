@@ -79,8 +79,8 @@ def finetune(segments: list[nn.Module], owned: tuple[int, ...], data: Dataset, *
     """Fine-tune copies of `segments` ([head, stages..., tail]), training only `owned`, on the
     first `samples` training images (0: all) for `epochs` epochs with Adam at `lr`, in a batch
     order drawn from `seed`; `release`: a clip kept after the head (None: none, as the owner's
-    fine-tune does: the fine-tuned model never leaves it). Returns the fine-tuned segments and what they reached. Raises ValueError for
-    epochs < 1."""
+    fine-tune does: the fine-tuned model never leaves it). Returns the fine-tuned segments and
+    what they reached. Raises ValueError for epochs < 1."""
     if epochs < 1:
         raise ValueError(f"a fine-tune needs epochs >= 1, got {epochs}")
     t0, c0 = time.perf_counter(), time.process_time()

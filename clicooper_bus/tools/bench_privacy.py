@@ -81,7 +81,8 @@ def _label_levers(step_ms: float, n: int = 50) -> None:
     from clicooper_bus.ml.privacy.nopeek import HeadPenalty
     from clicooper_bus.ml.privacy.randomised_response import RandomisedResponse
 
-    rr = RandomisedResponse(bytes(32), 10, 0.5)
+    rr = RandomisedResponse(bytes(32), 10, 0.5,
+                            np.arange(n * 128, dtype=np.uint32).view(np.uint8).reshape(-1, 4))
     ids, y = np.arange(128), np.arange(128) % 10
     t0 = time.perf_counter()
     for i in range(n):

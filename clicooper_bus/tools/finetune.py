@@ -1,7 +1,8 @@
 """`clicooper finetune RUN_DIR`: the owner's fine-tune of a finished run (`[privacy]
 finetune_epochs`, `ml/finetune.py`), offline on the owner's machine.
 
-`clicooper run` calls it once the run's processes have left; a deployment that starts the
+`clicooper run` calls it once the run's processes have left and the run ended with exit code
+0; a deployment that starts the
 processes itself (the Procfile, remote trainers) runs it after the run. It reads the run's
 certified `model.safetensors` and the owner's data (the run's `config.toml`), fine-tunes the
 owner's head and tail with the stages frozen, writes `model.finetuned.safetensors` (its
