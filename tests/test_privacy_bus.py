@@ -169,5 +169,5 @@ def test_extraction_without_the_owners_tail(tail):
     by = {a["name"]: a for a in report["attacks"]}
     assert "linear tail fitted on 50" in by["extraction-50"]["how"]
     assert "k-means groups" in by["extraction-unlabelled"]["how"]
-    assert report["settings"]["label_obfuscation"].startswith("none: no label message leaves")
+    assert report["settings"]["label_obfuscation"].startswith("no label message leaves")
     assert 0.0 <= by["extraction-50"]["accuracy"] <= 1.0
