@@ -327,7 +327,8 @@ def test_the_owner_tail_names_the_last_stage_for_huge_outputs():
     tr.setup = SimpleNamespace(tail=SegmentTrainer(torch.nn.Linear(3, 2), lr=0.1),
                                data=SimpleNamespace(y_train=np.array([0, 1, 0, 1])),
                                spec=SimpleNamespace(shapes={5: (3,)}),
-                               plan=SimpleNamespace(tail=5))
+                               plan=SimpleNamespace(tail=5),
+                               defences=SimpleNamespace(train_labels=lambda ids, y: y))
     tr.books = SimpleNamespace(names={"k2": "trainer-2"}, metrics={})
     tr.last = "trainer-2"
     env = _msg("fwd", 0, torch.full((4, 3), 1e38), sender="k2")
