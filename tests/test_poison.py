@@ -327,14 +327,13 @@ def test_the_owner_tail_names_the_last_stage_for_huge_outputs():
     tr.setup = SimpleNamespace(tail=SegmentTrainer(torch.nn.Linear(3, 2), lr=0.1),
                                data=SimpleNamespace(y_train=np.array([0, 1, 0, 1])),
                                spec=SimpleNamespace(shapes={5: (3,)}),
-                               plan=SimpleNamespace(tail=5),
-                               defences=SimpleNamespace(train_labels=lambda ids, y: y))
+                               plan=SimpleNamespace(tail=5))
     tr.books = SimpleNamespace(names={"k2": "trainer-2"}, metrics={})
     tr.last = "trainer-2"
     env = _msg("fwd", 0, torch.full((4, 3), 1e38), sender="k2")
     tr.receive = lambda *a, **k: env
     with pytest.raises(PoisonedInput) as info:
-        tr._tail_step(InFlight(0, np.arange(4), {"step": 0}, (4, 3)))
+        tr._tail_step(InFlight(0, np.arange(4), {"step": 0}, (4, 3), np.array([0, 1, 0, 1])))
     err = info.value
     assert (err.sender, err.kind, err.step) == ("trainer-2", "fwd", 0), err.to_doc()
     assert "made the owner's tail" in err.problem and not tr.books.metrics

@@ -24,11 +24,12 @@ from safetensors.torch import save
 
 from clicooper_bus.config import load_config
 from clicooper_bus.errors import ClicooperError
-from clicooper_bus.layout import RunLayout, json_text, write_atomic
+from clicooper_bus.layout import RunLayout, write_atomic
 from clicooper_bus.ml.build import build_segments, segments_from_state_dict, state_dict_with_prefix
 from clicooper_bus.ml.data import load_dataset
 from clicooper_bus.ml.delivered import read_card
 from clicooper_bus.ml.finetune import finetune
+from clicooper_bus.services.owner.artefacts import write_summary
 
 
 def owned(n_segments: int) -> tuple[int, ...]:
@@ -104,5 +105,5 @@ def finetune_run(run_dir: str | os.PathLike[str]) -> dict:
         print(f"finetune: control arm (the same from untrained weights) {control.accuracy:.4f}",
               flush=True)
     summary["finetune"] = entry
-    write_atomic(layout.summary, json_text(summary, what=str(layout.summary)))
+    write_summary(layout, summary)
     return entry

@@ -43,6 +43,7 @@ class InFlight:
     idx: np.ndarray  # the batch's sample indices
     meta: dict  # step, batch, epoch: the header fields of its messages
     shape: tuple[int, ...]  # of the released activations
+    labels: np.ndarray  # what the step trains with (`_trained_labels`), drawn once at its send
 
 
 class Training:
@@ -190,7 +191,7 @@ class Training:
             labels = codec.encode(idx, trained) if codec is not None else trained
             self.own.sent(meta["step"], labels)
             self.bus.send_array("labels", self.last, labels, **meta)
-        return InFlight(meta["step"], idx, meta, tuple(act.shape))
+        return InFlight(meta["step"], idx, meta, tuple(act.shape), trained)
 
     def _complete(self, s: InFlight) -> None:
         """The rest of a training step once its forward is out: the owner's tail (if it keeps
@@ -238,8 +239,7 @@ class Training:
         blame = {"sender": self.last, "kind": "fwd", "step": s.step, "given_as": "outputs",
                  "made": "the owner's tail {}"}
         check_result([("output", tail.forward(x, s.step))], x, **blame)
-        r = tail.loss_backward(torch.from_numpy(self._trained_labels(s.idx)).long(), s.step,
-                               update=False)
+        r = tail.loss_backward(torch.from_numpy(s.labels).long(), s.step, update=False)
         check_result([("loss", r.loss), ("gradient for the last stage", r.grad_in),
                       *param_grads(tail.module)], x, **blame)
         self.bus.send_array("bwd", self.last, r.grad_in, **s.meta)
