@@ -256,6 +256,11 @@ class PrivacySection:
                                   "evaluation activations); owner: evaluate once, at the end, "
                                   "on the delivered model (nothing of the test set is released)",
                          choices=("chain", "owner"))
+    secret_order: bool = _doc(False, "secret batch order: each epoch's order is keyed by a "
+                                     "key only the owner holds (order.secret in the run "
+                                     "directory), so a trainer cannot link one sample's "
+                                     "releases across epochs by position; needs evaluate = "
+                                     "owner")
     label_epsilon: float = _doc(0.0, "randomised response on each training label, drawn once "
                                      "per sample from the owner's secret: the epsilon of the "
                                      "label-DP it gives the whole transcript (0: off)",
@@ -282,7 +287,8 @@ class PrivacySection:
         """Whether any defence is configured (then the owner needs its secret)."""
         return self.mechanism != "none" or self.label_gamma > 1 or self.owner_tail \
             or self.nopeek > 0 or self.evaluate == "owner" or self.release == "once" \
-            or self.label_epsilon > 0 or self.label_dcor > 0 or self.finetune_epochs > 0
+            or self.label_epsilon > 0 or self.label_dcor > 0 or self.finetune_epochs > 0 \
+            or self.secret_order
 
 
 @dataclass
@@ -476,6 +482,10 @@ def _privacy_checks(p: PrivacySection, name: str) -> None:
     if (p.finetune_epochs or p.finetune_samples or p.finetune_control) and not p.owner_tail:
         raise ConfigError(f"{where} the fine-tune trains the owner's head and tail: set "
                           f"owner_tail = true, or finetune_epochs = 0")
+    if p.secret_order and p.evaluate != "owner":
+        raise ConfigError(f"{where} secret_order hides the training order only: evaluation "
+                          f"through the trainers sends the test split in its fixed order, one "
+                          f"image's releases linkable across epochs; set evaluate = \"owner\"")
     if 0 < p.label_epsilon < 1e-9:
         raise ConfigError(f"{where} label_epsilon {p.label_epsilon:g} is finer than randomised "
                           f"response resolves: use 0 (off) or 1e-9 or more")

@@ -7,6 +7,8 @@ atomic writer every artefact goes through.
       checkpoint.txt       the notary's final checkpoint, as the owner saw it
       model.safetensors    the assembled model
       label_groups.json    pseudo-class -> true class (owner-only: mode 0600)
+      order.secret         the key of the secret batch order (owner-only: mode 0600; the
+                           auditor's truth side reads it; `[privacy] secret_order`)
       summary.json         the owner's summary of the run
       provenance/          the watermark bundle `clicooper model verify` reads
         manifest.json  roster.msgpack  checkpoint.txt  checkpoints.json  [handovers.msgpack]
@@ -205,6 +207,10 @@ class RunLayout:
     @property
     def label_groups(self) -> Path:
         return self.root / "label_groups.json"
+
+    @property
+    def order_key(self) -> Path:
+        return self.root / "order.secret"
 
     @property
     def summary(self) -> Path:

@@ -162,6 +162,7 @@ def test_replay_aligns_releases_with_their_samples(audited):
     """The labels the last stage received for each released batch are the true labels of the
     samples the auditor recomputes for it: batch order, epoch and step line up."""
     from clicooper_bus.audit.auditor import gather, load_model, run_config
+    from clicooper_bus.audit.order import Order
     from clicooper_bus.audit.replay import replay
     from clicooper_bus.ml.data import load_dataset
 
@@ -169,7 +170,9 @@ def test_replay_aligns_releases_with_their_samples(audited):
     cfg, defaulted = run_config(audited, r)
     assert defaulted == []  # the owner writes every key
     data = load_dataset(cfg.data.name, None, cfg.run.seed)
-    knowledge, truth, info = gather(r, data, load_model(audited, r.plan, r.ack)[0], cfg, None)
+    order = Order(len(data.x_train), r.plan.batch_size, r.plan.seed)  # the public order
+    knowledge, truth, info = gather(r, data, load_model(audited, r.plan, r.ack)[0], cfg, None,
+                                    order)
     # fwd=sample:16 at batch 32, both epochs (the latest first), fewer than the 2,000 wanted
     assert info["released_samples"] == len(truth.labels) == 2 * 16 * 32
     assert info["released_epochs"] == [0, 1]

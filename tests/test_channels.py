@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clicooper_bus.audit import families
+from clicooper_bus.audit.truth import Truth
 from clicooper_bus.ml.attacks.base import Knowledge, ThreatModelViolation
 from clicooper_bus.ml.attacks.channels import (
     ChannelInference,
@@ -27,6 +28,14 @@ PLAN = Plan("small-cnn", (1, 28, 28), K, (6,), 0, 1e-3, 40)
 # with label obfuscation: 2 secret pseudo-classes per class
 PLAN_128 = Plan("small-cnn", (1, 28, 28), K, (8,), 0, 1e-3, 40)
 PLAN_GAMMA = Plan("small-cnn", (1, 28, 28), K, (8,), 0, 1e-3, 40, outputs=2 * K)
+
+
+def _truth(labels: np.ndarray, n_aux: int = 0) -> Truth:
+    """The truth side of a stand-in run: every training and test label is `labels`, `n_aux`
+    public aux images, the public batch order."""
+    nothing = np.zeros(0)
+    return Truth(nothing, nothing, nothing, torch.zeros(0), nothing, np.zeros((n_aux, 1)),
+                 np.arange(K), labels, labels)
 
 
 def _labels(n=N, seed=0):
@@ -49,8 +58,7 @@ def _scored(trainer_rows: dict[str, Rows], labels, trainer="trainer-1", plan=PLA
     know = Knowledge({"plan": plan, received_field(trainer): trainer_rows,
                       stage_field(trainer): stage})
     out = attack.run(know.view(attack.threat))
-    truth = SimpleNamespace(train_labels=labels, test_labels=labels, aux=np.zeros((0, 1)),
-                            aux_labels=np.arange(K))
+    truth = _truth(labels, 0)
     audit = SimpleNamespace(references={"channels_seen": {trainer: {"fwd": N * EPOCHS}}})
     return families.family("channels").score(attack, out, truth, audit, None)
 
@@ -159,8 +167,7 @@ def test_colluding_trainers_join_what_they_received_of_each_sample():
     view = know.view(colluding.threat)
     assert view.fields == {"plan", received_field("trainer-1"), received_field("trainer-2")}
     out = colluding.run(view)
-    truth = SimpleNamespace(train_labels=labels, test_labels=labels, aux=np.zeros((0, 1)),
-                            aux_labels=np.arange(K))
+    truth = _truth(labels, 0)
     audit = SimpleNamespace(references={"channels_seen": {"trainer-1": {"fwd": N * EPOCHS}}})
     row = families.family("channels").score(colluding, out, truth, audit, None)
     alone = _scored({"fwd": a}, labels)["channels"]["fwd"]["ari"]
@@ -254,8 +261,7 @@ def test_the_colluding_row_is_at_least_each_member_s():
     audit = SimpleNamespace(references={"channels_seen": {"trainer-1": {"fwd": N * EPOCHS},
                                                           "trainer-2": {"labels": N}}},
                             results=[])
-    truth = SimpleNamespace(train_labels=labels, test_labels=labels, aux=np.zeros((0, 1)),
-                            aux_labels=np.arange(K))
+    truth = _truth(labels, 0)
     know = Knowledge({"plan": PLAN,
                       received_field("trainer-1"): {"fwd": _released(labels, 2.2, epochs=1)},
                       received_field("trainer-2"): {"labels": Rows(
@@ -282,8 +288,7 @@ def test_evaluation_rows_are_scored_on_the_private_half_only():
     ch = {"ids": ids, "split": "test", "source": "eval_fwd", "variants": {"plain": pred}}
     scored, what = private_rows(ch, 100, K)
     assert what == "private evaluation images" and scored.sum() == 100 and not scored[:100].any()
-    truth = SimpleNamespace(train_labels=labels, test_labels=labels, aux=np.zeros((100, 1)),
-                            aux_labels=np.arange(K))
+    truth = _truth(labels, 100)
     audit = SimpleNamespace(references={"channels_seen": {"trainer-1": {"eval_fwd": 200}}})
     attack = ChannelInference().for_trainer("trainer-1", 1, False)
     row = families.family("channels").score(attack, {"eval_fwd": ch}, truth, audit, None)
@@ -341,7 +346,7 @@ def test_a_median_over_releases_resists_heavy_tailed_noise():
 
 
 def test_link_median_groups_each_sample_s_releases():
-    from clicooper_bus.ml.attacks.channels import link_median
+    from clicooper_bus.ml.attacks.linking import link_median
 
     ids = np.array([3, 1, 3, 1, 3, 1, 2, 2])
     x = np.array([[1.0], [10], [2], [30], [100], [20], [5], [6]], np.float32)

@@ -19,8 +19,9 @@ from clicooper_bus.audit.auditor import Audit, Truth
 from clicooper_bus.audit.family_completion import lead
 from clicooper_bus.ml.attacks import default_attacks, select
 from clicooper_bus.ml.attacks.base import Knowledge, ThreatModelViolation
-from clicooper_bus.ml.attacks.channels import Rows, received_field, stage_field
+from clicooper_bus.ml.attacks.channels import received_field, stage_field
 from clicooper_bus.ml.attacks.completion import LABELLED, ROWS, ModelCompletion
+from clicooper_bus.ml.attacks.linking import Rows
 from clicooper_bus.ml.attacks.nets import apply
 from clicooper_bus.ml.data import synthetic, to_float
 from clicooper_bus.ml.models import default_cuts, model_spec

@@ -9,7 +9,6 @@ batch held, their images and labels, the evaluation half of the test split); att
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import sys
@@ -27,7 +26,9 @@ from clicooper_bus.audit import families, scoring
 from clicooper_bus.audit.channels import KINDS as CHANNEL_KINDS
 from clicooper_bus.audit.channels import MAX_ROWS, TARGETS, followed, read_channels
 from clicooper_bus.audit.families import INVERT_SAMPLES
+from clicooper_bus.audit.order import Order, run_order
 from clicooper_bus.audit.replay import Replay, replay
+from clicooper_bus.audit.settings import run_settings
 from clicooper_bus.audit.simulated import Stream, fresh_per_epoch, simulate
 from clicooper_bus.audit.truth import CLUSTER_SAMPLES, Release, Truth, gather
 from clicooper_bus.config import RunConfig, config_from_text, missing_keys
@@ -36,7 +37,6 @@ from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.attacks import default_attacks, expand_per_trainer, memo
 from clicooper_bus.ml.attacks.base import Attack, Knowledge
 from clicooper_bus.ml.attacks.channels import received_field
-from clicooper_bus.ml.compute import compute_plan
 from clicooper_bus.ml.data import load_dataset, to_float
 from clicooper_bus.ml.models import plan_spec, segments_from_state_dict
 from clicooper_bus.ml.privacy import defences
@@ -46,7 +46,6 @@ from clicooper_bus.net.codec import unpack
 from clicooper_bus.net.identity import PublicIdentity
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import parse_header, split_leaf
-from clicooper_bus.plan import schedule
 from clicooper_bus.protocol import ProtocolError, Usage, cpu_table
 from clicooper_bus.tlog.log import ProvenanceLog
 from clicooper_bus.tlog.logverify import VerifyResult, verify_log
@@ -235,15 +234,18 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
         cfg.data.train_limit or None, cfg.data.test_limit or None)
     spec = defences.filter_spec(cfg.privacy, cfg.run.epochs)
     segments, groups = load_model(run.root, replayed.plan, replayed.ack)
-    knowledge, truth, info = gather(replayed, data, segments, cfg, spec)
+    plan = replayed.plan
+    order = run_order(run, cfg.privacy.secret_order, len(data.x_train), plan.batch_size,
+                      plan.seed)
+    knowledge, truth, info = gather(replayed, data, segments, cfg, spec, order)
     stages = list(replayed.roster.stages)
-    _add_channels(knowledge, audit, run, cfg, data, stages)
+    _add_channels(knowledge, audit, run, cfg, data, stages, order)
     suite = expand_per_trainer(attacks if attacks is not None else default_attacks(), stages)
-    _add_simulated(knowledge, audit, cfg, data, stages, spec, replayed, suite)
+    _add_simulated(knowledge, audit, cfg, data, stages, spec, replayed, suite, order)
     owner_model = inference_model(segments, spec)
     owner_acc = scoring.accuracy(_predict(owner_model, truth.eval_images, groups),
                                  truth.eval_labels)
-    audit.settings = _settings(audit, replayed, cfg, spec, owner_acc, info)
+    audit.settings = run_settings(audit.summary, replayed, cfg, spec, owner_acc, info)
     audit.settings["config_defaulted"] = defaulted
     audit.settings["cpu"] = measured_cpu(run.log)
     audit.settings["owner_cpu_share"] = audit.settings["cpu"]["owner_cpu_share"]
@@ -251,47 +253,6 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
         audit.results.append(_attack(attack, knowledge, truth, audit, progress))
     audit.wall_s = time.perf_counter() - t0
     return audit
-
-
-def _settings(audit: Audit, replayed: Replay, cfg: RunConfig, spec: FilterSpec | None,
-              owner_acc: float, info: dict[str, Any]) -> dict[str, Any]:
-    """The report's settings: from the signed roster's plan, the verified config and the
-    verified log, never taken from the owner's summary except its own accuracy and epochs."""
-    pv = cfg.privacy
-    # counted in the verified log, not taken from the owner's summary
-    epochs = len(replayed.owner_epochs.get("fwd", ())) or cfg.run.epochs
-    evaluations = len(replayed.owner_epochs.get("eval_fwd", ()))
-    return {
-        "configuration": defences.describe(pv),
-        "dataset": cfg.data.name, "model": replayed.plan.model, "cuts": list(replayed.plan.cuts),
-        "owner_tail": replayed.plan.tail or None,
-        # from the signed roster's plan and the verified config
-        "schedule": schedule(replayed.plan.in_flight, pv.release == "once"),
-        "epochs": audit.summary.get("epochs"), "test_accuracy": audit.summary.get("test_accuracy"),
-        "owner_accuracy_eval_half": owner_acc, "privacy": _privacy_text(pv, spec),
-        # recomputed from the verified config, not copied from the owner's summary
-        "epsilon": defences.spent(pv, cfg.run.epochs, epochs, evaluations,
-                                  replayed.plan.classes),
-        "label_obfuscation": _labels_text(pv),
-        "privacy_settings": dataclasses.asdict(pv),
-        # recomputed from the signed plan: who did the training's FLOPs
-        "owner_flops_share": compute_plan(plan_spec(replayed.plan), tuple(replayed.plan.cuts),
-                                          tail=replayed.plan.tail, batch_size=8).owner_share,
-        "retention": cfg.log.retention, **info}
-
-
-def _labels_text(pv) -> str:
-    """How the run's labels were protected, in words."""
-    parts = []
-    if pv.label_epsilon:
-        parts.append(f"randomised response (epsilon {pv.label_epsilon:g}, drawn once per sample)")
-    if pv.label_gamma > 1:
-        parts.append(f"{pv.label_gamma} secret pseudo-classes per class, permuted")
-    if pv.owner_tail:
-        parts.append("no label message leaves the owner (owner tail), but the gradients it "
-                     "sends back depend on the " + ("randomised " if pv.label_epsilon else "")
-                     + "labels")
-    return "; ".join(parts) or "none"
 
 
 def measured_cpu(log_dir: Path) -> dict[str, Any]:
@@ -324,12 +285,13 @@ def measured_cpu(log_dir: Path) -> dict[str, Any]:
 
 
 def _add_channels(knowledge: Knowledge, audit: Audit, run: RunLayout, cfg: RunConfig, data,
-                  stages: list[str]) -> None:
-    """Every trainer's received channels as `received/<trainer>` fields; the rows each saw per
-    kind (retained or not) go to the references, for the report's "rows used of received"."""
+                  stages: list[str], order: Order) -> None:
+    """Every trainer's received channels as `received/<trainer>` fields, named as it can name
+    them under the run's batch `order`; the rows each saw per kind (retained or not) go to the
+    references, for the report's "rows used of received"."""
     retention = Retention.parse(cfg.log.retention)
     full = {k for k in CHANNEL_KINDS if retention.limit(k) is None}
-    ch = read_channels(run.log, len(data.x_train), len(data.x_test), full)
+    ch = read_channels(run.log, len(data.x_train), len(data.x_test), full, order)
     for s in stages:
         knowledge.values[received_field(s)] = ch.of(s)
     audit.references["channels_seen"] = ch.seen
@@ -337,10 +299,12 @@ def _add_channels(knowledge: Knowledge, audit: Audit, run: RunLayout, cfg: RunCo
 
 
 def _add_simulated(knowledge: Knowledge, audit: Audit, cfg: RunConfig, data, stages: list[str],
-                   spec: FilterSpec | None, replayed: Replay, attacks: list[Attack]) -> None:
+                   spec: FilterSpec | None, replayed: Replay, attacks: list[Attack],
+                   order: Order) -> None:
     """Where the log keeps only a sample of the `fwd` or `eval_fwd` streams, each trainer's
     channels also get their white-box simulation (`audit.simulated`), when an attack reads
-    the trainers' channels; the report names which were simulated, and why."""
+    the trainers' channels, its rows named as the trainer could name them (`order`); the
+    report names which were simulated, and why."""
     if not any(f.startswith("received/") for a in attacks for f in a.threat.sees):
         return
     retention = Retention.parse(cfg.log.retention)
@@ -356,8 +320,8 @@ def _add_simulated(knowledge: Knowledge, audit: Audit, cfg: RunConfig, data, sta
     for stream in (s for s in streams if s.epochs):
         rows = simulate(head, knowledge.values["stages"], spec, stream, MAX_ROWS)
         for s, r in zip(stages, rows, strict=True):
-            knowledge.values[received_field(s)][r.kind] = r
-        done.append({"channel": rows[0].kind, "samples": len(np.unique(rows[0].ids)),
+            knowledge.values[received_field(s)][r.kind] = order.as_attacker_names(r)
+        done.append({"channel": rows[0].kind, "samples": len(stream.ids),
                      "epochs": sorted({int(e) for e in rows[0].epochs}),
                      "released_in": list(stream.epochs)})
     if done:
@@ -392,24 +356,6 @@ def _predict(model: torch.nn.Module, x: torch.Tensor, groups: np.ndarray | None 
             p = model(x[i:i + 512]).softmax(1)
             out.append((group_sum(p, groups) if groups is not None else p).argmax(1))
     return torch.cat(out).numpy()
-
-
-def _privacy_text(pv, spec: FilterSpec | None) -> str:
-    """The run's privacy protections in words, from its verified privacy section and filter."""
-    parts = []
-    if spec is None:
-        parts.append("no activation protection")
-    else:
-        norm = "L2" if spec.mechanism == "gaussian" else "L1"
-        parts.append(f"{norm} clip {spec.clip:g}, {spec.mechanism} noise {spec.noise:.4g} per "
-                     f"coordinate ({spec.noise / spec.clip:.4g} x clip), release {spec.mode}")
-    if pv.release == "once" and spec is None:
-        parts.append("head fixed at its initial weights")
-    if pv.nopeek:
-        parts.append(f"NoPeek alpha {pv.nopeek:g}")
-    if pv.evaluate == "owner":
-        parts.append("evaluation on the owner only")
-    return "; ".join(parts)
 
 
 def score_attack(attack: Attack, out: Any, truth: Truth, audit: Audit,

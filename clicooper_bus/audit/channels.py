@@ -2,11 +2,12 @@
 
 Trainer k receives `fwd` (activations from its predecessor), `bwd` (gradients from its
 successor, or from the owner's tail), `labels` (the last stage, unless the owner keeps a tail)
-and `eval_fwd` (evaluation activations). Each row of each retained body is tagged with the
-sample it belongs to, computed as any trainer can compute it: training batches from the batch
-order, a public function of the roster's seed (`batch_order(n, bs, seed, epoch)`), evaluation
-batches by position in the test split. That tag is what lets an attacker link one sample's
-releases across epochs.
+and `eval_fwd` (evaluation activations). Each row of each retained body is named as the trainer
+can name it (`audit.order`): under the public batch order, a function of the roster's seed
+(`batch_order(n, bs, seed, epoch)`), by the sample it belongs to, which lets an attacker link
+one sample's releases across epochs by id; under a secret order, by its release tag (epoch and
+position), which it must link by matching. Evaluation batches are named by position in the
+test split.
 
 Memory is bounded per channel: where every body of a kind is retained, only the rows of a fixed
 subset of `TARGETS` sample ids are kept (in every epoch, so linking stays possible; for
@@ -22,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clicooper_bus.audit.order import Order
 from clicooper_bus.audit.replay import resent
 from clicooper_bus.errors import BadTensor
-from clicooper_bus.ml.attacks.channels import Rows
-from clicooper_bus.ml.data import batch_order
+from clicooper_bus.ml.attacks.linking import Rows
 from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import array_of, parse_header, split_leaf
 from clicooper_bus.plan import Plan
@@ -59,10 +60,12 @@ def followed(n_train: int) -> np.ndarray:
 class _Sampler:
     """Which rows of a batch to keep, and their sample ids."""
 
-    def __init__(self, plan: Plan, n_train: int, n_test: int, full: set[str]):
+    def __init__(self, plan: Plan, n_train: int, n_test: int, full: set[str],
+                 order: Order | None = None):
         self.plan, self.n_train, self.n_test, self.full = plan, n_train, n_test, full
         self.targets = np.zeros(n_train, bool)
         self.targets[followed(n_train)] = True
+        self.order = order or Order(n_train, plan.batch_size, plan.seed)
         self.orders: dict[int, list[np.ndarray]] = {}
 
     def ids(self, kind: str, epoch: int, batch: int, n: int) -> np.ndarray | None:
@@ -70,9 +73,8 @@ class _Sampler:
         if kind == "eval_fwd":
             start = batch * self.plan.batch_size
             return np.arange(start, start + n) if start + n <= self.n_test else None
-        if epoch not in self.orders:
-            self.orders[epoch] = batch_order(self.n_train, self.plan.batch_size, self.plan.seed,
-                                             epoch)
+        if epoch not in self.orders:  # the truth: which samples, whoever may know it
+            self.orders[epoch] = self.order.batches(epoch)
         order = self.orders[epoch]
         return order[batch] if 0 <= batch < len(order) and len(order[batch]) == n else None
 
@@ -88,16 +90,19 @@ class _Sampler:
 
 
 def read_channels(directory: str | os.PathLike[str], n_train: int, n_test: int,
-                  full: set[str]) -> Channels:
+                  full: set[str], order: Order | None = None) -> Channels:
     """Every trainer's received channels from the verified log at `directory`; `n_train` and
     `n_test` are the run's split sizes, `full` the kinds the log retains in full (their rows are
-    cut down to the target samples). Run only on a log `verify_log` accepted."""
+    cut down to the target samples, chosen by the auditor with the truth side's `order`:
+    default the public one), the rows named as an attacker can (`Order.as_attacker_names`).
+    Run only on a log `verify_log` accepted."""
     parts: dict[tuple[str, str], list[tuple[np.ndarray, int, np.ndarray]]] = {}
     out = Channels()
     with ProvenanceLog.open(directory) as plog:
         roster = Roster.open(plog.roster_bytes)
         plan = Plan.from_meta(roster.meta["plan"])
-        sampler = _Sampler(plan, n_train, n_test, full)
+        order = order or Order(n_train, plan.batch_size, plan.seed)
+        sampler = _Sampler(plan, n_train, n_test, full, order)
         stages, sent = set(roster.stages), set()
         for i in range(plog.size):
             h = parse_header(split_leaf(plog.leaf(i))[0], plog.limits)
@@ -121,7 +126,7 @@ def read_channels(directory: str | os.PathLike[str], n_train: int, n_test: int,
             if keep.any():
                 parts.setdefault((h.to, h.kind), []).append((ids[keep], int(h.epoch), x[keep]))
     for (trainer, kind), batches in parts.items():
-        out.rows.setdefault(trainer, {})[kind] = _stack(kind, batches)
+        out.rows.setdefault(trainer, {})[kind] = order.as_attacker_names(_stack(kind, batches))
     return out
 
 

@@ -32,8 +32,10 @@ def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track
         scored, rows_of = private_rows(ch, len(truth.aux), len(np.unique(truth.aux_labels)))
         if name.split("+")[0].endswith(SIMULATED):
             rows_of = f"simulated white-box (final weights), {rows_of}: not rows received"
-        labels = (truth.train_labels if ch["split"] == "train" else truth.test_labels)[
-            ch["ids"][scored]]
+        if "matches" in ch:  # linked by matching (a secret batch order): how well it linked
+            rows_of += (f"; linked by matching, {linked_correctly(ch['matches'], truth):.0%} of "
+                        f"matches the same sample")
+        labels = truth.labels_of(ch["split"], ch["ids"][scored])
         variants = {v: scoring.clustering_scores(p[scored], labels)
                     for v, p in ch["variants"].items()}
         best = max(variants, key=lambda v: variants[v]["ari"])
@@ -41,7 +43,9 @@ def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track
         source = ch.get("source", name.split("+")[0])
         channels[name] = {"strongest": best, **variants[best], "samples": len(labels),
                           "seen": seen.get(source, 0), "rows_of": rows_of,
-                          **({"releases_per_sample": ch["releases"]} if "releases" in ch else {})}
+                          **({"releases_per_sample": ch["releases"]} if "releases" in ch else {}),
+                          **({"linked_correctly": linked_correctly(ch["matches"], truth)}
+                             if "matches" in ch else {})}
     channels.update(members_channels(attack, audit, CHANNELS_NAME))
     if not channels:
         return {"trainer": attack.trainer, "channel": None, "samples": 0, "ari": 0.0,
@@ -55,6 +59,15 @@ def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track
 
 
 CHANNELS_NAME = "channels"
+
+
+def linked_correctly(matches: np.ndarray, truth: Truth) -> float:
+    """The share of an attack's cross-epoch matches (M x 2 release tags) that paired two
+    releases of the same sample: how well it linked without the secret batch order."""
+    if not len(matches):
+        return 0.0
+    pairs = truth.order.samples(matches.reshape(-1)).reshape(-1, 2)
+    return float(np.mean(pairs[:, 0] == pairs[:, 1]))
 PUBLIC = "public aux images only"
 
 

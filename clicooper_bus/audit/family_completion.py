@@ -43,7 +43,7 @@ def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track
     first = seen.get(attack.stages[0], {}) if getattr(attack, "stages", None) else {}
     channels = {}
     for name, ch in out.channels.items():
-        labels = (truth.train_labels if ch["split"] == "train" else truth.test_labels)[ch["ids"]]
+        labels = truth.labels_of(ch["split"], ch["ids"])
         channels[name] = {"accuracy": scoring.accuracy(ch["pred"], labels),
                           "chance": scoring.chance_accuracy(labels),
                           **scoring.clustering_scores(ch["pred"], labels),

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from clicooper_bus.ml.attacks.channels import Rows, simulated
+from clicooper_bus.ml.attacks.channels import simulated
+from clicooper_bus.ml.attacks.linking import Rows
 from clicooper_bus.ml.attacks.nets import apply
 from clicooper_bus.ml.privacy.release import ActivationFilter, FilterSpec
 

@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from clicooper_bus.audit.order import Order
 from clicooper_bus.audit.replay import Batch, Replay
 from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ClicooperError
 from clicooper_bus.ml.attacks.base import Knowledge
 from clicooper_bus.ml.attacks.channels import stage_field
-from clicooper_bus.ml.data import Dataset, batch_order, to_float
+from clicooper_bus.ml.attacks.linking import RELEASE
+from clicooper_bus.ml.data import Dataset, to_float
 from clicooper_bus.ml.privacy.release import ActivationFilter, FilterSpec
 
 CLUSTER_SAMPLES = 2000  # activations clustered (the latest released batches first)
@@ -54,6 +56,16 @@ class Truth:
     aux_labels: np.ndarray
     train_labels: np.ndarray | None = None  # every training label, by sample id (channels)
     test_labels: np.ndarray | None = None  # every test label, by position in the test split
+    order: Order | None = None  # the run's batch order, which turns release tags to samples
+
+    def labels_of(self, split: str, ids: np.ndarray) -> np.ndarray:
+        """The true labels of rows an attack named `ids` in `split` (`Rows.split`): training
+        sample ids, release tags (a secret order) or positions in the test split."""
+        if split == RELEASE:
+            if self.order is None:
+                raise ClicooperError("rows named by release tag, but no batch order to read them")
+            return self.train_labels[self.order.samples(ids)]
+        return (self.train_labels if split == "train" else self.test_labels)[ids]
 
 
 def _latest_first(batches: list[Batch], limit: int) -> list[Batch]:
@@ -69,18 +81,19 @@ def _latest_first(batches: list[Batch], limit: int) -> list[Batch]:
     return chosen
 
 
-def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig, spec: FilterSpec | None
-           ) -> tuple[Knowledge, Truth, dict[str, Any]]:
+def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig, spec: FilterSpec | None,
+           order: Order) -> tuple[Knowledge, Truth, dict[str, Any]]:
     """What attacks may see, the truth they are scored against, and the settings that say
     which data was attacked. `segments` is the delivered model, `spec` the privacy filter (or
-    None); `cfg`, the run's verified configuration, is not read. Raises ClicooperError when
-    the log retains no released activations or a released batch does not fit the run's data."""
+    None), `order` the run's batch order (`audit.order.run_order`); `cfg`, the run's verified
+    configuration, is not read. Raises ClicooperError when the log retains no released
+    activations or a released batch does not fit the run's data."""
     plan = replayed.plan
     if not replayed.released:
         raise ClicooperError("the log retains no released activations (fwd bodies): set "
                              "[log] retention to keep some, e.g. fwd=sample:16")
     chosen = _latest_first(replayed.released, CLUSTER_SAMPLES)
-    index, acts, received = _align(chosen, replayed, data)
+    index, acts, received = _align(chosen, replayed, data, order)
     half = len(data.x_test) // 2
     aux = to_float(data.x_test[:half])
     head, stages = segments[0], segments[1:1 + len(plan.cuts)]  # not the owner's tail
@@ -95,7 +108,7 @@ def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig, spec: Filt
         **{stage_field(name): s for name, s in zip(replayed.roster.stages, stages, strict=True)}})
     truth = Truth(index, data.x_train[index].astype(np.float32) / 255.0, data.y_train[index],
                   to_float(data.x_test[half:]), data.y_test[half:], aux.numpy(), data.y_test[:half],
-                  data.y_train, data.y_test)
+                  data.y_train, data.y_test, order)
     epochs = sorted({b.epoch for b in chosen})
     info = {"released_samples": len(index), "released_epochs": epochs,
             "eval_pairs": 0 if pairs is None else len(pairs[0]), "aux_samples": half,
@@ -104,20 +117,19 @@ def gather(replayed: Replay, data: Dataset, segments, cfg: RunConfig, spec: Filt
     return knowledge, truth, info
 
 
-def _align(chosen: list[Batch], replayed: Replay, data: Dataset
+def _align(chosen: list[Batch], replayed: Replay, data: Dataset, order: Order
            ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """For each chosen batch: the training-set indices it held (recomputed from the run's
-    seed), its activations, and the labels the last stage received for its step (-1 where
-    none was retained). Raises ClicooperError if a batch does not fit the run's data."""
-    plan = replayed.plan
+    batch order), its activations, and the labels the last stage received for its step (-1
+    where none was retained). Raises ClicooperError if a batch does not fit the run's data."""
     labels_by_step = {b.step: b.array for b in replayed.labels}
     index, acts, received = [], [], []
     for b in chosen:
-        order = batch_order(len(data.x_train), plan.batch_size, plan.seed, b.epoch)
-        if not 0 <= b.batch < len(order):
+        batches = order.batches(b.epoch)
+        if not 0 <= b.batch < len(batches):
             raise ClicooperError(f"released batch {b.batch} of epoch {b.epoch} does not exist in "
-                                 f"a {len(order)}-batch epoch of this run's data")
-        idx = order[b.batch]
+                                 f"a {len(batches)}-batch epoch of this run's data")
+        idx = batches[b.batch]
         if len(idx) != len(b.array):
             raise ClicooperError(f"released batch {b.batch} of epoch {b.epoch} holds "
                                  f"{len(b.array)} samples, the run's batch order says {len(idx)}: "

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import os
 import struct
@@ -152,10 +153,31 @@ def to_float(x: np.ndarray):
     return torch.from_numpy(x.astype(np.float32) / 255.0)
 
 
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The sample indices of each batch of an epoch: the same in the owner and the reference."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
+def batch_order(n: int, batch_size: int, seed: int, epoch: int, key: bytes | None = None
+                ) -> list[np.ndarray]:
+    """The sample indices of each batch of an epoch. Public (`key` None): a function of the
+    roster's seed, the same in the owner, the reference and any trainer. Secret (`key`, the
+    owner's 32-byte order key, `[privacy] secret_order`): `keyed_permutation`, which no one
+    without the key can recompute, so a trainer cannot tell which of its releases of two
+    epochs are the same sample."""
+    perm = keyed_permutation(n, key, epoch) if key is not None else \
+        np.random.default_rng([seed, epoch]).permutation(n)
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def keyed_permutation(n: int, key: bytes, epoch: int) -> np.ndarray:
+    """A permutation of range(n) (int64) keyed by `key`: the indices sorted by a keyed PRF of
+    (epoch, index), keyed BLAKE2b with a 16-byte output (RFC 7693; `hashlib.blake2b(key=...)`
+    is a MAC, so its outputs are pseudorandom to anyone without the key). Sorting n such
+    outputs gives every permutation alike, up to a collision (n^2 / 2^129). About 0.1 s for
+    60,000 samples; computed once per epoch. Raises ValueError for a key that is not 16 to 64
+    bytes."""
+    if not 16 <= len(key) <= 64:
+        raise ValueError(f"an order key is 16 to 64 bytes, got {len(key)}")
+    e = epoch.to_bytes(8, "big", signed=True)
+    tags = [hashlib.blake2b(e + i.to_bytes(8, "big"), key=key, digest_size=16,
+                            person=b"clicooper/order").digest() for i in range(n)]
+    return np.array(sorted(range(n), key=tags.__getitem__), dtype=np.int64)
 
 
 def batch_rows(n: int, batch_size: int, i: int) -> int | None:

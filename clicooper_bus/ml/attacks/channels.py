@@ -19,7 +19,12 @@ A trainer sees more than the first stage's activations: its `fwd` from its prede
 - linking (`+linked`): every release of one sample averaged over the epochs it was released
   in (the batch order is a public function of the roster's seed), then clustered: fresh noise
   per release averages out; on activation channels also the coordinate-wise median of three
-  or more releases (`+linked-median`: the location estimate that Laplace noise does not move).
+  or more releases (`+linked-median`: the location estimate that Laplace noise does not move);
+- under a secret batch order (rows named by release tag, split `release`: the attacker does
+  not know which sample a row is) linking by matching instead (`+matched`, `+matched-median`):
+  each earlier epoch's releases paired one to one with the latest epoch's by least total
+  distance (`link_matched`), then averaged as above; the auditor scores how many pairs were
+  right beside the labels.
 The auditor scores each channel and reports the strongest, naming the channel. One instance
 per trainer, non-colluding: its view holds only that trainer's channels; and, with two or more
 trainers, one for all of them colluding, which joins what they received of the same sample in
@@ -29,8 +34,6 @@ that, single and linked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
@@ -39,6 +42,7 @@ from torch import nn
 
 from clicooper_bus.ml.attacks.base import STAGE, Attack, ThreatModel, Track, View, no_progress
 from clicooper_bus.ml.attacks.clustering import cluster_variants
+from clicooper_bus.ml.attacks.linking import RELEASE, Rows, link, link_matched, link_median
 from clicooper_bus.ml.attacks.nets import apply
 
 SINGLE = 2000  # single releases clustered per channel (the latest first, one per sample)
@@ -63,21 +67,6 @@ def source_of(kind: str) -> str:
     were computed from, a simulation against the channel it simulates."""
     kind = base_kind(kind)
     return {"own_out": "fwd", "own_eval_out": "eval_fwd"}.get(kind, kind)
-
-
-@dataclass
-class Rows:
-    """One channel of one trainer: row i is sample `ids[i]` (training or test index, by
-    `split`) as released in epoch `epochs[i]`; `x` holds the rows, float32 or int64 (labels)."""
-
-    kind: str
-    split: str  # "train" or "test"
-    ids: np.ndarray
-    epochs: np.ndarray
-    x: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 def received_field(trainer: str) -> str:
@@ -137,37 +126,6 @@ def cosine_variants(x: np.ndarray, k: int, *, seed: int = 0, restarts: int = COS
     return {"cosine": km.fit_predict(unit).astype(np.int64)}
 
 
-def link(ids: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each sample's rows averaged: (sample ids, mean rows, releases per sample)."""
-    uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    flat = x.reshape(len(x), -1).astype(np.float64)
-    sums = np.zeros((len(uniq), flat.shape[1]))
-    np.add.at(sums, inverse, flat)
-    return uniq, (sums / counts[:, None]).astype(np.float32), counts
-
-
-def link_median(ids: np.ndarray, x: np.ndarray, least: int = 3
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each sample with at least `least` releases: its rows' coordinate-wise median, the
-    maximum-likelihood location under Laplace noise, where the mean is not (a heavy-tailed
-    draw moves a mean, not a median). (sample ids, median rows N x D float32, releases)."""
-    flat = x.reshape(len(x), -1)
-    order = np.argsort(ids, kind="stable")
-    uniq, start, counts = np.unique(ids[order], return_index=True, return_counts=True)
-    out_ids, out, out_counts = [], [], []
-    for c in np.unique(counts[counts >= least]):  # samples of equal release count at once
-        sel = np.flatnonzero(counts == c)
-        rows = order[(start[sel][:, None] + np.arange(c)).ravel()]
-        out.append(np.median(flat[rows].reshape(len(sel), c, -1), axis=1))
-        out_ids.append(uniq[sel])
-        out_counts.append(counts[sel])
-    if not out:
-        return (np.zeros(0, ids.dtype), np.zeros((0, flat.shape[1]), np.float32),
-                np.zeros(0, np.int64))
-    return (np.concatenate(out_ids), np.concatenate(out).astype(np.float32),
-            np.concatenate(out_counts))
-
-
 def _most_linked(counts: np.ndarray, least: int) -> np.ndarray:
     """Positions of the samples with at least `least` releases, the most released first, at
     most SINGLE of them (the attack keeps the samples averaging gives most to)."""
@@ -210,7 +168,7 @@ def join(blocks: list, k: int):
         x = (x - x.mean(0)) / (x.std(0) + 1e-8) / np.sqrt(x.shape[1])
         parts.append(x)
         ids, epochs = b.ids[pos], b.epochs[pos]
-    return Rows("joined", "train", ids, epochs, np.hstack(parts).astype(np.float32))
+    return Rows("joined", blocks[0].split, ids, epochs, np.hstack(parts).astype(np.float32))
 
 
 def _positions(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -240,7 +198,8 @@ class ChannelInference(Attack):
                 f"{trainer}, alone (non-colluding)",
                 frozenset({"plan", received_field(trainer), stage_field(trainer)}),
                 "none: k is the number of classes, public in the roster's plan; sample ids from "
-                "the public batch order; its own stage's weights")
+                "the public batch order (under a secret order only each release's position, "
+                "linked by matching); its own stage's weights")
 
     def for_trainer(self, trainer: str, index: int = 0, last: bool = False) -> ChannelInference:
         return ChannelInference(trainer, self.seed, self.restarts, index, last)
@@ -314,6 +273,9 @@ class ChannelInference(Attack):
         source = source_of(kind)
         out = {kind: {"ids": rows.ids[pick], "split": rows.split, "source": source,
                       "variants": self._variants(kind, rows.x[pick], k, logits)}}
+        if rows.split == RELEASE:  # a secret order: releases linked by matching, not by id
+            out.update(self._matched(kind, rows, k, logits))
+            return out
         ids, mean, counts = link(rows.ids, rows.x)
         sel = _most_linked(counts, 2)
         if len(sel) >= 2 * k:  # one sample's releases in several epochs
@@ -328,6 +290,24 @@ class ChannelInference(Attack):
                     "ids": ids[sel], "split": rows.split, "source": source,
                     "releases": float(counts[sel].mean()),
                     "variants": self._variants(kind, median[sel], k, logits)}
+        return out
+
+    def _matched(self, kind: str, rows: Rows, k: int, logits: bool) -> dict[str, dict]:
+        """`kind+matched` (mean) and, for noisy rows, `kind+matched-median`: releases linked
+        across epochs by `link_matched`, the most linked first."""
+        m = link_matched(rows, seed=self.seed)
+        if m is None:
+            return {}
+        sel = _most_linked(m.counts, 2)
+        if len(sel) < 2 * k:
+            return {}
+        common = {"ids": m.ids[sel], "split": rows.split, "source": source_of(kind),
+                  "releases": float(m.counts[sel].mean()), "matches": m.matches}
+        out = {f"{kind}+matched": {**common,
+                                   "variants": self._variants(kind, m.mean[sel], k, logits)}}
+        if base_kind(kind) in MEDIAN_LINKED and m.median is not None:
+            out[f"{kind}+matched-median"] = {
+                **common, "variants": self._variants(kind, m.median[sel], k, logits)}
         return out
 
     def _variants(self, kind: str, x: np.ndarray, k: int, logits: bool = False
@@ -358,7 +338,8 @@ class CollusionInference(ChannelInference):
         self.threat = ThreatModel(
             f"all trainers colluding ({', '.join(stages)})",
             frozenset({"plan", *(received_field(s) for s in stages)}),
-            "none beyond what they received; sample ids from the public batch order")
+            "none beyond what they received; sample ids from the public batch order (under a "
+            "secret order, rows of one step joined by position)")
 
     def run(self, view: View, track: Track = no_progress) -> dict[str, dict]:
         k = view.plan.classes

@@ -48,8 +48,6 @@ from torch import nn
 
 from clicooper_bus.ml.attacks.base import Attack, ThreatModel, Track, View, no_progress
 from clicooper_bus.ml.attacks.channels import (
-    Rows,
-    link,
     received_field,
     run_stages,
     simulated,
@@ -57,6 +55,7 @@ from clicooper_bus.ml.attacks.channels import (
     stage_field,
     stage_input_shape,
 )
+from clicooper_bus.ml.attacks.linking import Rows, link_releases
 from clicooper_bus.ml.attacks.nets import apply
 
 LABELLED = 50  # labelled aux samples, as extraction-50 and the own-data baseline have
@@ -213,12 +212,13 @@ class ModelCompletion(Attack):
                             f"with {ROUNDS} rounds of pseudo-labels (not MixMatch)",
                         labelled=len(have))
         probs = top.proba(feats)
-        out.channels["fwd"] = {"ids": fwd.ids[pick], "split": "train", "source": "fwd",
+        out.channels["fwd"] = {"ids": fwd.ids[pick], "split": fwd.split, "source": "fwd",
                                "pred": probs[pick].argmax(1)}
-        ids, mean, counts = link(fwd.ids, probs)
+        how, ids, mean, counts = link_releases(fwd, probs, self.seed)
         several = np.flatnonzero(counts >= 2)[:ROWS]
         if len(several) >= 2 * k:
-            out.channels["fwd+linked"] = {"ids": ids[several], "split": "train", "source": "fwd",
+            out.channels[f"fwd+{how}"] = {"ids": ids[several], "split": fwd.split,
+                                          "source": "fwd",
                                           "releases": float(counts[several].mean()),
                                           "pred": mean[several].argmax(1)}
         for kind in ("eval_fwd", simulated("eval_fwd")):
@@ -234,18 +234,18 @@ class ModelCompletion(Attack):
             self._linked(out, simulated("fwd"), sim, top.proba(run_stages(stages, shape, sim.x)))
         return out
 
-    @staticmethod
-    def _linked(out: Completed, kind: str, rows: Rows, probs: np.ndarray) -> None:
+    def _linked(self, out: Completed, kind: str, rows: Rows, probs: np.ndarray) -> None:
         """Channel `kind` (single releases) and `kind+linked` (each sample's mean probability
-        over its releases) from the top's probabilities on `rows`."""
+        over its releases; `kind+matched` under a secret order) from the top's probabilities
+        on `rows`."""
         pick = latest_once(rows, ROWS)
-        out.channels[kind] = {"ids": rows.ids[pick], "split": "train", "source": "fwd",
+        out.channels[kind] = {"ids": rows.ids[pick], "split": rows.split, "source": "fwd",
                               "pred": probs[pick].argmax(1)}
-        ids, mean, counts = link(rows.ids, probs)
+        how, ids, mean, counts = link_releases(rows, probs, self.seed)
         several = np.argsort(-counts, kind="stable")
         several = several[counts[several] >= 2][:ROWS]
         if len(several) >= 2 * probs.shape[1]:
-            out.channels[f"{kind}+linked"] = {"ids": ids[several], "split": "train",
+            out.channels[f"{kind}+{how}"] = {"ids": ids[several], "split": rows.split,
                                               "source": "fwd",
                                               "releases": float(counts[several].mean()),
                                               "pred": mean[several].argmax(1)}

@@ -26,7 +26,13 @@ def secret_path(keys: str | os.PathLike[str], owner: str) -> Path:
 
 def load_or_create(keys: str | os.PathLike[str], owner: str) -> bytes:
     """Read the owner's secret, creating it (0600, never widened) on first use."""
-    path = secret_path(keys, owner)
+    return load_or_create_at(secret_path(keys, owner))
+
+
+def load_or_create_at(path: Path) -> bytes:
+    """Read the 32-byte hex secret at `path`, creating it (0600, never widened) on first use:
+    the owner's secret, and the batch order key of a run (`RunLayout.order_key`). Raises
+    KeyFileError for one readable by group or others, or not a 32-byte hex secret."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -44,7 +50,7 @@ def load_or_create(keys: str | os.PathLike[str], owner: str) -> bytes:
 def load(path: Path) -> bytes:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(f"the owner's secret {path} is readable by group or others: run "
+        raise KeyFileError(f"the owner-only secret {path} is readable by group or others: run "
                            f"`chmod 600 {path}`")
     try:
         raw = bytes.fromhex(path.read_text().strip())

@@ -7,11 +7,12 @@ import json
 from dataclasses import dataclass
 
 from clicooper_bus.config import RunConfig
+from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.data import Dataset, load_dataset
 from clicooper_bus.ml.models import ModelSpec, build_segments, configured_split
 from clicooper_bus.ml.privacy import defences as privacy
 from clicooper_bus.ml.privacy.nopeek import HeadPenalty
-from clicooper_bus.ml.privacy.secret import load_or_create, run_key
+from clicooper_bus.ml.privacy.secret import load_or_create, load_or_create_at, run_key
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.roster import Roster
@@ -32,6 +33,7 @@ class OwnerSetup:
     tail: SegmentTrainer | None
     roster: Roster
     penalty: HeadPenalty | None = None  # the head's NoPeek and label decorrelation
+    order_key: bytes | None = None  # the secret batch order's key (None: the public order)
 
 
 def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
@@ -69,7 +71,11 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
               "config": cfg.digest(), "dataset": data.name, "model": spec.name,
               **watermark_meta(cfg, len(data.x_train)), **states_meta(cfg)},
         standby=[public_key(p.keys, n) for n in p.standby])
-    return OwnerSetup(data, spec, cuts, plan, segments, defences, head, tail, roster, penalty)
+    # kept in the run directory, not drawn per process: a restarted owner must resume the
+    # epoch in the order its trainers already saw part of
+    order_key = load_or_create_at(RunLayout(cfg.run_dir).order_key) if pv.secret_order else None
+    return OwnerSetup(data, spec, cuts, plan, segments, defences, head, tail, roster, penalty,
+                      order_key)
 
 
 def states_meta(cfg: RunConfig) -> dict[str, str]:

@@ -131,7 +131,8 @@ class Training:
         """One epoch from its batch `start`, global step `step` (after a rollback the epoch's
         earlier steps' metrics are kept): its summary row and the next step."""
         cfg, data = self.cfg, self.setup.data
-        batches = batch_order(len(data.x_train), cfg.run.batch_size, cfg.run.seed, epoch)
+        batches = batch_order(len(data.x_train), cfg.run.batch_size, cfg.run.seed, epoch,
+                              self.setup.order_key)
         report = max(1, len(batches) // 10)
         t0, seen = time.perf_counter(), sum(len(i) for i in batches[:start])
         first_step, fresh = step - start, 0
