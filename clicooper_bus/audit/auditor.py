@@ -321,7 +321,8 @@ def _add_simulated(knowledge: Knowledge, audit: Audit, cfg: RunConfig, data, sta
         rows = simulate(head, knowledge.values["stages"], spec, stream, MAX_ROWS)
         for s, r in zip(stages, rows, strict=True):
             knowledge.values[received_field(s)][r.kind] = order.as_attacker_names(r)
-        done.append({"channel": rows[0].kind, "samples": len(stream.ids),
+        done.append({"channel": rows[0].kind,
+                     "samples": len(rows[0]) // max(1, len(np.unique(rows[0].epochs))),
                      "epochs": sorted({int(e) for e in rows[0].epochs}),
                      "released_in": list(stream.epochs)})
     if done:

@@ -84,6 +84,9 @@ class RandomisedResponse:
         self._digests = image_digests(images)
         # fixed-width fields after a versioned domain: no two inputs share an encoding
         self._prefix = b"clicooper/labels/rr/v2\0" + struct.pack(">Id", classes, epsilon)
+        # (index, label) -> its randomised label: the draw is fixed, so after an image's first
+        # epoch its label costs a lookup, not two HMACs (the steps' hot path)
+        self._memo: dict[tuple[int, int], int] = {}
 
     def _draw(self, what: bytes, index: int, attempt: int = 0) -> int:
         msg = self._prefix + what + struct.pack(">I", attempt) + self._digests[index]
@@ -115,6 +118,8 @@ class RandomisedResponse:
         beyond them."""
         out = np.asarray(labels, np.int64).copy()
         for j, (i, y) in enumerate(zip(np.asarray(ids).tolist(), out.tolist(), strict=True)):
-            if self._draw(b"keep\0", i) >= self.threshold:
-                out[j] = self._other(i, y)
+            if (i, y) not in self._memo:
+                self._memo[i, y] = self._other(i, y) \
+                    if self._draw(b"keep\0", i) >= self.threshold else y
+            out[j] = self._memo[i, y]
         return out
