@@ -4,7 +4,8 @@ interleaved, the order rotated every repeat (whatever runs first in a round pays
 caches), so that all see the same machine; prints the median epoch times, their ratio and the
 spread. It also times the filter alone per step (forward and backward through it), the cost
 the owner adds to each step of a run over the bus, and issue 15's per-step label levers
-(randomised labels, the label and NoPeek distance-correlation penalties). The owner's
+(randomised labels, the label and NoPeek distance-correlation penalties, the secret batch
+order). The owner's
 fine-tune runs after the run: its wall time and FLOPs are in each run's summary.
 
     python -m clicooper_bus.tools.bench_privacy [--train 20000] [--repeats 5]
@@ -88,9 +89,15 @@ def _label_levers(step_ms: float, n: int = 50) -> None:
     for i in range(n):
         rr.labels(ids + i * 128, y)
     rr_ms = (time.perf_counter() - t0) / n * 1e3
+    t0 = time.perf_counter()
+    for i in range(n):  # the same images again: a later epoch, the draws memoised
+        rr.labels(ids + i * 128, y)
+    again_ms = (time.perf_counter() - t0) / n * 1e3
     print("the label levers alone, per step of 128:")
     print(f"  {'randomised labels':18s} {rr_ms:5.2f} ms = {rr_ms / step_ms * 100:4.1f} % of an "
-          f"in-process step")
+          f"in-process step in an image's first epoch; {again_ms:5.2f} ms = "
+          f"{again_ms / step_ms * 100:4.1f} % after it")
+    _secret_order(step_ms)
     x = torch.rand(128, 1, 28, 28)
     for name, pen in (("label dCor", HeadPenalty(0.0, 1.0, 10)),
                       ("NoPeek", HeadPenalty(1.0, 0.0, 10))):
@@ -117,3 +124,24 @@ def _filter_ms(f: ActivationFilter, n: int = 100) -> float:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _secret_order(step_ms: float, n_train: int = 60000, repeats: int = 3) -> None:
+    """Lever 1: the secret batch order, computed once per epoch for the full Fashion-MNIST
+    training set (keyed BLAKE2b of every index, sorted), beside the public order."""
+    from clicooper_bus.ml.data import batch_order
+
+    def median_s(key: bytes | None) -> float:
+        ts = []
+        for e in range(repeats):
+            t0 = time.perf_counter()
+            batch_order(n_train, 128, 0, e, key)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    secret, public = median_s(bytes(32)), median_s(None)
+    steps = -(-n_train // 128)
+    print(f"the batch order, once per epoch of {n_train} (median of {repeats}):")
+    print(f"  {'secret order':18s} {secret * 1e3:7.1f} ms (public {public * 1e3:.1f} ms) = "
+          f"{secret / steps * 1e3:5.3f} ms a step, {secret / steps * 1e3 / step_ms * 100:4.2f} % "
+          f"of an in-process step")
