@@ -19,9 +19,11 @@ from clicooper_bus.config import load_config
 from clicooper_bus.errors import ClicooperError, ConfigError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.attacks.channels import ChannelInference
-from clicooper_bus.ml.attacks.linking import RELEASE, Rows, link_matched
-from clicooper_bus.ml.data import batch_order, keyed_permutation, load_dataset
+from clicooper_bus.ml.attacks.linking import RELEASE, Rows, blocks_from, link_matched
+from clicooper_bus.ml.data import batch_order, keyed_permutation, load_dataset, order_commitment
+from clicooper_bus.net.roster import Roster
 from clicooper_bus.net.wire import parse_header, split_leaf
+from clicooper_bus.services.owner.artefacts import write_order_key
 from clicooper_bus.tlog.log import ProvenanceLog
 from clicooper_bus.tools.run import run
 from tests.busrun import write_config
@@ -55,7 +57,8 @@ def test_release_tags_name_no_sample_and_the_truth_side_reads_them_back():
                 np.zeros((8, 2), np.float32))
     named = order.as_attacker_names(rows)
     assert named.split == RELEASE and len(np.unique(named.ids)) == 8
-    assert np.array_equal(order.samples(named.ids), rows.ids)
+    assert np.all(np.diff(named.ids) > 0)  # reordered: in tag order, not the sample ids'
+    assert sorted(order.samples(named.ids).tolist()) == sorted(rows.ids.tolist())
     public = Order(500, 32, 0)  # the public order leaves sample ids as they are
     assert public.as_attacker_names(rows) is rows
 
@@ -85,10 +88,48 @@ def test_matching_links_what_the_noise_leaves_linkable(noise, linked):
     assert single is None  # one epoch: nothing to link
 
 
+def test_the_row_order_gives_no_link_away():
+    """Identical releases (a collapsed stage's constant output) can only be linked at chance:
+    rows come in tag order, not in the auditor's order of sample ids, which would line one
+    sample's releases up as row i of every epoch."""
+    order, rows, _ = _releases(0.05)
+    same = order.as_attacker_names(Rows("fwd", "train", order.samples(rows.ids), rows.epochs,
+                                        np.zeros_like(rows.x)))
+    assert np.all(np.diff(same.ids) > 0)  # tag order: epoch, then position
+    m = link_matched(same)
+    pairs = order.samples(m.matches.reshape(-1)).reshape(-1, 2)
+    assert np.mean(pairs[:, 0] == pairs[:, 1]) < 0.05  # chance is 1 in 300
+
+
+def test_labels_received_constrain_the_matching_and_consistent_links_are_surer():
+    order, rows, labels = _releases(1.5)  # noisy enough that plain matching errs
+    truth = labels[order.samples(rows.ids)]
+
+    def right(m, sel=None):
+        pairs = order.samples((m.matches if sel is None else m.pairs(sel)).reshape(-1))
+        pairs = pairs.reshape(-1, 2)
+        return np.mean(pairs[:, 0] == pairs[:, 1])
+
+    plain = link_matched(rows)
+    # a label drawn once per image, as a pseudo-class is (finer than the class): the same in
+    # every epoch, so a trainer matches only within it
+    drawn = np.random.default_rng(1).integers(0, 30, 300)[order.samples(rows.ids)]
+    within = link_matched(rows, blocks=drawn)
+    assert right(within) > right(plain) + 0.05
+    sure = np.flatnonzero(plain.consistent)
+    assert 0 < len(sure) < len(plain.ids) and right(plain, sure) > right(plain)
+    labels_rows = Rows("labels", RELEASE, rows.ids, rows.epochs, truth[:, None])
+    assert np.array_equal(blocks_from(labels_rows, rows), truth)
+    part = Rows("labels", RELEASE, rows.ids[::2], rows.epochs[::2], truth[::2, None])
+    assert np.array_equal(blocks_from(part, rows) >= 0, np.arange(len(rows)) % 2 == 0)
+    assert blocks_from(None, rows) is None
+
+
 def test_the_channel_attack_links_by_matching_when_the_order_is_secret():
     order, rows, labels = _releases(0.05)
     out = ChannelInference("t", 0).for_trainer("t")._channel("fwd", rows, 5)
     assert "fwd+linked" not in out and "fwd+matched" in out and "fwd+matched-median" in out
+    assert "fwd+matched-consistent" in out
     ch = out["fwd+matched"]
     assert ch["split"] == RELEASE and ch["releases"] == 3.0 and len(ch["matches"]) == 600
     # scored as the auditor scores it: the tags read back through the secret order
@@ -103,10 +144,19 @@ def test_a_secret_order_needs_evaluation_on_the_owner():
     load_config(None, {"privacy": {"secret_order": True, "evaluate": "owner"}})
 
 
-def test_the_auditor_refuses_a_secret_order_without_its_key(tmp_path):
+def test_the_auditor_refuses_a_secret_order_without_its_key_or_with_another(tmp_path):
+    layout = RunLayout(tmp_path)
     with pytest.raises(ClicooperError, match="secret batch order and its key .* is missing"):
-        run_order(RunLayout(tmp_path), True, 10, 2, 0)
-    assert not run_order(RunLayout(tmp_path), False, 10, 2, 0).secret
+        run_order(layout, True, 10, 2, 0, order_commitment(KEY))
+    assert not run_order(layout, False, 10, 2, 0).secret
+    write_order_key(layout, KEY)
+    assert stat.S_IMODE(layout.order_key.stat().st_mode) == 0o600
+    assert run_order(layout, True, 10, 2, 0, order_commitment(KEY)).key == KEY
+    with pytest.raises(ClicooperError, match="not this run's order key"):
+        run_order(layout, True, 10, 2, 0, order_commitment(bytes(32)))
+    layout.order_key.chmod(0o644)
+    with pytest.raises(ClicooperError, match="cannot be read: .*readable by group or others"):
+        run_order(layout, True, 10, 2, 0, order_commitment(KEY))
 
 
 def test_a_run_sends_the_secret_order_and_the_auditor_links_it_only_by_matching(tmp_path,
@@ -129,12 +179,19 @@ def test_a_run_sends_the_secret_order_and_the_auditor_links_it_only_by_matching(
             got = np.frombuffer(bytes(plog.body(h.body_sha256)), np.int64)
             assert np.array_equal(got, data.y_train[batch_order(n, 32, 0, h.epoch, key)[h.batch]])
             batches += not np.array_equal(got, data.y_train[batch_order(n, 32, 0, h.epoch)[h.batch]])
+        roster = Roster.open(plog.roster_bytes)
     assert batches > 0  # the public order does not explain what the last stage received
+    assert roster.meta["order_commitment"] == order_commitment(key)
     monkeypatch.setattr("clicooper_bus.audit.channels.TARGETS", 300)  # followed: 300, not 2,000
     attack = ChannelInference().for_trainer("trainer-1", 1, False)
     attack.per_trainer = False
-    (row,) = audit_run(out, attacks=[attack]).results
-    ch = row["channels"]
+    last = ChannelInference().for_trainer("trainer-2", 2, True)
+    last.per_trainer = False
+    first, second = audit_run(out, attacks=[attack, last]).results
+    ch = first["channels"]
     assert "fwd+matched" in ch and not any(c.endswith("+linked") for c in ch)
     assert 0.0 <= ch["fwd+matched"]["linked_correctly"] <= 1.0
-    assert "linked by matching" in ch["fwd+matched"]["rows_of"]
+    assert "linked by matching, " in ch["fwd+matched"]["rows_of"]
+    # the last stage received every label: it matches only within them
+    assert "linked by matching within received labels" in \
+        second["channels"]["fwd+matched"]["rows_of"]

@@ -236,7 +236,7 @@ def audit_run(run_dir: str | Path, *, force: bool = False, owner: PublicIdentity
     segments, groups = load_model(run.root, replayed.plan, replayed.ack)
     plan = replayed.plan
     order = run_order(run, cfg.privacy.secret_order, len(data.x_train), plan.batch_size,
-                      plan.seed)
+                      plan.seed, replayed.roster.meta.get("order_commitment", ""))
     knowledge, truth, info = gather(replayed, data, segments, cfg, spec, order)
     stages = list(replayed.roster.stages)
     _add_channels(knowledge, audit, run, cfg, data, stages, order)

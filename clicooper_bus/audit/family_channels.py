@@ -33,8 +33,9 @@ def _score(attack: Attack, out: Any, truth: Truth, audit: Audit, progress: Track
         if name.split("+")[0].endswith(SIMULATED):
             rows_of = f"simulated white-box (final weights), {rows_of}: not rows received"
         if "matches" in ch:  # linked by matching (a secret batch order): how well it linked
-            rows_of += (f"; linked by matching, {linked_correctly(ch['matches'], truth):.0%} of "
-                        f"matches the same sample")
+            within = " within received labels" if ch.get("blocks") else ""
+            rows_of += (f"; linked by matching{within}, "
+                        f"{linked_correctly(ch['matches'], truth):.0%} of matches the same sample")
         labels = truth.labels_of(ch["split"], ch["ids"][scored])
         variants = {v: scoring.clustering_scores(p[scored], labels)
                     for v, p in ch["variants"].items()}

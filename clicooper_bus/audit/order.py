@@ -18,7 +18,7 @@ import numpy as np
 from clicooper_bus.errors import ClicooperError, KeyFileError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.attacks.linking import RELEASE, Rows
-from clicooper_bus.ml.data import batch_order, keyed_permutation
+from clicooper_bus.ml.data import batch_order, keyed_permutation, order_commitment
 from clicooper_bus.ml.privacy.secret import load
 
 
@@ -62,14 +62,18 @@ class Order:
 
     def as_attacker_names(self, rows: Rows) -> Rows:
         """Training rows named as an attacker can name them: unchanged under the public
-        order; by release tag under the secret one (evaluation rows are never renamed)."""
+        order; under the secret one by release tag, and put in tag order (epoch, then
+        position), the only order a trainer has: rows kept in the auditor's order of sample
+        ids would line up one sample's releases, row i of every epoch, and hand a matching
+        attack the link (evaluation rows are never renamed)."""
         if not self.secret or rows.split != "train":
             return rows
         named = np.empty(len(rows), np.int64)
         for e in np.unique(rows.epochs):
             sel = rows.epochs == e
             named[sel] = self.tags(int(e), rows.ids[sel])
-        return Rows(rows.kind, RELEASE, named, rows.epochs, rows.x)
+        by_tag = np.argsort(named, kind="stable")
+        return Rows(rows.kind, RELEASE, named[by_tag], rows.epochs[by_tag], rows.x[by_tag])
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -78,19 +82,28 @@ class Order:
         return self._perms[epoch]
 
 
-def run_order(run: RunLayout, secret: bool, n: int, batch_size: int, seed: int) -> Order:
+def run_order(run: RunLayout, secret: bool, n: int, batch_size: int, seed: int,
+              commitment: str = "") -> Order:
     """The run's order: with `secret` (its verified `[privacy] secret_order`), keyed by the
-    owner's `order.secret`. Raises ClicooperError when that key is missing or unreadable: the
-    auditor cannot say which sample a row was without it."""
+    owner's `order.secret`, which must be the key the signed roster's `order_commitment`
+    names. Raises ClicooperError when that key is missing, unreadable or another run's: the
+    auditor cannot say which sample a row was without it, and another key would score every
+    attack against the wrong samples."""
     if not secret:
         return Order(n, batch_size, seed)
     path = run.order_key
     try:
-        return Order(n, batch_size, seed, load(path))
+        key = load(path)
     except FileNotFoundError:
         raise ClicooperError(f"the run used a secret batch order and its key {path} is missing: "
                              f"the auditor needs the owner's order key (mode 0600) to know "
                              f"which sample each release was; copy it from the owner's run "
                              f"directory") from None
-    except KeyFileError as exc:
-        raise ClicooperError(f"the secret batch order's key: {exc}") from None
+    except (KeyFileError, OSError) as exc:
+        raise ClicooperError(f"the secret batch order's key {path} cannot be read: {exc}; the "
+                             f"auditor must run as a user that may read it") from None
+    if order_commitment(key) != commitment:
+        raise ClicooperError(f"{path} is not this run's order key: the signed roster commits to "
+                             f"another (sha256 {commitment[:16] or 'none'}...); copy the key "
+                             f"from this run's owner directory")
+    return Order(n, batch_size, seed, key)

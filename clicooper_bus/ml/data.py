@@ -165,6 +165,13 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int, key: bytes | Non
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def order_commitment(key: bytes) -> str:
+    """SHA-256 (hex) of a domain tag and the order key: what the signed roster carries, so
+    that the auditor can tell the run's key from another's without anyone learning it (the key
+    is 32 random bytes)."""
+    return hashlib.sha256(b"clicooper/order-key/v1\0" + key).hexdigest()
+
+
 def keyed_permutation(n: int, key: bytes, epoch: int) -> np.ndarray:
     """A permutation of range(n) (int64) keyed by `key`: the indices sorted by a keyed PRF of
     (epoch, index), keyed BLAKE2b with a 16-byte output (RFC 7693; `hashlib.blake2b(key=...)`

@@ -42,7 +42,14 @@ from torch import nn
 
 from clicooper_bus.ml.attacks.base import STAGE, Attack, ThreatModel, Track, View, no_progress
 from clicooper_bus.ml.attacks.clustering import cluster_variants
-from clicooper_bus.ml.attacks.linking import RELEASE, Rows, link, link_matched, link_median
+from clicooper_bus.ml.attacks.linking import (
+    RELEASE,
+    Rows,
+    blocks_from,
+    link,
+    link_matched,
+    link_median,
+)
 from clicooper_bus.ml.attacks.nets import apply
 
 SINGLE = 2000  # single releases clustered per channel (the latest first, one per sample)
@@ -226,7 +233,7 @@ class ChannelInference(Attack):
                 # the model's logits: the last stage's own outputs when the owner keeps no tail
                 logits = kind.startswith("own_") and not view.plan.tail and \
                     rows.x.shape[1] == view.plan.n_outputs
-                out.update(self._channel(kind, rows, k, logits))
+                out.update(self._channel(kind, rows, k, logits, channels.get("labels")))
         return out
 
     def _own_outputs(self, view: View, channels: dict[str, Rows]) -> dict[str, Rows]:
@@ -266,7 +273,10 @@ class ChannelInference(Attack):
                         [lookup[int(v)] for v in rows.x[:, 0]], np.int64)
         return {"labels": {"ids": rows.ids, "split": rows.split, "variants": variants}}
 
-    def _channel(self, kind: str, rows, k: int, logits: bool = False) -> dict[str, dict]:
+    def _channel(self, kind: str, rows, k: int, logits: bool = False,
+                 labels: Rows | None = None) -> dict[str, dict]:
+        """Channel `kind`'s single releases, and linked across epochs (by id, or by matching
+        under a secret order, constrained by the `labels` received for the same releases)."""
         pick = _latest_once(rows.ids, rows.epochs, SINGLE)
         if len(pick) < 2 * k:  # too few retained samples to cluster into k groups
             return {}
@@ -274,7 +284,7 @@ class ChannelInference(Attack):
         out = {kind: {"ids": rows.ids[pick], "split": rows.split, "source": source,
                       "variants": self._variants(kind, rows.x[pick], k, logits)}}
         if rows.split == RELEASE:  # a secret order: releases linked by matching, not by id
-            out.update(self._matched(kind, rows, k, logits))
+            out.update(self._matched(kind, rows, k, logits, blocks_from(labels, rows)))
             return out
         ids, mean, counts = link(rows.ids, rows.x)
         sel = _most_linked(counts, 2)
@@ -292,22 +302,28 @@ class ChannelInference(Attack):
                     "variants": self._variants(kind, median[sel], k, logits)}
         return out
 
-    def _matched(self, kind: str, rows: Rows, k: int, logits: bool) -> dict[str, dict]:
-        """`kind+matched` (mean) and, for noisy rows, `kind+matched-median`: releases linked
-        across epochs by `link_matched`, the most linked first."""
-        m = link_matched(rows, seed=self.seed)
+    def _matched(self, kind: str, rows: Rows, k: int, logits: bool,
+                 blocks: np.ndarray | None) -> dict[str, dict]:
+        """Releases linked across epochs by `link_matched`, the most linked first:
+        `kind+matched` (mean), for noisy rows `kind+matched-median` (three or more releases),
+        and `kind+matched-consistent` (the links the matching of the earlier epochs confirms:
+        fewer rows, more of them right)."""
+        m = link_matched(rows, seed=self.seed, blocks=blocks)
         if m is None:
             return {}
-        sel = _most_linked(m.counts, 2)
-        if len(sel) < 2 * k:
-            return {}
-        common = {"ids": m.ids[sel], "split": rows.split, "source": source_of(kind),
-                  "releases": float(m.counts[sel].mean()), "matches": m.matches}
-        out = {f"{kind}+matched": {**common,
-                                   "variants": self._variants(kind, m.mean[sel], k, logits)}}
-        if base_kind(kind) in MEDIAN_LINKED and m.median is not None:
-            out[f"{kind}+matched-median"] = {
-                **common, "variants": self._variants(kind, m.median[sel], k, logits)}
+        how = {"split": rows.split, "source": source_of(kind),
+               **({"blocks": "received labels"} if blocks is not None else {})}
+        picks = {"+matched": (_most_linked(m.counts, 2), m.mean),
+                 "+matched-consistent": (_most_linked(np.where(m.consistent, m.counts, 0), 2),
+                                         m.mean)}
+        if base_kind(kind) in MEDIAN_LINKED:
+            picks["+matched-median"] = (_most_linked(m.counts, 3), m.median)
+        out = {}
+        for suffix, (sel, x) in picks.items():
+            if len(sel) >= 2 * k:
+                out[kind + suffix] = {**how, "ids": m.ids[sel], "matches": m.pairs(sel),
+                                      "releases": float(m.counts[sel].mean()),
+                                      "variants": self._variants(kind, x[sel], k, logits)}
         return out
 
     def _variants(self, kind: str, x: np.ndarray, k: int, logits: bool = False
@@ -347,4 +363,6 @@ class CollusionInference(ChannelInference):
                   for kind, rows in sorted(getattr(view, received_field(s)).items())
                   if kind in ("fwd", "bwd")]
         joined = join(blocks, k)
-        return {} if joined is None else self._channel("joined", joined, k)
+        labels = next((getattr(view, received_field(s)).get("labels") for s in self.stages
+                       if "labels" in getattr(view, received_field(s))), None)
+        return {} if joined is None else self._channel("joined", joined, k, labels=labels)

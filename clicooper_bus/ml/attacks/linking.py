@@ -76,19 +76,30 @@ class Matched:
 
     ids: np.ndarray
     mean: np.ndarray  # N x D float32
-    median: np.ndarray | None  # N x D float32, rows matched in 3 or more epochs; else None
+    median: np.ndarray  # N x D float32 (the mean where a row has fewer than 3 releases)
     counts: np.ndarray
     matches: np.ndarray
+    consistent: np.ndarray  # N bools: every earlier epoch's match agrees with the direct one
+
+    def pairs(self, rows: np.ndarray) -> np.ndarray:
+        """The matches of latest rows `rows` (positions), M x 2 tags."""
+        wanted = np.isin(self.matches[:, 0], self.ids[rows])
+        return self.matches[wanted]
 
 
-def link_matched(rows: Rows, values: np.ndarray | None = None, seed: int = 0
-                 ) -> Matched | None:
+def link_matched(rows: Rows, values: np.ndarray | None = None, seed: int = 0,
+                 blocks: np.ndarray | None = None) -> Matched | None:
     """Linking without sample ids, as a trainer must when the batch order is secret: each
     earlier epoch's rows matched one to one to the latest epoch's, minimising the total squared
     distance between their top MATCH_COMPONENTS principal components (the Hungarian method,
     scipy's `linear_sum_assignment`; PCA first, since fresh noise spreads over every coordinate
     while samples differ in few), then each latest row's `values` (N x D, default the rows)
-    averaged, and their median taken, with its matches'. None with fewer than 2 epochs."""
+    averaged, and their median taken, with its matches'. `blocks` (one int per row, -1 where
+    unknown): what the attacker knows stays the same for a sample in every epoch, such as the
+    label it received, drawn once per image; rows of different known blocks are never matched.
+    A latest row is `consistent` when, with three or more epochs, the direct matching of each
+    pair of consecutive earlier epochs agrees with the two matches through it: the links an
+    attacker can trust. None with fewer than 2 epochs."""
     epochs = np.unique(rows.epochs)
     if len(epochs) < 2:
         return None
@@ -96,20 +107,49 @@ def link_matched(rows: Rows, values: np.ndarray | None = None, seed: int = 0
     vals = flat if values is None else values.reshape(len(rows), -1).astype(np.float64)
     n_comp = int(min(MATCH_COMPONENTS, flat.shape[1], len(flat) - 1))
     z = PCA(n_comp, random_state=seed).fit_transform(flat) if n_comp < flat.shape[1] else flat
-    latest = np.flatnonzero(rows.epochs == epochs[-1])
-    groups = [[i] for i in latest]
-    for e in epochs[:-1]:
-        other = np.flatnonzero(rows.epochs == e)
-        r, c = linear_sum_assignment(cdist(z[latest], z[other], "sqeuclidean"))
-        for i, j in zip(r, c, strict=True):
-            groups[i].append(other[j])
+    at = {e: np.flatnonzero(rows.epochs == e) for e in epochs}
+    latest = at[epochs[-1]]
+    links = {e: _assign(z, latest, at[e], blocks) for e in epochs[:-1]}
+    consistent = np.full(len(latest), len(epochs) >= 3)
+    for a, b in zip(epochs[:-2], epochs[1:-1], strict=True):
+        direct = dict(zip(at[a].tolist(), _assign(z, at[a], at[b], blocks).tolist(), strict=True))
+        consistent &= np.array([links[a][i] >= 0 and direct[links[a][i]] == links[b][i]
+                                for i in range(len(latest))], bool)
+    groups = [[int(i)] + [int(links[e][j]) for e in epochs[:-1] if links[e][j] >= 0]
+              for j, i in enumerate(latest)]
     counts = np.array([len(g) for g in groups])
     mean = np.stack([vals[g].mean(0) for g in groups]).astype(np.float32)
-    median = np.stack([np.median(vals[g], 0) for g in groups]).astype(np.float32) \
-        if counts.min() >= 3 else None
+    median = np.stack([np.median(vals[g], 0) for g in groups]).astype(np.float32)
     matches = np.array([(rows.ids[g[0]], rows.ids[j]) for g in groups for j in g[1:]],
                        np.int64).reshape(-1, 2)
-    return Matched(rows.ids[latest], mean, median, counts, matches)
+    return Matched(rows.ids[latest], mean, median, counts, matches, consistent)
+
+
+def _assign(z: np.ndarray, a: np.ndarray, b: np.ndarray, blocks: np.ndarray | None
+            ) -> np.ndarray:
+    """For each row in `a` (positions), the row of `b` matched to it (-1: none) by least total
+    squared distance; rows of two different known blocks cost more than any other pair."""
+    cost = cdist(z[a], z[b], "sqeuclidean")
+    if blocks is not None:
+        ba, bb = blocks[a][:, None], blocks[b][None, :]
+        clash = (ba != bb) & (ba >= 0) & (bb >= 0)
+        cost[clash] += cost.max() * len(a) + 1.0
+    r, c = linear_sum_assignment(cost)
+    out = np.full(len(a), -1, np.int64)
+    out[r] = b[c]
+    return out
+
+
+def blocks_from(labels: Rows | None, rows: Rows) -> np.ndarray | None:
+    """Each of `rows`' received label, from a labels channel of the same release tags (the
+    label of an image is the same every epoch, so it constrains linking), -1 where none was
+    received; None without such a channel."""
+    if labels is None or labels.split != RELEASE or rows.split != RELEASE or not len(labels):
+        return None
+    order = np.argsort(labels.ids, kind="stable")
+    tags, y = labels.ids[order], labels.x.reshape(len(labels), -1)[order, 0]
+    pos = np.clip(np.searchsorted(tags, rows.ids), 0, len(tags) - 1)
+    return np.where(tags[pos] == rows.ids, y[pos], -1).astype(np.int64)
 
 
 def link_releases(rows: Rows, values: np.ndarray, seed: int = 0

@@ -26,13 +26,7 @@ def secret_path(keys: str | os.PathLike[str], owner: str) -> Path:
 
 def load_or_create(keys: str | os.PathLike[str], owner: str) -> bytes:
     """Read the owner's secret, creating it (0600, never widened) on first use."""
-    return load_or_create_at(secret_path(keys, owner))
-
-
-def load_or_create_at(path: Path) -> bytes:
-    """Read the 32-byte hex secret at `path`, creating it (0600, never widened) on first use:
-    the owner's secret, and the batch order key of a run (`RunLayout.order_key`). Raises
-    KeyFileError for one readable by group or others, or not a 32-byte hex secret."""
+    path = secret_path(keys, owner)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -45,6 +45,13 @@ def write_label_groups(layout: RunLayout, groups) -> None:
     write_atomic(layout.label_groups, json.dumps(doc), mode=0o600)
 
 
+def write_order_key(layout: RunLayout, key: bytes) -> None:
+    """The secret batch order's key, for the owner's auditor only (0600, hex, as the owner's
+    secret is kept): the signed roster commits to it (`order_commitment`)."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_atomic(layout.order_key, key.hex() + "\n", mode=0o600)
+
+
 def write_summary(layout: RunLayout, summary: dict) -> None:
     """`summary.json`. Raises ValueError naming the key of a NaN or infinity rather than write
     invalid JSON (received values are checked finite before use, so none should reach it)."""

@@ -75,6 +75,8 @@ class Owner(Rejoins, Resumes, Handovers, Ending):
                               f"{self.layout.root}")
         else:
             artefacts.write_config(self.layout, cfg)
+            if self.setup.order_key is not None:
+                artefacts.write_order_key(self.layout, self.setup.order_key)
         roster = self.setup.roster
         self.bus: Bus = open_bus(cfg, self.ident, Verifier(roster, cfg.run.id, partial=True))
         self.bus.bind(roster)

@@ -4,15 +4,15 @@ the defences, the training plan and the roster that signs them."""
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass
 
 from clicooper_bus.config import RunConfig
-from clicooper_bus.layout import RunLayout
-from clicooper_bus.ml.data import Dataset, load_dataset
+from clicooper_bus.ml.data import Dataset, load_dataset, order_commitment
 from clicooper_bus.ml.models import ModelSpec, build_segments, configured_split
 from clicooper_bus.ml.privacy import defences as privacy
 from clicooper_bus.ml.privacy.nopeek import HeadPenalty
-from clicooper_bus.ml.privacy.secret import load_or_create, load_or_create_at, run_key
+from clicooper_bus.ml.privacy.secret import load_or_create, run_key
 from clicooper_bus.ml.split import SegmentTrainer
 from clicooper_bus.net.identity import Identity, PublicIdentity
 from clicooper_bus.net.roster import Roster
@@ -65,15 +65,15 @@ def build(cfg: RunConfig, ident: Identity, trainer_keys: list[PublicIdentity],
         if pv.nopeek or pv.label_dcor else None
     head.penalty = penalty
     tail = SegmentTrainer(segments[-1], lr=cfg.run.lr) if tail_at else None
+    # fresh for every run (a run with defences is never resumed); the roster commits to it
+    order_key = secrets.token_bytes(32) if pv.secret_order else None
     roster = Roster.build(
         cfg.run.id, owner=ident.public, trainers=trainer_keys, notary=notary_key,
         meta={"plan": plan.to_meta(), "model_spec": spec.digest(plan.segment_cuts),
               "config": cfg.digest(), "dataset": data.name, "model": spec.name,
-              **watermark_meta(cfg, len(data.x_train)), **states_meta(cfg)},
+              **watermark_meta(cfg, len(data.x_train)), **states_meta(cfg),
+              **({"order_commitment": order_commitment(order_key)} if order_key else {})},
         standby=[public_key(p.keys, n) for n in p.standby])
-    # kept in the run directory, not drawn per process: a restarted owner must resume the
-    # epoch in the order its trainers already saw part of
-    order_key = load_or_create_at(RunLayout(cfg.run_dir).order_key) if pv.secret_order else None
     return OwnerSetup(data, spec, cuts, plan, segments, defences, head, tail, roster, penalty,
                       order_key)
 
