@@ -155,7 +155,7 @@ def test_the_auditor_refuses_a_secret_order_without_its_key_or_with_another(tmp_
     with pytest.raises(ClicooperError, match="not this run's order key"):
         run_order(layout, True, 10, 2, 0, order_commitment(bytes(32)))
     layout.order_key.chmod(0o644)
-    with pytest.raises(ClicooperError, match="cannot be read: .*readable by group or others"):
+    with pytest.raises(ClicooperError, match="cannot be used: .*readable by group or others"):
         run_order(layout, True, 10, 2, 0, order_commitment(KEY))
 
 

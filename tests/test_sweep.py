@@ -155,3 +155,15 @@ def test_seeds_run_a_configuration_several_times_and_report_mean_and_range(tmp_p
     assert seeds_line([r])[0].startswith("Seeds: each configuration ran 3 time(s)")
     one = aggregate("b", rows[:1])
     assert one["seeds"] == 1 and "spread" not in one and seeds_line([one]) == []
+
+
+def test_the_auditor_fingerprint_follows_what_the_code_does_not_its_prose():
+    from clicooper_bus.tools.sweep_record import behaviour
+
+    code = b'"""A module."""\nX = 1  # why\n\n\ndef f():\n    """Doc."""\n    return "m"\n'
+    reworded = b'"""Better prose."""\nX = 1\n\n\ndef f():\n    """Other doc."""\n    return "m"\n'
+    assert behaviour(code) == behaviour(reworded)
+    assert behaviour(code) != behaviour(code.replace(b"X = 1", b"X = 2"))
+    assert behaviour(code) != behaviour(code.replace(b'"m"', b'"n"'))  # a message is behaviour
+    only_doc = b'def f():\n    """Only a docstring."""\n'
+    assert behaviour(only_doc) == behaviour(b"def f():\n    pass\n")

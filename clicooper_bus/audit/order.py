@@ -93,14 +93,17 @@ def run_order(run: RunLayout, secret: bool, n: int, batch_size: int, seed: int,
         return Order(n, batch_size, seed)
     path = run.order_key
     try:
-        key = load(path)
+        key = load(path, remedy="it cannot be made again: copy it, mode 0600, from this run's "
+                                "owner directory")
     except FileNotFoundError:
         raise ClicooperError(f"the run used a secret batch order and its key {path} is missing: "
                              f"the auditor needs the owner's order key (mode 0600) to know "
                              f"which sample each release was; copy it from the owner's run "
                              f"directory") from None
-    except (KeyFileError, OSError) as exc:
-        raise ClicooperError(f"the secret batch order's key {path} cannot be read: {exc}; the "
+    except KeyFileError as exc:
+        raise ClicooperError(f"the secret batch order's key cannot be used: {exc}") from None
+    except OSError as exc:
+        raise ClicooperError(f"the secret batch order's key {path} cannot be read ({exc}): the "
                              f"auditor must run as a user that may read it") from None
     if order_commitment(key) != commitment:
         raise ClicooperError(f"{path} is not this run's order key: the signed roster commits to "

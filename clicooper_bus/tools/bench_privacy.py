@@ -122,9 +122,6 @@ def _filter_ms(f: ActivationFilter, n: int = 100) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 def _secret_order(step_ms: float, n_train: int = 60000, repeats: int = 3) -> None:
     """Lever 1: the secret batch order, computed once per epoch for the full Fashion-MNIST
@@ -145,3 +142,7 @@ def _secret_order(step_ms: float, n_train: int = 60000, repeats: int = 3) -> Non
     print(f"  {'secret order':18s} {secret * 1e3:7.1f} ms (public {public * 1e3:.1f} ms) = "
           f"{secret / steps * 1e3:5.3f} ms a step, {secret / steps * 1e3 / step_ms * 100:4.2f} % "
           f"of an in-process step")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,10 +10,12 @@ running the configuration again, and finishes the grid in parts.
 
 The fingerprint is SHA-256 over the sources that decide a row's measurements: the privacy
 mechanisms (`ml/privacy`), the attacks (`ml/attacks`) and the auditor (`audit/`, less replay
-verification, which no row reads). A row recorded with another fingerprint is not reused: the
-run is made again. Training code is not in it; its changes are
-held to the in-process reference by the tests (`tests/test_training.py`), bit for bit where
-they can be.
+verification, which no row reads), each as its syntax tree without docstrings (`ast.dump`;
+comments are not in the tree), so that a corrected docstring or comment keeps the rows while
+any change to what the code does, an error message's text included, drops them. A row
+recorded with another fingerprint is not reused: the run is made again. Training code is not
+in it; its changes are held to the in-process reference by the tests
+(`tests/test_training.py`), bit for bit where they can be.
 
 Format (JSON): `{"format": "clicooper-sweep-record/1", "runs": {NAME: {"made_with": {...},
 "auditor": HEX, "row": {...}}}}`.
@@ -21,6 +23,7 @@ Format (JSON): `{"format": "clicooper-sweep-record/1", "runs": {NAME: {"made_wit
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ from typing import Any
 from clicooper_bus.errors import ConfigError
 from clicooper_bus.layout import write_atomic
 
-__all__ = ["FORMAT", "Record", "auditor_fingerprint", "record_path"]
+__all__ = ["FORMAT", "Record", "auditor_fingerprint", "behaviour", "record_path"]
 
 FORMAT = "clicooper-sweep-record/1"
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -42,7 +45,8 @@ NOT_FINGERPRINTED = ("audit/training_replay.py", "audit/replay_timeline.py",
 
 
 def auditor_fingerprint(package: Path = PACKAGE) -> str:
-    """SHA-256 (hex) over the path and bytes of every source in `FINGERPRINTED`."""
+    """SHA-256 (hex) over the path and the behaviour (`behaviour`) of every source in
+    `FINGERPRINTED`. Raises SyntaxError for a source that does not parse."""
     h = hashlib.sha256()
     files: list[Path] = []
     for part in FINGERPRINTED:
@@ -52,9 +56,22 @@ def auditor_fingerprint(package: Path = PACKAGE) -> str:
         rel = f.relative_to(package).as_posix()
         if rel in NOT_FINGERPRINTED:
             continue
-        data = f.read_bytes()
+        data = behaviour(f.read_bytes())
         h.update(f"{rel}\0{len(data)}\0".encode() + data)
     return h.hexdigest()
+
+
+def behaviour(source: bytes) -> bytes:
+    """A Python source's syntax tree without its docstrings (module, class and function), as
+    `ast.dump` text: what the code does, not what its prose says."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) \
+                and node.body and isinstance(node.body[0], ast.Expr) \
+                and isinstance(node.body[0].value, ast.Constant) \
+                and isinstance(node.body[0].value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
 
 
 def record_path(doc: Path) -> Path:

@@ -20,11 +20,13 @@ A trainer sees more than the first stage's activations: its `fwd` from its prede
   in (the batch order is a public function of the roster's seed), then clustered: fresh noise
   per release averages out; on activation channels also the coordinate-wise median of three
   or more releases (`+linked-median`: the location estimate that Laplace noise does not move);
-- under a secret batch order (rows named by release tag, split `release`: the attacker does
-  not know which sample a row is) linking by matching instead (`+matched`, `+matched-median`):
-  each earlier epoch's releases paired one to one with the latest epoch's by least total
-  distance (`link_matched`), then averaged as above; the auditor scores how many pairs were
-  right beside the labels.
+- under a secret batch order (rows named by release tag, split `release`, in tag order: the
+  attacker does not know which sample a row is) linking by matching instead (`+matched`,
+  `+matched-median`, `+matched-consistent`): each earlier epoch's releases paired one to one
+  with the latest epoch's by least total squared distance on the top 50 principal components
+  (`link_matched`), within the label the trainer received for each release where it received
+  labels, then averaged as above; the auditor scores how many pairs were right beside the
+  labels.
 The auditor scores each channel and reports the strongest, naming the channel. One instance
 per trainer, non-colluding: its view holds only that trainer's channels; and, with two or more
 trainers, one for all of them colluding, which joins what they received of the same sample in

@@ -28,7 +28,7 @@ class Rows:
     `split`) as released in epoch `epochs[i]`; `x` holds the rows, float32 or int64 (labels)."""
 
     kind: str
-    split: str  # "train" or "test"
+    split: str  # "train", "test", or "release" (training rows named by release tag)
     ids: np.ndarray
     epochs: np.ndarray
     x: np.ndarray
@@ -96,7 +96,9 @@ def link_matched(rows: Rows, values: np.ndarray | None = None, seed: int = 0,
     while samples differ in few), then each latest row's `values` (N x D, default the rows)
     averaged, and their median taken, with its matches'. `blocks` (one int per row, -1 where
     unknown): what the attacker knows stays the same for a sample in every epoch, such as the
-    label it received, drawn once per image; rows of different known blocks are never matched.
+    label it received, drawn once per image; rows of two different known blocks are matched
+    only where the blocks' sizes differ between the two epochs and force it (every row of the
+    smaller side is assigned).
     A latest row is `consistent` when, with three or more epochs, the direct matching of each
     pair of consecutive earlier epochs agrees with the two matches through it: the links an
     attacker can trust. None with fewer than 2 epochs."""

@@ -41,7 +41,11 @@ def load_or_create(keys: str | os.PathLike[str], owner: str) -> bytes:
     return load(path)
 
 
-def load(path: Path) -> bytes:
+def load(path: Path, remedy: str = "remove it to make a new one (runs made with the old one can "
+                                   "no longer be decoded)") -> bytes:
+    """The 32-byte secret in the hex file at `path` (owner-only, mode 0600). Raises KeyFileError
+    for one readable by group or others, or not a 32-byte hex secret (saying `remedy`), and
+    OSError as the file system does."""
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"the owner-only secret {path} is readable by group or others: run "
@@ -51,8 +55,7 @@ def load(path: Path) -> bytes:
     except ValueError:
         raw = b""
     if len(raw) != SIZE:
-        raise KeyFileError(f"{path} does not hold a {SIZE}-byte hex secret; remove it to make a "
-                           f"new one (runs made with the old one can no longer be decoded)")
+        raise KeyFileError(f"{path} does not hold a {SIZE}-byte hex secret; {remedy}")
     return raw
 
 
