@@ -257,10 +257,12 @@ class PrivacySection:
                                   "on the delivered model (nothing of the test set is released)",
                          choices=("chain", "owner"))
     secret_order: bool = _doc(False, "secret batch order: each epoch's order is keyed by a "
-                                     "key only the owner holds (order.secret in the run "
-                                     "directory), so a trainer cannot link one sample's "
-                                     "releases across epochs by position; needs evaluate = "
-                                     "owner")
+                                     "key drawn fresh for each run (order.secret in the run "
+                                     "directory, 0600; the signed roster commits to it, and "
+                                     "the auditor needs it to score), so a trainer knows only "
+                                     "where a release came in its epoch, not which sample it "
+                                     "was, and can link one sample's releases across epochs "
+                                     "only by matching them; needs evaluate = owner")
     label_epsilon: float = _doc(0.0, "randomised response on each training label, drawn once "
                                      "per sample from the owner's secret: the epsilon of the "
                                      "label-DP it gives the whole transcript (0: off)",

@@ -112,8 +112,9 @@ class Plan:
     # empty only in plans from before specs were data, which name a built-in model
     layers: tuple[dict[str, Any], ...] = ()
     # the training and test set sizes and the step limit ([run] max_steps, 0: none): with the
-    # batch size, every step's and evaluation batch's exact rows (the owner's batch order is a
-    # public function of them: `ml.data.batch_order`), and when an epoch's training is over,
+    # batch size, every step's and evaluation batch's exact rows (the batch sizes are a public
+    # function of them, `ml.data.batch_rows`; the samples too unless `secret_order`), and when
+    # an epoch's training is over,
     # so that a stage refuses a batch a row short or an evaluation batch outside the
     # protocol naming its sender; 0 in plans from before they were carried (rows 1..batch_size)
     train_size: int = 0

@@ -1,5 +1,6 @@
 """What the owner leaves in its run directory (`clicooper_bus.layout.RunLayout`): the config
-it ran, the assembled model, the owner-only label groups, the summary, and the provenance
+it ran, the assembled model, the owner-only label groups and secret batch order key (0600),
+the summary, and the provenance
 bundle `clicooper model verify` reads. Every file goes through the one atomic writer."""
 
 from __future__ import annotations
