@@ -195,3 +195,13 @@ def test_a_run_sends_the_secret_order_and_the_auditor_links_it_only_by_matching(
     # the last stage received every label: it matches only within them
     assert "linked by matching within received labels" in \
         second["channels"]["fwd+matched"]["rows_of"]
+
+
+def test_a_few_confirmed_links_are_not_scored():
+    """Noise that leaves a few dozen confirmed links by chance gives no `+matched-consistent`
+    channel: on so few rows the best clustering variant reads structure out of noise."""
+    _, rows, _ = _releases(30.0)
+    m = link_matched(rows)
+    assert m.consistent.sum() < 200
+    out = ChannelInference("t", 0).for_trainer("t")._channel("fwd", rows, 5)
+    assert "fwd+matched" in out and "fwd+matched-consistent" not in out
