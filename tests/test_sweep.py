@@ -167,3 +167,12 @@ def test_the_auditor_fingerprint_follows_what_the_code_does_not_its_prose():
     assert behaviour(code) != behaviour(code.replace(b'"m"', b'"n"'))  # a message is behaviour
     only_doc = b'def f():\n    """Only a docstring."""\n'
     assert behaviour(only_doc) == behaviour(b"def f():\n    pass\n")
+
+
+def test_a_row_names_the_secret_order_among_its_defences():
+    from clicooper_bus.tools.sweep import _defence
+
+    assert _defence({"secret_order": True, "evaluate": "owner"}) == \
+        "owner-side evaluation + secret batch order"
+    assert _defence({"secret_order": True, "release": "per-step"}) == "secret batch order"
+    assert _defence({"evaluate": "owner"}) == "owner-side evaluation"
