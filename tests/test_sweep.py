@@ -176,3 +176,31 @@ def test_a_row_names_the_secret_order_among_its_defences():
         "owner-side evaluation + secret batch order"
     assert _defence({"secret_order": True, "release": "per-step"}) == "secret batch order"
     assert _defence({"evaluate": "owner"}) == "owner-side evaluation"
+
+
+def test_the_paper_table_shows_what_the_owner_ends_with_beside_the_split_model_and_control(
+        tmp_path):
+    """docs/RESULTS.md from three recorded rows: the delivered accuracy, then the split-trained
+    model's and the control arm's, the owner's share, and the targets judged against the
+    undefended row at the same cut."""
+    from clicooper_bus.tools.sweep import Grid
+    from clicooper_bus.tools.sweep_docs import write_results
+
+    recorded = json.loads(Path("docs/PRIVACY.runs.json").read_text())["runs"]
+    rows = []
+    for name, source in (("undefended", "undefended"), ("paper", "order"),
+                         ("defended", "tail-gauss-0.3-rr-0.4-order-ft")):
+        rows.append({**recorded[source]["row"], "name": name})
+    d = rows[2]
+    doc = tmp_path / "RESULTS.md"
+    write_results(Grid(tmp_path / "grid.toml", tmp_path / "runs", doc, "results", []), rows,
+                  "clicooper sweep grid.toml")
+    text = doc.read_text()
+    split = next(line for line in text.splitlines() if "split-trained model" in line)
+    assert f"{d['split_accuracy']:.4f} / {d['control_accuracy']:.4f}" in split
+    assert split.count(" / -") == 2  # no fine-tune, no control arm
+    share = next(line for line in text.splitlines() if "owner's share of the training" in line)
+    assert f"{d['owner_share']:.1%}" in share
+    verdict = next(line for line in text.splitlines() if line.startswith("| accuracy within"))
+    assert "**missed**" in verdict and f"{d['accuracy']:.4f}" in verdict
+    assert "RESULTS.runs.json" in text and "findings under them are" in text
