@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from clicooper_bus.config_checks import cross_checks
 from clicooper_bus.errors import ConfigError
+from clicooper_bus.model_spec import inline_spec
 
 MAX_IN_FLIGHT = 8  # training batches in flight at most: what a trainer accepts to hold
 MAX_BATCH_SIZE = 1 << 16  # samples per step at most: what a trainer accepts (plan.py)
@@ -70,43 +72,6 @@ class DataSection:
                          ".npz file for npz")
     train_limit: int = _doc(0, "use only the first N training samples (0: all)", min=0)
     test_limit: int = _doc(0, "use only the first N test samples (0: all)", min=0)
-
-
-ZOO = Path(__file__).parent / "ml" / "zoo"  # the built-in model specs, one NAME.toml each
-SPEC_KEYS = ("name", "description", "default_cut", "layers")  # what a spec file may hold
-
-
-def builtin_models() -> list[str]:
-    """The names of the built-in model specs (`clicooper_bus/ml/zoo/NAME.toml`)."""
-    return sorted(p.stem for p in ZOO.glob("*.toml"))
-
-
-def read_spec_file(path: str | Path) -> dict[str, Any]:
-    """A model spec file as data: `name` (str), `default_cut` (int, 0: none given),
-    `description` (str) and `layers` (a list of tables with `op`). Only the file's structure
-    is checked here (torch-free); the layers are checked against a dataset's shape by
-    `clicooper_bus.ml.models.resolve_spec`. Raises ConfigError naming the file."""
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"model spec file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"model spec file {path} is not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - set(SPEC_KEYS))
-    if unknown:
-        raise ConfigError(f"model spec file {path}: unknown key(s) {', '.join(unknown)}; a spec "
-                          f"holds {', '.join(SPEC_KEYS)}")
-    spec = {"name": doc.get("name", Path(path).stem), "description": doc.get("description", ""),
-            "default_cut": doc.get("default_cut", 0), "layers": doc.get("layers")}
-    if not isinstance(spec["name"], str) or not isinstance(spec["description"], str):
-        raise ConfigError(f"model spec file {path}: name and description must be strings")
-    if type(spec["default_cut"]) is not int or spec["default_cut"] < 0:
-        raise ConfigError(f"model spec file {path}: default_cut must be a layer index (an "
-                          f"integer >= 1), got {spec['default_cut']!r}")
-    if not isinstance(spec["layers"], list) or not spec["layers"]:
-        raise ConfigError(f"model spec file {path}: needs a non-empty list of layers, e.g. "
-                          f"[[layers]] tables with op = \"conv2d\", out = 16, kernel = 3")
-    return spec
 
 
 @dataclass
@@ -377,8 +342,8 @@ def config_from_text(text: str, path: str | Path | None,
                     raise ConfigError(f"{source}: unknown key [{section}] {key}; keys are "
                                       f"{', '.join(known)}")
                 setattr(obj, key, _check(f"{source}: [{section}] {key}", known[key], value))
-    _model_checks(cfg.model, name, spec_dir, named)
-    _cross_checks(cfg, name)
+    inline_spec(cfg.model, name, spec_dir, named)
+    cross_checks(cfg, name)
     return cfg
 
 
@@ -390,110 +355,6 @@ def missing_keys(text: str) -> list[str]:
     return [f"{f.name}.{k.name}" for f in fields(RunConfig)
             for k in fields(getattr(RunConfig(), f.name))
             if k.name not in (doc.get(f.name) or {})]
-
-
-def _model_checks(m: ModelSection, name: str, spec_dir: Path, named: bool) -> None:
-    """Inline a spec file's layers into the section (so the run's config.toml is whole) and
-    check the section's structure; the layers themselves are checked against the data by
-    `clicooper_bus.ml.models.resolve_spec` (`clicooper run` and `clicooper plan` do, before
-    anything starts)."""
-    where = f"{name}: [model]"
-    if m.spec and m.layers:
-        raise ConfigError(f"{where} gives both spec (a file) and layers (inline): keep one")
-    if m.spec:
-        path = Path(m.spec) if Path(m.spec).is_absolute() else spec_dir / m.spec
-        try:
-            doc = read_spec_file(path)
-        except ConfigError as exc:
-            raise ConfigError(f"{where} spec: {exc}") from None
-        m.layers, m.spec = doc["layers"], ""
-        m.default_cut = m.default_cut or doc["default_cut"]
-        m.name = m.name if named else doc["name"]
-    elif m.layers:
-        m.name = m.name if named else "custom"
-    elif m.name not in builtin_models():
-        raise ConfigError(f"{where} name: {m.name!r} is not a built-in model "
-                          f"({', '.join(builtin_models())}); for your own, give `spec` (a file) "
-                          f"or `layers`")
-    bad = next((i for i, layer in enumerate(m.layers) if not isinstance(layer, dict)), None)
-    if bad is not None:
-        raise ConfigError(f"{where} layers: layer {bad} must be a table with op = ..., got "
-                          f"{m.layers[bad]!r}")
-
-
-def _cross_checks(cfg: RunConfig, name: str) -> None:
-    from clicooper_bus.net.identity import check_name
-
-    try:
-        check_name(cfg.run.id, "run id")
-        p = cfg.participants
-        names = [p.owner, p.notary, *p.trainers, *p.standby, *p.observers, p.broker]
-        for n in names:
-            check_name(n, "participant name")
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-    if not set(p.remote) <= set(p.trainers):
-        raise ConfigError(f"{name}: [participants] remote {sorted(set(p.remote) - set(p.trainers))} "
-                          f"are not trainers: list them in `trainers` too (their stage order)")
-    from clicooper_bus.net.curve import check_security  # raises ConfigError itself
-
-    check_security(cfg.bus.security, *(a for a in (cfg.bus.pub, cfg.bus.sub, cfg.bus.witness) if a))
-    if cfg.bus.rejoin_timeout_s < cfg.bus.timeout_s:
-        raise ConfigError(f"{name}: [bus] rejoin_timeout_s ({cfg.bus.rejoin_timeout_s:g} s) is "
-                          f"shorter than timeout_s ({cfg.bus.timeout_s:g} s): a silent peer is "
-                          f"suspected after timeout_s and gone after rejoin_timeout_s; raise "
-                          f"rejoin_timeout_s to at least {cfg.bus.timeout_s:g}")
-    t = cfg.participants.trainers
-    if not 1 <= len(t) <= 8 or len(set(t)) != len(t):
-        raise ConfigError(f"{name}: [participants] trainers must name 1 to 8 distinct trainers")
-    if "all" in names:
-        raise ConfigError(f"{name}: [participants] 'all' is the addressee of broadcast messages, "
-                          f"not a participant name: choose another")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{name}: [participants] names a key twice: every participant, and "
-                          f"the broker, has its own key")
-    if any(type(c) is not int for c in cfg.model.cuts):
-        raise ConfigError(f"{name}: [model] cuts must be integers")
-    if cfg.model.cuts and len(cfg.model.cuts) != len(t):
-        raise ConfigError(f"{name}: [model] cuts needs one index per trainer ({len(t)})")
-    _privacy_checks(cfg.privacy, name)
-    from clicooper_bus.tlog.retention import Retention
-
-    try:
-        Retention.parse(cfg.log.retention)
-    except ConfigError as exc:
-        raise ConfigError(f"{name}: [log] retention: {exc}") from None
-
-
-def _privacy_checks(p: PrivacySection, name: str) -> None:
-    where = f"{name}: [privacy]"
-    if p.mechanism == "none" and (p.epsilon or p.noise_multiplier):
-        raise ConfigError(f"{where} epsilon and noise_multiplier need a mechanism (gaussian or "
-                          f"laplace)")
-    if p.mechanism != "none" and bool(p.epsilon) == bool(p.noise_multiplier):
-        raise ConfigError(f"{where} mechanism {p.mechanism} needs exactly one of epsilon (a "
-                          f"target) or noise_multiplier (a noise level)")
-    if p.delta >= 1:
-        raise ConfigError(f"{where} delta must be below 1, got {p.delta}")
-    if p.owner_tail and p.label_gamma > 1:
-        raise ConfigError(f"{where} label_gamma has no effect with owner_tail (no label leaves "
-                          f"the owner): set label_gamma = 1")
-    if p.release == "once" and (p.nopeek or p.label_dcor):
-        raise ConfigError(f"{where} nopeek and label_dcor train the head, which release = once "
-                          f"keeps fixed")
-    if (p.finetune_epochs or p.finetune_samples or p.finetune_control) and not p.owner_tail:
-        raise ConfigError(f"{where} the fine-tune trains the owner's head and tail: set "
-                          f"owner_tail = true, or finetune_epochs = 0")
-    if p.secret_order and p.evaluate != "owner":
-        raise ConfigError(f"{where} secret_order hides the training order only: evaluation "
-                          f"through the trainers sends the test split in its fixed order, one "
-                          f"image's releases linkable across epochs; set evaluate = \"owner\"")
-    if 0 < p.label_epsilon < 1e-9:
-        raise ConfigError(f"{where} label_epsilon {p.label_epsilon:g} is finer than randomised "
-                          f"response resolves: use 0 (off) or 1e-9 or more")
-    if (p.finetune_samples or p.finetune_control) and not p.finetune_epochs:
-        raise ConfigError(f"{where} finetune_samples and finetune_control need finetune_epochs "
-                          f"> 0")
 
 
 def _toml_value(v: Any) -> str:

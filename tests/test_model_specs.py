@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from clicooper_bus.config import ZOO, builtin_models, load_config
+from clicooper_bus.config import load_config
 from clicooper_bus.errors import ConfigError
 from clicooper_bus.layout import RunLayout
 from clicooper_bus.ml.delivered import load_model, model_metadata
@@ -30,6 +30,7 @@ from clicooper_bus.ml.models import (
     resolve_spec,
     state_dict_with_prefix,
 )
+from clicooper_bus.model_spec import ZOO, builtin_models
 from clicooper_bus.net.identity import load_public
 from clicooper_bus.plan import Plan
 from clicooper_bus.tlog.logverify import verify_log

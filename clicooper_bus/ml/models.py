@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from clicooper_bus.config import ZOO, RunConfig, builtin_models, read_spec_file
+from clicooper_bus.config import RunConfig
 from clicooper_bus.errors import ConfigError
 from clicooper_bus.ml.build import (  # noqa: F401  (the package's import point)
     WeightsMismatch,
@@ -42,6 +42,7 @@ from clicooper_bus.ml.spec import (  # noqa: F401
     resolve_spec,
     shape_str,
 )
+from clicooper_bus.model_spec import ZOO, builtin_models, read_spec_file
 from clicooper_bus.plan import Plan
 
 
