@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from clicooper_bus.errors import ConfigError
-from clicooper_bus.tools.sweep import aggregate, judge, load_grid, sweep
+from clicooper_bus.tools.sweep import judge, load_grid, sweep
 from clicooper_bus.tools.sweep_docs import _m, seeds_line
+from clicooper_bus.tools.sweep_rows import aggregate
 from tests.busrun import write_config
 
 ATTACKS = "clustering,class-mean,extraction-50"  # the machinery, not the attacks: cheap ones
@@ -87,6 +88,11 @@ privacy = {{ mechanism = "gaussian", noise_multiplier = 0.3, owner_tail = true, 
     out = capsys.readouterr().out
     assert out.count("reusing its row in PRIVACY.runs.json") == 2, out
     assert _tables(tmp_path / "PRIVACY.md") == _tables_of(written)
+    # --doc writes another document from the grid's record: it runs nothing
+    assert sweep(str(grid), doc=str(tmp_path / "OTHER.md")) == 0
+    assert capsys.readouterr().out.count("reusing its row in PRIVACY.runs.json") == 2
+    assert _tables(tmp_path / "OTHER.md") == _tables_of(written)
+    assert not (tmp_path / "runs/sweep/undefended").exists()
     monkeypatch.setattr("clicooper_bus.tools.sweep.auditor_fingerprint", lambda: "another")
     assert sweep(str(grid), status=True) == 0
     assert "0 of 2 runs measured" in capsys.readouterr().out
@@ -170,7 +176,7 @@ def test_the_auditor_fingerprint_follows_what_the_code_does_not_its_prose():
 
 
 def test_a_row_names_the_secret_order_among_its_defences():
-    from clicooper_bus.tools.sweep import _defence
+    from clicooper_bus.tools.sweep_rows import _defence
 
     assert _defence({"secret_order": True, "evaluate": "owner"}) == \
         "owner-side evaluation + secret batch order"

@@ -483,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("grid", help="grid file (TOML), e.g. configs/sweep.toml")
     sw.add_argument("--only", help="comma-separated run names to run (default: all)")
     sw.add_argument("--fresh", action="store_true", help="rerun runs that already have a report")
-    sw.add_argument("--doc", help="write this document instead of the grid's")
+    sw.add_argument("--doc", help="write this document instead of the grid's (from the same "
+                    "runs and the grid's record)")
     sw.add_argument("--status", action="store_true",
                     help="say which runs are measured (in the grid's out directory), recorded "
                          "(beside the document: docs/PRIVACY.runs.json) or left; run nothing")

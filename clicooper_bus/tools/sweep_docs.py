@@ -1,7 +1,7 @@
 """The documents `clicooper sweep` writes from its measured rows: the privacy frontier
 (docs/PRIVACY.md and its figure) and the paper table (docs/RESULTS.md), each with the
 `defended` targets judged on the measured numbers. Every number comes from a row of
-`clicooper_bus.tools.sweep.row` (a run's summary and audit report); nothing is typed in.
+`clicooper_bus.tools.sweep_rows.row` (a run's summary and audit report); nothing is typed in.
 """
 
 from __future__ import annotations

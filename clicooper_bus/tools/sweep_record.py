@@ -3,7 +3,7 @@
 
 A full sweep takes hours on 2 cores, and its run directories (`runs/sweep`, gigabytes of logs)
 stay on the machine that made them. The record keeps what the document is written from: each
-finished run's row (`sweep.row`: its summary's and audit report's numbers), the settings it was
+finished run's row (`sweep_rows.row`: its summary's and audit report's numbers), the settings it was
 made with (`sweep._made_with`, the config path relative to the working directory) and the
 auditor's fingerprint. A sweep on another checkout or machine reuses a recorded row instead of
 running the configuration again, and finishes the grid in parts.
