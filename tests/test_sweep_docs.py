@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from clicooper_bus.tools.sweep import aggregate, label_inference
 from clicooper_bus.tools.sweep_docs import extraction_gain, judge, label_cell
+from clicooper_bus.tools.sweep_rows import aggregate, label_inference
 
 ALONE = {"party": "trainer-2, alone (non-colluding)"}
 TOGETHER = {"party": "all trainers colluding (trainer-1, trainer-2)"}
@@ -101,7 +101,7 @@ def test_the_owner_share_the_control_arm_and_the_label_epsilon_are_judged():
 
 
 def test_a_rows_accuracy_is_what_the_owner_ends_with():
-    from clicooper_bus.tools.sweep import accuracies
+    from clicooper_bus.tools.sweep_rows import accuracies
 
     plain = {"test_accuracy": 0.61, "owner_flops_share": 0.072}
     assert accuracies(plain) == {"accuracy": 0.61, "split_accuracy": 0.61,
