@@ -4,6 +4,7 @@ targets are judged on the measured numbers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -100,6 +101,27 @@ privacy = {{ mechanism = "gaussian", noise_multiplier = 0.3, owner_tail = true, 
     monkeypatch.chdir(tmp_path)
     assert sweep(str(grid), status=True) == 0
     assert "2 of 2 runs measured" in capsys.readouterr().out
+    # the record names a run by its config's settings: a comment keeps the rows, a changed
+    # value drops them; a row kept in the older form (the config's bytes) is rewritten in
+    # today's while those bytes are unchanged
+    path = tmp_path / "PRIVACY.runs.json"
+    kept = json.loads(path.read_text())
+    legacy = kept["runs"]["undefended"]["made_with"]
+    del legacy["settings_sha256"]
+    legacy["config_sha256"] = hashlib.sha256(base.read_bytes()).hexdigest()
+    path.write_text(json.dumps(kept))
+    assert sweep(str(grid), status=True) == 0
+    assert "2 of 2 runs measured" in capsys.readouterr().out
+    assert "settings_sha256" in json.loads(path.read_text())["runs"]["undefended"]["made_with"]
+    text = base.read_text()
+    base.write_text("# a comment no run depends on\n" + text)
+    assert sweep(str(grid), status=True) == 0
+    assert "2 of 2 runs measured" in capsys.readouterr().out
+    assert "train_limit = 1000" in text
+    base.write_text(text.replace("train_limit = 1000", "train_limit = 999"))
+    assert sweep(str(grid), status=True) == 0
+    assert "0 of 2 runs measured" in capsys.readouterr().out
+    base.write_text(text)
     # a grid with a run not yet measured leaves the document alone and says why
     more = grid.read_text() + '[[run]]\nname = "later"\nprivacy = { label_gamma = 2 }\n'
     grid.write_text(more)

@@ -182,7 +182,7 @@ def run_entry(entry: Entry, out: Path, fresh: bool = False, attacks: str = "") -
             print(f"sweep: {entry.name}: reusing {run_dir} (it does not record the settings it "
                   f"was made with; --fresh reruns it)", flush=True)
             return run_dir
-        if json.loads(recorded.read_text()) == made_with:
+        if json.loads(recorded.read_text()) in made_with_forms(entry, attacks):
             print(f"sweep: {entry.name}: reusing {run_dir}", flush=True)
             return run_dir
         print(f"sweep: {entry.name}: the grid changed since {run_dir} was made: rerunning",
@@ -208,12 +208,36 @@ def _portable(made_with: dict[str, Any]) -> dict[str, Any]:
 
 
 def _made_with(entry: Entry, attacks: str) -> dict[str, Any]:
-    """What a run of this entry depends on: its config file's bytes, overrides and attacks."""
+    """What a run of this entry depends on: its config file's settings (`settings_digest`),
+    overrides and attacks."""
+    return {"config": str(entry.config), "settings_sha256": settings_digest(entry.config),
+            "overrides": entry.overrides, "attacks": attacks}
+
+
+def made_with_forms(entry: Entry, attacks: str) -> list[dict[str, Any]]:
+    """Every `made_with` that names this entry as it is now: today's, and the form runs and
+    records kept before settings were digested (`config_sha256`: the config file's bytes),
+    which still names it while those bytes are unchanged."""
     import hashlib
 
-    return {"config": str(entry.config),
-            "config_sha256": hashlib.sha256(entry.config.read_bytes()).hexdigest(),
-            "overrides": entry.overrides, "attacks": attacks}
+    now = _made_with(entry, attacks)
+    legacy = {"config": now["config"],
+              "config_sha256": hashlib.sha256(entry.config.read_bytes()).hexdigest(),
+              "overrides": now["overrides"], "attacks": attacks}
+    return [now, legacy]
+
+
+def settings_digest(config: Path) -> str:
+    """SHA-256 (hex) of a config file's settings: its parsed TOML as canonical JSON, so that a
+    comment or a layout change keeps the runs made with it while any changed value drops them.
+    Raises ConfigError for a file that is not TOML."""
+    import hashlib
+
+    try:
+        doc = tomllib.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{config}: cannot read its settings ({exc})") from None
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def sweep(grid_path: str, *, only: list[str] | None = None, fresh: bool = False,
@@ -228,6 +252,7 @@ def sweep(grid_path: str, *, only: list[str] | None = None, fresh: bool = False,
                           f"{sorted(set(only) - {e.name for e in grid.runs})}")
     t0 = time.perf_counter()
     measured = Measured(grid, record, auditor_fingerprint())
+    measured.upgrade()
     measured.record_finished()
     todo = [r for e in entries for r in e.replicas()]
     if status:
@@ -276,7 +301,25 @@ class Measured:
     def recorded(self, entry: Entry) -> dict[str, Any] | None:
         if _finished(self.grid.out / entry.name):
             return None  # the run directory is the measurement
-        return self.record.row(entry.name, self._made_with(entry), self.fingerprint)
+        return self.record.row(entry.name, self._forms(entry), self.fingerprint)
+
+    def _forms(self, entry: Entry) -> list[dict[str, Any]]:
+        return [_portable(f) for f in made_with_forms(entry, self.grid.attacks)]
+
+    def upgrade(self) -> None:
+        """Rewrite each recorded row kept in the older `made_with` form (the config's bytes)
+        that still names its entry, in today's (its settings), so that a later edit of a
+        comment keeps it; the row and its auditor stay as they are."""
+        changed = False
+        for entry in (r for e in self.grid.runs for r in e.replicas()):
+            got = self.record.runs.get(entry.name)
+            now = self._made_with(entry)
+            if type(got) is dict and got.get("made_with") != now \
+                    and got.get("made_with") in self._forms(entry):
+                got["made_with"] = now
+                changed = True
+        if changed:
+            self.record.save()
 
     def row(self, entry: Entry) -> dict[str, Any] | None:
         """Its row: from its run directory when finished, else from the record; None when it
@@ -295,14 +338,14 @@ class Measured:
                 made = json.loads(layout.sweep_entry.read_text())
             except (OSError, ValueError):
                 continue
-            if not _finished(layout.root) or made != _made_with(entry, self.grid.attacks):
+            if not _finished(layout.root) or made not in made_with_forms(entry, self.grid.attacks):
                 continue
             auditor = layout.sweep_auditor
             if not auditor.exists():
                 write_atomic(auditor, self.fingerprint + "\n")
             fp = auditor.read_text().strip()
             new = row(layout.root)
-            if self.record.row(entry.name, self._made_with(entry), fp) != new:
+            if self.record.row(entry.name, [self._made_with(entry)], fp) != new:
                 self.record.put(entry.name, self._made_with(entry), fp, new)
                 changed = True
         if changed:

@@ -4,7 +4,8 @@
 A full sweep takes hours on 2 cores, and its run directories (`runs/sweep`, gigabytes of logs)
 stay on the machine that made them. The record keeps what the document is written from: each
 finished run's row (`sweep_rows.row`: its summary's and audit report's numbers), the settings it was
-made with (`sweep._made_with`, the config path relative to the working directory) and the
+made with (`sweep._made_with`: the config path relative to the working directory, the digest
+of the config's settings, comments and layout aside, the grid's overrides and attacks) and the
 auditor's fingerprint. A sweep on another checkout or machine reuses a recorded row instead of
 running the configuration again, and finishes the grid in parts.
 
@@ -100,11 +101,12 @@ class Record:
                               f"or delete it")
         return cls(path, doc["runs"])
 
-    def row(self, name: str, made_with: dict[str, Any], auditor: str) -> dict[str, Any] | None:
-        """The recorded row of run `name` if it was made with these settings and this
-        auditor, else None."""
+    def row(self, name: str, made_with: list[dict[str, Any]], auditor: str
+            ) -> dict[str, Any] | None:
+        """The recorded row of run `name` if it was made with one of these settings (the
+        `made_with` forms that name the entry) and this auditor, else None."""
         got = self.runs.get(name)
-        if type(got) is not dict or got.get("made_with") != made_with:
+        if type(got) is not dict or got.get("made_with") not in made_with:
             return None
         return got.get("row") if got.get("auditor") == auditor else None
 
