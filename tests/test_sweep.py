@@ -76,8 +76,15 @@ privacy = {{ mechanism = "gaussian", noise_multiplier = 0.3, owner_tail = true, 
     made = json.loads((tmp_path / "runs/sweep/tail-noise/sweep-entry.json").read_text())
     assert made["attacks"] == ATTACKS and made["overrides"]["privacy"]["owner_tail"] is True
     capsys.readouterr()
+    # a run directory made before settings were digested names its config by its bytes: it is
+    # reused, and its entry rewritten, while those bytes are unchanged
+    del made["settings_sha256"]
+    made["config_sha256"] = hashlib.sha256(base.read_bytes()).hexdigest()
+    (tmp_path / "runs/sweep/tail-noise/sweep-entry.json").write_text(json.dumps(made))
     assert sweep(str(grid), only=["tail-noise"]) == 0
     assert "reusing" in capsys.readouterr().out
+    made = json.loads((tmp_path / "runs/sweep/tail-noise/sweep-entry.json").read_text())
+    assert "settings_sha256" in made and "config_sha256" not in made
     # the rows are recorded beside the document: a checkout without the run directories
     # reuses them and writes the same document; another auditor's rows are not reused
     record = json.loads((tmp_path / "PRIVACY.runs.json").read_text())

@@ -329,8 +329,9 @@ class Measured:
 
     def record_finished(self) -> None:
         """Put into the record the row of every finished run made with the grid's current
-        settings (its `sweep-entry.json`), with the auditor of the run (`sweep-auditor.txt`,
-        written beside it; the current one for a run from before the record)."""
+        settings (its `sweep-entry.json`, rewritten in today's form if in the older one),
+        with the auditor of the run (`sweep-auditor.txt`, written beside it; the current one
+        for a run from before the record)."""
         changed = False
         for entry in (r for e in self.grid.runs for r in e.replicas()):
             layout = RunLayout(self.grid.out / entry.name)
@@ -340,6 +341,8 @@ class Measured:
                 continue
             if not _finished(layout.root) or made not in made_with_forms(entry, self.grid.attacks):
                 continue
+            if made != (now := _made_with(entry, self.grid.attacks)):  # the older form: rewrite
+                write_atomic(layout.sweep_entry, json.dumps(now, indent=1, sort_keys=True) + "\n")
             auditor = layout.sweep_auditor
             if not auditor.exists():
                 write_atomic(auditor, self.fingerprint + "\n")
